@@ -1,0 +1,92 @@
+"""ServerArgs: the one typed configuration object, with SGLang's flag names."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+SchedulePolicy = Literal["lpm", "fcfs"]
+LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionBackendName = Literal["auto", "torch", "flashinfer"]
+
+
+@dataclass
+class ServerArgs:
+    """Every knob of a radixserve server or engine; `--flag-name` is the field name with dashes."""
+
+    model_path: str | None = field(default=None, metadata={"help": "HF directory, a .gguf file, or None for the embedded SmolLM2-135M-Instruct"})
+    tokenizer_path: str | None = field(default=None, metadata={"help": "defaults to the model path"})
+    served_model_name: str | None = field(default=None, metadata={"help": "name reported by /v1/models"})
+    load_format: LoadFormat = "auto"
+    dtype: Dtype = "auto"
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    tp_size: int = 1
+    host: str = "127.0.0.1"
+    port: int = 30000
+    mem_fraction_static: float = field(default=0.85, metadata={"help": "fraction of device memory for weights + KV cache"})
+    max_total_tokens: int | None = field(default=None, metadata={"help": "KV pool size in tokens (overrides mem-fraction-static)"})
+    context_length: int | None = field(default=None, metadata={"help": "max prompt + output tokens; defaults to the model's"})
+    max_running_requests: int = 256
+    max_queued_requests: int = 4096
+    chunked_prefill_size: int = 2048
+    max_prefill_tokens: int = 16384
+    schedule_policy: SchedulePolicy = "lpm"
+    disable_radix_cache: bool = False
+    new_token_ratio: float = field(default=0.5, metadata={"help": "fraction of max_new_tokens reserved in KV at admission"})
+    attention_backend: AttentionBackendName = "auto"
+    cuda_graph_max_bs: int = 256
+    disable_cuda_graph: bool = False
+    random_seed: int = 0
+    api_key: str | None = None
+    log_level: str = "info"
+    tokenizer_worker_num: int = 1
+    max_request_bytes: int = 4 * 1024 * 1024
+    session_kv_budget: int = field(default=65536, metadata={"help": "KV tokens that open sessions may pin in the cache"})
+    max_sessions: int = 1024
+    watchdog_timeout: float = field(default=300.0, metadata={"help": "seconds a forward step may take before the server is declared hung"})
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1:
+            raise ValueError("tp_size must be >= 1")
+        if not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError("mem_fraction_static must be in (0, 1]")
+        if self.chunked_prefill_size < 1 or self.max_running_requests < 1:
+            raise ValueError("chunked_prefill_size and max_running_requests must be >= 1")
+        if self.schedule_policy not in get_args(SchedulePolicy):
+            raise ValueError(f"schedule_policy must be one of {get_args(SchedulePolicy)}")
+
+    def replace(self, **changes: Any) -> ServerArgs:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Add one `--flag-name` per field, typed from the annotation."""
+        hints = {f.name: f for f in dataclasses.fields(ServerArgs)}
+        for name, f in hints.items():
+            flag = "--" + name.replace("_", "-")
+            kind = _annotation(f.type)
+            help_text = f.metadata.get("help", "")
+            if kind is bool:
+                parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
+            elif get_origin(kind) is Literal:
+                parser.add_argument(flag, choices=get_args(kind), default=f.default, help=help_text)
+            else:
+                parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def _annotation(type_str: Any) -> Any:
+    """Resolve a field's string annotation to a concrete type for argparse."""
+    resolved = eval(type_str, globals()) if isinstance(type_str, str) else type_str  # noqa: S307 (our own annotations)
+    args = [a for a in get_args(resolved) if a is not type(None)]
+    if get_origin(resolved) is Literal:
+        return resolved
+    if args and len(args) == 1 and get_origin(resolved) is not Literal:
+        return args[0]
+    return resolved

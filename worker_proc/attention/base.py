@@ -1,0 +1,52 @@
+"""The attention-backend interface: `prepare` once per step, then `forward` once per layer."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from worker_proc.kv_cache import KVCache
+
+
+@dataclass
+class ForwardMeta:
+    """Device tensors describing one step, built by the worker from a StepBatch.
+
+    Request i owns rows qo_indptr[i]:qo_indptr[i+1] of q; after this step its context is
+    seq_lens[i] tokens whose KV slots are req_to_token[req_slots[i], :seq_lens[i]]
+    (the new tokens' slots, out_slots, are already written into that table).
+    """
+
+    is_decode: bool
+    req_slots: torch.Tensor  # [B] int32
+    seq_lens: torch.Tensor  # [B] int32, cached + extend
+    extend_lens: torch.Tensor  # [B] int32
+    qo_indptr: torch.Tensor  # [B+1] int32
+    out_slots: torch.Tensor  # [T] int64, KV slot of each new token
+    req_to_token: torch.Tensor  # [max_reqs, context_len] int32, the worker's mirror
+    seq_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into the paged cache and attends over each request's context."""
+
+    def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int) -> None:
+        self.kv_cache = kv_cache
+        self.num_q_heads = num_q_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+
+    @abstractmethod
+    def prepare(self, meta: ForwardMeta) -> None:
+        """Build per-step metadata once; every layer reuses it."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> output [T, Hq, D]; stores k/v at the step's out_slots."""

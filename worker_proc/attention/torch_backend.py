@@ -1,0 +1,52 @@
+"""Reference attention in plain torch (runs on CPU): gathers each request's KV through req_to_token."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from worker_proc.attention.base import AttentionBackend, ForwardMeta
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+
+    def prepare(self, meta: ForwardMeta) -> None:
+        self.meta = meta
+        if meta.is_decode:
+            # One padded gather for the whole decode batch; pad slot 0 is masked out.
+            max_len = max(meta.seq_lens_cpu)
+            rows = meta.req_to_token[meta.req_slots.long(), :max_len].long()
+            self.valid = torch.arange(max_len, device=rows.device)[None, :] < meta.seq_lens[:, None]
+            self.ctx_slots = torch.where(self.valid, rows, torch.zeros_like(rows))
+        else:
+            self.ctx_slots_per_req = [
+                meta.req_to_token[slot, :n].long()
+                for slot, n in zip(meta.req_slots.tolist(), meta.seq_lens_cpu)
+            ]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        meta = self.meta
+        self.kv_cache.store(layer_id, meta.out_slots, k, v)
+        k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
+        if meta.is_decode:
+            keys = k_cache[self.ctx_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+            vals = v_cache[self.ctx_slots].to(q.dtype).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(2), keys, vals, attn_mask=self.valid[:, None, None, :],
+                scale=self.scale, enable_gqa=True)
+            return out.squeeze(2)
+        outs = []
+        starts = [0]
+        for n in meta.extend_lens_cpu:
+            starts.append(starts[-1] + n)
+        for i, slots in enumerate(self.ctx_slots_per_req):
+            qi = q[starts[i]:starts[i + 1]].transpose(0, 1)  # [Hq, E, D]
+            keys = k_cache[slots].to(q.dtype).transpose(0, 1)  # [Hkv, L, D]
+            vals = v_cache[slots].to(q.dtype).transpose(0, 1)
+            ext, total = qi.shape[1], keys.shape[1]
+            q_pos = torch.arange(total - ext, total, device=q.device)
+            mask = torch.arange(total, device=q.device)[None, :] <= q_pos[:, None]
+            out = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            outs.append(out.transpose(0, 1))
+        return torch.cat(outs, dim=0)
