@@ -168,6 +168,8 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True):
     top_k: int
     min_p: float
     seed: int
+    min_new_tokens: int = 0
+    stop_ids: bytes = b""
     logprob: LogprobRequest | None = None
     prompt_ids: bytes | None = None
 

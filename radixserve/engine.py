@@ -1,0 +1,217 @@
+"""The offline Engine: SGLang-shaped `generate()` over in-process tokenization and real backend processes."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+
+from radixserve import wire
+from radixserve.config import ServerArgs
+from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.model_files import resolve_model
+from radixserve.supervisor import ProcessGroup, start_backend
+from tokenizer_proc.text import RequestText, encode_prompt, eos_token_ids, load_tokenizer
+
+log = logging.getLogger("radixserve")
+
+Prompt = str | list[dict]  # raw text, or chat messages (the chat template is applied)
+
+
+@dataclass
+class _Pending:
+    index: int
+    text: RequestText
+    prompt_tokens: int
+    finish: wire.FinishReason | None = None
+    meta: dict = field(default_factory=dict)
+    output_logprobs: list = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+
+
+class Engine:
+    """Starts the scheduler and TP worker processes; `generate` blocks until its requests finish."""
+
+    def __init__(self, model_path: str | None = None, tp_size: int = 1, **server_args: Any) -> None:
+        self.args = ServerArgs(model_path=model_path, tp_size=tp_size, **server_args)
+        self.model_dir = resolve_model(self.args.model_path)
+        self.tokenizer = load_tokenizer(self.args.tokenizer_path or self.model_dir)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model_dir)
+        self._ids = itertools.count()
+        self.ipc = IpcPaths.create()
+        self._ctx = zmq.Context()
+        self._inbox = Receiver(self._ctx, self.ipc.scheduler_out(0), wire.SchedulerOut)
+        self._to_sched = Sender(self._ctx, self.ipc.scheduler_in)
+        self.procs = ProcessGroup()
+        start_backend(self.procs, self.args, self.ipc, self.model_dir, num_replies=1)
+        try:
+            self.worker_info = self._wait_reply("ready", timeout=600).result
+        except BaseException:
+            self.procs.stop()
+            raise
+
+    # ------------------------------------------------------------ public API
+
+    def generate(self, prompt: Prompt | list[Prompt] | None = None, sampling_params: dict | list[dict] | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
+                 logprob_start_len: int = -1, top_logprobs_num: int = 0) -> dict | list[dict]:
+        """Generate for one prompt (returns a dict) or a list of prompts (returns a list)."""
+        single, items = _as_batch(prompt, input_ids)
+        if isinstance(sampling_params, list) and len(sampling_params) != len(items):
+            raise ValueError("sampling_params has a different length than the prompts")
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
+        logprob = wire.LogprobRequest(logprob_start_len, top_logprobs_num) if return_logprob else None
+        pending: dict[str, _Pending] = {}
+        for i, (item, sp_dict) in enumerate(zip(items, params)):
+            sampling = msgspec.convert(sp_dict or {}, wire.SamplingParams)
+            ids = item if _is_ids(item) else encode_prompt(
+                self.tokenizer, **({"messages": item} if isinstance(item, list) else {"text": item}))
+            rid = uuid.uuid4().hex
+            pending[rid] = _Pending(i, RequestText.for_sampling(self.tokenizer, ids, sampling), len(ids))
+            self._to_sched.send(wire.GenerateTokens(rid=rid, input_ids=list(ids), sampling=sampling,
+                                                    logprob=logprob, eos_token_ids=self.eos_ids))
+        results = self._collect(pending)
+        return results[0] if single else results
+
+    def flush_cache(self) -> bool:
+        return self._control("flush_cache").ok
+
+    def server_info(self) -> dict:
+        return self._control("server_info").result
+
+    def check_invariants(self) -> dict:
+        """Scheduler state between steps; raises AssertionError naming the broken invariant."""
+        reply = self._control("check_invariants")
+        if not reply.ok:
+            raise AssertionError(reply.error)
+        return reply.result
+
+    def shutdown(self) -> None:
+        if not self.procs.procs:
+            return
+        try:
+            self._to_sched.send(wire.Control(call_id="shutdown", op="shutdown"))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(p.exitcode is None for p in self.procs.procs):
+                time.sleep(0.05)
+        finally:
+            self.procs.stop(timeout=2)
+            self._ctx.destroy(linger=0)
+            _remove_tree(self.ipc.root)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        if getattr(self, "procs", None) is not None and self.procs.procs:
+            self.shutdown()
+
+    # ------------------------------------------------------------ internals
+
+    def _collect(self, pending: dict[str, _Pending]) -> list[dict]:
+        results: list[dict | None] = [None] * len(pending)
+        open_rids = set(pending)
+        while open_rids:
+            msg = self._recv()
+            if not isinstance(msg, wire.TokenBatch):
+                continue
+            for out in msg.outs:
+                p = pending.get(out.rid)
+                if p is None or p.finish is not None:
+                    continue
+                self._apply(out, p)
+                if p.finish is not None:
+                    open_rids.discard(out.rid)
+                    results[p.index] = self._result(out.rid, p)
+        return results
+
+    def _apply(self, out: wire.ReqOut, p: _Pending) -> None:
+        stop_token = out.finish is not None and out.finish.type == "stop" and isinstance(out.finish.matched, int)
+        _, matched = p.text.feed(out.new_ids, stop_token=stop_token)
+        if out.output_logprobs:
+            p.output_logprobs.extend(out.output_logprobs)
+            p.output_top_logprobs.extend(out.output_top_logprobs or [])
+        if out.input_logprobs is not None:
+            p.meta["input_token_logprobs"] = list(zip(out.input_logprobs, out.input_ids[-len(out.input_logprobs):]))
+            p.meta["input_top_logprobs"] = out.input_top_logprobs
+        p.meta.update(prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                      completion_tokens=len(p.text.output_ids))
+        if matched is None and out.finish is not None:
+            _, matched = p.text.finish()
+        if matched is not None:
+            p.finish = wire.FinishReason(type="stop", matched=matched)
+            if out.finish is None:
+                self._to_sched.send(wire.Abort(rid=out.rid, finish=p.finish))
+        elif out.finish is not None:
+            p.finish = out.finish
+
+    def _result(self, rid: str, p: _Pending) -> dict:
+        meta = {"id": rid, "prompt_tokens": p.prompt_tokens, "cached_tokens": p.meta.get("cached_tokens", 0),
+                "completion_tokens": len(p.text.output_ids), "finish_reason": p.finish.to_json()}
+        if p.output_logprobs:
+            ids = p.text.output_ids
+            meta["output_token_logprobs"] = list(zip(p.output_logprobs, ids))
+            if p.output_top_logprobs:
+                meta["output_top_logprobs"] = p.output_top_logprobs
+        for key in ("input_token_logprobs", "input_top_logprobs"):
+            if key in p.meta:
+                meta[key] = p.meta[key]
+        return {"text": p.text.text, "output_ids": list(p.text.output_ids), "meta_info": meta}
+
+    def _control(self, op: str) -> wire.ControlReply:
+        call_id = f"{op}-{next(self._ids)}"
+        self._to_sched.send(wire.Control(call_id=call_id, op=op))
+        return self._wait_reply(call_id, timeout=60)
+
+    def _wait_reply(self, call_id: str, timeout: float) -> wire.ControlReply:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self._recv(deadline)
+            if isinstance(msg, wire.ControlReply) and msg.call_id == call_id:
+                return msg
+        raise TimeoutError(f"no reply to {call_id!r} within {timeout:.0f} s")
+
+    def _recv(self, deadline: float | None = None) -> msgspec.Struct | None:
+        """Next message from the scheduler; raises if a backend process died meanwhile."""
+        while deadline is None or time.monotonic() < deadline:
+            msg = self._inbox.recv(timeout_ms=200)
+            if msg is not None:
+                return msg
+            self.procs.check()
+        return None
+
+
+def _is_ids(item: object) -> bool:
+    return isinstance(item, list) and (not item or isinstance(item[0], int))
+
+
+def _as_batch(prompt: Any, input_ids: Any) -> tuple[bool, list]:
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("pass exactly one of prompt and input_ids")
+    if input_ids is not None:
+        single = not input_ids or isinstance(input_ids[0], int)
+        return single, [input_ids] if single else list(input_ids)
+    single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
+    return single, [prompt] if single else list(prompt)
+
+
+def _remove_tree(path: str) -> None:
+    for name in os.listdir(path):
+        try:
+            os.unlink(os.path.join(path, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

@@ -1,0 +1,55 @@
+"""Child-process plumbing: die with the parent, log alike, and start children by spawn."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make sure this process never outlives `parent_pid`: kernel signal plus a watcher thread."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def child_init(name: str, parent_pid: int, log_level: str) -> None:
+    """First lines of every child's entry point."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops us in order
+    setup_logging(log_level)
+    try:
+        import setproctitle  # optional nicety
+        setproctitle.setproctitle(f"radixserve::{name}")
+    except ImportError:
+        pass
+
+
+def spawn(target, name: str, *args) -> mp.Process:
+    proc = mp.get_context("spawn").Process(target=target, name=name, args=(*args,), daemon=False)
+    proc.start()
+    return proc

@@ -1,0 +1,61 @@
+"""Start the backend processes (scheduler + TP workers, and tokenizers for a server) and stop them."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+
+import msgspec
+
+from radixserve.config import ServerArgs
+from radixserve.ipc import IpcPaths
+from radixserve.procutil import spawn
+
+log = logging.getLogger("radixserve")
+
+
+class ChildDied(RuntimeError):
+    pass
+
+
+class ProcessGroup:
+    """Children of this process; any of them dying is fatal for the whole server."""
+
+    def __init__(self) -> None:
+        self.procs: list[mp.Process] = []
+
+    def add(self, target, name: str, *args) -> None:
+        self.procs.append(spawn(target, name, *args))
+
+    def check(self) -> None:
+        """Raise ChildDied if a child has exited."""
+        for p in self.procs:
+            if p.exitcode is not None:
+                raise ChildDied(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM every child, SIGKILL what is left after `timeout`; reap all."""
+        for p in self.procs:
+            if p.exitcode is None:
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                p.kill()
+                p.join(1.0)
+        self.procs.clear()
+
+
+def start_backend(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_dir: str, num_replies: int) -> None:
+    """Spawn the scheduler and one worker per TP rank."""
+    from scheduler_proc.main import run_scheduler
+    from worker_proc.main import run_worker
+
+    args_json = msgspec.json.encode(args)
+    me = os.getpid()
+    group.add(run_scheduler, "scheduler", args_json, ipc.root, num_replies, me)
+    for rank in range(args.tp_size):
+        group.add(run_worker, f"worker-{rank}", args_json, ipc.root, rank, model_dir, me)

@@ -1,0 +1,113 @@
+"""The scheduler process: receive requests, run steps on the workers, send tokens back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import msgspec
+import zmq
+
+from radixserve import wire
+from radixserve.config import ServerArgs
+from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.procutil import child_init
+from scheduler_proc.control import handle_control
+from scheduler_proc.scheduler import RequestError, Routed, Scheduler
+
+log = logging.getLogger("radixserve.scheduler")
+
+
+class SchedulerProcess:
+    def __init__(self, args: ServerArgs, ipc: IpcPaths, num_replies: int) -> None:
+        self.args = args
+        ctx = zmq.Context()
+        self.inbox = Receiver(ctx, ipc.scheduler_in, wire.SchedulerIn)
+        self.worker_out = Receiver(ctx, ipc.worker_out, wire.WorkerOut)
+        self.workers = [Sender(ctx, ipc.worker_in(r)) for r in range(args.tp_size)]
+        self.replies = [Sender(ctx, ipc.scheduler_out(i)) for i in range(num_replies)]
+        ready = self._wait_worker_ready()
+        self.worker_info = msgspec.to_builtins(ready)
+        self.sched = Scheduler(args, ready.num_kv_slots, min(ready.context_length, args.context_length or 1 << 62))
+        log.info("scheduler ready: %d KV slots, context %d", ready.num_kv_slots - 1, self.sched.context_length)
+        for r in self.replies:
+            r.send(wire.ControlReply(call_id="ready", ok=True, result=self.worker_info))
+
+    def _wait_worker_ready(self) -> wire.WorkerReady:
+        msg = self.worker_out.recv()
+        if isinstance(msg, wire.WorkerError):
+            log.error("worker %d failed to start: %s", msg.rank, msg.message)
+            sys.exit(1)
+        assert isinstance(msg, wire.WorkerReady)
+        return msg
+
+    def run(self) -> None:
+        while True:
+            msgs = self.inbox.drain()
+            if not msgs and not self.sched.has_work:
+                first = self.inbox.recv(timeout_ms=1000)
+                msgs = [first] if first is not None else []
+            for msg in msgs:
+                if self._handle(msg) is False:
+                    return
+            batch = self.sched.schedule()
+            self._send_outs(self.sched.pending_outs)
+            self.sched.pending_outs = []
+            if batch is None:
+                continue
+            payload = wire.encoder.encode(batch)
+            for w in self.workers:
+                w.send_bytes(payload)
+            self._send_outs(self.sched.process_result(self._wait_result()))
+
+    def _wait_result(self) -> wire.StepResult:
+        deadline = time.monotonic() + self.args.watchdog_timeout
+        while True:
+            msg = self.worker_out.recv(timeout_ms=1000)
+            if isinstance(msg, wire.StepResult):
+                return msg
+            if isinstance(msg, wire.WorkerError):
+                log.error("worker %d failed: %s", msg.rank, msg.message)
+                sys.exit(1)
+            if time.monotonic() > deadline:
+                log.error("a forward step took over %.0f s: the workers are hung", self.args.watchdog_timeout)
+                sys.exit(1)
+
+    def _handle(self, msg: msgspec.Struct) -> bool | None:
+        if isinstance(msg, wire.GenerateTokens):
+            try:
+                self.sched.add_request(msg)
+            except RequestError as e:
+                out = wire.ReqOut(rid=msg.rid, new_ids=[], prompt_tokens=len(msg.input_ids), cached_tokens=0,
+                                  completion_tokens=0, finish=wire.FinishReason(type="abort", message=str(e)))
+                self.replies[msg.reply_to].send(wire.TokenBatch(outs=[out]))
+        elif isinstance(msg, wire.Abort):
+            routed = self.sched.abort(msg.rid, msg.finish)
+            if routed is not None:
+                self._send_outs([routed])
+        elif isinstance(msg, wire.Control):
+            if msg.op == "shutdown":
+                for w in self.workers:
+                    w.send(wire.Shutdown())
+                return False
+            self.replies[msg.reply_to].send(handle_control(self, msg))
+        return None
+
+    def _send_outs(self, outs: list[Routed]) -> None:
+        by_dest: dict[int, list[wire.ReqOut]] = {}
+        for dest, out in outs:
+            by_dest.setdefault(dest, []).append(out)
+        for dest, group in by_dest.items():
+            self.replies[dest].send(wire.TokenBatch(outs=group))
+
+
+def run_scheduler(args_json: bytes, ipc_root: str, num_replies: int, parent_pid: int) -> None:
+    args = msgspec.json.decode(args_json, type=ServerArgs)
+    child_init("scheduler", parent_pid, args.log_level)
+    try:
+        SchedulerProcess(args, IpcPaths(ipc_root), num_replies).run()
+    except Exception:
+        log.exception("scheduler crashed")
+        os._exit(1)

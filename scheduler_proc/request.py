@@ -1,0 +1,64 @@
+"""A request as the scheduler tracks it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from radixserve.wire import FinishReason, LogprobRequest, SamplingParams
+
+
+class Stage(enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"  # admitted; some prompt tokens still lack KV (chunked prefill)
+    DECODE = "decode"
+    FINISHED = "finished"
+
+
+@dataclass
+class Req:
+    """Token state of one request.
+
+    fill_ids = prompt + output. Invariant while it holds a req slot: KV is valid for
+    fill_ids[:cached_len], whose slots are req_to_token[req_slot, :cached_len]; of those,
+    the first `prefix_len` belong to the radix tree (locked through `prefix_node`) and the
+    rest are owned by this request. `cached_tokens` is what the cache saved it (reported).
+    """
+
+    rid: str
+    prompt_ids: np.ndarray
+    sampling: SamplingParams
+    reply_to: int
+    stop_ids: frozenset[int]
+    arrival: int
+    logprob: LogprobRequest | None = None
+    output_ids: list[int] = field(default_factory=list)
+    stage: Stage = Stage.WAITING
+    req_slot: int = -1
+    cached_len: int = 0
+    prefix_len: int = 0
+    prefix_node: object = None
+    cached_tokens: int = 0
+    finish: FinishReason | None = None
+    input_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
+    seed: int = 0
+
+    @property
+    def fill_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def fill_ids(self) -> np.ndarray:
+        if not self.output_ids:
+            return self.prompt_ids
+        return np.concatenate([self.prompt_ids, np.asarray(self.output_ids, dtype=np.int32)])
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return self.sampling.max_new_tokens - len(self.output_ids)
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.logprob is not None and 0 <= self.logprob.logprob_start_len < len(self.prompt_ids)

@@ -1,0 +1,361 @@
+"""Scheduler state and policy: queues, the radix cache, KV slots and the req_to_token block table.
+
+No sockets here (see scheduler_proc/main.py) and no tensors: the scheduler decides what runs,
+the workers compute it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+
+import numpy as np
+
+from radixserve.config import ServerArgs
+from radixserve.wire import (
+    FinishReason,
+    GenerateTokens,
+    NewReq,
+    ReqOut,
+    StepBatch,
+    StepResult,
+    i32,
+)
+from scheduler_proc.kv_pool import KVSlotAllocator
+from scheduler_proc.radix_cache import RadixCache
+from scheduler_proc.request import Req, Stage
+
+log = logging.getLogger("radixserve.scheduler")
+
+
+Routed = tuple[int, ReqOut]  # (reply_to, output)
+
+
+class RequestError(ValueError):
+    """A request that can never run (too long, bad parameters)."""
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, num_kv_slots: int, context_length: int) -> None:
+        self.args = args
+        self.context_length = context_length
+        self.allocator = KVSlotAllocator(num_kv_slots)
+        self.cache = RadixCache(self.allocator)
+        self.use_cache = not args.disable_radix_cache
+        # Block table: req_to_token[req_slot, pos] is the KV slot of token `pos` of that request.
+        self.req_to_token = np.zeros((args.max_running_requests, context_length), dtype=np.int32)
+        self.free_req_slots = list(range(args.max_running_requests - 1, -1, -1))
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []  # admitted, in admission order
+        self.reqs: dict[str, Req] = {}
+        self.arrivals = 0
+        self.step_id = 0
+        self.inflight: list[tuple[Req, int]] = []
+        self.pending_outs: list[Routed] = []  # produced outside a step (a request that can never fit)
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
+                      "finished_requests": 0, "aborted_requests": 0, "retracted_requests": 0,
+                      "forward_steps": 0}
+
+    # ------------------------------------------------------------ requests in
+
+    def add_request(self, msg: GenerateTokens) -> None:
+        """Queue a request; raises RequestError if it can never be served."""
+        if msg.rid in self.reqs:
+            raise RequestError(f"request id {msg.rid!r} is already in use")
+        sp = msg.sampling
+        n_prompt = len(msg.input_ids)
+        if n_prompt == 0:
+            raise RequestError("the prompt is empty")
+        if n_prompt + sp.max_new_tokens > self.context_length:
+            raise RequestError(
+                f"prompt ({n_prompt} tokens) plus max_new_tokens ({sp.max_new_tokens}) exceeds the "
+                f"context length ({self.context_length} tokens)")
+        if n_prompt + 1 > self.allocator.capacity:
+            raise RequestError(f"prompt ({n_prompt} tokens) exceeds the KV cache ({self.allocator.capacity} tokens)")
+        if len(self.waiting) >= self.args.max_queued_requests:
+            raise RequestError(f"the waiting queue is full ({self.args.max_queued_requests} requests)")
+        stop_ids = set(sp.stop_token_ids)
+        if not sp.ignore_eos:
+            stop_ids.update(msg.eos_token_ids)
+        req = Req(rid=msg.rid, prompt_ids=np.asarray(msg.input_ids, dtype=np.int32), sampling=sp,
+                  reply_to=msg.reply_to, stop_ids=frozenset(stop_ids), arrival=self.arrivals,
+                  logprob=msg.logprob, seed=sp.seed if sp.seed is not None else -1)
+        self.arrivals += 1
+        self.reqs[req.rid] = req
+        self.waiting.append(req)
+
+    def abort(self, rid: str, finish: FinishReason | None = None) -> Routed | None:
+        """End a request now; `finish` marks a normal end (a stop string), else it is an abort."""
+        req = self.reqs.get(rid)
+        if req is None:
+            return None
+        if req.stage == Stage.WAITING:
+            self.waiting.remove(req)
+        else:
+            self._release(req)
+        req.finish = finish or FinishReason(type="abort", message="aborted")
+        self.stats["aborted_requests" if finish is None else "finished_requests"] += 1
+        del self.reqs[rid]
+        req.stage = Stage.FINISHED
+        return req.reply_to, self._out(req, [])
+
+    # ------------------------------------------------------------ scheduling
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepBatch | None:
+        """Pick the next step: prefill (new or chunked) first, else one decode for all running."""
+        entries, new_reqs = self._schedule_prefill()
+        is_decode = False
+        if not entries:
+            entries = self._schedule_decode()
+            new_reqs, is_decode = [], True
+        if not entries:
+            return None
+        self.inflight = entries
+        self.step_id += 1
+        req_slots, cached, extend, offsets, ids, slots = [], [], [], [], [], []
+        for req, n in entries:
+            req_slots.append(req.req_slot)
+            cached.append(req.cached_len)
+            extend.append(n)
+            offsets.append(len(req.output_ids))
+            ids.append(req.fill_ids()[req.cached_len:req.cached_len + n])
+            slots.append(self.req_to_token[req.req_slot, req.cached_len:req.cached_len + n])
+        return StepBatch(step=self.step_id, is_decode=is_decode, req_slots=i32(req_slots),
+                         input_ids=np.concatenate(ids).astype(np.int32).tobytes(),
+                         cached_lens=i32(cached), extend_lens=i32(extend),
+                         out_slots=np.concatenate(slots).astype(np.int32).tobytes(),
+                         sample_offsets=i32(offsets), new_reqs=new_reqs)
+
+    def _reserved_tokens(self) -> int:
+        """KV the running requests are expected to still need (prefill left + reserved output)."""
+        return sum(self._future_need(r) for r in self.running)
+
+    def _future_need(self, req: Req) -> int:
+        prefill_left = req.fill_len - req.cached_len - (1 if req.stage == Stage.DECODE else 0)
+        return prefill_left + math.ceil(req.remaining_new_tokens * self.args.new_token_ratio)
+
+    def _available(self) -> int:
+        return self.allocator.num_free + self.cache.evictable_size
+
+    def _alloc(self, n: int) -> np.ndarray | None:
+        if self.allocator.num_free < n:
+            self.cache.evict(n - self.allocator.num_free)
+        return self.allocator.alloc(n)
+
+    def _order_waiting(self) -> list[Req]:
+        if self.args.schedule_policy == "lpm" and self.use_cache and len(self.waiting) > 1:
+            return sorted(self.waiting, key=lambda r: (-self.cache.peek_prefix_len(self._match_key(r)), r.arrival))
+        return list(self.waiting)
+
+    def _match_key(self, req: Req) -> np.ndarray:
+        """Tokens that may come from the cache: all but the last (which must produce logits)."""
+        limit = req.fill_len - 1
+        if req.wants_input_logprobs and not req.input_logprobs:
+            limit = min(limit, max(req.logprob.logprob_start_len - 1, 0))
+        return req.fill_ids()[:limit]
+
+    def _schedule_prefill(self) -> tuple[list[tuple[Req, int]], list[NewReq]]:
+        budget = min(self.args.chunked_prefill_size, self.args.max_prefill_tokens)
+        entries: list[tuple[Req, int]] = []
+        for req in self.running:
+            if req.stage == Stage.PREFILL and budget > 0:
+                n = min(req.fill_len - req.cached_len, budget)
+                if not self._assign_slots(req, n):
+                    break
+                entries.append((req, n))
+                budget -= n
+        new_reqs = []
+        for req in self._order_waiting():
+            if budget <= 0 or not self.free_req_slots:
+                break
+            admitted = self._admit(req, budget)
+            if admitted is None:
+                break
+            new_req, n = admitted
+            new_reqs.append(new_req)
+            entries.append((req, n))
+            budget -= n
+        return entries, new_reqs
+
+    def _admit(self, req: Req, budget: int) -> tuple[NewReq, int] | None:
+        """Move `req` from waiting to running if its KV fits, holding its cached prefix."""
+        if self.use_cache:
+            match = self.cache.match_prefix(self._match_key(req))
+            prefix = match.slots
+            self.cache.lock(match.node)
+        else:
+            match, prefix = None, np.zeros(0, dtype=np.int32)
+        n = min(req.fill_len - len(prefix), budget)
+        need = req.fill_len - len(prefix) + math.ceil(req.remaining_new_tokens * self.args.new_token_ratio)
+        available = self._available() - self._reserved_tokens()
+        if need > available and (self.running or n > self._available()):
+            if match is not None:
+                self.cache.unlock(match.node)
+            return None
+        req.req_slot = self.free_req_slots.pop()
+        req.prefix_node = match.node if match is not None else None
+        req.prefix_len = req.cached_len = len(prefix)
+        if not req.output_ids:
+            req.cached_tokens = len(prefix)
+            self.stats["prompt_tokens"] += len(req.prompt_ids)
+            self.stats["cached_tokens"] += len(prefix)
+        self.req_to_token[req.req_slot, :len(prefix)] = prefix
+        self.waiting.remove(req)
+        self.running.append(req)
+        req.stage = Stage.PREFILL
+        if not self._assign_slots(req, n):
+            raise AssertionError("admission checked the KV that this chunk needs")
+        sp = req.sampling
+        wants_lp = req.wants_input_logprobs and not req.input_logprobs
+        return NewReq(req_slot=req.req_slot, prefix_slots=prefix.tobytes(), temperature=sp.temperature,
+                      top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, seed=req.seed,
+                      min_new_tokens=sp.min_new_tokens, stop_ids=i32(sorted(req.stop_ids)),
+                      logprob=req.logprob,
+                      prompt_ids=req.prompt_ids.tobytes() if wants_lp else None), n
+
+    def _assign_slots(self, req: Req, n: int) -> bool:
+        slots = self._alloc(n)
+        if slots is None:
+            return False
+        self.req_to_token[req.req_slot, req.cached_len:req.cached_len + n] = slots
+        return True
+
+    def _schedule_decode(self) -> list[tuple[Req, int]]:
+        decoding = [r for r in self.running if r.stage == Stage.DECODE]
+        while decoding and self._available() < len(decoding):
+            victim = decoding.pop()  # the most recently admitted gives way
+            if len(self.running) == 1:
+                # Alone and still out of KV: it can never grow, so it ends here.
+                victim.finish = FinishReason(type="length", length=len(victim.output_ids))
+                self.pending_outs.append((victim.reply_to, self._out(victim, [])))
+                self._finish(victim)
+            else:
+                self._retract(victim)
+        entries = []
+        for req in decoding:
+            if not self._assign_slots(req, 1):
+                raise AssertionError("decode checked that one slot per request is available")
+            entries.append((req, 1))
+        return entries
+
+    def _retract(self, req: Req) -> None:
+        """Out of KV: put a running request back in the queue; what it computed stays cached."""
+        log.warning("KV cache full: retracting request %s (%d tokens)", req.rid, req.fill_len)
+        self._release(req)
+        req.stage = Stage.WAITING
+        self.waiting.appendleft(req)
+        self.stats["retracted_requests"] += 1
+
+    # ------------------------------------------------------------ results
+
+    def process_result(self, result: StepResult) -> list[Routed]:
+        assert result.step == self.step_id, "worker answered a different step"
+        self.stats["forward_steps"] += 1
+        next_ids = np.frombuffer(result.next_ids, dtype=np.int32)
+        next_lps = np.frombuffer(result.next_logprobs, dtype=np.float32)
+        outs = []
+        for i, (req, n) in enumerate(self.inflight):
+            req.cached_len += n
+            if i in result.input_logprobs:
+                if not req.input_logprobs and req.logprob.logprob_start_len == 0:
+                    req.input_logprobs.append(None)
+                    req.input_top_logprobs.append(None)
+                req.input_logprobs.extend(result.input_logprobs[i])
+                req.input_top_logprobs.extend(result.input_top_logprobs.get(i, [None] * len(result.input_logprobs[i])))
+            if req.cached_len < req.fill_len:
+                continue  # a chunk of a longer prefill: its sample is not used
+            first = req.stage == Stage.PREFILL and not req.output_ids
+            req.stage = Stage.DECODE
+            new_ids: list[int] = []
+            if req.remaining_new_tokens > 0:
+                token = int(next_ids[i])
+                req.output_ids.append(token)
+                new_ids.append(token)
+                self.stats["generated_tokens"] += 1
+            req.finish = self._check_finish(req)
+            out = self._out(req, new_ids, first=first)
+            if req.logprob is not None and new_ids:
+                out.output_logprobs = [float(next_lps[i])]
+                if i in result.top_logprobs:
+                    out.output_top_logprobs = [result.top_logprobs[i]]
+            if req.finish is not None:
+                self._finish(req)
+            outs.append((req.reply_to, out))
+        self.inflight = []
+        return outs
+
+    def _check_finish(self, req: Req) -> FinishReason | None:
+        sp = req.sampling
+        if req.output_ids and len(req.output_ids) >= sp.min_new_tokens and req.output_ids[-1] in req.stop_ids:
+            return FinishReason(type="stop", matched=req.output_ids[-1])
+        if len(req.output_ids) >= sp.max_new_tokens:
+            return FinishReason(type="length", length=sp.max_new_tokens)
+        if req.fill_len >= self.context_length:
+            return FinishReason(type="length", length=len(req.output_ids))
+        return None
+
+    def _out(self, req: Req, new_ids: list[int], first: bool = False) -> ReqOut:
+        out = ReqOut(rid=req.rid, new_ids=new_ids, prompt_tokens=len(req.prompt_ids),
+                     cached_tokens=req.cached_tokens, completion_tokens=len(req.output_ids), finish=req.finish)
+        if first and req.input_logprobs:
+            out.input_logprobs = req.input_logprobs
+            out.input_top_logprobs = req.input_top_logprobs
+            out.input_ids = req.prompt_ids.tolist()
+        return out
+
+    def _finish(self, req: Req) -> None:
+        self._release(req)
+        req.stage = Stage.FINISHED
+        self.stats["finished_requests"] += 1
+        del self.reqs[req.rid]
+
+    def _release(self, req: Req) -> None:
+        """Give back the req slot; computed KV goes into the tree (or is freed without a cache)."""
+        slots = self.req_to_token[req.req_slot, :req.cached_len].copy()
+        if self.use_cache:
+            already = self.cache.insert(req.fill_ids()[:req.cached_len], slots)
+            # The tree now owns slots[already:]; slots[prefix_len:already] duplicate its own.
+            self.allocator.free(slots[req.prefix_len:already])
+            self.cache.unlock(req.prefix_node)
+        else:
+            self.allocator.free(slots[req.prefix_len:])
+        self.running.remove(req)
+        self.free_req_slots.append(req.req_slot)
+        req.req_slot, req.cached_len, req.prefix_len, req.prefix_node = -1, 0, 0, None
+
+    # ------------------------------------------------------------ introspection
+
+    def flush_cache(self) -> bool:
+        if self.running:
+            return False
+        self.cache.reset()
+        return True
+
+    def check_invariants(self) -> None:
+        """Every KV slot is exactly one of: free, in the tree (evictable or locked), owned by a running request."""
+        free = self.allocator.free_slots()
+        cached = self.cache.check_invariants()
+        owned = [self.req_to_token[r.req_slot, r.prefix_len:r.cached_len] for r in self.running]
+        # Slots assigned for an in-flight step are owned too; between steps there are none.
+        assert not self.inflight, "check_invariants runs between steps"
+        parts = np.concatenate([free, cached, *owned]) if owned else np.concatenate([free, cached])
+        assert len(parts) == self.allocator.capacity, (
+            f"slots: {len(free)} free + {len(cached)} cached + {sum(map(len, owned))} owned != {self.allocator.capacity}")
+        assert len(np.unique(parts)) == len(parts), "a KV slot is counted twice"
+        assert 0 not in parts, "the padding slot was handed out"
+        for r in self.running:
+            assert (self.req_to_token[r.req_slot, :r.prefix_len] != 0).all() or r.prefix_len == 0
+        assert len(self.free_req_slots) + len(self.running) == self.args.max_running_requests
+
+    def info(self) -> dict:
+        cap = self.allocator.capacity
+        used = cap - self.allocator.num_free - self.cache.evictable_size
+        return {"num_running_reqs": len(self.running), "num_waiting_reqs": len(self.waiting),
+                "max_total_num_tokens": cap, "kv_free_tokens": self.allocator.num_free,
+                "kv_cached_tokens": self.cache.total_size, "kv_evictable_tokens": self.cache.evictable_size,
+                "token_usage": round(used / cap, 4), **self.stats}
