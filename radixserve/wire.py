@@ -81,7 +81,7 @@ class GenerateText(msgspec.Struct, tag=True, omit_defaults=True):
     text: str | None = None
     input_ids: list[int] | None = None
     messages: list[dict] | None = None
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     stream: bool = False
     logprob: LogprobRequest | None = None
     return_text_in_logprobs: bool = False

@@ -111,8 +111,10 @@ class Scheduler:
         entries, new_reqs = self._schedule_prefill()
         is_decode = False
         if not entries:
-            entries = self._schedule_decode()
-            new_reqs, is_decode = [], True
+            entries, is_decode = self._schedule_decode(), True
+            if not entries and self.waiting:  # decode may have freed KV for a waiting request
+                entries, new_reqs = self._schedule_prefill()
+                is_decode = False
         if not entries:
             return None
         self.inflight = entries

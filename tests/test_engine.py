@@ -1,0 +1,163 @@
+"""The offline Engine on the default model: greedy tokens equal HF transformers, with the radix cache on and off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve import Engine
+from radixserve.model_files import resolve_model
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "List three prime numbers."}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Is water wet?"}],
+    [{"role": "user", "content": "Explain what a radix tree is in two sentences."}],
+    [{"role": "user", "content": "Translate 'good morning' into Spanish."}],
+    [{"role": "user", "content": "What is 17 times 3?"}],
+    [{"role": "user", "content": "Give me a short tip for writing clean Python code."}],
+]
+MAX_NEW = 64
+GREEDY = {"temperature": 0, "max_new_tokens": MAX_NEW}
+
+
+@pytest.fixture(scope="module")
+def hf_reference():
+    """Greedy continuations from HF transformers on the same (converted) weights, one prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_model(None)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    refs = []
+    for messages in PROMPTS:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=MAX_NEW, do_sample=False)
+        refs.append(out[0, ids["input_ids"].shape[1]:].tolist())
+    return refs
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(max_total_tokens=8192, max_running_requests=16, chunked_prefill_size=256) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def engine_no_radix():
+    with Engine(max_total_tokens=8192, max_running_requests=16, disable_radix_cache=True) as eng:
+        yield eng
+
+
+def _assert_matches(results: list[dict], refs: list[list[int]]) -> None:
+    for res, ref in zip(results, refs):
+        assert res["output_ids"] == ref
+        reason = res["meta_info"]["finish_reason"]
+        assert reason["type"] == ("length" if len(ref) == MAX_NEW else "stop")
+
+
+def test_greedy_matches_hf_one_at_a_time(engine, hf_reference):
+    results = [engine.generate(p, GREEDY) for p in PROMPTS]
+    _assert_matches(results, hf_reference)
+    engine.check_invariants()
+
+
+def test_greedy_matches_hf_all_at_once(engine, hf_reference):
+    engine.flush_cache()
+    _assert_matches(engine.generate(PROMPTS, GREEDY), hf_reference)
+    engine.check_invariants()
+
+
+def test_greedy_matches_hf_without_radix_cache(engine_no_radix, hf_reference):
+    _assert_matches([engine_no_radix.generate(p, GREEDY) for p in PROMPTS], hf_reference)
+    _assert_matches(engine_no_radix.generate(PROMPTS, GREEDY), hf_reference)
+    again = engine_no_radix.generate(PROMPTS[:2], GREEDY)
+    assert all(r["meta_info"]["cached_tokens"] == 0 for r in again)
+    engine_no_radix.check_invariants()
+
+
+def test_repeated_prompts_hit_the_cache(engine, hf_reference):
+    engine.generate(PROMPTS, GREEDY)
+    again = engine.generate(PROMPTS, GREEDY)
+    _assert_matches(again, hf_reference)
+    for res in again:
+        assert res["meta_info"]["cached_tokens"] >= res["meta_info"]["prompt_tokens"] - 1
+
+
+def test_shared_prefix_is_reused(engine):
+    engine.flush_cache()
+    prefix = list(range(1000, 1200))  # 200 tokens
+    first = engine.generate(input_ids=prefix + [5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 4})
+    second = engine.generate(input_ids=prefix + [8, 9], sampling_params={"temperature": 0, "max_new_tokens": 4})
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert second["meta_info"]["cached_tokens"] >= 199
+    info = engine.check_invariants()
+    assert info["num_running_reqs"] == 0
+
+
+def test_chunked_prefill_matches_unchunked(engine):
+    long_prompt = list(range(300, 1100))  # 800 tokens over chunks of 256
+    engine.flush_cache()
+    chunked = engine.generate(input_ids=long_prompt, sampling_params={"temperature": 0, "max_new_tokens": 8})
+    with Engine(max_total_tokens=4096, chunked_prefill_size=4096, disable_radix_cache=True) as whole:
+        unchunked = whole.generate(input_ids=long_prompt, sampling_params={"temperature": 0, "max_new_tokens": 8})
+    assert chunked["output_ids"] == unchunked["output_ids"]
+
+
+def test_stop_strings_and_tokens(engine):
+    base = engine.generate(PROMPTS[2], GREEDY)
+    text = base["text"]
+    assert len(text) > 10
+    stop = text[5:9]
+    res = engine.generate(PROMPTS[2], {**GREEDY, "stop": [stop]})
+    assert res["text"] == text[: text.index(stop)]
+    assert res["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    token = base["output_ids"][3]
+    res = engine.generate(PROMPTS[2], {**GREEDY, "stop_token_ids": [token]})
+    assert res["output_ids"][-1] == token and len(res["output_ids"]) <= 4
+    assert res["meta_info"]["finish_reason"] == {"type": "stop", "matched": token}
+    res = engine.generate(PROMPTS[2], {**GREEDY, "max_new_tokens": 5, "ignore_eos": True})
+    assert res["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
+    assert res["meta_info"]["completion_tokens"] == 5
+    engine.check_invariants()
+
+
+def test_sampling_seed_is_reproducible(engine):
+    params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "max_new_tokens": 16, "seed": 1234, "ignore_eos": True}
+    a = engine.generate(PROMPTS[1], params)
+    b = engine.generate([PROMPTS[1], PROMPTS[0]], [params, {**params, "seed": 7}])[0]
+    c = engine.generate(PROMPTS[1], {**params, "seed": 99})
+    assert a["output_ids"] == b["output_ids"]
+    assert a["output_ids"] != c["output_ids"]
+
+
+def test_min_new_tokens_and_prefill_only(engine):
+    res = engine.generate(PROMPTS[3], {"temperature": 0, "max_new_tokens": 20, "min_new_tokens": 12})
+    assert res["meta_info"]["completion_tokens"] >= 12
+    res = engine.generate(PROMPTS[3], {"max_new_tokens": 0})
+    assert res["output_ids"] == [] and res["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_logprobs(engine):
+    res = engine.generate(PROMPTS[0], {"temperature": 0, "max_new_tokens": 4}, return_logprob=True,
+                          logprob_start_len=0, top_logprobs_num=2)
+    meta = res["meta_info"]
+    out = meta["output_token_logprobs"]
+    assert [t for _, t in out] == res["output_ids"]
+    assert all(lp <= 0 for lp, _ in out)
+    # Greedy picks the most likely token: its logprob is the top-1 of the same step.
+    assert all(abs(lp - top[0][1]) < 1e-4 and top[0][0] == t for (lp, t), top in zip(out, meta["output_top_logprobs"]))
+    inp = meta["input_token_logprobs"]
+    assert len(inp) == meta["prompt_tokens"] and inp[0][0] is None
+    assert all(lp is not None and lp <= 0 for lp, _ in inp[1:])
+
+
+def test_invalid_requests_are_rejected(engine):
+    res = engine.generate(input_ids=list(range(10, 3000)), sampling_params={"max_new_tokens": 8000})
+    assert res["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "context length" in res["meta_info"]["finish_reason"]["message"]
+    with pytest.raises(ValueError):
+        engine.generate("", {"max_new_tokens": 4})
+    engine.check_invariants()
