@@ -151,7 +151,7 @@ class ReqOut(msgspec.Struct, omit_defaults=True, array_like=True):
     input_ids: list[int] | None = None
 
 
-class TokenBatch(msgspec.Struct, tag=True, array_like=True):
+class TokenBatch(msgspec.Struct, tag=True):
     outs: list[ReqOut]
 
 
@@ -193,11 +193,11 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     new_reqs: list[NewReq]
 
 
-class Shutdown(msgspec.Struct, tag=True):
+class Shutdown(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
-class WorkerReady(msgspec.Struct, tag=True):
+class WorkerReady(msgspec.Struct, tag=True, array_like=True):
     num_kv_slots: int
     context_length: int
     vocab_size: int
@@ -222,7 +222,7 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     forward_ms: float = 0.0
 
 
-class WorkerError(msgspec.Struct, tag=True):
+class WorkerError(msgspec.Struct, tag=True, array_like=True):
     rank: int
     message: str
 

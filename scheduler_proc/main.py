@@ -29,7 +29,7 @@ class SchedulerProcess:
         self.workers = [Sender(ctx, ipc.worker_in(r)) for r in range(args.tp_size)]
         self.replies = [Sender(ctx, ipc.scheduler_out(i)) for i in range(num_replies)]
         ready = self._wait_worker_ready()
-        self.worker_info = msgspec.to_builtins(ready)
+        self.worker_info = msgspec.structs.asdict(ready)
         self.sched = Scheduler(args, ready.num_kv_slots, min(ready.context_length, args.context_length or 1 << 62))
         log.info("scheduler ready: %d KV slots, context %d", ready.num_kv_slots - 1, self.sched.context_length)
         for r in self.replies:
