@@ -2,7 +2,7 @@
 
 Channels (each a tagged union, decoded by one Decoder per socket):
   gateway   -> tokenizer : TokenizerIn  (GenerateText, Abort, control)
-  tokenizer -> gateway   : TokenizerOut (TextChunk, ControlReply)
+  tokenizer -> gateway   : TokenizerOut (TextChunk / TextBatch, ControlReply)
   tokenizer -> scheduler : SchedulerIn  (GenerateTokens, Abort, control)
   scheduler -> tokenizer : SchedulerOut (TokenBatch, ControlReply)
   scheduler -> workers   : WorkerIn     (StepBatch, Shutdown)
@@ -86,6 +86,8 @@ class GenerateText(msgspec.Struct, tag=True, omit_defaults=True):
     logprob: LogprobRequest | None = None
     return_text_in_logprobs: bool = False
     session: SessionParams | None = None
+    fill_context: bool = False
+    """max_new_tokens was not given (OpenAI's default): generate up to the context length."""
 
 
 class Abort(msgspec.Struct, tag=True, omit_defaults=True):
@@ -120,6 +122,12 @@ class TextChunk(msgspec.Struct, tag=True, omit_defaults=True):
     output_ids: list[int]
     meta: dict
     finished: bool = False
+
+
+class TextBatch(msgspec.Struct, tag=True, array_like=True):
+    """Tokenizer -> gateway: the TextChunks made from one drain of scheduler output, in one message."""
+
+    chunks: list[TextChunk]
 
 
 # ---------------------------------------------------------------- tokenizer <-> scheduler
@@ -228,7 +236,7 @@ class WorkerError(msgspec.Struct, tag=True, array_like=True):
 
 
 TokenizerIn = Union[GenerateText, Abort, Control]
-TokenizerOut = Union[TextChunk, ControlReply]
+TokenizerOut = Union[TextChunk, TextBatch, ControlReply]
 SchedulerIn = Union[GenerateTokens, Abort, Control]
 SchedulerOut = Union[TokenBatch, ControlReply]
 WorkerIn = Union[StepBatch, Shutdown]
