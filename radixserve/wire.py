@@ -124,7 +124,7 @@ class TextChunk(msgspec.Struct, tag=True, omit_defaults=True):
     finished: bool = False
 
 
-class TextBatch(msgspec.Struct, tag=True, array_like=True):
+class TextBatch(msgspec.Struct, tag=True):
     """Tokenizer -> gateway: the TextChunks made from one drain of scheduler output, in one message."""
 
     chunks: list[TextChunk]
