@@ -1,0 +1,160 @@
+"""The tokenizer side's text handling: load, encode prompts, and turn output ids into text.
+
+`RequestText` is what the tokenizer process and the offline Engine keep per request; the
+detokenizer and stop matcher it glues live in `detokenizer.py` and `stops.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jinja2 import TemplateError
+from transformers import AutoTokenizer
+
+from tokenizer_proc.detokenizer import IncrementalDetokenizer
+from tokenizer_proc.stops import StopMatcher
+
+if TYPE_CHECKING:
+    from radixserve.wire import SamplingParams
+
+__all__ = ["IncrementalDetokenizer", "RequestText", "StopMatcher", "encode_prompt", "eos_token_ids", "load_tokenizer"]
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def load_tokenizer(path: str) -> Any:
+    """The HF (fast) tokenizer of an HF model directory."""
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(tokenizer: Any, model_dir: str | None) -> list[int]:
+    """EOS ids from generation_config.json, config.json and the tokenizer, in that order, deduplicated."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        file = Path(model_dir, name) if model_dir else None
+        if file is not None and file.is_file():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            ids += value if isinstance(value, list) else [value]
+    ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
+
+
+def encode_prompt(
+    tokenizer: Any,
+    text: str | None = None,
+    input_ids: Sequence[int] | None = None,
+    messages: list[dict] | None = None,
+    *,
+    vocab_size: int | None = None,
+) -> list[int]:
+    """Token ids of exactly one of: raw `text` (tokenizer defaults, like SGLang's /generate),
+    `input_ids` (checked against `vocab_size`, default the tokenizer's), or OpenAI-style chat
+    `messages` (chat template with the generation prompt). Raises ValueError on bad input."""
+    if sum(x is not None for x in (text, input_ids, messages)) != 1:
+        raise ValueError("give exactly one of text, input_ids, messages")
+    if text is not None:
+        ids = tokenizer.encode(text) if text else []
+    elif input_ids is not None:
+        ids = list(input_ids)
+        limit = vocab_size if vocab_size is not None else len(tokenizer)
+        bad = [i for i in ids if type(i) is not int or not 0 <= i < limit]
+        if bad:
+            raise ValueError(f"input_ids must be token ids in [0, {limit}); got {bad[:5]}")
+    else:
+        ids = _encode_chat(tokenizer, messages)
+    if not ids:
+        raise ValueError("empty prompt")
+    return ids
+
+
+def _encode_chat(tokenizer: Any, messages: Any) -> list[int]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; send text or input_ids")
+    normalized = [_normalize_message(m) for m in messages]
+    try:
+        prompt = tokenizer.apply_chat_template(normalized, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:
+        raise ValueError(f"chat template: {e}") from e
+    # The template writes its own special tokens (BOS): do not add them a second time.
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def _normalize_message(message: Any) -> dict:
+    """A message with string content; text parts are joined with newlines."""
+    if not isinstance(message, dict):
+        raise ValueError("each message must be an object with role and content")
+    role, content = message.get("role"), message.get("content")
+    if role not in CHAT_ROLES:
+        raise ValueError(f"bad message role {role!r}; expected one of {sorted(CHAT_ROLES)}")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+        content = "\n".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ValueError(f"message content must be a string or a list of text parts, not {type(content).__name__}")
+    return {**message, "content": content}
+
+
+class RequestText:
+    """One request's output text: ids -> detokenizer -> stop matcher -> cumulative `text`.
+
+    Per message from the scheduler: `delta, matched = rt.feed(new_ids, stop_token=...)`; on
+    its last one also `rt.finish()`. A matched stop string ends the text; ids that arrive
+    after it (before the scheduler learns of it) are not recorded in `output_ids`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: Sequence[int] | None = None,
+        stop: Sequence[str] = (),
+        skip_special_tokens: bool = True,
+        no_stop_trim: bool = False,
+    ) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+        self._stops = StopMatcher(stop, no_stop_trim)
+        self._no_stop_trim = no_stop_trim
+        self.text = ""
+        self.output_ids: list[int] = []
+
+    @classmethod
+    def for_sampling(cls, tokenizer: Any, prompt_ids: Sequence[int] | None, sampling: SamplingParams) -> RequestText:
+        return cls(tokenizer, prompt_ids, sampling.stop, sampling.skip_special_tokens, sampling.no_stop_trim)
+
+    @property
+    def matched(self) -> str | None:
+        """The stop string that ended the text, if one did."""
+        return self._stops.matched
+
+    def feed(self, new_ids: Sequence[int], stop_token: bool = False) -> tuple[str, str | None]:
+        """Add output ids; return the new visible text and the stop string matched now, if any.
+
+        `stop_token`: the last id is the EOS / stop token that finished the request; as in
+        SGLang its text is dropped unless `no_stop_trim` (it stays in `output_ids`).
+        """
+        if self.matched is not None:
+            return "", None
+        self.output_ids += new_ids
+        text_ids = new_ids[:-1] if stop_token and not self._no_stop_trim else new_ids
+        return self._emit(self._detok.feed(text_ids))
+
+    def finish(self) -> tuple[str, str | None]:
+        """Release held-back text at the end of the request (it may still complete a stop string)."""
+        if self.matched is not None:
+            return "", None
+        delta, matched = self._emit(self._detok.flush())
+        if matched is None:
+            tail = self._stops.flush()
+            self.text += tail
+            delta += tail
+        return delta, matched
+
+    def _emit(self, decoded: str) -> tuple[str, str | None]:
+        delta, matched = self._stops.feed(decoded)
+        self.text += delta
+        return delta, matched
