@@ -1,0 +1,248 @@
+"""Model building blocks: norms, rotary embedding, activation, and tensor-parallel linear / embedding layers.
+
+Every parameter carries two attributes that loading relies on:
+  `weight_loader(param, full_tensor, shard_id=None)` copies this rank's part of a full HF tensor into it;
+  `shards: dict[shard_id, full_shape]` lists the full tensors it is made of (all must be loaded once).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker_proc.parallel import tp_all_gather, tp_all_reduce, tp_rank, tp_size
+
+ShardId = Hashable  # None for a plain tensor; 0/1 for gate/up; "q"/"k"/"v" for qkv
+Loader = Callable[[nn.Parameter, torch.Tensor, ShardId], None]
+
+
+def make_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
+               loader: Loader, shards: dict[ShardId, tuple[int, ...]]) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+    param.weight_loader = loader
+    param.shards = shards
+    return param
+
+
+def load_replicated(param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
+    param.data.copy_(full)
+
+
+def divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d})")
+    return n // d
+
+
+class RMSNorm(nn.Module):
+    """HF's RMSNorm (statistics in float32), optionally fused with the residual add before it."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = make_param((dim,), dtype, device, load_replicated, {None: (dim,)})
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * h.to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """RoPE settings from a transformers 5 `rope_parameters` or an older `rope_theta` + `rope_scaling` config."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def _inv_freq(params: dict[str, Any], head_dim: int) -> torch.Tensor:
+    """Per-pair inverse frequencies, computed as HF computes them (so cos/sin match bit for bit)."""
+    inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = params["rope_type"]
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / params["factor"]
+    if kind == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(is_medium, smoothed, scaled)
+    raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style (rotate-half) RoPE from a cos/sin table indexed by position: no host sync per step."""
+
+    def __init__(self, head_dim: int, max_positions: int, params: dict[str, Any], device: torch.device | str) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), _inv_freq(params, head_dim))
+        self.register_buffer("cos", freqs.cos().to(device), persistent=False)  # [max_positions, head_dim / 2]
+        self.register_buffer("sin", freqs.sin().to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, head_dim / 2] for `apply_rotary`, cast to the activations' dtype as HF does."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated pairwise (x[i], x[i + D/2]), the same arithmetic as HF's rotate_half form."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class SiluAndMul(nn.Module):
+    """[.., 2n] -> silu(x[.., :n]) * x[.., n:] (the gate/up halves of a merged projection)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class _ColumnLinear(nn.Module):
+    """y = x W^T + b with W's rows split over ranks; the output stays sharded (feeds a RowParallelLinear).
+
+    W is made of full tensors (one per shard id) stacked on rows; this rank keeps rows [src, src + n) of each,
+    packed in shard order: layout[shard_id] = (src, n, dst) with dst the offset in the local weight.
+    """
+
+    def __init__(self, in_features: int, shards: list[tuple[ShardId, int, int, int]], bias: bool,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        """`shards`: (shard_id, full rows, first row kept by this rank, rows kept)."""
+        super().__init__()
+        self.layout: dict[ShardId, tuple[int, int, int]] = {}
+        dst = 0
+        for shard_id, _, src, n in shards:
+            self.layout[shard_id] = (src, n, dst)
+            dst += n
+        self.out_features_local = dst
+        self.weight = make_param((dst, in_features), dtype, device, self._load,
+                                 {sid: (full, in_features) for sid, full, _, _ in shards})
+        self.bias = make_param((dst,), dtype, device, self._load, {sid: (full,) for sid, full, _, _ in shards}) \
+            if bias else None
+
+    def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
+        src, n, dst = self.layout[shard_id]
+        param.data.narrow(0, dst, n).copy_(full.narrow(0, src, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(_ColumnLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        n = divide(out_features, tp_size(), "output features")
+        super().__init__(in_features, [(None, out_features, tp_rank() * n, n)], bias, dtype, device)
+
+
+class MergedColumnParallelLinear(_ColumnLinear):
+    """Several column-parallel projections of the same input in one matmul (gate_up: shard ids 0, 1)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        shards = []
+        for i, size in enumerate(output_sizes):
+            n = divide(size, tp_size(), "output features")
+            shards.append((i, size, tp_rank() * n, n))
+        super().__init__(in_features, shards, bias, dtype, device)
+
+
+class QKVParallelLinear(_ColumnLinear):
+    """Fused q/k/v projection (shard ids "q", "k", "v"), split by heads.
+
+    Rank r holds q heads [r * Hq/tp, (r+1) * Hq/tp). With Hkv >= tp it holds kv heads [r * Hkv/tp, ...);
+    with Hkv < tp each rank holds one kv head, r * Hkv // tp, replicated over tp / Hkv ranks, which is
+    the kv head its q heads attend with (q head h uses kv head h // (Hq / Hkv)).
+    """
+
+    def __init__(self, hidden: int, head_dim: int, num_q_heads: int, num_kv_heads: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        tp, rank = tp_size(), tp_rank()
+        self.num_q_heads_local = divide(num_q_heads, tp, "attention heads")
+        if num_kv_heads >= tp:
+            self.num_kv_heads_local = divide(num_kv_heads, tp, "key/value heads")
+            kv_start = rank * self.num_kv_heads_local
+        else:
+            if tp % num_kv_heads:
+                raise ValueError(f"tensor-parallel size {tp} is not a multiple of the {num_kv_heads} key/value heads")
+            self.num_kv_heads_local, kv_start = 1, rank * num_kv_heads // tp
+        q_rows, kv_rows = self.num_q_heads_local * head_dim, self.num_kv_heads_local * head_dim
+        self.split_sizes = [q_rows, kv_rows, kv_rows]
+        super().__init__(hidden, [("q", num_q_heads * head_dim, rank * q_rows, q_rows),
+                                  ("k", num_kv_heads * head_dim, kv_start * head_dim, kv_rows),
+                                  ("v", num_kv_heads * head_dim, kv_start * head_dim, kv_rows)],
+                         bias, dtype, device)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local W_local^T) + b with W's columns split over ranks (input already sharded)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.in_local = divide(in_features, tp_size(), "input features")
+        self.weight = make_param((out_features, self.in_local), dtype, device, self._load,
+                                 {None: (out_features, in_features)})
+        self.bias = make_param((out_features,), dtype, device, load_replicated, {None: (out_features,)}) \
+            if bias else None
+
+    def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
+        param.data.copy_(full.narrow(1, tp_rank() * self.in_local, self.in_local))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias joins on rank 0 only, so the sum over ranks adds it exactly once.
+        return tp_all_reduce(F.linear(x, self.weight, self.bias if tp_rank() == 0 else None))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over ranks; the vocab is padded to a multiple of tp (padding rows are zero).
+
+    Rank r holds token ids [r * V_local, (r+1) * V_local); other ids contribute zeros to the all-reduce.
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, device: torch.device | str,
+                 tied_to: VocabParallelEmbedding | None = None) -> None:
+        """`tied_to`: share that layer's weight (same shape, so the same sharding) instead of allocating one."""
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.vocab_local = -(-vocab_size // tp_size())
+        self.vocab_start = tp_rank() * self.vocab_local
+        self.weight = tied_to.weight if tied_to is not None else \
+            make_param((self.vocab_local, hidden), dtype, device, self._load, {None: (vocab_size, hidden)})
+
+    def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
+        n = max(0, min(self.vocab_local, self.vocab_size - self.vocab_start))
+        param.data[:n].copy_(full.narrow(0, self.vocab_start, n))
+        param.data[n:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.vocab_local)
+        out = F.embedding(torch.where(mine, local, 0), self.weight) * mine[:, None].to(self.weight.dtype)
+        return tp_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Vocab-split output projection; `forward` returns full-vocab float32 logits on every rank."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = tp_all_gather(F.linear(hidden, self.weight), dim=-1)
+        return logits[:, : self.vocab_size].float()
