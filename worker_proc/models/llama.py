@@ -1,0 +1,188 @@
+"""The Llama-family decoder (SmolLM2, Llama 2/3, Mistral-style); Qwen2/Qwen3 reuse it through `Arch` flags.
+
+Module names follow HF's, except the fused `qkv_proj` (q/k/v_proj) and `gate_up_proj` (gate/up_proj).
+Mistral's sliding window is not applied: exact for contexts up to `config.sliding_window`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker_proc.attention.base import AttentionBackend
+from worker_proc.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    SiluAndMul,
+    VocabParallelEmbedding,
+    apply_rotary,
+    rope_parameters,
+)
+
+Device = torch.device | str
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+# (fused parameter, HF parameter, shard id); checkpoint names are matched on ".<HF parameter>."
+_STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
+            ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What distinguishes the members of the family."""
+
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool  # per-head RMSNorm of q and k before RoPE (Qwen3)
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, arch: Arch, layer_id: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = head_dim_of(config)
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads,
+                                          arch.qkv_bias, dtype, device)
+        self.num_heads = self.qkv_proj.num_q_heads_local
+        self.num_kv_heads = self.qkv_proj.num_kv_heads_local
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, arch.o_bias, dtype, device)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if arch.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if arch.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionBackend) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = attn.forward(apply_rotary(q, *rope), apply_rotary(k, *rope), v, self.layer_id)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, arch: Arch, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], arch.mlp_bias, dtype, device)
+        self.act = SiluAndMul()
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, arch.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, arch: Arch, layer_id: int, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, arch, layer_id, dtype, device)
+        self.mlp = LlamaMLP(config, arch, dtype, device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
+                attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, the residual stream before it); their sum is the hidden state."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, rope, attn), residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, arch: Arch, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, device)
+        self.rotary = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
+                                      rope_parameters(config), device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, arch, i, dtype, device)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, rope, attn)
+        return self.norm(x, residual)[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward: a flat ragged batch of new tokens -> final hidden states; compute_logits: -> full-vocab logits."""
+
+    @classmethod
+    def arch(cls, config: Any) -> Arch:
+        bias = getattr(config, "attention_bias", False)
+        return Arch(qkv_bias=bias, o_bias=bias, mlp_bias=getattr(config, "mlp_bias", False), qk_norm=False)
+
+    def __init__(self, config: Any, dtype: torch.dtype, device: Device) -> None:
+        super().__init__()
+        if getattr(config, "use_sliding_window", False):
+            raise NotImplementedError("sliding-window attention is not supported")
+        self.model = LlamaModel(config, self.arch(config), dtype, device)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, device,
+                                      tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
+        attn = self.model.layers[0].self_attn
+        self.num_layers = config.num_hidden_layers
+        self.num_q_heads_local, self.num_kv_heads_local = attn.num_heads, attn.num_kv_heads
+        self.head_dim = attn.head_dim
+        self.vocab_size = config.vocab_size
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden [T, hidden_size]."""
+        return self.model(input_ids, positions, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden_size] -> float32 logits [N, vocab_size], the full vocab on every rank."""
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full HF tensors by HF name; every shard of every parameter must be loaded."""
+        params = dict(self.named_parameters())  # a tied lm_head appears once, as model.embed_tokens.weight
+        loaded: set[tuple[str, Any]] = set()
+        for name, tensor in weights:
+            if name.endswith(_IGNORED_SUFFIXES) or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            target, shard_id = _param_name(name)
+            param = params.get(target)
+            if param is None or shard_id not in param.shards:
+                raise KeyError(f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}")
+            if tuple(tensor.shape) != param.shards[shard_id]:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
+                                 f"config implies {param.shards[shard_id]}")
+            param.weight_loader(param, tensor, shard_id)
+            loaded.add((target, shard_id))
+        missing = [f"{n}[{s}]" if s is not None else n
+                   for n, p in params.items() for s in p.shards if (n, s) not in loaded]
+        if missing:
+            raise ValueError(f"weights never loaded: {', '.join(missing[:8])}"
+                             f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+
+
+def _param_name(hf_name: str) -> tuple[str, Any]:
+    for fused, part, shard_id in _STACKED:
+        if f".{part}." in hf_name:
+            return hf_name.replace(f".{part}.", f".{fused}."), shard_id
+    return hf_name, None
