@@ -1,0 +1,8 @@
+"""`python -m radixserve ...` is the `radixserve` command."""
+
+import sys
+
+from radixserve.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The HTTP gateway (aiohttp): SGLang-native and OpenAI-compatible routes over one generate path.
+
+Every error leaves as OpenAI's `{"error": {...}}` with a 4xx (a 500 only for a bug here); a
+client that disconnects has its requests aborted in the scheduler (the handler is cancelled,
+and `_generate`'s `finally` cancels the Generation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import uuid
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from radixserve import __version__, wire
+from radixserve.config import ServerArgs
+from radixserve.errors import ApiError, bad_request, from_validation
+from radixserve.gateway import Generation, TokenizerClient
+from radixserve.native_protocol import GenerateRequest, NativeFormat, build_requests
+from radixserve.openai_protocol import (
+    ChatCompletionRequest,
+    ChatFormat,
+    CompletionFormat,
+    CompletionRequest,
+    chat_requests,
+    check_model,
+    completion_requests,
+)
+from radixserve.supervisor import ProcessGroup
+
+log = logging.getLogger("radixserve.http")
+
+PUBLIC_PATHS = frozenset({"/health", "/health_generate"})
+HEALTH_TIMEOUT_S = 30.0
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
+
+
+class Format(Protocol):
+    def response(self, gen: Generation, results: list[wire.TextChunk]) -> Any: ...
+    def head(self, gen: Generation) -> list[Any]: ...
+    def events(self, gen: Generation, batch: list[tuple[int, wire.TextChunk]]) -> list[Any]: ...
+    def tail(self, gen: Generation) -> list[Any]: ...
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=msgspec.json.encode(obj), content_type="application/json")
+
+
+def _sse(events: list[Any]) -> bytes:
+    return b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events)
+
+
+class Gateway:
+    def __init__(self, args: ServerArgs, client: TokenizerClient, model_dir: str, model_name: str,
+                 children: ProcessGroup) -> None:
+        self.args = args
+        self.client = client
+        self.model_dir = model_dir
+        self.model_name = model_name
+        self.children = children
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.args.max_request_bytes, middlewares=[self._errors, self._gate])
+        r = app.router
+        r.add_get("/health", self.health)
+        r.add_get("/health_generate", self.health_generate)
+        r.add_get("/get_model_info", self.model_info)
+        r.add_get("/get_server_info", self.server_info)
+        r.add_route("*", "/flush_cache", self.flush_cache)
+        r.add_post("/abort_request", self.abort_request)
+        r.add_post("/generate", self.generate)
+        r.add_get("/v1/models", self.models)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/chat/completions", self.chat_completions)
+        return app
+
+    # ------------------------------------------------------------ middleware
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
+            if e.status < 400:
+                raise
+            return ApiError(e.status, e.reason if e.status != 413 else
+                            f"request body too large (limit {self.args.max_request_bytes} bytes)").response()
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("internal error on %s %s", request.method, request.path)
+            return ApiError(500, "internal server error").response()
+
+    @web.middleware
+    async def _gate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Auth (all but the health routes), then 503 until the backend is ready."""
+        if self.args.api_key is not None and request.path not in PUBLIC_PATHS:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.args.api_key}".encode()):
+                raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)")
+        if not self.client.ready.is_set():
+            raise ApiError(503, "the server is still loading")
+        return await handler(request)
+
+    # ------------------------------------------------------------ health and info
+
+    async def health(self, request: web.Request) -> web.Response:
+        if any(p.exitcode is not None for p in self.children.procs):
+            raise ApiError(503, "a server process has exited")
+        return web.Response(text="OK")
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        req = wire.GenerateText(rid=f"health-{uuid.uuid4().hex}", text="Hi",
+                                sampling=wire.SamplingParams(max_new_tokens=1, temperature=0.0))
+        gen = self.client.submit([req])
+        try:
+            await asyncio.wait_for(gen.results(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"no token generated within {HEALTH_TIMEOUT_S:.0f} s") from None
+        finally:
+            self.client.cancel(gen)
+        return web.Response(text="OK")
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        return _json({"model_path": self.args.model_path or self.model_dir, "model_dir": self.model_dir,
+                      "tokenizer_path": self.args.tokenizer_path or self.model_dir,
+                      "served_model_name": self.model_name, "is_generation": True})
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        reply = await self.client.control("server_info")
+        server_args = {**dataclasses.asdict(self.args), "api_key": None}
+        return _json({**server_args, "version": __version__, "num_pending_http_reqs": self.client.num_pending,
+                      "processes": {p.name: p.pid for p in self.children.procs},
+                      "worker": reply.result.get("worker"), "scheduler": reply.result.get("scheduler")})
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        reply = await self.client.control("flush_cache")
+        if not reply.ok:
+            raise ApiError(reply.status if reply.status >= 400 else 400, reply.error or "flush_cache failed")
+        return web.Response(text="Cache flushed.\n")
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        body = await _parse(request, _AbortRequest)
+        if body.abort_all:
+            return _json({"aborted": self.client.abort_all()})
+        if body.rid is None:
+            raise bad_request("give rid or abort_all: true", "rid")
+        return _json({"aborted": int(self.client.abort(body.rid))})
+
+    async def models(self, request: web.Request) -> web.Response:
+        context = min(self.client.worker_info.get("context_length", 0), self.args.context_length or 1 << 62)
+        return _json({"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                                  "owned_by": "radixserve", "root": self.model_dir,
+                                                  "max_model_len": context}]})
+
+    # ------------------------------------------------------------ generation
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await _parse(request, GenerateRequest)
+        single, reqs = build_requests(body)
+        return await self._generate(request, reqs, body.stream, NativeFormat(single))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _parse(request, CompletionRequest)
+        check_model(body.model, self.model_name)
+        reqs = completion_requests(body)
+        return await self._generate(request, reqs, body.stream,
+                                    CompletionFormat(self.model_name, body.n, len(reqs), body.stream_options))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _parse(request, ChatCompletionRequest)
+        check_model(body.model, self.model_name)
+        reqs = chat_requests(body)
+        return await self._generate(request, reqs, body.stream,
+                                    ChatFormat(self.model_name, body.n, len(reqs), body.stream_options))
+
+    async def _generate(self, request: web.Request, reqs: list[wire.GenerateText], stream: bool,
+                        fmt: Format) -> web.StreamResponse:
+        """The one generate path. A stream waits for its first update before sending headers, so a
+        request the tokenizer or scheduler rejects still gets a 4xx; later errors become an error event."""
+        gen = self.client.submit(reqs)
+        try:
+            if not stream:
+                return _json(fmt.response(gen, await gen.results()))
+            updates = gen.updates()
+            batch: list[tuple[int, wire.TextChunk]] | None = await anext(updates)
+            resp = web.StreamResponse(headers=SSE_HEADERS)
+            await resp.prepare(request)
+            events = fmt.head(gen)
+            try:
+                while batch is not None:
+                    await resp.write(_sse(events + fmt.events(gen, batch)))
+                    events = []
+                    batch = await anext(updates, None)
+                await resp.write(_sse(fmt.tail(gen)) + b"data: [DONE]\n\n")
+            except ApiError as e:
+                await resp.write(_sse([e.body()]) + b"data: [DONE]\n\n")
+            return resp
+        finally:
+            self.client.cancel(gen)
+
+
+class _AbortRequest(msgspec.Struct, forbid_unknown_fields=True):
+    rid: str | None = None
+    abort_all: bool = False
+
+
+_DECODERS = {kind: msgspec.json.Decoder(kind)
+             for kind in (GenerateRequest, CompletionRequest, ChatCompletionRequest, _AbortRequest)}
+
+
+async def _parse(request: web.Request, kind: type[T]) -> T:
+    """The JSON body as `kind`; 400 naming the offending field otherwise (413 if too large)."""
+    body = await request.read()
+    try:
+        return _DECODERS[kind].decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise from_validation(e) from None
+

@@ -1,0 +1,144 @@
+"""`radixserve serve`: run the gateway here and the tokenizers, scheduler and workers as children.
+
+Supervision: if any child exits, the server stops loudly and exits 1. SIGINT / SIGTERM stop it in
+order (tokenizers forward `shutdown` to the scheduler, which stops the workers), and whatever is
+left after STOP_GRACE_S is terminated, then killed: everything is gone within 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+
+import msgspec
+import uvloop
+from aiohttp import web
+
+from radixserve.config import ServerArgs
+from radixserve.errors import ApiError
+from radixserve.gateway import TokenizerClient
+from radixserve.http_server import Gateway
+from radixserve.ipc import IpcPaths
+from radixserve.procutil import setup_logging
+from radixserve.supervisor import ChildDied, ProcessGroup, start_backend
+
+log = logging.getLogger("radixserve")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+STOP_GRACE_S = 4.0  # orderly exit of the children, then SIGTERM, then SIGKILL after STOP_KILL_S
+STOP_KILL_S = 2.0
+HTTP_DRAIN_S = 1.0
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    ServerArgs.add_cli_args(parser)
+
+
+def run(ns: argparse.Namespace) -> int:
+    try:
+        args = ServerArgs.from_cli_args(ns)
+    except ValueError as e:
+        print(f"radixserve serve: error: {e}", file=sys.stderr)
+        return 2
+    return serve(args)
+
+
+def serve(args: ServerArgs) -> int:
+    """Serve until SIGINT/SIGTERM (exit 0) or until a child dies (exit 1)."""
+    setup_logging(args.log_level)
+    from radixserve.model_files import resolve_model
+
+    model_dir = resolve_model(args.model_path)
+    return uvloop.run(_Server(args, model_dir).run())
+
+
+class _Server:
+    def __init__(self, args: ServerArgs, model_dir: str) -> None:
+        self.args = args
+        self.model_dir = model_dir
+        self.model_name = args.served_model_name or args.model_path or DEFAULT_MODEL_NAME
+        self.group = ProcessGroup()
+        self.stop = asyncio.Event()
+        self.exit_code = 0
+
+    def _fatal(self, message: str) -> None:
+        if not self.stop.is_set():
+            log.error("%s: stopping the server", message)
+            self.exit_code = 1
+            self.stop.set()
+
+    async def run(self) -> int:
+        args = self.args
+        ipc = IpcPaths.create()
+        client = TokenizerClient(ipc, args.tokenizer_worker_num, args.max_running_requests + args.max_queued_requests)
+        gateway = Gateway(args, client, self.model_dir, self.model_name, self.group)
+        runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, args.host, args.port, shutdown_timeout=HTTP_DRAIN_S).start()
+        except OSError as e:
+            log.error("cannot listen on %s:%d: %s", args.host, args.port, e)
+            await runner.cleanup()
+            client.close()
+            shutil.rmtree(ipc.root, ignore_errors=True)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        tasks = [asyncio.create_task(c) for c in (client.run(), self._watch(), self._announce(client))]
+        tasks[0].add_done_callback(self._receiver_done)
+        try:
+            self._spawn(ipc)
+            await self.stop.wait()
+        finally:
+            log.info("stopping the server")
+            client.fail_all(ApiError(503, "the server is shutting down"))
+            await runner.cleanup()
+            if self.exit_code == 0:
+                client.shutdown_backend()
+                await self._wait_children(STOP_GRACE_S)
+            for t in tasks:
+                t.cancel()
+            self.group.stop(timeout=STOP_KILL_S)
+            client.close()
+            shutil.rmtree(ipc.root, ignore_errors=True)
+        return self.exit_code
+
+    def _spawn(self, ipc: IpcPaths) -> None:
+        from tokenizer_proc.main import run_tokenizer
+
+        args_json = msgspec.json.encode(self.args)
+        for i in range(self.args.tokenizer_worker_num):
+            self.group.add(run_tokenizer, f"tokenizer-{i}", args_json, ipc.root, i, self.model_dir, os.getpid())
+        start_backend(self.group, self.args, ipc, self.model_dir, num_replies=self.args.tokenizer_worker_num)
+
+    def _receiver_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled():
+            self._fatal(f"the gateway's receiver failed: {task.exception()!r}")
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                self.group.check()
+            except ChildDied as e:
+                return self._fatal(str(e))
+            await asyncio.sleep(0.2)
+
+    async def _announce(self, client: TokenizerClient) -> None:
+        started = time.monotonic()
+        await client.ready.wait()
+        url = f"http://{self.args.host}:{self.args.port}"
+        log.info("ready in %.1f s", time.monotonic() - started)
+        print(f"radixserve is ready: {url} (model {self.model_name!r}; OpenAI API at {url}/v1)", flush=True)
+
+    async def _wait_children(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.exitcode is None for p in self.group.procs):
+            await asyncio.sleep(0.05)
+

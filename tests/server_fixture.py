@@ -1,0 +1,170 @@
+"""A real radixserve server in a subprocess, for the HTTP tests.
+
+`RadixServer(*extra_flags)` starts `python -m radixserve serve` on a free port with small limits,
+waits for /health_generate, and `stop()` SIGTERMs it and checks that no process of it is left.
+Use it through a module-scoped fixture: one server per test module.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_LIMITS = ["--max-total-tokens", "4096", "--max-running-requests", "16", "--context-length", "2048"]
+START_TIMEOUT_S = 240.0
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid`, from /proc (children of every thread)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class Response:
+    status_code: int
+    headers: dict[str, str]
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode()
+
+    def json(self) -> object:
+        return json.loads(self.content)
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 60) -> Response:
+    """One HTTP request to 127.0.0.1 (stdlib only)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+class RadixServer:
+    def __init__(self, *flags: str, api_key: str | None = None, wait: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "radixserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               *SMALL_LIMITS, "--log-level", "warning", *flags]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"radixserve-test-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self.child_pids: list[int] = []
+        if wait:
+            self.wait_ready()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def wait_ready(self) -> None:
+        """Wait for /health_generate; on failure the server is killed and the error shows its log."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.get("/health_generate").status_code == 200:
+                    self.child_pids = descendants(self.proc.pid)
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.kill()
+        raise TimeoutError(f"server not ready within {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def post(self, path: str, body: object) -> Response:
+        """POST `body` as JSON (bytes are sent as they are)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return http_request(self.port, "POST", path, data, {"Content-Type": "application/json", **self.headers})
+
+    def get(self, path: str) -> Response:
+        return http_request(self.port, "GET", path, headers=self.headers)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def leftovers(self, timeout: float) -> list[int]:
+        """Pids of the server and its children still alive after waiting up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        pids = [self.proc.pid, *self.child_pids]
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.1)
+        return [p for p in pids if alive(p)]
+
+    def stop(self) -> tuple[int | None, list[int]]:
+        """SIGTERM; returns (exit code, pids left after 10 s)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.wait_exit(10)
+        left = self.leftovers(0.5)
+        self.kill()
+        return code, left
+
+    def kill(self) -> None:
+        """Last resort cleanup: SIGKILL the server and whatever of it is left (orphans: only if still ours)."""
+        ours = [p for p in self.child_pids if alive(p) and b"multiprocessing" in _cmdline(p)]
+        for pid in [*descendants(self.proc.pid), self.proc.pid, *ours]:
+            if alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.proc.wait()
+        self._log.close()

@@ -1,0 +1,149 @@
+"""The HTTP API against a real server: the official `openai` client (chat and completions, streaming
+and not) and SGLang's native routes; greedy text over HTTP equals the offline Engine's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+from server_fixture import MODEL, SMALL_LIMITS, RadixServer
+
+GREEDY = {"temperature": 0}
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name three colors."}]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RadixServer]:
+    srv = RadixServer()
+    yield srv
+    code, left = srv.stop()
+    assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{srv.log()}"
+
+
+@pytest.fixture(scope="module")
+def client(server: RadixServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _sse(body: bytes) -> list[dict]:
+    events = [line[len(b"data: "):] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+# ---------------------------------------------------------------- OpenAI client
+
+
+def test_models(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_chat(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens <= 16 and resp.usage.prompt_tokens > 0
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    again = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)
+    assert again.choices[0].message.content == choice.message.content
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the radix cache kept the prompt
+
+
+def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_chat_n_seed_logprobs(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0.8, seed=7, n=3,
+                                          logprobs=True, top_logprobs=2)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert resp.usage.completion_tokens == sum(len(c.logprobs.content) for c in resp.choices)
+    for c in resp.choices:
+        assert 1 <= len(c.logprobs.content) <= 8
+        assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in c.logprobs.content)
+    same = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0.8, seed=7)
+    assert same.choices[0].message.content == resp.choices[0].message.content  # copy 0 has the request's seed
+
+
+def test_completions(client: openai.OpenAI) -> None:
+    resp = client.completions.create(model=MODEL, prompt=[PROMPT, "1, 2, 3,"], max_tokens=8, temperature=0,
+                                     logprobs=2, stop=["\n"])
+    assert len(resp.choices) == 2 and all(c.finish_reason in ("stop", "length") for c in resp.choices)
+    assert all("\n" not in c.text for c in resp.choices)
+    lp = resp.choices[1].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, stop=["\n"],
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == resp.choices[0].text
+    assert chunks[-1].usage.prompt_tokens == 5
+
+
+# ---------------------------------------------------------------- native routes
+
+
+def test_generate_matches_engine(server: RadixServer) -> None:
+    from radixserve import Engine
+
+    params = {"max_new_tokens": 24, "temperature": 0}
+    prompts = [PROMPT, "def fibonacci(n):"]
+    http = [server.post("/generate", {"text": p, "sampling_params": params}).json()["text"] for p in prompts]
+    with Engine(**_engine_limits()) as engine:
+        offline = [engine.generate(p, params)["text"] for p in prompts]
+    assert http == offline
+
+
+def _engine_limits() -> dict:
+    flags = iter(SMALL_LIMITS)
+    return {flag[2:].replace("-", "_"): int(value) for flag, value in zip(flags, flags, strict=True)}
+
+
+def test_generate_batch_stream_and_logprobs(server: RadixServer) -> None:
+    body = {"text": [PROMPT, "Hello"], "sampling_params": {"max_new_tokens": 6, **GREEDY}, "return_logprob": True,
+            "logprob_start_len": 0, "top_logprobs_num": 2, "return_text_in_logprobs": True}
+    out = server.post("/generate", body).json()
+    assert isinstance(out, list) and len(out) == 2
+    meta = out[0]["meta_info"]
+    assert meta["prompt_tokens"] == 5 and meta["completion_tokens"] == 6 == len(out[0]["output_ids"])
+    assert meta["finish_reason"] == {"type": "length", "length": 6} and meta["e2e_latency"] > 0
+    assert [e[1] for e in meta["output_token_logprobs"]] == out[0]["output_ids"]
+    assert len(meta["input_token_logprobs"]) == 5 and meta["input_token_logprobs"][0][0] is None
+    assert all(isinstance(e[2], str) for e in meta["output_token_logprobs"])
+    stream = server.post("/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 6, **GREEDY},
+                                       "stream": True})
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    events = _sse(stream.content)
+    assert events[-1]["text"] == out[0]["text"] and events[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert all(events[i + 1]["text"].startswith(events[i]["text"]) for i in range(len(events) - 1))
+
+
+def test_generate_stop_string_and_ids(server: RadixServer) -> None:
+    base = server.post("/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 16, **GREEDY}}).json()
+    stop = base["text"].strip()[:3]
+    cut = server.post("/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 16, "stop": stop,
+                                                                        **GREEDY}}).json()
+    assert cut["text"] == base["text"][:base["text"].index(stop)]
+    assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    ids = server.post("/generate", {"input_ids": base["output_ids"][:3], "sampling_params": {"max_new_tokens": 0}})
+    assert ids.json()["meta_info"]["completion_tokens"] == 0 and ids.json()["text"] == ""
+
+
+def test_info_routes(server: RadixServer) -> None:
+    info = server.get("/get_model_info").json()
+    assert info["is_generation"] is True and info["tokenizer_path"]
+    sinfo = server.get("/get_server_info").json()
+    assert sinfo["max_running_requests"] == 16 and sinfo["scheduler"]["invariants"] == "ok"
+    assert server.post("/flush_cache", {}).status_code == 200
+    assert server.get("/health").status_code == 200

@@ -1,0 +1,99 @@
+"""Server lifecycle: 503 while loading, clients that disconnect mid-request, a worker killed with
+SIGKILL (the server exits non-zero, nothing left), SIGTERM (everything gone within 10 s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+from server_fixture import MODEL, RadixServer, http_request
+
+LONG = {"max_new_tokens": 256, "ignore_eos": True, "temperature": 0}
+
+
+def _open_stream(port: int, path: str, body: dict) -> socket.socket:
+    """Send a streaming request and return the socket once the first SSE event has arrived."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    received = b""
+    while b"data: " not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before the first event: {received!r}"
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    return sock
+
+
+def _scheduler(server: RadixServer) -> dict:
+    return server.get("/get_server_info").json()["scheduler"]
+
+
+def _wait_idle(server: RadixServer, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = _scheduler(server)
+        if info["num_running_reqs"] == 0 and info["num_waiting_reqs"] == 0 or time.monotonic() > deadline:
+            return info
+        time.sleep(0.05)
+
+
+def test_disconnects_abort_then_sigterm() -> None:
+    server = RadixServer()
+    try:
+        socks = [_open_stream(server.port, "/generate", {"text": f"Story {i}:", "sampling_params": LONG,
+                                                         "stream": True}) for i in range(4)]
+        socks += [_open_stream(server.port, "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": f"Story {i}"}], "max_tokens": 256,
+            "ignore_eos": True, "temperature": 0, "stream": True}) for i in range(4)]
+        assert _scheduler(server)["num_running_reqs"] + _scheduler(server)["num_waiting_reqs"] > 0
+        for s in socks:
+            s.close()
+        info = _wait_idle(server, 2.0)
+        assert info["num_running_reqs"] == 0 and info["num_waiting_reqs"] == 0, info
+        assert info["invariants"] == "ok" and info["aborted_requests"] >= 8
+
+        # A non-streaming client that leaves is aborted too.
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        data = json.dumps({"text": "A long story:", "sampling_params": LONG}).encode()
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        deadline = time.monotonic() + 30
+        while _scheduler(server)["num_running_reqs"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sock.close()
+        info = _wait_idle(server, 2.0)
+        assert info["num_running_reqs"] == 0 and info["invariants"] == "ok", info
+        assert server.post("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+    finally:
+        code, left = server.stop()
+    assert code == 0, server.log()
+    assert not left, f"processes left 10 s after SIGTERM: {left}"
+
+
+def test_503_while_loading_then_worker_killed() -> None:
+    server = RadixServer(wait=False)
+    try:
+        first = None
+        deadline = time.monotonic() + 60
+        while first is None and time.monotonic() < deadline:
+            try:
+                first = http_request(server.port, "GET", "/health")
+            except OSError:
+                time.sleep(0.1)
+        assert first is not None and first.status_code == 503, first
+        assert first.json()["error"]["code"] == "service_unavailable"
+        server.wait_ready()
+
+        worker = server.get("/get_server_info").json()["processes"]["worker-0"]
+        os.kill(worker, signal.SIGKILL)
+        code = server.wait_exit(10)
+        assert code not in (None, 0), f"exit code {code} after the worker was killed"
+        assert "worker-0" in server.log() and "stopping the server" in server.log()
+        assert not server.leftovers(1.0)
+    finally:
+        server.kill()

@@ -1,0 +1,197 @@
+"""A tokenizer process: text -> token ids for the scheduler, token ids -> text chunks for the gateway.
+
+Tokenizer i binds `tokenizer_in(i)` (gateway requests) and `scheduler_out(i)` (its requests'
+tokens, `reply_to = i`), and pushes to `scheduler_in` and `gateway_in`. The gateway routes a
+request and its abort to the same tokenizer, so each one owns the state of its requests.
+
+A streaming request gets a TextChunk per scheduler output that changes it; a non-streaming one
+only its final chunk. Chunks made from one drain of the scheduler socket go out as one TextBatch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+
+from radixserve import wire
+from radixserve.config import ServerArgs
+from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.procutil import child_init
+from tokenizer_proc.text import RequestText, encode_prompt, eos_token_ids, load_tokenizer
+
+log = logging.getLogger("radixserve.tokenizer")
+
+LogprobEntry = list  # [logprob, token_id, text or None], as SGLang's meta_info
+
+
+@dataclass
+class _Req:
+    """What this tokenizer keeps of one request until it finishes."""
+
+    stream: bool
+    text: RequestText
+    prompt_tokens: int
+    logprob: bool
+    logprob_text: bool
+    cached_tokens: int = 0
+    input_logprobs: list[LogprobEntry] | None = None
+    input_top: list | None = None
+    output_logprobs: list[LogprobEntry] = field(default_factory=list)
+    output_top: list = field(default_factory=list)
+
+
+class TokenizerProcess:
+    def __init__(self, args: ServerArgs, ipc: IpcPaths, index: int, model_dir: str) -> None:
+        self.args = args
+        self.index = index
+        self.tokenizer = load_tokenizer(args.tokenizer_path or model_dir)
+        self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
+        # Both narrowed by the scheduler's ready reply (the model's), which precedes every request.
+        self.context_length = args.context_length or 1 << 62
+        self.vocab_size = len(self.tokenizer)
+        self.ctx = zmq.Context()
+        self.from_gateway = Receiver(self.ctx, ipc.tokenizer_in(index), wire.TokenizerIn)
+        self.from_scheduler = Receiver(self.ctx, ipc.scheduler_out(index), wire.SchedulerOut)
+        self.to_scheduler = Sender(self.ctx, ipc.scheduler_in)
+        self.to_gateway = Sender(self.ctx, ipc.gateway_in)
+        self.reqs: dict[str, _Req] = {}
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.from_gateway.sock, zmq.POLLIN)
+        poller.register(self.from_scheduler.sock, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self.from_scheduler.sock in ready:
+                self._on_scheduler(self.from_scheduler.drain())
+            if self.from_gateway.sock in ready:
+                for msg in self.from_gateway.drain():
+                    if self._on_gateway(msg) is False:
+                        return
+
+    # ------------------------------------------------------------ gateway -> scheduler
+
+    def _on_gateway(self, msg: msgspec.Struct) -> bool | None:
+        if isinstance(msg, wire.GenerateText):
+            self._submit(msg)
+        elif isinstance(msg, wire.Abort):
+            if msg.rid in self.reqs:
+                self.to_scheduler.send(msg)  # the scheduler answers with the final (abort) output
+        elif isinstance(msg, wire.Control):
+            self.to_scheduler.send(msgspec.structs.replace(msg, reply_to=self.index))
+            if msg.op == "shutdown":
+                return False
+        return None
+
+    def _submit(self, msg: wire.GenerateText) -> None:
+        try:
+            ids = encode_prompt(self.tokenizer, text=msg.text, input_ids=msg.input_ids, messages=msg.messages,
+                                vocab_size=self.vocab_size)
+        except ValueError as e:
+            return self._reject(msg.rid, str(e))
+        sampling = msg.sampling
+        if any(t >= self.vocab_size for t in sampling.stop_token_ids):
+            return self._reject(msg.rid, f"stop_token_ids must be below the vocabulary size {self.vocab_size}")
+        if msg.fill_context:
+            room = self.context_length - len(ids)
+            if room <= 0:
+                return self._reject(msg.rid, f"the prompt ({len(ids)} tokens) leaves no room for output in the "
+                                             f"context length ({self.context_length} tokens)")
+            sampling = msgspec.structs.replace(sampling, max_new_tokens=room)
+        self.reqs[msg.rid] = _Req(stream=msg.stream, text=RequestText.for_sampling(self.tokenizer, ids, sampling),
+                                  prompt_tokens=len(ids), logprob=msg.logprob is not None,
+                                  logprob_text=msg.return_text_in_logprobs)
+        self.to_scheduler.send(wire.GenerateTokens(rid=msg.rid, input_ids=ids, sampling=sampling,
+                                                   reply_to=self.index, logprob=msg.logprob, session=msg.session,
+                                                   eos_token_ids=self.eos_ids))
+
+    def _reject(self, rid: str, message: str) -> None:
+        finish = wire.FinishReason(type="abort", message=message)
+        self.to_gateway.send(wire.TextBatch([wire.TextChunk(
+            rid=rid, text="", output_ids=[], finished=True,
+            meta={"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "finish_reason": finish.to_json()})]))
+
+    # ------------------------------------------------------------ scheduler -> gateway
+
+    def _on_scheduler(self, msgs: list[msgspec.Struct]) -> None:
+        chunks = []
+        for msg in msgs:
+            if isinstance(msg, wire.ControlReply):
+                if msg.call_id == "ready":
+                    self.context_length = min(self.context_length, msg.result["context_length"])
+                    self.vocab_size = msg.result["vocab_size"]
+                self.to_gateway.send(msg)
+                continue
+            for out in msg.outs:
+                req = self.reqs.get(out.rid)
+                if req is None:
+                    continue  # ended here already (a stop string); this is the scheduler catching up
+                finish = self._apply(out, req)
+                if finish is not None:
+                    del self.reqs[out.rid]
+                    chunks.append(self._chunk(out.rid, req, finish))
+                elif req.stream:
+                    chunks.append(self._chunk(out.rid, req, None))
+        if chunks:
+            self.to_gateway.send(wire.TextBatch(chunks))
+
+    def _apply(self, out: wire.ReqOut, req: _Req) -> wire.FinishReason | None:
+        """Feed one output into the request's text; return how it finished, if it did."""
+        req.cached_tokens = out.cached_tokens
+        if req.logprob:
+            self._add_logprobs(out, req)
+        stop_token = out.finish is not None and out.finish.type == "stop" and isinstance(out.finish.matched, int)
+        _, matched = req.text.feed(out.new_ids, stop_token=stop_token)
+        if matched is None and out.finish is not None:
+            _, matched = req.text.finish()
+        if matched is None:
+            return out.finish
+        finish = wire.FinishReason(type="stop", matched=matched)
+        if out.finish is None:
+            self.to_scheduler.send(wire.Abort(rid=out.rid, finish=finish))
+        return finish
+
+    def _add_logprobs(self, out: wire.ReqOut, req: _Req) -> None:
+        if out.input_logprobs is not None and out.input_ids is not None:
+            ids = out.input_ids[len(out.input_ids) - len(out.input_logprobs):]
+            req.input_logprobs = [self._entry(lp, t, req) for lp, t in zip(out.input_logprobs, ids, strict=True)]
+            req.input_top = [self._top(top, req) for top in out.input_top_logprobs or []]
+        if out.output_logprobs:
+            req.output_logprobs += [self._entry(lp, t, req) for lp, t in zip(out.output_logprobs, out.new_ids, strict=False)]
+            req.output_top += [self._top(top, req) for top in out.output_top_logprobs or []]
+
+    def _entry(self, logprob: float | None, token: int, req: _Req) -> LogprobEntry:
+        return [logprob, token, self.tokenizer.decode([token]) if req.logprob_text else None]
+
+    def _top(self, top: list[tuple[int, float]] | None, req: _Req) -> list[LogprobEntry] | None:
+        return None if top is None else [self._entry(lp, t, req) for t, lp in top]
+
+    def _chunk(self, rid: str, req: _Req, finish: wire.FinishReason | None) -> wire.TextChunk:
+        n_out = len(req.text.output_ids)
+        meta: dict[str, Any] = {"prompt_tokens": req.prompt_tokens, "completion_tokens": n_out,
+                                "cached_tokens": req.cached_tokens,
+                                "finish_reason": finish.to_json() if finish is not None else None}
+        if req.logprob:
+            # Ids that arrived after a stop string are not output: neither are their logprobs.
+            meta.update(input_token_logprobs=req.input_logprobs, input_top_logprobs=req.input_top,
+                        output_token_logprobs=req.output_logprobs[:n_out], output_top_logprobs=req.output_top[:n_out])
+        return wire.TextChunk(rid=rid, text=req.text.text, output_ids=req.text.output_ids, meta=meta,
+                              finished=finish is not None)
+
+
+def run_tokenizer(args_json: bytes, ipc_root: str, index: int, model_dir: str, parent_pid: int) -> None:
+    args = msgspec.json.decode(args_json, type=ServerArgs)
+    child_init(f"tokenizer-{index}", parent_pid, args.log_level)
+    try:
+        proc = TokenizerProcess(args, IpcPaths(ipc_root), index, model_dir)
+        proc.run()
+    except Exception:
+        log.exception("tokenizer %d crashed", index)
+        os._exit(1)
+    proc.ctx.destroy(linger=1000)  # let the forwarded shutdown reach the scheduler
+    os._exit(0)
