@@ -18,7 +18,7 @@ from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths, Receiver, Sender
 from radixserve.model_files import resolve_model
 from radixserve.supervisor import ProcessGroup, start_backend
-from tokenizer_proc.text import RequestText, encode_prompt, eos_token_ids, load_tokenizer
+from tokenizer_proc.text import IdsOnly, RequestText, encode_prompt, eos_token_ids, load_tokenizer, request_text
 
 log = logging.getLogger("radixserve")
 
@@ -28,7 +28,7 @@ Prompt = str | list[dict]  # raw text, or chat messages (the chat template is ap
 @dataclass
 class _Pending:
     index: int
-    text: RequestText
+    text: RequestText | IdsOnly
     prompt_tokens: int
     finish: wire.FinishReason | None = None
     meta: dict = field(default_factory=dict)
@@ -42,8 +42,9 @@ class Engine:
     def __init__(self, model_path: str | None = None, tp_size: int = 1, **server_args: Any) -> None:
         self.args = ServerArgs(model_path=model_path, tp_size=tp_size, **server_args)
         self.model_dir = resolve_model(self.args.model_path)
-        self.tokenizer = load_tokenizer(self.args.tokenizer_path or self.model_dir)
-        self.eos_ids = eos_token_ids(self.tokenizer, self.model_dir)
+        self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(
+            self.args.tokenizer_path or self.model_dir)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model_dir) if self.tokenizer is not None else []
         self._ids = itertools.count()
         self.ipc = IpcPaths.create()
         self._ctx = zmq.Context()
@@ -52,7 +53,10 @@ class Engine:
         self.procs = ProcessGroup()
         start_backend(self.procs, self.args, self.ipc, self.model_dir, num_replies=1)
         try:
-            self.worker_info = self._wait_reply("ready", timeout=600).result
+            ready = self._wait_reply("ready", timeout=600)
+            if not ready.ok:
+                raise RuntimeError(f"radixserve failed to start: {ready.error}")
+            self.worker_info = ready.result
         except BaseException:
             self.procs.stop()
             raise
@@ -71,10 +75,14 @@ class Engine:
         pending: dict[str, _Pending] = {}
         for i, (item, sp_dict) in enumerate(zip(items, params)):
             sampling = msgspec.convert(sp_dict or {}, wire.SamplingParams)
+            if self.tokenizer is None and not _is_ids(item):
+                raise ValueError("without a tokenizer (skip_tokenizer_init) prompts must be input_ids")
             ids = item if _is_ids(item) else encode_prompt(
                 self.tokenizer, **({"messages": item} if isinstance(item, list) else {"text": item}))
+            if not ids:
+                raise ValueError("the prompt is empty")
             rid = uuid.uuid4().hex
-            pending[rid] = _Pending(i, RequestText.for_sampling(self.tokenizer, ids, sampling), len(ids))
+            pending[rid] = _Pending(i, request_text(self.tokenizer, ids, sampling), len(ids))
             self._to_sched.send(wire.GenerateTokens(rid=rid, input_ids=list(ids), sampling=sampling,
                                                     logprob=logprob, eos_token_ids=self.eos_ids))
         results = self._collect(pending)

@@ -39,6 +39,9 @@ class SchedulerProcess:
         msg = self.worker_out.recv()
         if isinstance(msg, wire.WorkerError):
             log.error("worker %d failed to start: %s", msg.rank, msg.message)
+            for r in self.replies:
+                r.send(wire.ControlReply(call_id="ready", ok=False, error=f"worker {msg.rank}: {msg.message}"))
+            time.sleep(0.5)  # let the error reach the launcher before this process exits
             sys.exit(1)
         assert isinstance(msg, wire.WorkerReady)
         return msg

@@ -158,3 +158,29 @@ class RequestText:
         delta, matched = self._stops.feed(decoded)
         self.text += delta
         return delta, matched
+
+
+class IdsOnly:
+    """RequestText's stand-in without a tokenizer (`--skip-tokenizer-init`): ids in, ids out, no text."""
+
+    text = ""
+    matched = None
+
+    def __init__(self) -> None:
+        self.output_ids: list[int] = []
+
+    def feed(self, new_ids: Sequence[int], stop_token: bool = False) -> tuple[str, str | None]:
+        self.output_ids += new_ids
+        return "", None
+
+    def finish(self) -> tuple[str, str | None]:
+        return "", None
+
+
+def request_text(tokenizer: Any | None, prompt_ids: Sequence[int], sampling: SamplingParams) -> RequestText | IdsOnly:
+    """The output-text tracker of one request; without a tokenizer, stop strings cannot be honoured."""
+    if tokenizer is None:
+        if sampling.stop:
+            raise ValueError("stop strings need a tokenizer (the server runs with --skip-tokenizer-init)")
+        return IdsOnly()
+    return RequestText.for_sampling(tokenizer, prompt_ids, sampling)

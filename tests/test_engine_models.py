@@ -1,0 +1,48 @@
+"""The Engine end to end on tiny random Llama / Qwen2 / Qwen3 safetensors models, and at tp_size 2 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models import tiny_models  # noqa: F401 (fixture)
+
+from radixserve import Engine
+
+PROMPTS = [[5, 17, 33, 2, 9, 41, 100], [7, 7, 7], [200, 3, 15, 8, 99, 12, 61, 250, 4, 1, 77]]
+STEPS = 12
+
+
+def hf_greedy(hf: torch.nn.Module, prompt: list[int]) -> list[int]:
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def engine_greedy(model_dir: str, **kw) -> list[list[int]]:
+    with Engine(model_dir, skip_tokenizer_init=True, max_total_tokens=512, max_running_requests=4,
+                chunked_prefill_size=8, **kw) as eng:
+        params = {"temperature": 0, "max_new_tokens": STEPS, "ignore_eos": True}
+        batch = [r["output_ids"] for r in eng.generate(input_ids=PROMPTS, sampling_params=params)]
+        again = eng.generate(input_ids=PROMPTS[0], sampling_params=params)
+        assert again["meta_info"]["cached_tokens"] == len(PROMPTS[0]) - 1
+        assert again["output_ids"] == batch[0]
+        eng.check_invariants()
+        return batch
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_engine_matches_hf(tiny_models, kind):  # noqa: F811
+    model_dir, hf = tiny_models[kind]
+    assert engine_greedy(model_dir) == [hf_greedy(hf, p) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tp2_matches_tp1(tiny_models, kind):  # noqa: F811
+    model_dir, hf = tiny_models[kind]
+    assert engine_greedy(model_dir, tp_size=2) == [hf_greedy(hf, p) for p in PROMPTS]
+
+
+def test_tp_size_that_does_not_divide_the_heads_fails_clearly():
+    # SmolLM2-135M has 9 attention heads: it cannot be split over 2 ranks.
+    with pytest.raises(RuntimeError, match=r"attention heads \(9\) is not divisible"):
+        Engine(tp_size=2, max_total_tokens=1024)
