@@ -65,13 +65,19 @@ class Engine:
 
     def generate(self, prompt: Prompt | list[Prompt] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
-                 logprob_start_len: int = -1, top_logprobs_num: int = 0) -> dict | list[dict]:
-        """Generate for one prompt (returns a dict) or a list of prompts (returns a list)."""
+                 logprob_start_len: int = -1, top_logprobs_num: int = 0,
+                 session_params: dict | None = None) -> dict | list[dict]:
+        """Generate for one prompt (returns a dict) or a list of prompts (returns a list).
+
+        `session_params` ({id, rid, offset, replace, drop_previous_output}) continues a turn of
+        a session opened with `open_session`; the returned meta_info.id is the new turn's rid.
+        """
         single, items = _as_batch(prompt, input_ids)
         if isinstance(sampling_params, list) and len(sampling_params) != len(items):
             raise ValueError("sampling_params has a different length than the prompts")
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
         logprob = wire.LogprobRequest(logprob_start_len, top_logprobs_num) if return_logprob else None
+        session = msgspec.convert(session_params, wire.SessionParams) if session_params else None
         pending: dict[str, _Pending] = {}
         for i, (item, sp_dict) in enumerate(zip(items, params)):
             sampling = msgspec.convert(sp_dict or {}, wire.SamplingParams)
@@ -84,12 +90,25 @@ class Engine:
             rid = uuid.uuid4().hex
             pending[rid] = _Pending(i, request_text(self.tokenizer, ids, sampling), len(ids))
             self._to_sched.send(wire.GenerateTokens(rid=rid, input_ids=list(ids), sampling=sampling,
-                                                    logprob=logprob, eos_token_ids=self.eos_ids))
+                                                    logprob=logprob, session=session, eos_token_ids=self.eos_ids))
         results = self._collect(pending)
         return results[0] if single else results
 
     def flush_cache(self) -> bool:
         return self._control("flush_cache").ok
+
+    def open_session(self, capacity_of_str_len: int = 0, session_id: str | None = None,
+                     timeout: float | None = None) -> str:
+        reply = self._control("open_session", capacity_of_str_len=capacity_of_str_len, session_id=session_id,
+                              timeout=timeout)
+        if not reply.ok:
+            raise ValueError(reply.error)
+        return reply.result["session_id"]
+
+    def close_session(self, session_id: str) -> None:
+        reply = self._control("close_session", session_id=session_id)
+        if not reply.ok:
+            raise ValueError(reply.error)
 
     def server_info(self) -> dict:
         return self._control("server_info").result
@@ -164,7 +183,8 @@ class Engine:
             p.finish = out.finish
 
     def _result(self, rid: str, p: _Pending) -> dict:
-        meta = {"id": rid, "prompt_tokens": p.prompt_tokens, "cached_tokens": p.meta.get("cached_tokens", 0),
+        meta = {"id": rid, "prompt_tokens": p.meta.get("prompt_tokens", p.prompt_tokens),
+                "cached_tokens": p.meta.get("cached_tokens", 0),
                 "completion_tokens": len(p.text.output_ids), "finish_reason": p.finish.to_json()}
         if p.output_logprobs:
             ids = p.text.output_ids
@@ -176,9 +196,9 @@ class Engine:
                 meta[key] = p.meta[key]
         return {"text": p.text.text, "output_ids": list(p.text.output_ids), "meta_info": meta}
 
-    def _control(self, op: str) -> wire.ControlReply:
+    def _control(self, op: str, **args: Any) -> wire.ControlReply:
         call_id = f"{op}-{next(self._ids)}"
-        self._to_sched.send(wire.Control(call_id=call_id, op=op))
+        self._to_sched.send(wire.Control(call_id=call_id, op=op, args=args))
         return self._wait_reply(call_id, timeout=60)
 
     def _wait_reply(self, call_id: str, timeout: float) -> wire.ControlReply:

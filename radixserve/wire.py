@@ -59,6 +59,7 @@ class FinishReason(msgspec.Struct, omit_defaults=True):
     matched: int | str | None = None
     length: int | None = None
     message: str | None = None
+    status_code: int | None = None  # for an abort that rejects the request: the HTTP status to answer
 
     def to_json(self) -> dict:
         return msgspec.to_builtins(self)

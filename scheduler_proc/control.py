@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from radixserve import wire
+from scheduler_proc.sessions import SessionError
 
 if TYPE_CHECKING:
     from scheduler_proc.main import SchedulerProcess
@@ -32,4 +33,14 @@ def handle_control(proc: SchedulerProcess, msg: wire.Control) -> wire.ControlRep
         except AssertionError as e:
             return wire.ControlReply(call_id=msg.call_id, ok=False, error=str(e), status=500, result=sched.info())
         return wire.ControlReply(call_id=msg.call_id, ok=True, result=sched.info())
+    if msg.op in ("open_session", "close_session"):
+        try:
+            if msg.op == "open_session":
+                sid = sched.sessions.open(msg.args.get("session_id"), int(msg.args.get("capacity_of_str_len", 0)),
+                                          msg.args.get("timeout"))
+                return wire.ControlReply(call_id=msg.call_id, ok=True, result={"session_id": sid})
+            sched.sessions.close(str(msg.args.get("session_id")))
+            return wire.ControlReply(call_id=msg.call_id, ok=True)
+        except SessionError as e:
+            return wire.ControlReply(call_id=msg.call_id, ok=False, status=e.status, error=str(e))
     return wire.ControlReply(call_id=msg.call_id, ok=False, status=400, error=f"unknown control op {msg.op!r}")

@@ -47,7 +47,12 @@ class SchedulerProcess:
         return msg
 
     def run(self) -> None:
+        next_expiry = 0.0
         while True:
+            now = time.monotonic()
+            if now > next_expiry:
+                self.sched.sessions.expire(now)
+                next_expiry = now + 1.0
             msgs = self.inbox.drain()
             if not msgs and not self.sched.has_work:
                 first = self.inbox.recv(timeout_ms=1000)
@@ -84,7 +89,8 @@ class SchedulerProcess:
                 self.sched.add_request(msg)
             except RequestError as e:
                 out = wire.ReqOut(rid=msg.rid, new_ids=[], prompt_tokens=len(msg.input_ids), cached_tokens=0,
-                                  completion_tokens=0, finish=wire.FinishReason(type="abort", message=str(e)))
+                                  completion_tokens=0,
+                                  finish=wire.FinishReason(type="abort", message=str(e), status_code=e.status))
                 self.replies[msg.reply_to].send(wire.TokenBatch(outs=[out]))
         elif isinstance(msg, wire.Abort):
             routed = self.sched.abort(msg.rid, msg.finish)

@@ -45,6 +45,7 @@ class Req:
     input_logprobs: list[float | None] = field(default_factory=list)
     input_top_logprobs: list = field(default_factory=list)
     seed: int = 0
+    session_id: str | None = None
 
     @property
     def fill_len(self) -> int:

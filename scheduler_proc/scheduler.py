@@ -25,6 +25,7 @@ from radixserve.wire import (
 from scheduler_proc.kv_pool import KVSlotAllocator
 from scheduler_proc.radix_cache import RadixCache
 from scheduler_proc.request import Req, Stage
+from scheduler_proc.sessions import SessionError, SessionTable
 
 log = logging.getLogger("radixserve.scheduler")
 
@@ -33,7 +34,11 @@ Routed = tuple[int, ReqOut]  # (reply_to, output)
 
 
 class RequestError(ValueError):
-    """A request that can never run (too long, bad parameters)."""
+    """A request that can never run (too long, bad parameters); `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Scheduler:
@@ -43,6 +48,7 @@ class Scheduler:
         self.allocator = KVSlotAllocator(num_kv_slots)
         self.cache = RadixCache(self.allocator)
         self.use_cache = not args.disable_radix_cache
+        self.sessions = SessionTable(self.cache if self.use_cache else None, args.session_kv_budget, args.max_sessions)
         # Block table: req_to_token[req_slot, pos] is the KV slot of token `pos` of that request.
         self.req_to_token = np.zeros((args.max_running_requests, context_length), dtype=np.int32)
         self.free_req_slots = list(range(args.max_running_requests - 1, -1, -1))
@@ -64,26 +70,38 @@ class Scheduler:
         if msg.rid in self.reqs:
             raise RequestError(f"request id {msg.rid!r} is already in use")
         sp = msg.sampling
-        n_prompt = len(msg.input_ids)
-        if n_prompt == 0:
-            raise RequestError("the prompt is empty")
-        if n_prompt + sp.max_new_tokens > self.context_length:
-            raise RequestError(
-                f"prompt ({n_prompt} tokens) plus max_new_tokens ({sp.max_new_tokens}) exceeds the "
-                f"context length ({self.context_length} tokens)")
-        if n_prompt + 1 > self.allocator.capacity:
-            raise RequestError(f"prompt ({n_prompt} tokens) exceeds the KV cache ({self.allocator.capacity} tokens)")
         if len(self.waiting) >= self.args.max_queued_requests:
-            raise RequestError(f"the waiting queue is full ({self.args.max_queued_requests} requests)")
+            raise RequestError(f"the waiting queue is full ({self.args.max_queued_requests} requests)", status=503)
+        if not msg.input_ids:
+            raise RequestError("the prompt is empty")
+        prompt = np.asarray(msg.input_ids, dtype=np.int32)
+        if msg.session is not None:
+            try:
+                prompt = self.sessions.start_turn(msg.rid, msg.session, msg.input_ids)
+            except SessionError as e:
+                raise RequestError(str(e), e.status) from e
+        try:
+            self._check_fits(len(prompt), sp.max_new_tokens)
+        except RequestError:
+            self.sessions.end_turn(msg.rid, None, None)
+            raise
         stop_ids = set(sp.stop_token_ids)
         if not sp.ignore_eos:
             stop_ids.update(msg.eos_token_ids)
-        req = Req(rid=msg.rid, prompt_ids=np.asarray(msg.input_ids, dtype=np.int32), sampling=sp,
-                  reply_to=msg.reply_to, stop_ids=frozenset(stop_ids), arrival=self.arrivals,
-                  logprob=msg.logprob, seed=sp.seed if sp.seed is not None else -1)
+        req = Req(rid=msg.rid, prompt_ids=prompt, sampling=sp, reply_to=msg.reply_to, stop_ids=frozenset(stop_ids),
+                  arrival=self.arrivals, logprob=msg.logprob, seed=sp.seed if sp.seed is not None else -1,
+                  session_id=msg.session.id if msg.session else None)
         self.arrivals += 1
         self.reqs[req.rid] = req
         self.waiting.append(req)
+
+    def _check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
+        if n_prompt + max_new_tokens > self.context_length:
+            raise RequestError(
+                f"prompt ({n_prompt} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                f"context length ({self.context_length} tokens)")
+        if n_prompt + 1 > self.allocator.capacity:
+            raise RequestError(f"prompt ({n_prompt} tokens) exceeds the KV cache ({self.allocator.capacity} tokens)")
 
     def abort(self, rid: str, finish: FinishReason | None = None) -> Routed | None:
         """End a request now; `finish` marks a normal end (a stop string), else it is an abort."""
@@ -95,6 +113,7 @@ class Scheduler:
         else:
             self._release(req)
         req.finish = finish or FinishReason(type="abort", message="aborted")
+        self._end_session_turn(req)
         self.stats["aborted_requests" if finish is None else "finished_requests"] += 1
         del self.reqs[rid]
         req.stage = Stage.FINISHED
@@ -312,9 +331,19 @@ class Scheduler:
 
     def _finish(self, req: Req) -> None:
         self._release(req)
+        self._end_session_turn(req)
         req.stage = Stage.FINISHED
         self.stats["finished_requests"] += 1
         del self.reqs[req.rid]
+
+    def _end_session_turn(self, req: Req) -> None:
+        """A session turn that ended normally keeps its computed context pinned in the cache."""
+        if req.session_id is None:
+            return
+        if req.finish.type == "abort":
+            self.sessions.end_turn(req.rid, None, None)
+        else:
+            self.sessions.end_turn(req.rid, req.output_ids, req.fill_ids()[:req.fill_len - 1])
 
     def _release(self, req: Req) -> None:
         """Give back the req slot; computed KV goes into the tree (or is freed without a cache)."""
@@ -335,6 +364,7 @@ class Scheduler:
     def flush_cache(self) -> bool:
         if self.running:
             return False
+        self.sessions.unpin_all()
         self.cache.reset()
         return True
 
@@ -360,4 +390,4 @@ class Scheduler:
         return {"num_running_reqs": len(self.running), "num_waiting_reqs": len(self.waiting),
                 "max_total_num_tokens": cap, "kv_free_tokens": self.allocator.num_free,
                 "kv_cached_tokens": self.cache.total_size, "kv_evictable_tokens": self.cache.evictable_size,
-                "token_usage": round(used / cap, 4), **self.stats}
+                "token_usage": round(used / cap, 4), **self.sessions.info(), **self.stats}

@@ -1,0 +1,83 @@
+"""Server-side sessions through the Engine (real scheduler and worker processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from radixserve import Engine
+
+GREEDY = {"temperature": 0, "max_new_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(max_total_tokens=1024, max_running_requests=8, session_kv_budget=512) as eng:
+        yield eng
+
+
+def turn(engine, sid, rid, text, **params):
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    return engine.generate(input_ids=ids, sampling_params={**GREEDY, **params},
+                           session_params={"id": sid, "rid": rid})
+
+
+def test_multi_turn_reuses_previous_turn(engine):
+    sid = engine.open_session()
+    rid, prev_total = None, 0
+    for k in range(5):
+        res = turn(engine, sid, rid, f" Turn {k}: tell me one more fact about rivers.")
+        meta = res["meta_info"]
+        if k > 0:
+            assert meta["cached_tokens"] >= prev_total - 1
+            assert meta["prompt_tokens"] > prev_total
+        prev_total = meta["prompt_tokens"] + meta["completion_tokens"]
+        rid = meta["id"]
+    engine.close_session(sid)
+    engine.check_invariants()
+
+
+def test_fork_shares_history_and_differs_by_seed(engine):
+    sid = engine.open_session()
+    first = turn(engine, sid, None, "Once upon a time there was a small robot who")
+    root = first["meta_info"]["id"]
+    sampled = {"temperature": 1.0, "max_new_tokens": 16, "ignore_eos": True}
+    a = turn(engine, sid, root, " Then", **sampled, seed=1)
+    b = turn(engine, sid, root, " Then", **sampled, seed=2)
+    history = first["meta_info"]["prompt_tokens"] + first["meta_info"]["completion_tokens"]
+    assert a["meta_info"]["cached_tokens"] >= history - 1
+    assert b["meta_info"]["cached_tokens"] >= history - 1
+    assert a["output_ids"] != b["output_ids"]
+    engine.close_session(sid)
+
+
+def test_session_errors(engine):
+    res = turn(engine, "no-such-session", None, "hi")
+    assert res["meta_info"]["finish_reason"]["type"] == "abort"
+    assert res["meta_info"]["finish_reason"]["status_code"] == 400
+    sid = engine.open_session()
+    res = turn(engine, sid, "no-such-turn", "hi")
+    assert res["meta_info"]["finish_reason"]["status_code"] == 400
+    with pytest.raises(ValueError):
+        engine.open_session(session_id=sid)
+    engine.close_session(sid)
+    with pytest.raises(ValueError):
+        engine.close_session(sid)
+
+
+def test_open_session_survives_a_flood_then_can_be_evicted(engine):
+    engine.flush_cache()
+    sid = engine.open_session()
+    first = turn(engine, sid, None, "Remember the secret word: pineapple. Say ok.")
+    history = first["meta_info"]["prompt_tokens"] + first["meta_info"]["completion_tokens"]
+    flood = [list(range(1000 + 300 * i, 1000 + 300 * i + 250)) for i in range(8)]  # 2000 tokens > 1024 pool
+    engine.generate(input_ids=flood, sampling_params={"temperature": 0, "max_new_tokens": 4})
+    info = engine.check_invariants()
+    assert info["session_pinned_tokens"] >= history - 1
+    again = turn(engine, sid, first["meta_info"]["id"], " What was the word?")
+    assert again["meta_info"]["cached_tokens"] >= history - 1
+    engine.close_session(sid)
+    assert engine.check_invariants()["session_pinned_tokens"] == 0
+    engine.generate(input_ids=flood, sampling_params={"temperature": 0, "max_new_tokens": 4})
+    ids = engine.tokenizer.encode("Remember the secret word: pineapple. Say ok.", add_special_tokens=False)
+    fresh = engine.generate(input_ids=ids, sampling_params=GREEDY)
+    assert fresh["meta_info"]["cached_tokens"] == 0
