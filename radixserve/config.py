@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
@@ -41,7 +42,7 @@ class ServerArgs:
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
     random_seed: int = 0
-    api_key: str | None = None
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: $RADIXSERVE_API_KEY)"})
     log_level: str = "info"
     tokenizer_worker_num: int = 1
     max_request_bytes: int = 4 * 1024 * 1024
@@ -79,7 +80,10 @@ class ServerArgs:
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
-        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+        # A key from the environment stays out of `ps` output.
+        values["api_key"] = values["api_key"] or os.environ.get("RADIXSERVE_API_KEY") or None
+        return cls(**values)
 
 
 def _annotation(type_str: Any) -> Any:
