@@ -56,6 +56,14 @@ class Req:
             return self.prompt_ids
         return np.concatenate([self.prompt_ids, np.asarray(self.output_ids, dtype=np.int32)])
 
+    def token_slice(self, start: int, end: int) -> np.ndarray:
+        """fill_ids()[start:end] without building the whole sequence (hot: every decode step)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        tail = np.asarray(self.output_ids[max(start - n, 0):end - n], dtype=np.int32)
+        return tail if start >= n else np.concatenate([self.prompt_ids[start:], tail])
+
     @property
     def remaining_new_tokens(self) -> int:
         return self.sampling.max_new_tokens - len(self.output_ids)

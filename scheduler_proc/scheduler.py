@@ -30,6 +30,7 @@ from scheduler_proc.sessions import SessionError, SessionTable
 log = logging.getLogger("radixserve.scheduler")
 
 
+LPM_MAX_QUEUE = 128
 Routed = tuple[int, ReqOut]  # (reply_to, output)
 
 
@@ -144,7 +145,7 @@ class Scheduler:
             cached.append(req.cached_len)
             extend.append(n)
             offsets.append(len(req.output_ids))
-            ids.append(req.fill_ids()[req.cached_len:req.cached_len + n])
+            ids.append(req.token_slice(req.cached_len, req.cached_len + n))
             slots.append(self.req_to_token[req.req_slot, req.cached_len:req.cached_len + n])
         return StepBatch(step=self.step_id, is_decode=is_decode, req_slots=i32(req_slots),
                          input_ids=np.concatenate(ids).astype(np.int32).tobytes(),
@@ -169,7 +170,8 @@ class Scheduler:
         return self.allocator.alloc(n)
 
     def _order_waiting(self) -> list[Req]:
-        if self.args.schedule_policy == "lpm" and self.use_cache and len(self.waiting) > 1:
+        # Matching every waiting request each step costs too much on a long queue: then FCFS.
+        if self.args.schedule_policy == "lpm" and self.use_cache and 1 < len(self.waiting) <= LPM_MAX_QUEUE:
             return sorted(self.waiting, key=lambda r: (-self.cache.peek_prefix_len(self._match_key(r)), r.arrival))
         return list(self.waiting)
 
