@@ -14,19 +14,22 @@ from server_fixture import MODEL, RadixServer, http_request
 LONG = {"max_new_tokens": 256, "ignore_eos": True, "temperature": 0}
 
 
-def _open_stream(port: int, path: str, body: dict) -> socket.socket:
-    """Send a streaming request and return the socket once the first SSE event has arrived."""
+def _send(port: int, path: str, body: dict) -> socket.socket:
+    """Send a request on a raw socket (the test decides when the client goes away)."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=120)
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _first_event(sock: socket.socket) -> None:
     received = b""
     while b"data: " not in received:
         chunk = sock.recv(65536)
         assert chunk, f"connection closed before the first event: {received!r}"
         received += chunk
     assert received.startswith(b"HTTP/1.1 200"), received[:200]
-    return sock
 
 
 def _scheduler(server: RadixServer) -> dict:
@@ -45,23 +48,37 @@ def _wait_idle(server: RadixServer, timeout: float) -> dict:
 def test_disconnects_abort_then_sigterm() -> None:
     server = RadixServer()
     try:
-        socks = [_open_stream(server.port, "/generate", {"text": f"Story {i}:", "sampling_params": LONG,
-                                                         "stream": True}) for i in range(4)]
-        socks += [_open_stream(server.port, "/v1/chat/completions", {
+        socks = [_send(server.port, "/generate", {"text": f"Story {i}:", "sampling_params": LONG, "stream": True})
+                 for i in range(4)]
+        socks += [_send(server.port, "/v1/chat/completions", {
             "model": MODEL, "messages": [{"role": "user", "content": f"Story {i}"}], "max_tokens": 256,
             "ignore_eos": True, "temperature": 0, "stream": True}) for i in range(4)]
-        assert _scheduler(server)["num_running_reqs"] + _scheduler(server)["num_waiting_reqs"] > 0
+        for s in socks:
+            _first_event(s)
+        assert _scheduler(server)["num_running_reqs"] == 8
         for s in socks:
             s.close()
         info = _wait_idle(server, 2.0)
         assert info["num_running_reqs"] == 0 and info["num_waiting_reqs"] == 0, info
         assert info["invariants"] == "ok" and info["aborted_requests"] >= 8
 
+        # /abort_request ends a request by rid; its client sees finish_reason "abort".
+        sock = _send(server.port, "/generate", {"text": "Abort me:", "sampling_params": LONG, "stream": True,
+                                                "rid": "abort-me"})
+        _first_event(sock)
+        assert server.post("/abort_request", {"rid": "abort-me"}).json() == {"aborted": 1}
+        events = []
+        with sock.makefile("rb") as stream:
+            while not events or events[-1] != b"data: [DONE]\n":
+                line = stream.readline()
+                assert line, "the stream ended without [DONE]"
+                if line.startswith(b"data: "):
+                    events.append(line)
+        sock.close()
+        assert json.loads(events[-2][6:])["meta_info"]["finish_reason"]["type"] == "abort"
+
         # A non-streaming client that leaves is aborted too.
-        sock = socket.create_connection(("127.0.0.1", server.port))
-        data = json.dumps({"text": "A long story:", "sampling_params": LONG}).encode()
-        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        sock = _send(server.port, "/generate", {"text": "A long story:", "sampling_params": LONG})
         deadline = time.monotonic() + 30
         while _scheduler(server)["num_running_reqs"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -94,6 +94,9 @@ class TokenizerProcess:
                                 vocab_size=self.vocab_size)
         except ValueError as e:
             return self._reject(msg.rid, str(e))
+        except Exception as e:  # a client's input must never take the process down (e.g. odd chat content)
+            log.warning("cannot tokenize request %s: %r", msg.rid, e)
+            return self._reject(msg.rid, f"cannot tokenize the prompt: {e}")
         sampling = msg.sampling
         if any(t >= self.vocab_size for t in sampling.stop_token_ids):
             return self._reject(msg.rid, f"stop_token_ids must be below the vocabulary size {self.vocab_size}")
