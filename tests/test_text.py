@@ -393,3 +393,15 @@ def test_request_text_stop_completed_by_held_character(byte_tok) -> None:
     rt = RequestText(byte_tok, stop=["zz"])
     assert rt.feed(utf8_ids("ab") + [0xF0, 0x9F]) == ("ab", None)
     assert rt.finish() == ("\ufffd", None) and rt.text == "ab\ufffd"
+
+
+def test_chat_continuation_renders_the_next_turn(smol):
+    first = [{"role": "user", "content": "Hi"}]
+    answer = "Hello! How can I help?"
+    following = [{"role": "user", "content": "Tell me a joke."}]
+    turn1 = encode_prompt(smol, messages=first)
+    generated = smol.encode(answer, add_special_tokens=False) + [smol.eos_token_id]
+    turn2 = encode_prompt(smol, messages=following, continue_chat=True)
+    whole = first + [{"role": "assistant", "content": answer}] + following
+    expected = smol.apply_chat_template(whole, tokenize=False, add_generation_prompt=True)
+    assert smol.decode(turn1 + generated + turn2) == expected

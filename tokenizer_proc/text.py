@@ -49,10 +49,12 @@ def encode_prompt(
     messages: list[dict] | None = None,
     *,
     vocab_size: int | None = None,
+    continue_chat: bool = False,
 ) -> list[int]:
     """Token ids of exactly one of: raw `text` (tokenizer defaults, like SGLang's /generate),
     `input_ids` (checked against `vocab_size`, default the tokenizer's), or OpenAI-style chat
-    `messages` (chat template with the generation prompt). Raises ValueError on bad input."""
+    `messages` (chat template with the generation prompt; with `continue_chat`, rendered as the
+    next turns of a conversation whose last turn the model generated). Raises ValueError on bad input."""
     if sum(x is not None for x in (text, input_ids, messages)) != 1:
         raise ValueError("give exactly one of text, input_ids, messages")
     if text is not None:
@@ -64,24 +66,49 @@ def encode_prompt(
         if bad:
             raise ValueError(f"input_ids must be token ids in [0, {limit}); got {bad[:5]}")
     else:
-        ids = _encode_chat(tokenizer, messages)
+        ids = _encode_chat(tokenizer, messages, continue_chat)
     if not ids:
         raise ValueError("empty prompt")
     return ids
 
 
-def _encode_chat(tokenizer: Any, messages: Any) -> list[int]:
+def _encode_chat(tokenizer: Any, messages: Any, continue_chat: bool = False) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template; send text or input_ids")
     normalized = [_normalize_message(m) for m in messages]
     try:
-        prompt = tokenizer.apply_chat_template(normalized, tokenize=False, add_generation_prompt=True)
+        if continue_chat:
+            prompt = _continuation(tokenizer, normalized)
+        else:
+            prompt = tokenizer.apply_chat_template(normalized, tokenize=False, add_generation_prompt=True)
     except TemplateError as e:
         raise ValueError(f"chat template: {e}") from e
     # The template writes its own special tokens (BOS): do not add them a second time.
     return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+_PROBE = "\u2063radixserve-probe\u2063"
+
+
+def _continuation(tokenizer: Any, messages: list[dict]) -> str:
+    """Template text of `messages` following an assistant turn that ended with the EOS token.
+
+    Renders a probe conversation with and without the new messages and keeps the difference,
+    plus what the template writes after an assistant's content (minus the EOS the model emitted).
+    """
+    history = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+               {"role": "assistant", "content": _PROBE}]
+    before = tokenizer.apply_chat_template(history, tokenize=False)
+    full = tokenizer.apply_chat_template(history + messages, tokenize=False, add_generation_prompt=True)
+    if not full.startswith(before) or _PROBE not in before:
+        raise ValueError("this chat template cannot continue a conversation turn by turn; send the full messages")
+    glue = before[before.rindex(_PROBE) + len(_PROBE):]
+    eos = tokenizer.eos_token or ""
+    if eos and glue.startswith(eos):
+        glue = glue[len(eos):]
+    return glue + full[len(before):]
 
 
 def _normalize_message(message: Any) -> dict:
