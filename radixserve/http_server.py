@@ -72,7 +72,8 @@ class Gateway:
         r.add_get("/health_generate", self.health_generate)
         r.add_get("/get_model_info", self.model_info)
         r.add_get("/get_server_info", self.server_info)
-        r.add_route("*", "/flush_cache", self.flush_cache)
+        r.add_get("/flush_cache", self.flush_cache)
+        r.add_post("/flush_cache", self.flush_cache)
         r.add_post("/abort_request", self.abort_request)
         r.add_post("/generate", self.generate)
         r.add_get("/v1/models", self.models)
@@ -197,7 +198,9 @@ class Gateway:
             events = fmt.head(gen)
             try:
                 while batch is not None:
-                    await resp.write(_sse(events + fmt.events(gen, batch)))
+                    payload = _sse(events + fmt.events(gen, batch))
+                    if payload:
+                        await resp.write(payload)
                     events = []
                     batch = await anext(updates, None)
                 await resp.write(_sse(fmt.tail(gen)) + b"data: [DONE]\n\n")

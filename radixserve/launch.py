@@ -54,7 +54,11 @@ def serve(args: ServerArgs) -> int:
     setup_logging(args.log_level)
     from radixserve.model_files import resolve_model
 
-    model_dir = resolve_model(args.model_path)
+    try:
+        model_dir = resolve_model(args.model_path)
+    except (OSError, RuntimeError, ValueError) as e:
+        log.error("cannot load the model: %s", e)
+        return 1
     return uvloop.run(_Server(args, model_dir).run())
 
 
@@ -100,7 +104,7 @@ class _Server:
             log.info("stopping the server")
             client.fail_all(ApiError(503, "the server is shutting down"))
             await runner.cleanup()
-            if self.exit_code == 0:
+            if self.exit_code == 0 and client.ready.is_set():  # else someone may not be listening yet
                 client.shutdown_backend()
                 await self._wait_children(STOP_GRACE_S)
             for t in tasks:

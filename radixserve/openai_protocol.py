@@ -204,6 +204,11 @@ def _finish_reason(chunk: wire.TextChunk) -> str | None:
     return None if finish is None else ("length" if finish["type"] == "length" else "stop")
 
 
+def _output_logprobs(chunk: wire.TextChunk, start: int) -> tuple[list, list]:
+    """Output tokens' `[logprob, id, text]` entries and their top alternatives, from token `start` on."""
+    return chunk.meta["output_token_logprobs"][start:], (chunk.meta.get("output_top_logprobs") or [])[start:]
+
+
 class _Format:
     """Shared by both routes: usage, and what each choice has already streamed."""
 
@@ -270,8 +275,7 @@ class CompletionFormat(_Format):
         return CompletionChoice(j, text, logprobs, finish)
 
     def _logprobs(self, chunk: wire.TextChunk, start: int, text_offset: int) -> CompletionLogprobs:
-        entries = chunk.meta["output_token_logprobs"][start:]
-        tops = (chunk.meta.get("output_top_logprobs") or [])[start:]
+        entries, tops = _output_logprobs(chunk, start)
         tokens = [e[2] for e in entries]
         offsets = []
         for tok in tokens:
@@ -303,8 +307,7 @@ class ChatFormat(_Format):
         return ChatChunkChoice(j, Delta(content=text) if text else Delta(), logprobs, finish)
 
     def _logprobs(self, chunk: wire.TextChunk, start: int, text_offset: int) -> ChatLogprobs:
-        entries = chunk.meta["output_token_logprobs"][start:]
-        tops = (chunk.meta.get("output_top_logprobs") or [])[start:]
+        entries, tops = _output_logprobs(chunk, start)
         content = []
         for k, (lp, _, tok) in enumerate(entries):
             top = tops[k] if k < len(tops) and tops[k] is not None else []
