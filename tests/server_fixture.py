@@ -97,7 +97,8 @@ class RadixServer:
             cmd += ["--api-key", api_key]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"radixserve-test-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        env = {k: v for k, v in os.environ.items() if k != "RADIXSERVE_API_KEY"}  # the key is the test's choice
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.child_pids: list[int] = []
         if wait:
             self.wait_ready()
