@@ -51,7 +51,7 @@ class Generation:
             self.unfinished -= 1
             finish = chunk.meta.get("finish_reason") or {}
             if finish.get("type") == "abort" and index not in self.user_aborted and self.error is None:
-                self.error = bad_request(finish.get("message") or "the request was rejected")
+                self.error = ApiError(finish.get("status_code") or 400, finish.get("message") or "the request was rejected")
         self._event.set()
 
     def fail(self, error: ApiError) -> None:

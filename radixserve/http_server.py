@@ -12,7 +12,7 @@ import dataclasses
 import hmac
 import logging
 import uuid
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -75,6 +75,8 @@ class Gateway:
         r.add_get("/flush_cache", self.flush_cache)
         r.add_post("/flush_cache", self.flush_cache)
         r.add_post("/abort_request", self.abort_request)
+        r.add_post("/open_session", self.open_session)
+        r.add_post("/close_session", self.close_session)
         r.add_post("/generate", self.generate)
         r.add_get("/v1/models", self.models)
         r.add_post("/v1/completions", self.completions)
@@ -143,9 +145,7 @@ class Gateway:
                       "worker": reply.result.get("worker"), "scheduler": reply.result.get("scheduler")})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
-        reply = await self.client.control("flush_cache")
-        if not reply.ok:
-            raise ApiError(reply.status if reply.status >= 400 else 400, reply.error or "flush_cache failed")
+        await self._control_ok("flush_cache")
         return web.Response(text="Cache flushed.\n")
 
     async def abort_request(self, request: web.Request) -> web.Response:
@@ -155,6 +155,22 @@ class Gateway:
         if body.rid is None:
             raise bad_request("give rid or abort_all: true", "rid")
         return _json({"aborted": int(self.client.abort(body.rid))})
+
+    async def open_session(self, request: web.Request) -> web.Response:
+        body = await _parse(request, _OpenSession)
+        reply = await self._control_ok("open_session", msgspec.structs.asdict(body))
+        return _json(reply.result["session_id"])
+
+    async def close_session(self, request: web.Request) -> web.Response:
+        body = await _parse(request, _CloseSession)
+        await self._control_ok("close_session", {"session_id": body.session_id})
+        return _json({"success": True})
+
+    async def _control_ok(self, op: str, args: dict | None = None) -> wire.ControlReply:
+        reply = await self.client.control(op, args)
+        if not reply.ok:
+            raise ApiError(reply.status if reply.status >= 400 else 400, reply.error or f"{op} failed")
+        return reply
 
     async def models(self, request: web.Request) -> web.Response:
         context = min(self.client.worker_info.get("context_length", 0), self.args.context_length or 1 << 62)
@@ -173,15 +189,15 @@ class Gateway:
         body = await _parse(request, CompletionRequest)
         check_model(body.model, self.model_name)
         reqs = completion_requests(body)
-        return await self._generate(request, reqs, body.stream,
-                                    CompletionFormat(self.model_name, body.n, len(reqs), body.stream_options))
+        return await self._generate(request, reqs, body.stream, CompletionFormat(
+            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _parse(request, ChatCompletionRequest)
         check_model(body.model, self.model_name)
         reqs = chat_requests(body)
-        return await self._generate(request, reqs, body.stream,
-                                    ChatFormat(self.model_name, body.n, len(reqs), body.stream_options))
+        return await self._generate(request, reqs, body.stream, ChatFormat(
+            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options))
 
     async def _generate(self, request: web.Request, reqs: list[wire.GenerateText], stream: bool,
                         fmt: Format) -> web.StreamResponse:
@@ -216,8 +232,18 @@ class _AbortRequest(msgspec.Struct, forbid_unknown_fields=True):
     abort_all: bool = False
 
 
-_DECODERS = {kind: msgspec.json.Decoder(kind)
-             for kind in (GenerateRequest, CompletionRequest, ChatCompletionRequest, _AbortRequest)}
+class _OpenSession(msgspec.Struct, forbid_unknown_fields=True):
+    capacity_of_str_len: Annotated[int, msgspec.Meta(ge=0)] = 0
+    session_id: str | None = None
+    timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class _CloseSession(msgspec.Struct, forbid_unknown_fields=True):
+    session_id: str
+
+
+_DECODERS = {kind: msgspec.json.Decoder(kind) for kind in
+             (GenerateRequest, CompletionRequest, ChatCompletionRequest, _AbortRequest, _OpenSession, _CloseSession)}
 
 
 async def _parse(request: web.Request, kind: type[T]) -> T:

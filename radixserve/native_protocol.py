@@ -35,6 +35,7 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     logprob_start_len: Annotated[int, Meta(ge=-1, le=INT32_MAX)] = -1
     top_logprobs_num: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     return_text_in_logprobs: bool = False
+    session_params: wire.SessionParams | None = None
 
 
 def check_sampling(sp: wire.SamplingParams, prefix: str = "sampling_params.") -> None:
@@ -94,7 +95,7 @@ def build_requests(req: GenerateRequest) -> tuple[bool, list[wire.GenerateText]]
     for i, (prompt, raw) in enumerate(zip(prompts, params, strict=True)):
         sp = parse_sampling(raw)
         out += expand(rids[i] if rids else uuid.uuid4().hex, sp, prompt, stream=req.stream, logprob=logprob,
-                      return_text_in_logprobs=req.return_text_in_logprobs)
+                      return_text_in_logprobs=req.return_text_in_logprobs, session=req.session_params)
     return single and len(out) == 1, out
 
 

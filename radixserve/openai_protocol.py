@@ -54,6 +54,7 @@ class CompletionRequest(_Request, kw_only=True):
 
 class ChatCompletionRequest(_Request, kw_only=True):
     messages: Annotated[list[dict[str, Any]], Meta(min_length=1)]
+    session_params: wire.SessionParams | None = None  # SGLang extension: continue a session turn
     max_completion_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
@@ -100,7 +101,7 @@ def chat_requests(req: ChatCompletionRequest) -> list[wire.GenerateText]:
     sp = _sampling(req, max_tokens)
     logprob = wire.LogprobRequest(top_logprobs_num=req.top_logprobs or 0) if req.logprobs else None
     return expand(uuid.uuid4().hex, sp, {"messages": req.messages}, stream=req.stream, logprob=logprob,
-                  return_text_in_logprobs=True, fill_context=max_tokens is None)
+                  return_text_in_logprobs=True, fill_context=max_tokens is None, session=req.session_params)
 
 
 # ---------------------------------------------------------------- responses
@@ -212,10 +213,8 @@ def _output_logprobs(chunk: wire.TextChunk, start: int) -> tuple[list, list]:
 class _Format:
     """Shared by both routes: usage, and what each choice has already streamed."""
 
-    prefix = ""
-
-    def __init__(self, model: str, n: int, num_choices: int, stream_options: StreamOptions | None) -> None:
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+    def __init__(self, rid: str, model: str, n: int, num_choices: int, stream_options: StreamOptions | None) -> None:
+        self.id = rid  # as SGLang: the (first) request id, which a session's next turn names as session_params.rid
         self.created = int(time.time())
         self.model = model
         self.n = n
@@ -261,7 +260,6 @@ class _Format:
 
 
 class CompletionFormat(_Format):
-    prefix = "cmpl"
 
     def response(self, gen: Generation, results: list[wire.TextChunk]) -> Completion:
         choices = [CompletionChoice(j, c.text, self._logprobs(c, 0, 0) if "output_token_logprobs" in c.meta else None,
@@ -287,7 +285,6 @@ class CompletionFormat(_Format):
 
 
 class ChatFormat(_Format):
-    prefix = "chatcmpl"
 
     def response(self, gen: Generation, results: list[wire.TextChunk]) -> ChatCompletion:
         choices = [ChatChoice(j, ChatMessage(c.text),

@@ -90,7 +90,9 @@ class TokenizerProcess:
 
     def _submit(self, msg: wire.GenerateText) -> None:
         try:
+            continue_chat = msg.session is not None and msg.session.rid is not None
             ids = encode_prompt(self.tokenizer, text=msg.text, input_ids=msg.input_ids, messages=msg.messages,
+                                continue_chat=continue_chat,
                                 vocab_size=self.vocab_size)
         except ValueError as e:
             return self._reject(msg.rid, str(e))
@@ -146,6 +148,7 @@ class TokenizerProcess:
     def _apply(self, out: wire.ReqOut, req: _Req) -> wire.FinishReason | None:
         """Feed one output into the request's text; return how it finished, if it did."""
         req.cached_tokens = out.cached_tokens
+        req.prompt_tokens = out.prompt_tokens  # a session turn's prompt includes its history
         if req.logprob:
             self._add_logprobs(out, req)
         stop_token = out.finish is not None and out.finish.type == "stop" and isinstance(out.finish.matched, int)
