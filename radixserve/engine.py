@@ -16,7 +16,9 @@ import zmq
 from radixserve import wire
 from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.errors import ApiError
 from radixserve.model_files import resolve_model
+from radixserve.native_protocol import parse_sampling
 from radixserve.supervisor import ProcessGroup, start_backend
 from tokenizer_proc.text import IdsOnly, RequestText, encode_prompt, eos_token_ids, load_tokenizer, request_text
 
@@ -72,6 +74,14 @@ class Engine:
         `session_params` ({id, rid, offset, replace, drop_previous_output}) continues a turn of
         a session opened with `open_session`; the returned meta_info.id is the new turn's rid.
         """
+        try:
+            return self._generate(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                                  top_logprobs_num, session_params)
+        except ApiError as e:  # the same checks as the HTTP API
+            raise ValueError(str(e)) from None
+
+    def _generate(self, prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: bool,
+                  logprob_start_len: int, top_logprobs_num: int, session_params: dict | None) -> dict | list[dict]:
         single, items = _as_batch(prompt, input_ids)
         if isinstance(sampling_params, list) and len(sampling_params) != len(items):
             raise ValueError("sampling_params has a different length than the prompts")
@@ -80,7 +90,7 @@ class Engine:
         session = msgspec.convert(session_params, wire.SessionParams) if session_params else None
         pending: dict[str, _Pending] = {}
         for i, (item, sp_dict) in enumerate(zip(items, params)):
-            sampling = msgspec.convert(sp_dict or {}, wire.SamplingParams)
+            sampling = parse_sampling(sp_dict)
             if self.tokenizer is None and not _is_ids(item):
                 raise ValueError("without a tokenizer (skip_tokenizer_init) prompts must be input_ids")
             ids = item if _is_ids(item) else encode_prompt(

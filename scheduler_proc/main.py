@@ -30,7 +30,8 @@ class SchedulerProcess:
         self.replies = [Sender(ctx, ipc.scheduler_out(i)) for i in range(num_replies)]
         ready = self._wait_worker_ready()
         self.worker_info = msgspec.structs.asdict(ready)
-        self.sched = Scheduler(args, ready.num_kv_slots, min(ready.context_length, args.context_length or 1 << 62))
+        self.sched = Scheduler(args, ready.num_kv_slots, min(ready.context_length, args.context_length or 1 << 62),
+                               ready.vocab_size)
         log.info("scheduler ready: %d KV slots, context %d", ready.num_kv_slots - 1, self.sched.context_length)
         for r in self.replies:
             r.send(wire.ControlReply(call_id="ready", ok=True, result=self.worker_info))

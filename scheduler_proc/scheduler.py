@@ -43,9 +43,10 @@ class RequestError(ValueError):
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, num_kv_slots: int, context_length: int) -> None:
+    def __init__(self, args: ServerArgs, num_kv_slots: int, context_length: int, vocab_size: int = 1 << 31) -> None:
         self.args = args
         self.context_length = context_length
+        self.vocab_size = vocab_size
         self.allocator = KVSlotAllocator(num_kv_slots)
         self.cache = RadixCache(self.allocator)
         self.use_cache = not args.disable_radix_cache
@@ -75,6 +76,9 @@ class Scheduler:
             raise RequestError(f"the waiting queue is full ({self.args.max_queued_requests} requests)", status=503)
         if not msg.input_ids:
             raise RequestError("the prompt is empty")
+        bad = [t for t in (*msg.input_ids, *sp.stop_token_ids) if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}")
         prompt = np.asarray(msg.input_ids, dtype=np.int32)
         if msg.session is not None:
             try:

@@ -160,4 +160,8 @@ def test_invalid_requests_are_rejected(engine):
     assert "context length" in res["meta_info"]["finish_reason"]["message"]
     with pytest.raises(ValueError):
         engine.generate("", {"max_new_tokens": 4})
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate("Hi", {"top_p": 0})
+    res = engine.generate(input_ids=[1, 2, 3], sampling_params={"stop_token_ids": [10**6]})
+    assert res["meta_info"]["finish_reason"]["type"] == "abort"
     engine.check_invariants()
