@@ -1,0 +1,61 @@
+"""Per-request results and their summary: throughputs, latency percentiles, cache hit rate (serve and offline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class RequestResult:
+    prompt_tokens: int
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    latency: float | None = None  # s, request sent to last token (None offline: only the batch is timed)
+    ttft: float | None = None  # s, to the first output token (streamed requests only)
+    itl: list[float] = field(default_factory=list)  # s, between output tokens
+    error: str | None = None
+
+
+def stats_ms(values_s: list[float]) -> dict[str, float]:
+    """mean, p50, p90, p99 in milliseconds."""
+    a = np.asarray(values_s, dtype=np.float64) * 1e3
+    return {"mean": float(a.mean()), **{f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES}}
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+    """Figures of one run; throughputs count completed requests over the whole run's wall time."""
+    ok = [r for r in results if r.error is None]
+    prompt = sum(r.prompt_tokens for r in ok)
+    output = sum(r.output_tokens for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
+    out: dict[str, Any] = {
+        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+        "input_tokens": prompt, "output_tokens": output, "cached_tokens": cached,
+        "request_throughput": len(ok) / duration, "input_throughput": prompt / duration,
+        "output_throughput": output / duration, "total_throughput": (prompt + output) / duration,
+        "cache_hit_rate": cached / prompt if prompt else 0.0,
+    }
+    latencies = [r.latency for r in ok if r.latency is not None]
+    if latencies:
+        out["e2e_latency_ms"] = stats_ms(latencies)
+        out["concurrency"] = sum(latencies) / duration  # mean requests in flight
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    if ttfts:
+        out["ttft_ms"] = stats_ms(ttfts)
+    itls = [x for r in ok for x in r.itl]
+    if itls:
+        out["itl_ms"] = stats_ms(itls)
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok
+             if r.latency is not None and r.ttft is not None and r.output_tokens > 1]
+    if tpots:
+        out["tpot_ms"] = stats_ms(tpots)
+    return out
+
+
+def first_error(results: list[RequestResult]) -> str | None:
+    return next((r.error for r in results if r.error is not None), None)
