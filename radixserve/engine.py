@@ -7,7 +7,6 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -19,23 +18,13 @@ from radixserve.ipc import IpcPaths, Receiver, Sender
 from radixserve.errors import ApiError
 from radixserve.model_files import resolve_model
 from radixserve.native_protocol import parse_sampling
-from radixserve.supervisor import ProcessGroup, start_backend
-from tokenizer_proc.text import IdsOnly, RequestText, encode_prompt, eos_token_ids, load_tokenizer, request_text
+from radixserve.supervisor import ChildDied, ProcessGroup, start_backend
+from tokenizer_proc.output import RequestOutput
+from tokenizer_proc.text import encode_prompt, eos_token_ids, load_tokenizer, request_text
 
 log = logging.getLogger("radixserve")
 
 Prompt = str | list[dict]  # raw text, or chat messages (the chat template is applied)
-
-
-@dataclass
-class _Pending:
-    index: int
-    text: RequestText | IdsOnly
-    prompt_tokens: int
-    finish: wire.FinishReason | None = None
-    meta: dict = field(default_factory=dict)
-    output_logprobs: list = field(default_factory=list)
-    output_top_logprobs: list = field(default_factory=list)
 
 
 class Engine:
@@ -44,9 +33,8 @@ class Engine:
     def __init__(self, model_path: str | None = None, tp_size: int = 1, **server_args: Any) -> None:
         self.args = ServerArgs(model_path=model_path, tp_size=tp_size, **server_args)
         self.model_dir = resolve_model(self.args.model_path)
-        self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(
-            self.args.tokenizer_path or self.model_dir)
-        self.eos_ids = eos_token_ids(self.tokenizer, self.model_dir) if self.tokenizer is not None else []
+        self.tokenizer = load_tokenizer(self.args.tokenizer_path or self.model_dir, self.args.skip_tokenizer_init)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model_dir)
         self._ids = itertools.count()
         self.ipc = IpcPaths.create()
         self._ctx = zmq.Context()
@@ -55,7 +43,13 @@ class Engine:
         self.procs = ProcessGroup()
         start_backend(self.procs, self.args, self.ipc, self.model_dir, num_replies=1)
         try:
-            ready = self._wait_reply("ready", timeout=600)
+            try:
+                ready = self._wait_reply("ready", timeout=600)
+            except ChildDied:
+                # A worker that failed to start may exit before the scheduler relays why: wait for it.
+                ready = self._inbox.recv(timeout_ms=2000)
+                if not isinstance(ready, wire.ControlReply):
+                    raise
             if not ready.ok:
                 raise RuntimeError(f"radixserve failed to start: {ready.error}")
             self.worker_info = ready.result
@@ -88,17 +82,15 @@ class Engine:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
         logprob = wire.LogprobRequest(logprob_start_len, top_logprobs_num) if return_logprob else None
         session = msgspec.convert(session_params, wire.SessionParams) if session_params else None
-        pending: dict[str, _Pending] = {}
-        for i, (item, sp_dict) in enumerate(zip(items, params)):
+        pending: dict[str, RequestOutput] = {}
+        for item, sp_dict in zip(items, params):
             sampling = parse_sampling(sp_dict)
-            if self.tokenizer is None and not _is_ids(item):
-                raise ValueError("without a tokenizer (skip_tokenizer_init) prompts must be input_ids")
-            ids = item if _is_ids(item) else encode_prompt(
-                self.tokenizer, **({"messages": item} if isinstance(item, list) else {"text": item}))
-            if not ids:
-                raise ValueError("the prompt is empty")
+            kind = "input_ids" if _is_ids(item) else "messages" if isinstance(item, list) else "text"
+            ids = encode_prompt(self.tokenizer, **{kind: item}, vocab_size=self.worker_info["vocab_size"],
+                                continue_chat=kind == "messages" and bool(session and session.rid))
             rid = uuid.uuid4().hex
-            pending[rid] = _Pending(i, request_text(self.tokenizer, ids, sampling), len(ids))
+            pending[rid] = RequestOutput(request_text(self.tokenizer, ids, sampling), self.tokenizer, len(ids),
+                                         logprob is not None, logprob_text=self.tokenizer is not None)
             self._to_sched.send(wire.GenerateTokens(rid=rid, input_ids=list(ids), sampling=sampling,
                                                     logprob=logprob, session=session, eos_token_ids=self.eos_ids))
         results = self._collect(pending)
@@ -155,56 +147,24 @@ class Engine:
 
     # ------------------------------------------------------------ internals
 
-    def _collect(self, pending: dict[str, _Pending]) -> list[dict]:
-        results: list[dict | None] = [None] * len(pending)
+    def _collect(self, pending: dict[str, RequestOutput]) -> list[dict]:
+        """Wait for every request to finish; results in submission order."""
         open_rids = set(pending)
         while open_rids:
             msg = self._recv()
             if not isinstance(msg, wire.TokenBatch):
                 continue
             for out in msg.outs:
-                p = pending.get(out.rid)
-                if p is None or p.finish is not None:
+                req = pending.get(out.rid)
+                if req is None or req.finish is not None:
                     continue
-                self._apply(out, p)
-                if p.finish is not None:
+                stop = req.apply(out)
+                if stop is not None:
+                    self._to_sched.send(wire.Abort(rid=out.rid, finish=stop))
+                if req.finish is not None:
                     open_rids.discard(out.rid)
-                    results[p.index] = self._result(out.rid, p)
-        return results
-
-    def _apply(self, out: wire.ReqOut, p: _Pending) -> None:
-        stop_token = out.finish is not None and out.finish.type == "stop" and isinstance(out.finish.matched, int)
-        _, matched = p.text.feed(out.new_ids, stop_token=stop_token)
-        if out.output_logprobs:
-            p.output_logprobs.extend(out.output_logprobs)
-            p.output_top_logprobs.extend(out.output_top_logprobs or [])
-        if out.input_logprobs is not None:
-            p.meta["input_token_logprobs"] = list(zip(out.input_logprobs, out.input_ids[-len(out.input_logprobs):]))
-            p.meta["input_top_logprobs"] = out.input_top_logprobs
-        p.meta.update(prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
-                      completion_tokens=len(p.text.output_ids))
-        if matched is None and out.finish is not None:
-            _, matched = p.text.finish()
-        if matched is not None:
-            p.finish = wire.FinishReason(type="stop", matched=matched)
-            if out.finish is None:
-                self._to_sched.send(wire.Abort(rid=out.rid, finish=p.finish))
-        elif out.finish is not None:
-            p.finish = out.finish
-
-    def _result(self, rid: str, p: _Pending) -> dict:
-        meta = {"id": rid, "prompt_tokens": p.meta.get("prompt_tokens", p.prompt_tokens),
-                "cached_tokens": p.meta.get("cached_tokens", 0),
-                "completion_tokens": len(p.text.output_ids), "finish_reason": p.finish.to_json()}
-        if p.output_logprobs:
-            ids = p.text.output_ids
-            meta["output_token_logprobs"] = list(zip(p.output_logprobs, ids))
-            if p.output_top_logprobs:
-                meta["output_top_logprobs"] = p.output_top_logprobs
-        for key in ("input_token_logprobs", "input_top_logprobs"):
-            if key in p.meta:
-                meta[key] = p.meta[key]
-        return {"text": p.text.text, "output_ids": list(p.text.output_ids), "meta_info": meta}
+        return [{"text": req.text.text, "output_ids": list(req.text.output_ids), "meta_info": {"id": rid, **req.meta()}}
+                for rid, req in pending.items()]
 
     def _control(self, op: str, **args: Any) -> wire.ControlReply:
         call_id = f"{op}-{next(self._ids)}"

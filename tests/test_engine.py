@@ -144,14 +144,14 @@ def test_logprobs(engine):
     res = engine.generate(PROMPTS[0], {"temperature": 0, "max_new_tokens": 4}, return_logprob=True,
                           logprob_start_len=0, top_logprobs_num=2)
     meta = res["meta_info"]
-    out = meta["output_token_logprobs"]
-    assert [t for _, t in out] == res["output_ids"]
-    assert all(lp <= 0 for lp, _ in out)
+    out = meta["output_token_logprobs"]  # [logprob, token id, token text]
+    assert [e[1] for e in out] == res["output_ids"]
+    assert all(e[0] <= 0 and isinstance(e[2], str) for e in out)
     # Greedy picks the most likely token: its logprob is the top-1 of the same step.
-    assert all(abs(lp - top[0][1]) < 1e-4 and top[0][0] == t for (lp, t), top in zip(out, meta["output_top_logprobs"]))
+    assert all(abs(e[0] - top[0][0]) < 1e-4 and top[0][1] == e[1] for e, top in zip(out, meta["output_top_logprobs"]))
     inp = meta["input_token_logprobs"]
     assert len(inp) == meta["prompt_tokens"] and inp[0][0] is None
-    assert all(lp is not None and lp <= 0 for lp, _ in inp[1:])
+    assert all(e[0] is not None and e[0] <= 0 for e in inp[1:])
 
 
 def test_invalid_requests_are_rejected(engine):

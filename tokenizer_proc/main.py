@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -22,38 +21,28 @@ from radixserve import wire
 from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths, Receiver, Sender
 from radixserve.procutil import child_init
-from tokenizer_proc.text import RequestText, encode_prompt, eos_token_ids, load_tokenizer
+from tokenizer_proc.output import RequestOutput
+from tokenizer_proc.text import encode_prompt, eos_token_ids, load_tokenizer, request_text
 
 log = logging.getLogger("radixserve.tokenizer")
-
-LogprobEntry = list  # [logprob, token_id, text or None], as SGLang's meta_info
-
 
 @dataclass
 class _Req:
     """What this tokenizer keeps of one request until it finishes."""
 
     stream: bool
-    text: RequestText
-    prompt_tokens: int
-    logprob: bool
-    logprob_text: bool
-    cached_tokens: int = 0
-    input_logprobs: list[LogprobEntry] | None = None
-    input_top: list | None = None
-    output_logprobs: list[LogprobEntry] = field(default_factory=list)
-    output_top: list = field(default_factory=list)
+    output: RequestOutput
 
 
 class TokenizerProcess:
     def __init__(self, args: ServerArgs, ipc: IpcPaths, index: int, model_dir: str) -> None:
         self.args = args
         self.index = index
-        self.tokenizer = load_tokenizer(args.tokenizer_path or model_dir)
+        self.tokenizer = load_tokenizer(args.tokenizer_path or model_dir, args.skip_tokenizer_init)
         self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
         # Both narrowed by the scheduler's ready reply (the model's), which precedes every request.
         self.context_length = args.context_length or 1 << 62
-        self.vocab_size = len(self.tokenizer)
+        self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else 1 << 31
         self.ctx = zmq.Context()
         self.from_gateway = Receiver(self.ctx, ipc.tokenizer_in(index), wire.TokenizerIn)
         self.from_scheduler = Receiver(self.ctx, ipc.scheduler_out(index), wire.SchedulerOut)
@@ -92,8 +81,7 @@ class TokenizerProcess:
         try:
             continue_chat = msg.session is not None and msg.session.rid is not None
             ids = encode_prompt(self.tokenizer, text=msg.text, input_ids=msg.input_ids, messages=msg.messages,
-                                continue_chat=continue_chat,
-                                vocab_size=self.vocab_size)
+                                continue_chat=continue_chat, vocab_size=self.vocab_size)
         except ValueError as e:
             return self._reject(msg.rid, str(e))
         except Exception as e:  # a client's input must never take the process down (e.g. odd chat content)
@@ -108,9 +96,12 @@ class TokenizerProcess:
                 return self._reject(msg.rid, f"the prompt ({len(ids)} tokens) leaves no room for output in the "
                                              f"context length ({self.context_length} tokens)")
             sampling = msgspec.structs.replace(sampling, max_new_tokens=room)
-        self.reqs[msg.rid] = _Req(stream=msg.stream, text=RequestText.for_sampling(self.tokenizer, ids, sampling),
-                                  prompt_tokens=len(ids), logprob=msg.logprob is not None,
-                                  logprob_text=msg.return_text_in_logprobs)
+        try:
+            text = request_text(self.tokenizer, ids, sampling)
+        except ValueError as e:
+            return self._reject(msg.rid, str(e))
+        self.reqs[msg.rid] = _Req(msg.stream, RequestOutput(text, self.tokenizer, len(ids), msg.logprob is not None,
+                                                            msg.return_text_in_logprobs))
         self.to_scheduler.send(wire.GenerateTokens(rid=msg.rid, input_ids=ids, sampling=sampling,
                                                    reply_to=self.index, logprob=msg.logprob, session=msg.session,
                                                    eos_token_ids=self.eos_ids))
@@ -136,58 +127,21 @@ class TokenizerProcess:
                 req = self.reqs.get(out.rid)
                 if req is None:
                     continue  # ended here already (a stop string); this is the scheduler catching up
-                finish = self._apply(out, req)
-                if finish is not None:
+                stop = req.output.apply(out)
+                if stop is not None:
+                    self.to_scheduler.send(wire.Abort(rid=out.rid, finish=stop))
+                if req.output.finish is not None:
                     del self.reqs[out.rid]
-                    chunks.append(self._chunk(out.rid, req, finish))
+                    chunks.append(self._chunk(out.rid, req))
                 elif req.stream:
-                    chunks.append(self._chunk(out.rid, req, None))
+                    chunks.append(self._chunk(out.rid, req))
         if chunks:
             self.to_gateway.send(wire.TextBatch(chunks))
 
-    def _apply(self, out: wire.ReqOut, req: _Req) -> wire.FinishReason | None:
-        """Feed one output into the request's text; return how it finished, if it did."""
-        req.cached_tokens = out.cached_tokens
-        req.prompt_tokens = out.prompt_tokens  # a session turn's prompt includes its history
-        if req.logprob:
-            self._add_logprobs(out, req)
-        stop_token = out.finish is not None and out.finish.type == "stop" and isinstance(out.finish.matched, int)
-        _, matched = req.text.feed(out.new_ids, stop_token=stop_token)
-        if matched is None and out.finish is not None:
-            _, matched = req.text.finish()
-        if matched is None:
-            return out.finish
-        finish = wire.FinishReason(type="stop", matched=matched)
-        if out.finish is None:
-            self.to_scheduler.send(wire.Abort(rid=out.rid, finish=finish))
-        return finish
-
-    def _add_logprobs(self, out: wire.ReqOut, req: _Req) -> None:
-        if out.input_logprobs is not None and out.input_ids is not None:
-            ids = out.input_ids[len(out.input_ids) - len(out.input_logprobs):]
-            req.input_logprobs = [self._entry(lp, t, req) for lp, t in zip(out.input_logprobs, ids, strict=True)]
-            req.input_top = [self._top(top, req) for top in out.input_top_logprobs or []]
-        if out.output_logprobs:
-            req.output_logprobs += [self._entry(lp, t, req) for lp, t in zip(out.output_logprobs, out.new_ids, strict=False)]
-            req.output_top += [self._top(top, req) for top in out.output_top_logprobs or []]
-
-    def _entry(self, logprob: float | None, token: int, req: _Req) -> LogprobEntry:
-        return [logprob, token, self.tokenizer.decode([token]) if req.logprob_text else None]
-
-    def _top(self, top: list[tuple[int, float]] | None, req: _Req) -> list[LogprobEntry] | None:
-        return None if top is None else [self._entry(lp, t, req) for t, lp in top]
-
-    def _chunk(self, rid: str, req: _Req, finish: wire.FinishReason | None) -> wire.TextChunk:
-        n_out = len(req.text.output_ids)
-        meta: dict[str, Any] = {"prompt_tokens": req.prompt_tokens, "completion_tokens": n_out,
-                                "cached_tokens": req.cached_tokens,
-                                "finish_reason": finish.to_json() if finish is not None else None}
-        if req.logprob:
-            # Ids that arrived after a stop string are not output: neither are their logprobs.
-            meta.update(input_token_logprobs=req.input_logprobs, input_top_logprobs=req.input_top,
-                        output_token_logprobs=req.output_logprobs[:n_out], output_top_logprobs=req.output_top[:n_out])
-        return wire.TextChunk(rid=rid, text=req.text.text, output_ids=req.text.output_ids, meta=meta,
-                              finished=finish is not None)
+    def _chunk(self, rid: str, req: _Req) -> wire.TextChunk:
+        out = req.output
+        return wire.TextChunk(rid=rid, text=out.text.text, output_ids=out.text.output_ids, meta=out.meta(),
+                              finished=out.finish is not None)
 
 
 def run_tokenizer(args_json: bytes, ipc_root: str, index: int, model_dir: str, parent_pid: int) -> None:

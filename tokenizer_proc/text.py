@@ -25,9 +25,9 @@ __all__ = ["IncrementalDetokenizer", "RequestText", "StopMatcher", "encode_promp
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
-def load_tokenizer(path: str) -> Any:
-    """The HF (fast) tokenizer of an HF model directory."""
-    return AutoTokenizer.from_pretrained(path)
+def load_tokenizer(path: str, skip: bool = False) -> Any | None:
+    """The HF (fast) tokenizer of an HF model directory; None with `skip` (--skip-tokenizer-init)."""
+    return None if skip else AutoTokenizer.from_pretrained(path)
 
 
 def eos_token_ids(tokenizer: Any, model_dir: str | None) -> list[int]:
@@ -38,7 +38,8 @@ def eos_token_ids(tokenizer: Any, model_dir: str | None) -> list[int]:
         if file is not None and file.is_file():
             value = json.loads(file.read_text()).get("eos_token_id")
             ids += value if isinstance(value, list) else [value]
-    ids.append(tokenizer.eos_token_id)
+    if tokenizer is not None:
+        ids.append(tokenizer.eos_token_id)
     return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
 
 
@@ -57,6 +58,8 @@ def encode_prompt(
     next turns of a conversation whose last turn the model generated). Raises ValueError on bad input."""
     if sum(x is not None for x in (text, input_ids, messages)) != 1:
         raise ValueError("give exactly one of text, input_ids, messages")
+    if tokenizer is None and input_ids is None:
+        raise ValueError("this server runs without a tokenizer (--skip-tokenizer-init): send input_ids")
     if text is not None:
         ids = tokenizer.encode(text) if text else []
     elif input_ids is not None:
