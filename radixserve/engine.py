@@ -14,8 +14,8 @@ import zmq
 
 from radixserve import wire
 from radixserve.config import ServerArgs
-from radixserve.ipc import IpcPaths, Receiver, Sender
 from radixserve.errors import ApiError
+from radixserve.ipc import IpcPaths, Receiver, Sender
 from radixserve.model_files import resolve_model
 from radixserve.native_protocol import parse_sampling
 from radixserve.supervisor import ChildDied, ProcessGroup, start_backend

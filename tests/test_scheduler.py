@@ -88,7 +88,7 @@ def test_retraction_when_kv_runs_out_keeps_going():
 def test_invariants_hold_under_random_traffic(reqs, chunk, pool, data):
     s = Scheduler(ServerArgs(max_running_requests=4, chunked_prefill_size=chunk), num_kv_slots=pool,
                   context_length=256)
-    for i, (family, length, max_new, abort_later) in enumerate(reqs):
+    for i, (family, length, max_new, _) in enumerate(reqs):
         ids = [3 + family] * 5 + list(range(10 + i, 10 + i + length))
         s.add_request(request(f"r{i}", ids[: max(1, min(length, pool - 2))], max_new=max_new))
     for step in range(400):
@@ -97,8 +97,8 @@ def test_invariants_hold_under_random_traffic(reqs, chunk, pool, data):
             break
         s.process_result(answer(batch, token=data.draw(st.integers(3, 50), label="token")))
         s.check_invariants()
-        for i, (*_, abort_later) in enumerate(reqs):
-            if abort_later and step == i:
+        for i, req in enumerate(reqs):
+            if req[3] and step == i:  # abort_later
                 s.abort(f"r{i}")
                 s.check_invariants()
     assert not s.running and not s.waiting
