@@ -6,6 +6,8 @@ one batch and then decodes them together, returning every step's last-token logi
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from worker_proc.attention.base import ForwardMeta
@@ -15,12 +17,12 @@ from worker_proc.kv_cache import KVCache
 
 class RaggedRunner:
     def __init__(self, model: torch.nn.Module, max_reqs: int = 4, context_len: int = 128) -> None:
-        dtype = next(model.parameters()).dtype
-        self.model = model
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
         self.kv = KVCache(model.num_layers, max_reqs * context_len + 1, model.num_kv_heads_local,
-                          model.head_dim, dtype, torch.device("cpu"))
+                          model.head_dim, param.dtype, self.device)
         self.attn = TorchBackend(self.kv, model.num_q_heads_local, model.head_dim)
-        self.req_to_token = torch.zeros(max_reqs, context_len, dtype=torch.int32)
+        self.req_to_token = torch.zeros(max_reqs, context_len, dtype=torch.int32, device=self.device)
         self.lens = [0] * max_reqs
         self.next_kv_slot = 1  # slot 0 is padding
 
@@ -31,21 +33,24 @@ class RaggedRunner:
             slots = range(self.next_kv_slot, self.next_kv_slot + len(toks))
             self.next_kv_slot += len(toks)
             start = self.lens[req]
-            self.req_to_token[req, start:start + len(toks)] = torch.tensor(slots, dtype=torch.int32)
+            self.req_to_token[req, start:start + len(toks)] = torch.tensor(slots, dtype=torch.int32, device=self.device)
             self.lens[req] += len(toks)
             out_slots += slots
             positions += range(start, start + len(toks))
         extend = [len(t) for t in new_tokens]
         seq_lens = [self.lens[r] for r in reqs]
-        indptr = torch.tensor([0] + extend, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        def dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        indptr = dev([0] + extend, torch.int32).cumsum(0, dtype=torch.int32)
         meta = ForwardMeta(
-            is_decode=all(n == 1 for n in extend), req_slots=torch.tensor(reqs, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), extend_lens=torch.tensor(extend, dtype=torch.int32),
-            qo_indptr=indptr, out_slots=torch.tensor(out_slots, dtype=torch.int64), req_to_token=self.req_to_token,
+            is_decode=all(n == 1 for n in extend), req_slots=dev(reqs, torch.int32),
+            seq_lens=dev(seq_lens, torch.int32), extend_lens=dev(extend, torch.int32), qo_indptr=indptr,
+            out_slots=dev(out_slots, torch.int64), req_to_token=self.req_to_token,
             seq_lens_cpu=seq_lens, extend_lens_cpu=extend)
         self.attn.prepare(meta)
-        ids = torch.tensor([t for toks in new_tokens for t in toks], dtype=torch.long)
-        hidden = self.model(ids, torch.tensor(positions, dtype=torch.long), self.attn)
+        ids = dev([t for toks in new_tokens for t in toks], torch.long)
+        hidden = self.model(ids, dev(positions, torch.long), self.attn)
         return self.model.compute_logits(hidden[indptr[1:].long() - 1])
 
 
@@ -64,23 +69,30 @@ def greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> tupl
 
 
 def tp_worker(rank: int, world_size: int, init_method: str, model_dirs: list[str], prompts: list[list[int]],
-              steps: int, out_path: str) -> None:
-    """One TP rank (a torch.multiprocessing.spawn target): greedy-decode with each model, real and dummy
-    weights; rank 0 saves {model_dir: {"logits", "tokens", "dummy_logits"}} to `out_path`."""
+              steps: int, out_path: str, device_type: str = "cpu") -> None:
+    """One TP rank (a torch.multiprocessing.spawn target; gloo on cpu, nccl on cuda:rank): greedy-decode
+    with each model, real and dummy weights; rank 0 saves {model_dir: {"logits", "tokens", "dummy_logits"}}
+    (on the CPU) to `out_path`."""
     from radixserve.model_files import load_hf_config
     from worker_proc import parallel
     from worker_proc.weights import load_model
 
     torch.set_num_threads(1)
-    parallel.init_tp(rank, world_size, init_method, "gloo")
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    parallel.init_tp(rank, world_size, init_method, "nccl" if device.type == "cuda" else "gloo")
     try:
         results = {}
         for model_dir in model_dirs:
             config = load_hf_config(model_dir)
-            logits, tokens = greedy(load_model(model_dir, config, "safetensors", torch.float32, "cpu"), prompts, steps)
-            dummy_logits, _ = greedy(load_model(model_dir, config, "dummy", torch.float32, "cpu", seed=3), prompts, 2)
-            results[model_dir] = {"logits": logits, "tokens": tokens, "dummy_logits": dummy_logits}
+            logits, tokens = greedy(load_model(model_dir, config, "safetensors", torch.float32, device), prompts, steps)
+            dummy = load_model(model_dir, config, "dummy", torch.float32, device, seed=3)
+            results[model_dir] = {"logits": logits.cpu(), "tokens": tokens, "dummy_logits": greedy(dummy, prompts, 2)[0].cpu()}
         if rank == 0:
             torch.save(results, out_path)
     finally:
         parallel.destroy_tp()
+    # Skip interpreter teardown, where gloo (torch 2.13, CPU) now and then aborts the process with
+    # "terminate called without an active exception" (about 1 run in 10) after all the work is done.
+    os._exit(0)

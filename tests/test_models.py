@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from types import SimpleNamespace
 
@@ -103,9 +104,16 @@ def test_bfloat16_close_to_hf(tiny_models):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+): a bind(0) elsewhere can't take it before rank 0
+    binds it, which otherwise happens in the seconds spawn takes and sends rank 1 to a stranger's server."""
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def test_tensor_parallel_matches_tp1(tiny_models, tmp_path):
