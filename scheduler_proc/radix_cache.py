@@ -127,15 +127,16 @@ class RadixCache:
         parent.children[int(upper.key[0])] = upper
         return upper
 
-    def _walk(self, key: np.ndarray) -> tuple[TreeNode, int, list[np.ndarray]]:
-        """Follow key down the tree, splitting where it ends or diverges inside a node.
+    def _walk(self, key: np.ndarray, touch: bool = True) -> tuple[TreeNode, int, list[np.ndarray]]:
+        """Follow key down the tree. With `touch`, split where it ends or diverges inside a node.
 
-        Every node on the path is fully covered and gets a fresh access time, so all tokens of
-        a node always share one access time. Returns (deepest node, matched length, slot pieces).
+        Every node on a touched path is fully covered and gets a fresh access time, so all tokens
+        of a node always share one access time. Returns (deepest node, matched length, slot pieces).
         """
-        now = self._tick()
+        now = self._tick() if touch else 0
         node = self._root
-        node.last_access = now
+        if touch:
+            node.last_access = now
         pieces: list[np.ndarray] = []
         pos = 0
         while pos < len(key):
@@ -143,6 +144,12 @@ class RadixCache:
             if child is None:
                 break
             m = _common_prefix_len(child.key, key[pos:])
+            if not touch:
+                pos += m
+                if m < len(child.key):
+                    break
+                node = child
+                continue
             if m < len(child.key):
                 child = self._split(child, m)
             child.last_access = now
@@ -159,19 +166,7 @@ class RadixCache:
 
     def peek_prefix_len(self, tokens: Sequence[int] | np.ndarray) -> int:
         """Length match_prefix would return, without splitting or touching access times."""
-        key = _as_tokens(tokens)
-        node = self._root
-        pos = 0
-        while pos < len(key):
-            child = node.children.get(int(key[pos]))
-            if child is None:
-                break
-            m = _common_prefix_len(child.key, key[pos:])
-            pos += m
-            if m < len(child.key):
-                break
-            node = child
-        return pos
+        return self._walk(_as_tokens(tokens), touch=False)[1]
 
     def lock(self, node: TreeNode) -> None:
         """Protect node and its ancestors from eviction until the matching unlock."""
