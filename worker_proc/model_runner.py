@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,12 +14,15 @@ from radixserve.model_files import load_hf_config
 from radixserve.wire import NewReq, StepBatch, StepResult, from_i32
 from worker_proc import parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
+from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.kv_cache import KVCache
 from worker_proc.sampling import SamplingBatch, sample, top_logprobs
 from worker_proc.weights import load_model
 
 log = logging.getLogger("radixserve.worker")
 
+PAD_SLOT = 0  # the KV slot that padding rows write; the scheduler never hands it out
+STEP_BUF_INTS = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,6 +64,40 @@ class SlotParams:
                              self.seed[slots], offsets, banned)
 
 
+@dataclass
+class StepArrays:
+    """One step's per-request and per-token host arrays (int32), in batch order (see StepBatch)."""
+
+    req_slots: np.ndarray
+    cached: np.ndarray
+    extend: np.ndarray
+    input_ids: np.ndarray
+    out_slots: np.ndarray
+
+    @classmethod
+    def of(cls, b: StepBatch) -> StepArrays:
+        return cls(from_i32(b.req_slots), from_i32(b.cached_lens), from_i32(b.extend_lens), from_i32(b.input_ids),
+                   from_i32(b.out_slots))
+
+    def padded(self, bs: int, pad_row: int) -> StepArrays:
+        """A decode batch of `bs` rows: these, then rows of one token at position 0 in req row `pad_row`,
+        whose K/V go to PAD_SLOT (and which attend only to it)."""
+        n = bs - len(self.req_slots)
+        zeros = np.zeros(n, dtype=np.int32)
+        return StepArrays(np.concatenate([self.req_slots, np.full(n, pad_row, np.int32)]),
+                          np.concatenate([self.cached, zeros]), np.concatenate([self.extend, np.ones(n, np.int32)]),
+                          np.concatenate([self.input_ids, zeros]),
+                          np.concatenate([self.out_slots, np.full(n, PAD_SLOT, np.int32)]))
+
+
+@dataclass
+class DeviceStep:
+    meta: ForwardMeta
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    last: torch.Tensor  # row of each request's last new token
+
+
 class ModelRunner:
     def __init__(self, args: ServerArgs, rank: int, model_dir: str) -> None:
         self.args, self.rank = args, rank
@@ -76,12 +114,20 @@ class ModelRunner:
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
         self.num_kv_slots = parallel.tp_min(self._kv_slots_that_fit()) + 1  # + the padding slot 0
         self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
+        log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
+                 self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
         self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
         self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim)
         # Mirror of the scheduler's block table; rows are req slots, kept in sync by every StepBatch.
-        self.req_to_token = torch.zeros((args.max_running_requests, self.context_length), dtype=torch.int32,
+        # The extra last row is the padding rows' (graph-padded decode batches); the scheduler never uses it.
+        self.pad_row = args.max_running_requests
+        self.req_to_token = torch.zeros((args.max_running_requests + 1, self.context_length), dtype=torch.int32,
                                         device=self.device)
+        # Each step's int32 inputs arrive in one host-to-device copy into this buffer (at fixed addresses,
+        # which captured graphs read); a step too large for it gets a fresh tensor.
+        self._step_buf = torch.zeros(STEP_BUF_INTS, dtype=torch.int32, device=self.device)
         self.slot_params = SlotParams(args.max_running_requests)
+        self.graphs = self._capture_graphs()
 
     def _dtype(self, hf_config) -> torch.dtype:
         if self.args.dtype != "auto":
@@ -93,11 +139,72 @@ class ModelRunner:
             return self.args.max_total_tokens
         cap = self.args.max_running_requests * self.context_length
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # loading's temporaries are not "used"
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * self.args.mem_fraction_static - (total - free)
         else:
             budget = _mem_available() * 0.25 * self.args.mem_fraction_static
         return max(1, min(cap, int(budget // self.kv_bytes_per_token)))
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph:
+            return None
+        sizes = capture_sizes(min(self.args.cuda_graph_max_bs, self.args.max_running_requests))
+        if not sizes:
+            return None
+        t0 = time.monotonic()
+        self.attn.init_graphs(sizes[-1], sizes[-1] * self.context_length)
+        graphs = DecodeGraphs()
+        empty = StepArrays(*(np.zeros(0, np.int32) for _ in range(5)))
+        with torch.inference_mode():
+            for bs in reversed(sizes):
+                d = self._to_device(empty.padded(bs, self.pad_row), is_decode=True)
+                self.attn.prepare_graph(d.meta)
+                graphs.capture(bs, lambda d=d: self.model.compute_logits(
+                    self.model.forward(d.input_ids, d.positions, self.attn)))
+        log.info("rank %d captured decode CUDA graphs for batch sizes %s in %.1f s", self.rank, sizes,
+                 time.monotonic() - t0)
+        return graphs
+
+    def _upload(self, host: np.ndarray) -> torch.Tensor:
+        """One host-to-device copy of an int32 array (stream-ordered after the previous step's kernels)."""
+        src = torch.from_numpy(host)
+        if len(host) > len(self._step_buf):
+            return src.to(self.device)
+        dst = self._step_buf[:len(host)]
+        dst.copy_(src, non_blocking=True)  # pageable source: staged before copy_ returns
+        return dst
+
+    def _to_device(self, a: StepArrays, is_decode: bool) -> DeviceStep:
+        """Upload a step, record its new tokens' KV slots in req_to_token, and describe it for attention."""
+        num_tokens, bs = len(a.input_ids), len(a.req_slots)
+        qo_indptr = np.zeros(bs + 1, dtype=np.int32)
+        np.cumsum(a.extend, out=qo_indptr[1:])
+        positions = np.repeat(a.cached - qo_indptr[:-1], a.extend) + np.arange(num_tokens, dtype=np.int32)
+        seq_lens = a.cached + a.extend
+        host = np.concatenate([a.input_ids, positions, a.out_slots, np.repeat(a.req_slots, a.extend), a.req_slots,
+                               seq_lens, a.extend, qo_indptr, qo_indptr[1:] - 1]).astype(np.int32, copy=False)
+        ids, pos, out, rows, slots, lens, ext, qo, last = torch.split(
+            self._upload(host), [num_tokens] * 4 + [bs] * 3 + [bs + 1, bs])
+        self.req_to_token[rows, pos] = out
+        meta = ForwardMeta(is_decode=is_decode, req_slots=slots, seq_lens=lens, extend_lens=ext, qo_indptr=qo,
+                           out_slots=out, req_to_token=self.req_to_token, seq_lens_cpu=seq_lens.tolist(),
+                           extend_lens_cpu=a.extend.tolist())
+        return DeviceStep(meta, ids, pos, last)
+
+    def forward(self, a: StepArrays, is_decode: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 logits of each request's last new token [B, V], and the hidden states of all new tokens
+        (None when a decode graph ran)."""
+        bs = len(a.req_slots)
+        graph_bs = self.graphs.padded_size(bs) if is_decode and self.graphs is not None else None
+        if graph_bs is not None:
+            d = self._to_device(a.padded(graph_bs, self.pad_row), is_decode=True)
+            self.attn.prepare_graph(d.meta)
+            return self.graphs.replay(graph_bs)[:bs], None
+        d = self._to_device(a, is_decode)
+        self.attn.prepare(d.meta)
+        hidden = self.model.forward(d.input_ids, d.positions, self.attn)
+        return self.model.compute_logits(hidden[d.last]), hidden
 
     @torch.inference_mode()
     def step(self, b: StepBatch) -> StepResult | None:
@@ -106,33 +213,16 @@ class ModelRunner:
             prefix = torch.from_numpy(from_i32(nr.prefix_slots).copy())
             self.req_to_token[nr.req_slot, :len(prefix)] = prefix.to(self.device)
             self.slot_params.set(nr)
-        req_slots, cached, extend = from_i32(b.req_slots), from_i32(b.cached_lens), from_i32(b.extend_lens)
-        qo_indptr = np.zeros(len(extend) + 1, dtype=np.int32)
-        np.cumsum(extend, out=qo_indptr[1:])
-        positions = np.repeat(cached - qo_indptr[:-1], extend) + np.arange(qo_indptr[-1])
-        dev = self.device
-        pos_t = torch.from_numpy(positions).to(dev)
-        out_slots = torch.from_numpy(from_i32(b.out_slots).astype(np.int64)).to(dev)
-        rows = torch.from_numpy(np.repeat(req_slots, extend).astype(np.int64)).to(dev)
-        self.req_to_token[rows, pos_t] = out_slots.to(torch.int32)
-        seq_lens = cached + extend
-        meta = ForwardMeta(is_decode=b.is_decode, req_slots=torch.from_numpy(req_slots.copy()).to(dev),
-                           seq_lens=torch.from_numpy(seq_lens).to(dev), extend_lens=torch.from_numpy(extend.copy()).to(dev),
-                           qo_indptr=torch.from_numpy(qo_indptr).to(dev), out_slots=out_slots,
-                           req_to_token=self.req_to_token, seq_lens_cpu=seq_lens.tolist(),
-                           extend_lens_cpu=extend.tolist())
-        self.attn.prepare(meta)
-        input_ids = torch.from_numpy(from_i32(b.input_ids).astype(np.int64)).to(dev)
-        hidden = self.model.forward(input_ids, pos_t, self.attn)
-        last = torch.from_numpy((qo_indptr[1:] - 1).astype(np.int64)).to(dev)
-        logits = self.model.compute_logits(hidden[last])
-        input_lps = self._input_logprobs(hidden, req_slots, cached, extend, qo_indptr)
+        a = StepArrays.of(b)
+        logits, hidden = self.forward(a, b.is_decode)
+        # Decode steps compute no prompt tokens, so they have no input logprobs.
+        input_lps = {} if hidden is None or b.is_decode else self._input_logprobs(hidden, a)
         if self.rank != 0:
             return None
         offsets = from_i32(b.sample_offsets)
-        next_ids, logprobs = sample(logits, self.slot_params.batch(req_slots, offsets))
+        next_ids, logprobs = sample(logits, self.slot_params.batch(a.req_slots, offsets))
         chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
-        tops = {i: top_logprobs(logprobs[i], int(k)) for i, k in enumerate(self.slot_params.top_logprobs_num[req_slots])
+        tops = {i: top_logprobs(logprobs[i], int(k)) for i, k in enumerate(self.slot_params.top_logprobs_num[a.req_slots])
                 if k > 0}
         result = StepResult(step=b.step, next_ids=next_ids.to(torch.int32).cpu().numpy().tobytes(),
                             next_logprobs=chosen.float().cpu().numpy().tobytes(), top_logprobs=tops)
@@ -143,23 +233,25 @@ class ModelRunner:
         result.forward_ms = (time.perf_counter() - t0) * 1000
         return result
 
-    def _input_logprobs(self, hidden, req_slots, cached, extend, qo_indptr) -> dict[int, tuple[list, list | None]]:
+    def _input_logprobs(self, hidden: torch.Tensor, a: StepArrays) -> dict[int, tuple[list, list | None]]:
         """Logprobs of prompt tokens computed in this step, for requests that asked for them.
 
         The logprob of prompt token t comes from the hidden state at position t - 1.
         """
         out = {}
         sp = self.slot_params
-        for i, s in enumerate(req_slots):
+        starts = np.cumsum(a.extend) - a.extend  # first row of each request in `hidden`
+        for i, s in enumerate(a.req_slots):
             prompt = sp.prompt_ids[s]
             if prompt is None:
                 continue
-            first = max(int(cached[i]) + 1, int(sp.logprob_start[s]), 1)
-            last = min(int(cached[i] + extend[i]), len(prompt) - 1)  # inclusive target index
+            cached, extend = int(a.cached[i]), int(a.extend[i])
+            first = max(cached + 1, int(sp.logprob_start[s]), 1)
+            last = min(cached + extend, len(prompt) - 1)  # inclusive target index
             if first > last:
                 out[i] = ([], None)
                 continue
-            rows = torch.arange(first - 1, last, device=self.device) - int(cached[i]) + int(qo_indptr[i])
+            rows = torch.arange(first - 1, last, device=self.device) - cached + int(starts[i])
             lps = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
             targets = torch.from_numpy(prompt[first:last + 1].astype(np.int64)).to(self.device)
             values = lps.gather(1, targets[:, None]).squeeze(1).tolist()

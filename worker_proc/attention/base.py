@@ -24,7 +24,7 @@ class ForwardMeta:
     seq_lens: torch.Tensor  # [B] int32, cached + extend
     extend_lens: torch.Tensor  # [B] int32
     qo_indptr: torch.Tensor  # [B+1] int32
-    out_slots: torch.Tensor  # [T] int64, KV slot of each new token
+    out_slots: torch.Tensor  # [T] int32 or int64, KV slot of each new token
     req_to_token: torch.Tensor  # [max_reqs, context_len] int32, the worker's mirror
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
@@ -35,7 +35,14 @@ class ForwardMeta:
 
 
 class AttentionBackend(ABC):
-    """Writes new K/V into the paged cache and attends over each request's context."""
+    """Writes new K/V into the paged cache and attends over each request's context.
+
+    A backend with `supports_cuda_graph` can run inside a captured decode graph: `init_graphs` once, then
+    `prepare_graph(meta)` (instead of `prepare`) before each capture or replay of a batch of that size,
+    where every device tensor of `meta` is a view at the same address as when the graph was captured.
+    """
+
+    supports_cuda_graph = False
 
     def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int) -> None:
         self.kv_cache = kv_cache
@@ -46,6 +53,12 @@ class AttentionBackend(ABC):
     @abstractmethod
     def prepare(self, meta: ForwardMeta) -> None:
         """Build per-step metadata once; every layer reuses it."""
+
+    def init_graphs(self, max_bs: int, max_kv_tokens: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def prepare_graph(self, meta: ForwardMeta) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:

@@ -1,0 +1,478 @@
+"""The whole GPU check in one command: correctness first, then throughput (run it through gpu_check.sh).
+
+Sections, each in its own process under a time limit (a hang costs one section, not the run):
+  env       GPU, driver, package versions, commit
+  ceilings  measured device-copy bandwidth and bf16 matmul rate on this GPU
+  pytest    tests/test_gpu.py: FlashInfer + CUDA graphs vs HF transformers, Engine end to end, TP=2
+  runner    Llama-3.1-8B shape, dummy bf16 weights, ModelRunner.step on synthetic StepBatches:
+            decode at batch 1 and at batch 256 x 1k context, prefill of 8 x 2048, against their floors;
+            eager / CUDA graphs (fused Triton element-wise kernels) / graphs with plain torch element-wise
+            kernels; a kernel-time profile of one eager step
+  hf        HF transformers `generate` on the same shape (512 in, 128 out, batch 1 and 128)
+  engine    the same through radixserve's Engine (scheduler + worker processes)
+  tp2_70b   Llama-3.1-70B shape, dummy weights, --tp-size 2 through the Engine (needs 2 GPUs)
+Results go to OUT/results.json; a summary table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+CONFIGS = ROOT / "radixserve" / "model_configs"
+# The issue's reference ceilings for an H200 (measured 2026-11-28); `ceilings` measures this GPU's too.
+REF_BW, REF_FLOPS = 4.25e12, 783e12
+SECTIONS = {"env": 60, "ceilings": 60, "pytest": 420, "runner": 300, "hf": 150, "engine": 180, "tp2_70b": 300}
+
+
+def _sync_time(fn, reps: int) -> float:
+    """Median seconds of `fn` over `reps` runs, timed with CUDA events after two warm-ups."""
+    import torch
+
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_env() -> dict:
+    import torch
+
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": os.environ.get("GIT_COMMIT", "?"),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
+            "gpu": torch.cuda.get_device_name(0), "python": sys.version.split()[0]}
+    for mod in ("flashinfer", "triton", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 (report, don't fail)
+            info[mod] = f"missing ({type(e).__name__})"
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem",
+                          "--format=csv,noheader"], capture_output=True, text=True)
+    info["nvidia_smi"] = smi.stdout.strip().splitlines()
+    return info
+
+
+def section_ceilings() -> dict:
+    import torch
+
+    n = 1 << 30  # 2 GiB of bf16
+    a = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    copy_s = _sync_time(lambda: b.copy_(a), 10)
+    m = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_s = _sync_time(lambda: m @ m, 10)
+    return {"copy_TBps": 2 * n * 2 / copy_s / 1e12, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_s / 1e12}
+
+
+def section_pytest(out: Path) -> dict:
+    results = Path(tempfile.mkdtemp()) / "pytest_results.json"
+    env = {**os.environ, "RADIXSERVE_GPU_RESULTS": str(results)}
+    log = out / "pytest.log"
+    with open(log, "w") as f:  # written as it runs: a killed run still leaves its log
+        proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_gpu.py"), "-q", "-rA",
+                               "-p", "no:cacheprovider", "--durations=8", "--timeout=240"], env=env, stdout=f,
+                              stderr=subprocess.STDOUT)
+    lines = log.read_text().splitlines()
+    summary = [line for line in lines if line.startswith(("PASSED", "FAILED", "ERROR", "SKIPPED"))]
+    tail = lines[-1:]
+    detail = json.loads(results.read_text()) if results.exists() else {}
+    return {"returncode": proc.returncode, "summary": summary + tail, "detail": detail}
+
+
+class Synth:
+    """Synthetic StepBatches for one ModelRunner: requests with a cached prefix of random KV, then decode."""
+
+    def __init__(self, runner, seed: int = 0) -> None:
+        import numpy as np
+
+        self.runner, self.np = runner, np
+        self.rng = np.random.default_rng(seed)
+        self.next_slot, self.step_id = 1, 0
+
+    def slots(self, n: int):
+        if self.next_slot + n > self.runner.num_kv_slots:
+            self.next_slot = 1  # reuse: the benchmark only needs valid slots
+        s = self.np.arange(self.next_slot, self.next_slot + n, dtype=self.np.int32)
+        self.next_slot += n
+        return s
+
+    def ids(self, n: int):
+        return self.rng.integers(0, self.runner.model.vocab_size, n, dtype=self.np.int32)
+
+    def new_req(self, slot: int, prefix):
+        from radixserve.wire import NewReq
+
+        return NewReq(req_slot=slot, prefix_slots=prefix.tobytes(), temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0,
+                      seed=-1)
+
+    def batch(self, is_decode: bool, req_slots, cached, extend, new_reqs=(), input_ids=None, offsets=None):
+        from radixserve.wire import StepBatch, i32
+
+        self.step_id += 1
+        total = int(sum(extend))
+        ids = self.ids(total) if input_ids is None else self.np.asarray(input_ids, self.np.int32)
+        return StepBatch(step=self.step_id, is_decode=is_decode, req_slots=i32(req_slots), input_ids=ids.tobytes(),
+                         cached_lens=i32(cached), extend_lens=i32(extend), out_slots=self.slots(total).tobytes(),
+                         sample_offsets=i32(offsets if offsets is not None else [0] * len(req_slots)),
+                         new_reqs=list(new_reqs))
+
+    def decode_loop(self, bs: int, ctx: int, steps: int, warmup: int = 3) -> float:
+        """Seconds per decode step of `bs` requests whose context grows from `ctx` (median of whole steps)."""
+        slots = list(range(bs))
+        new = [self.new_req(s, self.slots(ctx - 1)) for s in slots]
+        times = []
+        for i in range(warmup + steps):
+            b = self.batch(True, slots, [ctx - 1 + i] * bs, [1] * bs, new if i == 0 else (), offsets=[i] * bs)
+            t0 = time.perf_counter()
+            self.runner.step(b)  # ends with a host sync (sampled ids to the CPU)
+            times.append(time.perf_counter() - t0)
+        run = sorted(times[warmup:])
+        return run[len(run) // 2]
+
+    def greedy(self, prompts: list[list[int]], steps: int) -> list[list[int]]:
+        """Prefill `prompts` in one step, then decode them together greedily; returns the sampled ids."""
+        np = self.np
+        slots = list(range(len(prompts)))
+        new = [self.new_req(s, np.zeros(0, np.int32)) for s in slots]
+        r = self.runner.step(self.batch(False, slots, [0] * len(slots), [len(p) for p in prompts], new,
+                                        input_ids=[t for p in prompts for t in p]))
+        out = [[int(t)] for t in np.frombuffer(r.next_ids, np.int32)]
+        for i in range(steps):
+            cached = [len(p) + i for p in prompts]
+            r = self.runner.step(self.batch(True, slots, cached, [1] * len(slots), input_ids=[o[-1] for o in out],
+                                            offsets=[i + 1] * len(slots)))
+            for o, t in zip(out, np.frombuffer(r.next_ids, np.int32)):
+                o.append(int(t))
+        return out
+
+
+def _check_fused_ops() -> dict:
+    """worker_proc.fused's Triton kernels against the torch code they replace, on random bf16 inputs."""
+    import torch
+
+    import worker_proc.layers as layers
+
+    torch.manual_seed(0)
+    x, res = (torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    norm = layers.RMSNorm(4096, 1e-5, torch.bfloat16, "cuda")
+    norm.weight.data.normal_(1.0, 0.1)
+    gu = torch.randn(37, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    qk = torch.randn(37, 48 + 8, 128, device="cuda", dtype=torch.bfloat16)[:, :40]  # a strided view, as in the model
+    cos, sin = (torch.randn(37, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def outputs() -> list[torch.Tensor]:
+        return [*norm(x, res), layers.SiluAndMul()(gu), layers.apply_rotary(qk, cos, sin)]
+
+    fused = outputs()
+    layers.FUSED_KERNELS = False
+    try:
+        plain = outputs()
+    finally:
+        layers.FUSED_KERNELS = True
+    names = ("add_rmsnorm", "residual", "silu_and_mul", "rotary")
+    return {n: ((f.float() - p.float()).norm() / p.float().norm()).item() for n, f, p in zip(names, fused, plain)}
+
+
+def _profile_eager_decode(synth, out: Path) -> dict:
+    """Kernel time by kind for one eager batch-1 decode step (CUDA graphs off)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, synth.runner.graphs = synth.runner.graphs, None
+    try:
+        synth.decode_loop(1, 512, 2, warmup=1)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            synth.decode_loop(1, 512, 3, warmup=0)
+        torch.cuda.synchronize()
+    finally:
+        synth.runner.graphs = graphs
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+    (out / "profile_decode_bs1.txt").write_text(table)
+    steps = 3
+    total_us = sum(e.self_device_time_total for e in kernels) / steps
+    gemm_us = sum(e.self_device_time_total for e in kernels if any(k in e.key.lower() for k in ("gemm", "gemv", "sm90",
+                                                                                             "cutlass", "nvjet"))) / steps
+    attn_us = sum(e.self_device_time_total for e in kernels if "prefill" in e.key.lower() or "decode" in e.key.lower()) / steps
+    return {"kernels_per_step": sum(e.count for e in kernels) / steps, "gpu_us_per_step": total_us,
+            "gemm_us": gemm_us, "attention_us": attn_us, "other_us": total_us - gemm_us - attn_us}
+
+
+def section_runner(out: Path) -> dict:
+    import numpy as np
+    import torch
+
+    import worker_proc.layers as layers
+    from radixserve.config import ServerArgs
+    from worker_proc.model_runner import ModelRunner
+
+    model_dir = str(CONFIGS / "llama-3.1-8b")
+    args = ServerArgs(model_path=model_dir, load_format="dummy", device="cuda", dtype="bfloat16",
+                      max_running_requests=256, cuda_graph_max_bs=256, max_total_tokens=300_000)
+    t0 = time.monotonic()
+    runner = ModelRunner(args, 0, model_dir)
+    res: dict = {"startup_s": time.monotonic() - t0, "weight_GB": runner.weight_bytes / 1e9,
+                 "kv_tokens": runner.num_kv_slots - 1, "graph_sizes": runner.graphs.sizes if runner.graphs else None}
+    with torch.no_grad():
+        for t in runner.kv_cache.k + runner.kv_cache.v:
+            t.normal_()  # attention never reads zeros
+    synth = Synth(runner)
+    kv_bytes = runner.kv_bytes_per_token
+    w = runner.weight_bytes
+    m = runner.model
+    # Bytes a decode step must read: every weight except the embedding table (it reads B rows of it), plus KV.
+    embed = m.model.embed_tokens.weight.numel() * m.model.embed_tokens.weight.element_size()
+    res["floors"] = {"bs1_ms_issue": w / REF_BW * 1e3, "bs1_ms_no_embedding": (w - embed) / REF_BW * 1e3}
+
+    def decode(bs: int, ctx: int, steps: int) -> dict:
+        s = synth.decode_loop(bs, ctx, steps)
+        floor = (w + bs * (ctx + steps / 2) * kv_bytes) / REF_BW
+        return {"ms_per_step": s * 1e3, "tok_s": bs / s, "floor_ms": floor * 1e3, "floor_tok_s": bs / floor,
+                "pct_of_floor": floor / s * 100}
+
+    def graph_ms(bs: int) -> float | None:
+        """GPU time of one replay of the graph of size `bs` (planned for the last decode batch)."""
+        if runner.graphs is None or bs not in runner.graphs.sizes:
+            return None
+        return _sync_time(lambda: runner.graphs.replay(bs), 20) * 1e3
+
+    def prefill() -> dict:
+        n, length = 8, 2048
+        slots = list(range(n))
+
+        def run():
+            new = [synth.new_req(s, np.zeros(0, np.int32)) for s in slots]
+            runner.step(synth.batch(False, slots, [0] * n, [length] * n, new))
+
+        run()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        s = sorted(times)[1]
+        layers = m.num_layers
+        linear = sum(p.numel() for name, p in m.named_parameters() if ".layers." in name and p.dim() == 2)
+        hidden_q = m.num_q_heads_local * m.head_dim
+        flops = 2 * linear * n * length + layers * n * 2 * 2 * hidden_q * length * (length + 1) / 2 \
+            + 2 * m.lm_head.weight.numel() * n
+        return {"s": s, "tokens_s": n * length / s, "model_TFLOP": flops / 1e12, "TFLOPs": flops / s / 1e12,
+                "pct_of_783": flops / s / REF_FLOPS * 100}
+
+    def guarded(fn, *a) -> dict:
+        try:
+            return fn(*a)
+        except Exception as e:  # noqa: BLE001 (report, go on with the figures)
+            return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+    res["fused_ops_rel_err"] = guarded(_check_fused_ops)
+    with torch.inference_mode():
+        res["profile_eager_bs1"] = guarded(_profile_eager_decode, synth, out)
+        graphs, runner.graphs = runner.graphs, None
+        res["eager_bs1"] = decode(1, 512, 30)
+        prompts = [synth.ids(n).tolist() for n in (40, 77, 5, 130)]
+        eager_tokens = synth.greedy(prompts, 24)
+        runner.graphs = graphs
+        res["graphs_greedy_identical"] = synth.greedy(prompts, 24) == eager_tokens
+        for variant in ("graphs", "graphs_unfused"):
+            if variant == "graphs_unfused":  # the element-wise steps as plain torch kernels
+                layers.FUSED_KERNELS = False
+                runner.graphs = None
+                torch.cuda.empty_cache()
+                runner.graphs = runner._capture_graphs()
+            r = res[variant] = {"bs1": decode(1, 512, 100)}
+            r["bs1"]["graph_gpu_ms"] = graph_ms(1)
+            r["bs256_ctx1k"] = decode(256, 1024, 30)
+            r["bs256_ctx1k"]["graph_gpu_ms"] = graph_ms(256)
+            r["prefill_8x2048"] = prefill()
+        layers.FUSED_KERNELS = True
+    return res
+
+
+def _engine_bench(eng, bs: int, prompt_len: int, out_len: int, seed: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, eng.worker_info["vocab_size"], (bs, prompt_len)).tolist()
+    params = {"temperature": 0, "max_new_tokens": out_len, "ignore_eos": True}
+    t = time.perf_counter()
+    outs = eng.generate(input_ids=prompts, sampling_params=params)
+    s = time.perf_counter() - t
+    n = sum(len(o["output_ids"]) for o in outs)
+    return {"s": s, "output_tok_s": n / s, "batch": bs, "in": prompt_len, "out": out_len}
+
+
+def section_hf() -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(CONFIGS / "llama-3.1-8b")
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    res = {}
+    for bs in (1, 128):
+        ids = torch.randint(0, config.vocab_size, (bs, 512), device="cuda")
+        with torch.inference_mode():
+            model.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=4, do_sample=False)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=128, min_new_tokens=128,
+                           do_sample=False)
+            torch.cuda.synchronize()
+            s = time.perf_counter() - t
+        res[f"bs{bs}"] = {"s": s, "output_tok_s": bs * 128 / s}
+    return res
+
+
+def section_engine() -> dict:
+    from radixserve import Engine
+
+    t = time.monotonic()
+    with Engine(str(CONFIGS / "llama-3.1-8b"), load_format="dummy", skip_tokenizer_init=True, context_length=4096,
+                max_running_requests=128, cuda_graph_max_bs=128) as eng:
+        res = {"startup_s": time.monotonic() - t, "kv_tokens": eng.server_info()["max_total_num_tokens"]}
+        _engine_bench(eng, 2, 64, 8, seed=0)  # warm-up
+        res["bs1"] = _engine_bench(eng, 1, 512, 128, seed=1)
+        res["bs128"] = _engine_bench(eng, 128, 512, 128, seed=2)
+    return res
+
+
+def section_tp2_70b() -> dict:
+    import torch
+
+    from radixserve import Engine
+
+    if torch.cuda.device_count() < 2:
+        return {"skipped": "needs 2 GPUs"}
+    res = {}
+    for graphs in (True, False):
+        t = time.monotonic()
+        try:
+            with Engine(str(CONFIGS / "llama-3.1-70b"), tp_size=2, load_format="dummy", skip_tokenizer_init=True,
+                        context_length=4096, max_total_tokens=65536, max_running_requests=64, cuda_graph_max_bs=64,
+                        disable_cuda_graph=not graphs) as eng:
+                info = eng.server_info()
+                res["startup_s"] = time.monotonic() - t
+                res["kv_tokens"], res["cuda_graphs"] = info["max_total_num_tokens"], graphs
+                res["weight_GB_total"] = info["worker"]["weight_bytes"] / 1e9
+                _engine_bench(eng, 2, 64, 8, seed=0)
+                res["bs1"] = _engine_bench(eng, 1, 256, 64, seed=1)
+                res["bs32"] = _engine_bench(eng, 32, 256, 64, seed=2)
+                res["bs1_floor_tok_s"] = REF_BW / (info["worker"]["weight_bytes"] / 2)
+            return res
+        except Exception as e:  # noqa: BLE001 (report and retry without graphs)
+            res[f"error_graphs_{graphs}"] = f"{type(e).__name__}: {e}"[:500]
+    return res
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_section(name: str, out: Path) -> dict:
+    fn = globals()[f"section_{name}"]
+    return fn(out) if fn.__code__.co_argcount else fn()
+
+
+def summary(results: dict) -> str:
+    lines = []
+    env = results.get("env", {})
+    lines.append(f"GPU {env.get('gpu')} x{env.get('gpus')}, torch {env.get('torch')}, flashinfer {env.get('flashinfer')},"
+                 f" commit {env.get('commit')}, {env.get('date')}")
+    c = results.get("ceilings", {})
+    if "copy_TBps" in c:
+        lines.append(f"ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 matmul {c['bf16_matmul_TFLOPs']:.0f} TFLOP/s "
+                     f"(issue's: 4.25, 783)")
+    p = results.get("pytest", {})
+    lines += [f"pytest: {s}" for s in p.get("summary", [])[-12:]]
+    r = results.get("runner", {})
+    for variant in ("graphs", "graphs_unfused"):
+        v = r.get(variant)
+        if not v:
+            continue
+        b1, b256, pf = v["bs1"], v["bs256_ctx1k"], v["prefill_8x2048"]
+        lines.append(f"{variant}: decode bs1 {b1['tok_s']:.0f} tok/s ({b1['pct_of_floor']:.0f}% of floor "
+                     f"{b1['floor_tok_s']:.0f}; target 225) | bs256x1k {b256['tok_s']:.0f} tok/s "
+                     f"({b256['pct_of_floor']:.0f}% of floor {b256['floor_tok_s']:.0f}; target 70%) | prefill 8x2048 "
+                     f"{pf['TFLOPs']:.0f} TFLOP/s ({pf['pct_of_783']:.0f}% of 783; target 50%)")
+    if "eager_bs1" in r:
+        lines.append(f"eager (no graphs) decode bs1: {r['eager_bs1']['tok_s']:.0f} tok/s; "
+                     f"greedy identical with/without graphs: {r.get('graphs_greedy_identical')}")
+    for key in ("hf", "engine"):
+        e = results.get(key, {})
+        if "bs1" in e:
+            big = e.get("bs128", {})
+            lines.append(f"{key}: 512 in / 128 out: bs1 {e['bs1']['output_tok_s']:.0f} tok/s, "
+                         f"bs128 {big.get('output_tok_s', float('nan')):.0f} tok/s")
+    t = results.get("tp2_70b", {})
+    if "bs1" in t:
+        lines.append(f"70B tp2 (graphs {t['cuda_graphs']}): bs1 {t['bs1']['output_tok_s']:.1f} tok/s (floor "
+                     f"{t['bs1_floor_tok_s']:.1f}), bs32 {t['bs32']['output_tok_s']:.0f} tok/s, KV {t['kv_tokens']} tokens")
+    for name, res in results.items():
+        if "error" in res:
+            lines.append(f"{name}: ERROR {res['error'][-300:]}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", default=list(SECTIONS), help=f"any of {list(SECTIONS)}")
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    parser.add_argument("--section", help=argparse.SUPPRESS)  # internal: run one section in this process,
+    parser.add_argument("--result", help=argparse.SUPPRESS)  # writing its results to this file
+    parser.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 3600)),
+                        help="seconds for the whole run; sections that would start after it are skipped")
+    a = parser.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.section:
+        Path(a.result).write_text(json.dumps(run_section(a.section, out), indent=1, default=str))
+        return
+    parts = Path(tempfile.mkdtemp())
+    deadline = time.monotonic() + a.budget
+    results: dict = {}
+    for name in a.sections:
+        left = deadline - time.monotonic()
+        if left < 20:
+            results[name] = {"error": "skipped: out of time"}
+            continue
+        t = time.monotonic()
+        print(f"== {name}", flush=True)
+        try:
+            part = parts / f"{name}.json"
+            proc = subprocess.run([sys.executable, __file__, "--section", name, "--out", str(out), "--result", str(part)],
+                                  timeout=min(SECTIONS[name], left), capture_output=True, text=True)
+            log = proc.stdout + proc.stderr
+            results[name] = json.loads(part.read_text()) if proc.returncode == 0 and part.exists() else \
+                {"error": f"exit {proc.returncode}: {log[-1500:]}"}
+        except subprocess.TimeoutExpired as e:
+            log = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+            results[name] = {"error": f"timed out after {e.timeout:.0f} s: {log[-1500:]}"}
+        with open(out / "sections.log", "a") as f:
+            f.write(f"\n===== {name} ({time.monotonic() - t:.0f} s)\n{log}")
+        print(json.dumps(results[name], default=str)[:3000], flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print("\n== summary\n" + summary(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""FlashInfer attention over the paged KV cache (CUDA only; flashinfer is imported here and nowhere else).
+
+Page size 1, NHD layout: a layer's K tensor [num_slots, kv_heads, head_dim] is viewed as
+[num_slots, 1, kv_heads, head_dim], so page p is KV slot p and a request's page indices are its row
+of req_to_token. `prepare` plans once per step; every layer's `forward` reuses that plan:
+  decode (one new token per request): BatchDecodeWithPagedKVCacheWrapper on the tensor-core path,
+    which takes every GQA group size (the CUDA-core path rejects some, e.g. 7 in Qwen2.5-7B);
+  extend / prefill: BatchPrefillWithPagedKVCacheWrapper with a causal mask aligned bottom-right, so the
+    new tokens see the cached prefix and each other causally (the new K/V are stored before attending).
+For CUDA graphs, `prepare_graph` plans a graph-mode decode wrapper per captured batch size; all of them
+share one set of index buffers (only one graph replays at a time, each right after its plan).
+
+Host syncs: none. Page indices are gathered on the device from req_to_token; plan() reads only host
+arrays (indptr, lengths), which the worker already holds as numpy.
+Invariant (FlashInfer plan copies its plan info from a pinned host buffer asynchronously): a wrapper is
+planned at most once per step and every step ends with a host sync (sampled tokens to the CPU), so a
+plan never overwrites host memory that a previous plan's copy still reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from worker_proc.attention.base import AttentionBackend, ForwardMeta
+from worker_proc.kv_cache import KVCache
+
+WORKSPACE_BYTES = 256 << 20  # split-KV partial outputs; shared by every wrapper (they run one at a time)
+PAGE_SIZE = 1
+
+
+def gather_kv_indices(req_to_token: torch.Tensor, req_slots: torch.Tensor, seq_lens: torch.Tensor,
+                      total: int) -> torch.Tensor:
+    """req_to_token[req_slots[i], :seq_lens[i]] for every i, concatenated ([total] int32, on the device).
+
+    `total` = sum(seq_lens), known on the host; no host sync.
+    """
+    ends = torch.cumsum(seq_lens, 0, dtype=torch.int32)
+    pos = torch.arange(total, dtype=torch.int32, device=seq_lens.device)
+    req = torch.searchsorted(ends, pos, right=True)  # which request each context token belongs to
+    col = pos - (ends - seq_lens)[req]
+    return req_to_token[req_slots[req], col]
+
+
+def indptr(lengths: np.ndarray) -> torch.Tensor:
+    """[0, l0, l0+l1, ...] as a host int32 tensor."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=out[1:])
+    return torch.from_numpy(out)
+
+
+class FlashInferBackend(AttentionBackend):
+    name = "flashinfer"
+    supports_cuda_graph = True
+
+    def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int) -> None:
+        super().__init__(kv_cache, num_q_heads, head_dim)
+        import flashinfer
+
+        if kv_cache.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"the flashinfer backend needs a bf16 or fp16 KV cache, not {kv_cache.dtype} "
+                             "(use --dtype bfloat16, or --attention-backend torch)")
+        self._fi = flashinfer
+        self.device = kv_cache.k[0].device
+        self.num_kv_heads = kv_cache.k[0].shape[1]
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                            use_tensor_cores=True)
+        self.pages = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv_cache.k, kv_cache.v)]
+        self._plan_kw = dict(q_data_type=kv_cache.dtype, kv_data_type=kv_cache.dtype, sm_scale=self.scale)
+        self.graph_wrappers: dict[int, object] = {}
+        self.active: object | None = None  # the wrapper planned for this step
+        self.meta: ForwardMeta | None = None
+
+    def _pages(self, meta: ForwardMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kv indptr on the host, page indices on the device, last-page lengths (all 1) on the host)."""
+        seq_lens = np.asarray(meta.seq_lens_cpu, dtype=np.int32)
+        kv_indptr = indptr(seq_lens)
+        indices = gather_kv_indices(meta.req_to_token, meta.req_slots, meta.seq_lens, int(kv_indptr[-1]))
+        return kv_indptr, indices, torch.ones(len(seq_lens), dtype=torch.int32)
+
+    def prepare(self, meta: ForwardMeta) -> None:
+        kv_indptr, indices, last_len = self._pages(meta)
+        heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE)
+        if meta.is_decode:
+            self.decode_wrapper.plan(kv_indptr, indices, last_len, *heads, **self._plan_kw)
+            self.active = self.decode_wrapper
+        else:
+            qo_indptr = indptr(np.asarray(meta.extend_lens_cpu, dtype=np.int32))
+            self.prefill_wrapper.plan(qo_indptr, kv_indptr, indices, last_len, *heads, causal=True, **self._plan_kw)
+            self.active = self.prefill_wrapper
+        self.meta = meta
+
+    # ------------------------------------------------------------ CUDA graphs (decode)
+
+    def init_graphs(self, max_bs: int, max_kv_tokens: int) -> None:
+        """Index buffers shared by the graph-mode wrappers: up to `max_bs` requests, `max_kv_tokens` pages."""
+        self.graph_wrappers = {}
+        self._g_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
+        self._g_indices = torch.zeros(max_kv_tokens, dtype=torch.int32, device=self.device)
+        self._g_last_len = torch.ones(max_bs, dtype=torch.int32, device=self.device)
+
+    def prepare_graph(self, meta: ForwardMeta) -> None:
+        """Plan the graph-mode decode wrapper of exactly this (padded) batch size; capture or replay follows."""
+        bs = meta.batch_size
+        wrapper = self.graph_wrappers.get(bs)
+        if wrapper is None:
+            wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=self._g_indptr[:bs + 1], paged_kv_indices_buffer=self._g_indices,
+                paged_kv_last_page_len_buffer=self._g_last_len[:bs])
+            self.graph_wrappers[bs] = wrapper
+        kv_indptr, indices, last_len = self._pages(meta)
+        wrapper.plan(kv_indptr, indices, last_len, self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE,
+                     **self._plan_kw)
+        self.active = wrapper
+        self.meta = meta
+
+    # ------------------------------------------------------------ per layer
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        self.kv_cache.store(layer_id, self.meta.out_slots, k, v)
+        return self.active.run(q, self.pages[layer_id])

@@ -1,0 +1,112 @@
+"""Triton kernels (CUDA only) that fuse the small element-wise steps of a decoder layer.
+
+At batch-1 decode each layer is a handful of matrix-vector products and many tiny element-wise kernels;
+inside a CUDA graph every kernel still costs a couple of microseconds, so fewer kernels is faster.
+Each kernel rounds where the unfused torch code (and HF) rounds, so results match it to float32 noise:
+  add_rmsnorm:  residual = bf16(x + residual); out = bf16(bf16(normalise_f32(residual)) * weight)
+  silu_and_mul: bf16(bf16(silu(gate)) * up)
+  rotary:       rotate-half RoPE of q and k heads together, computed in float32, rounded once
+triton is imported lazily, on the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def _kernels():  # noqa: C901 (kernel definitions)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_rmsnorm(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, stride_x, stride_r, eps,
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
+        h = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+        normed = (h * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n_cols + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def silu_and_mul(x_ptr, out_ptr, n, stride_x, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0)
+        act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
+        tl.store(out_ptr + row * n + cols, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def rotary(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xt, stride_xh, stride_ct, half,
+               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < heads) & (d < half)
+        src = x_ptr + t * stride_xt + h * stride_xh + d
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + t * stride_ct + d, mask=d < half, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + t * stride_ct + d, mask=d < half, other=0.0).to(tl.float32)
+        dst = out_ptr + (t * heads + h) * (2 * half) + d
+        tl.store(dst, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + half, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+    return add_rmsnorm, silu_and_mul, rotary
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rmsnorm(x [+ residual]) * weight, x [+ residual]) for x [T, n] with unit stride along n."""
+    kernel = _kernels()[0]
+    rows, n = x.shape
+    assert x.stride(1) == 1 and (residual is None or residual.stride(1) == 1)
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else None
+    block = _pow2(n)
+    if rows:
+        kernel[(rows,)](x, residual if residual is not None else x, weight, out, res_out if res_out is not None else out,
+                        n, x.stride(0), residual.stride(0) if residual is not None else 0, eps,
+                        HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)))
+    return out, res_out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2n] (gate | up) -> silu(gate) * up [T, n]."""
+    kernel = _kernels()[1]
+    rows, n = x.shape[0], x.shape[1] // 2
+    assert x.dim() == 2 and x.stride(1) == 1
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    block = 1024
+    if rows:
+        kernel[(rows, -(-n // block))](x, out, n, x.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] (unit stride along D) rotate-half RoPE with cos/sin [T, 1, D/2] -> new contiguous [T, H, D]."""
+    kernel = _kernels()[2]
+    tokens, heads, dim = x.shape
+    assert x.stride(2) == 1 and cos.stride(2) == 1 and sin.stride(0) == cos.stride(0)
+    out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
+    if tokens:
+        kernel[(tokens,)](x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0), dim // 2,
+                          BLOCK_H=_pow2(heads), BLOCK_D=_pow2(dim // 2), num_warps=4)
+    return out
+
