@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 CONFIGS = ROOT / "radixserve" / "model_configs"
 # The issue's reference ceilings for an H200 (measured 2026-11-28); `ceilings` measures this GPU's too.
 REF_BW, REF_FLOPS = 4.25e12, 783e12
-SECTIONS = {"env": 60, "ceilings": 60, "pytest": 420, "runner": 300, "hf": 150, "engine": 180, "tp2_70b": 300}
+SECTIONS = {"env": 60, "ceilings": 60, "pytest": 300, "runner": 240, "engine": 150, "tp2_70b": 240, "hf": 120}
 
 
 def _sync_time(fn, reps: int) -> float:
@@ -169,26 +169,90 @@ def _check_fused_ops() -> dict:
     import torch
 
     import worker_proc.layers as layers
+    from worker_proc import fused
+    from worker_proc.kv_cache import KVCache
 
     torch.manual_seed(0)
     x, res = (torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     norm = layers.RMSNorm(4096, 1e-5, torch.bfloat16, "cuda")
     norm.weight.data.normal_(1.0, 0.1)
     gu = torch.randn(37, 2 * 14336, device="cuda", dtype=torch.bfloat16)
-    qk = torch.randn(37, 48 + 8, 128, device="cuda", dtype=torch.bfloat16)[:, :40]  # a strided view, as in the model
+    qkv = torch.randn(37, 48, 128, device="cuda", dtype=torch.bfloat16)  # q | k | v heads, as in the model
     cos, sin = (torch.randn(37, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    slots = torch.randperm(100, device="cuda")[:37].to(torch.int32) + 1
 
     def outputs() -> list[torch.Tensor]:
-        return [*norm(x, res), layers.SiluAndMul()(gu), layers.apply_rotary(qk, cos, sin)]
+        cache = KVCache(1, 101, 8, 128, torch.bfloat16, "cuda")
+        cache.store(0, slots, qkv[:, 32:40], qkv[:, 40:])
+        return [*norm(x, res), layers.SiluAndMul()(gu), layers.apply_rotary(qkv[:, :40], cos, sin), cache.k[0],
+                cache.v[0]]
 
-    fused = outputs()
-    layers.FUSED_KERNELS = False
+    with_fused = outputs()
+    fused.ENABLED = False
     try:
         plain = outputs()
     finally:
-        layers.FUSED_KERNELS = True
-    names = ("add_rmsnorm", "residual", "silu_and_mul", "rotary")
-    return {n: ((f.float() - p.float()).norm() / p.float().norm()).item() for n, f, p in zip(names, fused, plain)}
+        fused.ENABLED = True
+    names = ("add_rmsnorm", "residual", "silu_and_mul", "rotary", "store_k", "store_v")
+    return {n: ((f.float() - p.float()).norm() / p.float().norm()).item() for n, f, p in zip(names, with_fused, plain)}
+
+
+def _step_phases(runner, synth, bs: int, ctx: int) -> dict:
+    """Where one graph decode step's time goes, each phase synchronised (median ms of 20): upload + block table,
+    attention plan (FlashInfer plan + page indices), graph replay (the forward), sampling + copies to the host."""
+    import numpy as np
+    import torch
+
+    from worker_proc.model_runner import StepArrays
+    from worker_proc.sampling import sample
+
+    graph_bs = runner.graphs.padded_size(bs)
+    a = StepArrays(np.arange(bs, dtype=np.int32), np.full(bs, ctx, np.int32), np.ones(bs, np.int32), synth.ids(bs),
+                   synth.slots(bs))
+    params = runner.slot_params.batch(a.req_slots, np.zeros(bs, np.int32))
+    phases: dict[str, list[float]] = {"upload": [], "plan": [], "replay": [], "sample": []}
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        d = runner._to_device(a.padded(graph_bs, runner.pad_row), is_decode=True)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        runner.attn.prepare_graph(d.meta)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        logits = runner.graphs.replay(graph_bs)[:bs]
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        ids, lps = sample(logits, params)
+        ids.cpu(), lps.gather(1, ids[:, None]).cpu()
+        t4 = time.perf_counter()
+        for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[k].append(dt * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
+
+
+def _decode_attention_kernels(runner, bs: int, ctx: int) -> dict:
+    """One layer's decode attention alone: FlashInfer's CUDA-core vs tensor-core kernel, contiguous vs scattered pages."""
+    import flashinfer
+    import torch
+
+    k, v = runner.kv_cache.k[0].unsqueeze(1), runner.kv_cache.v[0].unsqueeze(1)
+    heads, kv_heads, dim = runner.model.num_q_heads_local, k.shape[2], k.shape[3]
+    q = torch.randn(bs, heads, dim, dtype=torch.bfloat16, device="cuda")
+    indptr = torch.arange(bs + 1, dtype=torch.int32) * ctx
+    workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    pages = {"contiguous": torch.arange(1, bs * ctx + 1, dtype=torch.int32, device="cuda"),
+             "scattered": torch.randperm(runner.num_kv_slots - 1, device="cuda")[:bs * ctx].to(torch.int32) + 1}
+    res = {}
+    for tensor_cores in (False, True):
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
+        for layout, indices in pages.items():
+            wrapper.plan(indptr, indices, torch.ones(bs, dtype=torch.int32), heads, kv_heads, dim, 1,
+                         q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+            s = _sync_time(lambda w=wrapper: w.run(q, (k, v)), 20)
+            res[f"{'tensor' if tensor_cores else 'cuda'}_cores_{layout}"] = {
+                "us": s * 1e6, "kv_TBps": bs * ctx * kv_heads * dim * 2 * 2 / s / 1e12}
+    return res
 
 
 def _profile_eager_decode(synth, out: Path) -> dict:
@@ -220,8 +284,8 @@ def section_runner(out: Path) -> dict:
     import numpy as np
     import torch
 
-    import worker_proc.layers as layers
     from radixserve.config import ServerArgs
+    from worker_proc import fused
     from worker_proc.model_runner import ModelRunner
 
     model_dir = str(CONFIGS / "llama-3.1-8b")
@@ -294,7 +358,7 @@ def section_runner(out: Path) -> dict:
         res["graphs_greedy_identical"] = synth.greedy(prompts, 24) == eager_tokens
         for variant in ("graphs", "graphs_unfused"):
             if variant == "graphs_unfused":  # the element-wise steps as plain torch kernels
-                layers.FUSED_KERNELS = False
+                fused.ENABLED = False
                 runner.graphs = None
                 torch.cuda.empty_cache()
                 runner.graphs = runner._capture_graphs()
@@ -303,7 +367,11 @@ def section_runner(out: Path) -> dict:
             r["bs256_ctx1k"] = decode(256, 1024, 30)
             r["bs256_ctx1k"]["graph_gpu_ms"] = graph_ms(256)
             r["prefill_8x2048"] = prefill()
-        layers.FUSED_KERNELS = True
+            if variant == "graphs":
+                r["phases_bs1"] = guarded(_step_phases, runner, synth, 1, 600)
+                r["phases_bs256"] = guarded(_step_phases, runner, synth, 256, 1030)
+                r["attention_bs256_ctx1k"] = guarded(_decode_attention_kernels, runner, 256, 1024)
+        fused.ENABLED = True
     return res
 
 
@@ -350,7 +418,7 @@ def section_engine() -> dict:
     t = time.monotonic()
     with Engine(str(CONFIGS / "llama-3.1-8b"), load_format="dummy", skip_tokenizer_init=True, context_length=4096,
                 max_running_requests=128, cuda_graph_max_bs=128) as eng:
-        res = {"startup_s": time.monotonic() - t, "kv_tokens": eng.server_info()["max_total_num_tokens"]}
+        res = {"startup_s": time.monotonic() - t, "kv_tokens": eng.server_info()["scheduler"]["max_total_num_tokens"]}
         _engine_bench(eng, 2, 64, 8, seed=0)  # warm-up
         res["bs1"] = _engine_bench(eng, 1, 512, 128, seed=1)
         res["bs128"] = _engine_bench(eng, 128, 512, 128, seed=2)
@@ -373,7 +441,7 @@ def section_tp2_70b() -> dict:
                         disable_cuda_graph=not graphs) as eng:
                 info = eng.server_info()
                 res["startup_s"] = time.monotonic() - t
-                res["kv_tokens"], res["cuda_graphs"] = info["max_total_num_tokens"], graphs
+                res["kv_tokens"], res["cuda_graphs"] = info["scheduler"]["max_total_num_tokens"], graphs
                 res["weight_GB_total"] = info["worker"]["weight_bytes"] / 1e9
                 _engine_bench(eng, 2, 64, 8, seed=0)
                 res["bs1"] = _engine_bench(eng, 1, 256, 64, seed=1)
@@ -414,6 +482,14 @@ def summary(results: dict) -> str:
                      f"{b1['floor_tok_s']:.0f}; target 225) | bs256x1k {b256['tok_s']:.0f} tok/s "
                      f"({b256['pct_of_floor']:.0f}% of floor {b256['floor_tok_s']:.0f}; target 70%) | prefill 8x2048 "
                      f"{pf['TFLOPs']:.0f} TFLOP/s ({pf['pct_of_783']:.0f}% of 783; target 50%)")
+    for key in ("phases_bs1", "phases_bs256"):
+        ph = r.get("graphs", {}).get(key, {})
+        if "replay" in ph:
+            lines.append(f"{key} (ms, synchronised): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+    att = r.get("graphs", {}).get("attention_bs256_ctx1k", {})
+    if att and "error" not in att:
+        lines.append("decode attention bs256 x 1k, one layer: " +
+                     ", ".join(f"{k} {v['us']:.0f} us ({v['kv_TBps']:.2f} TB/s)" for k, v in att.items()))
     if "eager_bs1" in r:
         lines.append(f"eager (no graphs) decode bs1: {r['eager_bs1']['tok_s']:.0f} tok/s; "
                      f"greedy identical with/without graphs: {r.get('graphs_greedy_identical')}")

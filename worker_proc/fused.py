@@ -6,6 +6,7 @@ Each kernel rounds where the unfused torch code (and HF) rounds, so results matc
   add_rmsnorm:  residual = bf16(x + residual); out = bf16(bf16(normalise_f32(residual)) * weight)
   silu_and_mul: bf16(bf16(silu(gate)) * up)
   rotary:       rotate-half RoPE of q and k heads together, computed in float32, rounded once
+  store_kv:     new K and V (strided views of the projection) into their KV-cache slots, in one kernel
 triton is imported lazily, on the first call.
 """
 
@@ -14,6 +15,10 @@ from __future__ import annotations
 import functools
 
 import torch
+
+ENABLED = True
+"""Callers (layers.py, kv_cache.py) use these kernels for CUDA tensors while True; False runs their plain
+torch code (for comparisons)."""
 
 
 @functools.cache
@@ -64,7 +69,21 @@ def _kernels():  # noqa: C901 (kernel definitions)
         tl.store(dst, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + half, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=mask)
 
-    return add_rmsnorm, silu_and_mul, rotary
+    @triton.jit
+    def store_kv(k_ptr, v_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                 heads, dim, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < heads) & (d < dim)
+        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+        dst = slot * heads * dim + h * dim + d
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+    return add_rmsnorm, silu_and_mul, rotary, store_kv
 
 
 def _pow2(n: int) -> int:
@@ -110,3 +129,14 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
                           BLOCK_H=_pow2(heads), BLOCK_D=_pow2(dim // 2), num_warps=4)
     return out
 
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """k_cache[slots] = k and v_cache[slots] = v for k/v [T, H, D] (unit stride along D), caches [N, H, D]."""
+    kernel = _kernels()[3]
+    tokens, heads, dim = k.shape
+    assert k.stride(2) == 1 and v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    if tokens:
+        kernel[(tokens,)](k, v, slots, k_cache, v_cache, k.stride(0), k.stride(1), v.stride(0), v.stride(1), heads, dim,
+                          BLOCK_H=_pow2(heads), BLOCK_D=_pow2(dim), num_warps=4)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from worker_proc import fused
+
 
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
@@ -18,6 +20,9 @@ class KVCache:
         self.dtype = dtype
 
     def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if fused.ENABLED and k.is_cuda:
+            fused.store_kv(self.k[layer_id], self.v[layer_id], slots, k, v)
+            return
         self.k[layer_id][slots] = k.to(self.dtype)
         self.v[layer_id][slots] = v.to(self.dtype)
 

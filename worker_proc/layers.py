@@ -20,9 +20,6 @@ from worker_proc.parallel import tp_all_gather, tp_all_reduce, tp_rank, tp_size
 
 ShardId = Hashable  # None for a plain tensor; 0/1 for gate/up; "q"/"k"/"v" for qkv
 Loader = Callable[[nn.Parameter, torch.Tensor, ShardId], None]
-FUSED_KERNELS = True
-"""On CUDA, run RMSNorm (+ residual add), SiluAndMul and RoPE as one Triton kernel each (worker_proc.fused,
-rounding where the torch code does); False runs the torch code everywhere (for comparisons)."""
 
 
 def make_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
@@ -56,8 +53,8 @@ class RMSNorm(nn.Module):
         self.weight = make_param((dim,), dtype, device, load_replicated, {None: (dim,)})
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
-        """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
-        if FUSED_KERNELS and x.is_cuda and x.dim() == 2:
+        """norm(x), or with `residual`: (norm(x + residual), x + residual); one Triton kernel on CUDA."""
+        if fused.ENABLED and x.is_cuda and x.dim() == 2:
             out, residual = fused.add_rmsnorm(x, self.weight, self.eps, residual)
             return out if residual is None else (out, residual)
         if residual is not None:
@@ -111,7 +108,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] rotated pairwise (x[i], x[i + D/2]) as HF's rotate_half form, in four kernels (one fused on CUDA)."""
-    if FUSED_KERNELS and x.is_cuda:
+    if fused.ENABLED and x.is_cuda:
         return fused.rotary(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     out = torch.empty_like(x)
@@ -122,10 +119,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SiluAndMul(nn.Module):
-    """[.., 2n] -> silu(x[.., :n]) * x[.., n:] (the gate/up halves of a merged projection)."""
+    """[.., 2n] -> silu(x[.., :n]) * x[.., n:] (the gate/up halves of a merged projection); one kernel on CUDA."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if FUSED_KERNELS and x.is_cuda:
+        if fused.ENABLED and x.is_cuda:
             return fused.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -58,8 +58,8 @@ class SlotParams:
         self.prompt_ids[s] = from_i32(nr.prompt_ids) if nr.prompt_ids else None
 
     def batch(self, slots: np.ndarray, offsets: np.ndarray) -> SamplingBatch:
-        banned = [(row, self.stop_ids[s]) for row, s in enumerate(slots)
-                  if offsets[row] < self.min_new_tokens[s] and len(self.stop_ids[s])]
+        banned = [(row, self.stop_ids[slots[row]]) for row in np.flatnonzero(offsets < self.min_new_tokens[slots])
+                  if len(self.stop_ids[slots[row]])]
         return SamplingBatch(self.temperature[slots], self.top_p[slots], self.top_k[slots], self.min_p[slots],
                              self.seed[slots], offsets, banned)
 
@@ -222,8 +222,8 @@ class ModelRunner:
         offsets = from_i32(b.sample_offsets)
         next_ids, logprobs = sample(logits, self.slot_params.batch(a.req_slots, offsets))
         chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
-        tops = {i: top_logprobs(logprobs[i], int(k)) for i, k in enumerate(self.slot_params.top_logprobs_num[a.req_slots])
-                if k > 0}
+        top_k = self.slot_params.top_logprobs_num[a.req_slots]
+        tops = {int(i): top_logprobs(logprobs[i], int(top_k[i])) for i in np.flatnonzero(top_k)}
         result = StepResult(step=b.step, next_ids=next_ids.to(torch.int32).cpu().numpy().tobytes(),
                             next_logprobs=chosen.float().cpu().numpy().tobytes(), top_logprobs=tops)
         for i, (lps, top) in input_lps.items():

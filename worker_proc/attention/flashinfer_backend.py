@@ -3,8 +3,9 @@
 Page size 1, NHD layout: a layer's K tensor [num_slots, kv_heads, head_dim] is viewed as
 [num_slots, 1, kv_heads, head_dim], so page p is KV slot p and a request's page indices are its row
 of req_to_token. `prepare` plans once per step; every layer's `forward` reuses that plan:
-  decode (one new token per request): BatchDecodeWithPagedKVCacheWrapper on the tensor-core path,
-    which takes every GQA group size (the CUDA-core path rejects some, e.g. 7 in Qwen2.5-7B);
+  decode (one new token per request): BatchDecodeWithPagedKVCacheWrapper, on the CUDA-core kernel for
+    GQA groups of up to 4 query heads per KV head (as SGLang chooses) and on the tensor-core path for
+    larger groups (which also takes the group sizes the CUDA-core kernel rejects, e.g. 7 in Qwen2.5-7B);
   extend / prefill: BatchPrefillWithPagedKVCacheWrapper with a causal mask aligned bottom-right, so the
     new tokens see the cached prefix and each other causally (the new K/V are stored before attending).
 For CUDA graphs, `prepare_graph` plans a graph-mode decode wrapper per captured batch size; all of them
@@ -65,8 +66,9 @@ class FlashInferBackend(AttentionBackend):
         self.num_kv_heads = kv_cache.k[0].shape[1]
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
-                                                                            use_tensor_cores=True)
+        self.decode_tensor_cores = num_q_heads // self.num_kv_heads > 4
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores)
         self.pages = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv_cache.k, kv_cache.v)]
         self._plan_kw = dict(q_data_type=kv_cache.dtype, kv_data_type=kv_cache.dtype, sm_scale=self.scale)
         self.graph_wrappers: dict[int, object] = {}
@@ -107,7 +109,7 @@ class FlashInferBackend(AttentionBackend):
         wrapper = self.graph_wrappers.get(bs)
         if wrapper is None:
             wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.decode_tensor_cores,
                 paged_kv_indptr_buffer=self._g_indptr[:bs + 1], paged_kv_indices_buffer=self._g_indices,
                 paged_kv_last_page_len_buffer=self._g_last_len[:bs])
             self.graph_wrappers[bs] = wrapper
