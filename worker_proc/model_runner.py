@@ -224,8 +224,10 @@ class ModelRunner:
         chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
         top_k = self.slot_params.top_logprobs_num[a.req_slots]
         tops = {int(i): top_logprobs(logprobs[i], int(top_k[i])) for i in np.flatnonzero(top_k)}
-        result = StepResult(step=b.step, next_ids=next_ids.to(torch.int32).cpu().numpy().tobytes(),
-                            next_logprobs=chosen.float().cpu().numpy().tobytes(), top_logprobs=tops)
+        # One copy to the host: token ids (< 2**24) are exact in float32.
+        host = torch.stack((next_ids.float(), chosen.float())).cpu().numpy()
+        result = StepResult(step=b.step, next_ids=host[0].astype(np.int32).tobytes(), next_logprobs=host[1].tobytes(),
+                            top_logprobs=tops)
         for i, (lps, top) in input_lps.items():
             result.input_logprobs[i] = lps
             if top is not None:
