@@ -121,7 +121,8 @@ class Gateway:
         return web.Response(text="OK")
 
     async def health_generate(self, request: web.Request) -> web.Response:
-        req = wire.GenerateText(rid=f"health-{uuid.uuid4().hex}", text="Hi",
+        # Token ids, not text: the check must also pass on a server without a tokenizer.
+        req = wire.GenerateText(rid=f"health-{uuid.uuid4().hex}", input_ids=[0],
                                 sampling=wire.SamplingParams(max_new_tokens=1, temperature=0.0))
         gen = self.client.submit([req])
         try:
