@@ -196,6 +196,7 @@ def save_plot(report: dict[str, Any], path: Path) -> None:
 def _run_panels(report: dict[str, Any]) -> list:
     runs = report["runs"]
     labels = list(dict.fromkeys(r["label"] for r in runs))
+    main = report["main_label"]
     swept = next((k for k in POINT_KEYS if len({r.get(k) for r in runs}) > 1), None)
 
     def by_point(ax: Any) -> None:
@@ -223,7 +224,8 @@ def _run_panels(report: dict[str, Any]) -> list:
             ax.annotate(f"hit {r['metrics']['cache_hit_rate']:.0%}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize="small")
         ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize="small")
-        ax.set(ylabel="output tokens / s", title="radix on / off" + (" / HF" if "hf" in labels else ""))
+        title = " / ".join(n for n, key in (("radix on", main), ("off", "no-radix"), ("HF", "hf")) if key in labels)
+        ax.set(ylabel="output tokens / s", title=title if len(labels) > 1 else "throughput by run")
 
     panels = [by_point] if swept else []
     if any(r.get("ttft_ms_values") for r in runs):

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -317,7 +318,10 @@ def _wait_ready(proc: subprocess.Popen, url: str, log_path: str) -> None:
             with urllib.request.urlopen(f"{url}/health_generate", timeout=30) as resp:
                 if resp.status == 200:
                     return
-        except OSError:
+        except urllib.error.HTTPError as e:
+            if e.code != 503:  # 503: still loading
+                raise RuntimeError(f"the server's /health_generate answered {e.code}: {e.read()[:300]!r}") from None
+        except OSError:  # not listening yet
             pass
         time.sleep(0.5)
     raise TimeoutError(f"the server was not ready within {START_TIMEOUT_S:.0f} s; its log: {log_path}")
