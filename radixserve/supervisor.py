@@ -56,6 +56,9 @@ def start_backend(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_di
 
     args_json = msgspec.json.encode(args)
     me = os.getpid()
+    # CPU workers share the cores with the scheduler and tokenizers: OpenMP threads that spin while
+    # waiting starve them (a loaded 2-core box ran decode 5x slower). Read by libgomp at import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     group.add(run_scheduler, "scheduler", args_json, ipc.root, num_replies, me)
     for rank in range(args.tp_size):
         group.add(run_worker, f"worker-{rank}", args_json, ipc.root, rank, model_dir, me)

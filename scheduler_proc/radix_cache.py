@@ -57,7 +57,7 @@ def _as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr
 
 
-def _common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if diff.size else n
@@ -143,7 +143,7 @@ class RadixCache:
             child = node.children.get(int(key[pos]))
             if child is None:
                 break
-            m = _common_prefix_len(child.key, key[pos:])
+            m = common_prefix_len(child.key, key[pos:])
             if not touch:
                 pos += m
                 if m < len(child.key):

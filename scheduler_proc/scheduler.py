@@ -23,7 +23,7 @@ from radixserve.wire import (
     i32,
 )
 from scheduler_proc.kv_pool import KVSlotAllocator
-from scheduler_proc.radix_cache import RadixCache
+from scheduler_proc.radix_cache import RadixCache, common_prefix_len
 from scheduler_proc.request import Req, Stage
 from scheduler_proc.sessions import SessionError, SessionTable
 
@@ -31,6 +31,7 @@ log = logging.getLogger("radixserve.scheduler")
 
 
 LPM_MAX_QUEUE = 128
+DEFER_MIN_SHARED = 16  # a waiting request sharing this many uncached tokens with one in the batch waits a step
 Routed = tuple[int, ReqOut]  # (reply_to, output)
 
 
@@ -196,18 +197,30 @@ class Scheduler:
                     break
                 entries.append((req, n))
                 budget -= n
+        # Prompts being computed now: a waiting request that shares an uncached prefix with one of
+        # them waits for the next step, when that prefix is in the tree, instead of computing it twice.
+        computing = [r.fill_ids() for r, _ in entries] if self.use_cache else []
         new_reqs = []
         for req in self._order_waiting():
             if budget <= 0 or not self.free_req_slots:
                 break
+            if computing and self._shares_uncached_prefix(req, computing):
+                continue
             admitted = self._admit(req, budget)
             if admitted is None:
                 break
             new_req, n = admitted
+            if self.use_cache:
+                computing.append(req.fill_ids())
             new_reqs.append(new_req)
             entries.append((req, n))
             budget -= n
         return entries, new_reqs
+
+    def _shares_uncached_prefix(self, req: Req, computing: list[np.ndarray]) -> bool:
+        key = self._match_key(req)
+        cached = self.cache.peek_prefix_len(key)
+        return any(common_prefix_len(key, other) - cached >= DEFER_MIN_SHARED for other in computing)
 
     def _admit(self, req: Req, budget: int) -> tuple[NewReq, int] | None:
         """Move `req` from waiting to running if its KV fits, holding its cached prefix."""
@@ -288,6 +301,8 @@ class Scheduler:
         outs = []
         for i, (req, n) in enumerate(self.inflight):
             req.cached_len += n
+            if self.use_cache and req.stage == Stage.PREFILL:
+                self._cache_computed(req)
             if i in result.input_logprobs:
                 if not req.input_logprobs and req.logprob.logprob_start_len == 0:
                     req.input_logprobs.append(None)
@@ -315,6 +330,18 @@ class Scheduler:
             outs.append((req.reply_to, out))
         self.inflight = []
         return outs
+
+    def _cache_computed(self, req: Req) -> None:
+        """Hand the prompt KV computed so far to the tree now (not at finish), so that requests
+        admitted meanwhile share it; the request keeps it locked."""
+        key = req.token_slice(0, req.cached_len)
+        if self.cache.peek_prefix_len(key) != req.prefix_len:
+            return  # another request cached part of it meanwhile: ours is freed as duplicates at release
+        self.cache.insert(key, self.req_to_token[req.req_slot, :req.cached_len])
+        node = self.cache.match_prefix(key).node
+        self.cache.lock(node)
+        self.cache.unlock(req.prefix_node)
+        req.prefix_node, req.prefix_len = node, req.cached_len
 
     def _check_finish(self, req: Req) -> FinishReason | None:
         sp = req.sampling
@@ -397,3 +424,4 @@ class Scheduler:
                 "max_total_num_tokens": cap, "kv_free_tokens": self.allocator.num_free,
                 "kv_cached_tokens": self.cache.total_size, "kv_evictable_tokens": self.cache.evictable_size,
                 "token_usage": round(used / cap, 4), **self.sessions.info(), **self.stats}
+

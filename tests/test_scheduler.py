@@ -102,3 +102,24 @@ def test_invariants_hold_under_random_traffic(reqs, chunk, pool, data):
                 s.abort(f"r{i}")
                 s.check_invariants()
     assert not s.running and not s.waiting
+
+
+def test_requests_sharing_a_prefix_compute_it_once():
+    s = Scheduler(ServerArgs(max_running_requests=8, chunked_prefill_size=256), num_kv_slots=2000, context_length=1024)
+    prefix = list(range(100, 400))
+    for i in range(4):  # all arrive together: only the first computes the 300 shared tokens
+        s.add_request(request(f"r{i}", prefix + [500 + i, 600 + i], max_new=4))
+    outs = run_until_idle(s)
+    cached = {o.rid: o.cached_tokens for o in outs if o.finish is not None}
+    assert cached["r0"] == 0
+    assert all(cached[f"r{i}"] >= 300 for i in range(1, 4))
+
+
+def test_a_chunked_prompt_is_shared_while_it_is_still_being_computed():
+    s = Scheduler(ServerArgs(max_running_requests=8, chunked_prefill_size=64), num_kv_slots=2000, context_length=1024)
+    long = list(range(100, 400))
+    s.add_request(request("long", long, max_new=2))
+    for _ in range(3):  # three chunks of 64 tokens are in the tree now
+        s.process_result(answer(s.schedule()))
+    s.check_invariants()
+    assert s.cache.peek_prefix_len(np.asarray(long)) >= 192
