@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 
 import msgspec
@@ -17,6 +18,8 @@ from radixserve.procutil import child_init
 from worker_proc import parallel
 
 log = logging.getLogger("radixserve.worker")
+ERROR_LINGER_MS = 2000
+ERROR_EXIT_DELAY_S = 2.0
 
 
 def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, parent_pid: int) -> None:
@@ -57,5 +60,9 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
         log.error("worker %d failed:\n%s", rank, traceback.format_exc())
         if out is not None:
             out.send(wire.WorkerError(rank=rank, message=f"{type(e).__name__}: {e}"))
+        # Deliver the error (the sockets do not linger), and let it reach the client before the supervisor
+        # sees a dead worker: every rank waits, since any child's exit stops the server with a bare exit code.
+        ctx.destroy(linger=ERROR_LINGER_MS)
+        time.sleep(ERROR_EXIT_DELAY_S)
         os._exit(1)
     os._exit(0)
