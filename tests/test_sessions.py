@@ -11,7 +11,7 @@ GREEDY = {"temperature": 0, "max_new_tokens": 12}
 
 @pytest.fixture(scope="module")
 def engine():
-    with Engine(max_total_tokens=1024, max_running_requests=8, session_kv_budget=512) as eng:
+    with Engine(max_total_tokens=512, max_running_requests=8, session_kv_budget=256) as eng:
         yield eng
 
 
@@ -69,7 +69,7 @@ def test_open_session_survives_a_flood_then_can_be_evicted(engine):
     sid = engine.open_session()
     first = turn(engine, sid, None, "Remember the secret word: pineapple. Say ok.")
     history = first["meta_info"]["prompt_tokens"] + first["meta_info"]["completion_tokens"]
-    flood = [list(range(1000 + 300 * i, 1000 + 300 * i + 250)) for i in range(8)]  # 2000 tokens > 1024 pool
+    flood = [list(range(1000 + 200 * i, 1000 + 200 * i + 150)) for i in range(4)]  # 600 tokens > 512 pool
     engine.generate(input_ids=flood, sampling_params={"temperature": 0, "max_new_tokens": 4})
     info = engine.check_invariants()
     assert info["session_pinned_tokens"] >= history - 1
