@@ -109,7 +109,12 @@ class ModelRunner:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         log.info("rank %d loaded %s (%.2f GB, %s) in %.1f s", rank, hf_config.architectures, self.weight_bytes / 1e9,
                  self.dtype, time.monotonic() - t0)
-        self.context_length = args.context_length or hf_config.max_position_embeddings
+        # Positions past the model's rotary table have no embedding: never serve beyond it.
+        self.context_length = min(args.context_length or hf_config.max_position_embeddings,
+                                  hf_config.max_position_embeddings)
+        if args.context_length and args.context_length > self.context_length:
+            log.warning("--context-length %d exceeds the model's %d positions: using %d", args.context_length,
+                        self.context_length, self.context_length)
         m = self.model
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
         self.num_kv_slots = parallel.tp_min(self._kv_slots_that_fit()) + 1  # + the padding slot 0
