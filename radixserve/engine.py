@@ -45,11 +45,13 @@ class Engine:
         try:
             try:
                 ready = self._wait_reply("ready", timeout=600)
-            except ChildDied:
+            except ChildDied as e:
                 # A worker that failed to start may exit before the scheduler relays why: wait for it.
                 ready = self._inbox.recv(timeout_ms=2000)
                 if not isinstance(ready, wire.ControlReply):
-                    raise
+                    raise RuntimeError(f"radixserve failed to start: {e} (its log says why; from a script, create "
+                                       "the Engine under `if __name__ == '__main__':`, since child processes "
+                                       "re-import the main module)") from e
             if not ready.ok:
                 raise RuntimeError(f"radixserve failed to start: {ready.error}")
             self.worker_info = ready.result
