@@ -117,6 +117,8 @@ class Scheduler:
         if req.stage == Stage.WAITING:
             self.waiting.remove(req)
         else:
+            if finish is not None and finish.length is not None:
+                self._truncate_output(req, finish.length)
             self._release(req)
         req.finish = finish or FinishReason(type="abort", message="aborted")
         self._end_session_turn(req)
@@ -368,6 +370,17 @@ class Scheduler:
         req.stage = Stage.FINISHED
         self.stats["finished_requests"] += 1
         del self.reqs[req.rid]
+
+    def _truncate_output(self, req: Req, kept: int) -> None:
+        """Drop output past `kept` tokens (a stop string matched earlier); free the KV of what is dropped."""
+        if kept >= len(req.output_ids):
+            return
+        del req.output_ids[kept:]
+        valid = min(req.cached_len, req.fill_len)
+        # Tokens past the prompt were never handed to the tree, so slots [valid, cached_len) are the request's own.
+        assert valid >= req.prefix_len
+        self.allocator.free(self.req_to_token[req.req_slot, valid:req.cached_len].copy())
+        req.cached_len = valid
 
     def _end_session_turn(self, req: Req) -> None:
         """A session turn that ended normally keeps its computed context pinned in the cache."""

@@ -81,3 +81,21 @@ def test_open_session_survives_a_flood_then_can_be_evicted(engine):
     ids = engine.tokenizer.encode("Remember the secret word: pineapple. Say ok.", add_special_tokens=False)
     fresh = engine.generate(input_ids=ids, sampling_params=GREEDY)
     assert fresh["meta_info"]["cached_tokens"] == 0
+
+
+def test_a_stop_string_ends_the_turn_where_it_matched(engine):
+    sid = engine.open_session()
+    first = turn(engine, sid, None, "Count: one, two, three, four, five, six,", max_new_tokens=24, ignore_eos=True)
+    text = first["text"]
+    assert len(text) > 4
+    stop = text[2:4]
+    cut = turn(engine, sid, None, "Count: one, two, three, four, five, six,", max_new_tokens=24, ignore_eos=True,
+               stop=[stop])
+    assert cut["meta_info"]["finish_reason"]["matched"] == stop
+    meta = cut["meta_info"]
+    nxt = turn(engine, sid, meta["id"], " seven")
+    new_len = len(engine.tokenizer.encode(" seven", add_special_tokens=False))
+    # The next turn continues from exactly what the client saw, not the tokens generated past the match.
+    assert nxt["meta_info"]["prompt_tokens"] == meta["prompt_tokens"] + meta["completion_tokens"] + new_len
+    engine.close_session(sid)
+    engine.check_invariants()

@@ -44,7 +44,10 @@ class RequestOutput:
             self.finish = out.finish
             return None
         self.finish = wire.FinishReason(type="stop", matched=matched)
-        return self.finish if out.finish is None else None
+        if out.finish is not None:
+            return None
+        # Tell the scheduler where the output ends: it may have generated a few tokens past the match.
+        return wire.FinishReason(type="stop", matched=matched, length=len(self.text.output_ids))
 
     def meta(self) -> dict[str, Any]:
         n_out = len(self.text.output_ids)
