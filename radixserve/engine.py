@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
+import shutil
 import time
 import uuid
 from typing import Any
@@ -135,7 +135,7 @@ class Engine:
         finally:
             self.procs.stop(timeout=2)
             self._ctx.destroy(linger=0)
-            _remove_tree(self.ipc.root)
+            shutil.rmtree(self.ipc.root, ignore_errors=True)
 
     def __enter__(self) -> Engine:
         return self
@@ -204,14 +204,3 @@ def _as_batch(prompt: Any, input_ids: Any) -> tuple[bool, list]:
     single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
     return single, [prompt] if single else list(prompt)
 
-
-def _remove_tree(path: str) -> None:
-    for name in os.listdir(path):
-        try:
-            os.unlink(os.path.join(path, name))
-        except OSError:
-            pass
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass

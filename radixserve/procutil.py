@@ -50,6 +50,6 @@ def child_init(name: str, parent_pid: int, log_level: str) -> None:
 
 
 def spawn(target, name: str, *args) -> mp.Process:
-    proc = mp.get_context("spawn").Process(target=target, name=name, args=(*args,), daemon=False)
+    proc = mp.get_context("spawn").Process(target=target, name=name, args=args, daemon=False)
     proc.start()
     return proc
