@@ -116,15 +116,19 @@ def test_offline_shared_prefix_with_both_baselines(tiny_model, tmp_path) -> None
     report = bench(tmp_path, "offline", "--model-path", tiny_model, "--skip-tokenizer-init", *SMALL,
                    "--max-running-requests", "2", "--dataset", "generated-shared-prefix", "--gsp-num-groups", "2",
                    "--gsp-prompts-per-group", "3", "--gsp-system-prompt-len", "48", "--gsp-question-len", "8",
-                   "--gsp-output-len", "5", "--baseline", "no-radix", "--baseline", "hf")
+                   "--gsp-output-len", "5", "--baseline", "no-radix", "--baseline", "hf", "--hf-batch-size", "1", "3",
+                   "--hf-num-prompts", "4")
     runs = by_label(report)
-    assert list(runs) == ["radixserve", "no-radix", "hf"] and all(len(r) == 1 for r in runs.values())
-    for (run,) in runs.values():
-        check_counts(run["metrics"], 6, 6 * 5, 6 * 56)
+    assert list(runs) == ["radixserve", "no-radix", "hf-bs1", "hf-bs3"] and all(len(r) == 1 for r in runs.values())
+    for label, (run,) in runs.items():
+        n = 4 if label.startswith("hf") else 6  # HF on the first 4 prompts only
+        check_counts(run["metrics"], n, n * 5, n * 56)
         assert "ttft_ms" not in run["metrics"]  # offline: no per-token timing
     assert runs["radixserve"][0]["metrics"]["cache_hit_rate"] > 0
-    assert runs["no-radix"][0]["metrics"]["cache_hit_rate"] == 0 == runs["hf"][0]["metrics"]["cache_hit_rate"]
-    assert {r["baseline"] for r in report["ratios"]} == {"no-radix", "hf"}
+    assert all(runs[k][0]["metrics"]["cache_hit_rate"] == 0 for k in ("no-radix", "hf-bs1", "hf-bs3"))
+    assert [r["baseline"] for r in report["ratios"]] == ["no-radix", "hf-bs1", "hf-bs3", report["ratios"][-1]["baseline"]]
+    best = max(("hf-bs1", "hf-bs3"), key=lambda k: runs[k][0]["metrics"]["output_throughput"])
+    assert report["ratios"][-1]["baseline"] == best and report["ratios"][-1]["best_of"] == "hf-bs*"
     assert all(r["output_throughput"] > 0 for r in report["ratios"])
     assert report["engine"]["device"] == "cpu"
 
@@ -154,6 +158,11 @@ def test_serve_launch_and_no_radix_baseline(tiny_model, no_radix_server, tmp_pat
             assert m["ttft_ms"]["mean"] <= m["e2e_latency_ms"]["mean"]
             assert len(run["ttft_ms_values"]) == 6
             assert (m["cache_hit_rate"] > 0) == (label == "radixserve")
+            by_turn = m["ttft_ms_by_turn"]
+            assert [(t["turn"], t["requests"], t["prompt_tokens"]) for t in by_turn] == [(1, 2, 8), (2, 2, 20),
+                                                                                          (3, 2, 32)]
+            assert all(0 < t["p50"] <= t["p99"] for t in by_turn)
+            assert (by_turn[2]["cached_tokens"] >= 19) == (label == "radixserve")  # turn 3 reuses turn 2's 20
     assert [(r["baseline"], r["max_concurrency"]) for r in report["ratios"]] == [("no-radix", 1), ("no-radix", 2)]
 
 

@@ -9,13 +9,12 @@ from radixserve.bench.metrics import RequestResult
 
 
 class HFBaseline:
-    def __init__(self, model_dir: str, load_format: str, device: str, dtype: str, batch_size: int) -> None:
+    def __init__(self, model_dir: str, load_format: str, device: str, dtype: str) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.torch = torch
         self.device = torch.device(device)
-        self.batch_size = batch_size
         torch_dtype = getattr(torch, dtype)
         if load_format == "dummy":  # random weights from config.json alone, made on the device
             with self.device:
@@ -24,14 +23,15 @@ class HFBaseline:
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(self.device)
         self.model.eval()
 
-    def generate(self, prompts: list[list[int]], output_lens: list[int]) -> list[tuple[list[int], RequestResult]]:
+    def generate(self, prompts: list[list[int]], output_lens: list[int],
+                 batch_size: int) -> list[tuple[list[int], RequestResult]]:
         """Batches of equal output length (at most batch_size prompts each); results in the prompts' order."""
         order = sorted(range(len(prompts)), key=lambda i: output_lens[i])
         out: list[Any] = [None] * len(prompts)
         start = 0
         while start < len(order):
             n = output_lens[order[start]]
-            batch = [i for i in order[start:start + self.batch_size] if output_lens[i] == n]
+            batch = [i for i in order[start:start + batch_size] if output_lens[i] == n]
             for i, ids in zip(batch, self._generate([prompts[i] for i in batch], n), strict=True):
                 out[i] = (ids, RequestResult(prompt_tokens=len(prompts[i]), output_tokens=len(ids)))
             start += len(batch)

@@ -19,6 +19,7 @@ class RequestResult:
     ttft: float | None = None  # s, to the first output token (streamed requests only)
     itl: list[float] = field(default_factory=list)  # s, between output tokens
     error: str | None = None
+    turn: int = 0  # index of the turn in its conversation (multi-turn datasets)
 
 
 def stats_ms(values_s: list[float]) -> dict[str, float]:
@@ -47,6 +48,8 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     if ttfts:
         out["ttft_ms"] = stats_ms(ttfts)
+        if any(r.turn for r in ok):
+            out["ttft_ms_by_turn"] = _ttft_by_turn(ok)
     itls = [x for r in ok for x in r.itl]
     if itls:
         out["itl_ms"] = stats_ms(itls)
@@ -55,6 +58,19 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     if tpots:
         out["tpot_ms"] = stats_ms(tpots)
     return out
+
+
+def _ttft_by_turn(ok: list[RequestResult]) -> list[dict[str, Any]]:
+    """TTFT per turn index, with the turn's mean prompt and cached tokens: does a longer but cached prompt
+    start as fast as the first turn?"""
+    rows = []
+    for turn in sorted({r.turn for r in ok}):
+        rs = [r for r in ok if r.turn == turn and r.ttft is not None]
+        if rs:
+            rows.append({"turn": turn + 1, "requests": len(rs), "prompt_tokens": float(np.mean([r.prompt_tokens for r in rs])),
+                         "cached_tokens": float(np.mean([r.cached_tokens for r in rs])),
+                         **stats_ms([r.ttft for r in rs])})
+    return rows
 
 
 def first_error(results: list[RequestResult]) -> str | None:

@@ -27,7 +27,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("offline")
     g.add_argument("--baseline", choices=BASELINES, action="append", default=[],
                    help="also run this baseline on the same prompts (repeatable)")
-    g.add_argument("--hf-batch-size", type=int, help="prompts per HF generate call (default: --max-running-requests)")
+    g.add_argument("--hf-batch-size", type=int, nargs="+",
+                   help="prompts per HF generate call (default: --max-running-requests); several: one HF run "
+                        "each, and the report compares with the best")
+    g.add_argument("--hf-num-prompts", type=int,
+                   help="run HF on the first N conversations only (throughputs are rates, so they compare)")
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -49,17 +53,27 @@ def run(ns: argparse.Namespace) -> int:
             engine.flush_cache()
             report["runs"].append(_timed_run(label, convs, gen))
     if "hf" in ns.baseline:
-        from radixserve.bench.hf_baseline import HFBaseline
-
-        info = report["engine"]
-        hf = HFBaseline(model_dir, args.load_format, info["device"], info["dtype"],
-                        ns.hf_batch_size or args.max_running_requests)
-        hf.generate([list(range(1, WARMUP_LEN + 1))], [WARMUP_LEN])
-        report["runs"].append(_timed_run("hf", convs, hf.generate))
-        hf.close()
+        report["runs"] += _hf_runs(model_dir, args, report["engine"], convs[:ns.hf_num_prompts],
+                                   ns.hf_batch_size or [args.max_running_requests])
     rep.print_runs(report)
     rep.finish(report, ns)
     return int(any(r["metrics"]["failed"] for r in report["runs"]))
+
+
+def _hf_runs(model_dir: str, args: ServerArgs, engine_info: dict, convs: list[Conversation],
+             batch_sizes: list[int]) -> list[dict]:
+    """One HF run per batch size, labelled `hf` (one size) or `hf-bsB` (a sweep)."""
+    from radixserve.bench.hf_baseline import HFBaseline
+
+    hf = HFBaseline(model_dir, args.load_format, engine_info["device"], engine_info["dtype"])
+    hf.generate([list(range(1, WARMUP_LEN + 1))], [WARMUP_LEN], batch_size=1)
+    runs = []
+    for bs in batch_sizes:
+        label = "hf" if len(batch_sizes) == 1 else f"hf-bs{bs}"
+        runs.append(_timed_run(label, convs, lambda p, n, bs=bs: hf.generate(p, n, batch_size=bs)))
+        runs[-1]["batch_size"] = bs
+    hf.close()
+    return runs
 
 
 def _engine_fn(engine: Engine) -> GenerateFn:
@@ -91,6 +105,7 @@ def run_rounds(convs: list[Conversation], generate: GenerateFn,
         duration += time.perf_counter() - t0
         for c, prompt, (output_ids, result) in zip(live, prompts, outs, strict=True):
             histories[c] = prompt + output_ids
+            result.turn = k
             results.append(result)
         progress.update(len(live))
     progress.close()

@@ -93,6 +93,9 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
             base = r["metrics"][key]
             entry[key] = m["metrics"][key] / base if base else None
         out.append(entry)
+    sweep = [q for q in out if q["baseline"].startswith("hf-bs")]
+    if len(sweep) > 1:  # against HF's best batch size: the smallest ratio
+        out.append(min(sweep, key=lambda q: q["output_throughput"] or math.inf) | {"best_of": "hf-bs*"})
     return out
 
 
@@ -143,9 +146,18 @@ def print_runs(report: dict[str, Any]) -> None:
                                                           ("tpot_ms", "p50"), ("e2e_latency_ms", "p50")))])
     print(table(header, rows))
     print("(throughputs in requests or tokens per second; latencies in ms; hit = cached / prompt tokens)")
+    for r in report["runs"]:
+        by_turn = r["metrics"].get("ttft_ms_by_turn")
+        if by_turn:
+            print(f"TTFT by turn, {_run_name(r)} (last turn / first: p50 x{by_turn[-1]['p50'] / by_turn[0]['p50']:.2f},"
+                  f" mean x{by_turn[-1]['mean'] / by_turn[0]['mean']:.2f}):")
+            print(table(["turn", "requests", "prompt", "cached", "TTFT mean", "p50", "p90", "p99"],
+                        [[t["turn"], t["requests"], t["prompt_tokens"], t["cached_tokens"], t["mean"], t["p50"],
+                          t["p90"], t["p99"]] for t in by_turn]))
     for q in report.get("ratios") or ratios(report):
         at = ", ".join(f"{k}={q[k]}" for k in POINT_KEYS if q[k] is not None)
-        print(f"{report['main_label']} / {q['baseline']}{f' ({at})' if at else ''}: "
+        best = " (HF's best batch size)" if q.get("best_of") else ""
+        print(f"{report['main_label']} / {q['baseline']}{best}{f' ({at})' if at else ''}: "
               + ", ".join(f"{k} x{q[k]:.2f}" for k in RATIO_KEYS if q[k] is not None))
 
 
@@ -224,7 +236,8 @@ def _run_panels(report: dict[str, Any]) -> list:
             ax.annotate(f"hit {r['metrics']['cache_hit_rate']:.0%}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize="small")
         ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize="small")
-        title = " / ".join(n for n, key in (("radix on", main), ("off", "no-radix"), ("HF", "hf")) if key in labels)
+        title = " / ".join(n for n, key in (("radix on", main), ("off", "no-radix"), ("HF", "hf"))
+                           if any(label.startswith(key) for label in labels))
         ax.set(ylabel="output tokens / s", title=title if len(labels) > 1 else "throughput by run")
 
     panels = [by_point] if swept else []

@@ -217,9 +217,10 @@ async def _run_point(session: Any, api: Any, empty: type, model: str | None, con
     async def conversation(conv: Conversation, start: float) -> None:
         await asyncio.sleep(start)
         history = empty()
-        for turn in conv:
+        for index, turn in enumerate(conv):
             async with gate:
                 history, result = await _request(session, api, history, turn, model)
+            result.turn = index
             results.append(result)
             progress.update()
             if result.error:
