@@ -278,6 +278,9 @@ class Scheduler:
                 self._finish(victim)
             else:
                 self._retract(victim)
+        # Requests that share a cached prefix share its KV slots, token 0's included: side by side in the batch,
+        # the attention kernel reads that KV for them at about the same time, and mostly from L2.
+        decoding.sort(key=lambda r: self.req_to_token[r.req_slot, 0])
         entries = []
         for req in decoding:
             if not self._assign_slots(req, 1):
