@@ -41,6 +41,8 @@ class ServerArgs:
     attention_backend: AttentionBackendName = "auto"
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
+    disable_cascade_attention: bool = field(default=False, metadata={
+        "help": "decode without a separate attention pass over prefixes that requests share (FlashInfer)"})
     random_seed: int = 0
     api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: $RADIXSERVE_API_KEY)"})
     log_level: str = "info"

@@ -189,6 +189,8 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     Request i computes tokens input_ids[off_i : off_i + extend_lens[i]] at positions
     cached_lens[i] .. cached_lens[i] + extend_lens[i] - 1, whose K/V go to out_slots (same
     offsets). `sample_offsets[i]` is the output-token index of the token it samples (seeding).
+    `prefix_groups` (decode only, may be empty): int32 (size, shared_len) pairs covering the batch in order,
+    each group's requests sharing the KV of their first shared_len tokens (scheduler_proc/prefix_groups.py).
     """
 
     step: int
@@ -200,6 +202,7 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     out_slots: bytes
     sample_offsets: bytes
     new_reqs: list[NewReq]
+    prefix_groups: bytes = b""
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):

@@ -23,6 +23,7 @@ from radixserve.wire import (
     i32,
 )
 from scheduler_proc.kv_pool import KVSlotAllocator
+from scheduler_proc.prefix_groups import PrefixGrouper
 from scheduler_proc.radix_cache import RadixCache, common_prefix_len
 from scheduler_proc.request import Req, Stage
 from scheduler_proc.sessions import SessionError, SessionTable
@@ -51,6 +52,8 @@ class Scheduler:
         self.allocator = KVSlotAllocator(num_kv_slots)
         self.cache = RadixCache(self.allocator)
         self.use_cache = not args.disable_radix_cache
+        # Without the radix cache no two requests share KV, so there is nothing to group.
+        self.grouper = PrefixGrouper() if self.use_cache and not args.disable_cascade_attention else None
         self.sessions = SessionTable(self.cache if self.use_cache else None, args.session_kv_budget, args.max_sessions)
         # Block table: req_to_token[req_slot, pos] is the KV slot of token `pos` of that request.
         self.req_to_token = np.zeros((args.max_running_requests, context_length), dtype=np.int32)
@@ -64,7 +67,7 @@ class Scheduler:
         self.pending_outs: list[Routed] = []  # produced outside a step (a request that can never fit)
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                       "finished_requests": 0, "aborted_requests": 0, "retracted_requests": 0,
-                      "forward_steps": 0}
+                      "forward_steps": 0, "cascade_decode_steps": 0}
 
     # ------------------------------------------------------------ requests in
 
@@ -154,11 +157,14 @@ class Scheduler:
             offsets.append(len(req.output_ids))
             ids.append(req.token_slice(req.cached_len, req.cached_len + n))
             slots.append(self.req_to_token[req.req_slot, req.cached_len:req.cached_len + n])
+        groups = self.grouper.groups(self.req_to_token, [r for r, _ in entries]) if is_decode and self.grouper else None
+        self.stats["cascade_decode_steps"] += groups is not None
         return StepBatch(step=self.step_id, is_decode=is_decode, req_slots=i32(req_slots),
                          input_ids=np.concatenate(ids).astype(np.int32).tobytes(),
                          cached_lens=i32(cached), extend_lens=i32(extend),
                          out_slots=np.concatenate(slots).astype(np.int32).tobytes(),
-                         sample_offsets=i32(offsets), new_reqs=new_reqs)
+                         sample_offsets=i32(offsets), new_reqs=new_reqs,
+                         prefix_groups=b"" if groups is None else groups.tobytes())
 
     def _reserved_tokens(self) -> int:
         """KV the running requests are expected to still need (prefill left + reserved output)."""

@@ -60,7 +60,7 @@ class Driver:
             self.runner.req_to_token[req.slot, :prefix_len] = prefix.to(self.runner.device)
         return req
 
-    def run(self, work: list[tuple[Req, int]], is_decode: bool = False) -> None:
+    def run(self, work: list[tuple[Req, int]], is_decode: bool = False, prefix_groups: np.ndarray | None = None) -> None:
         """Compute the next `n` tokens of each request in one step; a request whose prompt is now computed
         records the logits of its last token and appends its greedy token."""
         cached = [len(r.kv) for r, _ in work]
@@ -69,7 +69,7 @@ class Driver:
         i32 = lambda xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
         arrays = StepArrays(i32([r.slot for r, _ in work]), i32(cached), i32([n for _, n in work]), i32(ids), i32(out))
         with torch.inference_mode():
-            logits, _ = self.runner.forward(arrays, is_decode)
+            logits, _ = self.runner.forward(arrays, is_decode, prefix_groups)
         logits = logits.float().cpu()
         offset = 0
         for row, (r, n) in enumerate(work):
@@ -218,6 +218,72 @@ def test_flashinfer_and_graphs_match_hf(tiny):
     stats["graphs_vs_eager_max_abs"] = max((torch.stack(g.logits) - torch.stack(e.logits)).abs().max().item()
                                            for g, e in zip(graphs, eager))
     RESULTS[kind] = stats
+
+
+def cascade_scenario(runner: ModelRunner, with_groups: bool) -> list[Req]:
+    """Four requests whose first 300 tokens share KV (one computed them), then one unrelated, decoding together:
+    with `with_groups`, as the groups (4 rows, 300 shared) and (1 row, its whole context)."""
+    gen = torch.Generator().manual_seed(11)
+    toks = lambda n: torch.randint(1, VOCAB, (n,), generator=gen).tolist()  # noqa: E731
+    d = Driver(runner)
+    prefix = toks(300)
+    a = d.start(prefix + toks(5))
+    d.run([(a, len(a.tokens))])
+    others = [d.start(prefix + toks(n), prefix_of=a, prefix_len=300) for n in (1, 17, 40)]
+    e = d.start(toks(37))
+    d.run([(r, len(r.tokens) - len(r.kv)) for r in others] + [(e, len(e.tokens))])
+    batch = [a, *others, e]
+    for _ in range(DECODE_STEPS):
+        groups = np.array([[4, 300], [1, len(e.kv)]], dtype=np.int32) if with_groups else None
+        d.run([(r, 1) for r in batch], is_decode=True, prefix_groups=groups)
+    return batch
+
+
+def test_cascade_decode_matches_hf(tmp_path):
+    """Cascade attention (shared-prefix pass + own-tokens pass, merged) in a graph padded from 5 rows to 8 and
+    eagerly, against plain decode and the float32 reference."""
+    save_tiny("llama", str(tmp_path), seed=7)
+    runs = {}
+    for name, graphs, groups in (("plain", True, False), ("cascade_graph", True, True), ("cascade_eager", False, True)):
+        runner = runner_for(str(tmp_path), disable_cuda_graph=not graphs)
+        assert runner.use_cascade
+        runs[name] = cascade_scenario(runner, groups)
+        del runner
+    plain = runs["plain"]
+    ref32 = reference_rows(plain, hf_logits(str(tmp_path), torch.float32, [r.tokens for r in plain]))
+    stats = {name: check_against(reqs, ref32) for name, reqs in runs.items() if name == "plain"}
+    for name in ("cascade_graph", "cascade_eager"):
+        reqs = runs[name]
+        refs = reference_rows(reqs, hf_logits(str(tmp_path), torch.float32, [r.tokens for r in reqs]))
+        stats[name] = check_against(reqs, refs)
+        stats[name]["max_abs_vs_plain_first_step"] = max(
+            (g.logits[0] - p.logits[0]).abs().max().item() for g, p in zip(reqs, plain))
+    RESULTS["cascade"] = stats
+
+
+def test_engine_cascade_end_to_end(tmp_path):
+    """Eight requests sharing a 2,400-token prompt through the Engine: the scheduler groups them, the worker
+    runs cascade decode, and the greedy tokens are the float32 reference's (as with the cascade off)."""
+    from radixserve import Engine
+
+    save_tiny("qwen2", str(tmp_path), seed=9)
+    gen = torch.Generator().manual_seed(9)
+    system = torch.randint(1, VOCAB, (2400,), generator=gen).tolist()
+    batch = [system + torch.randint(1, VOCAB, (8 + i,), generator=gen).tolist() for i in range(8)]
+    params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    stats = {}
+    for name, off in (("cascade", False), ("no_cascade", True)):
+        with Engine(str(tmp_path), skip_tokenizer_init=True, max_total_tokens=4096, max_running_requests=8,
+                    cuda_graph_max_bs=8, disable_cascade_attention=off) as eng:
+            outs = [r["output_ids"] for r in eng.generate(input_ids=batch, sampling_params=params)]
+            steps = eng.server_info()["scheduler"]["cascade_decode_steps"]
+        assert (steps > 0) != off, f"{name}: {steps} cascade decode steps"
+        reqs = [Req(0, p + o, prompt_len=len(p)) for p, o in zip(batch, outs)]
+        refs = reference_rows(reqs, hf_logits(str(tmp_path), torch.float32, [r.tokens for r in reqs]))
+        gap = greedy_gap(reqs, refs)
+        assert gap <= TIE_TOL, f"{name}: a greedy token is {gap:.3g} below the reference's best logit"
+        stats[name] = {"cascade_decode_steps": steps, "greedy_gap": gap}
+    RESULTS["engine_cascade"] = stats
 
 
 def test_engine_end_to_end(tmp_path):

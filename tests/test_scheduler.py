@@ -123,3 +123,66 @@ def test_a_chunked_prompt_is_shared_while_it_is_still_being_computed():
         s.process_result(answer(s.schedule()))
     s.check_invariants()
     assert s.cache.peek_prefix_len(np.asarray(long)) >= 192
+
+
+def _check_prefix_groups(s: Scheduler, batch: wire.StepBatch) -> np.ndarray:
+    """The invariant of scheduler_proc/prefix_groups.py on one decode step; returns its groups."""
+    groups = wire.from_i32(batch.prefix_groups).reshape(-1, 2)
+    slots, cached = wire.from_i32(batch.req_slots), wire.from_i32(batch.cached_lens)
+    assert groups[:, 0].sum() == len(slots) and (groups[:, 0] >= 1).all()
+    start = 0
+    for size, shared in groups:
+        rows = s.req_to_token[slots[start:start + size], :shared]
+        assert 1 <= shared <= cached[start:start + size].min()
+        assert (rows == rows[0]).all(), "a group's requests must share the KV slots of their first shared tokens"
+        start += size
+    return groups
+
+
+def test_decode_batches_group_requests_that_share_a_long_prefix():
+    from scheduler_proc.prefix_groups import MIN_SAVED_READS
+
+    rng = np.random.default_rng(0)
+    shared_len, members = MIN_SAVED_READS // 4 + 100, 5  # (members - 1) * shared_len reads saved per layer
+    system = list(rng.integers(3, 30000, shared_len))
+    s = Scheduler(ServerArgs(max_running_requests=16), num_kv_slots=40_000, context_length=8192)
+    for i in range(members):
+        s.add_request(request(f"g{i}", system + list(rng.integers(3, 30000, 5 + 7 * i)), max_new=12, ignore_eos=True))
+    for i in range(3):  # unrelated requests: groups of one
+        s.add_request(request(f"u{i}", list(rng.integers(3, 30000, 50)), max_new=12, ignore_eos=True))
+    grouped_steps = 0
+    for _ in range(200):
+        batch = s.schedule()
+        if batch is None:
+            break
+        if batch.is_decode and batch.prefix_groups:
+            groups = _check_prefix_groups(s, batch)
+            assert (members, shared_len) in {tuple(g) for g in groups}
+            grouped_steps += 1
+        else:
+            assert not batch.prefix_groups
+        s.process_result(answer(batch))
+        s.check_invariants()
+    assert grouped_steps >= 10 and not s.running
+
+
+def test_no_prefix_groups_when_little_is_shared_or_cascade_is_off():
+    from scheduler_proc.prefix_groups import MIN_SAVED_READS
+
+    rng = np.random.default_rng(1)
+    short, long = list(rng.integers(3, 30000, 300)), list(rng.integers(3, 30000, MIN_SAVED_READS // 4 + 100))
+    cases = [(short, ServerArgs(max_running_requests=8)),  # 4 x 300 reads saved: below the threshold
+             (long, ServerArgs(max_running_requests=8, disable_cascade_attention=True))]
+    for system, args in cases:
+        s = Scheduler(args, num_kv_slots=40_000, context_length=8192)
+        for i in range(5):
+            s.add_request(request(f"r{i}", system + [5 + i], max_new=6, ignore_eos=True))
+        decode_steps = 0
+        for _ in range(100):
+            batch = s.schedule()
+            if batch is None:
+                break
+            assert not batch.prefix_groups
+            decode_steps += batch.is_decode
+            s.process_result(answer(batch))
+        assert decode_steps >= 5

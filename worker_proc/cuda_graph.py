@@ -29,10 +29,11 @@ class DecodeGraphs:
     def __init__(self) -> None:
         self.pool = torch.cuda.graph_pool_handle()
         self.sizes: list[int] = []  # captured, ascending
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def capture(self, bs: int, fn: Callable[[], torch.Tensor]) -> None:
-        """Capture `fn` (reading only tensors at fixed addresses) as the graph of batch size `bs`."""
+    def capture(self, bs: int, fn: Callable[[], torch.Tensor], cascade: bool = False) -> None:
+        """Capture `fn` (reading only tensors at fixed addresses) as the graph of batch size `bs` (its
+        cascade-attention variant with `cascade`)."""
         # Warm up once outside the graph, so that lazy initialisation (cuBLAS handles, workspaces) is not captured.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -42,16 +43,20 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = fn()
-        self._graphs[bs] = (graph, out)
-        bisect.insort(self.sizes, bs)
+        self._graphs[bs, cascade] = (graph, out)
+        if not cascade:
+            bisect.insort(self.sizes, bs)
+
+    def has(self, bs: int, cascade: bool) -> bool:
+        return (bs, cascade) in self._graphs
 
     def padded_size(self, bs: int) -> int | None:
         """The captured size a batch of `bs` runs at, or None if it is larger than every graph."""
         i = bisect.bisect_left(self.sizes, bs)
         return self.sizes[i] if i < len(self.sizes) else None
 
-    def replay(self, bs: int) -> torch.Tensor:
+    def replay(self, bs: int, cascade: bool = False) -> torch.Tensor:
         """Run the graph of size `bs`; returns its output tensor (overwritten by the next replay)."""
-        graph, out = self._graphs[bs]
+        graph, out = self._graphs[bs, cascade]
         graph.replay()
         return out

@@ -132,6 +132,9 @@ class ModelRunner:
         # which captured graphs read); a step too large for it gets a fresh tensor.
         self._step_buf = torch.zeros(STEP_BUF_INTS, dtype=torch.int32, device=self.device)
         self.slot_params = SlotParams(args.max_running_requests)
+        # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
+        self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
+                                                                args.disable_radix_cache)
         self.graphs = self._capture_graphs()
 
     def _dtype(self, hf_config) -> torch.dtype:
@@ -163,10 +166,12 @@ class ModelRunner:
         empty = StepArrays(*(np.zeros(0, np.int32) for _ in range(5)))
         with torch.inference_mode():
             for bs in reversed(sizes):
-                d = self._to_device(empty.padded(bs, self.pad_row), is_decode=True)
-                self.attn.prepare_graph(d.meta)
-                graphs.capture(bs, lambda d=d: self.model.compute_logits(
-                    self.model.forward(d.input_ids, d.positions, self.attn)))
+                for cascade in (False, True) if self.use_cascade else (False,):
+                    groups = np.zeros((0, 2), np.int32) if cascade else None
+                    d = self._to_device(empty.padded(bs, self.pad_row), is_decode=True, prefix_groups=groups)
+                    self.attn.prepare_graph(d.meta)
+                    graphs.capture(bs, lambda d=d: self.model.compute_logits(
+                        self.model.forward(d.input_ids, d.positions, self.attn)), cascade=cascade)
         log.info("rank %d captured decode CUDA graphs for batch sizes %s in %.1f s", self.rank, sizes,
                  time.monotonic() - t0)
         return graphs
@@ -180,7 +185,7 @@ class ModelRunner:
         dst.copy_(src, non_blocking=True)  # pageable source: staged before copy_ returns
         return dst
 
-    def _to_device(self, a: StepArrays, is_decode: bool) -> DeviceStep:
+    def _to_device(self, a: StepArrays, is_decode: bool, prefix_groups: np.ndarray | None = None) -> DeviceStep:
         """Upload a step, record its new tokens' KV slots in req_to_token, and describe it for attention."""
         num_tokens, bs = len(a.input_ids), len(a.req_slots)
         qo_indptr = np.zeros(bs + 1, dtype=np.int32)
@@ -194,19 +199,21 @@ class ModelRunner:
         self.req_to_token[rows, pos] = out
         meta = ForwardMeta(is_decode=is_decode, req_slots=slots, seq_lens=lens, extend_lens=ext, qo_indptr=qo,
                            out_slots=out, req_to_token=self.req_to_token, seq_lens_cpu=seq_lens.tolist(),
-                           extend_lens_cpu=a.extend.tolist())
+                           extend_lens_cpu=a.extend.tolist(), prefix_groups=prefix_groups)
         return DeviceStep(meta, ids, pos, last)
 
-    def forward(self, a: StepArrays, is_decode: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, a: StepArrays, is_decode: bool,
+                prefix_groups: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """float32 logits of each request's last new token [B, V], and the hidden states of all new tokens
-        (None when a decode graph ran)."""
+        (None when a decode graph ran). `prefix_groups`: decode with cascade attention (see ForwardMeta)."""
         bs = len(a.req_slots)
+        cascade = prefix_groups is not None
         graph_bs = self.graphs.padded_size(bs) if is_decode and self.graphs is not None else None
-        if graph_bs is not None:
-            d = self._to_device(a.padded(graph_bs, self.pad_row), is_decode=True)
+        if graph_bs is not None and self.graphs.has(graph_bs, cascade):
+            d = self._to_device(a.padded(graph_bs, self.pad_row), is_decode=True, prefix_groups=prefix_groups)
             self.attn.prepare_graph(d.meta)
-            return self.graphs.replay(graph_bs)[:bs], None
-        d = self._to_device(a, is_decode)
+            return self.graphs.replay(graph_bs, cascade)[:bs], None
+        d = self._to_device(a, is_decode, prefix_groups)
         self.attn.prepare(d.meta)
         hidden = self.model.forward(d.input_ids, d.positions, self.attn)
         return self.model.compute_logits(hidden[d.last]), hidden
@@ -219,7 +226,8 @@ class ModelRunner:
             self.req_to_token[nr.req_slot, :len(prefix)] = prefix.to(self.device)
             self.slot_params.set(nr)
         a = StepArrays.of(b)
-        logits, hidden = self.forward(a, b.is_decode)
+        groups = from_i32(b.prefix_groups).reshape(-1, 2) if b.prefix_groups and self.use_cascade else None
+        logits, hidden = self.forward(a, b.is_decode, groups)
         # Decode steps compute no prompt tokens, so they have no input logprobs.
         input_lps = {} if hidden is None or b.is_decode else self._input_logprobs(hidden, a)
         if self.rank != 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from worker_proc.kv_cache import KVCache
@@ -28,6 +29,8 @@ class ForwardMeta:
     req_to_token: torch.Tensor  # [max_reqs, context_len] int32, the worker's mirror
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
+    # Decode with cascade attention: [G, 2] (rows, shared prefix tokens) per group of the real rows, in order.
+    prefix_groups: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -40,9 +43,11 @@ class AttentionBackend(ABC):
     A backend with `supports_cuda_graph` can run inside a captured decode graph: `init_graphs` once, then
     `prepare_graph(meta)` (instead of `prepare`) before each capture or replay of a batch of that size,
     where every device tensor of `meta` is a view at the same address as when the graph was captured.
+    A backend with `supports_cascade` captures a second graph per size for decode steps with prefix groups.
     """
 
     supports_cuda_graph = False
+    supports_cascade = False  # honours ForwardMeta.prefix_groups (others attend over whole contexts: same result)
 
     def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int) -> None:
         self.kv_cache = kv_cache

@@ -8,8 +8,14 @@ of req_to_token. `prepare` plans once per step; every layer's `forward` reuses t
     the CUDA-core kernel, which also rejects some group sizes (7, as in Qwen2.5-7B);
   extend / prefill: BatchPrefillWithPagedKVCacheWrapper with a causal mask aligned bottom-right, so the
     new tokens see the cached prefix and each other causally (the new K/V are stored before attending).
+  cascade decode (a step whose StepBatch carries prefix groups): two BatchPrefillWithPagedKVCacheWrapper
+    passes merged by their log-sum-exp. Level 0 attends each group's queries to the group's shared prefix,
+    so that KV is read once per group (per 16-row query tile: 4 queries at GQA 4), not once per request;
+    level 1 attends each request to the rest of its context, its own tokens.
 For CUDA graphs, `prepare_graph` plans a graph-mode decode wrapper per captured batch size; all of them
-share one set of index buffers (only one graph replays at a time, each right after its plan).
+share one set of index buffers (only one graph replays at a time, each right after its plan). Cascade
+graphs have their own wrappers and buffers; their level 0 always has one entry per row of the padded batch:
+the real groups, then the padding rows as one group attending to the padding slot, then groups of no rows.
 
 Host syncs: none. Page indices are gathered on the device from req_to_token; plan() reads only host
 arrays (indptr, lengths), which the worker already holds as numpy. FlashInfer's plan() takes `max()` of a
@@ -36,8 +42,9 @@ PAGE_SIZE = 1
 
 
 def gather_kv_indices(req_to_token: torch.Tensor, req_slots: torch.Tensor, seq_lens: torch.Tensor,
-                      total: int) -> torch.Tensor:
-    """req_to_token[req_slots[i], :seq_lens[i]] for every i, concatenated ([total] int32, on the device).
+                      total: int, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """req_to_token[req_slots[i], starts[i]:starts[i] + seq_lens[i]] for every i (starts default to 0),
+    concatenated ([total] int32, on the device).
 
     `total` = sum(seq_lens), known on the host; no host sync.
     """
@@ -45,6 +52,8 @@ def gather_kv_indices(req_to_token: torch.Tensor, req_slots: torch.Tensor, seq_l
     pos = torch.arange(total, dtype=torch.int32, device=seq_lens.device)
     req = torch.searchsorted(ends, pos, right=True)  # which request each context token belongs to
     col = pos - (ends - seq_lens)[req]
+    if starts is not None:
+        col += starts[req]
     return req_to_token[req_slots[req], col]
 
 
@@ -62,9 +71,24 @@ def indptr(lengths: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+class Cascade:
+    """Two planned prefill wrappers over one paged cache: level 1 (each request's own tokens) merged into
+    level 0 (its group's shared prefix)."""
+
+    def __init__(self, flashinfer, shared, own) -> None:
+        self.merge, self.shared, self.own = flashinfer.merge_state_in_place, shared, own
+
+    def run(self, q: torch.Tensor, pages: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        out, lse = self.own.run(q, pages, return_lse=True)
+        shared_out, shared_lse = self.shared.run(q, pages, return_lse=True)
+        self.merge(out, lse, shared_out, shared_lse)
+        return out
+
+
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     supports_cuda_graph = True
+    supports_cascade = True
 
     def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int) -> None:
         super().__init__(kv_cache, num_q_heads, head_dim)
@@ -85,7 +109,9 @@ class FlashInferBackend(AttentionBackend):
                                                                             use_tensor_cores=True)
         self.pages = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv_cache.k, kv_cache.v)]
         self._plan_kw = dict(q_data_type=kv_cache.dtype, kv_data_type=kv_cache.dtype, sm_scale=self.scale)
+        self.cascade = self._cascade()
         self.graph_wrappers: dict[int, object] = {}
+        self.cascade_graphs: dict[int, Cascade] = {}
         self.active: object | None = None  # the wrapper planned for this step
         self.meta: ForwardMeta | None = None
 
@@ -96,7 +122,51 @@ class FlashInferBackend(AttentionBackend):
         indices = gather_kv_indices(meta.req_to_token, meta.req_slots, meta.seq_lens, int(kv_indptr[-1]))
         return kv_indptr, indices, torch.ones(len(seq_lens), dtype=torch.int32)
 
+    def _cascade(self, bs: int | None = None) -> Cascade:
+        """Eager wrappers, or (with `bs`) graph-mode ones over the shared cascade buffers at that batch size.
+        The FA2 kernels: on page-size-1 KV they read faster than the sm90 default (see the module docstring)."""
+        def wrapper(level: int):
+            if bs is None:
+                return self._fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+            qo, kv, idx = self._c_bufs[level]
+            return self._fi.BatchPrefillWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=qo[:bs + 1], paged_kv_indptr_buf=kv[:bs + 1],
+                paged_kv_indices_buf=idx, paged_kv_last_page_len_buf=self._g_last_len[:bs], backend="fa2")
+        return Cascade(self._fi, wrapper(0), wrapper(1))
+
+    def _plan_cascade(self, cascade: Cascade, meta: ForwardMeta, graph: bool) -> None:
+        """Level 0: one entry per group (its rows, its shared prefix's pages, read from its first request's row);
+        level 1: one per request (the pages after its group's prefix). In a graph, padding rows past the
+        groups form one more group over the padding slot, and level 0 is filled up with entries of no rows."""
+        sizes, shared = meta.prefix_groups[:, 0], meta.prefix_groups[:, 1]
+        bs, real = meta.batch_size, int(sizes.sum())
+        seq_lens = np.asarray(meta.seq_lens_cpu, dtype=np.int32)
+        starts = np.zeros(bs, dtype=np.int32)
+        starts[:real] = np.repeat(shared, sizes)
+        leaders = np.cumsum(sizes, dtype=np.int32) - sizes
+        if real < bs:  # graph padding rows (context: the padding slot alone)
+            sizes, shared, leaders = (np.append(sizes, bs - real), np.append(shared, 1), np.append(leaders, real))
+        if graph:
+            empty = bs - len(sizes)
+            sizes, shared = np.append(sizes, np.zeros(empty, np.int32)), np.append(shared, np.zeros(empty, np.int32))
+        own = seq_lens - starts
+        host = np.concatenate([leaders, shared[:len(leaders)], starts, own]).astype(np.int32)
+        dev = torch.from_numpy(host).to(self.device)
+        d_leaders, d_shared, d_starts, d_own = torch.split(dev, [len(leaders)] * 2 + [bs] * 2)
+        shared_idx = gather_kv_indices(meta.req_to_token, meta.req_slots[d_leaders.long()], d_shared, int(shared.sum()))
+        own_idx = gather_kv_indices(meta.req_to_token, meta.req_slots, d_own, int(own.sum()), d_starts)
+        heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE)
+        cascade.shared.plan(indptr(sizes), indptr(shared), shared_idx, torch.ones(len(sizes), dtype=torch.int32),
+                            *heads, causal=False, **self._plan_kw)
+        cascade.own.plan(indptr(np.ones(bs, np.int32)), indptr(own), own_idx, torch.ones(bs, dtype=torch.int32),
+                         *heads, causal=False, **self._plan_kw)
+        self.active = cascade
+        self.meta = meta
+
     def prepare(self, meta: ForwardMeta) -> None:
+        if meta.is_decode and meta.prefix_groups is not None:
+            self._plan_cascade(self.cascade, meta, graph=False)
+            return
         kv_indptr, indices, last_len = self._pages(meta)
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE)
         if meta.is_decode:
@@ -116,10 +186,19 @@ class FlashInferBackend(AttentionBackend):
         self._g_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
         self._g_indices = torch.zeros(max_kv_tokens, dtype=torch.int32, device=self.device)
         self._g_last_len = torch.ones(max_bs, dtype=torch.int32, device=self.device)
+        self.cascade_graphs = {}
+        self._c_bufs = [(torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
+                         torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
+                         torch.zeros(max_kv_tokens, dtype=torch.int32, device=self.device)) for _ in range(2)]
 
     def prepare_graph(self, meta: ForwardMeta) -> None:
         """Plan the graph-mode decode wrapper of exactly this (padded) batch size; capture or replay follows."""
         bs = meta.batch_size
+        if meta.prefix_groups is not None:
+            if bs not in self.cascade_graphs:
+                self.cascade_graphs[bs] = self._cascade(bs)
+            self._plan_cascade(self.cascade_graphs[bs], meta, graph=True)
+            return
         wrapper = self.graph_wrappers.get(bs)
         if wrapper is None:
             wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
