@@ -20,7 +20,7 @@ from radixserve.model_files import resolve_model
 from radixserve.native_protocol import parse_sampling
 from radixserve.supervisor import ChildDied, ProcessGroup, start_backend
 from tokenizer_proc.output import RequestOutput
-from tokenizer_proc.text import encode_prompt, eos_token_ids, load_tokenizer, request_text
+from tokenizer_proc.text import encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
 
 log = logging.getLogger("radixserve")
 
@@ -88,13 +88,15 @@ class Engine:
         for item, sp_dict in zip(items, params):
             sampling = parse_sampling(sp_dict)
             kind = "input_ids" if _is_ids(item) else "messages" if isinstance(item, list) else "text"
+            continue_chat = kind == "messages" and bool(session and session.rid)
             ids = encode_prompt(self.tokenizer, **{kind: item}, vocab_size=self.worker_info["vocab_size"],
-                                continue_chat=kind == "messages" and bool(session and session.rid))
+                                continue_chat=continue_chat)
             rid = uuid.uuid4().hex
             pending[rid] = RequestOutput(request_text(self.tokenizer, ids, sampling), self.tokenizer, len(ids),
                                          logprob is not None, logprob_text=self.tokenizer is not None)
             self._to_sched.send(wire.GenerateTokens(rid=rid, input_ids=list(ids), sampling=sampling,
-                                                    logprob=logprob, session=session, eos_token_ids=self.eos_ids))
+                                                    logprob=logprob, session=session, eos_token_ids=self.eos_ids,
+                                                    turn_end_ids=turn_end_ids(self.tokenizer) if continue_chat else []))
         results = self._collect(pending)
         return results[0] if single else results
 

@@ -142,6 +142,10 @@ class GenerateTokens(msgspec.Struct, tag=True, omit_defaults=True):
     logprob: LogprobRequest | None = None
     session: SessionParams | None = None
     eos_token_ids: list[int] = []
+    # A chat continuation: the ids that close the previous assistant turn, which the chat template renders
+    # after its content; the scheduler puts them in when that turn's output does not end with them (it
+    # stopped on max_new_tokens or a stop string instead of EOS).
+    turn_end_ids: list[int] = []
 
 
 class ReqOut(msgspec.Struct, omit_defaults=True, array_like=True):

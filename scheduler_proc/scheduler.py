@@ -86,7 +86,7 @@ class Scheduler:
         prompt = np.asarray(msg.input_ids, dtype=np.int32)
         if msg.session is not None:
             try:
-                prompt = self.sessions.start_turn(msg.rid, msg.session, msg.input_ids)
+                prompt = self.sessions.start_turn(msg.rid, msg.session, msg.input_ids, msg.turn_end_ids)
             except SessionError as e:
                 raise RequestError(str(e), e.status) from e
         try:

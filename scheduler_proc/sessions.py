@@ -73,8 +73,10 @@ class SessionTable:
         self._unpin(session)
         del self.sessions[session_id]
 
-    def start_turn(self, rid: str, params: SessionParams, new_ids: list[int]) -> np.ndarray:
-        """Register a turn and return its full prompt; SessionError if it cannot continue."""
+    def start_turn(self, rid: str, params: SessionParams, new_ids: list[int],
+                   turn_end_ids: list[int] | None = None) -> np.ndarray:
+        """Register a turn and return its full prompt; SessionError if it cannot continue. `turn_end_ids`
+        close the previous turn's output when it does not end with them (wire.GenerateTokens)."""
         session = self._get(params.id)
         context: list[int] | np.ndarray = []
         if params.rid is not None:
@@ -87,8 +89,11 @@ class SessionTable:
                 for child in parent.children:
                     self._drop_subtree(session, child)
                 parent.children = []
+            output = parent.output_ids
+            if turn_end_ids and output[len(output) - len(turn_end_ids):] != list(turn_end_ids):
+                output = output + list(turn_end_ids)
             context = parent.prompt_ids if params.drop_previous_output else np.concatenate(
-                [parent.prompt_ids, np.asarray(parent.output_ids, dtype=np.int32)])
+                [parent.prompt_ids, np.asarray(output, dtype=np.int32)])
             if params.offset is not None:
                 context = context[:params.offset]
             parent.children.append(rid)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from radixserve import Engine
+from radixserve.wire import SessionParams
+from scheduler_proc.sessions import SessionTable
+from tokenizer_proc.text import encode_prompt, turn_end_ids
 
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
 
@@ -97,5 +100,37 @@ def test_a_stop_string_ends_the_turn_where_it_matched(engine):
     new_len = len(engine.tokenizer.encode(" seven", add_special_tokens=False))
     # The next turn continues from exactly what the client saw, not the tokens generated past the match.
     assert nxt["meta_info"]["prompt_tokens"] == meta["prompt_tokens"] + meta["completion_tokens"] + new_len
+    engine.close_session(sid)
+    engine.check_invariants()
+
+
+def test_turn_end_ids_close_only_a_turn_that_lacks_them():
+    table = SessionTable(None, budget=0, max_sessions=4)
+    sid = table.open(None, 0, None)
+    table.start_turn("a", SessionParams(id=sid), [1, 2])
+    table.end_turn("a", [5, 6], None)  # stopped by length: no closing id
+    assert table.start_turn("b", SessionParams(id=sid, rid="a"), [9], turn_end_ids=[2]).tolist() == [1, 2, 5, 6, 2, 9]
+    table.end_turn("b", [7, 2], None)  # ended with it
+    prompt = table.start_turn("c", SessionParams(id=sid, rid="b"), [9], turn_end_ids=[2])
+    assert prompt.tolist() == [1, 2, 5, 6, 2, 9, 7, 2, 9]
+    assert table.start_turn("d", SessionParams(id=sid, rid="a"), [9]).tolist() == [1, 2, 5, 6, 9]  # raw ids: as is
+
+
+def test_chat_continuation_closes_a_turn_cut_by_length(engine):
+    """A chat turn stopped by max_new_tokens has no EOS; the next turn's template text needs it."""
+    sid = engine.open_session()
+    first = engine.generate([{"role": "user", "content": "Name three rivers."}],
+                            sampling_params={**GREEDY, "max_new_tokens": 5, "ignore_eos": True},
+                            session_params={"id": sid})
+    meta = first["meta_info"]
+    assert meta["finish_reason"]["type"] == "length"
+    follow = [{"role": "user", "content": "And two lakes?"}]
+    nxt = engine.generate(follow, sampling_params=GREEDY, session_params={"id": sid, "rid": meta["id"]})
+    close = turn_end_ids(engine.tokenizer)
+    assert close == [engine.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    if first["output_ids"][-len(close):] == close:  # greedy may have produced it as its fifth token
+        close = []
+    new = encode_prompt(engine.tokenizer, messages=follow, continue_chat=True)
+    assert nxt["meta_info"]["prompt_tokens"] == meta["prompt_tokens"] + meta["completion_tokens"] + len(close) + len(new)
     engine.close_session(sid)
     engine.check_invariants()

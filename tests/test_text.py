@@ -21,6 +21,7 @@ from tokenizer_proc.text import (
     encode_prompt,
     eos_token_ids,
     load_tokenizer,
+    turn_end_ids,
 )
 
 MULTIBYTE = "héllo wörld 😀🎉 日本語のテキスト naïve café 👩‍👩‍👧 ﷽ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 Ελληνικά, ok."
@@ -405,3 +406,5 @@ def test_chat_continuation_renders_the_next_turn(smol):
     whole = first + [{"role": "assistant", "content": answer}] + following
     expected = smol.apply_chat_template(whole, tokenize=False, add_generation_prompt=True)
     assert smol.decode(turn1 + generated + turn2) == expected
+    # A turn cut by max_tokens has no EOS: the scheduler puts turn_end_ids there (scheduler_proc/sessions.py).
+    assert turn_end_ids(smol) == generated[-1:]

@@ -22,7 +22,7 @@ from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths, Receiver, Sender
 from radixserve.procutil import child_init
 from tokenizer_proc.output import RequestOutput
-from tokenizer_proc.text import encode_prompt, eos_token_ids, load_tokenizer, request_text
+from tokenizer_proc.text import encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
 
 log = logging.getLogger("radixserve.tokenizer")
 
@@ -82,6 +82,7 @@ class TokenizerProcess:
             continue_chat = msg.session is not None and msg.session.rid is not None
             ids = encode_prompt(self.tokenizer, text=msg.text, input_ids=msg.input_ids, messages=msg.messages,
                                 continue_chat=continue_chat, vocab_size=self.vocab_size)
+            turn_end = turn_end_ids(self.tokenizer) if continue_chat and msg.messages is not None else []
         except ValueError as e:
             return self._reject(msg.rid, str(e))
         except Exception as e:  # a client's input must never take the process down (e.g. odd chat content)
@@ -104,7 +105,7 @@ class TokenizerProcess:
                                                             msg.return_text_in_logprobs))
         self.to_scheduler.send(wire.GenerateTokens(rid=msg.rid, input_ids=ids, sampling=sampling,
                                                    reply_to=self.index, logprob=msg.logprob, session=msg.session,
-                                                   eos_token_ids=self.eos_ids))
+                                                   eos_token_ids=self.eos_ids, turn_end_ids=turn_end))
 
     def _reject(self, rid: str, message: str) -> None:
         finish = wire.FinishReason(type="abort", message=message)

@@ -95,23 +95,37 @@ def _encode_chat(tokenizer: Any, messages: Any, continue_chat: bool = False) -> 
 _PROBE = "\u2063radixserve-probe\u2063"
 
 
+_PROBE_HISTORY = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                  {"role": "assistant", "content": _PROBE}]
+
+
 def _continuation(tokenizer: Any, messages: list[dict]) -> str:
     """Template text of `messages` following an assistant turn that ended with the EOS token.
 
     Renders a probe conversation with and without the new messages and keeps the difference,
     plus what the template writes after an assistant's content (minus the EOS the model emitted).
     """
-    history = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-               {"role": "assistant", "content": _PROBE}]
-    before = tokenizer.apply_chat_template(history, tokenize=False)
-    full = tokenizer.apply_chat_template(history + messages, tokenize=False, add_generation_prompt=True)
+    before = tokenizer.apply_chat_template(_PROBE_HISTORY, tokenize=False)
+    full = tokenizer.apply_chat_template(_PROBE_HISTORY + messages, tokenize=False, add_generation_prompt=True)
     if not full.startswith(before) or _PROBE not in before:
         raise ValueError("this chat template cannot continue a conversation turn by turn; send the full messages")
-    glue = before[before.rindex(_PROBE) + len(_PROBE):]
-    eos = tokenizer.eos_token or ""
-    if eos and glue.startswith(eos):
-        glue = glue[len(eos):]
+    glue, _ = _after_assistant(tokenizer, before)
     return glue + full[len(before):]
+
+
+def _after_assistant(tokenizer: Any, rendered: str) -> tuple[str, str]:
+    """What the template writes after the probe assistant's content in `rendered`: (the rest, the EOS text
+    it starts with, which the model emits itself, or "")."""
+    glue = rendered[rendered.rindex(_PROBE) + len(_PROBE):]
+    eos = tokenizer.eos_token or ""
+    return (glue[len(eos):], eos) if eos and glue.startswith(eos) else (glue, "")
+
+
+def turn_end_ids(tokenizer: Any) -> list[int]:
+    """Ids of the EOS text that a chat continuation leaves out after the previous assistant turn (see
+    wire.GenerateTokens.turn_end_ids); [] if the template writes none there."""
+    _, eos = _after_assistant(tokenizer, tokenizer.apply_chat_template(_PROBE_HISTORY, tokenize=False))
+    return tokenizer.encode(eos, add_special_tokens=False) if eos else []
 
 
 def _normalize_message(message: Any) -> dict:
