@@ -46,3 +46,22 @@ def test_tp_size_that_does_not_divide_the_heads_fails_clearly():
     # SmolLM2-135M has 9 attention heads: it cannot be split over 2 ranks.
     with pytest.raises(RuntimeError, match=r"attention heads \(9\) is not divisible"):
         Engine(tp_size=2, max_total_tokens=1024)
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path):
+    """The window is not applied in attention, so the context stops at it: exact there, a clear error past it."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(3)
+    hf = AutoModelForCausalLM.from_config(MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=251, max_position_embeddings=128, sliding_window=24)).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    hf.save_pretrained(tmp_path)
+    with Engine(str(tmp_path), skip_tokenizer_init=True, max_total_tokens=256) as eng:
+        assert eng.worker_info["context_length"] == 24
+        params = {"temperature": 0, "max_new_tokens": STEPS, "ignore_eos": True}
+        assert eng.generate(input_ids=PROMPTS[2], sampling_params=params)["output_ids"] == hf_greedy(hf, PROMPTS[2])
+        finish = eng.generate(input_ids=PROMPTS[2] * 2, sampling_params=params)["meta_info"]["finish_reason"]
+        assert finish["type"] == "abort" and finish["status_code"] == 400 and "context length (24" in finish["message"]

@@ -115,6 +115,13 @@ class ModelRunner:
         if args.context_length and args.context_length > self.context_length:
             log.warning("--context-length %d exceeds the model's %d positions: using %d", args.context_length,
                         self.context_length, self.context_length)
+        # Mistral attends within a sliding window, which the attention backends do not apply: up to the
+        # window the results are exact, so the context stops there.
+        window = getattr(hf_config, "sliding_window", None) if hf_config.model_type == "mistral" else None
+        if window and window < self.context_length:
+            log.warning("the model's sliding window (%d tokens) is not implemented: context length %d, not %d",
+                        window, window, self.context_length)
+            self.context_length = window
         m = self.model
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
         self.num_kv_slots = parallel.tp_min(self._kv_slots_that_fit()) + 1  # + the padding slot 0

@@ -1,7 +1,7 @@
 """The Llama-family decoder (SmolLM2, Llama 2/3, Mistral-style); Qwen2/Qwen3 reuse it through `Arch` flags.
 
 Module names follow HF's, except the fused `qkv_proj` (q/k/v_proj) and `gate_up_proj` (gate/up_proj).
-Mistral's sliding window is not applied: exact for contexts up to `config.sliding_window`.
+Mistral's sliding window is not applied: the worker caps the context at `config.sliding_window`, where it is exact.
 """
 
 from __future__ import annotations
