@@ -224,6 +224,7 @@ class WorkerReady(msgspec.Struct, tag=True, array_like=True):
     weight_bytes: int
     gpu_memory_used: int = 0
     gpu_memory_free: int = 0
+    cascade_attention: bool = False  # the workers honour StepBatch.prefix_groups
 
 
 class StepResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):

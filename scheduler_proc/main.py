@@ -31,7 +31,7 @@ class SchedulerProcess:
         ready = self._wait_worker_ready()
         self.worker_info = msgspec.structs.asdict(ready)
         self.sched = Scheduler(args, ready.num_kv_slots, min(ready.context_length, args.context_length or 1 << 62),
-                               ready.vocab_size)
+                               ready.vocab_size, cascade_attention=ready.cascade_attention)
         log.info("scheduler ready: %d KV slots, context %d", ready.num_kv_slots - 1, self.sched.context_length)
         for r in self.replies:
             r.send(wire.ControlReply(call_id="ready", ok=True, result=self.worker_info))

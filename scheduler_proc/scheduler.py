@@ -45,15 +45,18 @@ class RequestError(ValueError):
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, num_kv_slots: int, context_length: int, vocab_size: int = 1 << 31) -> None:
+    def __init__(self, args: ServerArgs, num_kv_slots: int, context_length: int, vocab_size: int = 1 << 31,
+                 cascade_attention: bool = True) -> None:
         self.args = args
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.allocator = KVSlotAllocator(num_kv_slots)
         self.cache = RadixCache(self.allocator)
         self.use_cache = not args.disable_radix_cache
-        # Without the radix cache no two requests share KV, so there is nothing to group.
-        self.grouper = PrefixGrouper() if self.use_cache and not args.disable_cascade_attention else None
+        # Prefix groups only for workers that use them (`cascade_attention`: WorkerReady); without the radix
+        # cache no two requests share KV, so there is nothing to group.
+        self.grouper = (PrefixGrouper() if cascade_attention and self.use_cache and not args.disable_cascade_attention
+                        else None)
         self.sessions = SessionTable(self.cache if self.use_cache else None, args.session_kv_budget, args.max_sessions)
         # Block table: req_to_token[req_slot, pos] is the KV slot of token `pos` of that request.
         self.req_to_token = np.zeros((args.max_running_requests, context_length), dtype=np.int32)
