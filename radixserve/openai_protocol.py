@@ -313,7 +313,11 @@ class ChatFormat(_Format):
         return ChatLogprobs(content)
 
 
+ANY_MODEL = "default"  # SGLang's examples send model="default": it names whatever the server serves
+
+
 def check_model(requested: str, served: str) -> None:
-    if requested != served:
+    """404 for a model this server does not serve (the served name, or "default")."""
+    if requested not in (served, ANY_MODEL):
         raise ApiError(404, f"the model {requested!r} does not exist; this server serves {served!r}",
                        param="model", code="model_not_found")

@@ -84,6 +84,9 @@ def test_completions(client: openai.OpenAI) -> None:
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == resp.choices[0].text
     assert chunks[-1].usage.prompt_tokens == 5
+    # SGLang's examples name the model "default": it is whatever this server serves.
+    again = client.completions.create(model="default", prompt=PROMPT, max_tokens=8, temperature=0, stop=["\n"])
+    assert again.choices[0].text == resp.choices[0].text and again.model == MODEL
 
 
 # ---------------------------------------------------------------- native routes
