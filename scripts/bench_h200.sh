@@ -8,7 +8,8 @@
 #             2 conversations/s; TTFT by turn, radix on vs off.
 # offline:    random 1024 in / 256 out x 2000 prompts vs HF generate at batch 64, 128 and 256 (HF on the first
 #             256 prompts: throughputs are rates, so they compare).
-# JSON, PNG and logs go to $OUT (default ./bench_h200_out).
+# JSON, PNG and logs go to $OUT (default ./bench_h200_out); the JSON's commit is $GIT_COMMIT if set (pass it
+# where the tree is a copy whose git metadata may lag), else the checkout's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1

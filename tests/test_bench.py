@@ -205,3 +205,12 @@ def test_module_entry_point_help() -> None:
     out = subprocess.run([sys.executable, "-m", "radixserve.bench", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and all(mode in out.stdout for mode in ("serve", "offline", "one-batch"))
+
+
+def test_report_commit(monkeypatch) -> None:
+    from radixserve.bench.report import _git_commit
+
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    assert _git_commit()  # this checkout's commit (with -dirty while tracked files are edited)
+    monkeypatch.setenv("GIT_COMMIT", "0123abc")  # a copied tree whose git metadata may lag
+    assert _git_commit() == "0123abc"

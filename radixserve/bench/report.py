@@ -68,9 +68,13 @@ def machine_info() -> dict[str, Any]:
 
 
 def _git_commit() -> str | None:
+    """$GIT_COMMIT if set (a copied tree whose git metadata may lag, as on a lent GPU machine), else the
+    checkout's commit, with "-dirty" when tracked files differ from it."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+                             timeout=10, cwd=Path(__file__).resolve().parent)
     except OSError:
         return None
     return out.stdout.strip() or None
