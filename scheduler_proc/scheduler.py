@@ -24,7 +24,7 @@ from radixserve.wire import (
 )
 from scheduler_proc.kv_pool import KVSlotAllocator
 from scheduler_proc.prefix_groups import PrefixGrouper
-from scheduler_proc.radix_cache import RadixCache, common_prefix_len
+from scheduler_proc.radix_cache import RadixCache
 from scheduler_proc.request import Req, Stage
 from scheduler_proc.sessions import SessionError, SessionTable
 
@@ -212,15 +212,19 @@ class Scheduler:
         # them waits for the next step, when that prefix is in the tree, instead of computing it twice.
         computing = [r.fill_ids() for r, _ in entries] if self.use_cache else []
         new_reqs = []
+        reserved: int | None = None  # _reserved_tokens(), summed once and then kept up to date
         for req in self._order_waiting():
             if budget <= 0 or not self.free_req_slots:
                 break
             if computing and self._shares_uncached_prefix(req, computing):
                 continue
-            admitted = self._admit(req, budget)
+            if reserved is None:
+                reserved = self._reserved_tokens()
+            admitted = self._admit(req, budget, reserved)
             if admitted is None:
                 break
             new_req, n = admitted
+            reserved += self._future_need(req)
             if self.use_cache:
                 computing.append(req.fill_ids())
             new_reqs.append(new_req)
@@ -229,12 +233,15 @@ class Scheduler:
         return entries, new_reqs
 
     def _shares_uncached_prefix(self, req: Req, computing: list[np.ndarray]) -> bool:
+        """Whether `req` and a prompt being computed share DEFER_MIN_SHARED tokens past req's cached prefix."""
         key = self._match_key(req)
-        cached = self.cache.peek_prefix_len(key)
-        return any(common_prefix_len(key, other) - cached >= DEFER_MIN_SHARED for other in computing)
+        end = self.cache.peek_prefix_len(key) + DEFER_MIN_SHARED
+        head = key[:end]
+        return len(head) == end and any(len(other) >= end and np.array_equal(other[:end], head) for other in computing)
 
-    def _admit(self, req: Req, budget: int) -> tuple[NewReq, int] | None:
-        """Move `req` from waiting to running if its KV fits, holding its cached prefix."""
+    def _admit(self, req: Req, budget: int, reserved: int) -> tuple[NewReq, int] | None:
+        """Move `req` from waiting to running if its KV fits beside what running requests still need
+        (`reserved`), holding its cached prefix."""
         if self.use_cache:
             match = self.cache.match_prefix(self._match_key(req))
             prefix = match.slots
@@ -243,7 +250,7 @@ class Scheduler:
             match, prefix = None, np.zeros(0, dtype=np.int32)
         n = min(req.fill_len - len(prefix), budget)
         need = req.fill_len - len(prefix) + math.ceil(req.remaining_new_tokens * self.args.new_token_ratio)
-        available = self._available() - self._reserved_tokens()
+        available = self._available() - reserved
         if need > available and (self.running or n > self._available()):
             if match is not None:
                 self.cache.unlock(match.node)
