@@ -29,15 +29,15 @@ class PrefixGrouper:
 
         `batch` must hold the requests that share token 0's KV slot side by side (the decode order).
         """
+        first_slots = req_to_token[[r.req_slot for r in batch], 0]
+        bounds = [0, *(np.flatnonzero(first_slots[1:] != first_slots[:-1]) + 1).tolist(), len(batch)]
+        if len(bounds) == len(batch) + 1:  # no two requests share KV (the common case): nothing to group
+            self._shared = {}
+            return None
         out: list[tuple[int, int]] = []
         seen: dict[tuple[str, ...], int] = {}
         saved = 0
-        start = 0
-        while start < len(batch):
-            first_slot = req_to_token[batch[start].req_slot, 0]
-            end = start + 1
-            while end < len(batch) and req_to_token[batch[end].req_slot, 0] == first_slot:
-                end += 1
+        for start, end in zip(bounds[:-1], bounds[1:]):
             members = batch[start:end]
             shared = 0
             if len(members) > 1:
@@ -48,7 +48,6 @@ class PrefixGrouper:
                 saved += (len(members) - 1) * shared
             else:
                 out += [(1, r.cached_len) for r in members]
-            start = end
         self._shared = seen  # only the current groups: a finished request's set is never seen again
         return np.asarray(out, dtype=np.int32) if saved >= MIN_SAVED_READS else None
 

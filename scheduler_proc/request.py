@@ -57,7 +57,7 @@ class Req:
         return np.concatenate([self.prompt_ids, np.asarray(self.output_ids, dtype=np.int32)])
 
     def token_slice(self, start: int, end: int) -> np.ndarray:
-        """fill_ids()[start:end] without building the whole sequence (hot: every decode step)."""
+        """fill_ids()[start:end] without building the whole sequence."""
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]

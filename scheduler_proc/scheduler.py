@@ -152,21 +152,24 @@ class Scheduler:
             return None
         self.inflight = entries
         self.step_id += 1
-        req_slots, cached, extend, offsets, ids, slots = [], [], [], [], [], []
-        for req, n in entries:
-            req_slots.append(req.req_slot)
-            cached.append(req.cached_len)
-            extend.append(n)
-            offsets.append(len(req.output_ids))
-            ids.append(req.token_slice(req.cached_len, req.cached_len + n))
-            slots.append(self.req_to_token[req.req_slot, req.cached_len:req.cached_len + n])
-        groups = self.grouper.groups(self.req_to_token, [r for r, _ in entries]) if is_decode and self.grouper else None
+        reqs = [req for req, _ in entries]
+        req_slots = np.array([req.req_slot for req in reqs], dtype=np.int32)
+        cached = np.array([req.cached_len for req in reqs], dtype=np.int32)
+        extend = np.array([n for _, n in entries], dtype=np.int32)
+        if is_decode:  # one new token each, the last it produced (cached_len == fill_len - 1)
+            ids = np.array([req.output_ids[-1] for req in reqs], dtype=np.int32)
+        else:
+            ids = np.concatenate([req.token_slice(req.cached_len, req.cached_len + n) for req, n in entries])
+        # The new tokens' KV slots: req_to_token[slot, cached:cached + extend] of each request, in order.
+        starts = np.cumsum(extend) - extend
+        columns = np.arange(len(ids), dtype=np.int32) + np.repeat(cached - starts, extend)
+        out_slots = self.req_to_token[np.repeat(req_slots, extend), columns]
+        groups = self.grouper.groups(self.req_to_token, reqs) if is_decode and self.grouper else None
         self.stats["cascade_decode_steps"] += groups is not None
-        return StepBatch(step=self.step_id, is_decode=is_decode, req_slots=i32(req_slots),
-                         input_ids=np.concatenate(ids).astype(np.int32).tobytes(),
-                         cached_lens=i32(cached), extend_lens=i32(extend),
-                         out_slots=np.concatenate(slots).astype(np.int32).tobytes(),
-                         sample_offsets=i32(offsets), new_reqs=new_reqs,
+        return StepBatch(step=self.step_id, is_decode=is_decode, req_slots=req_slots.tobytes(),
+                         input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(),
+                         extend_lens=extend.tobytes(), out_slots=out_slots.tobytes(),
+                         sample_offsets=i32([len(req.output_ids) for req in reqs]), new_reqs=new_reqs,
                          prefix_groups=b"" if groups is None else groups.tobytes())
 
     def _reserved_tokens(self) -> int:
@@ -297,12 +300,11 @@ class Scheduler:
         # Requests that share a cached prefix share its KV slots, token 0's included: side by side in the batch,
         # the attention kernel reads that KV for them at about the same time, and mostly from L2.
         decoding.sort(key=lambda r: self.req_to_token[r.req_slot, 0])
-        entries = []
-        for req in decoding:
-            if not self._assign_slots(req, 1):
-                raise AssertionError("decode checked that one slot per request is available")
-            entries.append((req, 1))
-        return entries
+        slots = self._alloc(len(decoding))
+        if slots is None:
+            raise AssertionError("decode checked that one slot per request is available")
+        self.req_to_token[[r.req_slot for r in decoding], [r.cached_len for r in decoding]] = slots
+        return [(req, 1) for req in decoding]
 
     def _retract(self, req: Req) -> None:
         """Out of KV: put a running request back in the queue; what it computed stays cached."""
