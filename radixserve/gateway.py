@@ -23,7 +23,7 @@ from radixserve.ipc import IpcPaths
 class Generation:
     """The sub-requests of one HTTP request, in choice order, filled in by `TokenizerClient.run`.
 
-    Invariant: `latest[i]` is sub-request i's newest (cumulative) chunk, and `fresh` holds the
+    Invariant: `latest[i]` is sub-request i's output so far (its chunks merged), and `fresh` holds the
     indices updated since the consumer last looked, so a slow consumer skips stale chunks.
     """
 
@@ -45,7 +45,10 @@ class Generation:
         return self.unfinished == 0 or self.error is not None
 
     def update(self, index: int, chunk: wire.TextChunk) -> None:
-        self.latest[index] = chunk
+        if self.latest[index] is None:
+            self.latest[index] = chunk
+        else:
+            self.latest[index].merge(chunk)
         self.fresh[index] = None
         if chunk.finished:
             self.unfinished -= 1

@@ -116,13 +116,30 @@ class ControlReply(msgspec.Struct, tag=True, omit_defaults=True):
 
 
 class TextChunk(msgspec.Struct, tag=True, omit_defaults=True):
-    """Tokenizer -> gateway: cumulative output of one request so far."""
+    """Tokenizer -> gateway: what one request output since its previous chunk (so a long stream costs
+    each step only its new tokens). `text` and `output_ids` are appended; in `meta` the counts and
+    finish_reason are current, the output logprob lists hold only the new entries, and the input
+    logprob lists are whole. The gateway merges chunks into the request's output so far (`merge`)."""
 
     rid: str
     text: str
     output_ids: list[int]
     meta: dict
     finished: bool = False
+
+    def merge(self, new: TextChunk) -> None:
+        """Append the next chunk of the same request to this one (its output so far)."""
+        self.text += new.text
+        self.output_ids += new.output_ids
+        for key, value in new.meta.items():
+            if key in APPENDED_META and key in self.meta:
+                self.meta[key] = self.meta[key] + value
+            else:
+                self.meta[key] = value
+        self.finished = new.finished
+
+
+APPENDED_META = ("output_token_logprobs", "output_top_logprobs")
 
 
 class TextBatch(msgspec.Struct, tag=True):

@@ -127,6 +127,20 @@ def test_generate_batch_stream_and_logprobs(server: RadixServer) -> None:
     assert all(events[i + 1]["text"].startswith(events[i]["text"]) for i in range(len(events) - 1))
 
 
+def test_streamed_logprobs_add_up_to_the_whole(server: RadixServer) -> None:
+    """The tokenizer sends only each step's new tokens; the gateway's merged output equals the unstreamed one."""
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 8, **GREEDY}, "return_logprob": True,
+            "logprob_start_len": 0, "top_logprobs_num": 2}
+    whole = server.post("/generate", body).json()
+    events = _sse(server.post("/generate", {**body, "stream": True}).content)
+    assert len(events) > 2
+    last = events[-1]
+    assert last["text"] == whole["text"] and last["output_ids"] == whole["output_ids"]
+    for key in ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs"):
+        assert last["meta_info"][key] == whole["meta_info"][key], key
+    assert [len(e["meta_info"]["output_token_logprobs"]) for e in events] == [len(e["output_ids"]) for e in events]
+
+
 def test_generate_stop_string_and_ids(server: RadixServer) -> None:
     base = server.post("/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 16, **GREEDY}}).json()
     stop = base["text"].strip()[:3]

@@ -32,6 +32,8 @@ class _Req:
 
     stream: bool
     output: RequestOutput
+    sent_chars: int = 0  # of output.text.text, in chunks already sent
+    sent_ids: int = 0
 
 
 class TokenizerProcess:
@@ -140,9 +142,13 @@ class TokenizerProcess:
             self.to_gateway.send(wire.TextBatch(chunks))
 
     def _chunk(self, rid: str, req: _Req) -> wire.TextChunk:
+        """What the request output since its previous chunk (see wire.TextChunk)."""
         out = req.output
-        return wire.TextChunk(rid=rid, text=out.text.text, output_ids=out.text.output_ids, meta=out.meta(),
-                              finished=out.finish is not None)
+        text, ids = out.text.text, out.text.output_ids
+        chunk = wire.TextChunk(rid=rid, text=text[req.sent_chars:], output_ids=ids[req.sent_ids:],
+                               meta=out.meta(since=req.sent_ids), finished=out.finish is not None)
+        req.sent_chars, req.sent_ids = len(text), len(ids)
+        return chunk
 
 
 def run_tokenizer(args_json: bytes, ipc_root: str, index: int, model_dir: str, parent_pid: int) -> None:

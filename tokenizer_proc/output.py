@@ -49,7 +49,8 @@ class RequestOutput:
         # Tell the scheduler where the output ends: it may have generated a few tokens past the match.
         return wire.FinishReason(type="stop", matched=matched, length=len(self.text.output_ids))
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self, since: int = 0) -> dict[str, Any]:
+        """SGLang's meta_info; the output logprobs of output tokens `since` onwards (wire.TextChunk)."""
         n_out = len(self.text.output_ids)
         meta: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n_out,
                                 "cached_tokens": self.cached_tokens,
@@ -57,7 +58,8 @@ class RequestOutput:
         if self.logprob:
             # Ids that arrived after a stop string are not output: neither are their logprobs.
             meta.update(input_token_logprobs=self.input_logprobs, input_top_logprobs=self.input_top,
-                        output_token_logprobs=self.output_logprobs[:n_out], output_top_logprobs=self.output_top[:n_out])
+                        output_token_logprobs=self.output_logprobs[since:n_out],
+                        output_top_logprobs=self.output_top[since:n_out])
         return meta
 
     def _add_logprobs(self, out: wire.ReqOut) -> None:
