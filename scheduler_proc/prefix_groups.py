@@ -34,22 +34,29 @@ class PrefixGrouper:
         if len(bounds) == len(batch) + 1:  # no two requests share KV (the common case): nothing to group
             self._shared = {}
             return None
-        out: list[tuple[int, int]] = []
+        shared_runs: list[tuple[int, int, int]] = []  # (start, end, shared_len) of runs worth a group
         seen: dict[tuple[str, ...], int] = {}
         saved = 0
         for start, end in zip(bounds[:-1], bounds[1:]):
+            if end - start < 2:
+                continue
             members = batch[start:end]
-            shared = 0
-            if len(members) > 1:
-                key = tuple(r.rid for r in members)
-                shared = seen[key] = self._shared.get(key) or common_prefix(req_to_token, members)
+            key = tuple(r.rid for r in members)
+            shared = seen[key] = self._shared.get(key) or common_prefix(req_to_token, members)
             if shared >= MIN_SHARED_LEN:
-                out.append((len(members), shared))
-                saved += (len(members) - 1) * shared
-            else:
-                out += [(1, r.cached_len) for r in members]
+                shared_runs.append((start, end, shared))
+                saved += (end - start - 1) * shared
         self._shared = seen  # only the current groups: a finished request's set is never seen again
-        return np.asarray(out, dtype=np.int32) if saved >= MIN_SAVED_READS else None
+        if saved < MIN_SAVED_READS:
+            return None
+        out: list[tuple[int, int]] = []
+        done = 0
+        for start, end, shared in shared_runs:
+            out += [(1, r.cached_len) for r in batch[done:start]]
+            out.append((end - start, shared))
+            done = end
+        out += [(1, r.cached_len) for r in batch[done:]]
+        return np.asarray(out, dtype=np.int32)
 
 
 def common_prefix(req_to_token: np.ndarray, members: list[Req]) -> int:

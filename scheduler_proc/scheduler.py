@@ -211,10 +211,12 @@ class Scheduler:
                     break
                 entries.append((req, n))
                 budget -= n
+        new_reqs: list[NewReq] = []
+        if not self.waiting or budget <= 0 or not self.free_req_slots:
+            return entries, new_reqs  # nothing can be admitted: no need to order the queue
         # Prompts being computed now: a waiting request that shares an uncached prefix with one of
         # them waits for the next step, when that prefix is in the tree, instead of computing it twice.
         computing = [r.fill_ids() for r, _ in entries] if self.use_cache else []
-        new_reqs = []
         reserved: int | None = None  # _reserved_tokens(), summed once and then kept up to date
         for req in self._order_waiting():
             if budget <= 0 or not self.free_req_slots:
