@@ -20,6 +20,7 @@ class ServerArgs:
 
     model_path: str | None = field(default=None, metadata={"help": "HF directory, a .gguf file, or None for the embedded SmolLM2-135M-Instruct"})
     tokenizer_path: str | None = field(default=None, metadata={"help": "defaults to the model path"})
+    download_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache directory for model ids (default: $HF_HUB_CACHE)"})
     skip_tokenizer_init: bool = field(default=False, metadata={"help": "no tokenizer: requests give input_ids, outputs carry ids only"})
     served_model_name: str | None = field(default=None, metadata={"help": "name reported by /v1/models"})
     load_format: LoadFormat = "auto"

