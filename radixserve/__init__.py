@@ -11,7 +11,7 @@ __all__ = ["Engine", "ServerArgs", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import radixserve` (e.g. for the client) does not pull in torch.
     if name == "Engine":
-        from radixserve.engine import Engine
+        from radixserve.launch.engine import Engine
         return Engine
     if name == "ServerArgs":
         from radixserve.config import ServerArgs

@@ -2,7 +2,7 @@
 
 import sys
 
-from radixserve.cli import main
+from radixserve.launch.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

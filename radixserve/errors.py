@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import msgspec
-from aiohttp import web
 
 _DEFAULTS: dict[int, tuple[str, str | None]] = {  # status -> (type, code)
     400: ("invalid_request_error", None),
@@ -33,10 +32,8 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> web.Response:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return web.Response(status=self.status, body=msgspec.json.encode(self.body()),
-                            content_type="application/json", headers=headers)
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:

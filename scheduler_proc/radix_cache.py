@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler_proc.kv_pool import KVSlotAllocator
+from scheduler_proc.kv_slots import KVSlotAllocator
 
 _EMPTY = np.empty(0, dtype=np.int32)
 _EMPTY.flags.writeable = False

@@ -22,7 +22,7 @@ from radixserve.wire import (
     StepResult,
     i32,
 )
-from scheduler_proc.kv_pool import KVSlotAllocator
+from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.prefix_groups import PrefixGrouper
 from scheduler_proc.radix_cache import RadixCache
 from scheduler_proc.request import Req, Stage

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from radixserve.bench.datasets import DatasetArgs, load_dataset, num_requests
 from radixserve.bench.serve import _OpenAIChat, _Stream
-from radixserve.cli import main
+from radixserve.launch.cli import main
 from radixserve.model_files import resolve_model
 from tokenizer_proc.text import load_tokenizer
 

@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from scheduler_proc.kv_pool import KVSlotAllocator
+from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.radix_cache import MatchResult, RadixCache, TreeNode
 
 

@@ -1,8 +1,11 @@
 """`python -m radixserve.bench MODE ...` is `radixserve bench MODE ...`."""
 
+import argparse
 import sys
 
-from radixserve.cli import main
+from radixserve.bench import cli
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    parser = argparse.ArgumentParser(prog="radixserve bench", description="benchmark radixserve")
+    cli.add_cli_args(parser)
+    sys.exit(cli.run(parser.parse_args()))

@@ -155,9 +155,9 @@ def tokenizer_and_vocab(args: ServerArgs) -> tuple[Any | None, int]:
     model_dir = resolve_model(args.model_path)
     if args.skip_tokenizer_init:
         return None, load_hf_config(model_dir).vocab_size
-    from tokenizer_proc.text import load_tokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer_path or model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or model_dir)
     return tokenizer, len(tokenizer)
 
 

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import socket
@@ -33,6 +32,8 @@ import numpy as np
 from radixserve.bench import report as rep
 from radixserve.bench.datasets import Conversation, DatasetArgs, Turn, load_dataset, num_requests, tokenizer_and_vocab
 from radixserve.bench.metrics import RequestResult, first_error
+from radixserve.client.errors import StreamError
+from radixserve.client.http import sse_events
 from radixserve.config import ServerArgs
 
 START_TIMEOUT_S = 900.0
@@ -243,16 +244,7 @@ async def _request(session: Any, api: Any, history: Any, turn: Turn, model: str 
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return history, result
-            async for line in resp.content:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    result.error = str(event["error"])[:300]
-                    return history, result
+            async for event in sse_events(resp):
                 new = api.on_event(event, st)
                 if new > 0:
                     now = time.perf_counter()
@@ -261,6 +253,9 @@ async def _request(session: Any, api: Any, history: Any, turn: Turn, model: str 
                     else:
                         result.itl += [(now - last) / new] * new
                     last = now
+    except StreamError as e:
+        result.error = str(e)[:300]
+        return history, result
     except (OSError, asyncio.TimeoutError, ValueError) as e:  # aiohttp.ClientError is an OSError
         result.error = f"{type(e).__name__}: {e}"
         return history, result

@@ -84,7 +84,7 @@ class AsyncClient:
         body = {**_native_body(text, sampling_params, input_ids, fields), "stream": True}
         read_timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
         async with self._response("POST", "/generate", body, read_timeout) as resp:
-            async for event in _sse_events(resp):
+            async for event in sse_events(resp):
                 yield event
 
     async def chat(self, messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
@@ -261,7 +261,7 @@ async def _status_error(resp: aiohttp.ClientResponse) -> APIStatusError:
     return APIStatusError(resp.status, body, error)
 
 
-async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
     """The JSON events of a server-sent-event stream, one per `data:` line, up to `data: [DONE]`."""
     rest = b""
     try:

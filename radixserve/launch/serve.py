@@ -22,11 +22,11 @@ from aiohttp import web
 
 from radixserve.config import ServerArgs
 from radixserve.errors import ApiError
-from radixserve.gateway import TokenizerClient
-from radixserve.http_server import Gateway
+from radixserve.gateway.app import Gateway
+from radixserve.gateway.tokenizer_client import TokenizerClient
 from radixserve.ipc import IpcPaths
+from radixserve.launch.supervisor import ChildDied, ProcessGroup, start_backend
 from radixserve.procutil import setup_logging
-from radixserve.supervisor import ChildDied, ProcessGroup, start_backend
 
 log = logging.getLogger("radixserve")
 
@@ -81,7 +81,7 @@ class _Server:
         args = self.args
         ipc = IpcPaths.create()
         client = TokenizerClient(ipc, args.tokenizer_worker_num, args.max_running_requests + args.max_queued_requests)
-        gateway = Gateway(args, client, self.model_dir, self.model_name, self.group)
+        gateway = Gateway(args, client, self.model_dir, self.model_name, self.group.procs)
         runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         try:

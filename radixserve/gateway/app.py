@@ -12,6 +12,7 @@ import dataclasses
 import hmac
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Protocol, TypeVar
 
 import msgspec
@@ -20,9 +21,8 @@ from aiohttp import web
 from radixserve import __version__, wire
 from radixserve.config import ServerArgs
 from radixserve.errors import ApiError, bad_request, from_validation
-from radixserve.gateway import Generation, TokenizerClient
-from radixserve.native_protocol import GenerateRequest, NativeFormat, build_requests
-from radixserve.openai_protocol import (
+from radixserve.gateway.native import GenerateRequest, NativeFormat, build_requests
+from radixserve.gateway.openai_api import (
     ChatCompletionRequest,
     ChatFormat,
     CompletionFormat,
@@ -31,7 +31,7 @@ from radixserve.openai_protocol import (
     check_model,
     completion_requests,
 )
-from radixserve.supervisor import ProcessGroup
+from radixserve.gateway.tokenizer_client import Generation, TokenizerClient
 
 log = logging.getLogger("radixserve.http")
 
@@ -39,6 +39,14 @@ PUBLIC_PATHS = frozenset({"/health", "/health_generate"})
 HEALTH_TIMEOUT_S = 30.0
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
+
+
+class Child(Protocol):
+    """A supervised child process, as the launcher's ProcessGroup holds it (multiprocessing.Process)."""
+
+    name: str
+    pid: int | None
+    exitcode: int | None
 
 
 class Format(Protocol):
@@ -52,13 +60,18 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=msgspec.json.encode(obj), content_type="application/json")
 
 
+def _error(e: ApiError) -> web.Response:
+    return web.Response(status=e.status, body=msgspec.json.encode(e.body()), content_type="application/json",
+                        headers=e.headers())
+
+
 def _sse(events: list[Any]) -> bytes:
     return b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events)
 
 
 class Gateway:
     def __init__(self, args: ServerArgs, client: TokenizerClient, model_dir: str, model_name: str,
-                 children: ProcessGroup) -> None:
+                 children: Sequence[Child]) -> None:
         self.args = args
         self.client = client
         self.model_dir = model_dir
@@ -90,17 +103,17 @@ class Gateway:
         try:
             return await handler(request)
         except ApiError as e:
-            return e.response()
+            return _error(e)
         except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
             if e.status < 400:
                 raise
-            return ApiError(e.status, e.reason if e.status != 413 else
-                            f"request body too large (limit {self.args.max_request_bytes} bytes)").response()
+            return _error(ApiError(e.status, e.reason if e.status != 413 else
+                                   f"request body too large (limit {self.args.max_request_bytes} bytes)"))
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
             log.exception("internal error on %s %s", request.method, request.path)
-            return ApiError(500, "internal server error").response()
+            return _error(ApiError(500, "internal server error"))
 
     @web.middleware
     async def _gate(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -116,7 +129,7 @@ class Gateway:
     # ------------------------------------------------------------ health and info
 
     async def health(self, request: web.Request) -> web.Response:
-        if any(p.exitcode is not None for p in self.children.procs):
+        if any(p.exitcode is not None for p in self.children):
             raise ApiError(503, "a server process has exited")
         return web.Response(text="OK")
 
@@ -142,7 +155,7 @@ class Gateway:
         reply = await self.client.control("server_info")
         server_args = {**dataclasses.asdict(self.args), "api_key": None}
         return _json({**server_args, "version": __version__, "num_pending_http_reqs": self.client.num_pending,
-                      "processes": {p.name: p.pid for p in self.children.procs},
+                      "processes": {p.name: p.pid for p in self.children},
                       "worker": reply.result.get("worker"), "scheduler": reply.result.get("scheduler")})
 
     async def flush_cache(self, request: web.Request) -> web.Response:

@@ -1,12 +1,10 @@
 """SGLang's native `POST /generate`: the request Struct, its validation, and the response shape.
 
-Also `check_sampling`, the one place where sampling values are range-checked (the OpenAI
-routes build a `wire.SamplingParams` too and pass it here).
+Sampling values are range-checked in `validation.check_sampling`, shared with the OpenAI routes.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 from typing import Annotated, Any
 
@@ -14,15 +12,9 @@ import msgspec
 from msgspec import Meta
 
 from radixserve import wire
-from radixserve.errors import bad_request, from_validation
-from radixserve.gateway import Generation
-
-INT32_MAX = 2**31 - 1
-MAX_N = 64
-MAX_STOPS = 16
-MAX_TOP_LOGPROBS = 20
-
-TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+from radixserve.errors import bad_request
+from radixserve.gateway.tokenizer_client import Generation
+from radixserve.gateway.validation import INT32_MAX, MAX_TOP_LOGPROBS, TokenId, expand, parse_sampling
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -36,37 +28,6 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     top_logprobs_num: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     return_text_in_logprobs: bool = False
     session_params: wire.SessionParams | None = None
-
-
-def check_sampling(sp: wire.SamplingParams, prefix: str = "sampling_params.") -> None:
-    """Raise a 400 naming the first out-of-range value (workers and the scheduler trust these)."""
-    checks = [
-        ("max_new_tokens", 0 <= sp.max_new_tokens <= INT32_MAX, "must be >= 0"),
-        ("min_new_tokens", 0 <= sp.min_new_tokens <= sp.max_new_tokens, "must be in [0, max_new_tokens]"),
-        ("temperature", math.isfinite(sp.temperature) and sp.temperature >= 0, "must be >= 0"),
-        ("top_p", 0 < sp.top_p <= 1, "must be in (0, 1]"),
-        ("top_k", sp.top_k == -1 or 1 <= sp.top_k <= INT32_MAX, "must be -1 (off) or >= 1"),
-        ("min_p", 0 <= sp.min_p <= 1, "must be in [0, 1]"),
-        ("n", 1 <= sp.n <= MAX_N, f"must be in [1, {MAX_N}]"),
-        ("seed", sp.seed is None or 0 <= sp.seed < 2**63, "must be in [0, 2**63)"),
-        ("stop", len(sp.stop) <= MAX_STOPS, f"at most {MAX_STOPS} stop strings"),
-        ("stop_token_ids", all(0 <= t <= INT32_MAX for t in sp.stop_token_ids), "must be token ids"),
-    ]
-    for name, ok, why in checks:
-        if not ok:
-            raise bad_request(f"{prefix}{name} {why}, got {getattr(sp, name)!r}", prefix + name)
-
-
-def parse_sampling(raw: dict[str, Any] | None, prefix: str = "sampling_params.") -> wire.SamplingParams:
-    raw = dict(raw or {})
-    if isinstance(raw.get("stop"), str):
-        raw["stop"] = [raw["stop"]]
-    try:
-        sp = msgspec.convert(raw, wire.SamplingParams)
-    except msgspec.ValidationError as e:
-        raise from_validation(e, prefix) from None
-    check_sampling(sp, prefix)
-    return sp
 
 
 def build_requests(req: GenerateRequest) -> tuple[bool, list[wire.GenerateText]]:
@@ -97,14 +58,6 @@ def build_requests(req: GenerateRequest) -> tuple[bool, list[wire.GenerateText]]
         out += expand(rids[i] if rids else uuid.uuid4().hex, sp, prompt, stream=req.stream, logprob=logprob,
                       return_text_in_logprobs=req.return_text_in_logprobs, session=req.session_params)
     return single and len(out) == 1, out
-
-
-def expand(rid: str, sp: wire.SamplingParams, prompt: dict[str, Any], **fields: Any) -> list[wire.GenerateText]:
-    """`sp.n` sub-requests of one prompt; copy k gets rid `{rid}-{k}` and seed `seed + k` (if seeded)."""
-    if sp.n == 1:
-        return [wire.GenerateText(rid=rid, sampling=sp, **prompt, **fields)]
-    return [wire.GenerateText(rid=f"{rid}-{k}", **prompt, **fields, sampling=msgspec.structs.replace(
-        sp, n=1, seed=None if sp.seed is None else (sp.seed + k) % 2**63)) for k in range(sp.n)]
 
 
 class NativeFormat:

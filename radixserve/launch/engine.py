@@ -15,10 +15,10 @@ import zmq
 from radixserve import wire
 from radixserve.config import ServerArgs
 from radixserve.errors import ApiError
+from radixserve.gateway.validation import parse_sampling
 from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.launch.supervisor import ChildDied, ProcessGroup, start_backend
 from radixserve.model_files import resolve_model
-from radixserve.native_protocol import parse_sampling
-from radixserve.supervisor import ChildDied, ProcessGroup, start_backend
 from tokenizer_proc.output import RequestOutput
 from tokenizer_proc.text import encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
 

@@ -15,8 +15,8 @@ from msgspec import Meta, Struct
 
 from radixserve import wire
 from radixserve.errors import ApiError, bad_request
-from radixserve.gateway import Generation
-from radixserve.native_protocol import INT32_MAX, MAX_N, MAX_STOPS, check_sampling, expand
+from radixserve.gateway.tokenizer_client import Generation
+from radixserve.gateway.validation import INT32_MAX, MAX_N, MAX_STOPS, check_sampling, expand
 
 # ---------------------------------------------------------------- requests
 
