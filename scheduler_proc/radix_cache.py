@@ -300,7 +300,9 @@ class RadixCache:
         assert evictable_leaves <= in_heap, "an evictable leaf is missing from the heap"
         assert all(stamp <= node.last_access for stamp, _, node in self._heap)
         slots = np.concatenate(pieces) if pieces else _EMPTY.copy()
-        assert np.unique(slots).size == slots.size, "a slot appears twice in the tree"
         assert slots.size == 0 or (slots.min() >= 1 and slots.max() < self._allocator.num_slots)
-        assert not np.intersect1d(slots, self._allocator.free_slots()).size, "a cached slot is free"
+        # Counting with bincount is O(slots); np.unique and np.intersect1d sort or hash (10x slower at 1M).
+        counts = np.bincount(slots, minlength=self._allocator.num_slots)
+        assert counts.max(initial=0) <= 1, "a slot appears twice in the tree"
+        assert not counts[self._allocator.free_slots()].any(), "a cached slot is free"
         return slots
