@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from radixserve.wire import FinishReason, LogprobRequest, SamplingParams
+from scheduler_proc.radix_cache import TreeNode
 
 
 class Stage(enum.Enum):
@@ -17,9 +18,9 @@ class Stage(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class Req:
-    """Token state of one request.
+    """Token state of one request; compared and hashed by identity (queues key on the object).
 
     fill_ids = prompt + output. Invariant while it holds a req slot: KV is valid for
     fill_ids[:cached_len], whose slots are req_to_token[req_slot, :cached_len]; of those,
@@ -39,7 +40,7 @@ class Req:
     req_slot: int = -1
     cached_len: int = 0
     prefix_len: int = 0
-    prefix_node: object = None
+    prefix_node: TreeNode | None = None
     cached_tokens: int = 0
     finish: FinishReason | None = None
     input_logprobs: list[float | None] = field(default_factory=list)
