@@ -52,6 +52,8 @@ class ServerArgs:
     session_kv_budget: int = field(default=65536, metadata={"help": "KV tokens that open sessions may pin in the cache"})
     max_sessions: int = 1024
     watchdog_timeout: float = field(default=300.0, metadata={"help": "seconds a forward step may take before the server is declared hung"})
+    enable_invariant_checks: bool = field(default=False, metadata={
+        "help": "check the scheduler's KV invariants whenever it goes idle (debug; O(cache size))"})
 
     def __post_init__(self) -> None:
         if self.tp_size < 1:
