@@ -52,10 +52,8 @@ class SessionTable:
         self.max_sessions = max_sessions
         self.sessions: dict[str, Session] = {}
         self.turn_session: dict[str, str] = {}  # rid -> session id of running turns
-
-    @property
-    def pinned_tokens(self) -> int:
-        return sum(s.pinned_len for s in self.sessions.values())
+        self.pinned_tokens = 0  # the sum of every session's pinned_len (check_invariants)
+        self.pin_changes = 0  # pins taken or dropped so far (a change of the tree's locks)
 
     def open(self, session_id: str | None, capacity_of_str_len: int, timeout: float | None) -> str:
         if len(self.sessions) >= self.max_sessions:
@@ -73,7 +71,7 @@ class SessionTable:
         self._unpin(session)
         del self.sessions[session_id]
 
-    def start_turn(self, rid: str, params: SessionParams, new_ids: list[int],
+    def start_turn(self, rid: str, params: SessionParams, new_ids: list[int] | np.ndarray,
                    turn_end_ids: list[int] | None = None) -> np.ndarray:
         """Register a turn and return its full prompt; SessionError if it cannot continue. `turn_end_ids`
         close the previous turn's output when it does not end with them (wire.GenerateTokens)."""
@@ -124,6 +122,8 @@ class SessionTable:
             match = self.cache.match_prefix(cached_ids)
             self.cache.lock(match.node)
             session.pinned_node, session.pinned_len = match.node, len(match.slots)
+            self.pinned_tokens += session.pinned_len
+            self.pin_changes += 1
             self._fit_budget(keep=session)
 
     def expire(self, now: float) -> list[str]:
@@ -134,15 +134,15 @@ class SessionTable:
             self.close(sid)
         return gone
 
-    def info(self) -> dict:
-        return {"num_sessions": len(self.sessions), "session_pinned_tokens": self.pinned_tokens,
-                "session_kv_budget": self.budget}
-
     def unpin_all(self) -> None:
         for session in self.sessions.values():
             self._unpin(session)
 
     def _fit_budget(self, keep: Session) -> None:
+        """Unpin the least recently used sessions but `keep` until the pins fit the budget (a turn's end costs
+        O(1) when they already fit)."""
+        if self.pinned_tokens <= self.budget:
+            return
         for session in sorted(self.sessions.values(), key=lambda s: s.last_used):
             if self.pinned_tokens <= self.budget:
                 return
@@ -152,6 +152,8 @@ class SessionTable:
     def _unpin(self, session: Session) -> None:
         if session.pinned_node is not None:
             self.cache.unlock(session.pinned_node)
+            self.pinned_tokens -= session.pinned_len
+            self.pin_changes += 1
             session.pinned_node, session.pinned_len = None, 0
 
     def _drop_subtree(self, session: Session, rid: str) -> None:
@@ -160,6 +162,10 @@ class SessionTable:
             return
         for child in turn.children:
             self._drop_subtree(session, child)
+
+    def check_invariants(self) -> None:
+        assert self.pinned_tokens == sum(s.pinned_len for s in self.sessions.values()), "pinned-token count is stale"
+        assert all(s.pinned_node is not None for s in self.sessions.values() if s.pinned_len), "a length without a pin"
 
     def _get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)

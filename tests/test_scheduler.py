@@ -78,7 +78,7 @@ def test_retraction_when_kv_runs_out_keeps_going():
     finished = {o.rid: o for o in outs if o.finish is not None}
     assert set(finished) == {f"r{i}" for i in range(6)}
     assert all(o.finish.type == "length" and o.completion_tokens == 30 for o in finished.values())
-    assert s.stats["retracted_requests"] > 0
+    assert s.counters.retracted_requests > 0
 
 
 @settings(max_examples=40, deadline=None)
@@ -132,7 +132,7 @@ def _check_prefix_groups(s: Scheduler, batch: wire.StepBatch) -> np.ndarray:
     assert groups[:, 0].sum() == len(slots) and (groups[:, 0] >= 1).all()
     start = 0
     for size, shared in groups:
-        rows = s.req_to_token[slots[start:start + size], :shared]
+        rows = s.table.req_to_token[slots[start:start + size], :shared]
         assert 1 <= shared <= cached[start:start + size].min()
         assert (rows == rows[0]).all(), "a group's requests must share the KV slots of their first shared tokens"
         start += size

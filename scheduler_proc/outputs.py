@@ -1,0 +1,38 @@
+"""What a step makes of a request: its output message, whether it finished, the input logprobs it gained."""
+
+from __future__ import annotations
+
+from radixserve.wire import FinishReason, ReqOut, StepResult
+from scheduler_proc.request import Req
+
+
+def check_finish(req: Req, context_length: int) -> FinishReason | None:
+    """Why `req` ends after its latest token (a stop id, max_new_tokens, the context), or None."""
+    sp = req.sampling
+    if req.output_ids and len(req.output_ids) >= sp.min_new_tokens and req.output_ids[-1] in req.stop_ids:
+        return FinishReason(type="stop", matched=req.output_ids[-1])
+    if len(req.output_ids) >= sp.max_new_tokens:
+        return FinishReason(type="length", length=sp.max_new_tokens)
+    if req.fill_len >= context_length:
+        return FinishReason(type="length", length=len(req.output_ids))
+    return None
+
+
+def make_out(req: Req, new_ids: list[int], first: bool = False) -> ReqOut:
+    """The message for `req`'s new tokens; the first one carries its input logprobs, if asked for."""
+    out = ReqOut(rid=req.rid, new_ids=new_ids, prompt_tokens=len(req.prompt_ids),
+                 cached_tokens=req.cached_tokens, completion_tokens=len(req.output_ids), finish=req.finish)
+    if first and req.input_logprobs:
+        out.input_logprobs = req.input_logprobs
+        out.input_top_logprobs = req.input_top_logprobs
+        out.input_ids = req.prompt_ids.tolist()
+    return out
+
+
+def add_input_logprobs(req: Req, result: StepResult, i: int) -> None:
+    """Append the prompt logprobs that entry `i` of the step computed for `req`."""
+    if not req.input_logprobs and req.logprob.logprob_start_len == 0:
+        req.input_logprobs.append(None)  # the first prompt token has no logprob
+        req.input_top_logprobs.append(None)
+    req.input_logprobs.extend(result.input_logprobs[i])
+    req.input_top_logprobs.extend(result.input_top_logprobs.get(i, [None] * len(result.input_logprobs[i])))

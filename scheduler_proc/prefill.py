@@ -1,0 +1,166 @@
+"""Prefill steps: continue chunked prefills, then admit waiting requests under the step's token budget.
+
+Order: the requests already prefilling (in admission order), then waiting ones by longest prefix match
+in the radix cache, ties by arrival (FCFS past LPM_MAX_QUEUE waiting, where matching them all each step
+would cost too much). A request is admitted only if its prompt plus `new_token_ratio × max_new_tokens`
+fits beside what running requests still reserve; the first that does not fit stops admission (no
+overtaking). A waiting request that shares DEFER_MIN_SHARED uncached tokens with a prompt computed in this
+step waits for the next one, when that prefix is in the tree, instead of computing it twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from radixserve.config import ServerArgs
+from radixserve.wire import NewReq, i32
+from scheduler_proc.block_table import BlockTable
+from scheduler_proc.counters import Counters
+from scheduler_proc.queues import RunningSet, WaitingQueue
+from scheduler_proc.request import Req, Stage
+
+LPM_MAX_QUEUE = 128
+DEFER_MIN_SHARED = 16  # a waiting request sharing this many uncached tokens with one in the batch waits a step
+
+Entries = list[tuple[Req, int]]  # (request, tokens it computes this step), in batch order
+
+
+def match_key(req: Req) -> np.ndarray:
+    """Tokens that may come from the cache: all but the last (which must produce logits), and none from
+    where input logprobs are still wanted."""
+    limit = req.fill_len - 1
+    if req.wants_input_logprobs and not req.input_logprobs:
+        limit = min(limit, max(req.logprob.logprob_start_len - 1, 0))
+    return req.fill_ids()[:limit]
+
+
+class ComputingPrompts:
+    """Prompts computed in this step, for the shared-prefix deferral: `shares(head)` is whether one of them
+    starts with `head`. Heads are indexed by length as lengths are asked for, so a step admitting k requests
+    costs O(k × distinct lengths) hash look-ups, not k² array comparisons."""
+
+    def __init__(self, prompts: list[np.ndarray]) -> None:
+        self._prompts = prompts
+        self._heads: dict[int, set[bytes]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._prompts)
+
+    def add(self, prompt: np.ndarray) -> None:
+        self._prompts.append(prompt)
+        for end, heads in self._heads.items():
+            if len(prompt) >= end:
+                heads.add(prompt[:end].tobytes())
+
+    def shares(self, head: np.ndarray) -> bool:
+        end = len(head)
+        heads = self._heads.get(end)
+        if heads is None:
+            heads = self._heads[end] = {p[:end].tobytes() for p in self._prompts if len(p) >= end}
+        return head.tobytes() in heads
+
+
+class PrefillPlanner:
+    """Picks a prefill step's work and moves admitted requests from `waiting` to `running`."""
+
+    def __init__(self, args: ServerArgs, table: BlockTable, running: RunningSet, waiting: WaitingQueue,
+                 counters: Counters) -> None:
+        self.args = args
+        self.table = table
+        self.cache = table.cache
+        self.use_cache = table.use_cache
+        self.running = running
+        self.waiting = waiting
+        self.counters = counters
+
+    def plan(self) -> tuple[Entries, list[NewReq]]:
+        """The step's (request, chunk) entries and the NewReq of each request admitted in it; KV slots for every
+        chunk are assigned. Empty when nothing can be prefilled."""
+        budget = min(self.args.chunked_prefill_size, self.args.max_prefill_tokens)
+        entries: Entries = []
+        for req in self.running.prefilling:
+            if budget <= 0:
+                break
+            n = min(req.fill_len - req.cached_len, budget)
+            if not self.table.assign(req, n):
+                break
+            entries.append((req, n))
+            budget -= n
+        new_reqs: list[NewReq] = []
+        if not self.waiting or budget <= 0 or not self.table.num_free_rows:
+            return entries, new_reqs  # nothing can be admitted: no need to order the queue
+        computing = ComputingPrompts([r.fill_ids() for r, _ in entries] if self.use_cache else [])
+        reserved: int | None = None  # reserved_tokens(), summed once and then kept up to date
+        for req in self.order_waiting():
+            if budget <= 0 or not self.table.num_free_rows:
+                break
+            if computing and self._shares_uncached_prefix(req, computing):
+                continue
+            if reserved is None:
+                reserved = self.reserved_tokens()
+            admitted = self._admit(req, budget, reserved)
+            if admitted is None:
+                break
+            new_req, n = admitted
+            reserved += self.future_need(req)
+            if self.use_cache:
+                computing.add(req.fill_ids())
+            new_reqs.append(new_req)
+            entries.append((req, n))
+            budget -= n
+        return entries, new_reqs
+
+    def order_waiting(self) -> list[Req]:
+        if self.args.schedule_policy == "lpm" and self.use_cache and 1 < len(self.waiting) <= LPM_MAX_QUEUE:
+            return sorted(self.waiting, key=lambda r: (-self.cache.peek_prefix_len(match_key(r)), r.arrival))
+        return list(self.waiting)
+
+    def future_need(self, req: Req) -> int:
+        """KV a running request is expected to still need: prefill left + reserved output."""
+        prefill_left = req.fill_len - req.cached_len - (1 if req.stage == Stage.DECODE else 0)
+        return prefill_left + math.ceil(req.remaining_new_tokens * self.args.new_token_ratio)
+
+    def reserved_tokens(self) -> int:
+        """What all running requests are expected to still need (O(running): once per admitting step)."""
+        return sum(map(self.future_need, self.running))
+
+    def _shares_uncached_prefix(self, req: Req, computing: ComputingPrompts) -> bool:
+        """Whether `req` and a prompt being computed share DEFER_MIN_SHARED tokens past req's cached prefix."""
+        key = match_key(req)
+        end = self.cache.peek_prefix_len(key) + DEFER_MIN_SHARED
+        return len(key) >= end and computing.shares(key[:end])
+
+    def _admit(self, req: Req, budget: int, reserved: int) -> tuple[NewReq, int] | None:
+        """Move `req` from waiting to running if its KV fits beside what running requests still need
+        (`reserved`), holding its cached prefix; its first chunk gets KV slots."""
+        if self.use_cache:
+            match = self.cache.match_prefix(match_key(req))
+            prefix, node = match.slots, match.node
+            self.cache.lock(node)
+        else:
+            prefix, node = np.zeros(0, dtype=np.int32), None
+        n = min(req.fill_len - len(prefix), budget)
+        need = req.fill_len - len(prefix) + math.ceil(req.remaining_new_tokens * self.args.new_token_ratio)
+        available = self.table.available()
+        if need > available - reserved and (self.running or n > available):
+            if node is not None:
+                self.cache.unlock(node)
+            return None
+        self.table.bind(req, prefix, node)
+        if not req.output_ids:
+            req.cached_tokens = len(prefix)
+            self.counters.prompt_tokens += len(req.prompt_ids)
+            self.counters.cached_tokens += len(prefix)
+        self.waiting.remove(req)
+        self.running.add(req)
+        if not self.table.assign(req, n):
+            raise AssertionError("admission checked the KV that this chunk needs")
+        sp = req.sampling
+        wants_lp = req.wants_input_logprobs and not req.input_logprobs
+        return NewReq(req_slot=req.req_slot, prefix_slots=prefix.tobytes(), temperature=sp.temperature,
+                      top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, seed=req.seed,
+                      min_new_tokens=sp.min_new_tokens, stop_ids=i32(sorted(req.stop_ids)),
+                      logprob=req.logprob,
+                      prompt_ids=req.prompt_ids.tobytes() if wants_lp else None), n
