@@ -6,13 +6,20 @@ under aborts, retraction and chunking, and the size of per-step messages.
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve import wire
 from radixserve.config import ServerArgs
-from scheduler_proc.scheduler import Scheduler
+from scheduler_proc.prefill import ComputingPrompts
+from scheduler_proc.queues import RunningSet, WaitingQueue
+from scheduler_proc.request import Req, Stage
+from scheduler_proc.scheduler import RequestError, Scheduler
 
 
 def answer(batch: wire.StepBatch, token: int = 7) -> wire.StepResult:
@@ -186,3 +193,199 @@ def test_no_prefix_groups_when_little_is_shared_or_cascade_is_off():
             decode_steps += batch.is_decode
             s.process_result(answer(batch))
         assert decode_steps >= 5
+
+
+# --- queues: identity, O(1) removal, order ----------------------------------------------------------------
+
+
+def make_req(rid: str = "r", arrival: int = 0) -> Req:
+    return Req(rid=rid, prompt_ids=np.arange(3, 8, dtype=np.int32), sampling=wire.SamplingParams(), reply_to=0,
+               stop_ids=frozenset({2}), arrival=arrival)
+
+
+def test_requests_compare_by_identity():
+    a, b = make_req(), make_req()  # equal field by field
+    assert a != b and a == a and len({a, b}) == 2
+    running = RunningSet()
+    running.add(a)
+    running.add(b)
+    assert len(running) == 2
+    running.remove(b)
+    assert list(running) == [a] and list(running.prefilling) == [a]
+    waiting = WaitingQueue()
+    waiting.push_back(b)
+    waiting.push_back(make_req())
+    waiting.remove(b)
+    assert len(waiting) == 1 and b not in list(waiting)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["back", "front", "remove"]), st.integers(0, 99)), max_size=60))
+def test_waiting_queue_keeps_the_order_of_a_deque(ops):
+    pool = [make_req(f"r{i}", i) for i in range(8)]
+    queue, ref = WaitingQueue(), deque()
+    for op, k in ops:
+        queued = list(ref)
+        free = [r for r in pool if r not in queued]
+        if op == "remove" and queued:
+            queue.remove(queued[k % len(queued)])
+            ref.remove(queued[k % len(queued)])
+        elif op == "back" and free:
+            queue.push_back(free[k % len(free)])
+            ref.append(free[k % len(free)])
+        elif op == "front" and free:
+            queue.push_front(free[k % len(free)])
+            ref.appendleft(free[k % len(free)])
+        assert list(queue) == list(ref) and len(queue) == len(ref) and bool(queue) == bool(ref)
+        queue.check_invariants()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "prefilled", "remove"]), st.integers(0, 99)), max_size=60))
+def test_running_set_keeps_admission_order(ops):
+    pool = [make_req(f"r{i}", i) for i in range(8)]
+    running, ref = RunningSet(), []
+    for op, k in ops:
+        free = [r for r in pool if r not in ref]
+        prefilling = [r for r in ref if r.stage == Stage.PREFILL]
+        if op == "add" and free:
+            running.add(free[k % len(free)])
+            ref.append(free[k % len(free)])
+        elif op == "prefilled" and prefilling:
+            running.prefilled(prefilling[k % len(prefilling)])
+        elif op == "remove" and ref:
+            running.remove(ref.pop(k % len(ref)))
+        assert list(running) == ref and len(running) == len(ref)
+        assert list(running.prefilling) == [r for r in ref if r.stage == Stage.PREFILL]
+        running.check_invariants()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), max_size=6), max_size=6), st.lists(st.integers(0, 2), max_size=6),
+       st.lists(st.integers(0, 2), max_size=6))
+def test_computing_prompts_finds_a_shared_head(prompts, head, late):
+    as_arr = [np.asarray(p, dtype=np.int32) for p in prompts]
+    computing = ComputingPrompts(list(as_arr))
+    for h in (head, head[:2], head):
+        h = np.asarray(h, dtype=np.int32)
+        assert computing.shares(h) == any(len(p) >= len(h) and np.array_equal(p[:len(h)], h) for p in as_arr)
+    computing.add(np.asarray(late, dtype=np.int32))  # added after heads of these lengths were indexed
+    as_arr.append(np.asarray(late, dtype=np.int32))
+    h = np.asarray(head, dtype=np.int32)
+    assert computing.shares(h) == any(len(p) >= len(h) and np.array_equal(p[:len(h)], h) for p in as_arr)
+
+
+def test_a_retracted_request_goes_back_to_the_front_of_the_queue():
+    s = Scheduler(ServerArgs(max_running_requests=2, new_token_ratio=0.05), num_kv_slots=25, context_length=64)
+    s.add_request(request("x", list(range(3, 11)), max_new=10, ignore_eos=True))
+    s.add_request(request("y", list(range(20, 28)), max_new=10, ignore_eos=True))
+    s.add_request(request("z", list(range(40, 48)), max_new=10, ignore_eos=True))  # no free row: waits
+    while not s.counters.retracted_requests:
+        s.process_result(answer(s.schedule()))
+    assert [r.rid for r in s.waiting] == ["y", "z"] and [r.rid for r in s.running] == ["x"]
+
+
+# --- info(), the invariant flag, token validation ---------------------------------------------------------
+
+
+def test_info_counts_exactly_after_admit_finish_abort_retract(caplog):
+    s = Scheduler(ServerArgs(max_running_requests=4, new_token_ratio=0.05), num_kv_slots=25, context_length=64)
+    s.add_request(request("x", list(range(3, 11)), max_new=10, ignore_eos=True))
+    s.add_request(request("y", list(range(20, 28)), max_new=10, ignore_eos=True))
+    s.add_request(request("z", list(range(40, 48)), max_new=10))
+    s.abort("z")  # while waiting: never admitted
+    # x prefills, then y (x's reservation left no room for both), then both decode until KV runs out after
+    # 5 tokens each: y (the later admitted) is retracted; x decodes to 10; y comes back (its prompt cached).
+    steps = 0
+    with caplog.at_level(logging.WARNING, logger="radixserve.scheduler"):
+        while (batch := s.schedule()) is not None:
+            s.process_result(answer(batch))
+            steps += 1
+            if steps == 6:  # the step before the retraction: the KV is full
+                mid = s.info()
+                assert (mid.num_running_reqs, mid.num_waiting_reqs, mid.kv_free_tokens, mid.token_usage) == (2, 0, 0, 1.0)
+    assert [r.message for r in caplog.records] == ["KV cache full: retracting request y (13 tokens)"]
+    s.add_request(request("w", list(range(20, 28)) + [60], max_new=10, ignore_eos=True))  # y's prompt: cached
+    for _ in range(2):
+        s.process_result(answer(s.schedule()))
+    s.abort("w")  # while decoding
+    s.check_invariants()
+    s.cache.check_invariants = s.allocator.free_slots = None  # info() walks nothing
+    info = s.info()
+    assert isinstance(info, wire.SchedulerStats)
+    assert (info.num_running_reqs, info.num_waiting_reqs, info.max_total_num_tokens) == (0, 0, 24)
+    assert (info.prompt_tokens, info.cached_tokens, info.generated_tokens) == (8 + 8 + 9, 8, 10 + 10 + 2)
+    assert (info.finished_requests, info.aborted_requests, info.retracted_requests) == (2, 2, 1)
+    assert (steps, info.forward_steps, info.cascade_decode_steps) == (16, 18, 0)
+    assert info.kv_free_tokens == s.allocator.num_free and info.kv_free_tokens + info.kv_cached_tokens == 24
+    assert info.kv_evictable_tokens == info.kv_cached_tokens == s.cache.total_size and info.token_usage == 0.0
+    assert (info.num_sessions, info.session_pinned_tokens, info.session_kv_budget) == (0, 0, 65536)
+
+
+def test_invariant_checks_run_only_when_enabled_and_idle():
+    def counted(s: Scheduler) -> list[int]:
+        calls = [0]
+        check = s.check_invariants
+
+        def wrapper() -> None:
+            calls[0] += 1
+            check()
+        s.check_invariants = wrapper
+        return calls
+
+    off = Scheduler(ServerArgs(max_running_requests=4), num_kv_slots=200, context_length=128)
+    off.add_request(request("a", list(range(3, 13)), max_new=3))
+    run_until_idle(off)
+    off_calls = counted(off)
+    assert off.maybe_check_invariants() == "unchecked" and off_calls == [0]
+
+    s = Scheduler(ServerArgs(max_running_requests=4, enable_invariant_checks=True), num_kv_slots=200,
+                  context_length=128)
+    calls = counted(s)
+    assert s.maybe_check_invariants() == "ok" and calls == [1]
+    assert s.maybe_check_invariants() == "ok" and calls == [1]  # nothing changed: the last result
+    s.add_request(request("a", list(range(3, 13)), max_new=3))
+    batch = s.schedule()
+    assert s.maybe_check_invariants() == "ok" and calls == [1]  # a step in flight
+    s.process_result(answer(batch))
+    assert s.maybe_check_invariants() == "ok" and calls == [1]  # running
+    run_until_idle(s)
+    assert calls == [3]  # run_until_idle checks after each of its 2 steps
+    assert s.maybe_check_invariants() == "ok" and calls == [4]
+    leaked = s.allocator.alloc(1)  # a slot that nothing owns
+    assert s.maybe_check_invariants() == "ok" and calls == [4]  # the scheduler changed nothing since
+    assert s.flush_cache()
+    assert s.maybe_check_invariants().startswith("violated: slots: ") and calls == [5]
+    s.allocator.free(leaked)
+    assert s.maybe_check_invariants().startswith("violated: ") and calls == [5]  # cached until the next change
+
+
+def test_token_ids_are_checked_against_the_vocabulary():
+    s = Scheduler(ServerArgs(), num_kv_slots=200, context_length=64, vocab_size=100)
+    for ids in ([5, 100], [-1, 5], [5, 2**70], [2**70, -(2**70)]):
+        with pytest.raises(RequestError, match=r"^token ids must be in \[0, 100\); got \[") as e:
+            s.add_request(request("r", ids))
+        assert e.value.status == 400
+    with pytest.raises(RequestError, match=r"^token ids must be in \[0, 100\); got \[100, -3\]$"):
+        s.add_request(request("r", [5, 6], stop_token_ids=[100, 4, -3]))
+    assert not s.reqs and not s.waiting
+    s.add_request(request("r", [0, 99], stop_token_ids=[99]))
+    (req,) = s.waiting
+    assert req.prompt_ids.dtype == np.int32 and req.prompt_ids.tolist() == [0, 99] and 99 in req.stop_ids
+
+
+def test_session_pins_are_counted_as_turns_end_and_sessions_close():
+    s = Scheduler(ServerArgs(max_running_requests=4, session_kv_budget=40), num_kv_slots=200, context_length=128)
+    one, two = s.sessions.open(None, 0, None), s.sessions.open(None, 0, None)
+    s.add_request(wire.GenerateTokens(rid="t1", input_ids=list(range(3, 13)), session=wire.SessionParams(id=one),
+                                      sampling=wire.SamplingParams(max_new_tokens=4, ignore_eos=True)))
+    run_until_idle(s)
+    assert s.info().session_pinned_tokens == 10 + 4 - 1  # prompt + output, less the last token (no KV yet)
+    s.add_request(wire.GenerateTokens(rid="t2", input_ids=list(range(50, 80)), session=wire.SessionParams(id=two),
+                                      sampling=wire.SamplingParams(max_new_tokens=4, ignore_eos=True)))
+    run_until_idle(s)
+    assert s.info().session_pinned_tokens == 33  # within the budget of 40 only once the older pin went
+    s.sessions.close(two)
+    s.check_invariants()
+    info = s.info()
+    assert (info.num_sessions, info.session_pinned_tokens, info.session_kv_budget) == (1, 0, 40)
