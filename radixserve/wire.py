@@ -1,17 +1,20 @@
 """The wire: every inter-process message is a msgspec Struct defined here; nothing is pickled.
 
 Channels (each a tagged union, decoded by one Decoder per socket):
-  gateway   -> tokenizer : TokenizerIn  (GenerateText, Abort, control)
-  tokenizer -> gateway   : TokenizerOut (TextChunk / TextBatch, ControlReply)
-  tokenizer -> scheduler : SchedulerIn  (GenerateTokens, Abort, control)
-  scheduler -> tokenizer : SchedulerOut (TokenBatch, ControlReply)
+  gateway   -> tokenizer : TokenizerIn  (GenerateText, Abort, a control call)
+  tokenizer -> gateway   : TokenizerOut (TextBatch, Rejected, ControlReply, Ready)
+  tokenizer -> scheduler : SchedulerIn  (GenerateTokens, Abort, a control call)
+  scheduler -> tokenizer : SchedulerOut (TokenBatch, Rejected, ControlReply, Ready)
   scheduler -> workers   : WorkerIn     (StepBatch, Shutdown)
   worker 0  -> scheduler : WorkerOut    (WorkerReady, StepResult, WorkerError)
+
+Output flows as deltas end to end: a ReqOut carries a step's new ids, a TextDelta the new text; only a
+front end that must answer with the whole output (a non-streamed response) accumulates it.
 
 Hot messages (StepBatch, StepResult) carry int32/float32 arrays as raw bytes and are
 `array_like`. A StepBatch never carries a request's whole context: workers mirror the block
 table, so a step carries only the new tokens, their KV slots and, once per admitted request,
-the KV slots of its cached prefix (see scheduler_proc/scheduler.py and worker_proc/worker.py).
+the KV slots of its cached prefix (see scheduler_proc/ and worker_proc/model_runner.py).
 """
 
 from __future__ import annotations
@@ -59,10 +62,6 @@ class FinishReason(msgspec.Struct, omit_defaults=True):
     matched: int | str | None = None
     length: int | None = None
     message: str | None = None
-    status_code: int | None = None  # for an abort that rejects the request: the HTTP status to answer
-
-    def to_json(self) -> dict:
-        return msgspec.to_builtins(self)
 
 
 class LogprobRequest(msgspec.Struct, omit_defaults=True, array_like=True):
@@ -92,60 +91,160 @@ class GenerateText(msgspec.Struct, tag=True, omit_defaults=True):
 
 
 class Abort(msgspec.Struct, tag=True, omit_defaults=True):
-    """Abort `rid`; `finish` (set by the detokenizer on a stop string) ends it as finished instead."""
+    """Abort `rid`; `finish` (set by the tokenizer on a stop string) ends it as finished instead."""
 
     rid: str
     finish: FinishReason | None = None
 
 
-class Control(msgspec.Struct, tag=True, omit_defaults=True):
-    """A request-reply call on the control plane: flush_cache, server_info, open_session, close_session."""
+class Rejected(msgspec.Struct, tag=True):
+    """A request that will not run (bad input, a full queue, a session conflict): the HTTP status to answer."""
 
-    call_id: str
-    op: str
-    args: dict = {}
-    reply_to: int = 0
-
-
-class ControlReply(msgspec.Struct, tag=True, omit_defaults=True):
-    call_id: str
-    ok: bool
-    result: dict = {}
-    error: str | None = None
-    status: int = 200
+    rid: str
+    status: int
+    message: str
 
 
-class TextChunk(msgspec.Struct, tag=True, omit_defaults=True):
-    """Tokenizer -> gateway: what one request output since its previous chunk (so a long stream costs
-    each step only its new tokens). `text` and `output_ids` are appended; in `meta` the counts and
-    finish_reason are current, the output logprob lists hold only the new entries, and the input
-    logprob lists are whole. The gateway merges chunks into the request's output so far (`merge`)."""
+LogprobEntry = tuple[float | None, int, str | None]  # (logprob, token id, token text), as SGLang's meta_info
+
+
+class TextDelta(msgspec.Struct, omit_defaults=True, array_like=True):
+    """Tokenizer -> gateway: what one request output since its previous delta. `text`, `output_ids` and the
+    output logprob lists hold only the new part; the counts and `finish` are current; the input logprob
+    lists come whole, once, in the first delta."""
 
     rid: str
     text: str
     output_ids: list[int]
-    meta: dict
-    finished: bool = False
-
-    def merge(self, new: TextChunk) -> None:
-        """Append the next chunk of the same request to this one (its output so far)."""
-        self.text += new.text
-        self.output_ids += new.output_ids
-        for key, value in new.meta.items():
-            if key in APPENDED_META and key in self.meta:
-                self.meta[key] = self.meta[key] + value
-            else:
-                self.meta[key] = value
-        self.finished = new.finished
-
-
-APPENDED_META = ("output_token_logprobs", "output_top_logprobs")
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish: FinishReason | None = None
+    output_logprobs: list[LogprobEntry] | None = None
+    output_top_logprobs: list[list[LogprobEntry] | None] | None = None
+    input_logprobs: list[LogprobEntry] | None = None
+    input_top_logprobs: list[list[LogprobEntry] | None] | None = None
 
 
 class TextBatch(msgspec.Struct, tag=True):
-    """Tokenizer -> gateway: the TextChunks made from one drain of scheduler output, in one message."""
+    """Tokenizer -> gateway: the deltas made from one drain of scheduler output, in one message."""
 
-    chunks: list[TextChunk]
+    deltas: list[TextDelta]
+
+
+# ---------------------------------------------------------------- control plane
+# A call goes gateway -> tokenizer 0 -> scheduler (or Engine -> scheduler) and is answered by one
+# ControlReply with the same call_id, routed back by `reply_to` (the tokenizer's index).
+
+
+class FlushCache(msgspec.Struct, tag=True, omit_defaults=True):
+    call_id: str
+    reply_to: int = 0
+
+
+class GetServerInfo(msgspec.Struct, tag=True, omit_defaults=True):
+    """Live counters, read in O(1) (the invariant walk is CheckInvariants)."""
+
+    call_id: str
+    reply_to: int = 0
+
+
+class CheckInvariants(msgspec.Struct, tag=True, omit_defaults=True):
+    """Walk the whole KV and cache state (O(cache size)): for tests and debugging."""
+
+    call_id: str
+    reply_to: int = 0
+
+
+class OpenSession(msgspec.Struct, tag=True, omit_defaults=True):
+    call_id: str
+    capacity_of_str_len: int = 0
+    session_id: str | None = None
+    timeout: float | None = None
+    reply_to: int = 0
+
+
+class CloseSession(msgspec.Struct, tag=True, omit_defaults=True):
+    call_id: str
+    session_id: str
+    reply_to: int = 0
+
+
+class ShutdownServer(msgspec.Struct, tag=True):
+    """Stop the tokenizer that receives it, the scheduler and the workers (no reply)."""
+
+
+ControlCall = Union[FlushCache, GetServerInfo, CheckInvariants, OpenSession, CloseSession]
+
+
+class RuntimeInfo(msgspec.Struct):
+    """Facts the workers resolve once at start-up (context length after every cap, vocabulary, KV size...);
+    every other process reads them from here."""
+
+    num_kv_slots: int
+    context_length: int
+    vocab_size: int
+    device: str
+    dtype: str
+    attention_backend: str
+    kv_bytes_per_token: int
+    weight_bytes: int
+    gpu_memory_used: int = 0
+    gpu_memory_free: int = 0
+    cascade_attention: bool = False  # the workers honour StepBatch.prefix_groups
+
+
+class SchedulerStats(msgspec.Struct):
+    """The scheduler's counters and gauges (all O(1) to read)."""
+
+    num_running_reqs: int
+    num_waiting_reqs: int
+    max_total_num_tokens: int
+    kv_free_tokens: int
+    kv_cached_tokens: int
+    kv_evictable_tokens: int
+    token_usage: float
+    num_sessions: int
+    session_pinned_tokens: int
+    session_kv_budget: int
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    finished_requests: int
+    aborted_requests: int
+    retracted_requests: int
+    forward_steps: int
+    cascade_decode_steps: int
+
+
+class ServerStatus(msgspec.Struct, tag=True):
+    """Reply to GetServerInfo and CheckInvariants; `invariants` is "ok", "violated: ..." or "unchecked"."""
+
+    scheduler: SchedulerStats
+    runtime: RuntimeInfo
+    invariants: str = "unchecked"
+
+
+class SessionOpened(msgspec.Struct, tag=True):
+    session_id: str
+
+
+class ControlReply(msgspec.Struct, tag=True, omit_defaults=True):
+    call_id: str
+    status: int = 200
+    error: str | None = None
+    result: ServerStatus | SessionOpened | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+
+class Ready(msgspec.Struct, tag=True, omit_defaults=True):
+    """Scheduler -> every front end once at start-up: the runtime facts, or why the start failed."""
+
+    runtime: RuntimeInfo | None = None
+    error: str | None = None
 
 
 # ---------------------------------------------------------------- tokenizer <-> scheduler
@@ -231,17 +330,7 @@ class Shutdown(msgspec.Struct, tag=True, array_like=True):
 
 
 class WorkerReady(msgspec.Struct, tag=True, array_like=True):
-    num_kv_slots: int
-    context_length: int
-    vocab_size: int
-    device: str
-    dtype: str
-    attention_backend: str
-    kv_bytes_per_token: int
-    weight_bytes: int
-    gpu_memory_used: int = 0
-    gpu_memory_free: int = 0
-    cascade_attention: bool = False  # the workers honour StepBatch.prefix_groups
+    runtime: RuntimeInfo
 
 
 class StepResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
@@ -261,10 +350,10 @@ class WorkerError(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
-TokenizerIn = Union[GenerateText, Abort, Control]
-TokenizerOut = Union[TextChunk, TextBatch, ControlReply]
-SchedulerIn = Union[GenerateTokens, Abort, Control]
-SchedulerOut = Union[TokenBatch, ControlReply]
+TokenizerIn = Union[GenerateText, Abort, ControlCall, ShutdownServer]
+TokenizerOut = Union[TextBatch, Rejected, ControlReply, Ready]
+SchedulerIn = Union[GenerateTokens, Abort, ControlCall, ShutdownServer]
+SchedulerOut = Union[TokenBatch, Rejected, ControlReply, Ready]
 WorkerIn = Union[StepBatch, Shutdown]
 WorkerOut = Union[WorkerReady, StepResult, WorkerError]
 

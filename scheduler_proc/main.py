@@ -28,24 +28,24 @@ class SchedulerProcess:
         self.worker_out = Receiver(ctx, ipc.worker_out, wire.WorkerOut)
         self.workers = [Sender(ctx, ipc.worker_in(r)) for r in range(args.tp_size)]
         self.replies = [Sender(ctx, ipc.scheduler_out(i)) for i in range(num_replies)]
-        ready = self._wait_worker_ready()
-        self.worker_info = msgspec.structs.asdict(ready)
-        self.sched = Scheduler(args, ready.num_kv_slots, min(ready.context_length, args.context_length or 1 << 62),
-                               ready.vocab_size, cascade_attention=ready.cascade_attention)
-        log.info("scheduler ready: %d KV slots, context %d", ready.num_kv_slots - 1, self.sched.context_length)
+        self.runtime = self._wait_worker_ready()
+        rt = self.runtime
+        self.sched = Scheduler(args, rt.num_kv_slots, rt.context_length, rt.vocab_size,
+                               cascade_attention=rt.cascade_attention)
+        log.info("scheduler ready: %d KV slots, context %d", rt.num_kv_slots - 1, rt.context_length)
         for r in self.replies:
-            r.send(wire.ControlReply(call_id="ready", ok=True, result=self.worker_info))
+            r.send(wire.Ready(runtime=rt))
 
-    def _wait_worker_ready(self) -> wire.WorkerReady:
+    def _wait_worker_ready(self) -> wire.RuntimeInfo:
         msg = self.worker_out.recv()
         if isinstance(msg, wire.WorkerError):
             log.error("worker %d failed to start: %s", msg.rank, msg.message)
             for r in self.replies:
-                r.send(wire.ControlReply(call_id="ready", ok=False, error=f"worker {msg.rank}: {msg.message}"))
+                r.send(wire.Ready(error=f"worker {msg.rank}: {msg.message}"))
             time.sleep(0.5)  # let the error reach the launcher before this process exits
             sys.exit(1)
         assert isinstance(msg, wire.WorkerReady)
-        return msg
+        return msg.runtime
 
     def run(self) -> None:
         next_expiry = 0.0
@@ -89,20 +89,17 @@ class SchedulerProcess:
             try:
                 self.sched.add_request(msg)
             except RequestError as e:
-                out = wire.ReqOut(rid=msg.rid, new_ids=[], prompt_tokens=len(msg.input_ids), cached_tokens=0,
-                                  completion_tokens=0,
-                                  finish=wire.FinishReason(type="abort", message=str(e), status_code=e.status))
-                self.replies[msg.reply_to].send(wire.TokenBatch(outs=[out]))
+                self.replies[msg.reply_to].send(wire.Rejected(msg.rid, e.status, str(e)))
         elif isinstance(msg, wire.Abort):
             routed = self.sched.abort(msg.rid, msg.finish)
             if routed is not None:
                 self._send_outs([routed])
-        elif isinstance(msg, wire.Control):
-            if msg.op == "shutdown":
-                for w in self.workers:
-                    w.send(wire.Shutdown())
-                return False
-            self.replies[msg.reply_to].send(handle_control(self, msg))
+        elif isinstance(msg, wire.ShutdownServer):
+            for w in self.workers:
+                w.send(wire.Shutdown())
+            return False
+        else:
+            self.replies[msg.reply_to].send(handle_control(self.sched, self.runtime, msg))
         return None
 
     def _send_outs(self, outs: list[Routed]) -> None:

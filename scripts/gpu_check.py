@@ -383,7 +383,7 @@ def _engine_bench(eng, bs: int, prompt_len: int, out_len: int, seed: int) -> dic
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    prompts = rng.integers(0, eng.worker_info["vocab_size"], (bs, prompt_len)).tolist()
+    prompts = rng.integers(0, eng.runtime.vocab_size, (bs, prompt_len)).tolist()
     params = {"temperature": 0, "max_new_tokens": out_len, "ignore_eos": True}
     t = time.perf_counter()
     outs = eng.generate(input_ids=prompts, sampling_params=params)

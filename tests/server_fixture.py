@@ -20,6 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_LIMITS = ["--max-total-tokens", "4096", "--max-running-requests", "16", "--context-length", "2048"]
+# Test servers check the scheduler's KV invariants whenever it goes idle; /get_server_info reports the result.
+DEBUG_FLAGS = ["--enable-invariant-checks"]
 START_TIMEOUT_S = 240.0
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -92,7 +94,7 @@ class RadixServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         cmd = [sys.executable, "-m", "radixserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               *SMALL_LIMITS, "--log-level", "warning", *flags]
+               *SMALL_LIMITS, *DEBUG_FLAGS, "--log-level", "warning", *flags]
         if api_key:
             cmd += ["--api-key", api_key]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"radixserve-test-{self.port}.log"

@@ -164,4 +164,10 @@ def test_invalid_requests_are_rejected(engine):
         engine.generate("Hi", {"top_p": 0})
     res = engine.generate(input_ids=[1, 2, 3], sampling_params={"stop_token_ids": [10**6]})
     assert res["meta_info"]["finish_reason"]["type"] == "abort"
+    # Token ids: malformed ones fail validation here, ids past the model's vocabulary in the scheduler.
+    for bad in ([1, -1], [1, "2"]):
+        with pytest.raises(ValueError, match="input_ids"):
+            engine.generate(input_ids=bad)
+    finish = engine.generate(input_ids=[1, 10**9])["meta_info"]["finish_reason"]
+    assert finish["type"] == "abort" and finish["status_code"] == 400 and "token ids" in finish["message"]
     engine.check_invariants()

@@ -60,8 +60,8 @@ def test_mistral_sliding_window_caps_the_context(tmp_path):
     hf.generation_config.pad_token_id = 0
     hf.save_pretrained(tmp_path)
     with Engine(str(tmp_path), skip_tokenizer_init=True, max_total_tokens=256) as eng:
-        assert eng.worker_info["context_length"] == 24
-        assert not eng.worker_info["cascade_attention"]  # the torch backend: the scheduler sends no prefix groups
+        assert eng.runtime.context_length == 24
+        assert not eng.runtime.cascade_attention  # the torch backend: the scheduler sends no prefix groups
         params = {"temperature": 0, "max_new_tokens": STEPS, "ignore_eos": True}
         assert eng.generate(input_ids=PROMPTS[2], sampling_params=params)["output_ids"] == hf_greedy(hf, PROMPTS[2])
         finish = eng.generate(input_ids=PROMPTS[2] * 2, sampling_params=params)["meta_info"]["finish_reason"]

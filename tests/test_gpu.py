@@ -277,7 +277,7 @@ def test_engine_cascade_end_to_end(tmp_path):
                     cuda_graph_max_bs=8, disable_cascade_attention=off) as eng:
             outs = [r["output_ids"] for r in eng.generate(input_ids=batch, sampling_params=params)]
             steps = eng.server_info()["scheduler"]["cascade_decode_steps"]
-            assert eng.worker_info["cascade_attention"] != off
+            assert eng.runtime.cascade_attention != off
         assert (steps > 0) != off, f"{name}: {steps} cascade decode steps"
         reqs = [Req(0, p + o, prompt_len=len(p)) for p, o in zip(batch, outs)]
         refs = reference_rows(reqs, hf_logits(str(tmp_path), torch.float32, [r.tokens for r in reqs]))

@@ -114,7 +114,8 @@ def test_encode_text_and_ids(smol) -> None:
     assert encode_prompt(smol, text=text) == smol.encode(text)
     assert smol.convert_tokens_to_ids("<|im_end|>") in encode_prompt(smol, text=text)  # default special handling
     assert encode_prompt(smol, input_ids=[1, 2, 3]) == [1, 2, 3]
-    assert encode_prompt(smol, input_ids=[len(smol) + 5], vocab_size=len(smol) + 64) == [len(smol) + 5]
+    # Ids are range-checked by the scheduler against the model's vocabulary, which may exceed the tokenizer's.
+    assert encode_prompt(smol, input_ids=[len(smol) + 5]) == [len(smol) + 5]
 
 
 @pytest.mark.parametrize(
@@ -124,9 +125,6 @@ def test_encode_text_and_ids(smol) -> None:
         ({"input_ids": []}, "empty prompt"),
         ({}, "exactly one"),
         ({"text": "a", "input_ids": [1]}, "exactly one"),
-        ({"input_ids": [1, -1]}, "token ids in"),
-        ({"input_ids": [10**9]}, "token ids in"),
-        ({"input_ids": [1, "2"]}, "token ids in"),
         ({"messages": []}, "non-empty list"),
         ({"messages": "hi"}, "non-empty list"),
         ({"messages": ["hi"]}, "role and content"),

@@ -1,7 +1,8 @@
-"""One request's output as a front end sees it (the tokenizer process and the offline Engine alike).
+"""One request's output on its way to a front end (the tokenizer process and the offline Engine alike).
 
-Feeds each scheduler ReqOut through the text tracker (detokenizer + stop strings), gathers
-logprobs, and renders SGLang's `meta_info`.
+Feeds each scheduler ReqOut through the text tracker (detokenizer + stop strings) and gathers
+logprobs; `take()` returns what is new since the previous take as a `wire.TextDelta`, so a long
+stream costs each step only its new tokens.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from typing import Any
 from radixserve import wire
 from tokenizer_proc.text import IdsOnly, RequestText
 
-LogprobEntry = list  # [logprob, token_id, text or None], as SGLang's meta_info
 
-
-@dataclass
+@dataclass(eq=False)
 class RequestOutput:
+    """Invariant: `_taken` output ids (and their logprobs) and all text but `_new_text` went out in earlier
+    deltas; `text.output_ids` is the whole output (it stops growing at a matched stop string)."""
+
+    rid: str
     text: RequestText | IdsOnly
     tokenizer: Any
     prompt_tokens: int
@@ -24,10 +27,12 @@ class RequestOutput:
     logprob_text: bool = False
     cached_tokens: int = 0
     finish: wire.FinishReason | None = None
-    input_logprobs: list[LogprobEntry] | None = None
-    input_top: list | None = None
-    output_logprobs: list[LogprobEntry] = field(default_factory=list)
-    output_top: list = field(default_factory=list)
+    _new_text: list[str] = field(default_factory=list)
+    _taken: int = 0
+    _input_logprobs: list[wire.LogprobEntry] | None = None
+    _input_top: list | None = None
+    _output_logprobs: list[wire.LogprobEntry] = field(default_factory=list)
+    _output_top: list = field(default_factory=list)
 
     def apply(self, out: wire.ReqOut) -> wire.FinishReason | None:
         """Feed one scheduler output. Returns the finish of a stop string matched here that the
@@ -37,9 +42,11 @@ class RequestOutput:
         if self.logprob:
             self._add_logprobs(out)
         stop_token = out.finish is not None and out.finish.type == "stop" and isinstance(out.finish.matched, int)
-        _, matched = self.text.feed(out.new_ids, stop_token=stop_token)
+        delta, matched = self.text.feed(out.new_ids, stop_token=stop_token)
+        self._new_text.append(delta)
         if matched is None and out.finish is not None:
-            _, matched = self.text.finish()
+            delta, matched = self.text.finish()
+            self._new_text.append(delta)
         if matched is None:
             self.finish = out.finish
             return None
@@ -49,31 +56,35 @@ class RequestOutput:
         # Tell the scheduler where the output ends: it may have generated a few tokens past the match.
         return wire.FinishReason(type="stop", matched=matched, length=len(self.text.output_ids))
 
-    def meta(self, since: int = 0) -> dict[str, Any]:
-        """SGLang's meta_info; the output logprobs of output tokens `since` onwards (wire.TextChunk)."""
+    def take(self) -> wire.TextDelta:
+        """What is new since the previous take (all of it on the first)."""
         n_out = len(self.text.output_ids)
-        meta: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n_out,
-                                "cached_tokens": self.cached_tokens,
-                                "finish_reason": self.finish.to_json() if self.finish is not None else None}
+        start, self._taken = self._taken, n_out
+        text = "".join(self._new_text)
+        self._new_text.clear()
+        delta = wire.TextDelta(rid=self.rid, text=text, output_ids=self.text.output_ids[start:n_out],
+                               prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
+                               completion_tokens=n_out, finish=self.finish)
         if self.logprob:
             # Ids that arrived after a stop string are not output: neither are their logprobs.
-            meta.update(input_token_logprobs=self.input_logprobs, input_top_logprobs=self.input_top,
-                        output_token_logprobs=self.output_logprobs[since:n_out],
-                        output_top_logprobs=self.output_top[since:n_out])
-        return meta
+            delta.output_logprobs = self._output_logprobs[start:n_out]
+            delta.output_top_logprobs = self._output_top[start:n_out]
+            delta.input_logprobs, self._input_logprobs = self._input_logprobs, None
+            delta.input_top_logprobs, self._input_top = self._input_top, None
+        return delta
 
     def _add_logprobs(self, out: wire.ReqOut) -> None:
         if out.input_logprobs is not None and out.input_ids is not None:
             ids = out.input_ids[len(out.input_ids) - len(out.input_logprobs):]
-            self.input_logprobs = [self._entry(lp, t) for lp, t in zip(out.input_logprobs, ids, strict=True)]
-            self.input_top = [self._top(top) for top in out.input_top_logprobs or []]
+            self._input_logprobs = [self._entry(lp, t) for lp, t in zip(out.input_logprobs, ids, strict=True)]
+            self._input_top = [self._top(top) for top in out.input_top_logprobs or []]
         if out.output_logprobs:
-            self.output_logprobs += [self._entry(lp, t) for lp, t in zip(out.output_logprobs, out.new_ids, strict=False)]
-            self.output_top += [self._top(top) for top in out.output_top_logprobs or []]
+            self._output_logprobs += [self._entry(lp, t) for lp, t in zip(out.output_logprobs, out.new_ids, strict=False)]
+            self._output_top += [self._top(top) for top in out.output_top_logprobs or []]
 
-    def _entry(self, logprob: float | None, token: int) -> LogprobEntry:
+    def _entry(self, logprob: float | None, token: int) -> wire.LogprobEntry:
         text = self.tokenizer.decode([token]) if self.logprob_text and self.tokenizer is not None else None
-        return [logprob, token, text]
+        return (logprob, token, text)
 
-    def _top(self, top: list[tuple[int, float]] | None) -> list[LogprobEntry] | None:
+    def _top(self, top: list[tuple[int, float]] | None) -> list[wire.LogprobEntry] | None:
         return None if top is None else [self._entry(lp, t) for t, lp in top]

@@ -49,11 +49,10 @@ def encode_prompt(
     input_ids: Sequence[int] | None = None,
     messages: list[dict] | None = None,
     *,
-    vocab_size: int | None = None,
     continue_chat: bool = False,
 ) -> list[int]:
     """Token ids of exactly one of: raw `text` (tokenizer defaults, like SGLang's /generate),
-    `input_ids` (checked against `vocab_size`, default the tokenizer's), or OpenAI-style chat
+    `input_ids` (range-checked by the scheduler, which knows the model's vocabulary), or OpenAI-style chat
     `messages` (chat template with the generation prompt; with `continue_chat`, rendered as the
     next turns of a conversation whose last turn the model generated). Raises ValueError on bad input."""
     if sum(x is not None for x in (text, input_ids, messages)) != 1:
@@ -64,10 +63,6 @@ def encode_prompt(
         ids = tokenizer.encode(text) if text else []
     elif input_ids is not None:
         ids = list(input_ids)
-        limit = vocab_size if vocab_size is not None else len(tokenizer)
-        bad = [i for i in ids if type(i) is not int or not 0 <= i < limit]
-        if bad:
-            raise ValueError(f"input_ids must be token ids in [0, {limit}); got {bad[:5]}")
     else:
         ids = _encode_chat(tokenizer, messages, continue_chat)
     if not ids:
@@ -145,7 +140,7 @@ def _normalize_message(message: Any) -> dict:
 
 
 class RequestText:
-    """One request's output text: ids -> detokenizer -> stop matcher -> cumulative `text`.
+    """One request's output text: ids -> detokenizer -> stop matcher -> text deltas.
 
     Per message from the scheduler: `delta, matched = rt.feed(new_ids, stop_token=...)`; on
     its last one also `rt.finish()`. A matched stop string ends the text; ids that arrive
@@ -163,12 +158,17 @@ class RequestText:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
         self._stops = StopMatcher(stop, no_stop_trim)
         self._no_stop_trim = no_stop_trim
-        self.text = ""
+        self._pieces: list[str] = []  # the deltas returned so far
         self.output_ids: list[int] = []
 
     @classmethod
     def for_sampling(cls, tokenizer: Any, prompt_ids: Sequence[int] | None, sampling: SamplingParams) -> RequestText:
         return cls(tokenizer, prompt_ids, sampling.stop, sampling.skip_special_tokens, sampling.no_stop_trim)
+
+    @property
+    def text(self) -> str:
+        """All text so far (joined on each call: front ends use the deltas)."""
+        return "".join(self._pieces)
 
     @property
     def matched(self) -> str | None:
@@ -194,13 +194,13 @@ class RequestText:
         delta, matched = self._emit(self._detok.flush())
         if matched is None:
             tail = self._stops.flush()
-            self.text += tail
+            self._pieces.append(tail)
             delta += tail
         return delta, matched
 
     def _emit(self, decoded: str) -> tuple[str, str | None]:
         delta, matched = self._stops.feed(decoded)
-        self.text += delta
+        self._pieces.append(delta)
         return delta, matched
 
 

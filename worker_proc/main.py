@@ -44,12 +44,12 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
             if device.type == "cuda":
                 gpu_free, total = torch.cuda.mem_get_info(device)
                 gpu_used = total - gpu_free
-            out.send(wire.WorkerReady(
+            out.send(wire.WorkerReady(wire.RuntimeInfo(
                 num_kv_slots=runner.num_kv_slots, context_length=runner.context_length,
                 vocab_size=runner.model.vocab_size, device=str(device), dtype=str(runner.dtype).removeprefix("torch."),
                 attention_backend=runner.backend_name, kv_bytes_per_token=runner.kv_bytes_per_token * args.tp_size,
                 weight_bytes=runner.weight_bytes * args.tp_size, gpu_memory_used=gpu_used, gpu_memory_free=gpu_free,
-                cascade_attention=runner.use_cascade))
+                cascade_attention=runner.use_cascade)))
         while True:
             msg = inbox.recv()
             if isinstance(msg, wire.Shutdown):

@@ -152,7 +152,7 @@ def tokenizer_and_vocab(args: ServerArgs) -> tuple[Any | None, int]:
     """The model's tokenizer (None with --skip-tokenizer-init) and the vocabulary prompts are drawn from."""
     from radixserve.model_files import load_hf_config, resolve_model
 
-    model_dir = resolve_model(args.model_path)
+    model_dir = resolve_model(args.model_path, args.download_dir)
     if args.skip_tokenizer_init:
         return None, load_hf_config(model_dir).vocab_size
     from transformers import AutoTokenizer

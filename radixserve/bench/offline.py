@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from radixserve.bench import report as rep
 from radixserve.bench.datasets import Conversation, DatasetArgs, load_dataset, num_requests, tokenizer_and_vocab
 from radixserve.bench.metrics import RequestResult
@@ -46,7 +48,7 @@ def run(ns: argparse.Namespace) -> int:
 
     for label, engine_args in variants:
         with Engine(**dataclasses.asdict(engine_args)) as engine:
-            report["engine"] = engine.worker_info
+            report["engine"] = msgspec.to_builtins(engine.runtime)
             model_dir = engine.model_dir
             gen = _engine_fn(engine)
             gen([list(range(1, WARMUP_LEN + 1))], [WARMUP_LEN])

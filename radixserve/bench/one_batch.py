@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 
 from radixserve.bench import report as rep
@@ -84,7 +85,7 @@ def run(ns: argparse.Namespace) -> int:
     from radixserve.model_files import load_hf_config
 
     with Engine(**dataclasses.asdict(args)) as engine:
-        info = report["engine"] = engine.worker_info
+        info = report["engine"] = msgspec.to_builtins(engine.runtime)
         shape = ModelShape.of(load_hf_config(engine.model_dir), info)
         device = measure_device(info["device"], info["dtype"]) if info["device"].startswith("cuda") else None
         report["device"] = device or {"note": "CPU: no physical floor is given"}

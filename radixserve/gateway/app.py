@@ -31,7 +31,7 @@ from radixserve.gateway.openai_api import (
     check_model,
     completion_requests,
 )
-from radixserve.gateway.tokenizer_client import Generation, TokenizerClient
+from radixserve.gateway.tokenizer_client import Generation, Output, TokenizerClient
 
 log = logging.getLogger("radixserve.http")
 
@@ -50,9 +50,9 @@ class Child(Protocol):
 
 
 class Format(Protocol):
-    def response(self, gen: Generation, results: list[wire.TextChunk]) -> Any: ...
+    def response(self, gen: Generation, outputs: list[Output]) -> Any: ...
     def head(self, gen: Generation) -> list[Any]: ...
-    def events(self, gen: Generation, batch: list[tuple[int, wire.TextChunk]]) -> list[Any]: ...
+    def events(self, gen: Generation, batch: list[tuple[int, wire.TextDelta]]) -> list[Any]: ...
     def tail(self, gen: Generation) -> list[Any]: ...
 
 
@@ -152,14 +152,15 @@ class Gateway:
                       "served_model_name": self.model_name, "is_generation": True})
 
     async def server_info(self, request: web.Request) -> web.Response:
-        reply = await self.client.control("server_info")
+        status = (await self._control_ok(wire.GetServerInfo)).result
+        assert isinstance(status, wire.ServerStatus)
         server_args = {**dataclasses.asdict(self.args), "api_key": None}
         return _json({**server_args, "version": __version__, "num_pending_http_reqs": self.client.num_pending,
-                      "processes": {p.name: p.pid for p in self.children},
-                      "worker": reply.result.get("worker"), "scheduler": reply.result.get("scheduler")})
+                      "processes": {p.name: p.pid for p in self.children}, "worker": status.runtime,
+                      "scheduler": msgspec.to_builtins(status.scheduler) | {"invariants": status.invariants}})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
-        await self._control_ok("flush_cache")
+        await self._control_ok(wire.FlushCache)
         return web.Response(text="Cache flushed.\n")
 
     async def abort_request(self, request: web.Request) -> web.Response:
@@ -172,22 +173,23 @@ class Gateway:
 
     async def open_session(self, request: web.Request) -> web.Response:
         body = await _parse(request, _OpenSession)
-        reply = await self._control_ok("open_session", msgspec.structs.asdict(body))
-        return _json(reply.result["session_id"])
+        opened = (await self._control_ok(wire.OpenSession, **msgspec.structs.asdict(body))).result
+        assert isinstance(opened, wire.SessionOpened)
+        return _json(opened.session_id)
 
     async def close_session(self, request: web.Request) -> web.Response:
         body = await _parse(request, _CloseSession)
-        await self._control_ok("close_session", {"session_id": body.session_id})
+        await self._control_ok(wire.CloseSession, session_id=body.session_id)
         return _json({"success": True})
 
-    async def _control_ok(self, op: str, args: dict | None = None) -> wire.ControlReply:
-        reply = await self.client.control(op, args)
+    async def _control_ok(self, kind: type[wire.ControlCall], **fields: Any) -> wire.ControlReply:
+        reply = await self.client.control(kind, **fields)
         if not reply.ok:
-            raise ApiError(reply.status if reply.status >= 400 else 400, reply.error or f"{op} failed")
+            raise ApiError(reply.status, reply.error or f"{kind.__name__} failed")
         return reply
 
     async def models(self, request: web.Request) -> web.Response:
-        context = min(self.client.worker_info.get("context_length", 0), self.args.context_length or 1 << 62)
+        context = self.client.runtime.context_length if self.client.runtime is not None else 0
         return _json({"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                                   "owned_by": "radixserve", "root": self.model_dir,
                                                   "max_model_len": context}]})
@@ -197,7 +199,7 @@ class Gateway:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await _parse(request, GenerateRequest)
         single, reqs = build_requests(body)
-        return await self._generate(request, reqs, body.stream, NativeFormat(single))
+        return await self._generate(request, reqs, body.stream, NativeFormat(single, len(reqs)))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await _parse(request, CompletionRequest)
@@ -217,12 +219,12 @@ class Gateway:
                         fmt: Format) -> web.StreamResponse:
         """The one generate path. A stream waits for its first update before sending headers, so a
         request the tokenizer or scheduler rejects still gets a 4xx; later errors become an error event."""
-        gen = self.client.submit(reqs)
+        gen = self.client.submit(reqs, stream)
         try:
             if not stream:
                 return _json(fmt.response(gen, await gen.results()))
             updates = gen.updates()
-            batch: list[tuple[int, wire.TextChunk]] | None = await anext(updates)
+            batch: list[tuple[int, wire.TextDelta]] | None = await anext(updates)
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
             events = fmt.head(gen)

@@ -13,7 +13,7 @@ from msgspec import Meta
 
 from radixserve import wire
 from radixserve.errors import bad_request
-from radixserve.gateway.tokenizer_client import Generation
+from radixserve.gateway.tokenizer_client import Generation, Output
 from radixserve.gateway.validation import INT32_MAX, MAX_TOP_LOGPROBS, TokenId, expand, parse_sampling
 
 
@@ -61,17 +61,23 @@ def build_requests(req: GenerateRequest) -> tuple[bool, list[wire.GenerateText]]
 
 
 class NativeFormat:
-    """SGLang's `{text, output_ids, meta_info}`; cumulative text in each stream event."""
+    """SGLang's `{text, output_ids, meta_info}`. As in SGLang, each stream event carries the output so far
+    (cumulative text, ids and logprobs), so this format keeps each choice's whole output."""
 
-    def __init__(self, single: bool) -> None:
+    def __init__(self, single: bool, num_choices: int) -> None:
         self.single = single
+        self.outputs = [Output() for _ in range(num_choices)]
 
-    def response(self, gen: Generation, results: list[wire.TextChunk]) -> Any:
-        items = [self._item(gen, i, c) for i, c in enumerate(results)]
+    def response(self, gen: Generation, outputs: list[Output]) -> Any:
+        items = [self._item(gen, i, out) for i, out in enumerate(outputs)]
         return items[0] if self.single else items
 
-    def events(self, gen: Generation, batch: list[tuple[int, wire.TextChunk]]) -> list[Any]:
-        return [self._item(gen, i, c) | ({} if self.single else {"index": i}) for i, c in batch]
+    def events(self, gen: Generation, batch: list[tuple[int, wire.TextDelta]]) -> list[Any]:
+        events = []
+        for i, delta in batch:
+            self.outputs[i].add(delta)
+            events.append(self._item(gen, i, self.outputs[i]) | ({} if self.single else {"index": i}))
+        return events
 
     def head(self, gen: Generation) -> list[Any]:
         return []
@@ -80,6 +86,13 @@ class NativeFormat:
         return []
 
     @staticmethod
-    def _item(gen: Generation, i: int, chunk: wire.TextChunk) -> dict[str, Any]:
-        meta = {"id": gen.reqs[i].rid, **chunk.meta, "e2e_latency": round(gen.elapsed(), 6)}
-        return {"text": chunk.text, "output_ids": chunk.output_ids, "meta_info": meta}
+    def _item(gen: Generation, i: int, out: Output) -> dict[str, Any]:
+        last = out.last
+        assert last is not None
+        meta: dict[str, Any] = {"id": gen.reqs[i].rid, "prompt_tokens": last.prompt_tokens,
+                                "completion_tokens": last.completion_tokens, "cached_tokens": last.cached_tokens,
+                                "finish_reason": last.finish, "e2e_latency": round(gen.elapsed(), 6)}
+        if gen.reqs[i].logprob is not None:
+            meta.update(input_token_logprobs=out.input_logprobs, input_top_logprobs=out.input_top_logprobs,
+                        output_token_logprobs=out.output_logprobs, output_top_logprobs=out.output_top_logprobs)
+        return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}

@@ -15,7 +15,7 @@ from msgspec import Meta, Struct
 
 from radixserve import wire
 from radixserve.errors import ApiError, bad_request
-from radixserve.gateway.tokenizer_client import Generation
+from radixserve.gateway.tokenizer_client import Generation, Output
 from radixserve.gateway.validation import INT32_MAX, MAX_N, MAX_STOPS, check_sampling, expand
 
 # ---------------------------------------------------------------- requests
@@ -200,18 +200,16 @@ class Completion(Struct):
     object: str = "text_completion"
 
 
-def _finish_reason(chunk: wire.TextChunk) -> str | None:
-    finish = chunk.meta.get("finish_reason")
-    return None if finish is None else ("length" if finish["type"] == "length" else "stop")
+def _finish_reason(finish: wire.FinishReason | None) -> str | None:
+    return None if finish is None else ("length" if finish.type == "length" else "stop")
 
 
-def _output_logprobs(chunk: wire.TextChunk, start: int) -> tuple[list, list]:
-    """Output tokens' `[logprob, id, text]` entries and their top alternatives, from token `start` on."""
-    return chunk.meta["output_token_logprobs"][start:], (chunk.meta.get("output_top_logprobs") or [])[start:]
+Entries = list[wire.LogprobEntry]
+Tops = list[list[wire.LogprobEntry] | None]
 
 
 class _Format:
-    """Shared by both routes: usage, and what each choice has already streamed."""
+    """Shared by both routes: usage, and how much text each choice has streamed (for text offsets)."""
 
     def __init__(self, rid: str, model: str, n: int, num_choices: int, stream_options: StreamOptions | None) -> None:
         self.id = rid  # as SGLang: the (first) request id, which a session's next turn names as session_params.rid
@@ -220,34 +218,38 @@ class _Format:
         self.n = n
         self.include_usage = stream_options is not None and stream_options.include_usage
         self.sent_chars = [0] * num_choices
-        self.sent_tokens = [0] * num_choices
 
-    def usage(self, results: list[wire.TextChunk | None]) -> Usage:
+    def usage(self, lasts: list[wire.TextDelta | None]) -> Usage:
         """Prompt (and cached) tokens once per prompt, not per copy; completion tokens of every choice."""
-        metas = [c.meta for c in results if c is not None]
-        firsts = [c.meta for j, c in enumerate(results) if c is not None and j % self.n == 0]
-        prompt = sum(m["prompt_tokens"] for m in firsts)
-        completion = sum(m["completion_tokens"] for m in metas)
+        metas = [d for d in lasts if d is not None]
+        firsts = [d for j, d in enumerate(lasts) if d is not None and j % self.n == 0]
+        prompt = sum(d.prompt_tokens for d in firsts)
+        completion = sum(d.completion_tokens for d in metas)
         return Usage(prompt, completion, prompt + completion,
-                     PromptTokensDetails(sum(m["cached_tokens"] for m in firsts)))
+                     PromptTokensDetails(sum(d.cached_tokens for d in firsts)))
 
     def head(self, gen: Generation) -> list[Any]:
         return []
 
     def tail(self, gen: Generation) -> list[Any]:
-        return [self._chunk([], self.usage(gen.latest))] if self.include_usage else []
+        return [self._chunk([], self.usage(gen.last))] if self.include_usage else []
 
-    def events(self, gen: Generation, batch: list[tuple[int, wire.TextChunk]]) -> list[Any]:
+    def events(self, gen: Generation, batch: list[tuple[int, wire.TextDelta]]) -> list[Any]:
         choices = []
-        for j, chunk in batch:
-            text = chunk.text[self.sent_chars[j]:]
-            n_tok = len(chunk.meta.get("output_token_logprobs") or ())
-            logprobs = self._logprobs(chunk, self.sent_tokens[j], self.sent_chars[j]) if n_tok else None
-            finish = _finish_reason(chunk)
-            if text or finish or (logprobs is not None and n_tok > self.sent_tokens[j]):
-                self.sent_chars[j], self.sent_tokens[j] = len(chunk.text), n_tok
-                choices.append(self._stream_choice(j, text, logprobs, finish))
+        for j, delta in batch:
+            entries = delta.output_logprobs or []
+            logprobs = (self._logprobs(entries, delta.output_top_logprobs or [], self.sent_chars[j])
+                        if gen.reqs[j].logprob is not None else None)
+            finish = _finish_reason(delta.finish)
+            if delta.text or finish or entries:
+                self.sent_chars[j] += len(delta.text)
+                choices.append(self._stream_choice(j, delta.text, logprobs, finish))
         return [self._chunk(choices, None)] if choices else []
+
+    def _logprobs_of(self, gen: Generation, j: int, out: Output) -> Any:
+        if gen.reqs[j].logprob is None:
+            return None
+        return self._logprobs(out.output_logprobs, out.output_top_logprobs, 0)
 
     def _chunk(self, choices: list, usage: Usage | None) -> Any:
         raise NotImplementedError
@@ -255,16 +257,16 @@ class _Format:
     def _stream_choice(self, j: int, text: str, logprobs: Any, finish: str | None) -> Any:
         raise NotImplementedError
 
-    def _logprobs(self, chunk: wire.TextChunk, start: int, text_offset: int) -> Any:
+    def _logprobs(self, entries: Entries, tops: Tops, text_offset: int) -> Any:
         raise NotImplementedError
 
 
 class CompletionFormat(_Format):
 
-    def response(self, gen: Generation, results: list[wire.TextChunk]) -> Completion:
-        choices = [CompletionChoice(j, c.text, self._logprobs(c, 0, 0) if "output_token_logprobs" in c.meta else None,
-                                    _finish_reason(c)) for j, c in enumerate(results)]
-        return Completion(self.id, self.created, self.model, choices, self.usage(results))
+    def response(self, gen: Generation, outputs: list[Output]) -> Completion:
+        choices = [CompletionChoice(j, out.text, self._logprobs_of(gen, j, out), _finish_reason(out.last.finish))
+                   for j, out in enumerate(outputs)]
+        return Completion(self.id, self.created, self.model, choices, self.usage(gen.last))
 
     def _chunk(self, choices: list, usage: Usage | None) -> Completion:
         return Completion(self.id, self.created, self.model, choices, usage)
@@ -272,25 +274,23 @@ class CompletionFormat(_Format):
     def _stream_choice(self, j: int, text: str, logprobs: Any, finish: str | None) -> CompletionChoice:
         return CompletionChoice(j, text, logprobs, finish)
 
-    def _logprobs(self, chunk: wire.TextChunk, start: int, text_offset: int) -> CompletionLogprobs:
-        entries, tops = _output_logprobs(chunk, start)
-        tokens = [e[2] for e in entries]
+    def _logprobs(self, entries: Entries, tops: Tops, text_offset: int) -> CompletionLogprobs:
+        tokens = [e[2] or "" for e in entries]
         offsets = []
         for tok in tokens:
             offsets.append(text_offset)
             text_offset += len(tok)
         return CompletionLogprobs(tokens, [e[0] for e in entries],
-                                  [None if t is None else {e[2]: e[0] for e in t} for t in tops] or [None] * len(tokens),
-                                  offsets)
+                                  [None if t is None else {e[2] or "": e[0] for e in t} for t in tops]
+                                  or [None] * len(tokens), offsets)
 
 
 class ChatFormat(_Format):
 
-    def response(self, gen: Generation, results: list[wire.TextChunk]) -> ChatCompletion:
-        choices = [ChatChoice(j, ChatMessage(c.text),
-                              self._logprobs(c, 0, 0) if "output_token_logprobs" in c.meta else None,
-                              _finish_reason(c) or "stop") for j, c in enumerate(results)]
-        return ChatCompletion(self.id, self.created, self.model, choices, self.usage(results))
+    def response(self, gen: Generation, outputs: list[Output]) -> ChatCompletion:
+        choices = [ChatChoice(j, ChatMessage(out.text), self._logprobs_of(gen, j, out),
+                              _finish_reason(out.last.finish) or "stop") for j, out in enumerate(outputs)]
+        return ChatCompletion(self.id, self.created, self.model, choices, self.usage(gen.last))
 
     def head(self, gen: Generation) -> list[Any]:
         """The first stream chunk: every choice's role."""
@@ -303,13 +303,13 @@ class ChatFormat(_Format):
     def _stream_choice(self, j: int, text: str, logprobs: Any, finish: str | None) -> ChatChunkChoice:
         return ChatChunkChoice(j, Delta(content=text) if text else Delta(), logprobs, finish)
 
-    def _logprobs(self, chunk: wire.TextChunk, start: int, text_offset: int) -> ChatLogprobs:
-        entries, tops = _output_logprobs(chunk, start)
+    def _logprobs(self, entries: Entries, tops: Tops, text_offset: int) -> ChatLogprobs:
         content = []
         for k, (lp, _, tok) in enumerate(entries):
+            tok = tok or ""
             top = tops[k] if k < len(tops) and tops[k] is not None else []
             content.append(TokenLogprob(tok, lp, list(tok.encode()),
-                                        [TopLogprob(t[2], t[0], list(t[2].encode())) for t in top]))
+                                        [TopLogprob(t[2] or "", t[0], list((t[2] or "").encode())) for t in top]))
         return ChatLogprobs(content)
 
 

@@ -1,4 +1,4 @@
-"""The gateway's end of the tokenizer processes: submit generations, route chunks back, control calls.
+"""The gateway's end of the tokenizer processes: submit generations, route deltas back, control calls.
 
 Runs in the launcher's event loop. Tokenizer `crc32(rid) % N` owns a request: its GenerateText
 and its Abort go there, so the two never overtake each other.
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import zlib
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import zmq
 import zmq.asyncio
@@ -19,20 +21,69 @@ from radixserve import wire
 from radixserve.errors import ApiError, bad_request
 from radixserve.ipc import IpcPaths
 
+log = logging.getLogger("radixserve.http")
+Call = TypeVar("Call", bound=wire.ControlCall)
+
+
+class Output:
+    """One sub-request's whole output, built from its deltas, for an answer that must carry all of it.
+
+    Adding a delta costs its size: text is kept as pieces, joined when read."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self.output_ids: list[int] = []
+        self.output_logprobs: list[wire.LogprobEntry] = []
+        self.output_top_logprobs: list[list[wire.LogprobEntry] | None] = []
+        self.input_logprobs: list[wire.LogprobEntry] | None = None
+        self.input_top_logprobs: list[list[wire.LogprobEntry] | None] | None = None
+        self.last: wire.TextDelta | None = None  # current counts and finish
+
+    def add(self, delta: wire.TextDelta) -> None:
+        self._text.append(delta.text)
+        self.output_ids += delta.output_ids
+        self.output_logprobs += delta.output_logprobs or ()
+        self.output_top_logprobs += delta.output_top_logprobs or ()
+        if delta.input_logprobs is not None:
+            self.input_logprobs, self.input_top_logprobs = delta.input_logprobs, delta.input_top_logprobs
+        self.last = delta
+
+    @property
+    def text(self) -> str:
+        if len(self._text) > 1:
+            self._text[:] = ["".join(self._text)]
+        return self._text[0] if self._text else ""
+
+
+def merge(deltas: list[wire.TextDelta]) -> wire.TextDelta:
+    """Consecutive deltas of one request as one (what a slow consumer missed), in O(their size)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    out = Output()
+    for d in deltas:
+        out.add(d)
+    last = deltas[-1]
+    return wire.TextDelta(
+        rid=last.rid, text=out.text, output_ids=out.output_ids, prompt_tokens=last.prompt_tokens,
+        cached_tokens=last.cached_tokens, completion_tokens=last.completion_tokens, finish=last.finish,
+        output_logprobs=out.output_logprobs if last.output_logprobs is not None else None,
+        output_top_logprobs=out.output_top_logprobs if last.output_top_logprobs is not None else None,
+        input_logprobs=out.input_logprobs, input_top_logprobs=out.input_top_logprobs)
+
 
 class Generation:
     """The sub-requests of one HTTP request, in choice order, filled in by `TokenizerClient.run`.
 
-    Invariant: `latest[i]` is sub-request i's output so far (its chunks merged), and `fresh` holds the
-    indices updated since the consumer last looked, so a slow consumer skips stale chunks.
-    """
+    Invariant: `last[i]` is sub-request i's newest delta (current counts and finish); a streamed
+    generation queues the deltas each consumer has not seen in `pending`, a non-streamed one adds them
+    to `outputs[i]`, so each delta is handled once whatever the stream's length."""
 
-    def __init__(self, reqs: list[wire.GenerateText]) -> None:
+    def __init__(self, reqs: list[wire.GenerateText], stream: bool) -> None:
         self.reqs = reqs
-        self.latest: list[wire.TextChunk | None] = [None] * len(reqs)
-        self.fresh: dict[int, None] = {}  # an ordered set
+        self.last: list[wire.TextDelta | None] = [None] * len(reqs)
+        self.outputs: list[Output] | None = None if stream else [Output() for _ in reqs]
+        self.pending: dict[int, list[wire.TextDelta]] = {}  # insertion-ordered: the order updates came in
         self.unfinished = len(reqs)
-        self.user_aborted: set[int] = set()
         self.error: ApiError | None = None
         self._event = asyncio.Event()
         self._start = time.perf_counter()
@@ -44,40 +95,38 @@ class Generation:
     def done(self) -> bool:
         return self.unfinished == 0 or self.error is not None
 
-    def update(self, index: int, chunk: wire.TextChunk) -> None:
-        if self.latest[index] is None:
-            self.latest[index] = chunk
+    def update(self, index: int, delta: wire.TextDelta) -> None:
+        self.last[index] = delta
+        if self.outputs is not None:
+            self.outputs[index].add(delta)
         else:
-            self.latest[index].merge(chunk)
-        self.fresh[index] = None
-        if chunk.finished:
+            self.pending.setdefault(index, []).append(delta)
+        if delta.finish is not None:
             self.unfinished -= 1
-            finish = chunk.meta.get("finish_reason") or {}
-            if finish.get("type") == "abort" and index not in self.user_aborted and self.error is None:
-                self.error = ApiError(finish.get("status_code") or 400, finish.get("message") or "the request was rejected")
         self._event.set()
 
     def fail(self, error: ApiError) -> None:
         self.error = self.error or error
         self._event.set()
 
-    async def results(self) -> list[wire.TextChunk]:
-        """The final chunks; raises the request's error, if any."""
+    async def results(self) -> list[Output]:
+        """The whole outputs (a non-streamed generation); raises the request's error, if any."""
+        assert self.outputs is not None, "a streamed generation has no results()"
         while not self.done:
             await self._wait()
         if self.error is not None:
             raise self.error
-        return self.latest  # type: ignore[return-value]
+        return self.outputs
 
-    async def updates(self) -> AsyncIterator[list[tuple[int, wire.TextChunk]]]:
-        """Batches of (index, newest chunk) until all finish; raises the request's error."""
+    async def updates(self) -> AsyncIterator[list[tuple[int, wire.TextDelta]]]:
+        """Batches of (index, what is new for it) until all finish; raises the request's error."""
         while True:
             if self.error is not None:
                 raise self.error
-            if self.fresh:
-                batch = [(i, self.latest[i]) for i in self.fresh]
-                self.fresh = {}
-                yield batch  # type: ignore[misc]
+            if self.pending:
+                batch = [(i, merge(ds)) for i, ds in self.pending.items()]
+                self.pending = {}
+                yield batch
             elif self.unfinished == 0:
                 return
             else:
@@ -111,20 +160,26 @@ class TokenizerClient:
         self._max_pending = max_pending
         self._ready_replies = 0
         self.ready = asyncio.Event()
-        self.worker_info: dict = {}
+        self.runtime: wire.RuntimeInfo | None = None
 
     # ------------------------------------------------------------ generation
 
-    def submit(self, reqs: list[wire.GenerateText]) -> Generation:
+    def submit(self, reqs: list[wire.GenerateText], stream: bool = False) -> Generation:
+        """Register and send `reqs`. Every message is encoded before anything is registered, so a request
+        that cannot be sent leaves nothing behind."""
         rids = [r.rid for r in reqs]
         if len(set(rids)) != len(rids) or any(rid in self._pending for rid in rids):
             raise bad_request("a request with this rid is already running", "rid")
         if len(self._pending) + len(reqs) > self._max_pending:
             raise ApiError(429, f"too many requests in flight ({len(self._pending)}); retry later")
-        gen = Generation(reqs)
-        for i, req in enumerate(reqs):
+        try:
+            frames = [wire.encoder.encode(req) for req in reqs]
+        except (OverflowError, TypeError, ValueError) as e:
+            raise bad_request(f"the request cannot be encoded: {e}") from None
+        gen = Generation(reqs, stream)
+        for i, (req, frame) in enumerate(zip(reqs, frames, strict=True)):
             self._pending[req.rid] = (gen, i)
-            self._send(req.rid, req)
+            self._route(req.rid).send(frame)
         return gen
 
     def cancel(self, gen: Generation) -> None:
@@ -135,10 +190,8 @@ class TokenizerClient:
 
     def abort(self, rid: str) -> bool:
         """Abort one running request on a client's behalf: it finishes with reason `abort`."""
-        entry = self._pending.get(rid)
-        if entry is None:
+        if rid not in self._pending:
             return False
-        entry[0].user_aborted.add(entry[1])
         self._send(rid, wire.Abort(rid=rid))
         return True
 
@@ -151,21 +204,23 @@ class TokenizerClient:
 
     # ------------------------------------------------------------ control plane
 
-    async def control(self, op: str, args: dict | None = None, timeout: float = 30.0) -> wire.ControlReply:
-        call_id = f"{op}-{next(self._call_ids)}"
+    async def control(self, kind: type[Call], timeout: float = 30.0, **fields: object) -> wire.ControlReply:
+        """Call the scheduler (through tokenizer 0) and wait for its reply."""
+        call_id = f"{kind.__name__}-{next(self._call_ids)}"
+        frame = wire.encoder.encode(kind(call_id=call_id, **fields))
         fut = self._calls[call_id] = asyncio.get_running_loop().create_future()
-        self._outs[0].send(wire.encoder.encode(wire.Control(call_id=call_id, op=op, args=args or {})))
+        self._outs[0].send(frame)
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            raise ApiError(503, f"the scheduler did not answer {op!r} within {timeout:.0f} s") from None
+            raise ApiError(503, f"the scheduler did not answer {kind.__name__} within {timeout:.0f} s") from None
         finally:
             self._calls.pop(call_id, None)
 
     def shutdown_backend(self) -> None:
-        """Ask every tokenizer to forward `shutdown` to the scheduler and exit."""
+        """Ask every tokenizer to forward the shutdown to the scheduler and exit."""
         for sock in self._outs:
-            sock.send(wire.encoder.encode(wire.Control(call_id="shutdown", op="shutdown")))
+            sock.send(wire.encoder.encode(wire.ShutdownServer()))
 
     def fail_all(self, error: ApiError) -> None:
         for gen, _ in list(self._pending.values()):
@@ -181,28 +236,40 @@ class TokenizerClient:
             frame = await self._inbox.recv(copy=False)
             msg = self._decoder.decode(frame.buffer)
             if isinstance(msg, wire.TextBatch):
-                for chunk in msg.chunks:
-                    self._on_chunk(chunk)
-            elif isinstance(msg, wire.TextChunk):
-                self._on_chunk(msg)
-            elif msg.call_id == "ready":
-                self._ready_replies += 1
-                self.worker_info = msg.result
-                if self._ready_replies == len(self._outs):
-                    self.ready.set()
+                for delta in msg.deltas:
+                    self._on_delta(delta)
+            elif isinstance(msg, wire.Rejected):
+                entry = self._pending.pop(msg.rid, None)
+                if entry is not None:
+                    self.cancel(entry[0])  # the request fails as a whole: its other sub-requests stop too
+                    entry[0].fail(ApiError(msg.status, msg.message))
+            elif isinstance(msg, wire.Ready):
+                self._on_ready(msg)
             elif (fut := self._calls.get(msg.call_id)) is not None and not fut.done():
                 fut.set_result(msg)
 
-    def _on_chunk(self, chunk: wire.TextChunk) -> None:
-        entry = self._pending.get(chunk.rid)
+    def _on_ready(self, msg: wire.Ready) -> None:
+        if msg.runtime is None:
+            log.error("the server failed to start: %s", msg.error)
+            return
+        self.runtime = msg.runtime
+        self._ready_replies += 1
+        if self._ready_replies == len(self._outs):
+            self.ready.set()
+
+    def _on_delta(self, delta: wire.TextDelta) -> None:
+        entry = self._pending.get(delta.rid)
         if entry is None:
             return  # cancelled: its client is gone
-        if chunk.finished:
-            del self._pending[chunk.rid]
-        entry[0].update(entry[1], chunk)
+        if delta.finish is not None:
+            del self._pending[delta.rid]
+        entry[0].update(entry[1], delta)
 
-    def _send(self, rid: str, msg: wire.GenerateText | wire.Abort) -> None:
-        self._outs[zlib.crc32(rid.encode()) % len(self._outs)].send(wire.encoder.encode(msg))
+    def _route(self, rid: str) -> zmq.Socket:
+        return self._outs[zlib.crc32(rid.encode()) % len(self._outs)]
+
+    def _send(self, rid: str, msg: wire.Abort) -> None:
+        self._route(rid).send(wire.encoder.encode(msg))
 
     def close(self) -> None:
         self._inbox.close(linger=0)

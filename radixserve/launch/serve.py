@@ -20,6 +20,7 @@ import msgspec
 import uvloop
 from aiohttp import web
 
+from radixserve import sdnotify, wire
 from radixserve.config import ServerArgs
 from radixserve.errors import ApiError
 from radixserve.gateway.app import Gateway
@@ -55,7 +56,7 @@ def serve(args: ServerArgs) -> int:
     from radixserve.model_files import resolve_model
 
     try:
-        model_dir = resolve_model(args.model_path)
+        model_dir = resolve_model(args.model_path, args.download_dir)
     except (OSError, RuntimeError, ValueError) as e:
         log.error("cannot load the model: %s", e)
         return 1
@@ -95,13 +96,15 @@ class _Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
-        tasks = [asyncio.create_task(c) for c in (client.run(), self._watch(), self._announce(client))]
+        tasks = [asyncio.create_task(c) for c in (client.run(), self._watch(), self._announce(client),
+                                                   self._systemd_watchdog(client))]
         tasks[0].add_done_callback(self._receiver_done)
         try:
             self._spawn(ipc)
             await self.stop.wait()
         finally:
             log.info("stopping the server")
+            sdnotify.stopping()
             client.fail_all(ApiError(503, "the server is shutting down"))
             await runner.cleanup()
             if self.exit_code == 0 and client.ready.is_set():  # else someone may not be listening yet
@@ -140,6 +143,21 @@ class _Server:
         url = f"http://{self.args.host}:{self.args.port}"
         log.info("ready in %.1f s", time.monotonic() - started)
         print(f"radixserve is ready: {url} (model {self.model_name!r}; OpenAI API at {url}/v1)", flush=True)
+        sdnotify.ready(f"serving {self.model_name} at {url}")
+
+    async def _systemd_watchdog(self, client: TokenizerClient) -> None:
+        """Under a systemd watchdog: ping while the scheduler loop answers (an O(1) control call)."""
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            return
+        await client.ready.wait()
+        while True:
+            try:
+                await client.control(wire.GetServerInfo, timeout=interval / 2)
+                sdnotify.watchdog()
+            except ApiError as e:
+                log.warning("systemd watchdog: no ping (%s)", e.message)
+            await asyncio.sleep(interval / 2)
 
     async def _wait_children(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,81 @@
+"""The tokenizer front end without sockets, shared by the tokenizer process and the offline Engine.
+
+`submit` turns a request (text, ids or chat messages) into the scheduler's GenerateTokens, or a
+Rejected; `feed` turns a step's ReqOut into the TextDelta to pass on (every step for a stream, once
+at the end otherwise) and, when a stop string matched here first, the Abort that tells the scheduler
+where the output ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from radixserve import wire
+from tokenizer_proc.output import RequestOutput
+from tokenizer_proc.text import encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
+
+
+class TokenizerCore:
+    """Owns the text state of its requests from submit until their final delta."""
+
+    def __init__(self, tokenizer_path: str, model_dir: str, skip_tokenizer_init: bool = False,
+                 reply_to: int = 0) -> None:
+        self.tokenizer: Any | None = load_tokenizer(tokenizer_path, skip_tokenizer_init)
+        self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
+        self.reply_to = reply_to
+        self.runtime: wire.RuntimeInfo | None = None  # from the scheduler's Ready, before any request
+        self._reqs: dict[str, tuple[bool, RequestOutput]] = {}  # rid -> (stream, output)
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self._reqs
+
+    def __len__(self) -> int:
+        return len(self._reqs)
+
+    def submit(self, msg: wire.GenerateText) -> wire.GenerateTokens | wire.Rejected:
+        """Tokenize `msg`; a client's input never raises here, it is rejected."""
+        try:
+            continue_chat = msg.session is not None and msg.session.rid is not None
+            ids = encode_prompt(self.tokenizer, text=msg.text, input_ids=msg.input_ids, messages=msg.messages,
+                                continue_chat=continue_chat)
+            turn_end = turn_end_ids(self.tokenizer) if continue_chat and msg.messages is not None else []
+            sampling = self._sampling(msg, len(ids))
+            text = request_text(self.tokenizer, ids, sampling)
+        except ValueError as e:
+            return wire.Rejected(msg.rid, 400, str(e))
+        except Exception as e:  # e.g. chat content the template cannot render
+            return wire.Rejected(msg.rid, 400, f"cannot tokenize the prompt: {e}")
+        self._reqs[msg.rid] = (msg.stream, RequestOutput(msg.rid, text, self.tokenizer, len(ids),
+                                                         msg.logprob is not None, msg.return_text_in_logprobs))
+        return wire.GenerateTokens(rid=msg.rid, input_ids=ids, sampling=sampling, reply_to=self.reply_to,
+                                   logprob=msg.logprob, session=msg.session, eos_token_ids=self.eos_ids,
+                                   turn_end_ids=turn_end)
+
+    def _sampling(self, msg: wire.GenerateText, n_prompt: int) -> wire.SamplingParams:
+        if not msg.fill_context:
+            return msg.sampling
+        assert self.runtime is not None, "requests arrive after Ready"
+        room = self.runtime.context_length - n_prompt
+        if room <= 0:
+            raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room for output in the context length "
+                             f"({self.runtime.context_length} tokens)")
+        return msgspec.structs.replace(msg.sampling, max_new_tokens=room)
+
+    def feed(self, out: wire.ReqOut) -> tuple[wire.TextDelta | None, wire.Abort | None]:
+        """One step's output of a request: the delta to pass on (if any) and the Abort to send (if any)."""
+        entry = self._reqs.get(out.rid)
+        if entry is None:
+            return None, None  # it ended here already (a stop string): the scheduler is catching up
+        stream, output = entry
+        stop = output.apply(out)
+        abort = wire.Abort(rid=out.rid, finish=stop) if stop is not None else None
+        if output.finish is not None:
+            del self._reqs[out.rid]
+            return output.take(), abort
+        return (output.take() if stream else None), abort
+
+    def drop(self, rid: str) -> bool:
+        """Forget a request the scheduler rejected; whether it was known here."""
+        return self._reqs.pop(rid, None) is not None
