@@ -19,28 +19,35 @@ the KV slots of its cached prefix (see scheduler_proc/ and worker_proc/model_run
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 import numpy as np
 
 # ---------------------------------------------------------------- shared vocabulary
 
+INT32_MAX = 2**31 - 1
+# Integers parsed from a request carry bounds (checked by msgspec as they are decoded), so every value that
+# reaches a process fits the wire; tests/test_openapi.py checks that every integer of a request schema has both.
+Count = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     """Per-request sampling; field names and defaults follow SGLang's `sampling_params`."""
 
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
+    max_new_tokens: Count = 128
+    min_new_tokens: Count = 0
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)] = -1
     min_p: float = 0.0
     stop: list[str] = []
-    stop_token_ids: list[int] = []
+    stop_token_ids: list[TokenId] = []
     ignore_eos: bool = False
-    n: int = 1
-    seed: int | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)] = 1
+    seed: Seed | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
 
@@ -50,7 +57,7 @@ class SessionParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Tr
 
     id: str
     rid: str | None = None
-    offset: int | None = None
+    offset: Count | None = None  # keep this many tokens of the parent turn
     replace: bool = False
     drop_previous_output: bool = False
 

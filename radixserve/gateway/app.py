@@ -21,6 +21,7 @@ from aiohttp import web
 from radixserve import __version__, wire
 from radixserve.config import ServerArgs
 from radixserve.errors import ApiError, bad_request, from_validation
+from radixserve.gateway import http_errors
 from radixserve.gateway.native import GenerateRequest, NativeFormat, build_requests
 from radixserve.gateway.openai_api import (
     ChatCompletionRequest,
@@ -60,11 +61,6 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=msgspec.json.encode(obj), content_type="application/json")
 
 
-def _error(e: ApiError) -> web.Response:
-    return web.Response(status=e.status, body=msgspec.json.encode(e.body()), content_type="application/json",
-                        headers=e.headers())
-
-
 def _sse(events: list[Any]) -> bytes:
     return b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events)
 
@@ -79,7 +75,8 @@ class Gateway:
         self.children = children
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.args.max_request_bytes, middlewares=[self._errors, self._gate])
+        app = web.Application(client_max_size=self.args.max_request_bytes,
+                              middlewares=[http_errors.middleware(self.args.max_request_bytes), self._gate])
         r = app.router
         r.add_get("/health", self.health)
         r.add_get("/health_generate", self.health_generate)
@@ -97,23 +94,6 @@ class Gateway:
         return app
 
     # ------------------------------------------------------------ middleware
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ApiError as e:
-            return _error(e)
-        except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
-            if e.status < 400:
-                raise
-            return _error(ApiError(e.status, e.reason if e.status != 413 else
-                                   f"request body too large (limit {self.args.max_request_bytes} bytes)"))
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:
-            log.exception("internal error on %s %s", request.method, request.path)
-            return _error(ApiError(500, "internal server error"))
 
     @web.middleware
     async def _gate(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -249,7 +229,7 @@ class _AbortRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _OpenSession(msgspec.Struct, forbid_unknown_fields=True):
-    capacity_of_str_len: Annotated[int, msgspec.Meta(ge=0)] = 0
+    capacity_of_str_len: wire.Count = 0
     session_id: str | None = None
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
 

@@ -39,11 +39,11 @@ class _Request(Struct, forbid_unknown_fields=True, kw_only=True):
     presence_penalty: float = 0.0
     user: str | None = None
     # SGLang extensions (the openai client's `extra_body`)
-    top_k: int = -1
+    top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] = -1
     min_p: float = 0.0
     min_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] = []
+    stop_token_ids: list[wire.TokenId] = []
     skip_special_tokens: bool = True
 
 

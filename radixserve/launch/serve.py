@@ -24,6 +24,7 @@ from radixserve import sdnotify, wire
 from radixserve.config import ServerArgs
 from radixserve.errors import ApiError
 from radixserve.gateway.app import Gateway
+from radixserve.gateway.http_errors import ApiAppRunner
 from radixserve.gateway.tokenizer_client import TokenizerClient
 from radixserve.ipc import IpcPaths
 from radixserve.launch.supervisor import ChildDied, ProcessGroup, start_backend
@@ -83,7 +84,7 @@ class _Server:
         ipc = IpcPaths.create()
         client = TokenizerClient(ipc, args.tokenizer_worker_num, args.max_running_requests + args.max_queued_requests)
         gateway = Gateway(args, client, self.model_dir, self.model_name, self.group.procs)
-        runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+        runner = ApiAppRunner(gateway.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, args.host, args.port, shutdown_timeout=HTTP_DRAIN_S).start()
