@@ -167,7 +167,7 @@ class OpenSession(msgspec.Struct, tag=True, omit_defaults=True):
     call_id: str
     capacity_of_str_len: int = 0
     session_id: str | None = None
-    timeout: float | None = None
+    idle_timeout: float | None = None  # the HTTP field `timeout`; named apart from the control call's own timeout
     reply_to: int = 0
 
 

@@ -25,7 +25,7 @@ def handle_control(sched: Scheduler, runtime: wire.RuntimeInfo, msg: wire.Contro
         return wire.ControlReply(msg.call_id, status=400, error="cannot flush the cache while requests are running")
     try:
         if isinstance(msg, wire.OpenSession):
-            sid = sched.sessions.open(msg.session_id, msg.capacity_of_str_len, msg.timeout)
+            sid = sched.sessions.open(msg.session_id, msg.capacity_of_str_len, msg.idle_timeout)
             return wire.ControlReply(msg.call_id, result=wire.SessionOpened(sid))
         sched.sessions.close(msg.session_id)
         return wire.ControlReply(msg.call_id)

@@ -21,11 +21,13 @@ from aiohttp import web
 from radixserve import __version__, wire
 from radixserve.config import ServerArgs
 from radixserve.errors import ApiError, bad_request, from_validation
-from radixserve.gateway import http_errors
+from radixserve.gateway import http_errors, openapi
 from radixserve.gateway.native import GenerateRequest, NativeFormat, build_requests
 from radixserve.gateway.openai_api import (
+    ChatCompletion,
     ChatCompletionRequest,
     ChatFormat,
+    Completion,
     CompletionFormat,
     CompletionRequest,
     chat_requests,
@@ -36,7 +38,7 @@ from radixserve.gateway.tokenizer_client import Generation, Output, TokenizerCli
 
 log = logging.getLogger("radixserve.http")
 
-PUBLIC_PATHS = frozenset({"/health", "/health_generate"})
+PUBLIC_PATHS = frozenset({"/health", "/health_generate", "/openapi.json"})  # as vLLM: the API description is public
 HEALTH_TIMEOUT_S = 30.0
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
@@ -91,6 +93,7 @@ class Gateway:
         r.add_get("/v1/models", self.models)
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/chat/completions", self.chat_completions)
+        r.add_get("/openapi.json", self.openapi)
         return app
 
     # ------------------------------------------------------------ middleware
@@ -144,7 +147,7 @@ class Gateway:
         return web.Response(text="Cache flushed.\n")
 
     async def abort_request(self, request: web.Request) -> web.Response:
-        body = await _parse(request, _AbortRequest)
+        body = await _parse(request, AbortRequest)
         if body.abort_all:
             return _json({"aborted": self.client.abort_all()})
         if body.rid is None:
@@ -152,13 +155,14 @@ class Gateway:
         return _json({"aborted": int(self.client.abort(body.rid))})
 
     async def open_session(self, request: web.Request) -> web.Response:
-        body = await _parse(request, _OpenSession)
-        opened = (await self._control_ok(wire.OpenSession, **msgspec.structs.asdict(body))).result
+        body = await _parse(request, OpenSessionRequest)
+        opened = (await self._control_ok(wire.OpenSession, capacity_of_str_len=body.capacity_of_str_len,
+                                         session_id=body.session_id, idle_timeout=body.timeout)).result
         assert isinstance(opened, wire.SessionOpened)
         return _json(opened.session_id)
 
     async def close_session(self, request: web.Request) -> web.Response:
-        body = await _parse(request, _CloseSession)
+        body = await _parse(request, CloseSessionRequest)
         await self._control_ok(wire.CloseSession, session_id=body.session_id)
         return _json({"success": True})
 
@@ -167,6 +171,9 @@ class Gateway:
         if not reply.ok:
             raise ApiError(reply.status, reply.error or f"{kind.__name__} failed")
         return reply
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(openapi.document(request.app.router, OPERATIONS))
 
     async def models(self, request: web.Request) -> web.Response:
         context = self.client.runtime.context_length if self.client.runtime is not None else 0
@@ -223,23 +230,43 @@ class Gateway:
             self.client.cancel(gen)
 
 
-class _AbortRequest(msgspec.Struct, forbid_unknown_fields=True):
+class AbortRequest(msgspec.Struct, forbid_unknown_fields=True):
     rid: str | None = None
     abort_all: bool = False
 
 
-class _OpenSession(msgspec.Struct, forbid_unknown_fields=True):
+class OpenSessionRequest(msgspec.Struct, forbid_unknown_fields=True):
     capacity_of_str_len: wire.Count = 0
     session_id: str | None = None
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
-class _CloseSession(msgspec.Struct, forbid_unknown_fields=True):
+class CloseSessionRequest(msgspec.Struct, forbid_unknown_fields=True):
     session_id: str
 
 
+Op = openapi.Operation
+OPERATIONS = {  # (method, path) -> what /openapi.json says of it; every route needs one (tests/test_openapi.py)
+    ("GET", "/health"): Op("liveness: every process is up", response_type="text/plain", public=True),
+    ("GET", "/health_generate"): Op("readiness: a one-token generation succeeds", response_type="text/plain",
+                                    public=True),
+    ("GET", "/openapi.json"): Op("this document", public=True),
+    ("GET", "/get_model_info"): Op("the model served"),
+    ("GET", "/get_server_info"): Op("server arguments, processes and live scheduler statistics"),
+    ("GET", "/flush_cache"): Op("empty the radix cache (when idle)", response_type="text/plain"),
+    ("POST", "/flush_cache"): Op("empty the radix cache (when idle)", response_type="text/plain"),
+    ("POST", "/abort_request"): Op("abort a request by rid, or all of them", AbortRequest),
+    ("POST", "/open_session"): Op("open a session; answers its id", OpenSessionRequest),
+    ("POST", "/close_session"): Op("close a session", CloseSessionRequest),
+    ("POST", "/generate"): Op("SGLang's native generation", GenerateRequest, streams=True),
+    ("GET", "/v1/models"): Op("the served model, as OpenAI's model list"),
+    ("POST", "/v1/completions"): Op("OpenAI completions", CompletionRequest, Completion, streams=True),
+    ("POST", "/v1/chat/completions"): Op("OpenAI chat completions", ChatCompletionRequest, ChatCompletion,
+                                         streams=True),
+}
+
 _DECODERS = {kind: msgspec.json.Decoder(kind) for kind in
-             (GenerateRequest, CompletionRequest, ChatCompletionRequest, _AbortRequest, _OpenSession, _CloseSession)}
+             (GenerateRequest, CompletionRequest, ChatCompletionRequest, AbortRequest, OpenSessionRequest, CloseSessionRequest)}
 
 
 async def _parse(request: web.Request, kind: type[T]) -> T:

@@ -104,7 +104,7 @@ class Engine:
     def open_session(self, capacity_of_str_len: int = 0, session_id: str | None = None,
                      timeout: float | None = None) -> str:
         reply = self._control(wire.OpenSession, capacity_of_str_len=capacity_of_str_len, session_id=session_id,
-                              timeout=timeout)
+                              idle_timeout=timeout)
         if not isinstance(reply.result, wire.SessionOpened):
             raise ValueError(reply.error)
         return reply.result.session_id
