@@ -42,6 +42,8 @@ class ServerArgs:
     attention_backend: AttentionBackendName = "auto"
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = field(default=False, metadata={
+        "help": "build each step only after the previous one's tokens are back (no overlap of scheduling and compute)"})
     disable_cascade_attention: bool = field(default=False, metadata={
         "help": "decode without a separate attention pass over prefixes that requests share (FlashInfer)"})
     random_seed: int = 0

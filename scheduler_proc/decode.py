@@ -35,7 +35,8 @@ class DecodePlanner:
     def plan(self) -> tuple[list[Req], Req | None]:
         """The batch in decode order, each with a KV slot for its new token; and a request that can never grow
         (alone and out of KV), for the caller to end, or None."""
-        decoding = [r for r in self.running if r.stage == Stage.DECODE]
+        # A request whose last token is still in flight (overlap scheduling) has nothing left to decode.
+        decoding = [r for r in self.running if r.stage == Stage.DECODE and r.remaining_new_tokens > 0]
         while decoding and self.table.available() < len(decoding):
             victim = decoding.pop()  # the most recently admitted gives way
             if len(self.running) == 1:

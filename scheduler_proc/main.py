@@ -48,6 +48,9 @@ class SchedulerProcess:
         return msg.runtime
 
     def run(self) -> None:
+        """The step loop. With overlap scheduling (the default) step N+1 is built and sent while the workers run
+        step N, and N's results are processed after that: the device never waits for this loop."""
+        overlap = not self.args.disable_overlap_schedule
         next_expiry = 0.0
         while True:
             now = time.monotonic()
@@ -55,7 +58,7 @@ class SchedulerProcess:
                 self.sched.sessions.expire(now)
                 next_expiry = now + 1.0
             msgs = self.inbox.drain()
-            if not msgs and not self.sched.has_work:
+            if not msgs and not self.sched.has_work and not self.sched.inflight:
                 first = self.inbox.recv(timeout_ms=1000)
                 msgs = [first] if first is not None else []
             for msg in msgs:
@@ -64,12 +67,17 @@ class SchedulerProcess:
             batch = self.sched.schedule()
             self._send_outs(self.sched.pending_outs)
             self.sched.pending_outs = []
-            if batch is None:
-                continue
-            payload = wire.encoder.encode(batch)
-            for w in self.workers:
-                w.send_bytes(payload)
-            self._send_outs(self.sched.process_result(self._wait_result()))
+            if batch is not None:
+                payload = wire.encoder.encode(batch)
+                for w in self.workers:
+                    w.send_bytes(payload)
+            # Without overlap every step is answered before the next is built; with it, one step stays in flight
+            # unless there is nothing to send beside it.
+            if len(self.sched.inflight) > (1 if overlap and batch is not None else 0):
+                self._process_oldest()
+
+    def _process_oldest(self) -> None:
+        self._send_outs(self.sched.process_result(self._wait_result()))
 
     def _wait_result(self) -> wire.StepResult:
         deadline = time.monotonic() + self.args.watchdog_timeout
@@ -83,6 +91,11 @@ class SchedulerProcess:
             if time.monotonic() > deadline:
                 log.error("a forward step took over %.0f s: the workers are hung", self.args.watchdog_timeout)
                 sys.exit(1)
+
+    def _drain_inflight(self) -> None:
+        """Answer every step in flight (for a call that needs the state between steps)."""
+        while self.sched.inflight:
+            self._process_oldest()
 
     def _handle(self, msg: msgspec.Struct) -> bool | None:
         if isinstance(msg, wire.GenerateTokens):
@@ -99,6 +112,8 @@ class SchedulerProcess:
                 w.send(wire.Shutdown())
             return False
         else:
+            if isinstance(msg, wire.CheckInvariants):
+                self._drain_inflight()
             self.replies[msg.reply_to].send(handle_control(self.sched, self.runtime, msg))
         return None
 

@@ -6,22 +6,24 @@ from radixserve.wire import FinishReason, ReqOut, StepResult
 from scheduler_proc.request import Req
 
 
-def check_finish(req: Req, context_length: int) -> FinishReason | None:
-    """Why `req` ends after its latest token (a stop id, max_new_tokens, the context), or None."""
+def check_finish(req: Req, num_outputs: int, context_length: int) -> FinishReason | None:
+    """Why `req` ends once it has its first `num_outputs` output tokens (a stop id, max_new_tokens, the
+    context), or None. Tokens after those may be PENDING (sampled by a step still in flight)."""
     sp = req.sampling
-    if req.output_ids and len(req.output_ids) >= sp.min_new_tokens and req.output_ids[-1] in req.stop_ids:
-        return FinishReason(type="stop", matched=req.output_ids[-1])
-    if len(req.output_ids) >= sp.max_new_tokens:
+    last = req.output_ids[num_outputs - 1] if num_outputs else None
+    if last is not None and num_outputs >= sp.min_new_tokens and last in req.stop_ids:
+        return FinishReason(type="stop", matched=last)
+    if num_outputs >= sp.max_new_tokens:
         return FinishReason(type="length", length=sp.max_new_tokens)
-    if req.fill_len >= context_length:
-        return FinishReason(type="length", length=len(req.output_ids))
+    if len(req.prompt_ids) + num_outputs >= context_length:
+        return FinishReason(type="length", length=num_outputs)
     return None
 
 
 def make_out(req: Req, new_ids: list[int], first: bool = False) -> ReqOut:
     """The message for `req`'s new tokens; the first one carries its input logprobs, if asked for."""
     out = ReqOut(rid=req.rid, new_ids=new_ids, prompt_tokens=len(req.prompt_ids),
-                 cached_tokens=req.cached_tokens, completion_tokens=len(req.output_ids), finish=req.finish)
+                 cached_tokens=req.cached_tokens, completion_tokens=req.num_outputs, finish=req.finish)
     if first and req.input_logprobs:
         out.input_logprobs = req.input_logprobs
         out.input_top_logprobs = req.input_top_logprobs

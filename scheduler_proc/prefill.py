@@ -96,6 +96,8 @@ class PrefillPlanner:
         for req in self.order_waiting():
             if budget <= 0 or not self.table.num_free_rows:
                 break
+            if req.pending:  # retracted while its last token was in flight: it comes back once that arrives
+                continue
             if computing and self._shares_uncached_prefix(req, computing):
                 continue
             if reserved is None:

@@ -10,6 +10,8 @@ import numpy as np
 from radixserve.wire import FinishReason, LogprobRequest, SamplingParams
 from scheduler_proc.radix_cache import TreeNode
 
+PENDING = -1  # an output token sampled by a step in flight (the StepBatch input id that stands for it)
+
 
 class Stage(enum.Enum):
     WAITING = "waiting"
@@ -26,6 +28,12 @@ class Req:
     fill_ids[:cached_len], whose slots are req_to_token[req_slot, :cached_len]; of those,
     the first `prefix_len` belong to the radix tree (locked through `prefix_node`) and the
     rest are owned by this request. `cached_tokens` is what the cache saved it (reported).
+
+    Overlap scheduling: a step counts as done when it is sent (cached_len advances then; the device
+    runs steps in order, so any later step reads that KV after it is written). A token sampled by a step
+    still in flight is PENDING in output_ids until its result arrives: `pending` of them, always last
+    (at most two: one from the step in flight, one from the step being sent), never in fill_ids[:cached_len]
+    when a message is handled between steps.
     """
 
     rid: str
@@ -47,6 +55,7 @@ class Req:
     input_top_logprobs: list = field(default_factory=list)
     seed: int = 0
     session_id: str | None = None
+    pending: int = 0  # trailing PENDING entries of output_ids
 
     @property
     def fill_len(self) -> int:
@@ -64,6 +73,17 @@ class Req:
             return self.prompt_ids[start:end]
         tail = np.asarray(self.output_ids[max(start - n, 0):end - n], dtype=np.int32)
         return tail if start >= n else np.concatenate([self.prompt_ids[start:], tail])
+
+    @property
+    def num_outputs(self) -> int:
+        """Output tokens known so far (the ones sent to the client)."""
+        return len(self.output_ids) - self.pending
+
+    def drop_pending(self) -> None:
+        """Forget tokens still in flight (the request ended before they arrived)."""
+        if self.pending:
+            del self.output_ids[-self.pending:]
+            self.pending = 0
 
     @property
     def remaining_new_tokens(self) -> int:

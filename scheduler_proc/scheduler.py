@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import deque
 
 import numpy as np
 
@@ -33,12 +34,22 @@ from scheduler_proc.prefill import Entries, PrefillPlanner
 from scheduler_proc.prefix_groups import PrefixGrouper
 from scheduler_proc.queues import RunningSet, WaitingQueue
 from scheduler_proc.radix_cache import RadixCache
-from scheduler_proc.request import Req, Stage
+from scheduler_proc.request import PENDING, Req, Stage
 from scheduler_proc.sessions import SessionError, SessionTable
 
 log = logging.getLogger("radixserve.scheduler")
 
 Routed = tuple[int, ReqOut]  # (reply_to, output)
+CHUNK, NO_SAMPLE = -2, -1  # InFlight.sampled for an entry that samples nothing: a prefill chunk, a prompt only
+
+
+@dataclasses.dataclass(slots=True)
+class InFlight:
+    """A step sent to the workers and not yet answered: its entries, and the output index each one samples."""
+
+    step: int
+    entries: Entries
+    sampled: list[int]
 
 
 class RequestError(ValueError):
@@ -86,7 +97,7 @@ class Scheduler:
         self.decode = DecodePlanner(self.table, self.running, self.waiting, self.counters)
         self.arrivals = 0
         self.step_id = 0
-        self.inflight: Entries = []
+        self.inflight: deque[InFlight] = deque()  # steps sent, oldest first (two with overlap scheduling)
         self.pending_outs: list[Routed] = []  # produced outside a step (a request that can never fit)
         self._flushes = 0
         self._invariants = "unchecked"  # the last maybe_check_invariants() result
@@ -138,6 +149,7 @@ class Scheduler:
         req = self.reqs.get(rid)
         if req is None:
             return None
+        req.drop_pending()  # a step in flight may still sample for it: that token is never reported
         if req.stage == Stage.WAITING:
             self.waiting.remove(req)
         else:
@@ -161,13 +173,16 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepBatch | None:
-        """Pick the next step: prefill (new or chunked) first, else one decode for all running."""
+        """Pick the next step: prefill (new or chunked) first, else one decode for all running. The step counts
+        as done once sent (see Req): KV and outputs advance now, its sampled tokens are PENDING until
+        `process_result`, and a decode input that is still PENDING travels as -1 (the workers substitute the
+        token they sampled last for that req slot)."""
         entries, new_reqs = self.prefill.plan()
         is_decode = False
         if not entries:
             decoding, stuck = self.decode.plan()
-            if stuck is not None:  # alone and out of KV: it can never grow, so it ends here
-                stuck.finish = FinishReason(type="length", length=len(stuck.output_ids))
+            if stuck is not None and not stuck.pending:  # alone and out of KV: it can never grow, so it ends here
+                stuck.finish = FinishReason(type="length", length=stuck.num_outputs)
                 self.pending_outs.append((stuck.reply_to, make_out(stuck, [])))
                 self._finish(stuck)
             entries, is_decode = [(req, 1) for req in decoding], True
@@ -176,13 +191,12 @@ class Scheduler:
                 is_decode = False
         if not entries:
             return None
-        self.inflight = entries
         self.step_id += 1
         reqs = [req for req, _ in entries]
         req_slots = np.array([req.req_slot for req in reqs], dtype=np.int32)
         cached = np.array([req.cached_len for req in reqs], dtype=np.int32)
         extend = np.array([n for _, n in entries], dtype=np.int32)
-        if is_decode:  # one new token each, the last it produced (cached_len == fill_len - 1)
+        if is_decode:  # one new token each, the last it produced (cached_len == fill_len - 1), maybe PENDING
             ids = np.array([req.output_ids[-1] for req in reqs], dtype=np.int32)
         else:
             ids = np.concatenate([req.token_slice(req.cached_len, req.cached_len + n) for req, n in entries])
@@ -192,51 +206,72 @@ class Scheduler:
         out_slots = self.table.req_to_token[np.repeat(req_slots, extend), columns]
         groups = self.grouper.groups(self.table.req_to_token, reqs) if is_decode and self.grouper else None
         self.counters.cascade_decode_steps += groups is not None
-        return StepBatch(step=self.step_id, is_decode=is_decode, req_slots=req_slots.tobytes(),
-                         input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(),
-                         extend_lens=extend.tobytes(), out_slots=out_slots.tobytes(),
-                         sample_offsets=i32([len(req.output_ids) for req in reqs]), new_reqs=new_reqs,
-                         prefix_groups=b"" if groups is None else groups.tobytes())
+        batch = StepBatch(step=self.step_id, is_decode=is_decode, req_slots=req_slots.tobytes(),
+                          input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(),
+                          extend_lens=extend.tobytes(), out_slots=out_slots.tobytes(),
+                          sample_offsets=i32([len(req.output_ids) for req in reqs]), new_reqs=new_reqs,
+                          prefix_groups=b"" if groups is None else groups.tobytes())
+        self.inflight.append(InFlight(self.step_id, entries, [self._commit(req, n) for req, n in entries]))
+        return batch
+
+    def _commit(self, req: Req, n: int) -> int:
+        """Advance `req` past its part of a step being sent; the output index it samples, or NO_SAMPLE."""
+        req.cached_len += n
+        if req.stage == Stage.PREFILL:
+            if self.use_cache:
+                self.table.cache_computed(req)
+            if req.cached_len < req.fill_len:
+                return CHUNK  # a chunk of a longer prefill: its sample is not used
+            self.running.prefilled(req)
+        if req.remaining_new_tokens <= 0:
+            return NO_SAMPLE  # max_new_tokens 0: the prompt only
+        req.output_ids.append(PENDING)
+        req.pending += 1
+        return len(req.output_ids) - 1
 
     def process_result(self, result: StepResult) -> list[Routed]:
-        """Apply the workers' answer to the step in flight; the outputs to send, in batch order."""
-        assert result.step == self.step_id, "worker answered a different step"
+        """Apply the workers' answer to the oldest step in flight; the outputs to send, in batch order.
+
+        Invariant: a request never gets a token after its finish — one that ended while the step was in flight
+        (finished, aborted, stopped by a stop string) is skipped, and its later PENDING tokens are dropped."""
+        flight = self.inflight.popleft()
+        assert result.step == flight.step, "worker answered a different step"
         self.counters.forward_steps += 1
         next_ids = np.frombuffer(result.next_ids, dtype=np.int32).tolist()
         next_lps = np.frombuffer(result.next_logprobs, dtype=np.float32).tolist()
         outs = []
-        for i, (req, n) in enumerate(self.inflight):
-            req.cached_len += n
-            prefilling = req.stage == Stage.PREFILL
-            if prefilling and self.use_cache:
-                self.table.cache_computed(req)
+        for i, ((req, _), k) in enumerate(zip(flight.entries, flight.sampled)):
+            if req.stage == Stage.FINISHED:
+                continue
             if i in result.input_logprobs:
                 add_input_logprobs(req, result, i)
-            if req.cached_len < req.fill_len:
-                continue  # a chunk of a longer prefill: its sample is not used
-            first = prefilling and not req.output_ids
-            if prefilling:
-                self.running.prefilled(req)
+            if k == CHUNK:
+                continue
             new_ids: list[int] = []
-            if req.remaining_new_tokens > 0:
-                token = next_ids[i]
-                req.output_ids.append(token)
-                new_ids.append(token)
+            if k != NO_SAMPLE:
+                req.output_ids[k] = next_ids[i]
+                req.pending -= 1
+                new_ids.append(next_ids[i])
                 self.counters.generated_tokens += 1
-            req.finish = check_finish(req, self.context_length)
-            out = make_out(req, new_ids, first=first)
+            num_outputs = k + 1 if k != NO_SAMPLE else req.num_outputs
+            req.finish = check_finish(req, num_outputs, self.context_length)
+            # The message of the first output (or of a prompt-only request) carries its input logprobs.
+            out = make_out(req, new_ids, first=k == 0 or (k == NO_SAMPLE and num_outputs == 0))
             if req.logprob is not None and new_ids:
                 out.output_logprobs = [next_lps[i]]
                 if i in result.top_logprobs:
                     out.output_top_logprobs = [result.top_logprobs[i]]
             if req.finish is not None:
+                req.drop_pending()  # sampled by the step after this one: past the finish
                 self._finish(req)
             outs.append((req.reply_to, out))
-        self.inflight = []
         return outs
 
     def _finish(self, req: Req) -> None:
-        self._leave_running(req)
+        if req.stage == Stage.WAITING:  # retracted while its last step was in flight
+            self.waiting.remove(req)
+        else:
+            self._leave_running(req)
         self._end_session_turn(req)
         req.stage = Stage.FINISHED
         self.counters.finished_requests += 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 import traceback
 
@@ -16,10 +18,49 @@ from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths, Receiver, Sender
 from radixserve.procutil import child_init
 from worker_proc import parallel
+from worker_proc.step_io import PendingStep
 
 log = logging.getLogger("radixserve.worker")
 ERROR_LINGER_MS = 2000
 ERROR_EXIT_DELAY_S = 2.0
+
+
+class ResultSender:
+    """Rank 0's results leave from a thread of their own, which owns the out socket once the worker is ready:
+    it waits for each step's device-to-host copy while the main thread launches the next step.
+    Invariant: results leave in step order (one queue, one thread)."""
+
+    def __init__(self, out: Sender) -> None:
+        self.out = out
+        self.queue: queue.SimpleQueue[PendingStep | wire.WorkerError | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="results", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if isinstance(item, wire.WorkerError):
+                self.out.send(item)
+                return
+            try:
+                result = item.result()
+            except Exception as e:  # a device fault surfaces at the sync: report it as the step's failure
+                log.error("worker 0 failed:\n%s", traceback.format_exc())
+                self.out.send(wire.WorkerError(rank=0, message=f"{type(e).__name__}: {e}"))
+                _linger_and_exit(self.out.sock.context)
+            self.out.send(result)
+
+    def close(self, error: wire.WorkerError | None = None) -> None:
+        """Send what is queued (and `error`, last), then stop the thread."""
+        self.queue.put(error)
+        self.thread.join(timeout=ERROR_LINGER_MS / 1000)
+
+
+def _linger_and_exit(ctx: zmq.Context) -> None:
+    # Deliver the error (the sockets do not linger), and let it reach the client before the supervisor
+    # sees a dead worker: every rank waits, since any child's exit stops the server with a bare exit code.
+    ctx.destroy(linger=ERROR_LINGER_MS)
+    time.sleep(ERROR_EXIT_DELAY_S)
+    os._exit(1)
 
 
 def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, parent_pid: int) -> None:
@@ -29,6 +70,7 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
     ctx = zmq.Context()
     inbox = Receiver(ctx, ipc.worker_in(rank), wire.WorkerIn)
     out = Sender(ctx, ipc.worker_out) if rank == 0 else None
+    sender: ResultSender | None = None
     try:
         from worker_proc.model_runner import ModelRunner, resolve_device
 
@@ -50,20 +92,22 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
                 attention_backend=runner.backend_name, kv_bytes_per_token=runner.kv_bytes_per_token * args.tp_size,
                 weight_bytes=runner.weight_bytes * args.tp_size, gpu_memory_used=gpu_used, gpu_memory_free=gpu_free,
                 cascade_attention=runner.use_cascade)))
+            sender = ResultSender(out)
         while True:
             msg = inbox.recv()
             if isinstance(msg, wire.Shutdown):
                 break
-            result = runner.step(msg)
-            if out is not None:
-                out.send(result)
+            pending = runner.launch(msg)
+            if sender is not None:
+                sender.queue.put(pending)
     except Exception as e:
         log.error("worker %d failed:\n%s", rank, traceback.format_exc())
-        if out is not None:
-            out.send(wire.WorkerError(rank=rank, message=f"{type(e).__name__}: {e}"))
-        # Deliver the error (the sockets do not linger), and let it reach the client before the supervisor
-        # sees a dead worker: every rank waits, since any child's exit stops the server with a bare exit code.
-        ctx.destroy(linger=ERROR_LINGER_MS)
-        time.sleep(ERROR_EXIT_DELAY_S)
-        os._exit(1)
+        error = wire.WorkerError(rank=rank, message=f"{type(e).__name__}: {e}")
+        if sender is not None:
+            sender.close(error)
+        elif out is not None:
+            out.send(error)
+        _linger_and_exit(ctx)
+    if sender is not None:
+        sender.close()
     os._exit(0)

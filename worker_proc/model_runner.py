@@ -11,12 +11,13 @@ import torch
 
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config
-from radixserve.wire import NewReq, StepBatch, StepResult, from_i32
+from radixserve.wire import StepBatch, from_i32
 from worker_proc import parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.kv_cache import KVCache
-from worker_proc.sampling import SamplingBatch, sample, top_logprobs
+from worker_proc.sampling import SampleRows, SlotParams, make_sampler, top_logprobs
+from worker_proc.step_io import HostStaging, PendingStep, ResultCopier
 from worker_proc.weights import load_model
 
 log = logging.getLogger("radixserve.worker")
@@ -31,37 +32,6 @@ def resolve_device(args: ServerArgs, rank: int) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(f"cuda:{rank}") if kind == "cuda" else torch.device("cpu")
-
-
-class SlotParams:
-    """Sampling and logprob settings of the request in each req slot (set once at admission)."""
-
-    def __init__(self, max_reqs: int) -> None:
-        self.temperature = np.ones(max_reqs, dtype=np.float32)
-        self.top_p = np.ones(max_reqs, dtype=np.float32)
-        self.top_k = np.full(max_reqs, -1, dtype=np.int64)
-        self.min_p = np.zeros(max_reqs, dtype=np.float32)
-        self.seed = np.full(max_reqs, -1, dtype=np.int64)
-        self.min_new_tokens = np.zeros(max_reqs, dtype=np.int64)
-        self.top_logprobs_num = np.zeros(max_reqs, dtype=np.int64)
-        self.logprob_start = np.full(max_reqs, -1, dtype=np.int64)
-        self.stop_ids: list[np.ndarray] = [np.zeros(0, np.int32)] * max_reqs
-        self.prompt_ids: list[np.ndarray | None] = [None] * max_reqs
-
-    def set(self, nr: NewReq) -> None:
-        s = nr.req_slot
-        self.temperature[s], self.top_p[s], self.top_k[s] = nr.temperature, nr.top_p, nr.top_k
-        self.min_p[s], self.seed[s], self.min_new_tokens[s] = nr.min_p, nr.seed, nr.min_new_tokens
-        self.stop_ids[s] = from_i32(nr.stop_ids)
-        self.top_logprobs_num[s] = nr.logprob.top_logprobs_num if nr.logprob else 0
-        self.logprob_start[s] = nr.logprob.logprob_start_len if nr.logprob and nr.prompt_ids else -1
-        self.prompt_ids[s] = from_i32(nr.prompt_ids) if nr.prompt_ids else None
-
-    def batch(self, slots: np.ndarray, offsets: np.ndarray) -> SamplingBatch:
-        banned = [(row, self.stop_ids[slots[row]]) for row in np.flatnonzero(offsets < self.min_new_tokens[slots])
-                  if len(self.stop_ids[slots[row]])]
-        return SamplingBatch(self.temperature[slots], self.top_p[slots], self.top_k[slots], self.min_p[slots],
-                             self.seed[slots], offsets, banned)
 
 
 @dataclass
@@ -96,6 +66,7 @@ class DeviceStep:
     input_ids: torch.Tensor
     positions: torch.Tensor
     last: torch.Tensor  # row of each request's last new token
+    req_slots: torch.Tensor  # [B] int32, the batch's req slots (padding rows included)
 
 
 class ModelRunner:
@@ -138,7 +109,14 @@ class ModelRunner:
         # Each step's int32 inputs arrive in one host-to-device copy into this buffer (at fixed addresses,
         # which captured graphs read); a step too large for it gets a fresh tensor.
         self._step_buf = torch.zeros(STEP_BUF_INTS, dtype=torch.int32, device=self.device)
-        self.slot_params = SlotParams(args.max_running_requests)
+        self.staging = HostStaging(self.device, STEP_BUF_INTS)
+        self.copier = ResultCopier(self.device)
+        # The token each req slot sampled last: a StepBatch input id < 0 stands for it (overlap scheduling sends
+        # step N+1 before step N's tokens reach the scheduler). Written after every sampling, on every rank.
+        self.last_sampled = torch.zeros(args.max_running_requests + 1, dtype=torch.int32, device=self.device)
+        self._planned: torch.cuda.Event | None = None  # after the last step's attention plan (see launch)
+        self.slot_params = SlotParams(args.max_running_requests, self.device)
+        self.sampler = make_sampler(self.slot_params, self.device, args.random_seed)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache)
@@ -184,13 +162,9 @@ class ModelRunner:
         return graphs
 
     def _upload(self, host: np.ndarray) -> torch.Tensor:
-        """One host-to-device copy of an int32 array (stream-ordered after the previous step's kernels)."""
-        src = torch.from_numpy(host)
-        if len(host) > len(self._step_buf):
-            return src.to(self.device)
-        dst = self._step_buf[:len(host)]
-        dst.copy_(src, non_blocking=True)  # pageable source: staged before copy_ returns
-        return dst
+        """One host-to-device copy of an int32 array into the step buffer (stream-ordered after the previous
+        step's kernels, which may still read it)."""
+        return self.staging.upload(host, self._step_buf if len(host) <= len(self._step_buf) else None)
 
     def _to_device(self, a: StepArrays, is_decode: bool, prefix_groups: np.ndarray | None = None) -> DeviceStep:
         """Upload a step, record its new tokens' KV slots in req_to_token, and describe it for attention."""
@@ -203,57 +177,85 @@ class ModelRunner:
                                seq_lens, a.extend, qo_indptr, qo_indptr[1:] - 1]).astype(np.int32, copy=False)
         ids, pos, out, rows, slots, lens, ext, qo, last = torch.split(
             self._upload(host), [num_tokens] * 4 + [bs] * 3 + [bs + 1, bs])
+        if (a.input_ids < 0).any():  # tokens of the step still in flight when this one was built
+            ids.copy_(torch.where(ids < 0, self.last_sampled[rows], ids))
         self.req_to_token[rows, pos] = out
         meta = ForwardMeta(is_decode=is_decode, req_slots=slots, seq_lens=lens, extend_lens=ext, qo_indptr=qo,
                            out_slots=out, req_to_token=self.req_to_token, seq_lens_cpu=seq_lens.tolist(),
                            extend_lens_cpu=a.extend.tolist(), prefix_groups=prefix_groups)
-        return DeviceStep(meta, ids, pos, last)
+        return DeviceStep(meta, ids, pos, last, slots)
 
     def forward(self, a: StepArrays, is_decode: bool,
-                prefix_groups: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """float32 logits of each request's last new token [B, V], and the hidden states of all new tokens
-        (None when a decode graph ran). `prefix_groups`: decode with cascade attention (see ForwardMeta)."""
+                prefix_groups: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """float32 logits of each request's last new token [B, V], the hidden states of all new tokens
+        (None when a decode graph ran), and the batch's req slots on the device.
+        `prefix_groups`: decode with cascade attention (see ForwardMeta)."""
         bs = len(a.req_slots)
         cascade = prefix_groups is not None
         graph_bs = self.graphs.padded_size(bs) if is_decode and self.graphs is not None else None
         if graph_bs is not None and self.graphs.has(graph_bs, cascade):
             d = self._to_device(a.padded(graph_bs, self.pad_row), is_decode=True, prefix_groups=prefix_groups)
             self.attn.prepare_graph(d.meta)
-            return self.graphs.replay(graph_bs, cascade)[:bs], None
+            self._mark_planned()
+            return self.graphs.replay(graph_bs, cascade)[:bs], None, d.req_slots[:bs]
         d = self._to_device(a, is_decode, prefix_groups)
         self.attn.prepare(d.meta)
+        self._mark_planned()
         hidden = self.model.forward(d.input_ids, d.positions, self.attn)
-        return self.model.compute_logits(hidden[d.last]), hidden
+        return self.model.compute_logits(hidden[d.last]), hidden, d.req_slots
+
+    def _mark_planned(self) -> None:
+        """FlashInfer's plan copies its host buffers to the device asynchronously; the next step may rewrite
+        them only once that copy ran (`launch` waits for this event first)."""
+        if self.device.type == "cuda":
+            self._planned = torch.cuda.Event()
+            self._planned.record()
 
     @torch.inference_mode()
-    def step(self, b: StepBatch) -> StepResult | None:
+    def launch(self, b: StepBatch) -> PendingStep | None:
+        """Run a step up to its sampled tokens without waiting for the device; rank 0 returns the pending
+        result (its tokens reach the host on a copy stream). Every rank records the sampled tokens in
+        `last_sampled`, where the next step's placeholder input ids find them."""
         t0 = time.perf_counter()
-        for nr in b.new_reqs:
-            prefix = torch.from_numpy(from_i32(nr.prefix_slots).copy())
-            self.req_to_token[nr.req_slot, :len(prefix)] = prefix.to(self.device)
-            self.slot_params.set(nr)
+        if self._planned is not None:
+            self._planned.synchronize()  # the previous step's plan copy ran: its host buffers may be rewritten
+        if b.new_reqs:
+            self._admit(b)
         a = StepArrays.of(b)
         groups = from_i32(b.prefix_groups).reshape(-1, 2) if b.prefix_groups and self.use_cascade else None
-        logits, hidden = self.forward(a, b.is_decode, groups)
+        logits, hidden, slots = self.forward(a, b.is_decode, groups)
         # Decode steps compute no prompt tokens, so they have no input logprobs.
         input_lps = {} if hidden is None or b.is_decode else self._input_logprobs(hidden, a)
+        next_ids = logprobs = None
+        if self.rank == 0:
+            offsets = from_i32(b.sample_offsets)
+            banned_rows, banned_ids = self.slot_params.banned(a.req_slots, offsets)
+            if len(banned_rows):
+                banned = self.staging.upload(np.concatenate([banned_rows, banned_ids])).long()
+                logits[banned[:len(banned_rows)], banned[len(banned_rows):]] = float("-inf")
+            next_ids, logprobs = self.sampler.sample(logits, SampleRows(a.req_slots, slots, offsets))
+        next_ids = parallel.tp_broadcast(next_ids, (len(a.req_slots),), torch.int64, self.device)
+        self.last_sampled[slots.long()] = next_ids.to(torch.int32)
         if self.rank != 0:
             return None
-        offsets = from_i32(b.sample_offsets)
-        next_ids, logprobs = sample(logits, self.slot_params.batch(a.req_slots, offsets))
-        chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
+        chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1) if logprobs is not None else None
         top_k = self.slot_params.top_logprobs_num[a.req_slots]
-        tops = {int(i): top_logprobs(logprobs[i], int(top_k[i])) for i in np.flatnonzero(top_k)}
-        # One copy to the host: token ids (< 2**24) are exact in float32.
-        host = torch.stack((next_ids.float(), chosen.float())).cpu().numpy()
-        result = StepResult(step=b.step, next_ids=host[0].astype(np.int32).tobytes(), next_logprobs=host[1].tobytes(),
-                            top_logprobs=tops)
-        for i, (lps, top) in input_lps.items():
-            result.input_logprobs[i] = lps
-            if top is not None:
-                result.input_top_logprobs[i] = top
-        result.forward_ms = (time.perf_counter() - t0) * 1000
-        return result
+        tops = {int(i): logprobs[i].topk(int(top_k[i])) for i in np.flatnonzero(top_k)} if logprobs is not None else {}
+        ids_host, lps_host, done = self.copier.start(next_ids, chosen)
+        return PendingStep(b.step, t0, ids_host, lps_host, done, tops, input_lps)
+
+    def _admit(self, b: StepBatch) -> None:
+        """Requests entering their req slots: cached-prefix rows of the block table in one upload, and their
+        sampling parameters."""
+        prefixes = [from_i32(nr.prefix_slots) for nr in b.new_reqs]
+        lengths = np.array([len(p) for p in prefixes], dtype=np.int32)
+        if lengths.sum():
+            rows = np.repeat(np.array([nr.req_slot for nr in b.new_reqs], dtype=np.int32), lengths)
+            cols = np.arange(lengths.sum(), dtype=np.int32) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            r, c, v = self.staging.upload(np.concatenate([rows, cols, *prefixes])).long().split(int(lengths.sum()))
+            self.req_to_token[r, c] = v.to(torch.int32)
+        for nr in b.new_reqs:
+            self.slot_params.set(nr)
 
     def _input_logprobs(self, hidden: torch.Tensor, a: StepArrays) -> dict[int, tuple[list, list | None]]:
         """Logprobs of prompt tokens computed in this step, for requests that asked for them.

@@ -71,3 +71,15 @@ def tp_min(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=_group.device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def tp_broadcast(x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """Rank 0's `x` on every rank (the others pass None); stream-ordered, no host sync with nccl."""
+    if tp_size() == 1:
+        assert x is not None
+        return x
+    if x is None:
+        x = torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(x, src=0)
+    return x

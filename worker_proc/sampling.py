@@ -1,7 +1,11 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, min-p, and per-request seeds.
+"""Sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds.
 
-A seeded request draws its noise from a generator seeded by (seed, output index), so its
-tokens do not depend on which other requests share the batch.
+Each request's parameters live in its req slot (`SlotParams`), written once at admission, on the
+device for the kernels and on the host for the per-step choice of kernels: a step copies no sampling
+parameters. Unseeded rows draw with FlashInfer's rejection-sampling kernels on CUDA (no sort over
+batch x vocabulary) and with torch elsewhere. A seeded request draws its noise from a generator seeded
+by (seed, output index), so its tokens do not depend on which other requests share the batch.
+Log-softmax runs only when a row asks for logprobs.
 """
 
 from __future__ import annotations
@@ -11,71 +15,171 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from radixserve.wire import NewReq, from_i32
+
 GREEDY_EPS = 1e-5
 
 
+class SlotParams:
+    """Sampling and logprob settings of the request in each req slot (set once at admission)."""
+
+    def __init__(self, max_reqs: int, device: torch.device) -> None:
+        self.temperature = np.ones(max_reqs, dtype=np.float32)
+        self.top_p = np.ones(max_reqs, dtype=np.float32)
+        self.top_k = np.full(max_reqs, -1, dtype=np.int64)
+        self.min_p = np.zeros(max_reqs, dtype=np.float32)
+        self.seed = np.full(max_reqs, -1, dtype=np.int64)
+        self.min_new_tokens = np.zeros(max_reqs, dtype=np.int64)
+        self.top_logprobs_num = np.zeros(max_reqs, dtype=np.int64)
+        self.logprob_start = np.full(max_reqs, -1, dtype=np.int64)
+        self.wants_logprob = np.zeros(max_reqs, dtype=bool)
+        self.stop_ids: list[np.ndarray] = [np.zeros(0, np.int32)] * max_reqs
+        self.prompt_ids: list[np.ndarray | None] = [None] * max_reqs
+        # Device copies of what the kernels read, indexed by req slot.
+        self.d_temperature = torch.ones(max_reqs, dtype=torch.float32, device=device)
+        self.d_top_p = torch.ones(max_reqs, dtype=torch.float32, device=device)
+        self.d_top_k = torch.zeros(max_reqs, dtype=torch.int32, device=device)  # 0: off
+        self.d_min_p = torch.zeros(max_reqs, dtype=torch.float32, device=device)
+
+    def set(self, nr: NewReq) -> None:
+        """A request enters slot `nr.req_slot`: four scalar fills on the device, no host-to-device copy."""
+        s = nr.req_slot
+        self.temperature[s], self.top_p[s], self.top_k[s] = nr.temperature, nr.top_p, nr.top_k
+        self.min_p[s], self.seed[s], self.min_new_tokens[s] = nr.min_p, nr.seed, nr.min_new_tokens
+        self.stop_ids[s] = from_i32(nr.stop_ids)
+        self.wants_logprob[s] = nr.logprob is not None
+        self.top_logprobs_num[s] = nr.logprob.top_logprobs_num if nr.logprob else 0
+        self.logprob_start[s] = nr.logprob.logprob_start_len if nr.logprob and nr.prompt_ids else -1
+        self.prompt_ids[s] = from_i32(nr.prompt_ids) if nr.prompt_ids else None
+        self.d_temperature[s] = max(nr.temperature, GREEDY_EPS)
+        self.d_top_p[s] = nr.top_p
+        self.d_top_k[s] = max(nr.top_k, 0)
+        self.d_min_p[s] = nr.min_p
+
+    def banned(self, slots: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, token ids) to mask out: stop ids of rows still under their min_new_tokens."""
+        rows, ids = [], []
+        for row in np.flatnonzero(offsets < self.min_new_tokens[slots]):
+            stop = self.stop_ids[slots[row]]
+            rows.append(np.full(len(stop), row, np.int32))
+            ids.append(stop)
+        if not rows:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        return np.concatenate(rows), np.concatenate(ids).astype(np.int32)
+
+
 @dataclass
-class SamplingBatch:
-    """Per-row parameters (host arrays) of one step's sampled rows."""
+class SampleRows:
+    """One step's sampled rows: their req slots (host and device) and output indices (seeding)."""
 
-    temperature: np.ndarray
-    top_p: np.ndarray
-    top_k: np.ndarray
-    min_p: np.ndarray
-    seed: np.ndarray  # -1: unseeded
-    offset: np.ndarray  # output-token index being sampled
-    banned: list[tuple[int, np.ndarray]]  # (row, token ids) masked out (min_new_tokens)
-
-    @property
-    def all_greedy(self) -> bool:
-        return bool(((self.temperature < GREEDY_EPS) | (self.top_k == 1)).all())
+    slots: np.ndarray
+    d_slots: torch.Tensor
+    offsets: np.ndarray
 
 
-def sample(logits: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] float32 -> (token ids [B] int64, log-probabilities [B, V] of the model)."""
-    for row, ids in sb.banned:
-        logits[row, torch.from_numpy(ids).to(logits.device, torch.long)] = float("-inf")
-    logprobs = torch.log_softmax(logits, dim=-1)
-    if sb.all_greedy:
-        return logits.argmax(dim=-1), logprobs
-    device = logits.device
-    greedy = torch.from_numpy((sb.temperature < GREEDY_EPS) | (sb.top_k == 1)).to(device)
-    temp = torch.from_numpy(np.maximum(sb.temperature, GREEDY_EPS).astype(np.float32)).to(device)
-    probs = torch.softmax(logits / temp[:, None], dim=-1)
-    probs = _filter(probs, sb)
-    noise = _exponential_noise(probs.shape, sb, device)
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled), logprobs
+class Sampler:
+    """Draws one token per row of a step's logits; subclasses swap the unseeded draw."""
+
+    def __init__(self, params: SlotParams, device: torch.device, seed: int) -> None:
+        self.p = params
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, rows: SampleRows) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [B, V] float32 (banned tokens already masked) -> (token ids [B] int64, the model's log-probs
+        [B, V] if any row asks for logprobs, else None)."""
+        p, slots = self.p, rows.slots
+        logprobs = torch.log_softmax(logits, dim=-1) if p.wants_logprob[slots].any() else None
+        greedy = (p.temperature[slots] < GREEDY_EPS) | (p.top_k[slots] == 1)
+        if greedy.all():
+            return logits.argmax(dim=-1), logprobs
+        d = rows.d_slots.long()
+        logits = logits / p.d_temperature[d][:, None]
+        seeded = p.seed[slots] >= 0
+        filters = (bool((p.top_k[slots] > 0).any()), bool((p.top_p[slots] < 1).any()), bool((p.min_p[slots] > 0).any()))
+        if seeded.any():
+            ids = self._race(logits, d, rows, seeded, filters)
+        else:
+            ids = self._draw(logits, d, filters)
+        if greedy.any():  # the same rows, told apart on the device (no host-to-device copy)
+            on_device = (p.d_temperature[d] <= GREEDY_EPS) | (p.d_top_k[d] == 1)
+            ids = torch.where(on_device, logits.argmax(dim=-1), ids)
+        return ids, logprobs
+
+    def _draw(self, logits: torch.Tensor, d: torch.Tensor, filters: tuple[bool, bool, bool]) -> torch.Tensor:
+        """Unseeded rows: the exponential race over the filtered distribution (torch)."""
+        return self._race(logits, d, None, None, filters)
+
+    def _race(self, logits: torch.Tensor, d: torch.Tensor, rows: SampleRows | None, seeded: np.ndarray | None,
+              filters: tuple[bool, bool, bool]) -> torch.Tensor:
+        """argmax(p / E), E ~ Exp(1), draws from p; seeded rows get reproducible E."""
+        probs = self._filtered_probs(torch.softmax(logits, dim=-1), d, filters)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        if seeded is not None:
+            for row in np.flatnonzero(seeded):
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(_mix(int(self.p.seed[rows.slots[row]]), int(rows.offsets[row])))
+                noise[row] = torch.empty(probs.shape[-1], device=self.device).exponential_(generator=gen)
+        return (probs / noise).argmax(dim=-1)
+
+    def _filtered_probs(self, probs: torch.Tensor, d: torch.Tensor, filters: tuple[bool, bool, bool]) -> torch.Tensor:
+        """Zero out tokens outside top-k, outside the top-p nucleus, or below min_p * max (unnormalised)."""
+        use_k, use_p, use_min_p = filters
+        if use_k or use_p:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+            top_k = self.p.d_top_k[d]
+            top_k = torch.where(top_k > 0, top_k, probs.shape[-1])
+            # Keep a token if it is within top-k and the mass before it is below top_p (the first always stays).
+            mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+            keep = (rank < top_k[:, None]) & (mass_before < self.p.d_top_p[d][:, None])
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+        if use_min_p:
+            probs = probs * (probs >= probs.max(dim=-1, keepdim=True).values * self.p.d_min_p[d][:, None])
+        return probs
 
 
-def _filter(probs: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
-    """Zero out tokens outside top-k, outside the top-p nucleus, or below min_p * max."""
-    need_sort = (sb.top_k > 0).any() or (sb.top_p < 1.0).any()
-    device = probs.device
-    if need_sort:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        rank = torch.arange(probs.shape[-1], device=device)[None, :]
-        top_k = torch.from_numpy(np.where(sb.top_k > 0, sb.top_k, probs.shape[-1])).to(device)
-        top_p = torch.from_numpy(sb.top_p.astype(np.float32)).to(device)
-        # Keep a token if it is within top-k and the mass before it is below top_p (the first always stays).
-        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-        keep = (rank < top_k[:, None]) & (mass_before < top_p[:, None])
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    if (sb.min_p > 0).any():
-        min_p = torch.from_numpy(sb.min_p.astype(np.float32)).to(device)
-        probs = probs * (probs >= probs.max(dim=-1, keepdim=True).values * min_p[:, None])
-    return probs
+class FlashInferSampler(Sampler):
+    """CUDA: FlashInfer's fused rejection-sampling kernels (no sort) for unseeded rows and for the top-k / top-p
+    renormalisation of seeded ones."""
+
+    def __init__(self, params: SlotParams, device: torch.device, seed: int) -> None:
+        super().__init__(params, device, seed)
+        import flashinfer.sampling
+
+        self.fi = flashinfer.sampling
+
+    def _draw(self, logits: torch.Tensor, d: torch.Tensor, filters: tuple[bool, bool, bool]) -> torch.Tensor:
+        use_k, use_p, use_min_p = filters
+        vocab = logits.shape[-1]
+        top_k = torch.where(self.p.d_top_k[d] > 0, self.p.d_top_k[d], vocab)
+        if not use_min_p:
+            return self.fi.top_k_top_p_sampling_from_logits(logits, top_k, self.p.d_top_p[d], filter_apply_order="joint",
+                                                            generator=self.generator).long()
+        probs = self._filtered_probs(torch.softmax(logits, dim=-1), d, (use_k, use_p, False))
+        return self.fi.min_p_sampling_from_probs(probs, self.p.d_min_p[d], generator=self.generator).long()
+
+    def _filtered_probs(self, probs: torch.Tensor, d: torch.Tensor, filters: tuple[bool, bool, bool]) -> torch.Tensor:
+        use_k, use_p, use_min_p = filters
+        if use_k:
+            probs = self.fi.top_k_renorm_probs(probs, torch.where(self.p.d_top_k[d] > 0, self.p.d_top_k[d],
+                                                                   probs.shape[-1]))
+        if use_p:
+            probs = self.fi.top_p_renorm_probs(probs, self.p.d_top_p[d])
+        if use_min_p:
+            probs = probs * (probs >= probs.max(dim=-1, keepdim=True).values * self.p.d_min_p[d][:, None])
+        return probs
 
 
-def _exponential_noise(shape: torch.Size, sb: SamplingBatch, device: torch.device) -> torch.Tensor:
-    """argmax(p / E) with E ~ Exp(1) draws from p; seeded rows get reproducible E."""
-    noise = torch.empty(shape, device=device).exponential_()
-    for row in np.flatnonzero(sb.seed >= 0):
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_mix(int(sb.seed[row]), int(sb.offset[row])))
-        noise[row] = torch.empty(shape[-1], device=device).exponential_(generator=gen)
-    return noise
+def make_sampler(params: SlotParams, device: torch.device, seed: int) -> Sampler:
+    """FlashInfer's kernels on CUDA where the package is installed, torch otherwise."""
+    if device.type == "cuda":
+        try:
+            return FlashInferSampler(params, device, seed)
+        except ImportError:
+            pass
+    return Sampler(params, device, seed)
 
 
 def _mix(seed: int, offset: int) -> int:
@@ -87,6 +191,6 @@ def _mix(seed: int, offset: int) -> int:
 
 
 def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
-    """The k most likely (token id, logprob) of one row."""
+    """The k most likely (token id, logprob) of one row (a host sync: only for rows that ask)."""
     values, ids = logprobs.topk(k)
     return list(zip(ids.tolist(), values.tolist()))

@@ -1,0 +1,113 @@
+"""A step's traffic between host and device, without host syncs on the step path.
+
+Uploads go through a ring of pinned staging buffers (a pageable source may make the driver wait for the
+stream, which would stall the next step's launch behind the step still running). Results come back on a
+copy stream of their own: `PendingStep.result()` waits for that copy only, in the thread that sends them,
+so the worker launches step N+1 while step N's tokens travel to the host.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from radixserve.wire import StepResult
+
+STAGING_BUFFERS = 4
+
+
+class HostStaging:
+    """Host-to-device copies of int32 arrays through pinned buffers (CUDA), or plain tensors (CPU).
+
+    Invariant: a pinned buffer is rewritten only after the device has read its previous contents (the
+    event recorded after that copy), so an upload never races the copy before it."""
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.capacity = capacity
+        self._bufs = [torch.empty(capacity, dtype=torch.int32, pin_memory=True) for _ in range(STAGING_BUFFERS)] \
+            if self.cuda else []
+        self._events: list[torch.cuda.Event | None] = [None] * STAGING_BUFFERS
+        self._next = 0
+
+    def upload(self, host: np.ndarray, dst: torch.Tensor | None = None) -> torch.Tensor:
+        """`host` (int32) on the device, in `dst` (a view of at least its length) or a new tensor."""
+        src = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int32))
+        if dst is None:
+            dst = torch.empty(len(host), dtype=torch.int32, device=self.device)
+        dst = dst[:len(host)]
+        if not self.cuda:
+            return dst.copy_(src)
+        if len(host) > self.capacity:  # rare (a huge prefill): a plain copy, which may wait for the stream
+            return dst.copy_(src)
+        k, self._next = self._next, (self._next + 1) % STAGING_BUFFERS
+        if self._events[k] is not None:
+            self._events[k].synchronize()
+        staged = self._bufs[k][:len(host)]
+        staged.copy_(src)
+        dst.copy_(staged, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._events[k] = event
+        return dst
+
+
+@dataclass
+class PendingStep:
+    """A launched step's sampled tokens (and logprobs) on their way to the host; rank 0 only."""
+
+    step: int
+    t0: float
+    ids: torch.Tensor  # int32 [B], on the host once `done` has fired
+    logprobs: torch.Tensor | None  # float32 [B], the sampled tokens' logprobs, if any row asked
+    done: torch.cuda.Event | None
+    tops: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # row -> (values, ids)
+    input_logprobs: dict[int, tuple[list, list | None]] = field(default_factory=dict)
+
+    def result(self) -> StepResult:
+        """Wait for the copy (not for later steps) and build the answer to the scheduler."""
+        if self.done is not None:
+            self.done.synchronize()
+        ids = self.ids.numpy().astype(np.int32, copy=False)
+        lps = self.logprobs.numpy() if self.logprobs is not None else np.zeros(len(ids), np.float32)
+        result = StepResult(step=self.step, next_ids=ids.tobytes(), next_logprobs=lps.astype(np.float32).tobytes(),
+                            top_logprobs={i: list(zip(t_ids.tolist(), values.tolist()))
+                                          for i, (values, t_ids) in self.tops.items()})
+        for i, (lps_i, top) in self.input_logprobs.items():
+            result.input_logprobs[i] = lps_i
+            if top is not None:
+                result.input_top_logprobs[i] = top
+        result.forward_ms = (time.perf_counter() - self.t0) * 1000
+        return result
+
+
+class ResultCopier:
+    """Starts the device-to-host copy of a step's sampled ids on a copy stream (CUDA) once they exist."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, ids: torch.Tensor, logprobs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                             torch.cuda.Event | None]:
+        ids = ids.to(torch.int32)
+        if self.stream is None:
+            return ids, logprobs, None
+        ready = torch.cuda.Event()
+        ready.record()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            host_ids = torch.empty(ids.shape, dtype=torch.int32, pin_memory=True)
+            host_ids.copy_(ids, non_blocking=True)
+            ids.record_stream(self.stream)
+            host_lps = None
+            if logprobs is not None:
+                host_lps = torch.empty(logprobs.shape, dtype=torch.float32, pin_memory=True)
+                host_lps.copy_(logprobs, non_blocking=True)
+                logprobs.record_stream(self.stream)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return host_ids, host_lps, done
