@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# The benchmark issue's GPU targets, Llama-3.1-8B shape with dummy bf16 weights, one command per section:
-#   bash scripts/bench_h200.sh [gsp] [gsp-no-cascade] [multi-turn] [offline]   (default: all; ~12 min on an H200)
+# The GPU targets of the benchmark and speed issues, dummy bf16 weights (Llama-3.1-8B shape unless said), one
+# command per section:
+#   bash scripts/bench_h200.sh [bs1] [sglang-ci] [qwen-one-batch] [gsp] [gsp-no-cascade] [multi-turn] [offline]
+#   (default: bs1 sglang-ci qwen-one-batch gsp multi-turn)
+# bs1:        end to end at batch 1: one random 256-token prompt, 1024 output tokens (offline Engine).
+# sglang-ci:  SGLang's CI throughput workload: 500 random prompts (up to 4096 in / 2048 out), all at once, against
+#             a launched server.
+# qwen-one-batch: Qwen2.5-7B shape, one static batch of 1 and of 64 (1024 in / 64 out) beside the bandwidth floor.
 # gsp:        generated-shared-prefix 64 groups x 16 prompts, 2048-token system prompt, 128-token question,
 #             256 output tokens; radix cache on vs off (offline Engine, all requests at once).
 # gsp-no-cascade: the same with the radix cache on and --disable-cascade-attention.
@@ -20,17 +26,27 @@ model=(--model-path radixserve/model_configs/llama-3.1-8b --load-format dummy --
 gsp=(--dataset generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16 --gsp-system-prompt-len 2048
      --gsp-question-len 128 --gsp-output-len 256)
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(gsp multi-turn offline)
+[ ${#sections[@]} -gt 0 ] || sections=(bs1 sglang-ci qwen-one-batch gsp multi-turn)
 
-run() {  # run NAME ARGS...: one bench, its output in $out/NAME.log
+run() {  # run NAME ARGS...: one bench (the 8B shape unless ARGS name another --model-path), in $out/NAME.log
     local name=$1
     shift
-    echo "== $name: python -m radixserve.bench $*" | tee "$out/$name.log"
+    echo "== $name: python -m radixserve.bench $* ${model[*]}" | tee "$out/$name.log"
     python3 -m radixserve.bench "$@" --output-name "$name" "${model[@]}" 2>&1 | tee -a "$out/$name.log"
 }
 
 for section in "${sections[@]}"; do
     case $section in
+    bs1)
+        run bs1 offline --dataset random --num-prompts 1 --random-input-len 256 --random-output-len 1024 \
+            --random-range-ratio 1 --cuda-graph-max-bs 2 ;;
+    sglang-ci)
+        run sglang-ci serve --launch-server --dataset random --num-prompts 500 --random-input-len 4096 \
+            --random-output-len 2048 --random-range-ratio 0 ;;
+    qwen-one-batch)
+        model[1]=radixserve/model_configs/qwen2.5-7b
+        run qwen-one-batch one-batch --batch-size 1 64 --input-len 1024 --output-len 64
+        model[1]=radixserve/model_configs/llama-3.1-8b ;;
     gsp)
         run gsp offline "${gsp[@]}" --baseline no-radix ;;
     gsp-no-cascade)
@@ -42,7 +58,7 @@ for section in "${sections[@]}"; do
         run offline offline --dataset random --num-prompts 2000 --random-input-len 1024 --random-output-len 256 \
             --baseline hf --hf-batch-size 64 128 256 --hf-num-prompts 256 ;;
     *)
-        echo "unknown section: $section (gsp, gsp-no-cascade, multi-turn, offline)" >&2
+        echo "unknown section: $section (bs1, sglang-ci, qwen-one-batch, gsp, gsp-no-cascade, multi-turn, offline)" >&2
         exit 2 ;;
     esac
 done

@@ -134,16 +134,29 @@ class Synth:
                          sample_offsets=i32(offsets if offsets is not None else [0] * len(req_slots)),
                          new_reqs=list(new_reqs))
 
-    def decode_loop(self, bs: int, ctx: int, steps: int, warmup: int = 3) -> float:
-        """Seconds per decode step of `bs` requests whose context grows from `ctx` (median of whole steps)."""
+    def decode_loop(self, bs: int, ctx: int, steps: int, warmup: int = 3, overlap: bool = False) -> float:
+        """Seconds per decode step of `bs` requests whose context grows from `ctx`: the median of whole steps
+        (launch, then wait for the sampled ids on the host), or with `overlap` the mean step of a pipeline that
+        launches step N+1 before waiting for step N's ids (as the scheduler runs it)."""
         slots = list(range(bs))
         new = [self.new_req(s, self.slots(ctx - 1)) for s in slots]
-        times = []
+        times, pending = [], None
         for i in range(warmup + steps):
+            if i == warmup:
+                start = time.perf_counter()
             b = self.batch(True, slots, [ctx - 1 + i] * bs, [1] * bs, new if i == 0 else (), offsets=[i] * bs)
             t0 = time.perf_counter()
-            self.runner.step(b)  # ends with a host sync (sampled ids to the CPU)
-            times.append(time.perf_counter() - t0)
+            launched = self.runner.launch(b)
+            if not overlap:
+                launched.result()
+                times.append(time.perf_counter() - t0)
+                continue
+            if pending is not None:
+                pending.result()
+            pending = launched
+        if overlap:
+            pending.result()
+            return (time.perf_counter() - start) / steps
         run = sorted(times[warmup:])
         return run[len(run) // 2]
 
@@ -152,13 +165,13 @@ class Synth:
         np = self.np
         slots = list(range(len(prompts)))
         new = [self.new_req(s, np.zeros(0, np.int32)) for s in slots]
-        r = self.runner.step(self.batch(False, slots, [0] * len(slots), [len(p) for p in prompts], new,
-                                        input_ids=[t for p in prompts for t in p]))
+        r = self.runner.launch(self.batch(False, slots, [0] * len(slots), [len(p) for p in prompts], new,
+                                          input_ids=[t for p in prompts for t in p])).result()
         out = [[int(t)] for t in np.frombuffer(r.next_ids, np.int32)]
         for i in range(steps):
             cached = [len(p) + i for p in prompts]
-            r = self.runner.step(self.batch(True, slots, cached, [1] * len(slots), input_ids=[o[-1] for o in out],
-                                            offsets=[i + 1] * len(slots)))
+            r = self.runner.launch(self.batch(True, slots, cached, [1] * len(slots), input_ids=[o[-1] for o in out],
+                                              offsets=[i + 1] * len(slots))).result()
             for o, t in zip(out, np.frombuffer(r.next_ids, np.int32)):
                 o.append(int(t))
         return out
@@ -204,12 +217,11 @@ def _step_phases(runner, synth, bs: int, ctx: int) -> dict:
     import torch
 
     from worker_proc.model_runner import StepArrays
-    from worker_proc.sampling import sample
+    from worker_proc.sampling import SampleRows
 
     graph_bs = runner.graphs.padded_size(bs)
     a = StepArrays(np.arange(bs, dtype=np.int32), np.full(bs, ctx, np.int32), np.ones(bs, np.int32), synth.ids(bs),
                    synth.slots(bs))
-    params = runner.slot_params.batch(a.req_slots, np.zeros(bs, np.int32))
     phases: dict[str, list[float]] = {"upload": [], "plan": [], "replay": [], "sample": []}
     for _ in range(20):
         torch.cuda.synchronize()
@@ -223,8 +235,8 @@ def _step_phases(runner, synth, bs: int, ctx: int) -> dict:
         logits = runner.graphs.replay(graph_bs)[:bs]
         torch.cuda.synchronize()
         t3 = time.perf_counter()
-        ids, lps = sample(logits, params)
-        ids.cpu(), lps.gather(1, ids[:, None]).cpu()
+        ids, _ = runner.sampler.sample(logits, SampleRows(a.req_slots, d.req_slots[:bs], np.zeros(bs, np.int32)))
+        ids.cpu()
         t4 = time.perf_counter()
         for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             phases[k].append(dt * 1e3)
@@ -312,9 +324,11 @@ def section_runner(out: Path) -> dict:
 
     def decode(bs: int, ctx: int, steps: int) -> dict:
         s = synth.decode_loop(bs, ctx, steps)
+        overlapped = synth.decode_loop(bs, ctx, steps, overlap=True)
         floor = (w + bs * (ctx + steps / 2) * kv_bytes) / REF_BW
         return {"ms_per_step": s * 1e3, "tok_s": bs / s, "floor_ms": floor * 1e3, "floor_tok_s": bs / floor,
-                "pct_of_floor": floor / s * 100}
+                "pct_of_floor": floor / s * 100, "overlap_ms_per_step": overlapped * 1e3,
+                "overlap_pct_of_floor": floor / overlapped * 100}
 
     def graph_ms(bs: int) -> float | None:
         """GPU time of one replay of the graph of size `bs` (planned for the last decode batch)."""
@@ -328,7 +342,7 @@ def section_runner(out: Path) -> dict:
 
         def run():
             new = [synth.new_req(s, np.zeros(0, np.int32)) for s in slots]
-            runner.step(synth.batch(False, slots, [0] * n, [length] * n, new))
+            runner.launch(synth.batch(False, slots, [0] * n, [length] * n, new)).result()
 
         run()
         times = []

@@ -69,7 +69,7 @@ class Driver:
         i32 = lambda xs: np.asarray(xs, dtype=np.int32)  # noqa: E731
         arrays = StepArrays(i32([r.slot for r, _ in work]), i32(cached), i32([n for _, n in work]), i32(ids), i32(out))
         with torch.inference_mode():
-            logits, _ = self.runner.forward(arrays, is_decode, prefix_groups)
+            logits, _, _ = self.runner.forward(arrays, is_decode, prefix_groups)
         logits = logits.float().cpu()
         offset = 0
         for row, (r, n) in enumerate(work):
