@@ -19,37 +19,26 @@ the KV slots of its cached prefix (see scheduler_proc/ and worker_proc/model_run
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Union
 
 import msgspec
 import numpy as np
 
+from radixserve.sampling_params import (  # noqa: F401 (re-exported: the wire's vocabulary)
+    INT32_MAX,
+    CompileGrammar,
+    Count,
+    Grammar,
+    GrammarDone,
+    Penalties,
+    SamplingParams,
+    Seed,
+    TokenId,
+)
+
 # ---------------------------------------------------------------- shared vocabulary
 
-INT32_MAX = 2**31 - 1
-# Integers parsed from a request carry bounds (checked by msgspec as they are decoded), so every value that
-# reaches a process fits the wire; tests/test_openapi.py checks that every integer of a request schema has both.
-Count = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
-TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
-Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-
-
-class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
-    """Per-request sampling; field names and defaults follow SGLang's `sampling_params`."""
-
-    max_new_tokens: Count = 128
-    min_new_tokens: Count = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)] = -1
-    min_p: float = 0.0
-    stop: list[str] = []
-    stop_token_ids: list[TokenId] = []
-    ignore_eos: bool = False
-    n: Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)] = 1
-    seed: Seed | None = None
-    skip_special_tokens: bool = True
-    no_stop_trim: bool = False
+# Request vocabulary (integer bounds, SamplingParams, grammars, penalties) lives in sampling_params.py.
 
 
 class SessionParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -90,6 +79,9 @@ class GenerateText(msgspec.Struct, tag=True, omit_defaults=True):
     messages: list[dict] | None = None
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     stream: bool = False
+    tools: list[dict] | None = None  # chat: the tools the chat template renders (OpenAI's JSON shape)
+    chat_template_kwargs: dict[str, object] | None = None  # chat: extra variables for the chat template
+    continue_final_message: bool = False  # chat: continue the last (assistant) message instead of a new turn
     logprob: LogprobRequest | None = None
     return_text_in_logprobs: bool = False
     session: SessionParams | None = None

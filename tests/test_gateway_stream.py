@@ -9,7 +9,7 @@ import msgspec
 from radixserve import wire
 from radixserve.gateway import tokenizer_client
 from radixserve.gateway.native import NativeFormat
-from radixserve.gateway.openai_api import ChatFormat, StreamOptions
+from radixserve.gateway.openai_format import ChatFormat, StreamOptions
 from radixserve.gateway.tokenizer_client import Generation
 
 N_TOKENS = 4000

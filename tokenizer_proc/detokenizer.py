@@ -33,10 +33,13 @@ class IncrementalDetokenizer:
     """
 
     def __init__(
-        self, tokenizer: Any, prompt_ids: Sequence[int] | None = None, skip_special_tokens: bool = True
+        self, tokenizer: Any, prompt_ids: Sequence[int] | None = None, skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        # SGLang's meaning: passed to decode (tokenizers that ignore it, such as HF's fast ones, decode the same)
+        self._spaces = spaces_between_special_tokens
         ids = list(prompt_ids[-PROMPT_CONTEXT:]) if prompt_ids else []
         prefix = self._decode(ids)
         if prefix.endswith(REPLACEMENT):  # the prompt ends inside a character: no clean prefix
@@ -47,7 +50,8 @@ class IncrementalDetokenizer:
         self._sent = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False,
+                                      spaces_between_special_tokens=self._spaces)
 
     def feed(self, new_ids: Sequence[int]) -> str:
         """Append `new_ids`; return the text that is now final (possibly "")."""

@@ -14,7 +14,7 @@ import msgspec
 
 from radixserve import wire
 from tokenizer_proc.output import RequestOutput
-from tokenizer_proc.text import encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
+from tokenizer_proc.text import ChatOptions, encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
 
 
 class TokenizerCore:
@@ -39,8 +39,9 @@ class TokenizerCore:
         try:
             continue_chat = msg.session is not None and msg.session.rid is not None
             ids = encode_prompt(self.tokenizer, text=msg.text, input_ids=msg.input_ids, messages=msg.messages,
-                                continue_chat=continue_chat)
+                                continue_chat=continue_chat, chat=chat)
             turn_end = turn_end_ids(self.tokenizer) if continue_chat and msg.messages is not None else []
+            chat = ChatOptions(msg.tools, msg.chat_template_kwargs, msg.continue_final_message)
             sampling = self._sampling(msg, len(ids))
             text = request_text(self.tokenizer, ids, sampling)
         except ValueError as e:

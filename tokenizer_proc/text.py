@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
+from tokenizer_proc.chat_tools import describe_tools, renders_tools, tool_calls_of
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tokenizer_proc.stops import StopMatcher
 
@@ -50,11 +52,13 @@ def encode_prompt(
     messages: list[dict] | None = None,
     *,
     continue_chat: bool = False,
+    chat: ChatOptions | None = None,
 ) -> list[int]:
     """Token ids of exactly one of: raw `text` (tokenizer defaults, like SGLang's /generate),
     `input_ids` (range-checked by the scheduler, which knows the model's vocabulary), or OpenAI-style chat
     `messages` (chat template with the generation prompt; with `continue_chat`, rendered as the
-    next turns of a conversation whose last turn the model generated). Raises ValueError on bad input."""
+    next turns of a conversation whose last turn the model generated; `chat`: tools, template variables, or
+    continuing the final message). Raises ValueError on bad input."""
     if sum(x is not None for x in (text, input_ids, messages)) != 1:
         raise ValueError("give exactly one of text, input_ids, messages")
     if tokenizer is None and input_ids is None:
@@ -64,23 +68,41 @@ def encode_prompt(
     elif input_ids is not None:
         ids = list(input_ids)
     else:
-        ids = _encode_chat(tokenizer, messages, continue_chat)
+        ids = _encode_chat(tokenizer, messages, continue_chat, chat or ChatOptions())
     if not ids:
         raise ValueError("empty prompt")
     return ids
 
 
-def _encode_chat(tokenizer: Any, messages: Any, continue_chat: bool = False) -> list[int]:
+@dataclass(frozen=True)
+class ChatOptions:
+    """What a chat request adds to its messages (wire.GenerateText's chat fields)."""
+
+    tools: list[dict] | None = None
+    template_kwargs: dict | None = None
+    continue_final_message: bool = False
+
+
+def _encode_chat(tokenizer: Any, messages: Any, continue_chat: bool, chat: ChatOptions) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template; send text or input_ids")
     normalized = [_normalize_message(m) for m in messages]
+    kwargs = dict(chat.template_kwargs or {})
+    if renders_tools(tokenizer):
+        kwargs["tools"] = chat.tools
+    elif chat.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in normalized):
+        normalized = describe_tools(normalized, chat.tools)
+    if chat.continue_final_message and (continue_chat or normalized[-1]["role"] != "assistant"):
+        raise ValueError("continue_final_message needs a last message from the assistant (and no session)")
     try:
         if continue_chat:
-            prompt = _continuation(tokenizer, normalized)
+            prompt = _continuation(tokenizer, normalized, kwargs)
+        elif chat.continue_final_message:
+            prompt = tokenizer.apply_chat_template(normalized, tokenize=False, continue_final_message=True, **kwargs)
         else:
-            prompt = tokenizer.apply_chat_template(normalized, tokenize=False, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(normalized, tokenize=False, add_generation_prompt=True, **kwargs)
     except TemplateError as e:
         raise ValueError(f"chat template: {e}") from e
     # The template writes its own special tokens (BOS): do not add them a second time.
@@ -94,14 +116,15 @@ _PROBE_HISTORY = [{"role": "system", "content": "S"}, {"role": "user", "content"
                   {"role": "assistant", "content": _PROBE}]
 
 
-def _continuation(tokenizer: Any, messages: list[dict]) -> str:
+def _continuation(tokenizer: Any, messages: list[dict], kwargs: dict) -> str:
     """Template text of `messages` following an assistant turn that ended with the EOS token.
 
     Renders a probe conversation with and without the new messages and keeps the difference,
     plus what the template writes after an assistant's content (minus the EOS the model emitted).
     """
-    before = tokenizer.apply_chat_template(_PROBE_HISTORY, tokenize=False)
-    full = tokenizer.apply_chat_template(_PROBE_HISTORY + messages, tokenize=False, add_generation_prompt=True)
+    before = tokenizer.apply_chat_template(_PROBE_HISTORY, tokenize=False, **kwargs)
+    full = tokenizer.apply_chat_template(_PROBE_HISTORY + messages, tokenize=False, add_generation_prompt=True,
+                                         **kwargs)
     if not full.startswith(before) or _PROBE not in before:
         raise ValueError("this chat template cannot continue a conversation turn by turn; send the full messages")
     glue, _ = _after_assistant(tokenizer, before)
@@ -124,12 +147,17 @@ def turn_end_ids(tokenizer: Any) -> list[int]:
 
 
 def _normalize_message(message: Any) -> dict:
-    """A message with string content; text parts are joined with newlines."""
+    """A message with string content (text parts are joined with newlines); an assistant's tool calls with
+    their arguments as objects, its content "" when it has only those."""
     if not isinstance(message, dict):
         raise ValueError("each message must be an object with role and content")
     role, content = message.get("role"), message.get("content")
     if role not in CHAT_ROLES:
         raise ValueError(f"bad message role {role!r}; expected one of {sorted(CHAT_ROLES)}")
+    calls = tool_calls_of(message) if role == "assistant" else None
+    if calls is not None:
+        message = {**message, "tool_calls": calls}
+        content = "" if content is None else content
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
@@ -154,16 +182,19 @@ class RequestText:
         stop: Sequence[str] = (),
         skip_special_tokens: bool = True,
         no_stop_trim: bool = False,
+        stop_regex: Sequence[str] = (),
+        spaces_between_special_tokens: bool = True,
     ) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
-        self._stops = StopMatcher(stop, no_stop_trim)
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens, spaces_between_special_tokens)
+        self._stops = StopMatcher(stop, no_stop_trim, stop_regex)
         self._no_stop_trim = no_stop_trim
         self._pieces: list[str] = []  # the deltas returned so far
         self.output_ids: list[int] = []
 
     @classmethod
     def for_sampling(cls, tokenizer: Any, prompt_ids: Sequence[int] | None, sampling: SamplingParams) -> RequestText:
-        return cls(tokenizer, prompt_ids, sampling.stop, sampling.skip_special_tokens, sampling.no_stop_trim)
+        return cls(tokenizer, prompt_ids, sampling.stop, sampling.skip_special_tokens, sampling.no_stop_trim,
+                   sampling.stop_regex, sampling.spaces_between_special_tokens)
 
     @property
     def text(self) -> str:
@@ -224,7 +255,7 @@ class IdsOnly:
 def request_text(tokenizer: Any | None, prompt_ids: Sequence[int], sampling: SamplingParams) -> RequestText | IdsOnly:
     """The output-text tracker of one request; without a tokenizer, stop strings cannot be honoured."""
     if tokenizer is None:
-        if sampling.stop:
+        if sampling.stop or sampling.stop_regex:
             raise ValueError("stop strings need a tokenizer (the server runs with --skip-tokenizer-init)")
         return IdsOnly()
     return RequestText.for_sampling(tokenizer, prompt_ids, sampling)

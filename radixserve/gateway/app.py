@@ -24,17 +24,17 @@ from radixserve.errors import ApiError, bad_request, from_validation
 from radixserve.gateway import http_errors, openapi
 from radixserve.gateway.native import GenerateRequest, NativeFormat, build_requests
 from radixserve.gateway.openai_api import (
-    ChatCompletion,
     ChatCompletionRequest,
-    ChatFormat,
-    Completion,
-    CompletionFormat,
     CompletionRequest,
     chat_requests,
     check_model,
+    completion_echo,
     completion_requests,
 )
+from radixserve.gateway.openai_format import ChatCompletion, ChatFormat, Completion, CompletionFormat
 from radixserve.gateway.tokenizer_client import Generation, Output, TokenizerClient
+from radixserve.gateway.tool_calls import tool_format
+from radixserve.model_files import chat_template_text
 
 log = logging.getLogger("radixserve.http")
 
@@ -76,6 +76,7 @@ class Gateway:
         self.model_name = model_name
         self.children = children
 
+        self.tool_format = tool_format(chat_template_text(args.tokenizer_path or model_dir))
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.args.max_request_bytes,
                               middlewares=[http_errors.middleware(self.args.max_request_bytes), self._gate])
@@ -193,14 +194,14 @@ class Gateway:
         check_model(body.model, self.model_name)
         reqs = completion_requests(body)
         return await self._generate(request, reqs, body.stream, CompletionFormat(
-            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options))
+            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, parsers))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _parse(request, ChatCompletionRequest)
         check_model(body.model, self.model_name)
-        reqs = chat_requests(body)
+        reqs, parsers = chat_requests(body, self.tool_format)
         return await self._generate(request, reqs, body.stream, ChatFormat(
-            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options))
+            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, completion_echo(body, reqs)))
 
     async def _generate(self, request: web.Request, reqs: list[wire.GenerateText], stream: bool,
                         fmt: Format) -> web.StreamResponse:

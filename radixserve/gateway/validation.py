@@ -3,7 +3,9 @@ range check of sampling values (`check_sampling`), and the split of a request in
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -16,6 +18,8 @@ INT32_MAX = 2**31 - 1
 MAX_N = 64
 MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
+UNSUPPORTED_SAMPLING = {"beam_width": (None, 1), "watermark": (None,)}  # SGLang fields of features not here
 
 TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
 
@@ -33,16 +37,58 @@ def check_sampling(sp: wire.SamplingParams, prefix: str = "sampling_params.") ->
         ("seed", sp.seed is None or 0 <= sp.seed < 2**63, "must be in [0, 2**63)"),
         ("stop", len(sp.stop) <= MAX_STOPS, f"at most {MAX_STOPS} stop strings"),
         ("stop_token_ids", all(0 <= t <= INT32_MAX for t in sp.stop_token_ids), "must be token ids"),
+        ("frequency_penalty", -2 <= sp.frequency_penalty <= 2, "must be in [-2, 2]"),
+        ("presence_penalty", -2 <= sp.presence_penalty <= 2, "must be in [-2, 2]"),
+        ("repetition_penalty", 0 < sp.repetition_penalty <= 2, "must be in (0, 2]"),
+        ("logit_bias", len(sp.logit_bias) <= MAX_LOGIT_BIAS and all(
+            k.isdigit() and int(k) <= INT32_MAX and math.isfinite(v) for k, v in sp.logit_bias.items()),
+         f"must map at most {MAX_LOGIT_BIAS} token ids to finite numbers"),
+        ("stop_regex", len(sp.stop_regex) <= MAX_STOPS, f"at most {MAX_STOPS} patterns"),
     ]
     for name, ok, why in checks:
         if not ok:
             raise bad_request(f"{prefix}{name} {why}, got {getattr(sp, name)!r}", prefix + name)
+    for pattern in sp.stop_regex:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise bad_request(f"{prefix}stop_regex {pattern!r} is not a regular expression: {e}",
+                              prefix + "stop_regex") from None
+    _check_grammar(sp, prefix)
+
+
+def _check_grammar(sp: wire.SamplingParams, prefix: str) -> None:
+    """At most one constraint, and JSON where JSON is expected (xgrammar checks the rest as it compiles)."""
+    given = [kind for kind in wire.GRAMMAR_KINDS if getattr(sp, kind) is not None]
+    if len(given) > 1:
+        raise bad_request(f"give at most one of {', '.join(wire.GRAMMAR_KINDS)}; got {', '.join(given)}",
+                          prefix + given[1])
+    for kind in ("json_schema", "structural_tag"):
+        source = getattr(sp, kind)
+        if source is not None and not (kind == "json_schema" and source == ANY_JSON):
+            try:
+                json.loads(source)
+            except ValueError as e:
+                raise bad_request(f"{prefix}{kind} is not valid JSON: {e}", prefix + kind) from None
+
+
+ANY_JSON = "$$ANY$$"  # SGLang's json_schema for "any JSON value"
 
 
 def parse_sampling(raw: dict[str, Any] | None, prefix: str = "sampling_params.") -> wire.SamplingParams:
-    raw = dict(raw or {})
-    if isinstance(raw.get("stop"), str):
-        raw["stop"] = [raw["stop"]]
+    """SGLang's `sampling_params` object as SamplingParams: null means the default, as in SGLang (see
+    `unbounded` for max_new_tokens), `stop` / `stop_regex` may be one string, `sampling_seed` is `seed`."""
+    raw = {k: v for k, v in (raw or {}).items() if v is not None}
+    for name in ("stop", "stop_regex"):
+        if isinstance(raw.get(name), str):
+            raw[name] = [raw[name]]
+    for name, defaults in UNSUPPORTED_SAMPLING.items():
+        if raw.pop(name, None) not in defaults:
+            raise bad_request(f"{prefix}{name} is not supported by this server (leave it out)", prefix + name)
+    if "sampling_seed" in raw:
+        seed = raw.pop("sampling_seed")
+        if raw.setdefault("seed", seed) != seed:
+            raise bad_request("give one of seed and sampling_seed", prefix + "sampling_seed")
     try:
         sp = msgspec.convert(raw, wire.SamplingParams)
     except msgspec.ValidationError as e:
@@ -57,3 +103,8 @@ def expand(rid: str, sp: wire.SamplingParams, prompt: dict[str, Any], **fields: 
         return [wire.GenerateText(rid=rid, sampling=sp, **prompt, **fields)]
     return [wire.GenerateText(rid=f"{rid}-{k}", **prompt, **fields, sampling=msgspec.structs.replace(
         sp, n=1, seed=None if sp.seed is None else (sp.seed + k) % 2**63)) for k in range(sp.n)]
+
+
+def unbounded(raw: dict[str, Any] | None) -> bool:
+    """`max_new_tokens: null`: SGLang's "up to the context length" (GenerateText.fill_context)."""
+    return isinstance(raw, dict) and "max_new_tokens" in raw and raw["max_new_tokens"] is None

@@ -1,0 +1,142 @@
+"""SGLang request fields of features this server does not have (images, LoRA, hidden states, disaggregation...).
+
+They are part of the request Structs, so that what SGLang's clients and router send decodes, and a typo is still
+an unknown field (a 400). Each is accepted at its default (or null) and answered with a 400 naming it otherwise
+(`check_unsupported`). The fields come from SGLang 0.5.5 to 0.5.23 (`GenerateReqInput`, `ChatCompletionRequest`,
+`CompletionRequest`); README's API section lists them with the fields that are implemented.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from radixserve.errors import bad_request
+
+Priority = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # SGLang's range; no priority scheduling here
+Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+ALSO_ACCEPTED = {"data_parallel_rank": 0, "routed_dp_rank": 0}  # the one data-parallel rank there is
+
+
+class _Unsupported(msgspec.Struct, kw_only=True):
+    """Fields of features this server lacks; every field of a subclass named in UNSUPPORTED is checked."""
+
+
+class NativeUnsupported(_Unsupported, kw_only=True):
+    """`/generate` (GenerateReqInput) fields of features this server lacks."""
+
+    # multimodal input
+    input_embeds: Any = None
+    image_data: Any = None
+    video_data: Any = None
+    audio_data: Any = None
+    mm_hashes: Any = None
+    mm_content_hashes: Any = None
+    use_audio_in_video: bool = False
+    video_config: Any = None
+    modalities: Any = None
+    max_dynamic_patch: Any = None
+    min_dynamic_patch: Any = None
+    image_max_dynamic_patch: Any = None
+    video_max_dynamic_patch: Any = None
+    images_config: Any = None
+    mm_processor_kwargs: Any = None
+    need_wait_for_mm_inputs: Any = None
+    num_items_assigned: Any = None
+    encoder_urls: Any = None
+    # LoRA adapters
+    lora_path: Any = None
+    lora_id: Any = None
+    # outputs this server does not compute
+    token_ids_logprob: Any = None
+    return_hidden_states: Any = False
+    return_routed_experts: bool = False
+    routed_experts_start_len: Count = 0
+    return_indexer_topk: bool = False
+    return_entropy: bool = False
+    return_bytes: bool = False
+    return_prompt_token_ids: bool = False
+    return_sampling_mask: Any = None
+    sampling_logprobs_mode: Any = None
+    return_flat_raw_top_logprobs: bool = False
+    return_flat_raw_output_top_logprobs: bool = False
+    return_flat_raw_top_logprobs_b64: bool = False
+    multi_item_delimiter_indices: Any = None
+    token_indices_to_pool: Any = None
+    # sampling extensions
+    custom_logit_processor: Any = None
+    positional_embed_overrides: Any = None
+    watermark: Any = None
+    require_reasoning: bool = False
+    max_thinking_tokens: Any = None
+    # cache namespaces (a salted prefix would not share the radix cache)
+    extra_key: Any = None
+    cache_salt: Any = None
+    # disaggregated prefill/decode, data parallelism, external KV stores
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    bootstrap_pair_key: Any = None
+    decode_tp_size: Any = None
+    disagg_prefill_dp_rank: Any = None
+    kv_router_hint: Any = None
+    kv_hints: Any = None
+    data_parallel_rank: Count | None = None
+    routed_dp_rank: Count | None = None
+    # the OpenAI Responses API
+    background: bool = False
+
+
+class OpenAIUnsupported(_Unsupported, kw_only=True):
+    """Extras of SGLang's `/v1/chat/completions` and `/v1/completions` for features this server lacks (both
+    routes know all of them: the chat-only and completion-only ones are accepted at their default on the other)."""
+
+    return_hidden_states: bool = False
+    return_routed_experts: bool = False
+    routed_experts_start_len: Count = 0
+    return_spec_tokens_details: bool = False
+    return_token_ids: bool = False
+    return_prompt_token_ids: bool = False
+    return_meta_info: bool = False
+    return_input_ids_in_sglext: bool = False
+    return_output_ids_in_sglext: bool = False
+    return_sampling_mask: bool = False
+    sampling_logprobs_mode: Any = None
+    return_flat_raw_output_top_logprobs: bool = False
+    return_flat_raw_top_logprobs_b64: bool = False
+    lora_path: Any = None
+    custom_logit_processor: Any = None
+    watermark: Any = None
+    images_config: Any = None
+    mm_processor_kwargs: Any = None
+    extra_key: Any = None
+    cache_salt: Any = None
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    data_parallel_rank: Count | None = None
+    # chat only
+    thinking: Any = None
+    task: Any = None
+    input_ids: Any = None
+    max_dynamic_patch: Any = None
+    min_dynamic_patch: Any = None
+    use_audio_in_video: bool = False
+    video_config: Any = None
+    # completions only
+    suffix: Any = None
+
+
+UNSUPPORTED = (NativeUnsupported, OpenAIUnsupported)
+
+
+def check_unsupported(req: _Unsupported) -> None:
+    """A 400 naming the first field of a missing feature that is set to something other than its default."""
+    kind = next(cls for cls in UNSUPPORTED if isinstance(req, cls))
+    for f in msgspec.structs.fields(kind):
+        value = getattr(req, f.name)
+        if value is not None and value != f.default and value != ALSO_ACCEPTED.get(f.name, f.default):
+            raise bad_request(f"{f.name} is not supported by this server (leave it out or at its default, "
+                              f"{f.default!r})", f.name)
