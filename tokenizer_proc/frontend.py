@@ -38,10 +38,10 @@ class TokenizerCore:
         """Tokenize `msg`; a client's input never raises here, it is rejected."""
         try:
             continue_chat = msg.session is not None and msg.session.rid is not None
+            chat = ChatOptions(msg.tools, msg.chat_template_kwargs, msg.continue_final_message)
             ids = encode_prompt(self.tokenizer, text=msg.text, input_ids=msg.input_ids, messages=msg.messages,
                                 continue_chat=continue_chat, chat=chat)
             turn_end = turn_end_ids(self.tokenizer) if continue_chat and msg.messages is not None else []
-            chat = ChatOptions(msg.tools, msg.chat_template_kwargs, msg.continue_final_message)
             sampling = self._sampling(msg, len(ids))
             text = request_text(self.tokenizer, ids, sampling)
         except ValueError as e:

@@ -75,8 +75,8 @@ class Gateway:
         self.model_dir = model_dir
         self.model_name = model_name
         self.children = children
-
         self.tool_format = tool_format(chat_template_text(args.tokenizer_path or model_dir))
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.args.max_request_bytes,
                               middlewares=[http_errors.middleware(self.args.max_request_bytes), self._gate])
@@ -194,14 +194,14 @@ class Gateway:
         check_model(body.model, self.model_name)
         reqs = completion_requests(body)
         return await self._generate(request, reqs, body.stream, CompletionFormat(
-            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, parsers))
+            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, completion_echo(body, reqs)))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _parse(request, ChatCompletionRequest)
         check_model(body.model, self.model_name)
         reqs, parsers = chat_requests(body, self.tool_format)
         return await self._generate(request, reqs, body.stream, ChatFormat(
-            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, completion_echo(body, reqs)))
+            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, parsers))
 
     async def _generate(self, request: web.Request, reqs: list[wire.GenerateText], stream: bool,
                         fmt: Format) -> web.StreamResponse:
