@@ -13,6 +13,7 @@ from msgspec import Meta
 
 from radixserve import wire
 from radixserve.errors import bad_request, from_validation
+from radixserve.sampling_params import GRAMMAR_KINDS
 
 INT32_MAX = 2**31 - 1
 MAX_N = 64
@@ -59,9 +60,9 @@ def check_sampling(sp: wire.SamplingParams, prefix: str = "sampling_params.") ->
 
 def _check_grammar(sp: wire.SamplingParams, prefix: str) -> None:
     """At most one constraint, and JSON where JSON is expected (xgrammar checks the rest as it compiles)."""
-    given = [kind for kind in wire.GRAMMAR_KINDS if getattr(sp, kind) is not None]
+    given = [kind for kind in GRAMMAR_KINDS if getattr(sp, kind) is not None]
     if len(given) > 1:
-        raise bad_request(f"give at most one of {', '.join(wire.GRAMMAR_KINDS)}; got {', '.join(given)}",
+        raise bad_request(f"give at most one of {', '.join(GRAMMAR_KINDS)}; got {', '.join(given)}",
                           prefix + given[1])
     for kind in ("json_schema", "structural_tag"):
         source = getattr(sp, kind)
