@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -11,16 +13,50 @@ import zmq
 
 from radixserve import wire
 
+PREFIX = "radixserve-"
+OWNER_FILE = "owner"  # "<pid> <start time>" of the process that created the directory
+
+
+def _start_time(pid: int) -> str | None:
+    """When `pid` started (clock ticks since boot), or None if it does not exist; tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep_stale() -> list[str]:
+    """Remove the ipc directories whose owner is gone (killed with SIGKILL, so it could not clean up).
+
+    A directory without an owner file is left alone: it may be one that is being created right now."""
+    removed = []
+    for root in glob.glob(os.path.join(tempfile.gettempdir(), PREFIX + "*")):
+        try:
+            with open(os.path.join(root, OWNER_FILE)) as f:
+                pid, started = f.read().split()
+        except (OSError, ValueError):
+            continue
+        if _start_time(int(pid)) != started:
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(root)
+    return removed
+
 
 @dataclass(frozen=True)
 class IpcPaths:
-    """`ipc://` endpoints under one private directory per server."""
+    """`ipc://` endpoints under one private directory per server; the directory names its owner process, so
+    the next start removes it if that owner died without cleaning up (`sweep_stale`)."""
 
     root: str
 
     @staticmethod
     def create() -> IpcPaths:
-        return IpcPaths(tempfile.mkdtemp(prefix="radixserve-"))
+        sweep_stale()
+        root = tempfile.mkdtemp(prefix=PREFIX)
+        with open(os.path.join(root, OWNER_FILE), "w") as f:
+            f.write(f"{os.getpid()} {_start_time(os.getpid())}")
+        return IpcPaths(root)
 
     def _addr(self, name: str) -> str:
         return f"ipc://{os.path.join(self.root, name)}"
