@@ -7,6 +7,7 @@ and its Abort go there, so the two never overtake each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -177,9 +178,16 @@ class TokenizerClient:
         except (OverflowError, TypeError, ValueError) as e:
             raise bad_request(f"the request cannot be encoded: {e}") from None
         gen = Generation(reqs, stream)
-        for i, (req, frame) in enumerate(zip(reqs, frames, strict=True)):
-            self._pending[req.rid] = (gen, i)
-            self._route(req.rid).send(frame)
+        try:
+            for i, (req, frame) in enumerate(zip(reqs, frames, strict=True)):
+                self._pending[req.rid] = (gen, i)
+                self._route(req.rid).send(frame)
+        except zmq.ZMQError as e:  # nothing may stay registered: abort what went out, forget the rest
+            with contextlib.suppress(zmq.ZMQError):
+                self.cancel(gen)
+            for req in reqs:
+                self._pending.pop(req.rid, None)
+            raise ApiError(503, f"cannot reach the tokenizer: {e}") from None
         return gen
 
     def cancel(self, gen: Generation) -> None:
@@ -209,9 +217,11 @@ class TokenizerClient:
         call_id = f"{kind.__name__}-{next(self._call_ids)}"
         frame = wire.encoder.encode(kind(call_id=call_id, **fields))
         fut = self._calls[call_id] = asyncio.get_running_loop().create_future()
-        self._outs[0].send(frame)
         try:
+            self._outs[0].send(frame)
             return await asyncio.wait_for(fut, timeout)
+        except zmq.ZMQError as e:
+            raise ApiError(503, f"cannot reach the scheduler: {e}") from None
         except asyncio.TimeoutError:
             raise ApiError(503, f"the scheduler did not answer {kind.__name__} within {timeout:.0f} s") from None
         finally:
