@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 TORCH_CPU := torch==2.13.0
 STAMP := .make/installed
 
-.PHONY: install serve test lint gpu-check clean
+.PHONY: install serve test reliability-long lint gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q "$(TORCH_CPU)"
@@ -19,6 +19,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The reliability suite's long size (docs/reliability.md): ~30 minutes; each test prints a RELIABILITY line.
+reliability-long: $(STAMP)
+	RADIXSERVE_LONG=1 $(PYTHON) -m pytest -q -s -p no:cacheprovider --timeout 3600 tests/test_reliability_*.py
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check radixserve tokenizer_proc scheduler_proc worker_proc tests

@@ -39,7 +39,7 @@ KEY = "sk-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # The limits (8 stuck requests filled them); a short context keeps every generation small.
 FLAGS = ("--max-running-requests", "4", "--max-queued-requests", "4", "--context-length", "256")
-EXAMPLES = size(ci=6, long=80)  # per route and generation mode (2 for the 7 routes with a body): 1,680 long
+EXAMPLES = size(ci=6, long=110)  # per route and mode (2 modes for the 7 routes with a body): > 1,500 long
 REQUEST_TIMEOUT_S = 60.0
 BIG = 2**64  # one past what msgpack can carry
 
