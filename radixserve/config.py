@@ -12,6 +12,7 @@ SchedulePolicy = Literal["lpm", "fcfs"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
+RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 
 
 @dataclass
@@ -26,7 +27,17 @@ class ServerArgs:
     load_format: LoadFormat = "auto"
     dtype: Dtype = "auto"
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
-    tp_size: int = 1
+    tp_size: int = field(default=1, metadata={"help": "tensor-parallel ranks over all nodes"})
+    nnodes: int = field(default=1, metadata={"help": "nodes that share the --tp-size ranks (docs/deploy.md)"})
+    node_rank: int = field(default=0, metadata={"help": "this node's index; node 0 serves HTTP, the others run workers only"})
+    dist_init_addr: str | None = field(default=None, metadata={
+        "help": "HOST:PORT of node 0 where the nodes meet (with --nnodes > 1): PORT torch.distributed, PORT+1 the "
+                "nodes' heartbeat link, PORT+2+r rank r's step batches"})
+    base_gpu_id: int = field(default=0, metadata={"help": "first CUDA device of this server's ranks on a node"})
+    dp_size: int = field(default=1, metadata={"help": "data-parallel replicas behind SGLang's router on --port"})
+    router_policy: RouterPolicy = field(default="cache_aware", metadata={"help": "the router's policy (with --dp-size > 1)"})
+    router_dp_worker_base_port: int | None = field(default=None, metadata={
+        "help": "replica i listens on this port + i (default: free ports), on 127.0.0.1"})
     host: str = "127.0.0.1"
     port: int = 30000
     mem_fraction_static: float = field(default=0.85, metadata={"help": "fraction of device memory for weights + KV cache"})
@@ -60,6 +71,13 @@ class ServerArgs:
     def __post_init__(self) -> None:
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes or self.tp_size % self.nnodes:
+            raise ValueError("nnodes must be >= 1 and divide tp_size, and 0 <= node_rank < nnodes")
+        if self.nnodes > 1 and not _is_host_port(self.dist_init_addr):
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+        if self.dp_size < 1 or (self.dp_size > 1 and self.nnodes > 1):
+            raise ValueError("dp_size must be >= 1, and --dp-size > 1 runs on one node (README: the router over "
+                             "several multi-node servers)")
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ValueError("mem_fraction_static must be in (0, 1]")
         if self.chunked_prefill_size < 1 or self.max_running_requests < 1:
@@ -102,3 +120,8 @@ def _annotation(type_str: Any) -> Any:
     if args and len(args) == 1 and get_origin(resolved) is not Literal:
         return args[0]
     return resolved
+
+
+def _is_host_port(addr: str | None) -> bool:
+    host, _, port = (addr or "").rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65535 - 64

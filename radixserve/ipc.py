@@ -1,4 +1,5 @@
-"""ZeroMQ addresses and socket helpers. The receiving side of every PUSH/PULL pair binds."""
+"""ZeroMQ addresses and socket helpers. The receiving side of every PUSH/PULL pair binds (one exception, a remote
+rank's inbox: radixserve/nodes.py)."""
 
 from __future__ import annotations
 
@@ -91,9 +92,12 @@ class IpcPaths:
 class Receiver:
     """A bound PULL socket decoding one channel's tagged union."""
 
-    def __init__(self, ctx: zmq.Context, addr: str, channel: object) -> None:
+    def __init__(self, ctx: zmq.Context, addr: str, channel: object, bind: bool = True) -> None:
         self.sock = ctx.socket(zmq.PULL)
-        self.sock.bind(addr)
+        if bind:
+            self.sock.bind(addr)
+        else:  # a remote rank's inbox (nodes.py)
+            self.sock.connect(addr)
         self._decoder = wire.decoder(channel)
 
     def recv(self, timeout_ms: int | None = None) -> msgspec.Struct | None:
@@ -112,10 +116,13 @@ class Receiver:
 class Sender:
     """A connected PUSH socket."""
 
-    def __init__(self, ctx: zmq.Context, addr: str) -> None:
+    def __init__(self, ctx: zmq.Context, addr: str, bind: bool = False) -> None:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(addr)
+        if bind:  # to a remote rank (nodes.py)
+            self.sock.bind(addr)
+        else:
+            self.sock.connect(addr)
 
     def send(self, msg: msgspec.Struct) -> None:
         self.sock.send(wire.encoder.encode(msg), copy=False)

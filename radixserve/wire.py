@@ -7,6 +7,7 @@ Channels (each a tagged union, decoded by one Decoder per socket):
   scheduler -> tokenizer : SchedulerOut (TokenBatch, Rejected, ControlReply, Ready)
   scheduler -> workers   : WorkerIn     (StepBatch, Shutdown)
   worker 0  -> scheduler : WorkerOut    (WorkerReady, StepResult, WorkerError)
+  launcher <-> launcher : NodeLink     (NodeHello, NodeHeartbeat, NodeStop), over TCP between nodes
 
 Output flows as deltas end to end: a ReqOut carries a step's new ids, a TextDelta the new text; only a
 front end that must answer with the whole output (a non-streamed response) accumulates it.
@@ -349,12 +350,31 @@ class WorkerError(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
+class NodeHello(msgspec.Struct, tag=True):
+    """A remote node's launcher, first on the link to node 0's (launch/multinode.py); node 0 checks the flags."""
+
+    node_rank: int
+    nnodes: int
+    tp_size: int
+
+
+class NodeHeartbeat(msgspec.Struct, tag=True):
+    """Both ways, every HEARTBEAT_S: a link silent for longer than its timeout counts as a dead node."""
+
+
+class NodeStop(msgspec.Struct, tag=True):
+    """Node 0 stops: the remote node stops its workers and exits 1 if `error` is set, else 0."""
+
+    error: str | None = None
+
+
 TokenizerIn = Union[GenerateText, Abort, ControlCall, ShutdownServer]
 TokenizerOut = Union[TextBatch, Rejected, ControlReply, Ready]
 SchedulerIn = Union[GenerateTokens, Abort, ControlCall, ShutdownServer]
 SchedulerOut = Union[TokenBatch, Rejected, ControlReply, Ready]
 WorkerIn = Union[StepBatch, Shutdown]
 WorkerOut = Union[WorkerReady, StepResult, WorkerError]
+NodeLink = Union[NodeHello, NodeHeartbeat, NodeStop]
 
 encoder = msgspec.msgpack.Encoder()
 

@@ -13,6 +13,7 @@ import zmq
 from radixserve import wire
 from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.nodes import NodeLayout
 from radixserve.procutil import child_init
 from scheduler_proc.control import handle_control
 from scheduler_proc.scheduler import RequestError, Routed, Scheduler
@@ -26,7 +27,8 @@ class SchedulerProcess:
         ctx = zmq.Context()
         self.inbox = Receiver(ctx, ipc.scheduler_in, wire.SchedulerIn)
         self.worker_out = Receiver(ctx, ipc.worker_out, wire.WorkerOut)
-        self.workers = [Sender(ctx, ipc.worker_in(r)) for r in range(args.tp_size)]
+        nodes = NodeLayout.of(args)
+        self.workers = [nodes.step_sender(ctx, ipc, r) for r in range(args.tp_size)]
         self.replies = [Sender(ctx, ipc.scheduler_out(i)) for i in range(num_replies)]
         self.runtime = self._wait_worker_ready()
         rt = self.runtime

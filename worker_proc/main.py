@@ -15,7 +15,8 @@ import zmq
 
 from radixserve import wire
 from radixserve.config import ServerArgs
-from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.ipc import IpcPaths, Sender
+from radixserve.nodes import NodeLayout
 from radixserve.procutil import child_init
 from worker_proc import parallel
 from worker_proc.step_io import PendingStep
@@ -68,7 +69,8 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
     child_init(f"worker-{rank}", parent_pid, args.log_level)
     ipc = IpcPaths(ipc_root)
     ctx = zmq.Context()
-    inbox = Receiver(ctx, ipc.worker_in(rank), wire.WorkerIn)
+    nodes = NodeLayout.of(args)
+    inbox = nodes.step_receiver(ctx, ipc, rank)
     out = Sender(ctx, ipc.worker_out) if rank == 0 else None
     sender: ResultSender | None = None
     try:
@@ -76,10 +78,10 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
 
         device = resolve_device(args, rank)
         if device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // nodes.ranks_per_node))
         else:
             torch.cuda.set_device(device)
-        parallel.init_tp(rank, args.tp_size, ipc.tp_init_method, "nccl" if device.type == "cuda" else "gloo")
+        parallel.init_tp(rank, args.tp_size, nodes.tp_init_method(ipc), "nccl" if device.type == "cuda" else "gloo")
         runner = ModelRunner(args, rank, model_dir)
         if out is not None:
             gpu_used = gpu_free = 0

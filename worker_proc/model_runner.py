@@ -31,7 +31,8 @@ def resolve_device(args: ServerArgs, rank: int) -> torch.device:
     kind = args.device
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(f"cuda:{rank}") if kind == "cuda" else torch.device("cpu")
+    gpu = args.base_gpu_id + rank % (args.tp_size // args.nnodes)  # this node's ranks, from --base-gpu-id
+    return torch.device(f"cuda:{gpu}") if kind == "cuda" else torch.device("cpu")
 
 
 @dataclass

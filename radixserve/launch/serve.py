@@ -27,8 +27,9 @@ from radixserve.gateway.app import Gateway
 from radixserve.gateway.http_errors import ApiAppRunner
 from radixserve.gateway.tokenizer_client import TokenizerClient
 from radixserve.ipc import IpcPaths
+from radixserve.launch.multinode import HeadLinks
 from radixserve.launch.supervisor import ChildDied, ProcessGroup, start_backend
-from radixserve.procutil import setup_logging
+from radixserve.procutil import die_with_parent, setup_logging
 
 log = logging.getLogger("radixserve")
 
@@ -61,7 +62,21 @@ def serve(args: ServerArgs) -> int:
     except (OSError, RuntimeError, ValueError) as e:
         log.error("cannot load the model: %s", e)
         return 1
+    if args.dp_size > 1:
+        from radixserve.launch.dp import serve_dp
+
+        return serve_dp(args, run_replica)
+    if args.node_rank > 0:
+        from radixserve.launch.multinode import serve_node
+
+        return serve_node(args, model_dir)
     return uvloop.run(_Server(args, model_dir).run())
+
+
+def run_replica(args_json: bytes, parent_pid: int) -> None:
+    """One data-parallel replica (launch/dp.py): a whole server of its own, that dies with the launcher."""
+    die_with_parent(parent_pid)
+    sys.exit(serve(msgspec.json.decode(args_json, type=ServerArgs)))
 
 
 class _Server:
@@ -72,6 +87,7 @@ class _Server:
         self.group = ProcessGroup()
         self.stop = asyncio.Event()
         self.exit_code = 0
+        self.links = HeadLinks(args, self._fatal)  # the other nodes' launchers, with --nnodes > 1
 
     def _fatal(self, message: str) -> None:
         if not self.stop.is_set():
@@ -88,8 +104,9 @@ class _Server:
         await runner.setup()
         try:
             await web.TCPSite(runner, args.host, args.port, shutdown_timeout=HTTP_DRAIN_S).start()
+            self.links.start()
         except OSError as e:
-            log.error("cannot listen on %s:%d: %s", args.host, args.port, e)
+            log.error("cannot listen: %s", e)
             await runner.cleanup()
             client.close()
             shutil.rmtree(ipc.root, ignore_errors=True)
@@ -105,6 +122,7 @@ class _Server:
             await self.stop.wait()
         finally:
             log.info("stopping the server")
+            self.links.stop(None if self.exit_code == 0 else "node 0 failed (its log says why)")
             sdnotify.stopping()
             client.fail_all(ApiError(503, "the server is shutting down"))
             await runner.cleanup()

@@ -11,6 +11,7 @@ import msgspec
 
 from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths
+from radixserve.nodes import NodeLayout
 from radixserve.procutil import spawn
 
 log = logging.getLogger("radixserve")
@@ -50,15 +51,20 @@ class ProcessGroup:
 
 
 def start_backend(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_dir: str, num_replies: int) -> None:
-    """Spawn the scheduler and one worker per TP rank."""
+    """Spawn the scheduler and one worker per TP rank of this node (all of them on one node)."""
     from scheduler_proc.main import run_scheduler
+
+    group.add(run_scheduler, "scheduler", msgspec.json.encode(args), ipc.root, num_replies, os.getpid())
+    start_workers(group, args, ipc, model_dir)
+
+
+def start_workers(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_dir: str) -> None:
+    """Spawn this node's TP workers (`--node-rank`'s share of `--tp-size`)."""
     from worker_proc.main import run_worker
 
     args_json = msgspec.json.encode(args)
-    me = os.getpid()
     # CPU workers share the cores with the scheduler and tokenizers: OpenMP threads that spin while
     # waiting starve them (a loaded 2-core box ran decode 5x slower). Read by libgomp at import.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    group.add(run_scheduler, "scheduler", args_json, ipc.root, num_replies, me)
-    for rank in range(args.tp_size):
-        group.add(run_worker, f"worker-{rank}", args_json, ipc.root, rank, model_dir, me)
+    for rank in NodeLayout.of(args).local_ranks:
+        group.add(run_worker, f"worker-{rank}", args_json, ipc.root, rank, model_dir, os.getpid())

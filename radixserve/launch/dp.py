@@ -1,0 +1,154 @@
+"""`radixserve serve --dp-size N`: N data-parallel replicas behind SGLang's own router (PyPI `sglang-router`).
+
+Replica i is a whole radixserve server (its own gateway, tokenizers, scheduler and --tp-size workers on GPUs
+[base + i*tp, base + (i+1)*tp)) on 127.0.0.1 at --router-dp-worker-base-port + i (default: free ports); once
+all of them answer /health the router starts on --host/--port with --router-policy (cache_aware by default,
+as SGLang's router). Replicas and router are children of this launcher, supervised as any other: one that
+exits stops all of them with exit code 1. SIGTERM drains: each replica gets SIGTERM (its own drain, up to
+--shutdown-timeout) while the router keeps passing their answers, then the router stops; SIGINT stops the
+replicas at once. The manual form (several `radixserve serve` and `python -m sglang_router.launch_router`,
+on one machine or many) is in README.md.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from radixserve import sdnotify
+from radixserve.config import ServerArgs
+from radixserve.launch.supervisor import ChildDied, ProcessGroup
+from radixserve.procutil import die_with_parent
+
+log = logging.getLogger("radixserve.dp")
+
+REPLICA_HOST = "127.0.0.1"
+POLL_S = 0.2
+STOP_NOW_S = 8.0  # SIGINT: a replica stops within STOP_GRACE_S + STOP_KILL_S (serve.py)
+DRAIN_EXTRA_S = 15.0  # SIGTERM: past --shutdown-timeout, for the aborted requests' last outputs and the stop
+ROUTER_LOG_LEVEL = {"debug": "debug", "info": "warn", "warning": "warn", "error": "error"}  # its info is per step
+ReplicaTarget = Callable[[bytes, int], None]
+
+
+def serve_dp(args: ServerArgs, replica_target: ReplicaTarget) -> int:
+    """Run the replicas (each `replica_target(args_json, parent_pid)`, serve.py's) and the router until a
+    signal (exit 0) or until any of them exits (exit 1)."""
+    return _DataParallel(args, replica_target).run()
+
+
+def replica_ports(args: ServerArgs) -> list[int]:
+    if args.router_dp_worker_base_port is not None:
+        return [args.router_dp_worker_base_port + i for i in range(args.dp_size)]
+    return _free_ports(args.dp_size)
+
+
+def router_argv(args: ServerArgs, ports: list[int], prometheus_port: int) -> list[str]:
+    """`python -m sglang_router.launch_router` flags for this server's replicas."""
+    argv = ["--host", args.host, "--port", str(args.port), "--policy", args.router_policy,
+            "--worker-urls", *[f"http://{REPLICA_HOST}:{p}" for p in ports],
+            "--prometheus-host", REPLICA_HOST, "--prometheus-port", str(prometheus_port),
+            "--log-level", ROUTER_LOG_LEVEL.get(args.log_level.lower(), "warn"), "--shutdown-grace-period-secs", "1"]
+    return argv + (["--api-key", args.api_key] if args.api_key else [])
+
+
+def run_router(argv: list[str], parent_pid: int) -> None:
+    """The router's process (a child of the launcher, so the argv, with any API key, is not on a command line)."""
+    die_with_parent(parent_pid)
+    from sglang_router.launch_router import launch_router, parse_router_args
+
+    launch_router(parse_router_args(argv))
+
+
+class _DataParallel:
+    def __init__(self, args: ServerArgs, replica_target: ReplicaTarget) -> None:
+        self.args = args
+        self.replica_target = replica_target
+        self.group = ProcessGroup()
+        self.replicas: list = []
+        self.signal: int | None = None
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signal = signum
+
+    def run(self) -> int:
+        try:
+            import sglang_router  # noqa: F401
+        except ImportError:
+            log.error("--dp-size needs SGLang's router: pip install 'radixserve[router]' (sglang-router)")
+            return 1
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        args, ports = self.args, replica_ports(self.args)
+        try:
+            for i, port in enumerate(ports):
+                replica = args.replace(host=REPLICA_HOST, port=port, dp_size=1,
+                                       base_gpu_id=args.base_gpu_id + i * args.tp_size)
+                self.group.add(self.replica_target, f"replica-{i}", msgspec.json.encode(replica), os.getpid())
+            self.replicas = list(self.group.procs)
+            log.info("replicas on ports %s; the router starts once they are up", ports)
+            if not self._until(lambda: all(_get(REPLICA_HOST, p, "/health") == 200 for p in ports)):
+                return self._stop()
+            self.group.add(run_router, "router", router_argv(args, ports, _free_ports(1)[0]), os.getpid())
+            if not self._until(lambda: _get(REPLICA_HOST if args.host in ("0.0.0.0", "::") else args.host,
+                                            args.port, "/readiness") == 200):
+                return self._stop()
+            url = f"http://{args.host}:{args.port}"
+            print(f"radixserve is ready: {url} ({args.dp_size} replicas behind SGLang's router, policy "
+                  f"{args.router_policy}; OpenAI API at {url}/v1)", flush=True)
+            sdnotify.ready(f"serving {args.dp_size} replicas at {url}")
+            self._until(lambda: False)
+            return self._stop()
+        except ChildDied as e:
+            log.error("%s: stopping the server", e)
+            return self._stop(failed=True)
+
+    def _until(self, done: Callable[[], bool]) -> bool:
+        """Poll `done` until true (True) or until a signal (False); ChildDied if a child exits meanwhile."""
+        while self.signal is None:
+            self.group.check()
+            if done():
+                return True
+            time.sleep(POLL_S)
+        return False
+
+    def _stop(self, failed: bool = False) -> int:
+        sdnotify.stopping()
+        drain = self.signal == signal.SIGTERM and not failed
+        for p in self.replicas:  # their own stop: SIGTERM drains, SIGINT stops now
+            if p.exitcode is None:
+                os.kill(p.pid, signal.SIGTERM if drain else signal.SIGINT)
+        deadline = time.monotonic() + (self.args.shutdown_timeout + DRAIN_EXTRA_S if drain else STOP_NOW_S)
+        while time.monotonic() < deadline and any(p.exitcode is None for p in self.replicas):
+            time.sleep(0.05)
+        self.group.stop(timeout=2.0)  # the router, and any replica still there
+        return 1 if failed else 0
+
+
+def _get(host: str, port: int, path: str) -> int | None:
+    """Status of GET http://host:port/path, or None if nothing answers."""
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((REPLICA_HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -1,0 +1,97 @@
+"""`radixserve serve --dp-size 2`: two replicas behind SGLang's router (sglang-router), as real processes.
+
+Through the router: /generate and /v1/chat/completions answer, cache-aware routing keeps a shared prefix's cache
+hits, both replicas serve; the router is supervised like any other child (it dies: the server exits 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from server_fixture import MODEL, RadixServer, alive, http_request
+
+pytest.importorskip("sglang_router")
+
+PREFIXES = [("You are a meticulous assistant for a shipping company. " * 12).strip(),
+            ("Summarise the following maintenance log of a wind farm in two lines. " * 10).strip()]
+DEATH_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = RadixServer("--dp-size", "2", "--router-policy", "cache_aware")
+    yield srv
+    srv.kill()
+
+
+def replica_ports(server: RadixServer) -> list[int]:
+    workers = server.get("/workers").json()["workers"]
+    return sorted(int(w["url"].rsplit(":", 1)[1]) for w in workers)
+
+
+def test_generate_and_chat_through_the_router(server):
+    assert len(replica_ports(server)) == 2
+    params = {"max_new_tokens": 8, "temperature": 0}
+    first = server.post("/generate", {"text": "The capital of France is", "sampling_params": params})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert len(body["output_ids"]) == 8 and body["text"]
+    again = server.post("/generate", {"text": "The capital of France is", "sampling_params": params}).json()
+    assert again["output_ids"] == body["output_ids"]
+    chat = server.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 8, "temperature": 0,
+                                                "messages": [{"role": "user", "content": "Name a colour."}]})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] and chat.json()["model"] == MODEL
+    stream = server.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 4, "stream": True,
+                                                  "messages": [{"role": "user", "content": "Hi"}]})
+    assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]")
+
+
+def test_shared_prefixes_keep_their_cache_hits(server):
+    """Repeats of a long prefix reach the replica that holds it (cache_aware): every repeat is served mostly
+    from the radix cache."""
+    for prefix in PREFIXES:
+        cached = []
+        for i in range(3):
+            resp = server.post("/v1/completions", {"model": MODEL, "prompt": f"{prefix} Question {i}:",
+                                                   "max_tokens": 2, "temperature": 0})
+            assert resp.status_code == 200, resp.text
+            usage = resp.json()["usage"]
+            cached.append((usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]))
+        assert all(hit > 0.8 * total for hit, total in cached[1:]), cached
+
+
+def test_router_death_stops_the_server(server):
+    router = [p for p in server.child_pids if alive(p) and b"sglang::router" in _cmdline(p)]
+    assert len(router) == 1, [_cmdline(p) for p in server.child_pids]
+    started = time.monotonic()
+    os.kill(router[0], signal.SIGKILL)
+    code = server.wait_exit(DEATH_S)
+    assert code == 1, f"exit {code} after {time.monotonic() - started:.1f} s\n{server.log()}"
+    assert "router" in server.log()
+    assert server.leftovers(3.0) == []
+
+
+def test_round_robin_uses_both_replicas_and_sigterm_stops_all():
+    srv = RadixServer("--dp-size", "2", "--router-policy", "round_robin", "--shutdown-timeout", "1")
+    try:
+        for _ in range(2):
+            assert srv.post("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+        served = [json.loads(http_request(p, "GET", "/get_server_info").content)["scheduler"]["finished_requests"]
+                  for p in replica_ports(srv)]
+        assert all(n >= 1 for n in served), served
+        code, left = srv.stop()
+        assert (code, left) == (0, []), srv.log()
+    finally:
+        srv.kill()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
