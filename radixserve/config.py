@@ -12,6 +12,7 @@ SchedulePolicy = Literal["lpm", "fcfs"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
+GrammarBackend = Literal["xgrammar", "none"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 
 
@@ -57,6 +58,12 @@ class ServerArgs:
         "help": "build each step only after the previous one's tokens are back (no overlap of scheduling and compute)"})
     disable_cascade_attention: bool = field(default=False, metadata={
         "help": "decode without a separate attention pass over prefixes that requests share (FlashInfer)"})
+    grammar_backend: GrammarBackend = field(default="xgrammar", metadata={
+        "help": "structured output (json_schema, regex, ebnf, response_format, enforced tool calls); none: a 400"})
+    constrained_json_disable_any_whitespace: bool = field(default=False, metadata={
+        "help": "JSON schemas allow no whitespace between tokens (compact JSON; small models may else run on)"})
+    constrained_json_max_whitespace_cnt: int | None = field(default=None, metadata={
+        "help": "JSON schemas allow at most this many whitespace characters in a row"})
     random_seed: int = 0
     api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: $RADIXSERVE_API_KEY)"})
     log_level: str = "info"

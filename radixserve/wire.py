@@ -301,6 +301,10 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True):
     stop_ids: bytes = b""
     logprob: LogprobRequest | None = None
     prompt_ids: bytes | None = None
+    penalties: Penalties | None = None  # None: the request uses none (and costs nothing for them)
+    grammar: Grammar | None = None
+    output_ids: bytes = b""  # int32: what a re-admitted (retracted) request had already output, with penalties
+    # or a grammar (their state is rebuilt from it)
 
 
 class StepBatch(msgspec.Struct, tag=True, array_like=True):
@@ -308,7 +312,10 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
 
     Request i computes tokens input_ids[off_i : off_i + extend_lens[i]] at positions
     cached_lens[i] .. cached_lens[i] + extend_lens[i] - 1, whose K/V go to out_slots (same
-    offsets). `sample_offsets[i]` is the output-token index of the token it samples (seeding).
+    offsets). `sample_offsets[i]` is the output-token index of the token it samples (seeding), or -1 when
+    the step's sample of request i is thrown away (a chunk of a longer prompt, or max_new_tokens 0): per-request
+    state that follows the output (penalty counts, grammar matchers) advances only on rows >= 0.
+    A step with no requests only carries `grammars` (and is answered when a compile finishes).
     `prefix_groups` (decode only, may be empty): int32 (size, shared_len) pairs covering the batch in order,
     each group's requests sharing the KV of their first shared_len tokens (scheduler_proc/prefix_groups.py).
     """
@@ -323,6 +330,7 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     sample_offsets: bytes
     new_reqs: list[NewReq]
     prefix_groups: bytes = b""
+    grammars: list[CompileGrammar] = []  # compile these (off the step path): requests wait for them
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
@@ -343,6 +351,7 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     input_logprobs: dict[int, list[float | None]] = {}
     input_top_logprobs: dict[int, list[list[tuple[int, float]] | None]] = {}
     forward_ms: float = 0.0
+    grammars_done: list[GrammarDone] = []  # compiles that finished since the previous result
 
 
 class WorkerError(msgspec.Struct, tag=True, array_like=True):

@@ -80,6 +80,9 @@ class SchedulerProcess:
 
     def _process_oldest(self) -> None:
         self._send_outs(self.sched.process_result(self._wait_result()))
+        for dest, rejection in self.sched.rejected:  # held for a grammar that does not compile
+            self.replies[dest].send(rejection)
+        self.sched.rejected = []
 
     def _wait_result(self) -> wire.StepResult:
         deadline = time.monotonic() + self.args.watchdog_timeout

@@ -165,4 +165,8 @@ class PrefillPlanner:
                       top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, seed=req.seed,
                       min_new_tokens=sp.min_new_tokens, stop_ids=i32(sorted(req.stop_ids)),
                       logprob=req.logprob,
-                      prompt_ids=req.prompt_ids.tobytes() if wants_lp else None), n
+                      prompt_ids=req.prompt_ids.tobytes() if wants_lp else None,
+                      penalties=req.penalties, grammar=req.grammar,
+                      # Per-request state that follows the output (penalty counts, the grammar matcher) is rebuilt
+                      # from it at a re-admission (retraction); no output id is PENDING here (order_waiting).
+                      output_ids=i32(req.output_ids) if req.output_ids and (req.penalties or req.grammar) else b""), n

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from radixserve.wire import FinishReason, LogprobRequest, SamplingParams
+from radixserve.wire import FinishReason, Grammar, LogprobRequest, Penalties, SamplingParams
 from scheduler_proc.radix_cache import TreeNode
 
 PENDING = -1  # an output token sampled by a step in flight (the StepBatch input id that stands for it)
@@ -55,6 +55,8 @@ class Req:
     input_top_logprobs: list = field(default_factory=list)
     seed: int = 0
     session_id: str | None = None
+    grammar: Grammar | None = None  # structured output (grammar_gate.py holds it until compiled)
+    penalties: Penalties | None = None  # for the workers, once per admission (NewReq)
     pending: int = 0  # trailing PENDING entries of output_ids
 
     @property

@@ -19,7 +19,10 @@ from radixserve.config import ServerArgs
 from radixserve.wire import (
     FinishReason,
     GenerateTokens,
+    Penalties,
+    Rejected,
     ReqOut,
+    SamplingParams,
     SchedulerStats,
     StepBatch,
     StepResult,
@@ -28,6 +31,7 @@ from radixserve.wire import (
 from scheduler_proc.block_table import BlockTable
 from scheduler_proc.counters import Counters
 from scheduler_proc.decode import DecodePlanner
+from scheduler_proc.grammar_gate import GrammarGate
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.outputs import add_input_logprobs, check_finish, make_out
 from scheduler_proc.prefill import Entries, PrefillPlanner
@@ -99,6 +103,8 @@ class Scheduler:
         self.step_id = 0
         self.inflight: deque[InFlight] = deque()  # steps sent, oldest first (two with overlap scheduling)
         self.pending_outs: list[Routed] = []  # produced outside a step (a request that can never fit)
+        self.grammars = GrammarGate()  # requests waiting for their grammar to compile
+        self.rejected: list[tuple[int, Rejected]] = []  # (reply_to, rejection) of held requests, to send
         self._flushes = 0
         self._invariants = "unchecked"  # the last maybe_check_invariants() result
         self._invariants_epoch: tuple[int, ...] | None = None  # the state it was checked in
@@ -110,12 +116,18 @@ class Scheduler:
         if msg.rid in self.reqs:
             raise RequestError(f"request id {msg.rid!r} is already in use")
         sp = msg.sampling
-        if len(self.waiting) >= self.args.max_queued_requests:
+        if len(self.waiting) + len(self.grammars) >= self.args.max_queued_requests:
             raise RequestError(f"the waiting queue is full ({self.args.max_queued_requests} requests)", status=503)
         if not msg.input_ids:
             raise RequestError("the prompt is empty")
         prompt = token_array(msg.input_ids, self.vocab_size)
         token_array(sp.stop_token_ids, self.vocab_size)
+        grammar, penalties = sp.grammar(), self._penalties(sp)
+        if grammar is not None and self.args.grammar_backend == "none":
+            raise RequestError(f"{grammar.kind} needs structured output, which this server runs without "
+                               "(--grammar-backend none)")
+        if grammar is not None and self.grammars.error(grammar) is not None:
+            raise RequestError(self.grammars.error(grammar))
         if msg.session is not None:
             try:
                 prompt = self.sessions.start_turn(msg.rid, msg.session, prompt, msg.turn_end_ids)
@@ -127,14 +139,25 @@ class Scheduler:
             self.sessions.end_turn(msg.rid, None, None)
             raise
         stop_ids = set(sp.stop_token_ids)
-        if not sp.ignore_eos:
+        if not sp.ignore_eos or grammar is not None:  # a grammar's end is an EOS (ignore_eos does not apply)
             stop_ids.update(msg.eos_token_ids)
         req = Req(rid=msg.rid, prompt_ids=prompt, sampling=sp, reply_to=msg.reply_to, stop_ids=frozenset(stop_ids),
                   arrival=self.arrivals, logprob=msg.logprob, seed=sp.seed if sp.seed is not None else -1,
-                  session_id=msg.session.id if msg.session else None)
+                  session_id=msg.session.id if msg.session else None,
+                  grammar=grammar, penalties=penalties)
         self.arrivals += 1
         self.reqs[req.rid] = req
-        self.waiting.push_back(req)
+        if not self.grammars.hold(req):
+            self.waiting.push_back(req)
+
+    def _penalties(self, sp: SamplingParams) -> Penalties | None:
+        """The request's penalties and logit bias for the workers (None without any); bias ids range-checked."""
+        if not sp.penalized:
+            return None
+        ids = token_array([int(k) for k in sp.logit_bias], self.vocab_size)
+        values = np.array(list(sp.logit_bias.values()), dtype=np.float32)
+        return Penalties(sp.frequency_penalty, sp.presence_penalty, sp.repetition_penalty, ids.tobytes(),
+                         values.tobytes())
 
     def _check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
         if n_prompt + max_new_tokens > self.context_length:
@@ -150,7 +173,9 @@ class Scheduler:
         if req is None:
             return None
         req.drop_pending()  # a step in flight may still sample for it: that token is never reported
-        if req.stage == Stage.WAITING:
+        if self.grammars.drop(req):
+            pass
+        elif req.stage == Stage.WAITING:
             self.waiting.remove(req)
         else:
             if finish is not None and finish.length is not None:
@@ -170,7 +195,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.grammars.busy)
 
     def schedule(self) -> StepBatch | None:
         """Pick the next step: prefill (new or chunked) first, else one decode for all running. The step counts
@@ -190,7 +215,15 @@ class Scheduler:
                 entries, new_reqs = self.prefill.plan()
                 is_decode = False
         if not entries:
-            return None
+            if not self.grammars.busy:
+                return None
+            # Only requests waiting for a grammar: a step of no requests carries new compile jobs, and its answer
+            # comes when a compile is done (or after a short wait), so this loop does not spin.
+            self.step_id += 1
+            self.inflight.append(InFlight(self.step_id, [], []))
+            return StepBatch(step=self.step_id, is_decode=True, req_slots=b"", input_ids=b"", cached_lens=b"",
+                             extend_lens=b"", out_slots=b"", sample_offsets=b"", new_reqs=[],
+                             grammars=self.grammars.take_jobs())
         self.step_id += 1
         reqs = [req for req, _ in entries]
         req_slots = np.array([req.req_slot for req in reqs], dtype=np.int32)
@@ -206,12 +239,13 @@ class Scheduler:
         out_slots = self.table.req_to_token[np.repeat(req_slots, extend), columns]
         groups = self.grouper.groups(self.table.req_to_token, reqs) if is_decode and self.grouper else None
         self.counters.cascade_decode_steps += groups is not None
+        sampled = [self._commit(req, n) for req, n in entries]
         batch = StepBatch(step=self.step_id, is_decode=is_decode, req_slots=req_slots.tobytes(),
                           input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(),
                           extend_lens=extend.tobytes(), out_slots=out_slots.tobytes(),
-                          sample_offsets=i32([len(req.output_ids) for req in reqs]), new_reqs=new_reqs,
-                          prefix_groups=b"" if groups is None else groups.tobytes())
-        self.inflight.append(InFlight(self.step_id, entries, [self._commit(req, n) for req, n in entries]))
+                          sample_offsets=i32([max(k, -1) for k in sampled]), new_reqs=new_reqs,
+                          prefix_groups=b"" if groups is None else groups.tobytes(), grammars=self.grammars.take_jobs())
+        self.inflight.append(InFlight(self.step_id, entries, sampled))
         return batch
 
     def _commit(self, req: Req, n: int) -> int:
@@ -236,6 +270,10 @@ class Scheduler:
         (finished, aborted, stopped by a stop string) is skipped, and its later PENDING tokens are dropped."""
         flight = self.inflight.popleft()
         assert result.step == flight.step, "worker answered a different step"
+        if result.grammars_done:
+            self._grammars_done(result)
+        if not flight.entries:
+            return []
         self.counters.forward_steps += 1
         next_ids = np.frombuffer(result.next_ids, dtype=np.int32).tolist()
         next_lps = np.frombuffer(result.next_logprobs, dtype=np.float32).tolist()
@@ -266,6 +304,18 @@ class Scheduler:
                 self._finish(req)
             outs.append((req.reply_to, out))
         return outs
+
+    def _grammars_done(self, result: StepResult) -> None:
+        """Queue the requests whose grammar compiled; reject those whose grammar is invalid."""
+        ready, rejected = self.grammars.done(result.grammars_done)
+        for req in ready:
+            self.waiting.push_back(req)
+        for req, error in rejected:
+            req.finish = FinishReason(type="abort", message=error)
+            self._end_session_turn(req)
+            req.stage = Stage.FINISHED
+            del self.reqs[req.rid]
+            self.rejected.append((req.reply_to, Rejected(req.rid, 400, error)))
 
     def _finish(self, req: Req) -> None:
         if req.stage == Stage.WAITING:  # retracted while its last step was in flight
@@ -309,7 +359,7 @@ class Scheduler:
         self.running.check_invariants()
         self.waiting.check_invariants()
         self.sessions.check_invariants()
-        queued = [r.rid for r in running] + [r.rid for r in self.waiting]
+        queued = [r.rid for r in running] + [r.rid for r in self.waiting] + [r.rid for r in self.grammars]
         assert len(queued) == len(self.reqs) and set(queued) == self.reqs.keys(), "requests by rid disagree with queues"
 
     def maybe_check_invariants(self) -> str:

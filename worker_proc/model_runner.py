@@ -15,7 +15,9 @@ from radixserve.wire import StepBatch, from_i32
 from worker_proc import parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
+from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache
+from worker_proc.penalties import SlotPenalties
 from worker_proc.sampling import SampleRows, SlotParams, make_sampler, top_logprobs
 from worker_proc.step_io import HostStaging, PendingStep, ResultCopier
 from worker_proc.weights import load_model
@@ -118,6 +120,12 @@ class ModelRunner:
         self._planned: torch.cuda.Event | None = None  # after the last step's attention plan (see launch)
         self.slot_params = SlotParams(args.max_running_requests, self.device)
         self.sampler = make_sampler(self.slot_params, self.device, args.random_seed)
+        # Rank 0 samples, so it alone keeps each slot's penalties and grammar matcher (created for none: free).
+        vocab = self.model.vocab_size
+        self.penalties = SlotPenalties(args.max_running_requests, vocab, self.device) if rank == 0 else None
+        backend = GrammarBackend(args.tokenizer_path or model_dir, vocab, not args.constrained_json_disable_any_whitespace,
+                                 args.constrained_json_max_whitespace_cnt)
+        self.grammars = SlotGrammars(backend, self.device) if rank == 0 and args.grammar_backend != "none" else None
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache)
@@ -218,6 +226,10 @@ class ModelRunner:
         result (its tokens reach the host on a copy stream). Every rank records the sampled tokens in
         `last_sampled`, where the next step's placeholder input ids find them."""
         t0 = time.perf_counter()
+        if self.grammars is not None and b.grammars:
+            self.grammars.backend.start(b.grammars)
+        if not b.req_slots:  # a step of no requests: it only waits for grammars to compile
+            return self._grammars_only(b, t0)
         if self._planned is not None:
             self._planned.synchronize()  # the previous step's plan copy ran: its host buffers may be rewritten
         if b.new_reqs:
@@ -230,11 +242,10 @@ class ModelRunner:
         next_ids = logprobs = None
         if self.rank == 0:
             offsets = from_i32(b.sample_offsets)
-            banned_rows, banned_ids = self.slot_params.banned(a.req_slots, offsets)
-            if len(banned_rows):
-                banned = self.staging.upload(np.concatenate([banned_rows, banned_ids])).long()
-                logits[banned[:len(banned_rows)], banned[len(banned_rows):]] = float("-inf")
+            kept = offsets >= 0  # rows whose sample becomes output (not a prefill chunk's)
+            self._process_logits(logits, a.req_slots, slots, offsets, kept)
             next_ids, logprobs = self.sampler.sample(logits, SampleRows(a.req_slots, slots, offsets))
+            self._follow_output(a.req_slots, slots, next_ids, kept)
         next_ids = parallel.tp_broadcast(next_ids, (len(a.req_slots),), torch.int64, self.device)
         self.last_sampled[slots.long()] = next_ids.to(torch.int32)
         if self.rank != 0:
@@ -243,7 +254,38 @@ class ModelRunner:
         top_k = self.slot_params.top_logprobs_num[a.req_slots]
         tops = {int(i): logprobs[i].topk(int(top_k[i])) for i in np.flatnonzero(top_k)} if logprobs is not None else {}
         ids_host, lps_host, done = self.copier.start(next_ids, chosen)
-        return PendingStep(b.step, t0, ids_host, lps_host, done, tops, input_lps)
+        grammars_done = self.grammars.backend.done() if self.grammars is not None else []
+        return PendingStep(b.step, t0, ids_host, lps_host, done, tops, input_lps, grammars_done)
+
+    def _process_logits(self, logits: torch.Tensor, slots: np.ndarray, d_slots: torch.Tensor, offsets: np.ndarray,
+                        kept: np.ndarray) -> None:
+        """Rank 0, before sampling, in place: penalties and logit bias, min_new_tokens' ban on stop ids (not for
+        grammar rows, whose grammar decides where they end), then each grammar row's token mask."""
+        self.penalties.apply(logits, slots, d_slots)
+        banned_rows, banned_ids = self.slot_params.banned(slots, offsets)
+        if len(banned_rows) and self.grammars is not None:
+            free = ~self.grammars.constrained(slots)[banned_rows]
+            banned_rows, banned_ids = banned_rows[free], banned_ids[free]
+        if len(banned_rows):
+            banned = self.staging.upload(np.concatenate([banned_rows, banned_ids])).long()
+            logits[banned[:len(banned_rows)], banned[len(banned_rows):]] = float("-inf")
+        if self.grammars is not None:
+            self.grammars.mask(logits, slots, kept)
+
+    def _follow_output(self, slots: np.ndarray, d_slots: torch.Tensor, next_ids: torch.Tensor,
+                       kept: np.ndarray) -> None:
+        """Rank 0, after sampling: the kept tokens join their slots' penalty counts and grammar matchers."""
+        self.penalties.record(slots, d_slots, next_ids, kept)
+        if self.grammars is not None:
+            self.grammars.record(slots, next_ids, kept)
+
+    def _grammars_only(self, b: StepBatch, t0: float) -> PendingStep | None:
+        """Answer a step of no requests once a compile is done (or after a short wait); other ranks do nothing."""
+        if self.rank != 0:
+            return None
+        done = self.grammars.backend.done(wait=True) if self.grammars is not None else []
+        empty = torch.zeros(0, dtype=torch.int32)
+        return PendingStep(b.step, t0, empty, None, None, grammars_done=done)
 
     def _admit(self, b: StepBatch) -> None:
         """Requests entering their req slots: cached-prefix rows of the block table in one upload, and their
@@ -257,6 +299,10 @@ class ModelRunner:
             self.req_to_token[r, c] = v.to(torch.int32)
         for nr in b.new_reqs:
             self.slot_params.set(nr)
+            if self.penalties is not None:
+                self.penalties.set(nr.req_slot, nr.penalties, nr.output_ids)
+            if self.grammars is not None:
+                self.grammars.set(nr.req_slot, nr.grammar, from_i32(nr.stop_ids), nr.output_ids)
 
     def _input_logprobs(self, hidden: torch.Tensor, a: StepArrays) -> dict[int, tuple[list, list | None]]:
         """Logprobs of prompt tokens computed in this step, for requests that asked for them.

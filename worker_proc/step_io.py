@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from radixserve.wire import StepResult
+from radixserve.wire import GrammarDone, StepResult
 
 STAGING_BUFFERS = 4
 
@@ -67,6 +67,7 @@ class PendingStep:
     done: torch.cuda.Event | None
     tops: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # row -> (values, ids)
     input_logprobs: dict[int, tuple[list, list | None]] = field(default_factory=dict)
+    grammars_done: list[GrammarDone] = field(default_factory=list)
 
     def result(self) -> StepResult:
         """Wait for the copy (not for later steps) and build the answer to the scheduler."""
@@ -82,6 +83,7 @@ class PendingStep:
             if top is not None:
                 result.input_top_logprobs[i] = top
         result.forward_ms = (time.perf_counter() - self.t0) * 1000
+        result.grammars_done = self.grammars_done
         return result
 
 

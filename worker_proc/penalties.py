@@ -1,0 +1,76 @@
+"""SGLang's penalties and logit bias, per req slot on the device (rank 0, which samples).
+
+A request's penalties come once, in its NewReq (wire.Penalties); nothing is stored or computed for a request
+without them, and a step with no penalized row costs one host-side array lookup. The counts of each slot's
+output tokens live on the device ([slots, vocab] float32, allocated when the first penalized request
+arrives) and grow by the step's sampled tokens, on the device, for rows whose sample is kept
+(StepBatch.sample_offsets >= 0); a re-admitted request's counts are rebuilt from its NewReq.output_ids.
+
+On the logits of a penalized row, before anything else of sampling (SGLang's meaning; counts over the output
+only): repetition divides a seen token's positive logit by the penalty and multiplies a negative one by it,
+then frequency subtracts penalty x count and presence subtracts the penalty once a token was seen; logit
+bias adds its value to its token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from radixserve.wire import Penalties, from_i32
+
+
+class SlotPenalties:
+    """Per req slot: whether it is penalized (host), its penalty values and output-token counts (device)."""
+
+    def __init__(self, max_reqs: int, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.counted = np.zeros(max_reqs, dtype=bool)  # has a frequency, presence or repetition penalty
+        self.biased = np.zeros(max_reqs, dtype=bool)
+        self.frequency = torch.zeros(max_reqs, dtype=torch.float32, device=device)
+        self.presence = torch.zeros(max_reqs, dtype=torch.float32, device=device)
+        self.repetition = torch.ones(max_reqs, dtype=torch.float32, device=device)
+        self.counts: torch.Tensor | None = None  # [max_reqs, vocab] output-token counts, made on first use
+        self.bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (token ids, values)
+
+    def set(self, slot: int, p: Penalties | None, output_ids: bytes = b"") -> None:
+        """The request entering `slot` (None: unpenalized); `output_ids`: what it output before (re-admission)."""
+        self.counted[slot] = p is not None and (p.frequency != 0 or p.presence != 0 or p.repetition != 1)
+        self.biased[slot] = p is not None and bool(p.bias_ids)
+        self.bias.pop(slot, None)
+        if self.counted[slot]:
+            self.frequency[slot], self.presence[slot], self.repetition[slot] = p.frequency, p.presence, p.repetition
+            if self.counts is None:
+                self.counts = torch.zeros((len(self.counted), self.vocab_size), dtype=torch.float32, device=self.device)
+            prior = np.bincount(from_i32(output_ids), minlength=self.vocab_size)[:self.vocab_size]
+            self.counts[slot] = torch.from_numpy(prior.astype(np.float32)).to(self.device)
+        if self.biased[slot]:
+            ids = torch.from_numpy(from_i32(p.bias_ids).astype(np.int64)).to(self.device)
+            values = torch.from_numpy(np.frombuffer(p.bias_values, dtype=np.float32).copy()).to(self.device)
+            self.bias[slot] = (ids, values)
+
+    def apply(self, logits: torch.Tensor, slots: np.ndarray, d_slots: torch.Tensor) -> None:
+        """Penalize and bias the rows of `logits` (one per batch row, req slots `slots`) in place."""
+        rows = np.flatnonzero(self.counted[slots])
+        if len(rows):
+            d_rows = torch.from_numpy(rows).to(self.device)
+            s = d_slots[d_rows].long()
+            counts = self.counts[s]
+            seen = counts > 0
+            x = logits[d_rows]
+            rep = self.repetition[s][:, None]
+            x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+            x = x - self.frequency[s][:, None] * counts - self.presence[s][:, None] * seen
+            logits[d_rows] = x
+        for row in np.flatnonzero(self.biased[slots]):
+            ids, values = self.bias[int(slots[row])]
+            logits[int(row), ids] += values
+
+    def record(self, slots: np.ndarray, d_slots: torch.Tensor, next_ids: torch.Tensor, kept: np.ndarray) -> None:
+        """Count the step's sampled tokens of penalized rows whose sample is kept (on the device)."""
+        rows = np.flatnonzero(self.counted[slots] & kept)
+        if len(rows):
+            d_rows = torch.from_numpy(rows).to(self.device)
+            ones = torch.ones(len(rows), dtype=torch.float32, device=self.device)
+            self.counts.index_put_((d_slots[d_rows].long(), next_ids[d_rows].long()), ones, accumulate=True)
