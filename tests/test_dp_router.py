@@ -65,6 +65,15 @@ def test_shared_prefixes_keep_their_cache_hits(server):
         assert all(hit > 0.8 * total for hit, total in cached[1:]), cached
 
 
+def test_router_reads_the_replicas_load(server):
+    """The router polls each replica's /get_load (SGLang's shape); a failed poll would read -1."""
+    for port in replica_ports(server):
+        (load,) = json.loads(http_request(port, "GET", "/get_load").content)
+        assert load["dp_rank"] == 0 and load["num_reqs"] >= load["num_waiting_reqs"] >= 0 and load["num_tokens"] >= 0
+    loads = server.get("/get_loads").json()["workers"]
+    assert len(loads) == 2 and all(w["load"] >= 0 for w in loads), loads
+
+
 def test_router_death_stops_the_server(server):
     router = [p for p in server.child_pids if alive(p) and b"sglang::router" in _cmdline(p)]
     assert len(router) == 1, [_cmdline(p) for p in server.child_pids]
@@ -95,3 +104,10 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_bench_router_policies_need_launched_replicas():
+    from radixserve.launch.cli import main
+
+    with pytest.raises(SystemExit, match="--router-policies needs"):
+        main(["bench", "serve", "--router-policies", "cache_aware", "round_robin", "--dp-size", "2"])

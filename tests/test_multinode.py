@@ -5,6 +5,7 @@ dies, however it dies, takes the other one down with it (exit code 1, within 10 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -196,3 +197,25 @@ def test_flags_are_checked():
         out = subprocess.run([sys.executable, "-m", "radixserve", "serve", *flags], cwd=REPO, capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 2 and "error:" in out.stderr, (flags, out.stderr)
+
+
+def test_leaderworkerset_args_parse():
+    """The LeaderWorkerSet's leader and worker args, with LWS' variables filled in, are valid server flags."""
+    import argparse
+
+    import yaml
+
+    from radixserve.config import ServerArgs
+
+    lws = next(yaml.safe_load_all((REPO / "deploy" / "k8s" / "lws" / "radixserve-lws.yaml").read_text()))
+    template = lws["spec"]["leaderWorkerTemplate"]
+    env = {"MODEL": "org/model", "LWS_GROUP_SIZE": str(template["size"]), "LWS_LEADER_ADDRESS": "leader.lws"}
+    for role, index in (("leaderTemplate", 0), ("workerTemplate", 1)):
+        raw = template[role]["spec"]["containers"][0]["args"]
+        values = {**env, "LWS_WORKER_INDEX": str(index)}
+        argv = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in raw]  # noqa: B023
+        parser = argparse.ArgumentParser()
+        ServerArgs.add_cli_args(parser)
+        known, _ = parser.parse_known_args(argv)  # every flag exists: tests/test_deploy.py
+        args = ServerArgs.from_cli_args(known)
+        assert (args.nnodes, args.node_rank, args.dist_init_addr.split(":")[0]) == (template["size"], index, "leader.lws")

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from radixserve.bench.datasets import Conversation, DatasetArgs, Turn, load_data
 from radixserve.bench.metrics import RequestResult, first_error
 from radixserve.client.errors import StreamError
 from radixserve.client.http import sse_events
-from radixserve.config import ServerArgs
+from radixserve.config import RouterPolicy, ServerArgs
 
 START_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 20.0
@@ -57,18 +57,25 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--baseline", choices=("no-radix",), action="append", default=[],
                    help="no-radix: the same points against a server without the radix cache")
     g.add_argument("--baseline-url", help="the no-radix server (default with --launch-server: launch one)")
+    g.add_argument("--router-policies", nargs="+", choices=get_args(RouterPolicy), default=[],
+                   help="with --launch-server --dp-size N: one server per SGLang router policy, the runs side by "
+                        "side (use a text backend: the router matches prefixes on text)")
 
 
 def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli_args(ns)
     if ns.baseline and not (ns.launch_server or ns.baseline_url):
         raise SystemExit("--baseline no-radix needs --launch-server or --baseline-url")
+    if ns.router_policies and not (ns.launch_server and args.dp_size > 1):
+        raise SystemExit("--router-policies needs --launch-server and --dp-size > 1")
     tokenizer, vocab_size = tokenizer_and_vocab(args)
     if ns.backend != "native" and tokenizer is None:
         raise SystemExit(f"--backend {ns.backend} sends text: it needs a tokenizer (not --skip-tokenizer-init)")
     convs = load_dataset(DatasetArgs.from_cli_args(ns), tokenizer, vocab_size)
     report = rep.new_report("serve", ns)
     targets = [(ns.label, None if ns.launch_server else ns.base_url, [])]
+    if ns.router_policies:
+        targets = [(policy, None, ["--router-policy", policy]) for policy in ns.router_policies]
     if ns.baseline:
         targets.append(("no-radix", ns.baseline_url, ["--disable-radix-cache"]))
     for label, url, extra in targets:

@@ -85,6 +85,7 @@ class Gateway:
         r.add_get("/health_generate", self.health_generate)
         r.add_get("/get_model_info", self.model_info)
         r.add_get("/get_server_info", self.server_info)
+        r.add_get("/get_load", self.get_load)
         r.add_get("/flush_cache", self.flush_cache)
         r.add_post("/flush_cache", self.flush_cache)
         r.add_post("/abort_request", self.abort_request)
@@ -142,6 +143,15 @@ class Gateway:
         return _json({**server_args, "version": __version__, "num_pending_http_reqs": self.client.num_pending,
                       "processes": {p.name: p.pid for p in self.children}, "worker": status.runtime,
                       "scheduler": msgspec.to_builtins(status.scheduler) | {"invariants": status.invariants}})
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        """SGLang's load report, one entry per data-parallel rank (here one); its router polls it (power_of_two)."""
+        status = (await self._control_ok(wire.GetServerInfo)).result
+        assert isinstance(status, wire.ServerStatus)
+        s = status.scheduler
+        used = s.max_total_num_tokens - s.kv_free_tokens - s.kv_evictable_tokens  # held by requests and sessions
+        return _json([{"dp_rank": 0, "num_reqs": s.num_running_reqs + s.num_waiting_reqs,
+                       "num_waiting_reqs": s.num_waiting_reqs, "num_tokens": used}])
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         await self._control_ok(wire.FlushCache)
@@ -254,6 +264,7 @@ OPERATIONS = {  # (method, path) -> what /openapi.json says of it; every route n
     ("GET", "/openapi.json"): Op("this document", public=True),
     ("GET", "/get_model_info"): Op("the model served"),
     ("GET", "/get_server_info"): Op("server arguments, processes and live scheduler statistics"),
+    ("GET", "/get_load"): Op("SGLang's load report: [{dp_rank, num_reqs, num_waiting_reqs, num_tokens}]"),
     ("GET", "/flush_cache"): Op("empty the radix cache (when idle)", response_type="text/plain"),
     ("POST", "/flush_cache"): Op("empty the radix cache (when idle)", response_type="text/plain"),
     ("POST", "/abort_request"): Op("abort a request by rid, or all of them", AbortRequest),
