@@ -1,7 +1,7 @@
 """The wire: every inter-process message is a msgspec Struct defined here; nothing is pickled.
 
 Channels (each a tagged union, decoded by one Decoder per socket):
-  gateway   -> tokenizer : TokenizerIn  (GenerateText, Abort, a control call)
+  gateway   -> tokenizer : TokenizerIn  (GenerateText, Abort, a control call, GetTokenizerStats)
   tokenizer -> gateway   : TokenizerOut (TextBatch, Rejected, ControlReply, Ready)
   tokenizer -> scheduler : SchedulerIn  (GenerateTokens, Abort, a control call)
   scheduler -> tokenizer : SchedulerOut (TokenBatch, Rejected, ControlReply, Ready)
@@ -36,6 +36,7 @@ from radixserve.sampling_params import (  # noqa: F401 (re-exported: the wire's 
     Seed,
     TokenId,
 )
+from radixserve.stats import GetTokenizerStats, SchedulerStats, TokenizerStats
 
 # ---------------------------------------------------------------- shared vocabulary
 
@@ -88,10 +89,11 @@ class GenerateText(msgspec.Struct, tag=True, omit_defaults=True):
     session: SessionParams | None = None
     fill_context: bool = False
     """max_new_tokens was not given (OpenAI's default): generate up to the context length."""
+    log_metrics: bool = True  # counted in stats.TokenizerStats (SGLang's name; the gateway's health checks are not)
 
 
 class Abort(msgspec.Struct, tag=True, omit_defaults=True):
-    """Abort `rid`; `finish` (set by the tokenizer on a stop string) ends it as finished instead."""
+    """Abort `rid`; a `finish` ends it as that: a stop string the tokenizer matched, or an abort with a message."""
 
     rid: str
     finish: FinishReason | None = None
@@ -194,29 +196,6 @@ class RuntimeInfo(msgspec.Struct):
     cascade_attention: bool = False  # the workers honour StepBatch.prefix_groups
 
 
-class SchedulerStats(msgspec.Struct):
-    """The scheduler's counters and gauges (all O(1) to read)."""
-
-    num_running_reqs: int
-    num_waiting_reqs: int
-    max_total_num_tokens: int
-    kv_free_tokens: int
-    kv_cached_tokens: int
-    kv_evictable_tokens: int
-    token_usage: float
-    num_sessions: int
-    session_pinned_tokens: int
-    session_kv_budget: int
-    prompt_tokens: int
-    cached_tokens: int
-    generated_tokens: int
-    finished_requests: int
-    aborted_requests: int
-    retracted_requests: int
-    forward_steps: int
-    cascade_decode_steps: int
-
-
 class ServerStatus(msgspec.Struct, tag=True):
     """Reply to GetServerInfo and CheckInvariants; `invariants` is "ok", "violated: ..." or "unchecked"."""
 
@@ -233,7 +212,7 @@ class ControlReply(msgspec.Struct, tag=True, omit_defaults=True):
     call_id: str
     status: int = 200
     error: str | None = None
-    result: ServerStatus | SessionOpened | None = None
+    result: ServerStatus | SessionOpened | TokenizerStats | None = None
 
     @property
     def ok(self) -> bool:
@@ -377,7 +356,7 @@ class NodeStop(msgspec.Struct, tag=True):
     error: str | None = None
 
 
-TokenizerIn = Union[GenerateText, Abort, ControlCall, ShutdownServer]
+TokenizerIn = Union[GenerateText, Abort, ControlCall, GetTokenizerStats, ShutdownServer]
 TokenizerOut = Union[TextBatch, Rejected, ControlReply, Ready]
 SchedulerIn = Union[GenerateTokens, Abort, ControlCall, ShutdownServer]
 SchedulerOut = Union[TokenBatch, Rejected, ControlReply, Ready]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from scheduler_proc.counters import Counters
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.radix_cache import RadixCache, TreeNode
 from scheduler_proc.request import Req
@@ -22,12 +23,13 @@ class BlockTable:
     the radix cache (which, with `use_cache` off, holds nothing)."""
 
     def __init__(self, num_rows: int, context_length: int, allocator: KVSlotAllocator, cache: RadixCache,
-                 use_cache: bool) -> None:
+                 use_cache: bool, counters: Counters) -> None:
         self.req_to_token = np.zeros((num_rows, context_length), dtype=np.int32)
         self.num_rows = num_rows
         self.allocator = allocator
         self.cache = cache
         self.use_cache = use_cache
+        self.counters = counters
         self._free_rows = list(range(num_rows - 1, -1, -1))  # popped from the end: rows 0, 1, 2, ... first
 
     @property
@@ -41,7 +43,7 @@ class BlockTable:
     def alloc(self, n: int) -> np.ndarray | None:
         """n KV slots, evicting from the cache if too few are free; None if they cannot be had."""
         if self.allocator.num_free < n:
-            self.cache.evict(n - self.allocator.num_free)
+            self.counters.evicted_tokens += self.cache.evict(n - self.allocator.num_free)
         return self.allocator.alloc(n)
 
     def bind(self, req: Req, prefix: np.ndarray, node: TreeNode | None) -> None:

@@ -11,6 +11,7 @@ step waits for the next one, when that prefix is in the tree, instead of computi
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -151,10 +152,11 @@ class PrefillPlanner:
                 self.cache.unlock(node)
             return None
         self.table.bind(req, prefix, node)
-        if not req.output_ids:
+        if not req.output_ids:  # its first admission (a retracted request comes back with output)
             req.cached_tokens = len(prefix)
             self.counters.prompt_tokens += len(req.prompt_ids)
             self.counters.cached_tokens += len(prefix)
+            self.counters.queue_time.observe(time.monotonic() - req.queued_at)
         self.waiting.remove(req)
         self.running.add(req)
         if not self.table.assign(req, n):

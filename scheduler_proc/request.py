@@ -58,6 +58,7 @@ class Req:
     grammar: Grammar | None = None  # structured output (grammar_gate.py holds it until compiled)
     penalties: Penalties | None = None  # for the workers, once per admission (NewReq)
     pending: int = 0  # trailing PENDING entries of output_ids
+    queued_at: float = 0.0  # time.monotonic() when it arrived (queue_time_seconds)
 
     @property
     def fill_len(self) -> int:

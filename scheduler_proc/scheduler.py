@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 
 import numpy as np
@@ -92,11 +93,12 @@ class Scheduler:
         self.grouper = (PrefixGrouper() if cascade_attention and self.use_cache and not args.disable_cascade_attention
                         else None)
         self.sessions = SessionTable(self.cache if self.use_cache else None, args.session_kv_budget, args.max_sessions)
-        self.table = BlockTable(args.max_running_requests, context_length, self.allocator, self.cache, self.use_cache)
+        self.counters = Counters()
+        self.table = BlockTable(args.max_running_requests, context_length, self.allocator, self.cache, self.use_cache,
+                                self.counters)
         self.waiting = WaitingQueue()
         self.running = RunningSet()
         self.reqs: dict[str, Req] = {}  # every request waiting or running, by rid
-        self.counters = Counters()
         self.prefill = PrefillPlanner(args, self.table, self.running, self.waiting, self.counters)
         self.decode = DecodePlanner(self.table, self.running, self.waiting, self.counters)
         self.arrivals = 0
@@ -144,7 +146,7 @@ class Scheduler:
         req = Req(rid=msg.rid, prompt_ids=prompt, sampling=sp, reply_to=msg.reply_to, stop_ids=frozenset(stop_ids),
                   arrival=self.arrivals, logprob=msg.logprob, seed=sp.seed if sp.seed is not None else -1,
                   session_id=msg.session.id if msg.session else None,
-                  grammar=grammar, penalties=penalties)
+                  grammar=grammar, penalties=penalties, queued_at=time.monotonic())
         self.arrivals += 1
         self.reqs[req.rid] = req
         if not self.grammars.hold(req):
@@ -168,7 +170,7 @@ class Scheduler:
             raise RequestError(f"prompt ({n_prompt} tokens) exceeds the KV cache ({self.allocator.capacity} tokens)")
 
     def abort(self, rid: str, finish: FinishReason | None = None) -> Routed | None:
-        """End a request now; `finish` marks a normal end (a stop string), else it is an abort."""
+        """End a request now: as `finish` says (a stop string, or an abort with its message), else as aborted."""
         req = self.reqs.get(rid)
         if req is None:
             return None
@@ -183,7 +185,7 @@ class Scheduler:
             self._leave_running(req)
         req.finish = finish or FinishReason(type="abort", message="aborted")
         self._end_session_turn(req)
-        if finish is None:
+        if req.finish.type == "abort":
             self.counters.aborted_requests += 1
         else:
             self.counters.finished_requests += 1

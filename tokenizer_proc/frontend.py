@@ -13,12 +13,13 @@ from typing import Any
 import msgspec
 
 from radixserve import wire
+from tokenizer_proc.metrics import RequestMetrics
 from tokenizer_proc.output import RequestOutput
 from tokenizer_proc.text import ChatOptions, encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
 
 
 class TokenizerCore:
-    """Owns the text state of its requests from submit until their final delta."""
+    """Owns the text state of its requests from submit until their final delta; `metrics` counts and times them."""
 
     def __init__(self, tokenizer_path: str, model_dir: str, skip_tokenizer_init: bool = False,
                  reply_to: int = 0) -> None:
@@ -27,6 +28,7 @@ class TokenizerCore:
         self.reply_to = reply_to
         self.runtime: wire.RuntimeInfo | None = None  # from the scheduler's Ready, before any request
         self._reqs: dict[str, tuple[bool, RequestOutput]] = {}  # rid -> (stream, output)
+        self.metrics = RequestMetrics()
 
     def __contains__(self, rid: str) -> bool:
         return rid in self._reqs
@@ -50,6 +52,8 @@ class TokenizerCore:
             return wire.Rejected(msg.rid, 400, f"cannot tokenize the prompt: {e}")
         self._reqs[msg.rid] = (msg.stream, RequestOutput(msg.rid, text, self.tokenizer, len(ids),
                                                          msg.logprob is not None, msg.return_text_in_logprobs))
+        if msg.log_metrics:
+            self.metrics.start(msg.rid)
         return wire.GenerateTokens(rid=msg.rid, input_ids=ids, sampling=sampling, reply_to=self.reply_to,
                                    logprob=msg.logprob, session=msg.session, eos_token_ids=self.eos_ids,
                                    turn_end_ids=turn_end)
@@ -70,13 +74,18 @@ class TokenizerCore:
         if entry is None:
             return None, None  # it ended here already (a stop string): the scheduler is catching up
         stream, output = entry
+        n_before = len(output.text.output_ids)
         stop = output.apply(out)
+        self.metrics.tokens(out.rid, len(output.text.output_ids) - n_before)
         abort = wire.Abort(rid=out.rid, finish=stop) if stop is not None else None
         if output.finish is not None:
             del self._reqs[out.rid]
-            return output.take(), abort
+            last = output.take()
+            self.metrics.end(last)
+            return last, abort
         return (output.take() if stream else None), abort
 
     def drop(self, rid: str) -> bool:
         """Forget a request the scheduler rejected; whether it was known here."""
+        self.metrics.drop(rid)
         return self._reqs.pop(rid, None) is not None

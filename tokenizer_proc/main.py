@@ -21,6 +21,7 @@ from radixserve import wire
 from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths, Receiver, Sender
 from radixserve.procutil import child_init
+from radixserve.stats import GetTokenizerStats
 from tokenizer_proc.frontend import TokenizerCore
 
 log = logging.getLogger("radixserve.tokenizer")
@@ -56,6 +57,8 @@ class TokenizerProcess:
         elif isinstance(msg, wire.Abort):
             if msg.rid in self.core:
                 self.to_scheduler.send(msg)  # the scheduler answers with the final (abort) output
+        elif isinstance(msg, GetTokenizerStats):
+            self.to_gateway.send(wire.ControlReply(msg.call_id, result=self.core.metrics.stats))
         elif isinstance(msg, wire.ShutdownServer):
             self.to_scheduler.send(msg)
             return False
