@@ -74,6 +74,11 @@ class ServerArgs:
     watchdog_timeout: float = field(default=300.0, metadata={"help": "seconds a forward step may take before the server is declared hung"})
     enable_invariant_checks: bool = field(default=False, metadata={
         "help": "check the scheduler's KV invariants whenever it goes idle (debug; O(cache size))"})
+    shutdown_timeout: float = field(default=30.0, metadata={
+        "help": "on SIGTERM, seconds that requests in flight may take to finish before they are aborted "
+                "(a second SIGTERM, or SIGINT, stops at once)"})
+    disable_metrics: bool = field(default=False, metadata={"help": "no Prometheus /metrics route"})
+    metrics_public: bool = field(default=False, metadata={"help": "serve /metrics without --api-key's token"})
 
     def __post_init__(self) -> None:
         if self.tp_size < 1:
@@ -91,6 +96,8 @@ class ServerArgs:
             raise ValueError("chunked_prefill_size and max_running_requests must be >= 1")
         if self.schedule_policy not in get_args(SchedulePolicy):
             raise ValueError(f"schedule_policy must be one of {get_args(SchedulePolicy)}")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError("shutdown_timeout must be >= 0")
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)

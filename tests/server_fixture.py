@@ -89,7 +89,8 @@ def _cmdline(pid: int) -> bytes:
 
 
 class RadixServer:
-    def __init__(self, *flags: str, api_key: str | None = None, wait: bool = True) -> None:
+    def __init__(self, *flags: str, api_key: str | None = None, wait: bool = True,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -99,7 +100,9 @@ class RadixServer:
             cmd += ["--api-key", api_key]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"radixserve-test-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        env = {k: v for k, v in os.environ.items() if k != "RADIXSERVE_API_KEY"}  # the key is the test's choice
+        # The key is the test's choice; `env` adds to this process' environment (a name set to "" is left out).
+        extra = env or {}
+        env = {k: v for k, v in {**os.environ, **extra}.items() if k != "RADIXSERVE_API_KEY" and extra.get(k) != ""}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.child_pids: list[int] = []
         if wait:

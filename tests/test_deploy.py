@@ -50,8 +50,8 @@ LWS_FILE = K8S / "lws" / "radixserve-lws.yaml"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 ENTRYPOINT = ["python", "-m", "radixserve", "serve", "--host", "0.0.0.0", "--port", "30000"]
 SHUTDOWN_TIMEOUT_S = 30  # --shutdown-timeout in every artifact
-# Flags the artifacts use that other work adds to `radixserve serve` (issue 12's drain).
-PENDING_FLAGS = {"--shutdown-timeout"}
+# Flags the artifacts use that other work adds to `radixserve serve` (none left).
+PENDING_FLAGS: set[str] = set()
 
 
 def tool(name: str) -> str:

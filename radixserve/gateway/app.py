@@ -21,7 +21,7 @@ from aiohttp import web
 from radixserve import __version__, wire
 from radixserve.config import ServerArgs
 from radixserve.errors import ApiError, bad_request, from_validation
-from radixserve.gateway import http_errors, openapi
+from radixserve.gateway import http_errors, metrics, openapi
 from radixserve.gateway.native import GenerateRequest, NativeFormat, build_requests
 from radixserve.gateway.openai_api import (
     ChatCompletionRequest,
@@ -39,6 +39,7 @@ from radixserve.model_files import chat_template_text
 log = logging.getLogger("radixserve.http")
 
 PUBLIC_PATHS = frozenset({"/health", "/health_generate", "/openapi.json"})  # as vLLM: the API description is public
+OPEN_WHILE_DRAINING = frozenset({"/metrics", "/get_server_info", "/abort_request"})
 HEALTH_TIMEOUT_S = 30.0
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
@@ -96,19 +97,25 @@ class Gateway:
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/chat/completions", self.chat_completions)
         r.add_get("/openapi.json", self.openapi)
+        if not self.args.disable_metrics:
+            r.add_get("/metrics", self.metrics)
         return app
 
     # ------------------------------------------------------------ middleware
 
     @web.middleware
     async def _gate(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Auth (all but the health routes), then 503 until the backend is ready."""
-        if self.args.api_key is not None and request.path not in PUBLIC_PATHS:
+        """Auth (all but the public routes), then 503 until the backend is ready, and 503 once it drains
+        (SIGTERM), except for monitoring and aborts, so load balancers take it out while requests finish."""
+        public = (PUBLIC_PATHS | {"/metrics"}) if self.args.metrics_public else PUBLIC_PATHS
+        if self.args.api_key is not None and request.path not in public:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.args.api_key}".encode()):
                 raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)")
         if not self.client.ready.is_set():
             raise ApiError(503, "the server is still loading")
+        if self.client.draining and request.path not in OPEN_WHILE_DRAINING:
+            raise ApiError(503, "the server is shutting down")
         return await handler(request)
 
     # ------------------------------------------------------------ health and info
@@ -121,7 +128,7 @@ class Gateway:
     async def health_generate(self, request: web.Request) -> web.Response:
         # Token ids, not text: the check must also pass on a server without a tokenizer.
         req = wire.GenerateText(rid=f"health-{uuid.uuid4().hex}", input_ids=[0],
-                                sampling=wire.SamplingParams(max_new_tokens=1, temperature=0.0))
+                                sampling=wire.SamplingParams(max_new_tokens=1, temperature=0.0), log_metrics=False)
         gen = self.client.submit([req])
         try:
             await asyncio.wait_for(gen.results(), HEALTH_TIMEOUT_S)
@@ -135,6 +142,9 @@ class Gateway:
         return _json({"model_path": self.args.model_path or self.model_dir, "model_dir": self.model_dir,
                       "tokenizer_path": self.args.tokenizer_path or self.model_dir,
                       "served_model_name": self.model_name, "is_generation": True})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return await metrics.scrape(self.client, self.model_name)
 
     async def server_info(self, request: web.Request) -> web.Response:
         status = (await self._control_ok(wire.GetServerInfo)).result
@@ -265,6 +275,8 @@ OPERATIONS = {  # (method, path) -> what /openapi.json says of it; every route n
     ("GET", "/get_model_info"): Op("the model served"),
     ("GET", "/get_server_info"): Op("server arguments, processes and live scheduler statistics"),
     ("GET", "/get_load"): Op("SGLang's load report: [{dp_rank, num_reqs, num_waiting_reqs, num_tokens}]"),
+    ("GET", "/metrics"): Op("Prometheus metrics (public with --metrics-public; absent with --disable-metrics)",
+                            response_type="text/plain"),
     ("GET", "/flush_cache"): Op("empty the radix cache (when idle)", response_type="text/plain"),
     ("POST", "/flush_cache"): Op("empty the radix cache (when idle)", response_type="text/plain"),
     ("POST", "/abort_request"): Op("abort a request by rid, or all of them", AbortRequest),

@@ -21,6 +21,7 @@ import zmq.asyncio
 from radixserve import wire
 from radixserve.errors import ApiError, bad_request
 from radixserve.ipc import IpcPaths
+from radixserve.stats import GetTokenizerStats, TokenizerStats
 
 log = logging.getLogger("radixserve.http")
 Call = TypeVar("Call", bound=wire.ControlCall)
@@ -162,12 +163,15 @@ class TokenizerClient:
         self._ready_replies = 0
         self.ready = asyncio.Event()
         self.runtime: wire.RuntimeInfo | None = None
+        self.draining = False  # set once, on SIGTERM (launch/serve.py): no new work is taken from then on
 
     # ------------------------------------------------------------ generation
 
     def submit(self, reqs: list[wire.GenerateText], stream: bool = False) -> Generation:
         """Register and send `reqs`. Every message is encoded before anything is registered, so a request
         that cannot be sent leaves nothing behind."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down")
         rids = [r.rid for r in reqs]
         if len(set(rids)) != len(rids) or any(rid in self._pending for rid in rids):
             raise bad_request("a request with this rid is already running", "rid")
@@ -196,15 +200,16 @@ class TokenizerClient:
             if self._pending.pop(req.rid, None) is not None:
                 self._send(req.rid, wire.Abort(rid=req.rid))
 
-    def abort(self, rid: str) -> bool:
-        """Abort one running request on a client's behalf: it finishes with reason `abort`."""
+    def abort(self, rid: str, message: str | None = None) -> bool:
+        """Abort one running request on a client's behalf: it finishes with reason `abort` (and `message`)."""
         if rid not in self._pending:
             return False
-        self._send(rid, wire.Abort(rid=rid))
+        finish = wire.FinishReason(type="abort", message=message) if message else None
+        self._send(rid, wire.Abort(rid=rid, finish=finish))
         return True
 
-    def abort_all(self) -> int:
-        return sum(self.abort(rid) for rid in list(self._pending))
+    def abort_all(self, message: str | None = None) -> int:
+        return sum(self.abort(rid, message) for rid in list(self._pending))
 
     @property
     def num_pending(self) -> int:
@@ -214,16 +219,27 @@ class TokenizerClient:
 
     async def control(self, kind: type[Call], timeout: float = 30.0, **fields: object) -> wire.ControlReply:
         """Call the scheduler (through tokenizer 0) and wait for its reply."""
+        return await self._call(0, kind, "the scheduler", timeout, **fields)
+
+    async def tokenizer_stats(self, timeout: float = 10.0) -> TokenizerStats:
+        """Every tokenizer's TokenizerStats, summed."""
+        replies = await asyncio.gather(*(self._call(i, GetTokenizerStats, f"tokenizer {i}", timeout)
+                                         for i in range(len(self._outs))))
+        stats = [r.result for r in replies]
+        assert all(isinstance(s, TokenizerStats) for s in stats)
+        return sum(stats[1:], stats[0])
+
+    async def _call(self, to: int, kind: type, callee: str, timeout: float, **fields: object) -> wire.ControlReply:
         call_id = f"{kind.__name__}-{next(self._call_ids)}"
         frame = wire.encoder.encode(kind(call_id=call_id, **fields))
         fut = self._calls[call_id] = asyncio.get_running_loop().create_future()
         try:
-            self._outs[0].send(frame)
+            self._outs[to].send(frame)
             return await asyncio.wait_for(fut, timeout)
         except zmq.ZMQError as e:
-            raise ApiError(503, f"cannot reach the scheduler: {e}") from None
+            raise ApiError(503, f"cannot reach {callee}: {e}") from None
         except asyncio.TimeoutError:
-            raise ApiError(503, f"the scheduler did not answer {kind.__name__} within {timeout:.0f} s") from None
+            raise ApiError(503, f"{callee} did not answer {kind.__name__} within {timeout:.0f} s") from None
         finally:
             self._calls.pop(call_id, None)
 

@@ -1,8 +1,11 @@
 """`radixserve serve`: run the gateway here and the tokenizers, scheduler and workers as children.
 
-Supervision: if any child exits, the server stops loudly and exits 1. SIGINT / SIGTERM stop it in
-order (tokenizers forward `shutdown` to the scheduler, which stops the workers), and whatever is
-left after STOP_GRACE_S is terminated, then killed: everything is gone within 10 s.
+Supervision: if any child exits, the server stops loudly and exits 1. SIGTERM drains first (as vLLM, and
+what an orchestrator sends): no new work is taken (503, the health routes too), requests in flight have
+--shutdown-timeout seconds to finish, then the rest end with finish reason `abort`. SIGINT (Ctrl-C), or a
+second SIGTERM, stops at once. Stopping goes in order (tokenizers forward `shutdown` to the scheduler, which
+stops the workers), and whatever is left after STOP_GRACE_S is terminated, then killed: everything is gone
+within 10 s; the exit code is 0.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 STOP_GRACE_S = 4.0  # orderly exit of the children, then SIGTERM, then SIGKILL after STOP_KILL_S
 STOP_KILL_S = 2.0
 HTTP_DRAIN_S = 1.0
+ABORT_GRACE_S = 5.0  # past --shutdown-timeout, for the aborted requests' final outputs to reach their clients
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +92,7 @@ class _Server:
         self.stop = asyncio.Event()
         self.exit_code = 0
         self.links = HeadLinks(args, self._fatal)  # the other nodes' launchers, with --nnodes > 1
+        self.drain: asyncio.Task | None = None  # started by the first SIGTERM
 
     def _fatal(self, message: str) -> None:
         if not self.stop.is_set():
@@ -112,8 +117,8 @@ class _Server:
             shutil.rmtree(ipc.root, ignore_errors=True)
             return 1
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm, client)
         tasks = [asyncio.create_task(c) for c in (client.run(), self._watch(), self._announce(client),
                                                    self._systemd_watchdog(client))]
         tasks[0].add_done_callback(self._receiver_done)
@@ -123,7 +128,10 @@ class _Server:
         finally:
             log.info("stopping the server")
             self.links.stop(None if self.exit_code == 0 else "node 0 failed (its log says why)")
-            sdnotify.stopping()
+            if self.drain is None:
+                sdnotify.stopping()
+            else:
+                self.drain.cancel()
             client.fail_all(ApiError(503, "the server is shutting down"))
             await runner.cleanup()
             if self.exit_code == 0 and client.ready.is_set():  # else someone may not be listening yet
@@ -143,6 +151,26 @@ class _Server:
         for i in range(self.args.tokenizer_worker_num):
             self.group.add(run_tokenizer, f"tokenizer-{i}", args_json, ipc.root, i, self.model_dir, os.getpid())
         start_backend(self.group, self.args, ipc, self.model_dir, num_replies=self.args.tokenizer_worker_num)
+
+    def _on_sigterm(self, client: TokenizerClient) -> None:
+        """The first SIGTERM drains a serving server; a second one, or one while it loads, stops it now."""
+        if self.drain is not None or not client.ready.is_set():
+            self.stop.set()
+            return
+        log.info("SIGTERM: draining %d requests in flight (up to %g s)", client.num_pending, self.args.shutdown_timeout)
+        sdnotify.stopping()
+        client.draining = True
+        self.drain = asyncio.create_task(self._drain_then_stop(client))
+
+    async def _drain_then_stop(self, client: TokenizerClient) -> None:
+        """Let the requests in flight finish within --shutdown-timeout, abort the rest, then stop."""
+        timeout = self.args.shutdown_timeout
+        if not await _until_idle(client, timeout):
+            aborted = client.abort_all(f"the server shut down before the request finished "
+                                       f"(--shutdown-timeout {timeout:g} s)")
+            log.warning("shutdown timeout (%g s): aborted %d requests", timeout, aborted)
+            await _until_idle(client, ABORT_GRACE_S)
+        self.stop.set()
 
     def _receiver_done(self, task: asyncio.Task) -> None:
         if not task.cancelled():
@@ -183,3 +211,12 @@ class _Server:
         while time.monotonic() < deadline and any(p.exitcode is None for p in self.group.procs):
             await asyncio.sleep(0.05)
 
+
+async def _until_idle(client: TokenizerClient, timeout: float) -> bool:
+    """Wait until no request is in flight; False if some still are after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while client.num_pending:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
