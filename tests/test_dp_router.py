@@ -35,6 +35,7 @@ def replica_ports(server: RadixServer) -> list[int]:
 
 def test_generate_and_chat_through_the_router(server):
     assert len(replica_ports(server)) == 2
+    assert [m["id"] for m in server.get("/v1/models").json()["data"]] == [MODEL]  # named from /get_server_info
     params = {"max_new_tokens": 8, "temperature": 0}
     first = server.post("/generate", {"text": "The capital of France is", "sampling_params": params})
     assert first.status_code == 200, first.text

@@ -149,7 +149,8 @@ class Gateway:
     async def server_info(self, request: web.Request) -> web.Response:
         status = (await self._control_ok(wire.GetServerInfo)).result
         assert isinstance(status, wire.ServerStatus)
-        server_args = {**dataclasses.asdict(self.args), "api_key": None}
+        # served_model_name resolved, as SGLang's: its router names the model (/v1/models) after it.
+        server_args = {**dataclasses.asdict(self.args), "api_key": None, "served_model_name": self.model_name}
         return _json({**server_args, "version": __version__, "num_pending_http_reqs": self.client.num_pending,
                       "processes": {p.name: p.pid for p in self.children}, "worker": status.runtime,
                       "scheduler": msgspec.to_builtins(status.scheduler) | {"invariants": status.invariants}})
