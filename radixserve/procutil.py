@@ -49,7 +49,24 @@ def child_init(name: str, parent_pid: int, log_level: str) -> None:
         pass
 
 
-def spawn(target, name: str, *args) -> mp.Process:
+# Processes that do host work only (tokenizers, the scheduler) run their numeric libraries on one thread, so
+# that idle OpenMP / BLAS threads do not spin on the cores the workers compute on.
+HOST_ONLY_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                 "TOKENIZERS_PARALLELISM": "false"}
+
+
+def spawn(target, name: str, *args, env: dict[str, str] | None = None) -> mp.Process:
+    """Start `target(*args)` in a fresh interpreter; `env` is added to the environment it starts with (read by
+    libraries at import, before the target runs)."""
     proc = mp.get_context("spawn").Process(target=target, name=name, args=args, daemon=False)
-    proc.start()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return proc

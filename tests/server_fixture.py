@@ -20,8 +20,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_LIMITS = ["--max-total-tokens", "4096", "--max-running-requests", "16", "--context-length", "2048"]
-# Test servers check the scheduler's KV invariants whenever it goes idle; /get_server_info reports the result.
-DEBUG_FLAGS = ["--enable-invariant-checks"]
+# Test servers check the scheduler's KV invariants whenever it goes idle (/get_server_info reports the result),
+# and compute in float32, where greedy tokens do not depend on batch composition (--dtype auto picks bfloat16 on
+# CPUs with native bf16: tests/test_cpu_dtype.py covers that default).
+DEBUG_FLAGS = ["--enable-invariant-checks", "--dtype", "float32"]
 START_TIMEOUT_S = 240.0
 MODEL = "SmolLM2-135M-Instruct"
 

@@ -41,13 +41,13 @@ def hf_reference():
 
 @pytest.fixture(scope="module")
 def engine():
-    with Engine(max_total_tokens=8192, max_running_requests=16, chunked_prefill_size=256) as eng:
+    with Engine(dtype="float32", max_total_tokens=8192, max_running_requests=16, chunked_prefill_size=256) as eng:
         yield eng
 
 
 @pytest.fixture(scope="module")
 def engine_no_radix():
-    with Engine(max_total_tokens=8192, max_running_requests=16, disable_radix_cache=True) as eng:
+    with Engine(dtype="float32", max_total_tokens=8192, max_running_requests=16, disable_radix_cache=True) as eng:
         yield eng
 
 
@@ -82,7 +82,8 @@ def test_overlap_on_and_off_give_the_same_tokens(engine, hf_reference):
     """Overlap scheduling (the default, `engine`) against stepping one step at a time: greedy tokens both equal
     HF's, and seeded sampling (independent of batch composition) draws the same tokens."""
     sampled = {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "max_new_tokens": 24, "seed": 11}
-    with Engine(max_total_tokens=8192, max_running_requests=16, disable_overlap_schedule=True) as sync:
+    with Engine(dtype="float32", max_total_tokens=8192, max_running_requests=16,
+                disable_overlap_schedule=True) as sync:
         _assert_matches(sync.generate(PROMPTS, GREEDY), hf_reference)
         sync_sampled = [r["output_ids"] for r in sync.generate(PROMPTS, sampled)]
         sync.check_invariants()
@@ -113,7 +114,8 @@ def test_chunked_prefill_matches_unchunked(engine):
     long_prompt = list(range(300, 1100))  # 800 tokens over chunks of 256
     engine.flush_cache()
     chunked = engine.generate(input_ids=long_prompt, sampling_params={"temperature": 0, "max_new_tokens": 8})
-    with Engine(max_total_tokens=4096, chunked_prefill_size=4096, disable_radix_cache=True) as whole:
+    with Engine(dtype="float32", max_total_tokens=4096, chunked_prefill_size=4096,
+                disable_radix_cache=True) as whole:
         unchunked = whole.generate(input_ids=long_prompt, sampling_params={"temperature": 0, "max_new_tokens": 8})
     assert chunked["output_ids"] == unchunked["output_ids"]
 

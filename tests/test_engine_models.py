@@ -19,7 +19,7 @@ def hf_greedy(hf: torch.nn.Module, prompt: list[int]) -> list[int]:
 
 
 def engine_greedy(model_dir: str, **kw) -> list[list[int]]:
-    with Engine(model_dir, skip_tokenizer_init=True, max_total_tokens=512, max_running_requests=4,
+    with Engine(model_dir, dtype="float32", skip_tokenizer_init=True, max_total_tokens=512, max_running_requests=4,
                 chunked_prefill_size=8, **kw) as eng:
         params = {"temperature": 0, "max_new_tokens": STEPS, "ignore_eos": True}
         batch = [r["output_ids"] for r in eng.generate(input_ids=PROMPTS, sampling_params=params)]
@@ -45,7 +45,7 @@ def test_tp2_matches_tp1(tiny_models, kind):  # noqa: F811
 def test_tp_size_that_does_not_divide_the_heads_fails_clearly():
     # SmolLM2-135M has 9 attention heads: it cannot be split over 2 ranks.
     with pytest.raises(RuntimeError, match=r"attention heads \(9\) is not divisible"):
-        Engine(tp_size=2, max_total_tokens=1024)
+        Engine(dtype="float32", tp_size=2, max_total_tokens=1024)
 
 
 def test_mistral_sliding_window_caps_the_context(tmp_path):
@@ -59,7 +59,7 @@ def test_mistral_sliding_window_caps_the_context(tmp_path):
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     hf.save_pretrained(tmp_path)
-    with Engine(str(tmp_path), skip_tokenizer_init=True, max_total_tokens=256) as eng:
+    with Engine(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_total_tokens=256) as eng:
         assert eng.runtime.context_length == 24
         assert not eng.runtime.cascade_attention  # the torch backend: the scheduler sends no prefix groups
         params = {"temperature": 0, "max_new_tokens": STEPS, "ignore_eos": True}

@@ -98,7 +98,7 @@ def test_greedy_http_matches_engine(server: RadixServer, client: openai.OpenAI) 
     params = {"max_new_tokens": 12, "temperature": 0}
     raw = server.post("/generate", {"text": "def fibonacci(n):", "sampling_params": params}).json()["text"]
     chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
-    with Engine(**_engine_limits()) as engine:
+    with Engine(**_engine_limits(), dtype="float32") as engine:  # as the test server (server_fixture)
         assert raw == engine.generate("def fibonacci(n):", params)["text"]
         assert chat.choices[0].message.content == engine.generate(CHAT, params)["text"]
 

@@ -14,7 +14,7 @@ GREEDY = {"temperature": 0, "max_new_tokens": 12}
 
 @pytest.fixture(scope="module")
 def engine():
-    with Engine(max_total_tokens=512, max_running_requests=8, session_kv_budget=256) as eng:
+    with Engine(dtype="float32", max_total_tokens=512, max_running_requests=8, session_kv_budget=256) as eng:
         yield eng
 
 

@@ -23,8 +23,10 @@ class KVCache:
         if fused.ENABLED and k.is_cuda:
             fused.store_kv(self.k[layer_id], self.v[layer_id], slots, k, v)
             return
-        self.k[layer_id][slots] = k.to(self.dtype)
-        self.v[layer_id][slots] = v.to(self.dtype)
+        # index_copy_ rather than an indexed assignment: on CPU the generic index_put_ path costs far more.
+        slots = slots.long()
+        self.k[layer_id].index_copy_(0, slots, k.to(self.dtype))
+        self.v[layer_id].index_copy_(0, slots, v.to(self.dtype))
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -132,9 +132,10 @@ class ModelRunner:
         self.graphs = self._capture_graphs()
 
     def _dtype(self, hf_config) -> torch.dtype:
+        """--dtype, or with auto bfloat16 on CUDA and on CPUs with native bf16 arithmetic, float32 elsewhere."""
         if self.args.dtype != "auto":
             return DTYPES[self.args.dtype]
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return torch.bfloat16 if self.device.type == "cuda" or cpu_has_native_bf16() else torch.float32
 
     def _kv_slots_that_fit(self) -> int:
         if self.args.max_total_tokens:
@@ -330,6 +331,17 @@ class ModelRunner:
             top = [top_logprobs(lps[j], k) for j in range(len(values))] if k > 0 else None
             out[i] = (values, top)
         return out
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), so bf16 weights halve the bytes a
+    decode step reads without emulated arithmetic eating the gain."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _mem_available() -> int:

@@ -32,7 +32,7 @@ from radixserve.gateway.tokenizer_client import TokenizerClient
 from radixserve.ipc import IpcPaths
 from radixserve.launch.multinode import HeadLinks
 from radixserve.launch.supervisor import ChildDied, ProcessGroup, start_backend
-from radixserve.procutil import die_with_parent, setup_logging
+from radixserve.procutil import HOST_ONLY_ENV, die_with_parent, setup_logging
 
 log = logging.getLogger("radixserve")
 
@@ -149,7 +149,8 @@ class _Server:
 
         args_json = msgspec.json.encode(self.args)
         for i in range(self.args.tokenizer_worker_num):
-            self.group.add(run_tokenizer, f"tokenizer-{i}", args_json, ipc.root, i, self.model_dir, os.getpid())
+            self.group.add(run_tokenizer, f"tokenizer-{i}", args_json, ipc.root, i, self.model_dir, os.getpid(),
+                           env=HOST_ONLY_ENV)
         start_backend(self.group, self.args, ipc, self.model_dir, num_replies=self.args.tokenizer_worker_num)
 
     def _on_sigterm(self, client: TokenizerClient) -> None:

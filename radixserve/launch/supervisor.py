@@ -12,7 +12,7 @@ import msgspec
 from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths
 from radixserve.nodes import NodeLayout
-from radixserve.procutil import spawn
+from radixserve.procutil import HOST_ONLY_ENV, spawn
 
 log = logging.getLogger("radixserve")
 
@@ -27,8 +27,8 @@ class ProcessGroup:
     def __init__(self) -> None:
         self.procs: list[mp.Process] = []
 
-    def add(self, target, name: str, *args) -> None:
-        self.procs.append(spawn(target, name, *args))
+    def add(self, target, name: str, *args, env: dict[str, str] | None = None) -> None:
+        self.procs.append(spawn(target, name, *args, env=env))
 
     def check(self) -> None:
         """Raise ChildDied if a child has exited."""
@@ -54,7 +54,8 @@ def start_backend(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_di
     """Spawn the scheduler and one worker per TP rank of this node (all of them on one node)."""
     from scheduler_proc.main import run_scheduler
 
-    group.add(run_scheduler, "scheduler", msgspec.json.encode(args), ipc.root, num_replies, os.getpid())
+    group.add(run_scheduler, "scheduler", msgspec.json.encode(args), ipc.root, num_replies, os.getpid(),
+              env=HOST_ONLY_ENV)
     start_workers(group, args, ipc, model_dir)
 
 

@@ -13,12 +13,15 @@ class TorchBackend(AttentionBackend):
 
     def prepare(self, meta: ForwardMeta) -> None:
         self.meta = meta
+        self.out_slots = meta.out_slots.long()
         if meta.is_decode:
-            # One padded gather for the whole decode batch; pad slot 0 is masked out.
+            # One padded gather for the whole decode batch, as a flat index (index_select is the fast gather on
+            # CPU); pad slot 0 is masked out.
             max_len = max(meta.seq_lens_cpu)
             rows = meta.req_to_token[meta.req_slots.long(), :max_len].long()
             self.valid = torch.arange(max_len, device=rows.device)[None, :] < meta.seq_lens[:, None]
-            self.ctx_slots = torch.where(self.valid, rows, torch.zeros_like(rows))
+            self.ctx_slots = torch.where(self.valid, rows, torch.zeros_like(rows)).flatten()
+            self.ctx_shape = (len(meta.seq_lens_cpu), max_len)
         else:
             self.ctx_slots_per_req = [
                 meta.req_to_token[slot, :n].long()
@@ -27,11 +30,12 @@ class TorchBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         meta = self.meta
-        self.kv_cache.store(layer_id, meta.out_slots, k, v)
+        self.kv_cache.store(layer_id, self.out_slots, k, v)
         k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
         if meta.is_decode:
-            keys = k_cache[self.ctx_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-            vals = v_cache[self.ctx_slots].to(q.dtype).transpose(1, 2)
+            shape = (*self.ctx_shape, *k_cache.shape[1:])
+            keys = k_cache.index_select(0, self.ctx_slots).view(shape).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+            vals = v_cache.index_select(0, self.ctx_slots).view(shape).to(q.dtype).transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 q.unsqueeze(2), keys, vals, attn_mask=self.valid[:, None, None, :],
                 scale=self.scale, enable_gqa=True)
@@ -42,8 +46,8 @@ class TorchBackend(AttentionBackend):
             starts.append(starts[-1] + n)
         for i, slots in enumerate(self.ctx_slots_per_req):
             qi = q[starts[i]:starts[i + 1]].transpose(0, 1)  # [Hq, E, D]
-            keys = k_cache[slots].to(q.dtype).transpose(0, 1)  # [Hkv, L, D]
-            vals = v_cache[slots].to(q.dtype).transpose(0, 1)
+            keys = k_cache.index_select(0, slots).to(q.dtype).transpose(0, 1)  # [Hkv, L, D]
+            vals = v_cache.index_select(0, slots).to(q.dtype).transpose(0, 1)
             ext, total = qi.shape[1], keys.shape[1]
             q_pos = torch.arange(total - ext, total, device=q.device)
             mask = torch.arange(total, device=q.device)[None, :] <= q_pos[:, None]
