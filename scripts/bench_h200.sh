@@ -29,7 +29,7 @@ model=(--model-path radixserve/model_configs/llama-3.1-8b --load-format dummy --
 gsp=(--dataset generated-shared-prefix --gsp-num-groups 64 --gsp-prompts-per-group 16 --gsp-system-prompt-len 2048
      --gsp-question-len 128 --gsp-output-len 256)
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(bs1 sglang-ci qwen-one-batch gsp multi-turn)
+[ ${#sections[@]} -gt 0 ] || sections=(runner bs1 sglang-ci qwen-one-batch gsp multi-turn)
 
 run() {  # run NAME ARGS...: one bench (the 8B shape unless ARGS name another --model-path), in $out/NAME.log
     local name=$1
@@ -40,6 +40,8 @@ run() {  # run NAME ARGS...: one bench (the 8B shape unless ARGS name another --
 
 for section in "${sections[@]}"; do
     case $section in
+    runner)
+        OUT="$out" bash scripts/gpu_check.sh runner tp2_70b ;;
     bs1)
         run bs1 offline --dataset random --num-prompts 1 --random-input-len 256 --random-output-len 1024 \
             --random-range-ratio 1 --cuda-graph-max-bs 2 ;;
@@ -66,7 +68,7 @@ for section in "${sections[@]}"; do
         run dp2 serve --launch-server "${rnd[@]}" --dp-size 2 --label dp2
         python3 -c 'import json, sys; t = [json.load(open(f"{sys.argv[1]}/{n}.json"))["runs"][0]["metrics"]["output_throughput"] for n in ("dp1", "dp2")]; print(f"dp2 / dp1 output throughput: {t[1]:.0f} / {t[0]:.0f} tok/s = {t[1] / t[0]:.2f}x")' "$out" | tee -a "$out/dp2.log" ;;
     *)
-        echo "unknown section: $section (bs1, sglang-ci, qwen-one-batch, gsp, gsp-no-cascade, multi-turn, offline, dp2)" >&2
+        echo "unknown section: $section (runner, bs1, sglang-ci, qwen-one-batch, gsp, gsp-no-cascade, multi-turn, offline, dp2)" >&2
         exit 2 ;;
     esac
 done

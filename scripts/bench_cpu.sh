@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The speed issue's CPU targets on the default model (SmolLM2-135M-Instruct, --dtype auto), one command:
+#   bash scripts/bench_cpu.sh
+# serve:   16 random prompts (64 in / 32 out) through a launched server, one at a time and 16 at once.
+# offline: 16 random prompts (128 in / 64 out) through the Engine beside HF transformers `generate` in the same run
+#          (one batch of 16, the same dtype as the engine).
+# JSON, PNG and logs go to $OUT (default ./bench_cpu_out). Measure on an otherwise idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
+out="${OUT:-bench_cpu_out}"
+mkdir -p "$out"
+python3 -m radixserve.bench serve --launch-server --dataset random --num-prompts 16 --random-input-len 64 \
+    --random-output-len 32 --random-range-ratio 1 --max-concurrency 1 16 --output-dir "$out" --output-name cpu-serve \
+    2>&1 | tee "$out/cpu-serve.log"
+python3 -m radixserve.bench offline --baseline hf --hf-batch-size 16 --dataset random --num-prompts 16 \
+    --random-input-len 128 --random-output-len 64 --random-range-ratio 1 --output-dir "$out" \
+    --output-name cpu-offline 2>&1 | tee "$out/cpu-offline.log"
