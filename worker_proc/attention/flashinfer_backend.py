@@ -23,8 +23,9 @@ host tensor of lengths, which iterates it element by element in Python (0.4 ms a
 global `max` of flashinfer.decode and flashinfer.prefill is replaced by one that reduces a lone tensor
 argument with Tensor.max() (the same value) and is the builtin otherwise.
 Invariant (FlashInfer plan copies its plan info from a pinned host buffer asynchronously): a wrapper is
-planned at most once per step and every step ends with a host sync (sampled tokens to the CPU), so a
-plan never overwrites host memory that a previous plan's copy still reads.
+planned at most once per step, and a step's plan waits for the event recorded after the previous step's plan
+(ModelRunner.launch; steps no longer end with a host sync under overlap scheduling), so a plan never
+overwrites host memory that a previous plan's copy still reads.
 """
 
 from __future__ import annotations
