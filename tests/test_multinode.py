@@ -219,3 +219,10 @@ def test_leaderworkerset_args_parse():
         known, _ = parser.parse_known_args(argv)  # every flag exists: tests/test_deploy.py
         args = ServerArgs.from_cli_args(known)
         assert (args.nnodes, args.node_rank, args.dist_init_addr.split(":")[0]) == (template["size"], index, "leader.lws")
+
+
+def test_engine_refuses_several_nodes_or_replicas():
+    with pytest.raises(ValueError, match="one replica on one node"):
+        Engine(tp_size=2, nnodes=2, dist_init_addr="127.0.0.1:29999")
+    with pytest.raises(ValueError, match="one replica on one node"):
+        Engine(dp_size=2)
