@@ -27,7 +27,8 @@ class TokenizerCore:
         self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
         self.reply_to = reply_to
         self.runtime: wire.RuntimeInfo | None = None  # from the scheduler's Ready, before any request
-        self._reqs: dict[str, tuple[bool, RequestOutput]] = {}  # rid -> (stream, output)
+        # rid -> (stream interval in tokens, as SGLang's stream_interval, or 0: not streamed; output)
+        self._reqs: dict[str, tuple[int, RequestOutput]] = {}
         self.metrics = RequestMetrics()
 
     def __contains__(self, rid: str) -> bool:
@@ -50,7 +51,8 @@ class TokenizerCore:
             return wire.Rejected(msg.rid, 400, str(e))
         except Exception as e:  # e.g. chat content the template cannot render
             return wire.Rejected(msg.rid, 400, f"cannot tokenize the prompt: {e}")
-        self._reqs[msg.rid] = (msg.stream, RequestOutput(msg.rid, text, self.tokenizer, len(ids),
+        interval = (sampling.stream_interval or 1) if msg.stream else 0
+        self._reqs[msg.rid] = (interval, RequestOutput(msg.rid, text, self.tokenizer, len(ids),
                                                          msg.logprob is not None, msg.return_text_in_logprobs))
         if msg.log_metrics:
             self.metrics.start(msg.rid)
@@ -73,7 +75,7 @@ class TokenizerCore:
         entry = self._reqs.get(out.rid)
         if entry is None:
             return None, None  # it ended here already (a stop string): the scheduler is catching up
-        stream, output = entry
+        interval, output = entry
         n_before = len(output.text.output_ids)
         stop = output.apply(out)
         self.metrics.tokens(out.rid, len(output.text.output_ids) - n_before)
@@ -83,7 +85,7 @@ class TokenizerCore:
             last = output.take()
             self.metrics.end(last)
             return last, abort
-        return (output.take() if stream else None), abort
+        return (output.take() if interval and output.due(interval) else None), abort
 
     def drop(self, rid: str) -> bool:
         """Forget a request the scheduler rejected; whether it was known here."""

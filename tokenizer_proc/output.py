@@ -43,10 +43,10 @@ class RequestOutput:
             self._add_logprobs(out)
         stop_token = out.finish is not None and out.finish.type == "stop" and isinstance(out.finish.matched, int)
         delta, matched = self.text.feed(out.new_ids, stop_token=stop_token)
-        self._new_text.append(delta)
+        self._add_text(delta)
         if matched is None and out.finish is not None:
             delta, matched = self.text.finish()
-            self._new_text.append(delta)
+            self._add_text(delta)
         if matched is None:
             self.finish = out.finish
             return None
@@ -55,6 +55,19 @@ class RequestOutput:
             return None
         # Tell the scheduler where the output ends: it may have generated a few tokens past the match.
         return wire.FinishReason(type="stop", matched=matched, length=len(self.text.output_ids))
+
+    def _add_text(self, delta: str) -> None:
+        """A text delta, after taking back what a stop regex's cut retracted from text not sent yet (a stream
+        may have sent it already: see tokenizer_proc/stops.py)."""
+        if self.text.retracted:
+            untaken = "".join(self._new_text)
+            self._new_text[:] = [untaken[:max(len(untaken) - self.text.retracted, 0)]]
+        self._new_text.append(delta)
+
+    def due(self, interval: int) -> bool:
+        """Whether a stream sends a delta now, given SGLang's stream_interval: every step at 1, else once
+        `interval` output ids are not in a delta yet, and at once for the first."""
+        return interval == 1 or self._taken == 0 or len(self.text.output_ids) - self._taken >= interval
 
     def take(self) -> wire.TextDelta:
         """What is new since the previous take (all of it on the first)."""

@@ -20,9 +20,10 @@ class StopMatcher:
     how the text was split into deltas.
 
     Stop regexes (SGLang's `stop_regex`) are searched in the new text plus the last REGEX_WINDOW characters
-    before it, for the first match that ends in the new text; text is not held back for them, so the part of a
-    match that arrived in an earlier delta was already emitted (the output is cut where the match starts, or
-    at what was emitted). A regex match ends the text as a stop string does, and the earlier one wins.
+    before it, for the first match that ends in the new text. Text is not held back for them: when a match
+    starts in text already emitted, `retracted` says how many emitted characters the cut takes back (a front
+    end drops them if it has not sent them yet). A regex match ends the text as a stop string does, and the
+    earlier one wins.
     """
 
     def __init__(self, stops: Sequence[str], no_stop_trim: bool = False, regexes: Sequence[str] = ()) -> None:
@@ -33,6 +34,7 @@ class StopMatcher:
         self._recent = ""  # the last REGEX_WINDOW characters emitted (only with regexes)
         self._held = ""
         self.matched: str | None = None
+        self.retracted = 0  # emitted characters that the matched stop regex takes back
 
     def feed(self, delta: str) -> tuple[str, str | None]:
         """Return `(emit_text, matched)`; after a match, further text is ignored."""
@@ -51,6 +53,8 @@ class StopMatcher:
         if best is not None:
             end, start, self.matched = best
             self._held = ""
+            if not self._no_stop_trim and start < 0:
+                self.retracted = -start
             return text[: end if self._no_stop_trim else max(start, 0)], self.matched
         keep = self._held_len(text)
         self._held = text[len(text) - keep :]

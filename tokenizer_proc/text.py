@@ -189,6 +189,7 @@ class RequestText:
         self._stops = StopMatcher(stop, no_stop_trim, stop_regex)
         self._no_stop_trim = no_stop_trim
         self._pieces: list[str] = []  # the deltas returned so far
+        self.retracted = 0  # characters of earlier deltas that the last call took back (a stop regex's cut)
         self.output_ids: list[int] = []
 
     @classmethod
@@ -212,6 +213,7 @@ class RequestText:
         `stop_token`: the last id is the EOS / stop token that finished the request; as in
         SGLang its text is dropped unless `no_stop_trim` (it stays in `output_ids`).
         """
+        self.retracted = 0
         if self.matched is not None:
             return "", None
         self.output_ids += new_ids
@@ -220,6 +222,7 @@ class RequestText:
 
     def finish(self) -> tuple[str, str | None]:
         """Release held-back text at the end of the request (it may still complete a stop string)."""
+        self.retracted = 0
         if self.matched is not None:
             return "", None
         delta, matched = self._emit(self._detok.flush())
@@ -231,8 +234,15 @@ class RequestText:
 
     def _emit(self, decoded: str) -> tuple[str, str | None]:
         delta, matched = self._stops.feed(decoded)
+        self.retracted, self._stops.retracted = self._stops.retracted, 0
+        if self.retracted:
+            self._pieces = [_drop_tail("".join(self._pieces), self.retracted)]
         self._pieces.append(delta)
         return delta, matched
+
+
+def _drop_tail(text: str, n: int) -> str:
+    return text[:len(text) - n] if n else text
 
 
 class IdsOnly:
@@ -240,6 +250,7 @@ class IdsOnly:
 
     text = ""
     matched = None
+    retracted = 0
 
     def __init__(self) -> None:
         self.output_ids: list[int] = []

@@ -87,6 +87,8 @@ class Gateway:
         r.add_get("/get_model_info", self.model_info)
         r.add_get("/get_server_info", self.server_info)
         r.add_get("/get_load", self.get_load)
+        r.add_get("/model_info", self.model_info)  # SGLang's newer names (its router asks for these first)
+        r.add_get("/server_info", self.server_info)
         r.add_get("/flush_cache", self.flush_cache)
         r.add_post("/flush_cache", self.flush_cache)
         r.add_post("/abort_request", self.abort_request)
@@ -276,6 +278,9 @@ OPERATIONS = {  # (method, path) -> what /openapi.json says of it; every route n
     ("GET", "/get_model_info"): Op("the model served"),
     ("GET", "/get_server_info"): Op("server arguments, processes and live scheduler statistics"),
     ("GET", "/get_load"): Op("SGLang's load report: [{dp_rank, num_reqs, num_waiting_reqs, num_tokens}]"),
+    ("GET", "/model_info"): Op("the model served (SGLang's newer name of /get_model_info)"),
+    ("GET", "/server_info"): Op("server arguments, processes and live scheduler statistics (SGLang's newer name of "
+                                "/get_server_info)"),
     ("GET", "/metrics"): Op("Prometheus metrics (public with --metrics-public; absent with --disable-metrics)",
                             response_type="text/plain"),
     ("GET", "/flush_cache"): Op("empty the radix cache (when idle)", response_type="text/plain"),

@@ -100,7 +100,7 @@ def build_requests(req: GenerateRequest) -> tuple[bool, list[wire.GenerateText]]
         logprob = wire.LogprobRequest(starts[i], tops[i]) if wants[i] else None
         out += expand(rids[i] or uuid.uuid4().hex, sp, prompt, stream=req.stream, logprob=logprob,
                       return_text_in_logprobs=req.return_text_in_logprobs, session=req.session_params,
-                      fill_context=unbounded(raw))
+                      fill_context=unbounded(raw), log_metrics=req.log_metrics)
     return single and len(out) == 1, out
 
 

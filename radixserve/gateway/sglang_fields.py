@@ -34,7 +34,7 @@ class NativeUnsupported(_Unsupported, kw_only=True):
     audio_data: Any = None
     mm_hashes: Any = None
     mm_content_hashes: Any = None
-    use_audio_in_video: bool = False
+    use_audio_in_video: bool | None = False
     video_config: Any = None
     modalities: Any = None
     max_dynamic_patch: Any = None
@@ -52,24 +52,24 @@ class NativeUnsupported(_Unsupported, kw_only=True):
     # outputs this server does not compute
     token_ids_logprob: Any = None
     return_hidden_states: Any = False
-    return_routed_experts: bool = False
-    routed_experts_start_len: Count = 0
-    return_indexer_topk: bool = False
-    return_entropy: bool = False
-    return_bytes: bool = False
-    return_prompt_token_ids: bool = False
+    return_routed_experts: bool | None = False
+    routed_experts_start_len: Count | None = 0
+    return_indexer_topk: bool | None = False
+    return_entropy: bool | None = False
+    return_bytes: bool | None = False
+    return_prompt_token_ids: bool | None = False
     return_sampling_mask: Any = None
     sampling_logprobs_mode: Any = None
-    return_flat_raw_top_logprobs: bool = False
-    return_flat_raw_output_top_logprobs: bool = False
-    return_flat_raw_top_logprobs_b64: bool = False
+    return_flat_raw_top_logprobs: bool | None = False
+    return_flat_raw_output_top_logprobs: bool | None = False
+    return_flat_raw_top_logprobs_b64: bool | None = False
     multi_item_delimiter_indices: Any = None
     token_indices_to_pool: Any = None
     # sampling extensions
     custom_logit_processor: Any = None
     positional_embed_overrides: Any = None
     watermark: Any = None
-    require_reasoning: bool = False
+    require_reasoning: bool | None = False
     max_thinking_tokens: Any = None
     # cache namespaces (a salted prefix would not share the radix cache)
     extra_key: Any = None
@@ -86,26 +86,26 @@ class NativeUnsupported(_Unsupported, kw_only=True):
     data_parallel_rank: Count | None = None
     routed_dp_rank: Count | None = None
     # the OpenAI Responses API
-    background: bool = False
+    background: bool | None = False
 
 
 class OpenAIUnsupported(_Unsupported, kw_only=True):
     """Extras of SGLang's `/v1/chat/completions` and `/v1/completions` for features this server lacks (both
     routes know all of them: the chat-only and completion-only ones are accepted at their default on the other)."""
 
-    return_hidden_states: bool = False
-    return_routed_experts: bool = False
-    routed_experts_start_len: Count = 0
-    return_spec_tokens_details: bool = False
-    return_token_ids: bool = False
-    return_prompt_token_ids: bool = False
-    return_meta_info: bool = False
-    return_input_ids_in_sglext: bool = False
-    return_output_ids_in_sglext: bool = False
-    return_sampling_mask: bool = False
+    return_hidden_states: bool | None = False
+    return_routed_experts: bool | None = False
+    routed_experts_start_len: Count | None = 0
+    return_spec_tokens_details: bool | None = False
+    return_token_ids: bool | None = False
+    return_prompt_token_ids: bool | None = False
+    return_meta_info: bool | None = False
+    return_input_ids_in_sglext: bool | None = False
+    return_output_ids_in_sglext: bool | None = False
+    return_sampling_mask: bool | None = False
     sampling_logprobs_mode: Any = None
-    return_flat_raw_output_top_logprobs: bool = False
-    return_flat_raw_top_logprobs_b64: bool = False
+    return_flat_raw_output_top_logprobs: bool | None = False
+    return_flat_raw_top_logprobs_b64: bool | None = False
     lora_path: Any = None
     custom_logit_processor: Any = None
     watermark: Any = None
@@ -123,7 +123,7 @@ class OpenAIUnsupported(_Unsupported, kw_only=True):
     input_ids: Any = None
     max_dynamic_patch: Any = None
     min_dynamic_patch: Any = None
-    use_audio_in_video: bool = False
+    use_audio_in_video: bool | None = False
     video_config: Any = None
     # completions only
     suffix: Any = None

@@ -1,0 +1,153 @@
+"""SGLang's request fields beyond the basics, on a real server: penalties change greedy output the expected way,
+logit bias, stop regexes, stream_interval, and the OpenAI extras; and the field catalogue: what SGLang's router
+sends is accepted, every field of a feature this server lacks is accepted at its default and named in a 400
+otherwise (checked on the request Structs, no server needed)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import msgspec
+import pytest
+from server_fixture import RadixServer
+
+from radixserve.errors import ApiError
+from radixserve.gateway.native import GenerateRequest, build_requests
+from radixserve.gateway.openai_api import ChatCompletionRequest, chat_requests
+from radixserve.gateway.sglang_fields import NativeUnsupported, OpenAIUnsupported
+
+REPETITIVE = "Repeat after me: the cat, the cat, the cat, the cat, the cat,"
+GREEDY = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = RadixServer()
+    yield s
+    s.stop()
+
+
+def generate(server: RadixServer, text: str, **sampling) -> dict:
+    resp = server.post("/generate", {"text": text, "sampling_params": {**GREEDY, **sampling}})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def repeats(ids: list[int]) -> int:
+    """Output tokens that are repeats of an earlier output token."""
+    return len(ids) - len(set(ids))
+
+
+def test_penalties_change_greedy_output_in_the_expected_direction(server: RadixServer) -> None:
+    base = generate(server, REPETITIVE)["output_ids"]
+    assert repeats(base) > len(base) // 2  # the model loops without penalties
+    for penalty in ({"repetition_penalty": 1.6}, {"frequency_penalty": 1.5}, {"presence_penalty": 1.5}):
+        ids = generate(server, REPETITIVE, **penalty)["output_ids"]
+        assert repeats(ids) < repeats(base), (penalty, repeats(ids), repeats(base))
+    # The other direction: a negative frequency penalty rewards what was already said.
+    varied = "Write three different fruit names: apple, pear,"
+    free = generate(server, varied)["output_ids"]
+    rewarded = generate(server, varied, frequency_penalty=-1.5)["output_ids"]
+    assert Counter(rewarded).most_common(1)[0][1] > Counter(free).most_common(1)[0][1]
+    # Requests without penalties are not affected by penalized ones in the same batch.
+    assert generate(server, REPETITIVE)["output_ids"] == base
+
+
+def test_logit_bias(server: RadixServer) -> None:
+    base = generate(server, "The capital of France is", max_new_tokens=6)["output_ids"]
+    banned = generate(server, "The capital of France is", max_new_tokens=6, logit_bias={str(base[0]): -100})
+    assert banned["output_ids"][0] != base[0]
+    forced = generate(server, "The capital of France is", max_new_tokens=6, logit_bias={"1000": 100})
+    assert forced["output_ids"] == [1000] * 6
+    resp = server.post("/generate", {"text": "x", "sampling_params": {"logit_bias": {"999999": 1}}})
+    assert resp.status_code == 400 and "token ids must be in" in resp.json()["error"]["message"]
+
+
+def test_stop_regex(server: RadixServer) -> None:
+    prompt = "Count from one: 1, 2, 3,"
+    free = generate(server, prompt, max_new_tokens=24)["text"]
+    assert " 7," in free
+    cut = generate(server, prompt, max_new_tokens=24, stop_regex=r"[6-7],")
+    assert cut["text"] == free[:free.index(" 6,") + 1]
+    assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": "[6-7],"}
+    kept = generate(server, prompt, max_new_tokens=24, stop_regex=[r"[6-7],"], no_stop_trim=True)
+    assert kept["text"] == free[:free.index(" 6,") + 3]
+
+
+def test_stream_interval(server: RadixServer) -> None:
+    body = {"text": "Once upon a time", "stream": True, "sampling_params": {**GREEDY, "max_new_tokens": 16}}
+    every = [line for line in server.post("/generate", body).text.splitlines() if line.startswith("data: {")]
+    body["sampling_params"]["stream_interval"] = 4
+    fours = [json.loads(line[6:]) for line in server.post("/generate", body).text.splitlines()
+             if line.startswith("data: {")]
+    assert len(every) == 16 and len(fours) == 5  # the first token at once, then every 4 tokens
+    assert [len(e["output_ids"]) for e in fours] == [1, 5, 9, 13, 16]
+    assert fours[-1]["text"] == json.loads(every[-1][6:])["text"]
+
+
+def test_openai_extras(server: RadixServer) -> None:
+    chat = {"model": "default", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8,
+            "temperature": 0}
+    base = server.post("/v1/chat/completions", chat).json()
+    extras = {**chat, "repetition_penalty": 1.0, "no_stop_trim": False, "separate_reasoning": True,
+              "stream_reasoning": True, "skip_special_tokens": True, "return_hidden_states": False,
+              "chat_template_kwargs": {"unused_variable": 1}, "rid": "my-chat-id", "session_id": "s"}
+    reply = server.post("/v1/chat/completions", extras).json()
+    assert reply["id"] == "my-chat-id" and reply["choices"][0]["message"] == base["choices"][0]["message"]
+    # continue_final_message: the assistant's partial message is continued, not answered.
+    cont = {**chat, "continue_final_message": True,
+            "messages": chat["messages"] + [{"role": "assistant", "content": "Hi! My name"}]}
+    assert server.post("/v1/chat/completions", cont).status_code == 200
+    completion = {"model": "default", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    plain = server.post("/v1/completions", completion).json()["choices"][0]["text"]
+    echoed = server.post("/v1/completions", {**completion, "echo": True}).json()["choices"][0]["text"]
+    assert echoed == completion["prompt"] + plain
+    stream = server.post("/v1/chat/completions", {**chat, "stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}}).text
+    chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    assert all(c["usage"]["completion_tokens"] >= 1 for c in chunks[1:])
+
+
+# ---------------------------------------------------------------- the field catalogue (no server)
+
+# What SGLang's router (sglang-router 0.3.2) sent in front of radixserve, captured on the wire.
+ROUTER_GENERATE = {"text": "hello", "model": None, "sampling_params": {"max_new_tokens": 4},
+                   "return_text_in_logprobs": False, "stream": False, "log_metrics": True,
+                   "return_hidden_states": False, "background": False, "no_logs": False, "return_bytes": False,
+                   "return_entropy": False}
+ROUTER_CHAT = {"messages": [{"role": "user", "content": "hi"}], "model": "m", "logprobs": False,
+               "max_completion_tokens": 4, "stream": False, "no_stop_trim": False, "ignore_eos": False,
+               "continue_final_message": False, "skip_special_tokens": True, "separate_reasoning": True,
+               "stream_reasoning": True, "return_hidden_states": False}
+
+
+def test_what_sglangs_router_sends_is_accepted() -> None:
+    single, [req] = build_requests(msgspec.convert(ROUTER_GENERATE, GenerateRequest))
+    assert single and req.text == "hello" and req.sampling.max_new_tokens == 4
+    reqs, parsers = chat_requests(msgspec.convert(ROUTER_CHAT, ChatCompletionRequest), "hermes")
+    assert len(reqs) == 1 and parsers is None
+
+
+@pytest.mark.parametrize(("kind", "request_type", "base", "build"), [
+    (NativeUnsupported, GenerateRequest, {"text": "x"}, build_requests),
+    (OpenAIUnsupported, ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+     lambda req: chat_requests(req, "hermes")),
+])
+def test_missing_features_are_accepted_at_their_default_and_named_otherwise(kind, request_type, base, build) -> None:
+    fields = msgspec.structs.fields(kind)
+    assert len(fields) > 20
+    build(msgspec.convert({**base, **{f.name: f.default for f in fields}}, request_type))  # all at their default
+    build(msgspec.convert({**base, **{f.name: None for f in fields}}, request_type))  # or null
+    for f in fields:
+        for value in (True, 7, "something"):  # the first value the field's type takes
+            try:
+                req = msgspec.convert({**base, f.name: value}, request_type)
+            except msgspec.ValidationError:
+                continue
+            with pytest.raises(ApiError) as err:
+                build(req)
+            assert err.value.status == 400 and err.value.param == f.name
+            break
+        else:
+            pytest.fail(f"no value other than the default decodes for {f.name}")
