@@ -339,11 +339,11 @@ class WorkerError(msgspec.Struct, tag=True, array_like=True):
 
 
 class NodeHello(msgspec.Struct, tag=True):
-    """A remote node's launcher, first on the link to node 0's (launch/multinode.py); node 0 checks the flags."""
+    """A remote node's launcher, first on the link to node 0's (launch/multinode.py); node 0 checks that the flags
+    match its own (but those that may differ per node)."""
 
     node_rank: int
-    nnodes: int
-    tp_size: int
+    server_args: bytes  # ServerArgs as JSON
 
 
 class NodeHeartbeat(msgspec.Struct, tag=True):

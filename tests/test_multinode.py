@@ -13,13 +13,15 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
-from server_fixture import REPO, RadixServer, alive, descendants
+from server_fixture import DEBUG_FLAGS, REPO, SMALL_LIMITS, RadixServer, alive, descendants
 from test_models import tiny_config
 from transformers import AutoModelForCausalLM
 
 from radixserve import Engine, wire
+from radixserve.config import ServerArgs
 
 PROMPTS = [[5, 17, 33, 2, 9, 41, 100], [7, 7, 7], [200, 3, 15, 8, 99, 12, 61, 250, 4, 1, 77]]
 PARAMS = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
@@ -72,8 +74,9 @@ class TwoNodes:
         self.node0 = RadixServer(*flags, "--node-rank", "0", wait=False)
         self.log1 = Path(os.environ.get("TMPDIR", "/tmp")) / f"radixserve-test-node1-{self.node0.port}.log"
         with open(self.log1, "wb") as log:
-            self.node1 = subprocess.Popen([sys.executable, "-m", "radixserve", "serve", *flags, "--node-rank", "1",
-                                           "--log-level", "info"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.node1 = subprocess.Popen([sys.executable, "-m", "radixserve", "serve", *SMALL_LIMITS, *DEBUG_FLAGS,
+                                           *flags, "--node-rank", "1", "--log-level", "info"],
+                                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
             self.node0.wait_ready()
         except BaseException:
@@ -149,6 +152,20 @@ def test_node_zero_killed_stops_node_one(tiny_llama):
         nodes.kill()
 
 
+def test_a_dead_rank_stops_every_node(tiny_llama):
+    """Rank 0's worker killed: node 0 stops (exit 1) and tells node 1, which stops with exit 1 too."""
+    nodes = TwoNodes(tiny_llama)
+    try:
+        (rank0,) = [p for p in nodes.node0.child_pids if b"worker-0" in _title(p)]
+        os.kill(rank0, signal.SIGKILL)
+        assert nodes.node0.wait_exit(DEATH_S) == 1, nodes.logs()
+        assert _exit_within(nodes.node1, DEATH_S) == 1, nodes.logs()
+        assert "node 0 stopped: node 0 failed" in nodes.log1.read_text()
+        assert nodes.wait_all_gone(2.0) == [], nodes.logs()
+    finally:
+        nodes.kill()
+
+
 def test_orderly_stop_of_node_zero_stops_node_one_cleanly(tiny_llama):
     nodes = TwoNodes(tiny_llama, "--shutdown-timeout", "1")
     try:
@@ -161,7 +178,7 @@ def test_orderly_stop_of_node_zero_stops_node_one_cleanly(tiny_llama):
 
 
 def test_node_with_other_flags_is_refused(tiny_llama):
-    """A node that joins with another --tp-size is a configuration error: node 0 stops and says why."""
+    """A node that joins with other flags (here --tp-size) is a configuration error: node 0 stops and says why."""
     port = free_port_block(5)
     common = ["--model-path", tiny_llama, "--skip-tokenizer-init", "--device", "cpu", "--nnodes", "2",
               "--dist-init-addr", f"127.0.0.1:{port}"]
@@ -169,10 +186,12 @@ def test_node_with_other_flags_is_refused(tiny_llama):
     try:
         link = _connect_when_listening(port + 1, timeout=120)
         with link:
-            hello = wire.encoder.encode(wire.NodeHello(node_rank=1, nnodes=2, tp_size=4))
+            theirs = ServerArgs(model_path=tiny_llama, tp_size=4, nnodes=2, node_rank=1,
+                                dist_init_addr=f"127.0.0.1:{port}")
+            hello = wire.encoder.encode(wire.NodeHello(node_rank=1, server_args=msgspec.json.encode(theirs)))
             link.sendall(len(hello).to_bytes(4, "big") + hello)
             assert node0.wait_exit(DEATH_S) == 1, node0.log()
-        assert "--tp-size 4" in node0.log()
+        assert "--tp-size 4 (node 0: 2)" in node0.log()
         assert node0.leftovers(2.0) == []
     finally:
         node0.kill()
@@ -204,8 +223,6 @@ def test_leaderworkerset_args_parse():
     import argparse
 
     import yaml
-
-    from radixserve.config import ServerArgs
 
     lws = next(yaml.safe_load_all((REPO / "deploy" / "k8s" / "lws" / "radixserve-lws.yaml").read_text()))
     template = lws["spec"]["leaderWorkerTemplate"]

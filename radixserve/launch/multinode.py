@@ -15,6 +15,7 @@ Frames: a 4-byte big-endian length, then the msgpack message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import signal
@@ -40,6 +41,10 @@ CONNECT_TIMEOUT_S = 1800.0  # a remote node waits this long for node 0's launche
 STOP_GRACE_S = 4.0  # after NodeStop: the workers' own exit, then SIGTERM, then SIGKILL after STOP_KILL_S
 STOP_KILL_S = 2.0
 POLL_S = 0.1
+# Flags that may differ between the nodes of one group; every other flag must be node 0's (a rank with other
+# limits, dtype or context length would fail in a collective, or silently compute something else).
+PER_NODE_FLAGS = frozenset({"node_rank", "host", "port", "base_gpu_id", "model_path", "tokenizer_path",
+                            "download_dir", "log_level", "api_key"})
 _FRAME = struct.Struct("!I")
 _MAX_FRAME = 1 << 16
 _decoder = wire.decoder(wire.NodeLink)
@@ -148,12 +153,13 @@ class HeadLinks:
             return link.close()
         if not isinstance(hello, wire.NodeHello):
             return link.close()
-        a, rank = self.args, hello.node_rank
-        if (hello.nnodes, hello.tp_size) != (a.nnodes, a.tp_size) or not 0 < rank < a.nnodes or rank in self.links:
+        rank = hello.node_rank
+        problem = flag_mismatch(self.args, hello.server_args)
+        if problem is None and (not 0 < rank < self.args.nnodes or rank in self.links):
+            problem = f"node rank {rank} is out of range or already joined"
+        if problem is not None:
             link.close()
-            return self._lost(f"node {rank} joined with --nnodes {hello.nnodes} --tp-size {hello.tp_size}; node 0 "
-                              f"has --nnodes {a.nnodes} --tp-size {a.tp_size}"
-                              + (f", and a node {rank} had already joined" if rank in self.links else ""))
+            return self._lost(f"node {rank} cannot join: {problem}")
         self.links[rank] = link
         log.info("node %d joined from %s", rank, link.sock.getpeername())
         try:
@@ -176,6 +182,18 @@ class HeadLinks:
             link.close()
         if self.listener is not None:
             self.listener.close()
+
+
+def flag_mismatch(ours: ServerArgs, theirs_json: bytes) -> str | None:
+    """Which flags of another node differ from ours (but PER_NODE_FLAGS), or None if none do."""
+    try:
+        theirs = msgspec.json.decode(theirs_json, type=ServerArgs)
+    except (msgspec.DecodeError, ValueError) as e:
+        return f"unreadable flags ({e})"
+    diff = [f"--{f.name.replace('_', '-')} {getattr(theirs, f.name)} (node 0: {getattr(ours, f.name)})"
+            for f in dataclasses.fields(ServerArgs)
+            if f.name not in PER_NODE_FLAGS and getattr(theirs, f.name) != getattr(ours, f.name)]
+    return "other flags than node 0's: " + ", ".join(diff) if diff else None
 
 
 def serve_node(args: ServerArgs, model_dir: str) -> int:
@@ -202,7 +220,7 @@ class _Node:
         link = self._connect()
         if link is None:
             return 0 if self.signal is not None else 1
-        link.send(wire.NodeHello(self.args.node_rank, self.args.nnodes, self.args.tp_size))
+        link.send(wire.NodeHello(self.args.node_rank, msgspec.json.encode(self.args.replace(api_key=None))))
         stopped = threading.Event()
         _thread(self._listen, link)
         _thread(_beat, lambda: [link], stopped)
