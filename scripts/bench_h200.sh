@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU targets of the benchmark and speed issues, dummy bf16 weights (Llama-3.1-8B shape unless said), one
 # command per section:
-#   bash scripts/bench_h200.sh [bs1] [sglang-ci] [qwen-one-batch] [gsp] [gsp-no-cascade] [multi-turn] [offline] [dp2]
-#   (default: bs1 sglang-ci qwen-one-batch gsp multi-turn)
+#   bash scripts/bench_h200.sh [runner] [bs1] [sglang-ci] [qwen-one-batch] [gsp] [gsp-no-cascade] [multi-turn] [offline] [dp2]
+#   (default: runner bs1 sglang-ci qwen-one-batch gsp multi-turn)
+# runner:     scripts/gpu_check.sh runner tp2_70b (decode at batch 1 and 256 x 1k vs the floor, step by step and pipelined;
+#             the 70B shape at --tp-size 2 when 2 GPUs are here).
 # bs1:        end to end at batch 1: one random 256-token prompt, 1024 output tokens (offline Engine).
 # sglang-ci:  SGLang's CI throughput workload: 500 random prompts (up to 4096 in / 2048 out), all at once, against
 #             a launched server.
@@ -16,7 +18,7 @@
 #             256 prompts: throughputs are rates, so they compare).
 # dp2:        2 GPUs: the offline section's workload (random 1024 in / 256 out x 2000, all at once) against a
 #             launched server at --dp-size 1 and at --dp-size 2 (two replicas behind SGLang's router, default
-#             policy); prints dp2 / dp1 output throughput (target >= 1.8).
+#             policy); prints dp2 / dp1 output throughput (target >= 1.8). DP2_PROMPTS overrides the 2000.
 # JSON, PNG and logs go to $OUT (default ./bench_h200_out); the JSON's commit is $GIT_COMMIT if set (pass it
 # where the tree is a copy whose git metadata may lag), else the checkout's.
 set -euo pipefail
@@ -63,7 +65,7 @@ for section in "${sections[@]}"; do
         run offline offline --dataset random --num-prompts 2000 --random-input-len 1024 --random-output-len 256 \
             --baseline hf --hf-batch-size 64 128 256 --hf-num-prompts 256 ;;
     dp2)
-        rnd=(--dataset random --num-prompts 2000 --random-input-len 1024 --random-output-len 256 --no-plot)
+        rnd=(--dataset random --num-prompts "${DP2_PROMPTS:-2000}" --random-input-len 1024 --random-output-len 256 --no-plot)
         run dp1 serve --launch-server "${rnd[@]}" --label dp1
         run dp2 serve --launch-server "${rnd[@]}" --dp-size 2 --label dp2
         python3 -c 'import json, sys; t = [json.load(open(f"{sys.argv[1]}/{n}.json"))["runs"][0]["metrics"]["output_throughput"] for n in ("dp1", "dp2")]; print(f"dp2 / dp1 output throughput: {t[1]:.0f} / {t[0]:.0f} tok/s = {t[1] / t[0]:.2f}x")' "$out" | tee -a "$out/dp2.log" ;;
