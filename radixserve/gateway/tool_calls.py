@@ -161,8 +161,8 @@ class ToolParser:
     def _json(self, final: bool) -> tuple[str, list[ToolCall]]:
         if self._json_mode is None:
             head = self._held.lstrip()
-            if not head and not final:
-                return "", []
+            if not final and (not head or (PYTHON_TAG.startswith(head) and head != PYTHON_TAG)):
+                return "", []  # undecided: nothing yet, or maybe the start of <|python_tag|>
             self._json_mode = self.enforced or head.startswith(("{", "[", PYTHON_TAG))
         if not self._json_mode:
             shown, self._held = self._held, ""

@@ -1,0 +1,119 @@
+"""Tool calling without a server: the parser on each model family's output (cut into every possible stream
+chunking), the enforcing schema, and the prompt side (tools and tool calls through a chat template that renders
+them, and through SmolLM2's, which does not). The round trip with the openai client on a real server is in
+tests/test_structured_output.py."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import msgspec
+import pytest
+from transformers import AutoTokenizer
+
+from radixserve.errors import ApiError
+from radixserve.gateway.tool_calls import HERMES, JSON, NamedToolChoice, Tool, ToolParser, resolve, tool_format
+from radixserve.model_files import chat_template_text, resolve_model
+from tokenizer_proc.text import ChatOptions, encode_prompt
+
+TOOLS = msgspec.convert([
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}},
+], list[Tool])
+NAMES = ["get_weather", "add"]
+
+
+def parse(fmt: str, text: str, chunk: int, enforced: bool = False) -> tuple[str, list[tuple[str, dict]]]:
+    """(content, [(name, arguments)]) of `text` streamed `chunk` characters at a time."""
+    parser, shown, calls = ToolParser(fmt, NAMES, enforced), [], []
+    for i in range(0, len(text), chunk):
+        content, new = parser.feed(text[i:i + chunk])
+        shown.append(content)
+        calls += new
+    content, new = parser.finish()
+    shown.append(content)
+    calls += new
+    assert len({c.id for c in calls}) == len(calls)
+    return "".join(shown), [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+CASES = [  # (format, model output, content, calls)
+    (HERMES, 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     "Let me check.\n", [("get_weather", {"city": "Paris"})]),
+    (HERMES, '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n<tool_call>\n'
+             '{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+     "\n", [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo"})]),
+    (HERMES, "No tools needed: 1 < 2 and <tool> is not a tag.", "No tools needed: 1 < 2 and <tool> is not a tag.", []),
+    (HERMES, '<tool_call>{"name": "unknown_tool", "arguments": {}}</tool_call>',
+     '<tool_call>{"name": "unknown_tool", "arguments": {}}</tool_call>', []),
+    (HERMES, '<tool_call>[{"name": "add", "arguments": {"a": 3}}]', "", [("add", {"a": 3})]),  # unclosed, a list
+    (JSON, '{"name": "get_weather", "parameters": {"city": "Rome"}}', "", [("get_weather", {"city": "Rome"})]),
+    (JSON, '<|python_tag|>{"name": "add", "parameters": {"a": 1}}; {"name": "add", "parameters": {"b": 2}}',
+     "", [("add", {"a": 1}), ("add", {"b": 2})]),
+    (JSON, 'The weather is nice. {"name": "add"}', 'The weather is nice. {"name": "add"}', []),
+    (JSON, '{"name": "add", "parameters": {"a": 1}', '{"name": "add", "parameters": {"a": 1}', []),  # cut short
+]
+
+
+@pytest.mark.parametrize(("fmt", "text", "content", "calls"), CASES)
+def test_parser_on_every_chunking(fmt: str, text: str, content: str, calls: list) -> None:
+    for chunk in range(1, len(text) + 1):
+        assert parse(fmt, text, chunk) == (content, calls), chunk
+
+
+def test_enforced_calls_are_a_json_array_that_the_schema_describes() -> None:
+    tools, schema = resolve(TOOLS, "required", parallel=True)
+    assert tools == TOOLS
+    output = '[{"name": "add", "parameters": {"a": 1, "b": 2}}, {"name": "get_weather", "parameters": {"city": "X"}}]'
+    jsonschema.validate(json.loads(output), json.loads(schema))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "nope", "parameters": {}}], json.loads(schema))
+    assert parse(HERMES, output, 7, enforced=True) == ("", [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "X"})])
+    named = json.loads(resolve(TOOLS, msgspec.convert({"function": {"name": "add"}}, NamedToolChoice), True)[1])
+    assert named["maxItems"] == 1 and named["items"]["properties"]["name"]["enum"] == ["add"]
+    assert json.loads(resolve(TOOLS, "required", parallel=False)[1])["maxItems"] == 1
+    assert resolve(TOOLS, "none", parallel=True) == ([], None)
+    with pytest.raises(ApiError):
+        resolve(TOOLS, msgspec.convert({"function": {"name": "missing"}}, NamedToolChoice), parallel=True)
+
+
+def test_format_follows_the_chat_template() -> None:
+    smol = chat_template_text(resolve_model(None))
+    assert "tools" not in smol and tool_format(smol) == HERMES  # the tools go in the system message
+    assert tool_format("{% if tools %}<tool_call>{{ tools | tojson }}</tool_call>{% endif %}") == HERMES  # Qwen
+    assert tool_format("{% if tools %}{{ tools | tojson }} Respond with {\"name\", \"parameters\"}{% endif %}") == JSON
+
+
+RENDERS_TOOLS = (  # a template in the style of Llama 3.1's: tools as JSON, calls' arguments as objects
+    "{% for t in tools or [] %}TOOL {{ t.function.name }} {{ t.function.parameters | tojson }}\n{% endfor %}"
+    "{% for m in messages %}<{{ m.role }}>{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}{% else %}{{ m.content }}{% endif %}"
+    "</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+HISTORY = [{"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": None, "tool_calls": [
+               {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                                 "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 21}'}]
+
+
+def test_tools_and_tool_calls_reach_the_chat_template() -> None:
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    # SmolLM2's template renders no tools: they are described in a system message, calls and results as blocks.
+    text = tok.decode(encode_prompt(tok, messages=HISTORY, chat=ChatOptions(tools=tools)))
+    assert "<tools>" in text and '"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert '<tool_response>\n{"temperature_c": 21}\n</tool_response>' in text
+    # A template that renders tools gets them, and the call's arguments as an object (not JSON text).
+    tok.chat_template = RENDERS_TOOLS
+    text = tok.decode(encode_prompt(tok, messages=HISTORY, chat=ChatOptions(tools=tools)))
+    assert text.startswith('TOOL get_weather {"type": "object"}')
+    assert '<assistant>CALL get_weather {"city": "Paris"}</assistant>' in text
+    assert text.endswith('<tool>{"temperature_c": 21}</tool><assistant>')
+    with pytest.raises(ValueError, match="not JSON"):
+        encode_prompt(tok, messages=[{"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": "{broken"}}]}])
