@@ -136,6 +136,8 @@ class SlotGrammars:
 
     def mask(self, logits: torch.Tensor, slots: np.ndarray, kept: np.ndarray) -> None:
         """Mask each kept grammar row of `logits` to the tokens its matcher accepts (in place)."""
+        if not self.matchers:
+            return  # no grammar in flight: nothing per row
         rows = [i for i in np.flatnonzero(kept) if int(slots[i]) in self.matchers]
         if not rows:
             return
@@ -159,6 +161,8 @@ class SlotGrammars:
     def record(self, slots: np.ndarray, next_ids: torch.Tensor, kept: np.ndarray) -> None:
         """Send the kept grammar rows' sampled tokens to the host, for their matchers to accept before the next
         mask (no wait here: the next step is launched first)."""
+        if not self.matchers:
+            return
         rows = [i for i in np.flatnonzero(kept) if int(slots[i]) in self.matchers]
         if not rows:
             return
