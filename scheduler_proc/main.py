@@ -117,7 +117,10 @@ class SchedulerProcess:
                 w.send(wire.Shutdown())
             return False
         else:
-            if isinstance(msg, wire.CheckInvariants):
+            # A call that reads the state between steps waits for the steps in flight: always the invariant walk,
+            # and server info when invariant checks are on and no request is left (so an idle server says "ok").
+            idle_check = self.args.enable_invariant_checks and not self.sched.has_work
+            if isinstance(msg, wire.CheckInvariants) or (isinstance(msg, wire.GetServerInfo) and idle_check):
                 self._drain_inflight()
             self.replies[msg.reply_to].send(handle_control(self.sched, self.runtime, msg))
         return None
