@@ -28,6 +28,7 @@ class SlotPenalties:
         self.device = device
         self.counted = np.zeros(max_reqs, dtype=bool)  # has a frequency, presence or repetition penalty
         self.biased = np.zeros(max_reqs, dtype=bool)
+        self.kinds = np.zeros((max_reqs, 3), dtype=bool)  # which of frequency, presence, repetition it has
         self.frequency = torch.zeros(max_reqs, dtype=torch.float32, device=device)
         self.presence = torch.zeros(max_reqs, dtype=torch.float32, device=device)
         self.repetition = torch.ones(max_reqs, dtype=torch.float32, device=device)
@@ -40,6 +41,7 @@ class SlotPenalties:
         self.biased[slot] = p is not None and bool(p.bias_ids)
         self.bias.pop(slot, None)
         if self.counted[slot]:
+            self.kinds[slot] = (p.frequency != 0, p.presence != 0, p.repetition != 1)
             self.frequency[slot], self.presence[slot], self.repetition[slot] = p.frequency, p.presence, p.repetition
             if self.counts is None:
                 self.counts = torch.zeros((len(self.counted), self.vocab_size), dtype=torch.float32, device=self.device)
@@ -54,15 +56,20 @@ class SlotPenalties:
         """Penalize and bias the rows of `logits` (one per batch row, req slots `slots`) in place."""
         rows = np.flatnonzero(self.counted[slots])
         if len(rows):
+            frequency, presence, repetition = self.kinds[slots[rows]].any(axis=0)  # only the kinds in use
             d_rows = torch.from_numpy(rows).to(self.device)
-            s = d_slots[d_rows].long()
-            counts = self.counts[s]
+            s = d_slots.index_select(0, d_rows).long()
+            counts = self.counts.index_select(0, s)
             seen = counts > 0
-            x = logits[d_rows]
-            rep = self.repetition[s][:, None]
-            x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-            x = x - self.frequency[s][:, None] * counts - self.presence[s][:, None] * seen
-            logits[d_rows] = x
+            x = logits.index_select(0, d_rows)
+            if repetition:
+                rep = self.repetition[s][:, None]
+                x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+            if frequency:
+                x = torch.addcmul(x, counts, -self.frequency[s][:, None])
+            if presence:
+                x = torch.addcmul(x, seen.float(), -self.presence[s][:, None])
+            logits.index_copy_(0, d_rows, x)
         for row in np.flatnonzero(self.biased[slots]):
             ids, values = self.bias[int(slots[row])]
             logits[int(row), ids] += values
