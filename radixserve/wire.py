@@ -139,37 +139,33 @@ class TextBatch(msgspec.Struct, tag=True):
 # ControlReply with the same call_id, routed back by `reply_to` (the tokenizer's index).
 
 
-class FlushCache(msgspec.Struct, tag=True, omit_defaults=True):
+class _Call(msgspec.Struct, tag=True, omit_defaults=True, kw_only=True):
+    """A control call; its ControlReply carries the same call_id back to tokenizer `reply_to`."""
+
     call_id: str
     reply_to: int = 0
 
 
-class GetServerInfo(msgspec.Struct, tag=True, omit_defaults=True):
+class FlushCache(_Call):
+    pass
+
+
+class GetServerInfo(_Call):
     """Live counters, read in O(1) (the invariant walk is CheckInvariants)."""
 
-    call_id: str
-    reply_to: int = 0
 
-
-class CheckInvariants(msgspec.Struct, tag=True, omit_defaults=True):
+class CheckInvariants(_Call):
     """Walk the whole KV and cache state (O(cache size)): for tests and debugging."""
 
-    call_id: str
-    reply_to: int = 0
 
-
-class OpenSession(msgspec.Struct, tag=True, omit_defaults=True):
-    call_id: str
+class OpenSession(_Call):
     capacity_of_str_len: int = 0
     session_id: str | None = None
     idle_timeout: float | None = None  # the HTTP field `timeout`; named apart from the control call's own timeout
-    reply_to: int = 0
 
 
-class CloseSession(msgspec.Struct, tag=True, omit_defaults=True):
-    call_id: str
+class CloseSession(_Call):
     session_id: str
-    reply_to: int = 0
 
 
 class ShutdownServer(msgspec.Struct, tag=True):
