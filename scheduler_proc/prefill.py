@@ -5,8 +5,9 @@ in the radix cache, ties by arrival (FCFS past LPM_MAX_QUEUE waiting, where matc
 would cost too much). No request starves under LPM: one that LPM_MAX_OVERTAKEN later arrivals have been
 waiting beside is overdue, and overdue requests go first, in arrival order. A request is admitted only if
 its prompt plus `new_token_ratio × max_new_tokens` fits beside what running requests still reserve; the first
-that does not fit stops admission (no overtaking). A waiting request that shares DEFER_MIN_SHARED uncached tokens with a prompt computed in this
-step waits for the next one, when that prefix is in the tree, instead of computing it twice.
+that does not fit stops admission (no overtaking). A waiting request that shares DEFER_MIN_SHARED uncached
+tokens with a prompt computed in this step waits for the next one, when that prefix is in the tree, instead
+of computing it twice.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ CUTS = size(ci=160, long=1000)
 MAX_RUNNING = 8
 CONCURRENCY = 16  # past MAX_RUNNING: some requests wait in the queue when they are cut
 LONG_PROMPT = "Tell me everything about the history of the Roman Empire. " * 60  # ~700 tokens: a long prefill
-READ_TIMEOUT_S = 120.0  # a completed request may wait behind the others on a loaded 2-core machine
+READ_TIMEOUT_S = float(size(ci=120, long=600))  # a completed request may wait behind the others on 2 shared cores
 
 
 @pytest.fixture(scope="module")

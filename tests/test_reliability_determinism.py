@@ -3,10 +3,11 @@ cache, with the radix cache off, and with a KV pool so small that requests are r
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 from reliability_util import leak_problems, report, size, wait_idle
-from server_fixture import RadixServer
+from server_fixture import RadixServer, http_request
 
 SHARED = "You are a careful assistant. Answer in one short paragraph, plainly and without lists. " * 3
 PROMPTS = [SHARED + f"Question {i}: what is {i} times {i + 3}?" for i in range(size(ci=4, long=24))] + [
@@ -15,8 +16,9 @@ NEW_TOKENS = size(ci=24, long=48)
 
 
 def _generate(server: RadixServer, prompt: str) -> tuple[list[int], int]:
-    resp = server.post("/generate", {"text": prompt, "sampling_params": {
-        "max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}})
+    body = {"text": prompt, "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}}
+    # All at once, the last of 48 requests waits for the others: minutes on 2 shared cores.
+    resp = http_request(server.port, "POST", "/generate", json.dumps(body).encode(), timeout=900)
     assert resp.status_code == 200, resp.text
     out = resp.json()
     return out["output_ids"], out["meta_info"]["cached_tokens"]

@@ -18,7 +18,9 @@ from server_fixture import RadixServer
 
 CLIENTS = size(ci=16, long=64)
 DURATION_S = size(ci=20, long=600)
-STALL_S = 120.0  # a request slower than this is a stall (the slowest CI ones take a few seconds)
+# A request slower than this is a stall. 64 clients on 2 shared cores wait their turn for a minute or more
+# (docs/reliability.md has the latencies), so the long size allows more.
+STALL_S = float(size(ci=120, long=300))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,9 @@ def test_mixed_clients(server: RadixServer) -> None:
     latencies.sort()
     figures = {"clients": CLIENTS, "seconds": round(time.monotonic() - started, 1), "by_kind": dict(done),
                "failures": len(failures), "leaks": leak_problems(info), "sessions_open": info["scheduler"]["num_sessions"],
-               "latency_p50_s": round(latencies[len(latencies) // 2], 2), "latency_max_s": round(latencies[-1], 2)}
+               "requests": len(latencies), "latency_p50_s": round(latencies[len(latencies) // 2], 2),
+               "latency_p99_s": round(latencies[int(len(latencies) * 0.99)], 2),
+               "latency_max_s": round(latencies[-1], 2), "over_120_s": sum(t > 120 for t in latencies)}
     report("load", **figures)
     assert not failures, failures[:10]
     assert all(done[k] for k in KINDS), done
