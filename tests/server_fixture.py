@@ -156,6 +156,11 @@ class RadixServer:
             time.sleep(0.1)
         return [p for p in pids if alive(p)]
 
+    def stop_cleanly(self) -> None:
+        """SIGTERM; asserts the server exits 0 and leaves no process (the end of every module's server fixture)."""
+        code, left = self.stop()
+        assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{self.log()}"
+
     def stop(self) -> tuple[int | None, list[int]]:
         """SIGTERM; returns (exit code, pids left after 10 s)."""
         if self.proc.poll() is None:

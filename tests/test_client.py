@@ -56,8 +56,7 @@ def started() -> Iterator[Started]:
         srv.kill()
         raise RuntimeError(f"server did not start:\n{log}") from e
     yield Started(srv, loading, ready_in)
-    code, left = srv.stop()
-    assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{srv.log()}"
+    srv.stop_cleanly()
 
 
 @pytest.fixture(scope="module")

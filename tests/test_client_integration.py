@@ -23,8 +23,7 @@ DOC = ("The Rhine rises in the Swiss Alps, flows through Lake Constance, forms p
 def server() -> Iterator[RadixServer]:
     srv = RadixServer("--max-running-requests", "8")
     yield srv
-    code, left = srv.stop()
-    assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{srv.log()}"
+    srv.stop_cleanly()
 
 
 @pytest.fixture(scope="module")

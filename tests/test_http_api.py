@@ -19,8 +19,7 @@ CHAT = [{"role": "user", "content": "Name three colors."}]
 def server() -> Iterator[RadixServer]:
     srv = RadixServer()
     yield srv
-    code, left = srv.stop()
-    assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{srv.log()}"
+    srv.stop_cleanly()
 
 
 @pytest.fixture(scope="module")

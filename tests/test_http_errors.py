@@ -18,8 +18,7 @@ GOOD = {"text": "Hello", "sampling_params": {"max_new_tokens": 2, "temperature":
 def server() -> Iterator[RadixServer]:
     srv = RadixServer(api_key=KEY)
     yield srv
-    code, left = srv.stop()
-    assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{srv.log()}"
+    srv.stop_cleanly()
 
 
 BAD_REQUESTS = [  # (name, path, body, status, param or None)

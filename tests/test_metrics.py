@@ -29,8 +29,7 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 def server() -> Iterator[RadixServer]:
     srv = RadixServer("--tokenizer-worker-num", "2", api_key=KEY)
     yield srv
-    code, left = srv.stop()
-    assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{srv.log()}"
+    srv.stop_cleanly()
 
 
 def scrape(server: RadixServer) -> dict[str, float]:

@@ -38,8 +38,7 @@ READ_TIMEOUT_S = float(size(ci=120, long=600))  # a completed request may wait b
 def server() -> Iterator[RadixServer]:
     srv = RadixServer("--max-running-requests", str(MAX_RUNNING))
     yield srv
-    code, left = srv.stop()
-    assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{srv.log()}"
+    srv.stop_cleanly()
 
 
 def _body(rng: random.Random, i: int, stream: bool) -> tuple[str, dict]:

@@ -48,8 +48,7 @@ BIG = 2**64  # one past what msgpack can carry
 def server() -> Iterator[RadixServer]:
     srv = RadixServer(*FLAGS, api_key=KEY)
     yield srv
-    code, left = srv.stop()
-    assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{srv.log()}"
+    srv.stop_cleanly()
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,7 @@ STALL_S = float(size(ci=120, long=300))
 def server() -> Iterator[RadixServer]:
     srv = RadixServer()
     yield srv
-    code, left = srv.stop()
-    assert code == 0 and not left, f"SIGTERM: exit code {code}, processes left {left}\n{srv.log()}"
+    srv.stop_cleanly()
 
 
 class Failure(Exception):
