@@ -38,6 +38,7 @@ from radixserve.config import RouterPolicy, ServerArgs
 
 START_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 20.0
+LOG_TAIL_LINES = 40  # of a server that failed to start, in the error
 WARMUP_OUTPUT_LEN = 4
 
 
@@ -316,7 +317,9 @@ def _wait_ready(proc: subprocess.Popen, url: str, log_path: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}; its log: {log_path}")
+            with open(log_path, errors="replace") as f:
+                tail = "".join(f.readlines()[-LOG_TAIL_LINES:])
+            raise RuntimeError(f"the server exited with code {proc.returncode}; the end of its log ({log_path}):\n{tail}")
         try:
             with urllib.request.urlopen(f"{url}/health_generate", timeout=30) as resp:
                 if resp.status == 200:

@@ -59,11 +59,23 @@ def router_argv(args: ServerArgs, ports: list[int], prometheus_port: int) -> lis
 
 
 def run_router(argv: list[str], parent_pid: int) -> None:
-    """The router's process (a child of the launcher, so the argv, with any API key, is not on a command line)."""
-    die_with_parent(parent_pid)
-    from sglang_router.launch_router import launch_router, parse_router_args
+    """The router's process (a child of the launcher, so the argv, with any API key, is not on a command line).
 
-    launch_router(parse_router_args(argv))
+    Starts the Rust router directly: `sglang_router.launch_router` also imports the Python mini load balancer,
+    whose FastAPI / uvicorn stack a deployment may not have."""
+    die_with_parent(parent_pid)
+    import argparse
+
+    import setproctitle
+    from sglang_router.router import Router
+    from sglang_router.router_args import RouterArgs
+
+    parser = argparse.ArgumentParser(prog="sglang_router")
+    RouterArgs.add_cli_args(parser, use_router_prefix=False)
+    router_args = RouterArgs.from_cli_args(parser.parse_args(argv), use_router_prefix=False)
+    router_args._validate_router_args()
+    setproctitle.setproctitle("sglang::router")  # the name SGLang's own launcher gives it, for ps and tests
+    Router.from_args(router_args).start()
 
 
 class _DataParallel:
