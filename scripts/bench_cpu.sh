@@ -7,7 +7,7 @@
 # JSON, PNG and logs go to $OUT (default ./bench_cpu_out). Measure on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 out="${OUT:-bench_cpu_out}"
 mkdir -p "$out"
 python3 -m radixserve.bench serve --launch-server --dataset random --num-prompts 16 --random-input-len 64 \

@@ -333,3 +333,37 @@ def test_tp2_matches_tp1(tmp_path):
                       "bf16_equals_fp32": outs["tp2_bf16_graphs"] == outs["tp1_fp32"]}
     assert outs["tp1_fp32"] == outs["tp2_fp32"]
     assert gap <= TIE_TOL, f"a greedy token is {gap:.3g} below the reference's best logit"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_nodes_over_nccl_match_one_node(tmp_path):
+    """Multi-node TP over NCCL, as two launchers on this 2-GPU host (`--nnodes 2`, one GPU each): the greedy
+    tokens of `--tp-size 2` on one node (bf16, FlashInfer, CUDA graphs), and killing node 1 stops node 0."""
+    import signal
+
+    from test_multinode import DEATH_S, TwoNodes
+
+    from radixserve import Engine
+
+    save_tiny("llama", str(tmp_path), seed=7)
+    batch = prompts(8)
+    params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    flags = dict(skip_tokenizer_init=True, max_total_tokens=4096, max_running_requests=16, context_length=2048,
+                 cuda_graph_max_bs=8, dtype="bfloat16")
+    with Engine(str(tmp_path), tp_size=2, **flags) as eng:
+        one_node = [r["output_ids"] for r in eng.generate(input_ids=batch, sampling_params=params)]
+    nodes = TwoNodes(str(tmp_path), "--dtype", "bfloat16", "--cuda-graph-max-bs", "8", device="cuda")
+    try:
+        resp = nodes.node0.post("/generate", {"input_ids": batch, "sampling_params": params})
+        assert resp.status_code == 200, resp.text
+        two_nodes = [r["output_ids"] for r in resp.json()]
+        info = nodes.node0.get("/get_server_info").json()
+        nodes.node1.send_signal(signal.SIGKILL)
+        code = nodes.node0.wait_exit(DEATH_S)
+        left = nodes.wait_all_gone(2.0)
+    finally:
+        nodes.kill()
+    RESULTS["two_nodes_nccl"] = {"identical": two_nodes == one_node, "exit_after_node1_killed": code}
+    assert info["worker"]["attention_backend"] == "flashinfer" and (info["nnodes"], info["tp_size"]) == (2, 2)
+    assert two_nodes == one_node
+    assert code == 1 and left == [], nodes.logs()

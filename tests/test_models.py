@@ -13,7 +13,7 @@ from model_harness import RaggedRunner, greedy, tp_worker
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from radixserve.model_files import load_hf_config
-from worker_proc.layers import RotaryEmbedding, rope_parameters
+from worker_proc.layers import RotaryEmbedding, pack_cpu_linears, rope_parameters
 from worker_proc.models import build_model, model_class
 from worker_proc.weights import iter_safetensors, load_model
 
@@ -101,6 +101,23 @@ def test_bfloat16_close_to_hf(tiny_models):
     prompt = prompts(1)[0]
     logits, tokens = greedy(model, [prompt], 3)
     torch.testing.assert_close(logits[:, 0], hf_reference(hf, prompt, tokens[0]), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])  # tied LM head (keeps the embedding) / separate one
+def test_packed_cpu_linears_give_the_same_logits(tiny_models, kind):
+    """oneDNN's packed bf16 weights (what a CPU worker runs) give F.linear's logits bit for bit, batch 1 and 3."""
+    model_dir, _ = tiny_models[kind]
+    plain = load_model(model_dir, load_hf_config(model_dir), "auto", torch.bfloat16, "cpu")
+    packed = load_model(model_dir, load_hf_config(model_dir), "auto", torch.bfloat16, "cpu")
+    if pack_cpu_linears(packed) == 0:
+        pytest.skip("oneDNN's bf16 path is not available on this CPU")
+    assert packed.model.layers[0].mlp.down_proj.weight.numel() == 0  # the plain copy is freed
+    assert packed.lm_head.packed is not None and packed.model.embed_tokens.weight.numel() > 0
+    for batch in (prompts(1), prompts(3)):
+        want, want_tokens = greedy(plain, batch, 3)
+        got, got_tokens = greedy(packed, batch, 3)
+        assert got_tokens == want_tokens
+        assert torch.equal(got, want)
 
 
 def _free_port() -> int:

@@ -42,7 +42,7 @@ def tiny_llama(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def one_node_tokens(tiny_llama) -> list[list[int]]:
-    with Engine(tiny_llama, skip_tokenizer_init=True, tp_size=2, max_total_tokens=1024) as eng:
+    with Engine(tiny_llama, skip_tokenizer_init=True, tp_size=2, max_total_tokens=1024, device="cpu") as eng:
         return [r["output_ids"] for r in eng.generate(input_ids=PROMPTS, sampling_params=PARAMS)]
 
 
@@ -68,14 +68,16 @@ def _free(port: int) -> bool:
 class TwoNodes:
     """Node 0 (RadixServer: HTTP on a free port) and node 1 (workers only) of one TP group."""
 
-    def __init__(self, model_dir: str, *extra: str) -> None:
-        flags = ["--model-path", model_dir, "--skip-tokenizer-init", "--device", "cpu", "--tp-size", "2",
+    def __init__(self, model_dir: str, *extra: str, device: str = "cpu") -> None:
+        """With device "cuda", the two launchers share one host with 2 GPUs: node 1 takes GPU 1."""
+        flags = ["--model-path", model_dir, "--skip-tokenizer-init", "--device", device, "--tp-size", "2",
                  "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port_block(5)}", *extra]
+        node1_gpu = ["--base-gpu-id", "1"] if device == "cuda" else []
         self.node0 = RadixServer(*flags, "--node-rank", "0", wait=False)
         self.log1 = Path(os.environ.get("TMPDIR", "/tmp")) / f"radixserve-test-node1-{self.node0.port}.log"
         with open(self.log1, "wb") as log:
             self.node1 = subprocess.Popen([sys.executable, "-m", "radixserve", "serve", *SMALL_LIMITS, *DEBUG_FLAGS,
-                                           *flags, "--node-rank", "1", "--log-level", "info"],
+                                           *flags, *node1_gpu, "--node-rank", "1", "--log-level", "info"],
                                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
             self.node0.wait_ready()

@@ -17,6 +17,7 @@ from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_na
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache
+from worker_proc.layers import pack_cpu_linears
 from worker_proc.penalties import SlotPenalties
 from worker_proc.sampling import SampleRows, SlotParams, make_sampler, top_logprobs
 from worker_proc.step_io import HostStaging, PendingStep, ResultCopier
@@ -81,6 +82,8 @@ class ModelRunner:
         t0 = time.monotonic()
         self.model = load_model(model_dir, hf_config, args.load_format, self.dtype, self.device, seed=args.random_seed)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            log.info("rank %d: %d linear weights in oneDNN's packed layout", rank, pack_cpu_linears(self.model))
         log.info("rank %d loaded %s (%.2f GB, %s) in %.1f s", rank, hf_config.architectures, self.weight_bytes / 1e9,
                  self.dtype, time.monotonic() - t0)
         # Positions past the model's rotary table have no embedding: never serve beyond it.

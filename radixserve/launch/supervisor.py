@@ -15,6 +15,7 @@ from radixserve.nodes import NodeLayout
 from radixserve.procutil import HOST_ONLY_ENV, spawn
 
 log = logging.getLogger("radixserve")
+CPU_SPIN_COUNT = "3000"  # libgomp spin iterations before an idle OpenMP thread sleeps (see start_workers)
 
 
 class ChildDied(RuntimeError):
@@ -64,8 +65,12 @@ def start_workers(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_di
     from worker_proc.main import run_worker
 
     args_json = msgspec.json.encode(args)
-    # CPU workers share the cores with the scheduler and tokenizers: OpenMP threads that spin while
-    # waiting starve them (a loaded 2-core box ran decode 5x slower). Read by libgomp at import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # A CPU worker's OpenMP threads wait for each other between operators: a short spin (libgomp's
+    # GOMP_SPINCOUNT, then sleep) saves the wake-up per operator on an otherwise idle machine, where sleeping
+    # at once (OMP_WAIT_POLICY=PASSIVE) made decode 1.45x slower; libgomp's long default spin made it 2-4x
+    # slower where other busy processes share the cores. Read by libgomp at import; either variable set
+    # in the environment wins (docs/deploy.md).
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", CPU_SPIN_COUNT)
     for rank in NodeLayout.of(args).local_ranks:
         group.add(run_worker, f"worker-{rank}", args_json, ipc.root, rank, model_dir, os.getpid())

@@ -33,13 +33,16 @@ class TorchBackend(AttentionBackend):
         self.kv_cache.store(layer_id, self.out_slots, k, v)
         k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
         if meta.is_decode:
+            batch, kv_heads = self.ctx_shape[0], k_cache.shape[1]
             shape = (*self.ctx_shape, *k_cache.shape[1:])
             keys = k_cache.index_select(0, self.ctx_slots).view(shape).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
             vals = v_cache.index_select(0, self.ctx_slots).view(shape).to(q.dtype).transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q.unsqueeze(2), keys, vals, attn_mask=self.valid[:, None, None, :],
-                scale=self.scale, enable_gqa=True)
-            return out.squeeze(2)
+            # The query heads that share a kv head (h // group) stand in for the query length: one attention of
+            # `group` queries per kv head, several times faster on CPU than SDPA's enable_gqa with one query.
+            grouped = q.view(batch, kv_heads, -1, q.shape[-1])
+            out = F.scaled_dot_product_attention(grouped, keys, vals, attn_mask=self.valid[:, None, None, :],
+                                                 scale=self.scale)
+            return out.reshape(q.shape)
         outs = []
         starts = [0]
         for n in meta.extend_lens_cpu:
