@@ -12,6 +12,7 @@ import threading
 import time
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 def setup_logging(level: str) -> None:
@@ -43,9 +44,13 @@ def child_init(name: str, parent_pid: int, log_level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops us in order
     setup_logging(log_level)
     try:
-        import setproctitle  # optional nicety
+        import setproctitle  # optional nicety: the whole command line
         setproctitle.setproctitle(f"radixserve::{name}")
     except ImportError:
+        pass
+    try:  # the kernel's name for it (top, ps -o comm, /proc/PID/comm), at most 15 bytes: always there
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_NAME, name.encode()[:15])
+    except OSError:
         pass
 
 

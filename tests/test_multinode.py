@@ -108,8 +108,9 @@ class TwoNodes:
 
 
 def _title(pid: int) -> bytes:
+    """Its command line and kernel name (the latter set even without setproctitle)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{pid}/cmdline").read_bytes() + b" " + Path(f"/proc/{pid}/comm").read_bytes()
     except OSError:
         return b""
 
