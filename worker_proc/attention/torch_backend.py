@@ -54,6 +54,8 @@ class TorchBackend(AttentionBackend):
             ext, total = qi.shape[1], keys.shape[1]
             q_pos = torch.arange(total - ext, total, device=q.device)
             mask = torch.arange(total, device=q.device)[None, :] <= q_pos[:, None]
-            out = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            outs.append(out.transpose(0, 1))
+            # 4-D (a batch of one): CPU SDPA runs its flash kernel on 4-D inputs, its math fallback on 3-D ones.
+            out = F.scaled_dot_product_attention(qi[None], keys[None], vals[None], attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=True)
+            outs.append(out[0].transpose(0, 1))
         return torch.cat(outs, dim=0)
