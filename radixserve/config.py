@@ -69,6 +69,8 @@ class ServerArgs:
     log_level: str = "info"
     tokenizer_worker_num: int = 1
     max_request_bytes: int = 4 * 1024 * 1024
+    request_body_timeout: float = field(default=60.0, metadata={
+        "help": "seconds a request's body may take to arrive (a 408 after that: a slow client holds no connection)"})
     session_kv_budget: int = field(default=65536, metadata={"help": "KV tokens that open sessions may pin in the cache"})
     max_sessions: int = 1024
     watchdog_timeout: float = field(default=300.0, metadata={"help": "seconds a forward step may take before the server is declared hung"})
@@ -98,6 +100,8 @@ class ServerArgs:
             raise ValueError(f"schedule_policy must be one of {get_args(SchedulePolicy)}")
         if not self.shutdown_timeout >= 0:
             raise ValueError("shutdown_timeout must be >= 0")
+        if not self.request_body_timeout > 0:
+            raise ValueError("request_body_timeout must be > 0")
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)

@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 
+from reliability_util import error_shape_problem, http_bytes, raw_exchange
 from server_fixture import MODEL, RadixServer, http_request
 
 LONG = {"max_new_tokens": 256, "ignore_eos": True, "temperature": 0}
@@ -90,6 +91,25 @@ def test_disconnects_abort_then_sigterm() -> None:
         code, left = server.stop()
     assert code == 0, server.log()
     assert not left, f"processes left 10 s after SIGTERM: {left}"
+
+
+def test_a_body_that_does_not_arrive_gets_a_408() -> None:
+    """A client that sends headers and then too little of its body is answered 408 in the API's shape after
+    --request-body-timeout (it holds no connection forever); the server goes on serving."""
+    server = RadixServer("--request-body-timeout", "1")
+    try:
+        head = http_bytes("POST", "/v1/completions", headers={"Content-Length": "100"})
+        started = time.monotonic()
+        status, headers, body = raw_exchange(server.port, head + b'{"model": ', timeout=30)
+        waited = time.monotonic() - started
+        assert status == 408 and error_shape_problem(status, headers["content-type"], body) is None, body
+        assert 0.9 < waited < 10, waited
+        assert b"did not arrive within 1 s" in body
+        resp = server.post("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2}})
+        assert resp.status_code == 200, resp.text
+        server.stop_cleanly()
+    finally:
+        server.kill()
 
 
 def test_503_while_loading_then_worker_killed() -> None:

@@ -171,7 +171,7 @@ class Gateway:
         return web.Response(text="Cache flushed.\n")
 
     async def abort_request(self, request: web.Request) -> web.Response:
-        body = await _parse(request, AbortRequest)
+        body = await self._parse(request, AbortRequest)
         if body.abort_all:
             return _json({"aborted": self.client.abort_all()})
         if body.rid is None:
@@ -179,16 +179,19 @@ class Gateway:
         return _json({"aborted": int(self.client.abort(body.rid))})
 
     async def open_session(self, request: web.Request) -> web.Response:
-        body = await _parse(request, OpenSessionRequest)
+        body = await self._parse(request, OpenSessionRequest)
         opened = (await self._control_ok(wire.OpenSession, capacity_of_str_len=body.capacity_of_str_len,
                                          session_id=body.session_id, idle_timeout=body.timeout)).result
         assert isinstance(opened, wire.SessionOpened)
         return _json(opened.session_id)
 
     async def close_session(self, request: web.Request) -> web.Response:
-        body = await _parse(request, CloseSessionRequest)
+        body = await self._parse(request, CloseSessionRequest)
         await self._control_ok(wire.CloseSession, session_id=body.session_id)
         return _json({"success": True})
+
+    async def _parse(self, request: web.Request, kind: type[T]) -> T:
+        return await _parse(request, kind, self.args.request_body_timeout)
 
     async def _control_ok(self, kind: type[wire.ControlCall], **fields: Any) -> wire.ControlReply:
         reply = await self.client.control(kind, **fields)
@@ -208,19 +211,19 @@ class Gateway:
     # ------------------------------------------------------------ generation
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        body = await _parse(request, GenerateRequest)
+        body = await self._parse(request, GenerateRequest)
         single, reqs = build_requests(body)
         return await self._generate(request, reqs, body.stream, NativeFormat(single, len(reqs)))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _parse(request, CompletionRequest)
+        body = await self._parse(request, CompletionRequest)
         check_model(body.model, self.model_name)
         reqs = completion_requests(body)
         return await self._generate(request, reqs, body.stream, CompletionFormat(
             reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, completion_echo(body, reqs)))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _parse(request, ChatCompletionRequest)
+        body = await self._parse(request, ChatCompletionRequest)
         check_model(body.model, self.model_name)
         reqs, parsers = chat_requests(body, self.tool_format)
         return await self._generate(request, reqs, body.stream, ChatFormat(
@@ -299,9 +302,14 @@ _DECODERS = {kind: msgspec.json.Decoder(kind) for kind in
              (GenerateRequest, CompletionRequest, ChatCompletionRequest, AbortRequest, OpenSessionRequest, CloseSessionRequest)}
 
 
-async def _parse(request: web.Request, kind: type[T]) -> T:
-    """The JSON body as `kind`; 400 naming the offending field otherwise (413 if too large)."""
-    body = await request.read()
+async def _parse(request: web.Request, kind: type[T], timeout: float) -> T:
+    """The JSON body as `kind`; 400 naming the offending field otherwise (413 if too large, 408 if it has not
+    arrived within `timeout` seconds)."""
+    try:
+        body = await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s",
+                       code="request_timeout") from None
     try:
         return _DECODERS[kind].decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
