@@ -15,6 +15,19 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
 
+def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Make glibc's malloc keep freed blocks for reuse: blocks under `mmap_threshold` come from the heap, and
+    the heap is returned to the kernel only past `trim_threshold` free bytes. A CPU worker allocates the same
+    large activations every step; otherwise each one is fresh pages, a page fault and zeroing every time.
+    Returns False where the C library is not glibc."""
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold) and libc.mallopt(m_trim_threshold, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")

@@ -17,7 +17,7 @@ from radixserve import wire
 from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths, Sender
 from radixserve.nodes import NodeLayout
-from radixserve.procutil import child_init
+from radixserve.procutil import child_init, keep_freed_memory
 from worker_proc import parallel
 from worker_proc.step_io import PendingStep
 
@@ -79,6 +79,7 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
         device = resolve_device(args, rank)
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // nodes.ranks_per_node))
+            keep_freed_memory()
         else:
             torch.cuda.set_device(device)
         parallel.init_tp(rank, args.tp_size, nodes.tp_init_method(ipc), "nccl" if device.type == "cuda" else "gloo")
