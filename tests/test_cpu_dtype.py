@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from radixserve import Engine
@@ -27,3 +29,19 @@ def test_default_serves_in_bf16_and_answers() -> None:
     with Engine(max_total_tokens=1024, max_running_requests=4, dtype="float32") as eng:
         assert eng.runtime.dtype == "float32"
         assert "Paris" in eng.generate(QUESTION, greedy)["text"]
+
+
+
+@pytest.mark.parametrize("given", [{}, {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}])
+def test_cpu_worker_spins_briefly_unless_told(monkeypatch, capfd, given: dict[str, str]) -> None:
+    """The worker starts with GOMP_SPINCOUNT=3000 (a short OpenMP spin, docs/deploy.md) unless the environment
+    names a wait policy or a spin count, which it then keeps; the launching process' environment is untouched."""
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    with Engine(max_total_tokens=1024, max_running_requests=4, dtype="float32", log_level="info"):
+        pass
+    expected = " ".join(f"{k}={v}" for k, v in given.items()) or "GOMP_SPINCOUNT=3000"
+    assert f"OpenMP waits: {expected}\n" in capfd.readouterr().err
+    assert {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ} == given

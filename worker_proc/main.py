@@ -80,6 +80,9 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // nodes.ranks_per_node))
             keep_freed_memory()
+            waits = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ]
+            log.info("rank %d: %d threads, OpenMP waits: %s", rank, torch.get_num_threads(),
+                     " ".join(waits) or "libgomp's default")
         else:
             torch.cuda.set_device(device)
         parallel.init_tp(rank, args.tp_size, nodes.tp_init_method(ipc), "nccl" if device.type == "cuda" else "gloo")

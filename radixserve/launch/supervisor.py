@@ -70,7 +70,6 @@ def start_workers(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_di
     # at once (OMP_WAIT_POLICY=PASSIVE) made decode 1.45x slower; libgomp's long default spin made it 2-4x
     # slower where other busy processes share the cores. Read by libgomp at import; either variable set
     # in the environment wins (docs/deploy.md).
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", CPU_SPIN_COUNT)
+    spin = {} if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys() else {"GOMP_SPINCOUNT": CPU_SPIN_COUNT}
     for rank in NodeLayout.of(args).local_ranks:
-        group.add(run_worker, f"worker-{rank}", args_json, ipc.root, rank, model_dir, os.getpid())
+        group.add(run_worker, f"worker-{rank}", args_json, ipc.root, rank, model_dir, os.getpid(), env=spin)
