@@ -99,14 +99,8 @@ class ModelRunner:
             log.warning("the model's sliding window (%d tokens) is not implemented: context length %d, not %d",
                         window, window, self.context_length)
             self.context_length = window
-        m = self.model
-        self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
-        self.num_kv_slots = parallel.tp_min(self._kv_slots_that_fit()) + 1  # + the padding slot 0
-        self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
-        log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
-                 self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
-        self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
-        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim)
+        # Everything else that lives on the device is allocated before the KV pool is sized, so that
+        # --mem-fraction-static's budget counts it.
         # Mirror of the scheduler's block table; rows are req slots, kept in sync by every StepBatch.
         # The extra last row is the padding rows' (graph-padded decode batches); the scheduler never uses it.
         self.pad_row = args.max_running_requests
@@ -129,6 +123,14 @@ class ModelRunner:
         backend = GrammarBackend(args.tokenizer_path or model_dir, vocab, not args.constrained_json_disable_any_whitespace,
                                  args.constrained_json_max_whitespace_cnt)
         self.grammars = SlotGrammars(backend, self.device) if rank == 0 and args.grammar_backend != "none" else None
+        m = self.model
+        self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
+        self.num_kv_slots = parallel.tp_min(self._kv_slots_that_fit()) + 1  # + the padding slot 0
+        self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
+        log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
+                 self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
+        self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
+        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache)

@@ -2,8 +2,8 @@
 
 A request's penalties come once, in its NewReq (wire.Penalties); nothing is stored or computed for a request
 without them, and a step with no penalized row costs one host-side array lookup. The counts of each slot's
-output tokens live on the device ([slots, vocab] float32, allocated when the first penalized request
-arrives) and grow by the step's sampled tokens, on the device, for rows whose sample is kept
+output tokens live on the device ([slots, vocab] float32, allocated at start-up, before the KV pool is sized, so
+that --mem-fraction-static's budget counts them) and grow by the step's sampled tokens, on the device, for rows whose sample is kept
 (StepBatch.sample_offsets >= 0); a re-admitted request's counts are rebuilt from its NewReq.output_ids.
 
 On the logits of a penalized row, before anything else of sampling (SGLang's meaning; counts over the output
@@ -32,7 +32,7 @@ class SlotPenalties:
         self.frequency = torch.zeros(max_reqs, dtype=torch.float32, device=device)
         self.presence = torch.zeros(max_reqs, dtype=torch.float32, device=device)
         self.repetition = torch.ones(max_reqs, dtype=torch.float32, device=device)
-        self.counts: torch.Tensor | None = None  # [max_reqs, vocab] output-token counts, made on first use
+        self.counts = torch.zeros((max_reqs, vocab_size), dtype=torch.float32, device=device)  # output-token counts
         self.bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (token ids, values)
 
     def set(self, slot: int, p: Penalties | None, output_ids: bytes = b"") -> None:
@@ -43,8 +43,6 @@ class SlotPenalties:
         if self.counted[slot]:
             self.kinds[slot] = (p.frequency != 0, p.presence != 0, p.repetition != 1)
             self.frequency[slot], self.presence[slot], self.repetition[slot] = p.frequency, p.presence, p.repetition
-            if self.counts is None:
-                self.counts = torch.zeros((len(self.counted), self.vocab_size), dtype=torch.float32, device=self.device)
             prior = np.bincount(from_i32(output_ids), minlength=self.vocab_size)[:self.vocab_size]
             self.counts[slot] = torch.from_numpy(prior.astype(np.float32)).to(self.device)
         if self.biased[slot]:
