@@ -11,6 +11,7 @@ import torch
 
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config
+from radixserve.nodes import NodeLayout
 from radixserve.wire import StepBatch, from_i32
 from worker_proc import parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
@@ -34,7 +35,7 @@ def resolve_device(args: ServerArgs, rank: int) -> torch.device:
     kind = args.device
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = args.base_gpu_id + rank % (args.tp_size // args.nnodes)  # this node's ranks, from --base-gpu-id
+    gpu = args.base_gpu_id + NodeLayout.of(args).local_index(rank)
     return torch.device(f"cuda:{gpu}") if kind == "cuda" else torch.device("cpu")
 
 
