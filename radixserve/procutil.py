@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -15,6 +16,12 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """glibc (OSError where there is none), for prctl and mallopt."""
+    return ctypes.CDLL("libc.so.6", use_errno=True)
+
+
 def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
     """Make glibc's malloc keep freed blocks for reuse: blocks under `mmap_threshold` come from the heap, and
     the heap is returned to the kernel only past `trim_threshold` free bytes. A CPU worker allocates the same
@@ -22,7 +29,7 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
     Returns False where the C library is not glibc."""
     m_trim_threshold, m_mmap_threshold = -1, -3
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        libc = _libc()
         return bool(libc.mallopt(m_mmap_threshold, mmap_threshold) and libc.mallopt(m_trim_threshold, trim_threshold))
     except (OSError, AttributeError):
         return False
@@ -36,7 +43,7 @@ def setup_logging(level: str) -> None:
 def die_with_parent(parent_pid: int) -> None:
     """Make sure this process never outlives `parent_pid`: kernel signal plus a watcher thread."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
 
@@ -62,7 +69,7 @@ def child_init(name: str, parent_pid: int, log_level: str) -> None:
     except ImportError:
         pass
     try:  # the kernel's name for it (top, ps -o comm, /proc/PID/comm), at most 15 bytes: always there
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_NAME, name.encode()[:15])
+        _libc().prctl(PR_SET_NAME, name.encode()[:15])
     except OSError:
         pass
 
