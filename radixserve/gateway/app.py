@@ -149,8 +149,7 @@ class Gateway:
         return await metrics.scrape(self.client, self.model_name)
 
     async def server_info(self, request: web.Request) -> web.Response:
-        status = (await self._control_ok(wire.GetServerInfo)).result
-        assert isinstance(status, wire.ServerStatus)
+        status = await self._server_status()
         # served_model_name resolved, as SGLang's: its router names the model (/v1/models) after it.
         server_args = {**dataclasses.asdict(self.args), "api_key": None, "served_model_name": self.model_name}
         return _json({**server_args, "version": __version__, "num_pending_http_reqs": self.client.num_pending,
@@ -159,9 +158,7 @@ class Gateway:
 
     async def get_load(self, request: web.Request) -> web.Response:
         """SGLang's load report, one entry per data-parallel rank (here one); its router polls it (power_of_two)."""
-        status = (await self._control_ok(wire.GetServerInfo)).result
-        assert isinstance(status, wire.ServerStatus)
-        s = status.scheduler
+        s = (await self._server_status()).scheduler
         used = s.max_total_num_tokens - s.kv_free_tokens - s.kv_evictable_tokens  # held by requests and sessions
         return _json([{"dp_rank": 0, "num_reqs": s.num_running_reqs + s.num_waiting_reqs,
                        "num_waiting_reqs": s.num_waiting_reqs, "num_tokens": used}])
@@ -192,6 +189,11 @@ class Gateway:
 
     async def _parse(self, request: web.Request, kind: type[T]) -> T:
         return await _parse(request, kind, self.args.request_body_timeout)
+
+    async def _server_status(self) -> wire.ServerStatus:
+        status = (await self._control_ok(wire.GetServerInfo)).result
+        assert isinstance(status, wire.ServerStatus)
+        return status
 
     async def _control_ok(self, kind: type[wire.ControlCall], **fields: Any) -> wire.ControlReply:
         reply = await self.client.control(kind, **fields)
