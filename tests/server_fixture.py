@@ -83,9 +83,10 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None, h
         conn.close()
 
 
-def _cmdline(pid: int) -> bytes:
+def process_title(pid: int) -> bytes:
+    """Its command line (renamed by setproctitle where installed) and kernel name (procutil.child_init)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{pid}/cmdline").read_bytes() + b" " + Path(f"/proc/{pid}/comm").read_bytes()
     except OSError:
         return b""
 
@@ -172,7 +173,7 @@ class RadixServer:
 
     def kill(self) -> None:
         """Last resort cleanup: SIGKILL the server and whatever of it is left (orphans: only if still ours)."""
-        ours = [p for p in self.child_pids if alive(p) and b"multiprocessing" in _cmdline(p)]
+        ours = [p for p in self.child_pids if alive(p) and b"multiprocessing" in process_title(p)]
         for pid in [*descendants(self.proc.pid), self.proc.pid, *ours]:
             if alive(pid):
                 try:

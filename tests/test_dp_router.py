@@ -9,10 +9,9 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
-from server_fixture import MODEL, RadixServer, alive, http_request
+from server_fixture import MODEL, RadixServer, alive, http_request, process_title
 
 pytest.importorskip("sglang_router")
 
@@ -76,8 +75,8 @@ def test_router_reads_the_replicas_load(server):
 
 
 def test_router_death_stops_the_server(server):
-    router = [p for p in server.child_pids if alive(p) and b"sglang::router" in _cmdline(p)]
-    assert len(router) == 1, [_cmdline(p) for p in server.child_pids]
+    router = [p for p in server.child_pids if alive(p) and b"sglang::router" in process_title(p)]
+    assert len(router) == 1, [process_title(p) for p in server.child_pids]
     started = time.monotonic()
     os.kill(router[0], signal.SIGKILL)
     code = server.wait_exit(DEATH_S)
@@ -98,13 +97,6 @@ def test_round_robin_uses_both_replicas_and_sigterm_stops_all():
         assert (code, left) == (0, []), srv.log()
     finally:
         srv.kill()
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def test_bench_router_policies_need_launched_replicas():

@@ -352,8 +352,7 @@ def test_two_nodes_over_nccl_match_one_node(tmp_path):
                  cuda_graph_max_bs=8, dtype="bfloat16")
     with Engine(str(tmp_path), tp_size=2, **flags) as eng:
         one_node = [r["output_ids"] for r in eng.generate(input_ids=batch, sampling_params=params)]
-    nodes = TwoNodes(str(tmp_path), "--dtype", "bfloat16", "--cuda-graph-max-bs", "8", device="cuda")
-    try:
+    with TwoNodes(str(tmp_path), "--dtype", "bfloat16", "--cuda-graph-max-bs", "8", device="cuda") as nodes:
         resp = nodes.node0.post("/generate", {"input_ids": batch, "sampling_params": params})
         assert resp.status_code == 200, resp.text
         two_nodes = [r["output_ids"] for r in resp.json()]
@@ -361,8 +360,6 @@ def test_two_nodes_over_nccl_match_one_node(tmp_path):
         nodes.node1.send_signal(signal.SIGKILL)
         code = nodes.node0.wait_exit(DEATH_S)
         left = nodes.wait_all_gone(2.0)
-    finally:
-        nodes.kill()
     RESULTS["two_nodes_nccl"] = {"identical": two_nodes == one_node, "exit_after_node1_killed": code}
     assert info["worker"]["attention_backend"] == "flashinfer" and (info["nnodes"], info["tp_size"]) == (2, 2)
     assert two_nodes == one_node

@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-from server_fixture import DEBUG_FLAGS, REPO, SMALL_LIMITS, RadixServer, alive, descendants
+from server_fixture import DEBUG_FLAGS, REPO, SMALL_LIMITS, RadixServer, alive, descendants, process_title
 from test_models import tiny_config
 from transformers import AutoModelForCausalLM
 
@@ -85,7 +85,13 @@ class TwoNodes:
             self.kill()
             raise
         self.node1_children = descendants(self.node1.pid)
-        assert any(b"worker-1" in _title(p) for p in self.node1_children), self.logs()
+        assert any(b"worker-1" in process_title(p) for p in self.node1_children), self.logs()
+
+    def __enter__(self) -> TwoNodes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
 
     def logs(self) -> str:
         return f"node 0:\n{self.node0.log()}\nnode 1:\n{self.log1.read_text(errors='replace')[-3000:]}"
@@ -107,14 +113,6 @@ class TwoNodes:
         self.node0.kill()
 
 
-def _title(pid: int) -> bytes:
-    """Its command line and kernel name (the latter set even without setproctitle)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes() + b" " + Path(f"/proc/{pid}/comm").read_bytes()
-    except OSError:
-        return b""
-
-
 def _exit_within(proc: subprocess.Popen, timeout: float) -> int | None:
     try:
         return proc.wait(timeout)
@@ -123,8 +121,7 @@ def _exit_within(proc: subprocess.Popen, timeout: float) -> int | None:
 
 
 def test_two_nodes_match_one_node_and_a_killed_node_stops_both(tiny_llama, one_node_tokens):
-    nodes = TwoNodes(tiny_llama)
-    try:
+    with TwoNodes(tiny_llama) as nodes:
         resp = nodes.node0.post("/generate", {"input_ids": PROMPTS, "sampling_params": PARAMS})
         assert resp.status_code == 200, resp.text
         assert [r["output_ids"] for r in resp.json()] == one_node_tokens
@@ -139,45 +136,34 @@ def test_two_nodes_match_one_node_and_a_killed_node_stops_both(tiny_llama, one_n
         assert code == 1, f"node 0 exited with {code} ({time.monotonic() - started:.1f} s)\n{nodes.logs()}"
         assert "node 1 is gone" in nodes.node0.log()
         assert nodes.wait_all_gone(2.0) == [], nodes.logs()
-    finally:
-        nodes.kill()
 
 
 def test_node_zero_killed_stops_node_one(tiny_llama):
-    nodes = TwoNodes(tiny_llama)
-    try:
+    with TwoNodes(tiny_llama) as nodes:
         nodes.node0.proc.send_signal(signal.SIGKILL)  # node 0's launcher: scheduler, tokenizer, worker 0 go with it
         code = _exit_within(nodes.node1, DEATH_S)
         assert code == 1, nodes.logs()
         assert "node 0 is gone" in nodes.log1.read_text()
         assert nodes.wait_all_gone(2.0) == [], nodes.logs()
-    finally:
-        nodes.kill()
 
 
 def test_a_dead_rank_stops_every_node(tiny_llama):
     """Rank 0's worker killed: node 0 stops (exit 1) and tells node 1, which stops with exit 1 too."""
-    nodes = TwoNodes(tiny_llama)
-    try:
-        (rank0,) = [p for p in nodes.node0.child_pids if b"worker-0" in _title(p)]
+    with TwoNodes(tiny_llama) as nodes:
+        (rank0,) = [p for p in nodes.node0.child_pids if b"worker-0" in process_title(p)]
         os.kill(rank0, signal.SIGKILL)
         assert nodes.node0.wait_exit(DEATH_S) == 1, nodes.logs()
         assert _exit_within(nodes.node1, DEATH_S) == 1, nodes.logs()
         assert "node 0 stopped: node 0 failed" in nodes.log1.read_text()
         assert nodes.wait_all_gone(2.0) == [], nodes.logs()
-    finally:
-        nodes.kill()
 
 
 def test_orderly_stop_of_node_zero_stops_node_one_cleanly(tiny_llama):
-    nodes = TwoNodes(tiny_llama, "--shutdown-timeout", "1")
-    try:
+    with TwoNodes(tiny_llama, "--shutdown-timeout", "1") as nodes:
         code, left = nodes.node0.stop()  # SIGTERM: drain, then the scheduler's Shutdown reaches rank 1 too
         assert (code, left) == (0, []), nodes.logs()
         assert _exit_within(nodes.node1, DEATH_S) == 0, nodes.logs()
         assert nodes.wait_all_gone(2.0) == [], nodes.logs()
-    finally:
-        nodes.kill()
 
 
 def test_node_with_other_flags_is_refused(tiny_llama):
