@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from model_harness import RaggedRunner, greedy, tp_worker
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from radixserve.model_files import load_hf_config
+from worker_proc import cpu_kernels
 from worker_proc.layers import RotaryEmbedding, pack_cpu_linears, rope_parameters
 from worker_proc.models import build_model, model_class
 from worker_proc.weights import iter_safetensors, load_model
@@ -103,13 +105,18 @@ def test_bfloat16_close_to_hf(tiny_models):
     torch.testing.assert_close(logits[:, 0], hf_reference(hf, prompt, tokens[0]), atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["onednn", "cpu_kernels"])
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])  # tied LM head (keeps the embedding) / separate one
-def test_packed_cpu_linears_give_the_same_logits(tiny_models, kind):
-    """oneDNN's packed bf16 weights (what a CPU worker runs) give F.linear's logits bit for bit, batch 1 and 3."""
+def test_packed_cpu_linears_give_the_same_logits(tiny_models, kind, native):
+    """Packed bf16 weights (what a CPU worker runs) give F.linear's greedy tokens, batch 1 and 3: oneDNN's
+    layout bit for bit, cpu_kernels' up to float32 summation order (within one bf16 rounding of the logits)."""
+    if native and cpu_kernels.library() is None:
+        pytest.skip("cpu_kernels needs AVX512-BF16 and a C compiler")
     model_dir, _ = tiny_models[kind]
     plain = load_model(model_dir, load_hf_config(model_dir), "auto", torch.bfloat16, "cpu")
     packed = load_model(model_dir, load_hf_config(model_dir), "auto", torch.bfloat16, "cpu")
-    if pack_cpu_linears(packed) == 0:
+    count, _ = pack_cpu_linears(packed, native=native)
+    if count == 0:
         pytest.skip("oneDNN's bf16 path is not available on this CPU")
     assert packed.model.layers[0].mlp.down_proj.weight.numel() == 0  # the plain copy is freed
     assert packed.lm_head.packed is not None and packed.model.embed_tokens.weight.numel() > 0
@@ -117,7 +124,30 @@ def test_packed_cpu_linears_give_the_same_logits(tiny_models, kind):
         want, want_tokens = greedy(plain, batch, 3)
         got, got_tokens = greedy(packed, batch, 3)
         assert got_tokens == want_tokens
-        assert torch.equal(got, want)
+        if native:
+            torch.testing.assert_close(got, want, rtol=0, atol=want.abs().max().item() / 64)
+        else:
+            assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 37])
+@pytest.mark.parametrize("n,k", [(64, 64), (45, 33), (3, 7), (100, 1)])  # ragged blocks, odd k, k = 1
+def test_cpu_kernels_linear_matches_float32(m, n, k):
+    """Every row of x and column of W lands where F.linear puts it, bias added once, within bf16 rounding
+    of the float32 product; a strided x (a view of a wider tensor) reads the right elements."""
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    wide = torch.randn(m, k + 5, generator=g).bfloat16()
+    x = wide[:, 2: 2 + k]
+    packed = cpu_kernels.PackedLinear(w)
+    for bias in (None, b):
+        want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        got = packed(x, bias)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-3 * (1 + want.abs().max().item()))
+    assert torch.equal(packed(x[:0], b), torch.empty(0, n, dtype=torch.bfloat16))
 
 
 def _free_port() -> int:

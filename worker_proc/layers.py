@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker_proc import fused
+from worker_proc import cpu_kernels, fused
 from worker_proc.parallel import tp_all_gather, tp_all_reduce, tp_rank, tp_size
 
 ShardId = Hashable  # None for a plain tensor; 0/1 for gate/up; "q"/"k"/"v" for qkv
@@ -34,30 +34,47 @@ def load_replicated(param: nn.Parameter, full: torch.Tensor, shard_id: ShardId =
     param.data.copy_(full)
 
 
+PackedWeight = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, bias) -> x W^T + bias
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, or oneDNN's matmul on `packed` (the weight in its blocked layout, see pack_cpu_linears)."""
+           packed: PackedWeight | None) -> torch.Tensor:
+    """F.linear, or the CPU kernel of the weight's packed copy (see pack_cpu_linears)."""
     if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return packed(x, bias)
     return F.linear(x, weight, bias)
 
 
-def pack_cpu_linears(model: nn.Module) -> int:
-    """Reorder every bfloat16 linear weight of a CPU model into oneDNN's blocked layout, once after loading:
-    the same results bit for bit as F.linear, with faster matrix-vector and small-batch products. The plain
-    weight is freed unless another layer shares it (a tied LM head keeps the embedding's). Returns how many
-    weights were packed (0 where oneDNN's bf16 path is missing)."""
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return 0
+class OneDnnLinear:
+    """A bf16 weight in oneDNN's blocked layout: bit for bit F.linear, faster at small batches."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
+
+
+def pack_cpu_linears(model: nn.Module, native: bool = True) -> tuple[int, str]:
+    """Repack every bfloat16 linear weight of a CPU model once after loading: into cpu_kernels' layout where
+    that library builds (and `native`), else into oneDNN's. The plain weight is freed unless another layer
+    shares it (a tied LM head keeps the embedding's). Returns (weights packed, layout); (0, "") where neither
+    is available."""
+    if native and cpu_kernels.library() is not None:
+        pack, layout = cpu_kernels.PackedLinear, "cpu_kernels' AVX512-BF16"
+    elif torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pack, layout = OneDnnLinear, "oneDNN's"
+    else:
+        return 0, ""
     packed = 0
     for module in model.modules():
         if isinstance(module, (_ColumnLinear, RowParallelLinear, ParallelLMHead)) and \
                 module.weight.device.type == "cpu" and module.weight.dtype == torch.bfloat16:
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+            module.packed = pack(module.weight)
             if not (isinstance(module, ParallelLMHead) and module.tied):
                 module.weight.data = module.weight.data.new_empty(0)
             packed += 1
-    return packed
+    return packed, layout
 
 
 def divide(n: int, d: int, what: str) -> int:
@@ -175,7 +192,7 @@ class _ColumnLinear(nn.Module):
                                  {sid: (full, in_features) for sid, full, _, _ in shards})
         self.bias = make_param((dst,), dtype, device, self._load, {sid: (full,) for sid, full, _, _ in shards}) \
             if bias else None
-        self.packed: torch.Tensor | None = None  # see pack_cpu_linears
+        self.packed: PackedWeight | None = None  # see pack_cpu_linears
 
     def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
         src, n, dst = self.layout[shard_id]
@@ -241,7 +258,7 @@ class RowParallelLinear(nn.Module):
                                  {None: (out_features, in_features)})
         self.bias = make_param((out_features,), dtype, device, load_replicated, {None: (out_features,)}) \
             if bias else None
-        self.packed: torch.Tensor | None = None  # see pack_cpu_linears
+        self.packed: PackedWeight | None = None  # see pack_cpu_linears
 
     def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
         param.data.copy_(full.narrow(1, tp_rank() * self.in_local, self.in_local))
@@ -267,7 +284,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tied = tied_to is not None
         self.weight = tied_to.weight if tied_to is not None else \
             make_param((self.vocab_local, hidden), dtype, device, self._load, {None: (vocab_size, hidden)})
-        self.packed: torch.Tensor | None = None  # an LM head's, see pack_cpu_linears
+        self.packed: PackedWeight | None = None  # an LM head's, see pack_cpu_linears
 
     def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
         n = max(0, min(self.vocab_local, self.vocab_size - self.vocab_start))

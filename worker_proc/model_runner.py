@@ -84,7 +84,7 @@ class ModelRunner:
         self.model = load_model(model_dir, hf_config, args.load_format, self.dtype, self.device, seed=args.random_seed)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            log.info("rank %d: %d linear weights in oneDNN's packed layout", rank, pack_cpu_linears(self.model))
+            log.info("rank %d: %d linear weights in %s packed layout", rank, *pack_cpu_linears(self.model))
         log.info("rank %d loaded %s (%.2f GB, %s) in %.1f s", rank, hf_config.architectures, self.weight_bytes / 1e9,
                  self.dtype, time.monotonic() - t0)
         # Positions past the model's rotary table have no embedding: never serve beyond it.

@@ -1,0 +1,93 @@
+/* bfloat16 linear layers for the CPU worker on CPUs with AVX512-BF16 (built by cpu_kernels.py).
+ *
+ * Weights are repacked once into blocks of NB output columns, pairs of input columns interleaved:
+ * packed[block][k / 2][column][k % 2]. A block is read as one contiguous stream; one VDPBF16PS multiplies a
+ * pair of x's elements (broadcast) by W's elements at those k for 16 output columns, accumulating into
+ * float32 lanes that are the output columns themselves (no horizontal sums). The result is rounded to bfloat16 once, after the bias
+ * is added in float32, as oneDNN's bf16 F.linear does. Threads split (column block, row block) pairs; the
+ * OpenMP runtime is the libgomp.so.1 torch has loaded, so its thread pool and settings are torch's.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NB 32 /* output columns per block: two 16-lane float32 accumulators */
+#define MB 8  /* rows of x per tile: 16 accumulators */
+
+/* w [n_dim, k_dim] (contiguous) -> packed [ceil(n_dim / NB)][ceil(k_dim / 2)][NB][2], zero padded. */
+void rs_pack_bf16(const uint16_t *w, long n_dim, long k_dim, uint16_t *packed) {
+    long k2_dim = (k_dim + 1) / 2, blocks = (n_dim + NB - 1) / NB;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < blocks; b++)
+        for (long k2 = 0; k2 < k2_dim; k2++)
+            for (long j = 0; j < NB; j++)
+                for (long e = 0; e < 2; e++) {
+                    long n = b * NB + j, k = 2 * k2 + e;
+                    packed[((b * k2_dim + k2) * NB + j) * 2 + e] = (n < n_dim && k < k_dim) ? w[n * k_dim + k] : 0;
+                }
+}
+
+static inline __attribute__((always_inline)) void tile(const int m, const uint16_t *x, long ldx, const uint16_t *wb,
+                                                       long k_dim, const uint16_t *bias, long cols, uint16_t *y,
+                                                       long ldy) {
+    __m512 acc[MB][2];
+    for (int i = 0; i < m; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    long k2_full = k_dim / 2;
+    for (long k2 = 0; k2 < k2_full; k2++) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB);
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB + 32);
+        for (int i = 0; i < m; i++) {
+            int32_t pair;
+            memcpy(&pair, x + i * ldx + 2 * k2, 4);
+            __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
+        }
+    }
+    if (k_dim & 1) { /* the last column pairs with W's zero padding; x's element past the row is not read */
+        long k2 = k2_full;
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB);
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB + 32);
+        for (int i = 0; i < m; i++) {
+            __m512bh xb = (__m512bh)_mm512_set1_epi32((int32_t)x[i * ldx + 2 * k2]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
+        }
+    }
+    __mmask16 m0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
+    __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+    if (bias) {
+        b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, bias)), 16));
+        b1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, bias + 16)), 16));
+    }
+    for (int i = 0; i < m; i++) {
+        _mm256_mask_storeu_epi16(y + i * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][0], b0)));
+        _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][1], b1)));
+    }
+}
+
+/* y[:m_dim, :n_dim] = x W^T (+ bias) for x [m_dim, k_dim] (row stride ldx), y with row stride ldy. */
+void rs_linear_bf16(const uint16_t *x, long ldx, long m_dim, const uint16_t *packed, long n_dim, long k_dim,
+                    const uint16_t *bias, uint16_t *y, long ldy) {
+    long k2_dim = (k_dim + 1) / 2, blocks = (n_dim + NB - 1) / NB, m_blocks = (m_dim + MB - 1) / MB;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (long b = 0; b < blocks; b++)
+        for (long mb = 0; mb < m_blocks; mb++) {
+            long n0 = b * NB, i0 = mb * MB, cols = n_dim - n0 < NB ? n_dim - n0 : NB;
+            int m = m_dim - i0 < MB ? (int)(m_dim - i0) : MB;
+            const uint16_t *wb = packed + b * k2_dim * 2 * NB, *bb = bias ? bias + n0 : 0;
+            const uint16_t *xi = x + i0 * ldx;
+            uint16_t *yi = y + i0 * ldy + n0;
+            switch (m) {
+                case 1: tile(1, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
+                case 2: tile(2, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
+                case 3: tile(3, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
+                case 4: tile(4, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
+                case 5: tile(5, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
+                case 6: tile(6, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
+                case 7: tile(7, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
+                default: tile(8, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
+            }
+        }
+}
