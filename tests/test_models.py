@@ -234,3 +234,50 @@ def test_model_attributes(tiny_models):
     model = ours(tiny_models["qwen3"][0])
     assert (model.num_layers, model.num_q_heads_local, model.num_kv_heads_local, model.head_dim,
             model.vocab_size) == (2, 4, 2, 32, 251)
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@pytest.mark.parametrize("hq,hkv,dim", [(9, 3, 64), (8, 8, 128), (16, 1, 32)])
+def test_cpu_kernels_decode_attention_matches_sdpa(hq, hkv, dim):
+    """Paged decode attention (context read in place through req_to_token, scattered slots, lengths 0 to 300,
+    req slots out of order) against float32 SDPA over the gathered context."""
+    g = torch.Generator().manual_seed(hq * 100 + dim)
+    slots, lens, req_slots = 2000, [1, 300, 17, 0, 64], [3, 0, 4, 1, 2]
+    k_cache = torch.randn(slots, hkv, dim, generator=g).bfloat16()
+    v_cache = torch.randn(slots, hkv, dim, generator=g).bfloat16()
+    req_to_token = torch.zeros(5, 320, dtype=torch.int32)
+    for slot, n in zip(req_slots, lens):
+        req_to_token[slot, :n] = torch.randperm(slots - 1, generator=g)[:n].int() + 1
+    q = torch.randn(len(lens), hq, dim, generator=g).bfloat16()
+    got = cpu_kernels.decode_attention(q, k_cache, v_cache, req_to_token, torch.tensor(req_slots, dtype=torch.int32),
+                                       torch.tensor(lens, dtype=torch.int32), dim**-0.5)
+    for b, (slot, n) in enumerate(zip(req_slots, lens)):
+        if n == 0:
+            assert torch.equal(got[b], torch.zeros(hq, dim, dtype=torch.bfloat16))
+            continue
+        idx = req_to_token[slot, :n].long()
+        keys, vals = k_cache[idx].float().transpose(0, 1), v_cache[idx].float().transpose(0, 1)  # [Hkv, n, D]
+        want = F.scaled_dot_product_attention(q[b].float()[:, None], keys.repeat_interleave(hq // hkv, 0),
+                                              vals.repeat_interleave(hq // hkv, 0), scale=dim**-0.5)[:, 0]
+        torch.testing.assert_close(got[b].float(), want, rtol=2**-7, atol=2e-3)
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@pytest.mark.parametrize("rows,n", [(1, 576), (3, 100), (20, 64)])  # one row (no threads), ragged n, threaded rows
+def test_cpu_kernels_add_rmsnorm_rounds_as_torch(rows, n):
+    """The one-pass residual add + RMSNorm equals torch's bf16 ops (HF's order of rounding) to one bf16 ulp."""
+    g = torch.Generator().manual_seed(rows * n)
+    wide = torch.randn(rows, n + 3, generator=g).bfloat16()
+    x, residual = wide[:, :n], torch.randn(rows, n, generator=g).bfloat16()
+    weight = torch.randn(n, generator=g).bfloat16()
+
+    def reference(h: torch.Tensor) -> torch.Tensor:
+        hf = h.float()
+        return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+
+    out, none = cpu_kernels.add_rmsnorm(x, weight, 1e-5)
+    assert none is None
+    torch.testing.assert_close(out, reference(x), rtol=2**-7, atol=0)
+    out, summed = cpu_kernels.add_rmsnorm(x, weight, 1e-5, residual)
+    assert torch.equal(summed, x + residual)
+    torch.testing.assert_close(out, reference(summed), rtol=2**-7, atol=0)

@@ -9,6 +9,8 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NB 32 /* output columns per block: two 16-lane float32 accumulators */
@@ -89,5 +91,103 @@ void rs_linear_bf16(const uint16_t *x, long ldx, long m_dim, const uint16_t *pac
                 case 7: tile(7, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
                 default: tile(8, xi, ldx, wb, k_dim, bb, cols, yi, ldy); break;
             }
+        }
+}
+
+static inline __m512 load_f32(const uint16_t *p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+static inline __mmask16 lanes(long left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
+
+/* out = bf16(bf16(h * rsqrt(mean(h^2) + eps)) * weight) with h = x, or with residual: h = res_out = bf16(x + res),
+ * for rows x [rows, n] (row strides ldx, ldr; out and res_out contiguous): HF's RMSNorm and its rounding steps. */
+void rs_add_rmsnorm_bf16(const uint16_t *x, long ldx, const uint16_t *res, long ldr, const uint16_t *weight, long rows,
+                         long n, float eps, uint16_t *out, uint16_t *res_out) {
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (long r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * ldx;
+        uint16_t *hr = res ? res_out + r * n : 0;
+        __m512 sq = _mm512_setzero_ps();
+        for (long c = 0; c < n; c += 16) {
+            __mmask16 mask = lanes(n - c);
+            __m512 h = load_f32(xr + c, mask);
+            if (res) {
+                __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(h, load_f32(res + r * ldr + c, mask)));
+                _mm256_mask_storeu_epi16(hr + c, mask, rounded);
+                h = load_f32(hr + c, mask);
+            }
+            sq = _mm512_fmadd_ps(h, h, sq);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)n + eps));
+        const uint16_t *hs = res ? hr : xr;
+        for (long c = 0; c < n; c += 16) {
+            __mmask16 mask = lanes(n - c);
+            __m256i normed = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_f32(hs + c, mask), inv));
+            __m512 nf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(normed), 16));
+            __m512 y = _mm512_mul_ps(nf, load_f32(weight + c, mask));
+            _mm256_mask_storeu_epi16(out + r * n + c, mask, (__m256i)_mm512_cvtneps_pbh(y));
+        }
+    }
+}
+
+/* Decode attention over the paged KV cache, one query token per request:
+ * out[b, h] = softmax(scale * q[b, h] K^T) V over the slots req_to_token[req_slots[b], :seq_lens[b]],
+ * with kv head h / (hq / hkv). q and out [batch, hq, dim] contiguous, caches [slots, hkv, dim]; dim % 16 == 0,
+ * dim <= 256, hq / hkv <= 16. Scores and sums in float32, the output rounded to bf16 once. */
+void rs_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                              const int32_t *req_to_token, long rtt_stride, const int32_t *req_slots,
+                              const int32_t *seq_lens, long batch, long hq, long hkv, long dim, float scale,
+                              uint16_t *out) {
+    const long group = hq / hkv, vecs = dim / 16;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (long b = 0; b < batch; b++)
+        for (long h = 0; h < hkv; h++) {
+            const long len = seq_lens[b];
+            const int32_t *slots = req_to_token + (long)req_slots[b] * rtt_stride;
+            float *scores = malloc(sizeof(float) * group * (len ? len : 1));
+            __m512 qv[16][16], acc[16][16];
+            float top[16], sum[16];
+            for (long g = 0; g < group; g++) {
+                top[g] = -INFINITY, sum[g] = 0.0f;
+                for (long v = 0; v < vecs; v++) {
+                    qv[g][v] = _mm512_mul_ps(load_f32(q + ((b * hq) + h * group + g) * dim + v * 16, 0xffff),
+                                             _mm512_set1_ps(scale));
+                    acc[g][v] = _mm512_setzero_ps();
+                }
+            }
+            for (long j = 0; j < len; j++) {
+                const uint16_t *kr = k_cache + ((long)slots[j] * hkv + h) * dim;
+                __m512 kv[16];
+                for (long v = 0; v < vecs; v++) kv[v] = load_f32(kr + v * 16, 0xffff);
+                for (long g = 0; g < group; g++) {
+                    __m512 dot = _mm512_mul_ps(qv[g][0], kv[0]);
+                    for (long v = 1; v < vecs; v++) dot = _mm512_fmadd_ps(qv[g][v], kv[v], dot);
+                    float s = _mm512_reduce_add_ps(dot);
+                    scores[g * len + j] = s;
+                    top[g] = s > top[g] ? s : top[g];
+                }
+            }
+            for (long g = 0; g < group; g++)
+                for (long j = 0; j < len; j++) {
+                    float p = expf(scores[g * len + j] - top[g]);
+                    scores[g * len + j] = p;
+                    sum[g] += p;
+                }
+            for (long j = 0; j < len; j++) {
+                const uint16_t *vr = v_cache + ((long)slots[j] * hkv + h) * dim;
+                for (long v = 0; v < vecs; v++) {
+                    __m512 vv = load_f32(vr + v * 16, 0xffff);
+                    for (long g = 0; g < group; g++)
+                        acc[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + j]), vv, acc[g][v]);
+                }
+            }
+            for (long g = 0; g < group; g++) {
+                __m512 inv = _mm512_set1_ps(sum[g] > 0.0f ? 1.0f / sum[g] : 0.0f);
+                for (long v = 0; v < vecs; v++)
+                    _mm256_storeu_si256((__m256i *)(out + ((b * hq) + h * group + g) * dim + v * 16),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][v], inv)));
+            }
+            free(scores);
         }
 }

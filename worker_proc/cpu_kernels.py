@@ -1,10 +1,12 @@
-"""bfloat16 linear layers for CPUs with AVX512-BF16, from cpu_kernels.c, built with the system C compiler.
+"""bfloat16 kernels for CPUs with AVX512-BF16 (cpu_kernels.c), built with the system C compiler.
 
-oneDNN's bf16 matrix-vector path reads weights at about half this machine's memory bandwidth; these kernels
-read them at about its full rate at batch 1-8 and keep pace with oneDNN on prefill (docs/benchmarks.md). The
-library is compiled once per source, compiler and CPU into the radixserve cache (`cc -O3 -march=native
+- linear layers: oneDNN's bf16 matrix-vector path reads weights at about half the memory bandwidth; these
+  read them at about its full rate at batch 1-8 and keep pace with oneDNN on prefill (docs/benchmarks.md);
+- the residual add + RMSNorm in one pass (torch runs it as ~8 operators);
+- decode attention straight from the paged KV cache (no gather of each request's KV per layer).
+The library is compiled once per source, compiler and CPU into the radixserve cache (`cc -O3 -march=native
 -fopenmp`, under a second) and loaded with ctypes, which drops the GIL during a call. `library()` is None
-where the CPU lacks AVX512-BF16 or no compiler works: callers fall back to oneDNN.
+where the CPU lacks AVX512-BF16 or no compiler works: callers then run their torch code.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from radixserve.model_files import cache_root
 log = logging.getLogger("radixserve.worker")
 
 _SOURCE = Path(__file__).with_suffix(".c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 _NB = 32  # output columns per block, as NB in cpu_kernels.c
 
 
@@ -63,10 +65,15 @@ def library() -> ctypes.CDLL | None:
             return None
         os.replace(tmp, path)  # atomic: workers starting together may build it twice, never load half a file
     lib = ctypes.CDLL(str(path))
-    ptr, size = ctypes.c_void_p, ctypes.c_long
-    lib.rs_pack_bf16.argtypes = [ptr, size, size, ptr]
-    lib.rs_linear_bf16.argtypes = [ptr, size, size, ptr, size, size, ptr, ptr, size]
-    lib.rs_pack_bf16.restype = lib.rs_linear_bf16.restype = None
+    ptr, size, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    signatures = {
+        "rs_pack_bf16": [ptr, size, size, ptr],
+        "rs_linear_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size],
+        "rs_add_rmsnorm_bf16": [ptr, size, ptr, size, ptr, size, size, f32, ptr, ptr],
+        "rs_decode_attention_bf16": [ptr, ptr, ptr, ptr, size, ptr, ptr, size, size, size, size, f32, ptr],
+    }
+    for name, argtypes in signatures.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     return lib
 
 
@@ -92,3 +99,42 @@ class PackedLinear:
         library().rs_linear_bf16(x.data_ptr(), x.stride(0), x.shape[0], self.data.data_ptr(), self.n, self.k,
                                  None if bias is None else bias.data_ptr(), y.data_ptr(), self.n)
         return y.reshape(*lead, self.n)
+
+
+def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rmsnorm(h) * weight, h) for h = x [+ residual], x [T, n] bf16, rounded where HF's RMSNorm rounds."""
+    rows, n = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    out = torch.empty((rows, n), dtype=torch.bfloat16)
+    res_out = torch.empty_like(out) if residual is not None else None
+    library().rs_add_rmsnorm_bf16(x.data_ptr(), x.stride(0), 0 if residual is None else residual.data_ptr(),
+                                  0 if residual is None else residual.stride(0), weight.data_ptr(), rows, n, eps,
+                                  out.data_ptr(), 0 if res_out is None else res_out.data_ptr())
+    return out, res_out
+
+
+def decode_attention_fits(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether decode_attention runs this cache: built, bf16, head size a multiple of 16 up to 256, at most 16
+    query heads per kv head."""
+    return (library() is not None and dtype == torch.bfloat16 and head_dim % 16 == 0 and head_dim <= 256
+            and num_q_heads % num_kv_heads == 0 and num_q_heads // num_kv_heads <= 16)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
+                     req_slots: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per request, q [B, Hq, D], against each request's context read in place from the
+    paged caches [slots, Hkv, D] through req_to_token [reqs, context] (int32); -> [B, Hq, D] bf16."""
+    q = q.contiguous()
+    batch, hq, dim = q.shape
+    assert q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16 and k_cache.is_contiguous()
+    assert req_to_token.dtype == req_slots.dtype == seq_lens.dtype == torch.int32 and req_to_token.stride(1) == 1
+    req_slots, seq_lens = req_slots.contiguous(), seq_lens.contiguous()
+    out = torch.empty_like(q)
+    library().rs_decode_attention_bf16(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), req_to_token.data_ptr(),
+                                       req_to_token.stride(0), req_slots.data_ptr(), seq_lens.data_ptr(), batch, hq,
+                                       k_cache.shape[1], dim, scale, out.data_ptr())
+    return out

@@ -96,15 +96,25 @@ class RMSNorm(nn.Module):
         self.weight = make_param((dim,), dtype, device, load_replicated, {None: (dim,)})
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
-        """norm(x), or with `residual`: (norm(x + residual), x + residual); one Triton kernel on CUDA."""
-        if fused.ENABLED and x.is_cuda and x.dim() == 2:
-            out, residual = fused.add_rmsnorm(x, self.weight, self.eps, residual)
+        """norm(x), or with `residual`: (norm(x + residual), x + residual); one kernel on CUDA (Triton) and
+        on bf16 CPUs with cpu_kernels."""
+        kernel = self._kernel(x)
+        if kernel is not None:
+            out, residual = kernel(x, self.weight, self.eps, residual)
             return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x
         out = self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
         return out if residual is None else (out, residual)
+
+    @staticmethod
+    def _kernel(x: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None:
+        if x.dim() != 2:
+            return None
+        if x.is_cuda:
+            return fused.add_rmsnorm if fused.ENABLED else None
+        return cpu_kernels.add_rmsnorm if x.dtype == torch.bfloat16 and cpu_kernels.library() is not None else None
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""Reference attention in plain torch (runs on CPU): gathers each request's KV through req_to_token."""
+"""Reference attention in plain torch (runs on CPU): gathers each request's KV through req_to_token.
+
+A bf16 decode step on a CPU with cpu_kernels reads the paged cache in place instead (no gather)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from worker_proc import cpu_kernels
 from worker_proc.attention.base import AttentionBackend, ForwardMeta
 
 
@@ -14,7 +17,10 @@ class TorchBackend(AttentionBackend):
     def prepare(self, meta: ForwardMeta) -> None:
         self.meta = meta
         self.out_slots = meta.out_slots.long()
-        if meta.is_decode:
+        cache = self.kv_cache.k[0]
+        self.native_decode = meta.is_decode and cache.device.type == "cpu" and cpu_kernels.decode_attention_fits(
+            cache.dtype, self.num_q_heads, cache.shape[1], self.head_dim)
+        if meta.is_decode and not self.native_decode:
             # One padded gather for the whole decode batch, as a flat index (index_select is the fast gather on
             # CPU); pad slot 0 is masked out.
             max_len = max(meta.seq_lens_cpu)
@@ -22,7 +28,7 @@ class TorchBackend(AttentionBackend):
             self.valid = torch.arange(max_len, device=rows.device)[None, :] < meta.seq_lens[:, None]
             self.ctx_slots = torch.where(self.valid, rows, torch.zeros_like(rows)).flatten()
             self.ctx_shape = (len(meta.seq_lens_cpu), max_len)
-        else:
+        elif not meta.is_decode:
             self.ctx_slots_per_req = [
                 meta.req_to_token[slot, :n].long()
                 for slot, n in zip(meta.req_slots.tolist(), meta.seq_lens_cpu)
@@ -32,6 +38,9 @@ class TorchBackend(AttentionBackend):
         meta = self.meta
         self.kv_cache.store(layer_id, self.out_slots, k, v)
         k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
+        if self.native_decode:
+            return cpu_kernels.decode_attention(q, k_cache, v_cache, meta.req_to_token, meta.req_slots, meta.seq_lens,
+                                                self.scale)
         if meta.is_decode:
             batch, kv_heads = self.ctx_shape[0], k_cache.shape[1]
             shape = (*self.ctx_shape, *k_cache.shape[1:])
