@@ -197,8 +197,14 @@ def _check_fused_ops() -> dict:
     def outputs() -> list[torch.Tensor]:
         cache = KVCache(1, 101, 8, 128, torch.bfloat16, "cuda")
         cache.store(0, slots, qkv[:, 32:40], qkv[:, 40:])
-        return [*norm(x, res), layers.SiluAndMul()(gu), layers.apply_rotary(qkv[:, :40], cos, sin), cache.k[0],
-                cache.v[0]]
+        rotated = layers.apply_rotary(qkv[:, :40], cos, sin)
+        after = KVCache(1, 101, 8, 128, torch.bfloat16, "cuda")  # rotary + store, fused into one kernel
+        if fused.ENABLED:
+            q = fused.rotary_store(qkv[:, :40], qkv[:, 40:], cos, sin, slots, after.k[0], after.v[0], 32)
+        else:
+            q = rotated[:, :32]
+            after.store(0, slots, rotated[:, 32:], qkv[:, 40:])
+        return [*norm(x, res), layers.SiluAndMul()(gu), rotated, cache.k[0], cache.v[0], q, after.k[0], after.v[0]]
 
     with_fused = outputs()
     fused.ENABLED = False
@@ -206,7 +212,8 @@ def _check_fused_ops() -> dict:
         plain = outputs()
     finally:
         fused.ENABLED = True
-    names = ("add_rmsnorm", "residual", "silu_and_mul", "rotary", "store_k", "store_v")
+    names = ("add_rmsnorm", "residual", "silu_and_mul", "rotary", "store_k", "store_v", "rotary_store_q",
+             "rotary_store_k", "rotary_store_v")
     return {n: ((f.float() - p.float()).norm() / p.float().norm()).item() for n, f, p in zip(names, with_fused, plain)}
 
 

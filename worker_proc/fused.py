@@ -7,6 +7,7 @@ Each kernel rounds where the unfused torch code (and HF) rounds, so results matc
   silu_and_mul: bf16(bf16(silu(gate)) * up)
   rotary:       rotate-half RoPE of q and k heads together, computed in float32, rounded once
   store_kv:     new K and V (strided views of the projection) into their KV-cache slots, in one kernel
+  rotary_store: rotary of q and k, rotated q out, rotated k and v into their KV-cache slots: one kernel for both
 triton is imported lazily, on the first call.
 """
 
@@ -83,7 +84,38 @@ def _kernels():  # noqa: C901 (kernel definitions)
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
-    return add_rmsnorm, silu_and_mul, rotary, store_kv
+    @triton.jit
+    def rotary_store(qk_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_cache_ptr, v_cache_ptr, q_heads, kv_heads,
+                     stride_xt, stride_xh, stride_vt, stride_vh, stride_ct, half,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < q_heads + kv_heads) & (d < half)
+        src = qk_ptr + t * stride_xt + h * stride_xh + d
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + t * stride_ct + d, mask=d < half, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + t * stride_ct + d, mask=d < half, other=0.0).to(tl.float32)
+        r1 = (x1 * c - x2 * s).to(q_ptr.dtype.element_ty)  # rounded as rotary rounds, then as the cache stores
+        r2 = (x2 * c + x1 * s).to(q_ptr.dtype.element_ty)
+        is_q = mask & (h < q_heads)
+        q_dst = q_ptr + (t * q_heads + h) * (2 * half) + d
+        tl.store(q_dst, r1, mask=is_q)
+        tl.store(q_dst + half, r2, mask=is_q)
+        is_k = mask & (h >= q_heads)
+        k_dst = k_cache_ptr + (slot * kv_heads + h - q_heads) * (2 * half) + d
+        tl.store(k_dst, r1.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+        tl.store(k_dst + half, r2.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+        hv = tl.arange(0, BLOCK_KV)[:, None]
+        dv = tl.arange(0, 2 * BLOCK_D)[None, :]
+        v_mask = (hv < kv_heads) & (dv < 2 * half)
+        v = tl.load(v_ptr + t * stride_vt + hv * stride_vh + dv, mask=v_mask)
+        tl.store(v_cache_ptr + (slot * kv_heads + hv) * (2 * half) + dv, v.to(v_cache_ptr.dtype.element_ty),
+                 mask=v_mask)
+
+    return add_rmsnorm, silu_and_mul, rotary, store_kv, rotary_store
 
 
 def _pow2(n: int) -> int:
@@ -130,7 +162,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out
 
 
-
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> None:
     """k_cache[slots] = k and v_cache[slots] = v for k/v [T, H, D] (unit stride along D), caches [N, H, D]."""
@@ -140,3 +171,20 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     if tokens:
         kernel[(tokens,)](k, v, slots, k_cache, v_cache, k.stride(0), k.stride(1), v.stride(0), v.stride(1), heads, dim,
                           BLOCK_H=_pow2(heads), BLOCK_D=_pow2(dim), num_warps=4)
+
+
+def rotary_store(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """rotary(qk) as `rotary` does for qk [T, q_heads + kv heads, D]; returns the rotated q [T, q_heads, D] and
+    writes the rotated k and v [T, kv heads, D] at k_cache[slots] / v_cache[slots] as `store_kv` does."""
+    kernel = _kernels()[4]
+    tokens, heads, dim = qk.shape
+    kv_heads = heads - q_heads
+    assert qk.stride(2) == 1 and v.stride(2) == 1 and cos.stride(2) == 1 and sin.stride(0) == cos.stride(0)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and v.shape == (tokens, kv_heads, dim)
+    q = torch.empty((tokens, q_heads, dim), dtype=qk.dtype, device=qk.device)
+    if tokens:
+        kernel[(tokens,)](qk, v, cos, sin, slots, q, k_cache, v_cache, q_heads, kv_heads, qk.stride(0), qk.stride(1),
+                          v.stride(0), v.stride(1), cos.stride(0), dim // 2, BLOCK_H=_pow2(heads),
+                          BLOCK_D=_pow2(dim // 2), BLOCK_KV=_pow2(kv_heads), num_warps=4)
+    return q

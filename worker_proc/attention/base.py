@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from worker_proc.kv_cache import KVCache
+from worker_proc.layers import apply_rotary
 
 
 @dataclass
@@ -68,3 +69,10 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> output [T, Hq, D]; stores k/v at the step's out_slots."""
+
+    def forward_rotary(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       layer_id: int) -> torch.Tensor:
+        """forward() after rotating qk [T, Hq + Hkv, D] (q heads then k heads) with apply_rotary's cos/sin.
+        Backends may fuse the rotary with the KV store."""
+        q, k = apply_rotary(qk, cos, sin).split([self.num_q_heads, qk.shape[1] - self.num_q_heads], dim=1)
+        return self.forward(q, k, v, layer_id)

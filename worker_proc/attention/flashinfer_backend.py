@@ -35,6 +35,7 @@ import builtins
 import numpy as np
 import torch
 
+from worker_proc import fused
 from worker_proc.attention.base import AttentionBackend, ForwardMeta
 from worker_proc.kv_cache import KVCache
 
@@ -217,4 +218,12 @@ class FlashInferBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         self.kv_cache.store(layer_id, self.meta.out_slots, k, v)
+        return self.active.run(q, self.pages[layer_id])
+
+    def forward_rotary(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       layer_id: int) -> torch.Tensor:
+        if not fused.ENABLED:
+            return super().forward_rotary(qk, v, cos, sin, layer_id)
+        q = fused.rotary_store(qk, v, cos, sin, self.meta.out_slots, self.kv_cache.k[layer_id],
+                               self.kv_cache.v[layer_id], self.num_q_heads)
         return self.active.run(q, self.pages[layer_id])

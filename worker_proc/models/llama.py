@@ -23,7 +23,6 @@ from worker_proc.layers import (
     RowParallelLinear,
     SiluAndMul,
     VocabParallelEmbedding,
-    apply_rotary,
     rope_parameters,
 )
 
@@ -71,8 +70,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)  # q and k rotated together
-        out = attn.forward(q, k, v, self.layer_id)
+        out = attn.forward_rotary(qk, v, *rope, self.layer_id)  # q and k rotated together
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
