@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -281,3 +285,23 @@ def test_cpu_kernels_add_rmsnorm_rounds_as_torch(rows, n):
     out, summed = cpu_kernels.add_rmsnorm(x, weight, 1e-5, residual)
     assert torch.equal(summed, x + residual)
     torch.testing.assert_close(out, reference(summed), rtol=2**-7, atol=0)
+
+
+def test_cpu_kernels_fall_back_to_onednn_without_a_compiler(tmp_path, tiny_models):
+    """A compiler that fails (or none) leaves the worker on oneDNN's packed layout, with a warning naming why."""
+    model_dir, _ = tiny_models["llama"]
+    code = ("import logging, torch; logging.basicConfig()\n"
+            "from worker_proc import cpu_kernels\n"
+            "from worker_proc.layers import pack_cpu_linears\n"
+            "from worker_proc.weights import load_model\n"
+            "from radixserve.model_files import load_hf_config\n"
+            f"m = load_model({str(model_dir)!r}, load_hf_config({str(model_dir)!r}), 'auto', torch.bfloat16, 'cpu')\n"
+            "assert cpu_kernels.library() is None\n"
+            "print('layout:', pack_cpu_linears(m)[1])\n")
+    env = {**os.environ, "CC": "/bin/false", "RADIXSERVE_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
+        assert "building cpu_kernels.c failed" in proc.stderr
+    assert "layout: oneDNN's" in proc.stdout or "layout: \n" in proc.stdout

@@ -27,7 +27,7 @@ from radixserve.model_files import cache_root
 log = logging.getLogger("radixserve.worker")
 
 _SOURCE = Path(__file__).with_suffix(".c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _NB = 32  # output columns per block, as NB in cpu_kernels.c
 
 
@@ -48,7 +48,7 @@ def library() -> ctypes.CDLL | None:
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.warning("no C compiler (cc, gcc or $CC): bf16 linear layers use oneDNN, about half as fast at batch 1")
+        log.warning("no C compiler (cc, gcc or $CC): the bf16 CPU path runs oneDNN and torch, about half as fast")
         return None
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), cpu.encode()])).hexdigest()[:16]
@@ -57,11 +57,11 @@ def library() -> ctypes.CDLL | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SOURCE)], check=True, capture_output=True, text=True,
-                           timeout=300)
+            subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SOURCE), "-lm"], check=True, capture_output=True,
+                           text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("building %s failed (%s): bf16 linear layers use oneDNN\n%s", _SOURCE.name, exc,
-                        getattr(exc, "stderr", "") or "")
+            log.warning("building %s failed (%s): the bf16 CPU path runs oneDNN and torch instead\n%s",
+                        _SOURCE.name, exc, getattr(exc, "stderr", "") or "")
             return None
         os.replace(tmp, path)  # atomic: workers starting together may build it twice, never load half a file
     lib = ctypes.CDLL(str(path))
