@@ -242,8 +242,8 @@ def test_model_attributes(tiny_models):
 
 @pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
 @pytest.mark.parametrize("hq,hkv,dim", [(9, 3, 64), (8, 8, 128), (16, 1, 32)])
-def test_cpu_kernels_decode_attention_matches_sdpa(hq, hkv, dim):
-    """Paged decode attention (context read in place through req_to_token, scattered slots, lengths 0 to 300,
+def test_cpu_kernels_paged_attention_matches_sdpa(hq, hkv, dim):
+    """Paged attention rows (context read in place through req_to_token, scattered slots, lengths 0 to 300,
     req slots out of order) against float32 SDPA over the gathered context."""
     g = torch.Generator().manual_seed(hq * 100 + dim)
     slots, lens, req_slots = 2000, [1, 300, 17, 0, 64], [3, 0, 4, 1, 2]
@@ -253,8 +253,8 @@ def test_cpu_kernels_decode_attention_matches_sdpa(hq, hkv, dim):
     for slot, n in zip(req_slots, lens):
         req_to_token[slot, :n] = torch.randperm(slots - 1, generator=g)[:n].int() + 1
     q = torch.randn(len(lens), hq, dim, generator=g).bfloat16()
-    got = cpu_kernels.decode_attention(q, k_cache, v_cache, req_to_token, torch.tensor(req_slots, dtype=torch.int32),
-                                       torch.tensor(lens, dtype=torch.int32), dim**-0.5)
+    got = cpu_kernels.paged_attention(q, k_cache, v_cache, req_to_token, torch.tensor(req_slots, dtype=torch.int32),
+                                      torch.tensor(lens, dtype=torch.int32), dim**-0.5)
     for b, (slot, n) in enumerate(zip(req_slots, lens)):
         if n == 0:
             assert torch.equal(got[b], torch.zeros(hq, dim, dtype=torch.bfloat16))
@@ -305,3 +305,43 @@ def test_cpu_kernels_fall_back_to_onednn_without_a_compiler(tmp_path, tiny_model
     if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
         assert "building cpu_kernels.c failed" in proc.stderr
     assert "layout: oneDNN's" in proc.stdout or "layout: \n" in proc.stdout
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+def test_cpu_kernels_prefill_attention_matches_sdpa(tiny_models, monkeypatch):
+    """A bf16 model's ragged steps (a prompt in two chunks over its cached first half, a whole prompt beside it,
+    then decode) with prefill attention in cpu_kernels and in SDPA: the same greedy tokens, logits within bf16
+    noise."""
+    from worker_proc.attention import torch_backend
+
+    model_dir, _ = tiny_models["qwen3"]
+    model = load_model(model_dir, load_hf_config(model_dir), "auto", torch.bfloat16, "cpu")
+    a, b = prompts(2)
+
+    def run() -> tuple[torch.Tensor, list[int]]:
+        runner = RaggedRunner(model, max_reqs=2)
+        with torch.inference_mode():
+            runner.step([0], [a[: len(a) // 2]])
+            logits = [runner.step([0, 1], [a[len(a) // 2:], b])]
+            tokens = logits[-1].argmax(-1).tolist()
+            for _ in range(3):
+                logits.append(runner.step([0, 1], [[t] for t in tokens]))
+                tokens = logits[-1].argmax(-1).tolist()
+        return torch.stack(logits), tokens
+
+    native = run()
+    monkeypatch.setattr(torch_backend, "NATIVE_MAX_EXTEND", 0)
+    sdpa = run()
+    assert native[1] == sdpa[1]
+    torch.testing.assert_close(native[0], sdpa[0], rtol=0, atol=sdpa[0].abs().max().item() / 32)
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@pytest.mark.parametrize("rows,n", [(1, 1536), (3, 40), (20, 64)])
+def test_cpu_kernels_silu_and_mul_rounds_as_torch(rows, n):
+    """silu(gate) * up in one pass equals torch's bf16 F.silu(gate) * up to one bf16 ulp, large |gate| included."""
+    g = torch.Generator().manual_seed(rows + n)
+    x = (torch.randn(rows, 2 * n + 2, generator=g) * 4).bfloat16()[:, : 2 * n]  # a strided view
+    x[0, :4] = torch.tensor([0.0, -100.0, 100.0, -3e4])
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_and_mul(x), F.silu(gate) * up, rtol=2**-7, atol=1e-6)

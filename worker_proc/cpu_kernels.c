@@ -131,14 +131,16 @@ void rs_add_rmsnorm_bf16(const uint16_t *x, long ldx, const uint16_t *res, long 
     }
 }
 
-/* Decode attention over the paged KV cache, one query token per request:
- * out[b, h] = softmax(scale * q[b, h] K^T) V over the slots req_to_token[req_slots[b], :seq_lens[b]],
- * with kv head h / (hq / hkv). q and out [batch, hq, dim] contiguous, caches [slots, hkv, dim]; dim % 16 == 0,
- * dim <= 256, hq / hkv <= 16. Scores and sums in float32, the output rounded to bf16 once. */
-void rs_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
-                              const int32_t *req_to_token, long rtt_stride, const int32_t *req_slots,
-                              const int32_t *seq_lens, long batch, long hq, long hkv, long dim, float scale,
-                              uint16_t *out) {
+/* Attention over the paged KV cache, one query token per row: row t attends to the first lens[t] slots of its
+ * request's row of req_to_token, req_to_token[req_slots[t], :lens[t]] (a decode row: the whole context; a
+ * prefill row: the causal prefix up to its own token). out[t, h] = softmax(scale * q[t, h] K^T) V with kv head
+ * h / (hq / hkv). q and out [rows, hq, dim] contiguous, caches [slots, hkv, dim]; dim % 16 == 0, dim <= 256,
+ * hq / hkv <= 16. Slots are the scheduler's (not bound-checked here). Scores and sums in float32, the output
+ * rounded to bf16 once. */
+void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                             const int32_t *req_to_token, long rtt_stride, const int32_t *req_slots,
+                             const int32_t *seq_lens, long batch, long hq, long hkv, long dim, float scale,
+                             uint16_t *out) {
     const long group = hq / hkv, vecs = dim / 16;
 #pragma omp parallel for collapse(2) schedule(dynamic)
     for (long b = 0; b < batch; b++)
@@ -189,5 +191,38 @@ void rs_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const 
                                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][v], inv)));
             }
             free(scores);
+        }
+}
+
+/* e^x in float32 lanes to about 1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n). */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* out[r] = bf16(bf16(silu(gate)) * up) for x[r] = gate | up ([rows, 2n], row stride ldx; out [rows, n]). */
+void rs_silu_and_mul_bf16(const uint16_t *x, long ldx, long rows, long n, uint16_t *out) {
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < n; c += 16) {
+            __mmask16 mask = lanes(n - c);
+            __m512 gate = load_f32(x + r * ldx + c, mask);
+            __m512 denominator = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate)));
+            __m512 act = _mm512_div_ps(gate, denominator);
+            __m256i rounded = (__m256i)_mm512_cvtneps_pbh(act);
+            __m512 act_bf16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+            __m512 y = _mm512_mul_ps(act_bf16, load_f32(x + r * ldx + n + c, mask));
+            _mm256_mask_storeu_epi16(out + r * n + c, mask, (__m256i)_mm512_cvtneps_pbh(y));
         }
 }

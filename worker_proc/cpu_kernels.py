@@ -2,8 +2,8 @@
 
 - linear layers: oneDNN's bf16 matrix-vector path reads weights at about half the memory bandwidth; these
   read them at about its full rate at batch 1-8 and keep pace with oneDNN on prefill (docs/benchmarks.md);
-- the residual add + RMSNorm in one pass (torch runs it as ~8 operators);
-- decode attention straight from the paged KV cache (no gather of each request's KV per layer).
+- the residual add + RMSNorm, and SiLU(gate) * up, each in one pass (torch runs them as several operators);
+- attention straight from the paged KV cache (no gather of each request's KV per layer).
 The library is compiled once per source, compiler and CPU into the radixserve cache (`cc -O3 -march=native
 -fopenmp`, under a second) and loaded with ctypes, which drops the GIL during a call. `library()` is None
 where the CPU lacks AVX512-BF16 or no compiler works: callers then run their torch code.
@@ -70,7 +70,8 @@ def library() -> ctypes.CDLL | None:
         "rs_pack_bf16": [ptr, size, size, ptr],
         "rs_linear_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size],
         "rs_add_rmsnorm_bf16": [ptr, size, ptr, size, ptr, size, size, f32, ptr, ptr],
-        "rs_decode_attention_bf16": [ptr, ptr, ptr, ptr, size, ptr, ptr, size, size, size, size, f32, ptr],
+        "rs_silu_and_mul_bf16": [ptr, size, size, size, ptr],
+        "rs_paged_attention_bf16": [ptr, ptr, ptr, ptr, size, ptr, ptr, size, size, size, size, f32, ptr],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
@@ -105,6 +106,7 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rmsnorm(h) * weight, h) for h = x [+ residual], x [T, n] bf16, rounded where HF's RMSNorm rounds."""
     rows, n = x.shape
+    assert x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous() and weight.shape == (n,)
     if x.stride(1) != 1:
         x = x.contiguous()
     if residual is not None and residual.stride(1) != 1:
@@ -117,24 +119,36 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out, res_out
 
 
-def decode_attention_fits(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    """Whether decode_attention runs this cache: built, bf16, head size a multiple of 16 up to 256, at most 16
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2n] bf16 (gate | up) -> silu(gate) * up [T, n], rounded where torch's bf16 ops round."""
+    assert x.dtype == torch.bfloat16 and x.dim() == 2
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows, n = x.shape[0], x.shape[1] // 2
+    out = torch.empty((rows, n), dtype=torch.bfloat16)
+    library().rs_silu_and_mul_bf16(x.data_ptr(), x.stride(0), rows, n, out.data_ptr())
+    return out
+
+
+def attention_fits(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether paged_attention runs this cache: built, bf16, head size a multiple of 16 up to 256, at most 16
     query heads per kv head."""
     return (library() is not None and dtype == torch.bfloat16 and head_dim % 16 == 0 and head_dim <= 256
             and num_q_heads % num_kv_heads == 0 and num_q_heads // num_kv_heads <= 16)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
-                     req_slots: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per request, q [B, Hq, D], against each request's context read in place from the
-    paged caches [slots, Hkv, D] through req_to_token [reqs, context] (int32); -> [B, Hq, D] bf16."""
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
+                    req_slots: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [T, Hq, D]: row t attends to the KV at req_to_token[req_slots[t], :lens[t]] (int32 tensors), read in
+    place from the paged caches [slots, Hkv, D]; -> [T, Hq, D] bf16."""
     q = q.contiguous()
-    batch, hq, dim = q.shape
+    rows, hq, dim = q.shape
     assert q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16 and k_cache.is_contiguous()
-    assert req_to_token.dtype == req_slots.dtype == seq_lens.dtype == torch.int32 and req_to_token.stride(1) == 1
-    req_slots, seq_lens = req_slots.contiguous(), seq_lens.contiguous()
+    assert req_to_token.dtype == req_slots.dtype == lens.dtype == torch.int32 and req_to_token.stride(1) == 1
+    assert req_slots.shape == lens.shape == (rows,)
+    req_slots, lens = req_slots.contiguous(), lens.contiguous()
     out = torch.empty_like(q)
-    library().rs_decode_attention_bf16(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), req_to_token.data_ptr(),
-                                       req_to_token.stride(0), req_slots.data_ptr(), seq_lens.data_ptr(), batch, hq,
-                                       k_cache.shape[1], dim, scale, out.data_ptr())
+    library().rs_paged_attention_bf16(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), req_to_token.data_ptr(),
+                                      req_to_token.stride(0), req_slots.data_ptr(), lens.data_ptr(), rows, hq,
+                                      k_cache.shape[1], dim, scale, out.data_ptr())
     return out

@@ -77,6 +77,14 @@ def pack_cpu_linears(model: nn.Module, native: bool = True) -> tuple[int, str]:
     return packed, layout
 
 
+def one_kernel(x: torch.Tensor, cuda: Callable[..., Any], cpu: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The fused kernel that replaces a few torch operators on x's device: `cuda` (worker_proc.fused) while
+    fused.ENABLED, `cpu` (cpu_kernels) for bf16 where that library built; None: run the torch code."""
+    if x.is_cuda:
+        return cuda if fused.ENABLED else None
+    return cpu if x.dtype == torch.bfloat16 and cpu_kernels.library() is not None else None
+
+
 def divide(n: int, d: int, what: str) -> int:
     if n % d:
         raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d})")
@@ -98,7 +106,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
         """norm(x), or with `residual`: (norm(x + residual), x + residual); one kernel on CUDA (Triton) and
         on bf16 CPUs with cpu_kernels."""
-        kernel = self._kernel(x)
+        kernel = one_kernel(x, fused.add_rmsnorm, cpu_kernels.add_rmsnorm) if x.dim() == 2 else None
         if kernel is not None:
             out, residual = kernel(x, self.weight, self.eps, residual)
             return out if residual is None else (out, residual)
@@ -107,14 +115,6 @@ class RMSNorm(nn.Module):
             residual = x
         out = self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
         return out if residual is None else (out, residual)
-
-    @staticmethod
-    def _kernel(x: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None:
-        if x.dim() != 2:
-            return None
-        if x.is_cuda:
-            return fused.add_rmsnorm if fused.ENABLED else None
-        return cpu_kernels.add_rmsnorm if x.dtype == torch.bfloat16 and cpu_kernels.library() is not None else None
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -172,11 +172,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SiluAndMul(nn.Module):
-    """[.., 2n] -> silu(x[.., :n]) * x[.., n:] (the gate/up halves of a merged projection); one kernel on CUDA."""
+    """[.., 2n] -> silu(x[.., :n]) * x[.., n:] (the gate/up halves of a merged projection); one kernel on CUDA and
+    on bf16 CPUs with cpu_kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.ENABLED and x.is_cuda:
-            return fused.silu_and_mul(x)
+        kernel = one_kernel(x, fused.silu_and_mul, cpu_kernels.silu_and_mul) if x.dim() == 2 else None
+        if kernel is not None:
+            return kernel(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

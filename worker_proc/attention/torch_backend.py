@@ -1,6 +1,7 @@
 """Reference attention in plain torch (runs on CPU): gathers each request's KV through req_to_token.
 
-A bf16 decode step on a CPU with cpu_kernels reads the paged cache in place instead (no gather)."""
+On a bf16 CPU with cpu_kernels, decode steps and short extends read the paged cache in place instead (no
+gather, one call per layer); long extends keep SDPA, whose matrix-product kernels win there."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import torch.nn.functional as F
 from worker_proc import cpu_kernels
 from worker_proc.attention.base import AttentionBackend, ForwardMeta
 
+NATIVE_MAX_EXTEND = 128
+"""The longest extend (new tokens of one request) whose prefill attention runs in cpu_kernels: its per-row loop
+costs O(context) per query row, SDPA's blocked kernel costs a call per request and layer."""
+
 
 class TorchBackend(AttentionBackend):
     name = "torch"
@@ -18,9 +23,18 @@ class TorchBackend(AttentionBackend):
         self.meta = meta
         self.out_slots = meta.out_slots.long()
         cache = self.kv_cache.k[0]
-        self.native_decode = meta.is_decode and cache.device.type == "cpu" and cpu_kernels.decode_attention_fits(
-            cache.dtype, self.num_q_heads, cache.shape[1], self.head_dim)
-        if meta.is_decode and not self.native_decode:
+        self.native = cache.device.type == "cpu" and cpu_kernels.attention_fits(
+            cache.dtype, self.num_q_heads, cache.shape[1], self.head_dim) and (
+            meta.is_decode or max(meta.extend_lens_cpu) <= NATIVE_MAX_EXTEND)
+        if self.native:
+            # One row per new token: its request's req slot and the context it sees (causal within the extend).
+            if meta.is_decode:
+                self.rows = (meta.req_slots, meta.seq_lens)
+            else:
+                req = torch.repeat_interleave(torch.arange(meta.batch_size), meta.extend_lens.long())
+                own = torch.arange(len(req)) - meta.qo_indptr[req]
+                self.rows = (meta.req_slots[req], (meta.seq_lens - meta.extend_lens)[req] + own.int() + 1)
+        elif meta.is_decode:
             # One padded gather for the whole decode batch, as a flat index (index_select is the fast gather on
             # CPU); pad slot 0 is masked out.
             max_len = max(meta.seq_lens_cpu)
@@ -28,7 +42,7 @@ class TorchBackend(AttentionBackend):
             self.valid = torch.arange(max_len, device=rows.device)[None, :] < meta.seq_lens[:, None]
             self.ctx_slots = torch.where(self.valid, rows, torch.zeros_like(rows)).flatten()
             self.ctx_shape = (len(meta.seq_lens_cpu), max_len)
-        elif not meta.is_decode:
+        else:
             self.ctx_slots_per_req = [
                 meta.req_to_token[slot, :n].long()
                 for slot, n in zip(meta.req_slots.tolist(), meta.seq_lens_cpu)
@@ -38,9 +52,8 @@ class TorchBackend(AttentionBackend):
         meta = self.meta
         self.kv_cache.store(layer_id, self.out_slots, k, v)
         k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
-        if self.native_decode:
-            return cpu_kernels.decode_attention(q, k_cache, v_cache, meta.req_to_token, meta.req_slots, meta.seq_lens,
-                                                self.scale)
+        if self.native:
+            return cpu_kernels.paged_attention(q, k_cache, v_cache, meta.req_to_token, *self.rows, self.scale)
         if meta.is_decode:
             batch, kv_heads = self.ctx_shape[0], k_cache.shape[1]
             shape = (*self.ctx_shape, *k_cache.shape[1:])
