@@ -131,6 +131,23 @@ void rs_add_rmsnorm_bf16(const uint16_t *x, long ldx, const uint16_t *res, long 
     }
 }
 
+/* e^x in float32 lanes to about 1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n). */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* Attention over the paged KV cache, one query token per row: row t attends to the first lens[t] slots of its
  * request's row of req_to_token, req_to_token[req_slots[t], :lens[t]] (a decode row: the whole context; a
  * prefill row: the causal prefix up to its own token). out[t, h] = softmax(scale * q[t, h] K^T) V with kv head
@@ -148,6 +165,7 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
             const long len = seq_lens[b];
             const int32_t *slots = req_to_token + (long)req_slots[b] * rtt_stride;
             float *scores = malloc(sizeof(float) * group * (len ? len : 1));
+            if (!scores) abort(); /* out of memory: stop the worker loudly rather than return garbage */
             __m512 qv[16][16], acc[16][16];
             float top[16], sum[16];
             for (long g = 0; g < group; g++) {
@@ -170,12 +188,17 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
                     top[g] = s > top[g] ? s : top[g];
                 }
             }
-            for (long g = 0; g < group; g++)
-                for (long j = 0; j < len; j++) {
-                    float p = expf(scores[g * len + j] - top[g]);
-                    scores[g * len + j] = p;
-                    sum[g] += p;
+            for (long g = 0; g < group; g++) {
+                __m512 total = _mm512_setzero_ps();
+                for (long j = 0; j < len; j += 16) {
+                    __mmask16 mask = lanes(len - j);
+                    __m512 s = _mm512_maskz_loadu_ps(mask, scores + g * len + j);
+                    __m512 p = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(top[g]))));
+                    _mm512_mask_storeu_ps(scores + g * len + j, mask, p);
+                    total = _mm512_add_ps(total, p);
                 }
+                sum[g] = _mm512_reduce_add_ps(total);
+            }
             for (long j = 0; j < len; j++) {
                 const uint16_t *vr = v_cache + ((long)slots[j] * hkv + h) * dim;
                 for (long v = 0; v < vecs; v++) {
@@ -192,23 +215,6 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
             }
             free(scores);
         }
-}
-
-/* e^x in float32 lanes to about 1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n). */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* out[r] = bf16(bf16(silu(gate)) * up) for x[r] = gate | up ([rows, 2n], row stride ldx; out [rows, n]). */
