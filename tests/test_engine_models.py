@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from test_models import tiny_models  # noqa: F401 (fixture)
+from transformers import AutoModelForCausalLM
 
 from radixserve import Engine
+from worker_proc import cpu_kernels
 
 PROMPTS = [[5, 17, 33, 2, 9, 41, 100], [7, 7, 7], [200, 3, 15, 8, 99, 12, 61, 250, 4, 1, 77]]
 STEPS = 12
@@ -18,8 +20,8 @@ def hf_greedy(hf: torch.nn.Module, prompt: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def engine_greedy(model_dir: str, **kw) -> list[list[int]]:
-    with Engine(model_dir, dtype="float32", skip_tokenizer_init=True, max_total_tokens=512, max_running_requests=4,
+def engine_greedy(model_dir: str, dtype: str = "float32", **kw) -> list[list[int]]:
+    with Engine(model_dir, dtype=dtype, skip_tokenizer_init=True, max_total_tokens=512, max_running_requests=4,
                 chunked_prefill_size=8, **kw) as eng:
         params = {"temperature": 0, "max_new_tokens": STEPS, "ignore_eos": True}
         batch = [r["output_ids"] for r in eng.generate(input_ids=PROMPTS, sampling_params=params)]
@@ -40,6 +42,16 @@ def test_engine_matches_hf(tiny_models, kind):  # noqa: F811
 def test_tp2_matches_tp1(tiny_models, kind):  # noqa: F811
     model_dir, hf = tiny_models[kind]
     assert engine_greedy(model_dir, tp_size=2) == [hf_greedy(hf, p) for p in PROMPTS]
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_bf16_cpu_kernels_match_hf_bf16(tiny_models, tp_size):  # noqa: F811
+    """In bf16 the CPU worker runs cpu_kernels (packed linears, fused norm and SiLU, paged attention for chunked
+    prefill over a cached prefix and for decode), sharded at tp 2: the greedy tokens of HF's bf16 `generate`."""
+    model_dir, _ = tiny_models["llama"]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    assert engine_greedy(model_dir, "bfloat16", tp_size=tp_size) == [hf_greedy(hf, p) for p in PROMPTS]
 
 
 def test_tp_size_that_does_not_divide_the_heads_fails_clearly():
