@@ -54,9 +54,9 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), cpu.encode()])).hexdigest()[:16]
     path = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache falls back like a failed build
             subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SOURCE), "-lm"], check=True, capture_output=True,
                            text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
