@@ -345,3 +345,29 @@ def test_cpu_kernels_silu_and_mul_rounds_as_torch(rows, n):
     x[0, :4] = torch.tensor([0.0, -100.0, 100.0, -3e4])
     gate, up = x.chunk(2, dim=-1)
     torch.testing.assert_close(cpu_kernels.silu_and_mul(x), F.silu(gate) * up, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@pytest.mark.parametrize("q_heads,kv_heads,dim", [(9, 3, 64), (4, 4, 40)])  # dim / 2 not a multiple of 16
+def test_cpu_kernels_rotary_store(q_heads, kv_heads, dim):
+    """Rotary of q and k (strided views of one qkv projection) with the KV store: q returned, k and v at their
+    slots, other slots untouched; the rotation equals the float32 one rounded once, to one bf16 ulp."""
+    from worker_proc.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(dim)
+    tokens = 5
+    qkv = torch.randn(tokens, q_heads + 2 * kv_heads, dim, generator=g).bfloat16()
+    qk, v = qkv[:, : q_heads + kv_heads], qkv[:, q_heads + kv_heads:]
+    angles = torch.randn(tokens, dim // 2, generator=g)
+    cos, sin = angles.cos().bfloat16()[:, None], angles.sin().bfloat16()[:, None]
+    slots = torch.tensor([7, 2, 9, 4, 11])
+    cache = KVCache(1, 12, kv_heads, dim, torch.bfloat16, "cpu")
+    q = cpu_kernels.rotary_store(qk, v, cos, sin, slots, cache.k[0], cache.v[0], q_heads)
+    x1, x2 = qk.float().chunk(2, dim=-1)
+    want = torch.cat((x1 * cos.float() - x2 * sin.float(), x2 * cos.float() + x1 * sin.float()), dim=-1).bfloat16()
+    torch.testing.assert_close(q, want[:, :q_heads], rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(cache.k[0][slots], want[:, q_heads:], rtol=2**-7, atol=1e-6)
+    assert torch.equal(cache.v[0][slots], v)
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[slots] = False
+    assert not cache.k[0][untouched].any() and not cache.v[0][untouched].any()

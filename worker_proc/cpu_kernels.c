@@ -232,3 +232,33 @@ void rs_silu_and_mul_bf16(const uint16_t *x, long ldx, long rows, long n, uint16
             _mm256_mask_storeu_epi16(out + r * n + c, mask, (__m256i)_mm512_cvtneps_pbh(y));
         }
 }
+
+/* Rotate-half RoPE of q and k, then the KV store, for tokens t < tokens: qk [t, q_heads + kv_heads, dim] (strides
+ * ldt, ldh), v [t, kv_heads, dim] (strides ldvt, ldvh), cos / sin [t, dim / 2] (row stride ldc). The rotated q goes
+ * to q_out [tokens, q_heads, dim]; the rotated k and v to k_cache / v_cache [slots, kv_heads, dim] at slots[t].
+ * Each rotated element is computed in float32 and rounded to bf16 once. dim is even. */
+void rs_rotary_store_bf16(const uint16_t *qk, long ldt, long ldh, const uint16_t *v, long ldvt, long ldvh,
+                          const uint16_t *cos, const uint16_t *sin, long ldc, const int64_t *slots, long tokens,
+                          long q_heads, long kv_heads, long dim, uint16_t *q_out, uint16_t *k_cache,
+                          uint16_t *v_cache) {
+    const long half = dim / 2;
+#pragma omp parallel for schedule(static) if (tokens > 8)
+    for (long t = 0; t < tokens; t++) {
+        for (long h = 0; h < q_heads + kv_heads; h++) {
+            const uint16_t *x = qk + t * ldt + h * ldh;
+            uint16_t *dst = h < q_heads ? q_out + (t * q_heads + h) * dim
+                                        : k_cache + (slots[t] * kv_heads + h - q_heads) * dim;
+            for (long c = 0; c < half; c += 16) {
+                __mmask16 mask = lanes(half - c);
+                __m512 x1 = load_f32(x + c, mask), x2 = load_f32(x + half + c, mask);
+                __m512 co = load_f32(cos + t * ldc + c, mask), si = load_f32(sin + t * ldc + c, mask);
+                __m512 r1 = _mm512_fmsub_ps(x1, co, _mm512_mul_ps(x2, si));
+                __m512 r2 = _mm512_fmadd_ps(x2, co, _mm512_mul_ps(x1, si));
+                _mm256_mask_storeu_epi16(dst + c, mask, (__m256i)_mm512_cvtneps_pbh(r1));
+                _mm256_mask_storeu_epi16(dst + half + c, mask, (__m256i)_mm512_cvtneps_pbh(r2));
+            }
+        }
+        for (long h = 0; h < kv_heads; h++)
+            memcpy(v_cache + (slots[t] * kv_heads + h) * dim, v + t * ldvt + h * ldvh, dim * sizeof(uint16_t));
+    }
+}

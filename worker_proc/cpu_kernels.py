@@ -3,6 +3,7 @@
 - linear layers: oneDNN's bf16 matrix-vector path reads weights at about half the memory bandwidth; these
   read them at about its full rate at batch 1-8 and keep pace with oneDNN on prefill (docs/benchmarks.md);
 - the residual add + RMSNorm, and SiLU(gate) * up, each in one pass (torch runs them as several operators);
+- rotary of q and k with the KV store in one pass (as worker_proc.fused.rotary_store does on CUDA);
 - attention straight from the paged KV cache (no gather of each request's KV per layer).
 The library is compiled once per source, compiler and CPU into the radixserve cache (`cc -O3 -march=native
 -fopenmp`, under a second) and loaded with ctypes, which drops the GIL during a call. `library()` is None
@@ -71,6 +72,8 @@ def library() -> ctypes.CDLL | None:
         "rs_linear_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size],
         "rs_add_rmsnorm_bf16": [ptr, size, ptr, size, ptr, size, size, f32, ptr, ptr],
         "rs_silu_and_mul_bf16": [ptr, size, size, size, ptr],
+        "rs_rotary_store_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size, ptr, size, size, size, size, ptr,
+                                 ptr, ptr],
         "rs_paged_attention_bf16": [ptr, ptr, ptr, ptr, size, ptr, ptr, size, size, size, size, f32, ptr],
     }
     for name, argtypes in signatures.items():
@@ -128,6 +131,23 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((rows, n), dtype=torch.bfloat16)
     library().rs_silu_and_mul_bf16(x.data_ptr(), x.stride(0), rows, n, out.data_ptr())
     return out
+
+
+def rotary_store(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """fused.rotary_store on the CPU: rotate qk [T, q_heads + kv heads, D] with cos/sin [T, 1, D/2], return the
+    rotated q [T, q_heads, D], write the rotated k and v [T, kv heads, D] at k_cache[slots] / v_cache[slots]
+    (int64 slots, caches [slots, kv heads, D]); bf16, each element rounded once."""
+    tokens, heads, dim = qk.shape
+    assert qk.dtype == v.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
+    assert qk.stride(2) == v.stride(2) == cos.stride(-1) == 1 and sin.stride(0) == cos.stride(0) and dim % 2 == 0
+    assert slots.dtype == torch.int64 and slots.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert v.shape == (tokens, heads - q_heads, dim) and sin.shape == cos.shape and cos.shape[0] == tokens
+    q = torch.empty((tokens, q_heads, dim), dtype=torch.bfloat16)
+    library().rs_rotary_store_bf16(qk.data_ptr(), qk.stride(0), qk.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
+                                   cos.data_ptr(), sin.data_ptr(), cos.stride(0), slots.data_ptr(), tokens, q_heads,
+                                   heads - q_heads, dim, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
+    return q
 
 
 def attention_fits(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int) -> bool:

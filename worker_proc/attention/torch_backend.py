@@ -1,7 +1,8 @@
 """Reference attention in plain torch (runs on CPU): gathers each request's KV through req_to_token.
 
 On a bf16 CPU with cpu_kernels, decode steps and short extends read the paged cache in place instead (no
-gather, one call per layer); long extends keep SDPA, whose matrix-product kernels win there."""
+gather, one call per layer, the rotary and KV store fused before it); long extends keep SDPA, whose
+matrix-product kernels win there."""
 
 from __future__ import annotations
 
@@ -81,3 +82,11 @@ class TorchBackend(AttentionBackend):
                                                  enable_gqa=True)
             outs.append(out[0].transpose(0, 1))
         return torch.cat(outs, dim=0)
+
+    def forward_rotary(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       layer_id: int) -> torch.Tensor:
+        if not self.native:
+            return super().forward_rotary(qk, v, cos, sin, layer_id)
+        k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
+        q = cpu_kernels.rotary_store(qk, v, cos, sin, self.out_slots, k_cache, v_cache, self.num_q_heads)
+        return cpu_kernels.paged_attention(q, k_cache, v_cache, self.meta.req_to_token, *self.rows, self.scale)
