@@ -1,11 +1,12 @@
-/* bfloat16 linear layers for the CPU worker on CPUs with AVX512-BF16 (built by cpu_kernels.py).
+/* bfloat16 kernels of the CPU worker for CPUs with AVX512-BF16 (built and loaded by cpu_kernels.py).
  *
- * Weights are repacked once into blocks of NB output columns, pairs of input columns interleaved:
- * packed[block][k / 2][column][k % 2]. A block is read as one contiguous stream; one VDPBF16PS multiplies a
- * pair of x's elements (broadcast) by W's elements at those k for 16 output columns, accumulating into
- * float32 lanes that are the output columns themselves (no horizontal sums). The result is rounded to bfloat16 once, after the bias
- * is added in float32, as oneDNN's bf16 F.linear does. Threads split (column block, row block) pairs; the
- * OpenMP runtime is the libgomp.so.1 torch has loaded, so its thread pool and settings are torch's.
+ * Linear layers: weights are repacked once into blocks of NB output columns, pairs of input columns
+ * interleaved: packed[block][k / 2][column][k % 2]. A block is read as one contiguous stream; one VDPBF16PS
+ * multiplies a pair of x's elements (broadcast) by W's elements at those k for 16 output columns, accumulating
+ * into float32 lanes that are the output columns themselves (no horizontal sums). The result is rounded to
+ * bfloat16 once, after the bias is added in float32, as oneDNN's bf16 F.linear does.
+ * Also: residual add + RMSNorm, SiLU(gate) * up, rotary + KV store, and attention over the paged KV cache.
+ * Threads: OpenMP, whose runtime is the libgomp.so.1 torch has loaded (the same pool and settings as torch's).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -15,6 +16,16 @@
 
 #define NB 32 /* output columns per block: two 16-lane float32 accumulators */
 #define MB 8  /* rows of x per tile: 16 accumulators */
+
+/* Up to 16 bf16 values as float32 lanes (masked-off lanes are 0 and not read). */
+static inline __m512 load_f32(const uint16_t *p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+/* A mask of the first `left` of 16 lanes (none for left <= 0). */
+static inline __mmask16 lanes(long left) {
+    return left <= 0 ? 0 : left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+}
 
 /* w [n_dim, k_dim] (contiguous) -> packed [ceil(n_dim / NB)][ceil(k_dim / 2)][NB][2], zero padded. */
 void rs_pack_bf16(const uint16_t *w, long n_dim, long k_dim, uint16_t *packed) {
@@ -56,13 +67,9 @@ static inline __attribute__((always_inline)) void tile(const int m, const uint16
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
         }
     }
-    __mmask16 m0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
-    __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+    __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16);
     __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) {
-        b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, bias)), 16));
-        b1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, bias + 16)), 16));
-    }
+    if (bias) b0 = load_f32(bias, m0), b1 = load_f32(bias + 16, m1);
     for (int i = 0; i < m; i++) {
         _mm256_mask_storeu_epi16(y + i * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][0], b0)));
         _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][1], b1)));
@@ -93,12 +100,6 @@ void rs_linear_bf16(const uint16_t *x, long ldx, long m_dim, const uint16_t *pac
             }
         }
 }
-
-static inline __m512 load_f32(const uint16_t *p, __mmask16 mask) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
-static inline __mmask16 lanes(long left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
 
 /* out = bf16(bf16(h * rsqrt(mean(h^2) + eps)) * weight) with h = x, or with residual: h = res_out = bf16(x + res),
  * for rows x [rows, n] (row strides ldx, ldr; out and res_out contiguous): HF's RMSNorm and its rounding steps. */
