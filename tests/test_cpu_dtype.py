@@ -31,7 +31,6 @@ def test_default_serves_in_bf16_and_answers() -> None:
         assert "Paris" in eng.generate(QUESTION, greedy)["text"]
 
 
-
 @pytest.mark.parametrize("given", [{}, {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}])
 def test_cpu_worker_spins_briefly_unless_told(monkeypatch, capfd, given: dict[str, str]) -> None:
     """The worker starts with GOMP_SPINCOUNT=3000 (a short OpenMP spin, docs/deploy.md) unless the environment

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models import tiny_models  # noqa: F401 (fixture)
+from test_models import needs_cpu_kernels, tiny_models  # noqa: F401 (fixture)
 from transformers import AutoModelForCausalLM
 
 from radixserve import Engine
-from worker_proc import cpu_kernels
 
 PROMPTS = [[5, 17, 33, 2, 9, 41, 100], [7, 7, 7], [200, 3, 15, 8, 99, 12, 61, 250, 4, 1, 77]]
 STEPS = 12
@@ -44,7 +43,7 @@ def test_tp2_matches_tp1(tiny_models, kind):  # noqa: F811
     assert engine_greedy(model_dir, tp_size=2) == [hf_greedy(hf, p) for p in PROMPTS]
 
 
-@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@needs_cpu_kernels
 @pytest.mark.parametrize("tp_size", [1, 2])
 def test_bf16_cpu_kernels_match_hf_bf16(tiny_models, tp_size):  # noqa: F811
     """In bf16 the CPU worker runs cpu_kernels (packed linears, fused norm and SiLU, paged attention for chunked

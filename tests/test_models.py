@@ -23,6 +23,8 @@ from worker_proc.layers import RotaryEmbedding, pack_cpu_linears, rope_parameter
 from worker_proc.models import build_model, model_class
 from worker_proc.weights import iter_safetensors, load_model
 
+needs_cpu_kernels = pytest.mark.skipif(cpu_kernels.library() is None,
+                                       reason="cpu_kernels needs AVX512-BF16 and a C compiler")
 STEPS = 15  # decode steps after prefill: 16 greedy tokens
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                vocab_size=251, max_position_embeddings=128, rms_norm_eps=1e-6)  # odd vocab: TP pads it
@@ -134,7 +136,7 @@ def test_packed_cpu_linears_give_the_same_logits(tiny_models, kind, native):
             assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@needs_cpu_kernels
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 37])
 @pytest.mark.parametrize("n,k", [(64, 64), (45, 33), (3, 7), (100, 1)])  # ragged blocks, odd k, k = 1
 def test_cpu_kernels_linear_matches_float32(m, n, k):
@@ -240,7 +242,7 @@ def test_model_attributes(tiny_models):
             model.vocab_size) == (2, 4, 2, 32, 251)
 
 
-@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@needs_cpu_kernels
 @pytest.mark.parametrize("hq,hkv,dim", [(9, 3, 64), (8, 8, 128), (16, 1, 32)])
 def test_cpu_kernels_paged_attention_matches_sdpa(hq, hkv, dim):
     """Paged attention rows (context read in place through req_to_token, scattered slots, lengths 0 to 300,
@@ -266,7 +268,7 @@ def test_cpu_kernels_paged_attention_matches_sdpa(hq, hkv, dim):
         torch.testing.assert_close(got[b].float(), want, rtol=2**-7, atol=2e-3)
 
 
-@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@needs_cpu_kernels
 @pytest.mark.parametrize("rows,n", [(1, 576), (3, 100), (20, 64)])  # one row (no threads), ragged n, threaded rows
 def test_cpu_kernels_add_rmsnorm_rounds_as_torch(rows, n):
     """The one-pass residual add + RMSNorm equals torch's bf16 ops (HF's order of rounding) to one bf16 ulp."""
@@ -307,7 +309,7 @@ def test_cpu_kernels_fall_back_to_onednn_without_a_compiler(tmp_path, tiny_model
     assert "layout: oneDNN's" in proc.stdout or "layout: \n" in proc.stdout
 
 
-@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@needs_cpu_kernels
 def test_cpu_kernels_prefill_attention_matches_sdpa(tiny_models, monkeypatch):
     """A bf16 model's ragged steps (a prompt in two chunks over its cached first half, a whole prompt beside it,
     then decode) with prefill attention in cpu_kernels and in SDPA: the same greedy tokens, logits within bf16
@@ -336,7 +338,7 @@ def test_cpu_kernels_prefill_attention_matches_sdpa(tiny_models, monkeypatch):
     torch.testing.assert_close(native[0], sdpa[0], rtol=0, atol=sdpa[0].abs().max().item() / 32)
 
 
-@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@needs_cpu_kernels
 @pytest.mark.parametrize("rows,n", [(1, 1536), (3, 40), (20, 64)])
 def test_cpu_kernels_silu_and_mul_rounds_as_torch(rows, n):
     """silu(gate) * up in one pass equals torch's bf16 F.silu(gate) * up to one bf16 ulp, large |gate| included."""
@@ -347,7 +349,7 @@ def test_cpu_kernels_silu_and_mul_rounds_as_torch(rows, n):
     torch.testing.assert_close(cpu_kernels.silu_and_mul(x), F.silu(gate) * up, rtol=2**-7, atol=1e-6)
 
 
-@pytest.mark.skipif(cpu_kernels.library() is None, reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+@needs_cpu_kernels
 @pytest.mark.parametrize("q_heads,kv_heads,dim", [(9, 3, 64), (4, 4, 40)])  # dim / 2 not a multiple of 16
 def test_cpu_kernels_rotary_store(q_heads, kv_heads, dim):
     """Rotary of q and k (strided views of one qkv projection) with the KV store: q returned, k and v at their

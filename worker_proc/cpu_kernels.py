@@ -32,8 +32,9 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _NB = 32  # output columns per block, as NB in cpu_kernels.c
 
 
-def _cpu_model_and_flags() -> str:
-    """/proc/cpuinfo's first processor's model name and flags ("" where there is none)."""
+@functools.cache
+def cpu_description() -> str:
+    """/proc/cpuinfo's model name and flags lines of the first processor ("" where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -42,17 +43,23 @@ def _cpu_model_and_flags() -> str:
     return "\n".join(line for line in lines if line.startswith(("model name", "flags")))
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (avx512_bf16, amx_bf16, ...)."""
+    flags = next((line for line in cpu_description().splitlines() if line.startswith("flags")), "")
+    return set(flags.partition(":")[2].split())
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    cpu = _cpu_model_and_flags()
-    if "avx512_bf16" not in cpu.split():
+    if "avx512_bf16" not in cpu_flags():
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         log.warning("no C compiler (cc, gcc or $CC): the bf16 CPU path runs oneDNN and torch, about half as fast")
         return None
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), cpu.encode()])).hexdigest()[:16]
+    build = [source, cc.encode(), " ".join(_FLAGS).encode(), cpu_description().encode()]
+    key = hashlib.sha256(b"\0".join(build)).hexdigest()[:16]
     path = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if not path.exists():
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

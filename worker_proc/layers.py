@@ -78,8 +78,10 @@ def pack_cpu_linears(model: nn.Module, native: bool = True) -> tuple[int, str]:
 
 
 def one_kernel(x: torch.Tensor, cuda: Callable[..., Any], cpu: Callable[..., Any]) -> Callable[..., Any] | None:
-    """The fused kernel that replaces a few torch operators on x's device: `cuda` (worker_proc.fused) while
-    fused.ENABLED, `cpu` (cpu_kernels) for bf16 where that library built; None: run the torch code."""
+    """The fused kernel that replaces a few torch operators on a 2-D x's device: `cuda` (worker_proc.fused)
+    while fused.ENABLED, `cpu` (cpu_kernels) for bf16 where that library built; None: run the torch code."""
+    if x.dim() != 2:
+        return None
     if x.is_cuda:
         return cuda if fused.ENABLED else None
     return cpu if x.dtype == torch.bfloat16 and cpu_kernels.library() is not None else None
@@ -106,7 +108,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
         """norm(x), or with `residual`: (norm(x + residual), x + residual); one kernel on CUDA (Triton) and
         on bf16 CPUs with cpu_kernels."""
-        kernel = one_kernel(x, fused.add_rmsnorm, cpu_kernels.add_rmsnorm) if x.dim() == 2 else None
+        kernel = one_kernel(x, fused.add_rmsnorm, cpu_kernels.add_rmsnorm)
         if kernel is not None:
             out, residual = kernel(x, self.weight, self.eps, residual)
             return out if residual is None else (out, residual)
@@ -176,7 +178,7 @@ class SiluAndMul(nn.Module):
     on bf16 CPUs with cpu_kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = one_kernel(x, fused.silu_and_mul, cpu_kernels.silu_and_mul) if x.dim() == 2 else None
+        kernel = one_kernel(x, fused.silu_and_mul, cpu_kernels.silu_and_mul)
         if kernel is not None:
             return kernel(x)
         gate, up = x.chunk(2, dim=-1)

@@ -13,7 +13,7 @@ from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config
 from radixserve.nodes import NodeLayout
 from radixserve.wire import StepBatch, from_i32
-from worker_proc import parallel
+from worker_proc import cpu_kernels, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.grammar import GrammarBackend, SlotGrammars
@@ -342,11 +342,7 @@ class ModelRunner:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), so bf16 weights halve the bytes a
     decode step reads without emulated arithmetic eating the gain."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = cpu_kernels.cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from worker_proc import cpu_kernels
 from worker_proc.attention.base import AttentionBackend, ForwardMeta
+from worker_proc.kv_cache import KVCache
 
 NATIVE_MAX_EXTEND = 128
 """The longest extend (new tokens of one request) whose prefill attention runs in cpu_kernels: its per-row loop
@@ -20,13 +21,17 @@ costs O(context) per query row, SDPA's blocked kernel costs a call per request a
 class TorchBackend(AttentionBackend):
     name = "torch"
 
+    def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int) -> None:
+        super().__init__(kv_cache, num_q_heads, head_dim)
+        cache = kv_cache.k[0]
+        # Whether cpu_kernels can read this cache in place: fixed for the process (device, dtype, head shape).
+        self.has_kernels = cache.device.type == "cpu" and cpu_kernels.attention_fits(
+            cache.dtype, num_q_heads, cache.shape[1], head_dim)
+
     def prepare(self, meta: ForwardMeta) -> None:
         self.meta = meta
         self.out_slots = meta.out_slots.long()
-        cache = self.kv_cache.k[0]
-        self.native = cache.device.type == "cpu" and cpu_kernels.attention_fits(
-            cache.dtype, self.num_q_heads, cache.shape[1], self.head_dim) and (
-            meta.is_decode or max(meta.extend_lens_cpu) <= NATIVE_MAX_EXTEND)
+        self.native = self.has_kernels and (meta.is_decode or max(meta.extend_lens_cpu) <= NATIVE_MAX_EXTEND)
         if self.native:
             # One row per new token: its request's req slot and the context it sees (causal within the extend).
             if meta.is_decode:
@@ -50,8 +55,20 @@ class TorchBackend(AttentionBackend):
             ]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-        meta = self.meta
         self.kv_cache.store(layer_id, self.out_slots, k, v)
+        return self._attend(q, layer_id)
+
+    def forward_rotary(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       layer_id: int) -> torch.Tensor:
+        if not self.native:
+            return super().forward_rotary(qk, v, cos, sin, layer_id)
+        q = cpu_kernels.rotary_store(qk, v, cos, sin, self.out_slots, self.kv_cache.k[layer_id],
+                                     self.kv_cache.v[layer_id], self.num_q_heads)
+        return self._attend(q, layer_id)
+
+    def _attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
+        """Attention of q over each request's context (this step's K/V already stored)."""
+        meta = self.meta
         k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
         if self.native:
             return cpu_kernels.paged_attention(q, k_cache, v_cache, meta.req_to_token, *self.rows, self.scale)
@@ -82,11 +99,3 @@ class TorchBackend(AttentionBackend):
                                                  enable_gqa=True)
             outs.append(out[0].transpose(0, 1))
         return torch.cat(outs, dim=0)
-
-    def forward_rotary(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       layer_id: int) -> torch.Tensor:
-        if not self.native:
-            return super().forward_rotary(qk, v, cos, sin, layer_id)
-        k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
-        q = cpu_kernels.rotary_store(qk, v, cos, sin, self.out_slots, k_cache, v_cache, self.num_q_heads)
-        return cpu_kernels.paged_attention(q, k_cache, v_cache, self.meta.req_to_token, *self.rows, self.scale)
