@@ -308,7 +308,7 @@ def section_runner(out: Path) -> dict:
     import torch
 
     from radixserve.config import ServerArgs
-    from worker_proc import fused
+    from worker_proc import fused, gemv
     from worker_proc.model_runner import ModelRunner
 
     model_dir = str(CONFIGS / "llama-3.1-8b")
@@ -381,14 +381,17 @@ def section_runner(out: Path) -> dict:
         eager_tokens = synth.greedy(prompts, 24)
         runner.graphs = graphs
         res["graphs_greedy_identical"] = synth.greedy(prompts, 24) == eager_tokens
-        for variant in ("graphs", "graphs_unfused"):
-            if variant == "graphs_unfused":  # the element-wise steps as plain torch kernels
-                fused.ENABLED = False
+        for variant in ("graphs", "graphs_cublas", "graphs_unfused"):
+            if variant != "graphs":  # the small-batch projections through cuBLAS; the element-wise steps in torch
+                gemv.ENABLED = False
+                fused.ENABLED = variant != "graphs_unfused"
                 runner.graphs = None
                 torch.cuda.empty_cache()
                 runner.graphs = runner._capture_graphs()
             r = res[variant] = {"bs1": decode(1, 512, 100)}
             r["bs1"]["graph_gpu_ms"] = graph_ms(1)
+            if variant == "graphs_cublas":
+                continue
             r["bs256_ctx1k"] = decode(256, 1024, 30)
             r["bs256_ctx1k"]["graph_gpu_ms"] = graph_ms(256)
             r["prefill_8x2048"] = prefill()
@@ -396,7 +399,7 @@ def section_runner(out: Path) -> dict:
                 r["phases_bs1"] = guarded(_step_phases, runner, synth, 1, 600)
                 r["phases_bs256"] = guarded(_step_phases, runner, synth, 256, 1030)
                 r["attention_bs256_ctx1k"] = guarded(_decode_attention_kernels, runner, 256, 1024)
-        fused.ENABLED = True
+        fused.ENABLED = gemv.ENABLED = True
     return res
 
 
@@ -498,9 +501,14 @@ def summary(results: dict) -> str:
     p = results.get("pytest", {})
     lines += [f"pytest: {s}" for s in p.get("summary", [])[-12:]]
     r = results.get("runner", {})
-    for variant in ("graphs", "graphs_unfused"):
+    for variant in ("graphs", "graphs_cublas", "graphs_unfused"):
         v = r.get(variant)
         if not v:
+            continue
+        if "bs256_ctx1k" not in v:
+            lines.append(f"{variant}: decode bs1 {v['bs1']['tok_s']:.0f} tok/s ({v['bs1']['pct_of_floor']:.0f}% of "
+                         f"floor), pipelined {v['bs1']['overlap_ms_per_step']:.2f} ms/step, graph "
+                         f"{v['bs1']['graph_gpu_ms']:.2f} ms")
             continue
         b1, b256, pf = v["bs1"], v["bs256_ctx1k"], v["prefill_8x2048"]
         lines.append(f"{variant}: decode bs1 {b1['tok_s']:.0f} tok/s ({b1['pct_of_floor']:.0f}% of floor "

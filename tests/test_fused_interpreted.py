@@ -1,4 +1,4 @@
-"""worker_proc.fused's Triton kernels run through Triton's interpreter on CPU tensors (CI has no GPU; the
+"""worker_proc.fused's and worker_proc.gemv's Triton kernels run through Triton's interpreter on CPU tensors (CI has no GPU; the
 same comparisons run compiled on the GPU in scripts/gpu_check.py). TRITON_INTERPRET must be set before
 triton is imported, so the checks run in a child process."""
 
@@ -45,10 +45,40 @@ def check_rotary_store() -> None:
     print("rotary_store ok")
 
 
-def test_rotary_store_equals_rotary_then_store():
+def check_gemv() -> None:
+    """gemv == x W^T (+ bias) in float32, rounded once: one row on CUDA cores, 1 and 3 rows on tensor cores
+    (padded to 16), a ragged n, k both a multiple of BLOCK_K and not, a strided x, with and without bias.
+    The tensor-core path runs in float16 here: the interpreter's tl.dot misreads bfloat16 (the GPU check runs
+    it in bfloat16)."""
+    from worker_proc import gemv
+
+    torch.manual_seed(0)
+    cuda_cores, tensor_cores = gemv.Config(16, 32, 4, 1, False), gemv.Config(32, 64, 4, 2, True)
+    for rows, n, k, bias, cfg in ((1, 50, 64, False, cuda_cores), (1, 37, 72, True, cuda_cores),
+                                  (1, 37, 72, True, tensor_cores), (3, 40, 96, True, tensor_cores),
+                                  (3, 33, 64, False, tensor_cores)):
+        dtype = torch.float16 if cfg.tensor_cores else torch.bfloat16
+        x = torch.randn(rows, k + 8, dtype=dtype)[:, :k]  # a row stride of k + 8
+        w, b = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype) if bias else None
+        y = gemv.gemv(x, w, b, cfg)
+        ref = x.float() @ w.float().T + (b.float() if bias else 0)
+        assert y.shape == (rows, n) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=2**-7, atol=1e-3)
+    print("gemv ok")
+
+
+def run_interpreted(check: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parent
     code = f"import sys; sys.path[:0] = [{str(root)!r}, {str(root.parent)!r}]; " \
-           "from test_fused_interpreted import check_rotary_store; check_rotary_store()"
+           f"from test_fused_interpreted import {check}; {check}()"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "rotary_store ok" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and f"{check.removeprefix('check_')} ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_rotary_store_equals_rotary_then_store():
+    run_interpreted("check_rotary_store")
+
+
+def test_gemv_equals_float32_product():
+    run_interpreted("check_gemv")

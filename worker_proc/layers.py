@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker_proc import cpu_kernels, fused
+from worker_proc import cpu_kernels, fused, gemv
 from worker_proc.parallel import tp_all_gather, tp_all_reduce, tp_rank, tp_size
 
 ShardId = Hashable  # None for a plain tensor; 0/1 for gate/up; "q"/"k"/"v" for qkv
@@ -39,9 +39,12 @@ PackedWeight = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: PackedWeight | None) -> torch.Tensor:
-    """F.linear, or the CPU kernel of the weight's packed copy (see pack_cpu_linears)."""
+    """F.linear, the CPU kernel of the weight's packed copy (see pack_cpu_linears), or for a decode batch of a
+    few rows on CUDA the split-K-free GEMV (worker_proc.gemv)."""
     if packed is not None:
         return packed(x, bias)
+    if gemv.fits(x, weight):
+        return gemv.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -1,0 +1,146 @@
+"""The linear layers of a decode step on one GPU: cuBLAS (F.linear), cuBLASLt and worker_proc.gemv side by side.
+
+"gemv" is the launch shape the worker uses (gemv.config_for), or the tensor-core default where the worker
+keeps cuBLAS. Each figure is one call's share of a CUDA graph that runs the projection over distinct copies of its weight
+(as a model's layers do: nothing stays in L2), against the floor of reading the weight at the copy rate.
+  python scripts/bench_linear.py [--rows 1 2 4 8 16 64] [--models llama-3.1-8b qwen2.5-7b llama-3.1-70b:2] [--sweep]
+--sweep also times every gemv launch shape of a small grid and reports the best per projection and rows.
+Prints a table; JSON to $OUT (default .)/bench_linear.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from worker_proc import gemv  # noqa: E402
+
+SWEEP_CUDA_CORES = [gemv.Config(*c, False) for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3))]
+SWEEP_TENSOR_CORES = [gemv.Config(*c, True) for c in itertools.product((16, 32, 64), (64, 128, 256), (4,), (2, 3, 4))]
+
+
+def projections(model: str, tp: int) -> dict[str, tuple[int, int, bool]]:
+    """name -> (n, k, bias) of one tensor-parallel rank's decoder projections and LM head."""
+    c = json.loads((ROOT / "radixserve" / "model_configs" / model / "config.json").read_text())
+    h, heads, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    d = c.get("head_dim") or h // heads
+    bias = c["model_type"] == "qwen2"
+    return {"qkv": ((heads + 2 * kv) * d // tp, h, bias), "o": (h, heads * d // tp, False),
+            "gate_up": (2 * c["intermediate_size"] // tp, h, False), "down": (h, c["intermediate_size"] // tp, False),
+            "lm_head": (c["vocab_size"] // tp, h, False)}
+
+
+def copy_rate() -> float:
+    """Bytes read + written per second by a 2 GiB device copy (as scripts/gpu_check.py's ceilings)."""
+    a = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * a.numel() * 2 * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def graph_seconds(calls: list, replays: int = 10) -> float:
+    """Seconds per call of `calls`, each captured once into one CUDA graph, replayed `replays` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    for _ in range(2):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays / len(calls)
+
+
+def time_projection(n: int, k: int, bias: bool, rows_list: list[int], sweep: bool, bw: float) -> dict:
+    nbytes = n * k * 2
+    copies = max(2, -(-(1 << 31) // nbytes))  # >= 2 GiB of weights per graph
+    ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+    b = torch.randn(n, dtype=torch.bfloat16, device="cuda") if bias else None
+    res = {"n": n, "k": k, "bias": bias, "MB": nbytes / 1e6, "floor_us": nbytes / bw * 1e6}
+    for rows in rows_list:
+        x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+        r = res[f"rows{rows}"] = {}
+        r["cublas_us"] = graph_seconds([lambda w=w: F.linear(x, w, b) for w in ws]) * 1e6
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            r["cublaslt_us"] = graph_seconds([lambda w=w: F.linear(x, w, b) for w in ws]) * 1e6
+        finally:
+            torch.backends.cuda.preferred_blas_library("cublas")
+        if rows <= 64:
+            chosen = gemv.config_for(rows, n, k)
+            r["worker_uses"] = "gemv" if chosen else "cublas"
+            cfg = chosen or gemv.Config(32, 256, 4, 4, True)
+            want = F.linear(x, ws[0], b).float()
+            got = gemv.gemv(x, ws[0], b, cfg).float()
+            r["gemv_rel_err"] = ((got - want).norm() / want.norm()).item()
+            r["gemv_us"] = graph_seconds([lambda w=w: gemv.gemv(x, w, b, cfg) for w in ws]) * 1e6
+            if sweep and rows in (1, 16, 64):
+                timed = []
+                for c in SWEEP_TENSOR_CORES + (SWEEP_CUDA_CORES if rows == 1 else []):
+                    try:
+                        timed.append((graph_seconds([lambda w=w, c=c: gemv.gemv(x, w, b, c) for w in ws[:4]], 5), c))
+                    except Exception:  # noqa: BLE001 (a launch shape past the shared memory: not a candidate)
+                        continue
+                best = min(timed, key=lambda t: t[0])
+                r["gemv_best_us"], r["gemv_best_config"] = best[0] * 1e6, list(best[1])
+    del ws
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
+    p.add_argument("--models", nargs="+", default=["llama-3.1-8b", "qwen2.5-7b", "llama-3.1-70b:2"],
+                   help="model_configs names, each optionally :tp (one rank's shapes)")
+    p.add_argument("--sweep", action="store_true")
+    args = p.parse_args()
+    bw = copy_rate()
+    out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "copy_TBps": bw / 1e12,
+           "commit": os.environ.get("GIT_COMMIT", ""), "models": {}}
+    print(f"{out['gpu']}, torch {out['torch']}, copy rate {bw / 1e12:.2f} TB/s; us per call (% of the floor)")
+    for spec in args.models:
+        model, _, tp = spec.partition(":")
+        res = out["models"][spec] = {}
+        for name, (n, k, bias) in projections(model, int(tp or 1)).items():
+            r = res[name] = time_projection(n, k, bias, args.rows, args.sweep, bw)
+            for rows in args.rows:
+                t = r[f"rows{rows}"]
+                cells = [f"{key.removesuffix('_us')} {t[key]:7.1f} ({r['floor_us'] / t[key] * 100:3.0f}%)"
+                         for key in ("cublas_us", "cublaslt_us", "gemv_us", "gemv_best_us") if key in t]
+                extra = f" best {t['gemv_best_config']}" if "gemv_best_config" in t else ""
+                extra += f" -> worker: {t['worker_uses']}" if "worker_uses" in t else ""
+                print(f"{spec:18s} {name:8s} {n:6d}x{k:<6d} rows {rows:3d}: floor {r['floor_us']:7.1f} | "
+                      + " | ".join(cells) + extra, flush=True)
+    dest = Path(os.environ.get("OUT", ".")) / "bench_linear.json"
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
