@@ -85,10 +85,10 @@ def time_projection(n: int, k: int, bias: bool, rows_list: list[int], sweep: boo
     for rows in rows_list:
         x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
         r = res[f"rows{rows}"] = {}
-        r["cublas_us"] = graph_seconds([lambda w=w: F.linear(x, w, b) for w in ws]) * 1e6
+        r["cublas_us"] = graph_seconds([lambda w=w, x=x: F.linear(x, w, b) for w in ws]) * 1e6
         torch.backends.cuda.preferred_blas_library("cublaslt")
         try:
-            r["cublaslt_us"] = graph_seconds([lambda w=w: F.linear(x, w, b) for w in ws]) * 1e6
+            r["cublaslt_us"] = graph_seconds([lambda w=w, x=x: F.linear(x, w, b) for w in ws]) * 1e6
         finally:
             torch.backends.cuda.preferred_blas_library("cublas")
         if rows <= 64:
@@ -98,12 +98,12 @@ def time_projection(n: int, k: int, bias: bool, rows_list: list[int], sweep: boo
             want = F.linear(x, ws[0], b).float()
             got = gemv.gemv(x, ws[0], b, cfg).float()
             r["gemv_rel_err"] = ((got - want).norm() / want.norm()).item()
-            r["gemv_us"] = graph_seconds([lambda w=w: gemv.gemv(x, w, b, cfg) for w in ws]) * 1e6
+            r["gemv_us"] = graph_seconds([lambda w=w, x=x, cfg=cfg: gemv.gemv(x, w, b, cfg) for w in ws]) * 1e6
             if sweep and rows in (1, 16, 64):
                 timed = []
                 for c in SWEEP_TENSOR_CORES + (SWEEP_CUDA_CORES if rows == 1 else []):
                     try:
-                        timed.append((graph_seconds([lambda w=w, c=c: gemv.gemv(x, w, b, c) for w in ws[:4]], 5), c))
+                        timed.append((graph_seconds([lambda w=w, c=c, x=x: gemv.gemv(x, w, b, c) for w in ws[:4]], 5), c))
                     except Exception:  # noqa: BLE001 (a launch shape past the shared memory: not a candidate)
                         continue
                 best = min(timed, key=lambda t: t[0])
