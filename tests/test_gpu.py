@@ -301,8 +301,12 @@ def test_engine_end_to_end(tmp_path):
         again = eng.generate(input_ids=batch[1], sampling_params=params)
         eng.check_invariants()
     assert info["worker"]["attention_backend"] == "flashinfer" and info["worker"]["dtype"] == "bfloat16"
-    assert again["meta_info"]["cached_tokens"] == len(batch[1]) - 1 and again["output_ids"] == outs[1]
-    reqs = [Req(0, p + o, prompt_len=len(p)) for p, o in zip(batch, outs)]
+    assert again["meta_info"]["cached_tokens"] == len(batch[1]) - 1
+    # The rerun is greedy under the float32 reference as the batch was, not checked token for token against
+    # the batch: in bfloat16 a one-row step runs other GEMM kernels (worker_proc.gemv, cuBLAS's own choice by
+    # rows) than a four-row one, and this random tiny model has near-ties that such rounding flips. Radix on
+    # == off token for token is checked in float32 (tests/test_engine*.py, tp 2 == tp 1 below).
+    reqs = [Req(0, p + o, prompt_len=len(p)) for p, o in zip([*batch, batch[1]], [*outs, again["output_ids"]])]
     gap = greedy_gap(reqs, reference_rows(reqs, hf_logits(str(tmp_path), torch.float32, [r.tokens for r in reqs])))
     assert gap <= TIE_TOL, f"a greedy token is {gap:.3g} below the reference's best logit"
     RESULTS["engine"] = {"kv_tokens": info["worker"]["num_kv_slots"] - 1, "greedy_gap": gap}
