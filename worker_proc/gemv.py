@@ -19,7 +19,6 @@ ENABLED = True
 """layers.linear uses these kernels where `fits` says so while True; False keeps F.linear (for comparisons)."""
 
 
-
 class Config(NamedTuple):
     block_n: int
     block_k: int
@@ -75,12 +74,18 @@ def _kernel():
     return gemv
 
 
+@functools.cache
+def _measured_on(device: torch.device) -> bool:
+    """config_for's choices were measured on Hopper (H200); other GPUs keep cuBLAS."""
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv` serves F.linear(x, weight) in layers.linear: a 2-D CUDA bf16/fp16 x whose shape has a
-    `config_for`."""
+    """Whether `gemv` serves F.linear(x, weight) in layers.linear: a 2-D bf16/fp16 x on a Hopper GPU whose
+    shape has a `config_for`."""
     return (ENABLED and x.is_cuda and x.dim() == 2 and x.shape[0] > 0 and x.stride(1) == 1
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.stride(1) == 1
-            and config_for(x.shape[0], weight.shape[0], x.shape[1]) is not None)
+            and config_for(x.shape[0], weight.shape[0], x.shape[1]) is not None and _measured_on(x.device))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
