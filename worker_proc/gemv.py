@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 ENABLED = True
-"""layers.linear uses these kernels where `fits` says so while True; False keeps F.linear (for comparisons)."""
+"""layers.linear uses these kernels where `choose` says so while True; False keeps F.linear (for comparisons)."""
 
 
 class Config(NamedTuple):
@@ -80,12 +80,14 @@ def _measured_on(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv` serves F.linear(x, weight) in layers.linear: a 2-D bf16/fp16 x on a Hopper GPU whose
-    shape has a `config_for`."""
-    return (ENABLED and x.is_cuda and x.dim() == 2 and x.shape[0] > 0 and x.stride(1) == 1
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.stride(1) == 1
-            and config_for(x.shape[0], weight.shape[0], x.shape[1]) is not None and _measured_on(x.device))
+def choose(x: torch.Tensor, weight: torch.Tensor) -> Config | None:
+    """The launch shape with which `gemv` serves F.linear(x, weight) in layers.linear (a 2-D bf16/fp16 x on a
+    Hopper GPU whose shape has a `config_for`), or None: F.linear."""
+    if not (ENABLED and x.is_cuda and x.dim() == 2 and x.shape[0] > 0 and x.stride(1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.stride(1) == 1):
+        return None
+    cfg = config_for(x.shape[0], weight.shape[0], x.shape[1])
+    return cfg if cfg is not None and _measured_on(x.device) else None
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -43,8 +43,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     few rows on CUDA the split-K-free GEMV (worker_proc.gemv)."""
     if packed is not None:
         return packed(x, bias)
-    if gemv.fits(x, weight):
-        return gemv.gemv(x, weight, bias)
+    config = gemv.choose(x, weight)
+    if config is not None:
+        return gemv.gemv(x, weight, bias, config)
     return F.linear(x, weight, bias)
 
 
