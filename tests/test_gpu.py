@@ -312,6 +312,30 @@ def test_engine_end_to_end(tmp_path):
     RESULTS["engine"] = {"kv_tokens": info["worker"]["num_kv_slots"] - 1, "greedy_gap": gap}
 
 
+def test_overlap_on_equals_off(tmp_path):
+    """Overlap scheduling gives the tokens of --disable-overlap-schedule on the GPU path: greedy and seeded
+    sampling, in float32 (torch attention) and in bf16 (FlashInfer, CUDA graphs). Prefill chunks of 32 tokens
+    make the three requests start and end their decode at different steps, so batches grow and shrink while
+    steps are in flight."""
+    from radixserve import Engine
+
+    save_tiny("llama", str(tmp_path), seed=11)
+    batch = prompts(11)
+    greedy = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    sampled = {"temperature": 0.8, "top_p": 0.9, "max_new_tokens": 16, "ignore_eos": True, "seed": 3}
+    outs = {}
+    for dtype, kw in (("float32", dict(attention_backend="torch")), ("bfloat16", dict(cuda_graph_max_bs=8))):
+        for off in (False, True):
+            with Engine(str(tmp_path), dtype=dtype, skip_tokenizer_init=True, max_total_tokens=4096,
+                        max_running_requests=8, chunked_prefill_size=32, disable_overlap_schedule=off, **kw) as eng:
+                outs[dtype, off] = [[r["output_ids"] for r in eng.generate(input_ids=batch, sampling_params=p)]
+                                    for p in (greedy, sampled)]
+                eng.check_invariants()
+        RESULTS[f"overlap_{dtype}"] = {"identical": outs[dtype, False] == outs[dtype, True]}
+    for dtype in ("float32", "bfloat16"):
+        assert outs[dtype, False] == outs[dtype, True], f"{dtype}: overlap on and off differ"
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_matches_tp1(tmp_path):
     """NCCL tensor parallelism through the Engine. In float32 (torch attention) tp 2 gives tp 1's greedy tokens;
