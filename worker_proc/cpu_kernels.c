@@ -17,9 +17,14 @@
 #define NB 32 /* output columns per block: two 16-lane float32 accumulators */
 #define MB 8  /* rows of x per tile: 16 accumulators */
 
+/* 16 bf16 values as float32 lanes. */
+static inline __m512 widen(__m256i bf16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
 /* Up to 16 bf16 values as float32 lanes (masked-off lanes are 0 and not read). */
 static inline __m512 load_f32(const uint16_t *p, __mmask16 mask) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+    return widen(_mm256_maskz_loadu_epi16(mask, p));
 }
 
 /* A mask of the first `left` of 16 lanes (none for left <= 0). */
@@ -116,7 +121,7 @@ void rs_add_rmsnorm_bf16(const uint16_t *x, long ldx, const uint16_t *res, long 
             if (res) {
                 __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(h, load_f32(res + r * ldr + c, mask)));
                 _mm256_mask_storeu_epi16(hr + c, mask, rounded);
-                h = load_f32(hr + c, mask);
+                h = widen(rounded); /* the rounded sum (masked-off lanes stay 0) */
             }
             sq = _mm512_fmadd_ps(h, h, sq);
         }
@@ -124,9 +129,8 @@ void rs_add_rmsnorm_bf16(const uint16_t *x, long ldx, const uint16_t *res, long 
         const uint16_t *hs = res ? hr : xr;
         for (long c = 0; c < n; c += 16) {
             __mmask16 mask = lanes(n - c);
-            __m256i normed = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_f32(hs + c, mask), inv));
-            __m512 nf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(normed), 16));
-            __m512 y = _mm512_mul_ps(nf, load_f32(weight + c, mask));
+            __m512 normed = widen((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_f32(hs + c, mask), inv)));
+            __m512 y = _mm512_mul_ps(normed, load_f32(weight + c, mask));
             _mm256_mask_storeu_epi16(out + r * n + c, mask, (__m256i)_mm512_cvtneps_pbh(y));
         }
     }
@@ -227,8 +231,7 @@ void rs_silu_and_mul_bf16(const uint16_t *x, long ldx, long rows, long n, uint16
             __m512 gate = load_f32(x + r * ldx + c, mask);
             __m512 denominator = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate)));
             __m512 act = _mm512_div_ps(gate, denominator);
-            __m256i rounded = (__m256i)_mm512_cvtneps_pbh(act);
-            __m512 act_bf16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+            __m512 act_bf16 = widen((__m256i)_mm512_cvtneps_pbh(act));
             __m512 y = _mm512_mul_ps(act_bf16, load_f32(x + r * ldx + n + c, mask));
             _mm256_mask_storeu_epi16(out + r * n + c, mask, (__m256i)_mm512_cvtneps_pbh(y));
         }

@@ -93,7 +93,7 @@ class PackedLinear:
     up to float32 summation order."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        lib = library()
+        lib = self.lib = library()
         assert lib is not None and weight.dtype == torch.bfloat16 and weight.dim() == 2
         weight = weight.detach().contiguous()
         self.n, self.k = weight.shape
@@ -107,8 +107,8 @@ class PackedLinear:
             x = x.contiguous()
         assert x.dtype == torch.bfloat16 and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))
         y = torch.empty((x.shape[0], self.n), dtype=torch.bfloat16)
-        library().rs_linear_bf16(x.data_ptr(), x.stride(0), x.shape[0], self.data.data_ptr(), self.n, self.k,
-                                 None if bias is None else bias.data_ptr(), y.data_ptr(), self.n)
+        self.lib.rs_linear_bf16(x.data_ptr(), x.stride(0), x.shape[0], self.data.data_ptr(), self.n, self.k,
+                                None if bias is None else bias.data_ptr(), y.data_ptr(), self.n)
         return y.reshape(*lead, self.n)
 
 
