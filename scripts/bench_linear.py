@@ -22,7 +22,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from gpu_check import _sync_time, section_ceilings  # noqa: E402 (this script's folder)
+
 from worker_proc import gemv  # noqa: E402
+from worker_proc.cuda_graph import DecodeGraphs  # noqa: E402
 
 SWEEP_CUDA_CORES = [gemv.Config(*c, False) for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3))]
 SWEEP_TENSOR_CORES = [gemv.Config(*c, True) for c in itertools.product((16, 32, 64), (64, 128, 256), (4,), (2, 3, 4))]
@@ -39,41 +42,12 @@ def projections(model: str, tp: int) -> dict[str, tuple[int, int, bool]]:
             "lm_head": (c["vocab_size"] // tp, h, False)}
 
 
-def copy_rate() -> float:
-    """Bytes read + written per second by a 2 GiB device copy (as scripts/gpu_check.py's ceilings)."""
-    a = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    return 2 * a.numel() * 2 * 10 / (start.elapsed_time(end) / 1e3)
-
-
 def graph_seconds(calls: list, replays: int = 10) -> float:
-    """Seconds per call of `calls`, each captured once into one CUDA graph, replayed `replays` times."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    for _ in range(2):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays / len(calls)
+    """Seconds per call of `calls`, captured once into one CUDA graph (as the worker captures its decode graphs),
+    from the median replay of `replays`."""
+    graphs = DecodeGraphs()
+    graphs.capture(0, lambda: [call() for call in calls])
+    return _sync_time(lambda: graphs.replay(0), replays) / len(calls)
 
 
 def time_projection(n: int, k: int, bias: bool, rows_list: list[int], sweep: bool, bw: float) -> dict:
@@ -120,7 +94,7 @@ def main() -> None:
                    help="model_configs names, each optionally :tp (one rank's shapes)")
     p.add_argument("--sweep", action="store_true")
     args = p.parse_args()
-    bw = copy_rate()
+    bw = section_ceilings()["copy_TBps"] * 1e12
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "copy_TBps": bw / 1e12,
            "commit": os.environ.get("GIT_COMMIT", ""), "models": {}}
     print(f"{out['gpu']}, torch {out['torch']}, copy rate {bw / 1e12:.2f} TB/s; us per call (% of the floor)")
