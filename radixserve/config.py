@@ -54,6 +54,9 @@ class ServerArgs:
     attention_backend: AttentionBackendName = "auto"
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
+    disable_custom_all_reduce: bool = field(default=False, metadata={
+        "help": "all-reduce through NCCL only (default: small ones, as in decode, through symmetric memory when "
+                "the --tp-size ranks share one host)"})
     disable_overlap_schedule: bool = field(default=False, metadata={
         "help": "build each step only after the previous one's tokens are back (no overlap of scheduling and compute)"})
     disable_cascade_attention: bool = field(default=False, metadata={

@@ -83,6 +83,11 @@ class ModelRunner:
         t0 = time.monotonic()
         self.model = load_model(model_dir, hf_config, args.load_format, self.dtype, self.device, seed=args.random_seed)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if not args.disable_custom_all_reduce and args.nnodes == 1:
+            devices = [args.base_gpu_id + r for r in range(args.tp_size)]
+            if parallel.enable_p2p_all_reduce(self.dtype, devices):
+                log.info("rank %d: all-reduces up to %d KiB through symmetric memory", rank,
+                         parallel.P2P_MAX_BYTES >> 10)
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             log.info("rank %d: %d linear weights in %s packed layout", rank, *pack_cpu_linears(self.model))
         log.info("rank %d loaded %s (%.2f GB, %s) in %.1f s", rank, hf_config.architectures, self.weight_bytes / 1e9,

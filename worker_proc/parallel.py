@@ -2,6 +2,7 @@
 
 Before `init_tp` (or with one rank) every collective is a no-op, so single-device code needs no branches.
 With nccl the caller selects the rank's CUDA device (`torch.cuda.set_device`) before `init_tp`.
+Small all-reduces (decode steps) can go through symmetric memory instead of NCCL: `enable_p2p_all_reduce`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,21 @@ class _TPGroup:
 _group: _TPGroup | None = None
 
 
+@dataclass(frozen=True)
+class _P2PAllReduce:
+    """A buffer every rank of this host maps (torch symmetric memory): one kernel copies x into it, meets the
+    other ranks at a barrier, reads and sums their buffers over NVLink, and meets them again before the buffer
+    can be written anew (torch's one_shot_all_reduce), so one buffer serves every call in stream order."""
+
+    buffer: torch.Tensor  # 1-D, of the model's dtype
+    group_name: str
+
+
+_p2p: _P2PAllReduce | None = None
+# Above this size NCCL's ring is as fast (docs/benchmarks.md: all-reduce on 2 x H200).
+P2P_MAX_BYTES = 1 << 20
+
+
 def init_tp(rank: int, world_size: int, init_method: str, backend: str) -> None:
     """Join the TP group (`backend`: gloo on CPU, nccl on CUDA; `init_method` e.g. tcp://127.0.0.1:port)."""
     global _group
@@ -33,11 +49,34 @@ def init_tp(rank: int, world_size: int, init_method: str, backend: str) -> None:
     _group = _TPGroup(rank, world_size, device)
 
 
+def enable_p2p_all_reduce(dtype: torch.dtype, devices: list[int]) -> bool:
+    """Route all-reduces of `dtype` up to P2P_MAX_BYTES through symmetric memory; collective (every rank calls
+    it once, before CUDA graph capture). `devices`: every rank's CUDA device, all on this host. The ranks agree,
+    so either all use it or none does (no peer access, a dtype the kernel lacks). Returns whether it is on."""
+    global _p2p
+    if _group is None or _group.size == 1 or _group.device.type != "cuda":
+        return False
+    ok = dtype in (torch.float32, torch.bfloat16) and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
+    here = _group.device.index
+    ok = ok and all(torch.cuda.can_device_access_peer(here, d) for d in devices if d != here)
+    if not tp_min(int(ok)):
+        return False
+    import torch.distributed._symmetric_memory as symm_mem
+
+    group_name = dist.group.WORLD.group_name
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        symm_mem.enable_symm_mem_for_group(group_name)
+    buffer = symm_mem.empty(P2P_MAX_BYTES // dtype.itemsize, dtype=dtype, device=_group.device)
+    symm_mem.rendezvous(buffer, group_name)
+    _p2p = _P2PAllReduce(buffer, group_name)
+    return True
+
+
 def destroy_tp() -> None:
-    global _group
+    global _group, _p2p
     if _group is not None and _group.size > 1:
         dist.destroy_process_group()
-    _group = None
+    _group, _p2p = None, None
 
 
 def tp_rank() -> int:
@@ -50,8 +89,19 @@ def tp_size() -> int:
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (x is returned)."""
-    if tp_size() > 1:
+    if tp_size() == 1:
+        return x
+    p2p = _p2p
+    if p2p is None or x.dtype != p2p.buffer.dtype or x.numel() > p2p.buffer.numel() or not x.is_contiguous():
         dist.all_reduce(x)
+        return x
+    flat = x.view(-1)
+    staged = p2p.buffer[: flat.numel()]
+    if hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):  # the copy inside the same kernel
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(staged, flat, "sum", p2p.group_name, flat)
+    else:
+        staged.copy_(flat)
+        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", p2p.group_name, flat)
     return x
 
 
