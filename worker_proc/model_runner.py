@@ -86,8 +86,7 @@ class ModelRunner:
         if not args.disable_custom_all_reduce and args.nnodes == 1:
             devices = [args.base_gpu_id + r for r in range(args.tp_size)]
             if parallel.enable_p2p_all_reduce(self.dtype, devices):
-                log.info("rank %d: all-reduces up to %d KiB through symmetric memory", rank,
-                         parallel.P2P_MAX_BYTES >> 10)
+                log.info("rank %d: small all-reduces through symmetric memory", rank)
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             log.info("rank %d: %d linear weights in %s packed layout", rank, *pack_cpu_linears(self.model))
         log.info("rank %d loaded %s (%.2f GB, %s) in %.1f s", rank, hf_config.architectures, self.weight_bytes / 1e9,

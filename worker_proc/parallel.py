@@ -34,8 +34,9 @@ class _P2PAllReduce:
 
 
 _p2p: _P2PAllReduce | None = None
-# Above this size NCCL's ring is as fast (docs/benchmarks.md: all-reduce on 2 x H200).
-P2P_MAX_BYTES = 1 << 20
+# On 2 x H200 the one-shot beats NCCL at every size up to 4 MiB (docs/benchmarks.md); with more ranks each
+# reads (ranks - 1) copies, so the size it takes shrinks in proportion.
+P2P_MAX_BYTES = 4 << 20
 
 
 def init_tp(rank: int, world_size: int, init_method: str, backend: str) -> None:
@@ -50,7 +51,7 @@ def init_tp(rank: int, world_size: int, init_method: str, backend: str) -> None:
 
 
 def enable_p2p_all_reduce(dtype: torch.dtype, devices: list[int]) -> bool:
-    """Route all-reduces of `dtype` up to P2P_MAX_BYTES through symmetric memory; collective (every rank calls
+    """Route all-reduces of `dtype` up to P2P_MAX_BYTES / (ranks - 1) through symmetric memory; collective (every rank calls
     it once, before CUDA graph capture). `devices`: every rank's CUDA device, all on this host. The ranks agree,
     so either all use it or none does (no peer access, a dtype the kernel lacks). Returns whether it is on."""
     global _p2p
@@ -64,9 +65,8 @@ def enable_p2p_all_reduce(dtype: torch.dtype, devices: list[int]) -> bool:
     import torch.distributed._symmetric_memory as symm_mem
 
     group_name = dist.group.WORLD.group_name
-    if hasattr(symm_mem, "enable_symm_mem_for_group"):
-        symm_mem.enable_symm_mem_for_group(group_name)
-    buffer = symm_mem.empty(P2P_MAX_BYTES // dtype.itemsize, dtype=dtype, device=_group.device)
+    max_bytes = P2P_MAX_BYTES // (_group.size - 1)
+    buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=_group.device)
     symm_mem.rendezvous(buffer, group_name)
     _p2p = _P2PAllReduce(buffer, group_name)
     return True
