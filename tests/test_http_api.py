@@ -88,6 +88,19 @@ def test_completions(client: openai.OpenAI) -> None:
     assert again.choices[0].text == resp.choices[0].text and again.model == MODEL
 
 
+def test_matched_stop_as_sglang(client: openai.OpenAI) -> None:
+    """Each choice says what ended it (SGLang's `matched_stop`): the stop string, the EOS id, or null at length."""
+    base = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
+    assert (base.choices[0].finish_reason, base.choices[0].matched_stop) == ("length", None)
+    stop = base.choices[0].text.strip()[:3]
+    cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    assert (cut.choices[0].finish_reason, cut.choices[0].matched_stop) == ("stop", stop)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=200, temperature=0,
+                                                 stream=True))
+    last = chunks[-1].choices[0]
+    assert (last.finish_reason, type(last.matched_stop)) in (("stop", int), ("length", type(None))), last
+
+
 # ---------------------------------------------------------------- native routes
 
 

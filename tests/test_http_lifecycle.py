@@ -33,6 +33,22 @@ def _first_event(sock: socket.socket) -> None:
     assert received.startswith(b"HTTP/1.1 200"), received[:200]
 
 
+def _aborted_stream_end(server: RadixServer, path: str, body: dict) -> dict:
+    """Stream `body` (whose rid is body["rid"]), abort it by rid after its first event; the last event's JSON."""
+    sock = _send(server.port, path, body)
+    _first_event(sock)
+    assert server.post("/abort_request", {"rid": body["rid"]}).json() == {"aborted": 1}
+    events = []
+    with sock.makefile("rb") as stream:
+        while not events or events[-1] != b"data: [DONE]\n":
+            line = stream.readline()
+            assert line, "the stream ended without [DONE]"
+            if line.startswith(b"data: "):
+                events.append(line)
+    sock.close()
+    return json.loads(events[-2][6:])
+
+
 def _scheduler(server: RadixServer) -> dict:
     return server.get("/get_server_info").json()["scheduler"]
 
@@ -63,20 +79,14 @@ def test_disconnects_abort_then_sigterm() -> None:
         assert info["num_running_reqs"] == 0 and info["num_waiting_reqs"] == 0, info
         assert info["invariants"] == "ok" and info["aborted_requests"] >= 8
 
-        # /abort_request ends a request by rid; its client sees finish_reason "abort".
-        sock = _send(server.port, "/generate", {"text": "Abort me:", "sampling_params": LONG, "stream": True,
-                                                "rid": "abort-me"})
-        _first_event(sock)
-        assert server.post("/abort_request", {"rid": "abort-me"}).json() == {"aborted": 1}
-        events = []
-        with sock.makefile("rb") as stream:
-            while not events or events[-1] != b"data: [DONE]\n":
-                line = stream.readline()
-                assert line, "the stream ended without [DONE]"
-                if line.startswith(b"data: "):
-                    events.append(line)
-        sock.close()
-        assert json.loads(events[-2][6:])["meta_info"]["finish_reason"]["type"] == "abort"
+        # /abort_request ends a request by rid; its client sees finish_reason "abort" (SGLang's, on both APIs).
+        last = _aborted_stream_end(server, "/generate", {"text": "Abort me:", "sampling_params": LONG,
+                                                         "stream": True, "rid": "abort-me"})
+        assert last["meta_info"]["finish_reason"]["type"] == "abort"
+        last = _aborted_stream_end(server, "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": "Abort me"}], "max_tokens": 256,
+            "ignore_eos": True, "temperature": 0, "stream": True, "rid": "abort-me"})
+        assert last["choices"][0]["finish_reason"] == "abort" and last["choices"][0]["matched_stop"] is None
 
         # A non-streaming client that leaves is aborted too.
         sock = _send(server.port, "/generate", {"text": "A long story:", "sampling_params": LONG})

@@ -2,8 +2,9 @@
 generation's deltas (`ChatFormat`, `CompletionFormat`; app.Format is their protocol).
 
 Sub-request j of a request is prompt `j // n`, copy `j % n`; it is choice index j. `finish_reason` is "stop",
-"length" or "tool_calls" (a chat choice whose text held tool calls and that stopped); an abort on a client's
-behalf reads "stop".
+"length", "tool_calls" (a chat choice whose text held tool calls and that stopped) or, as in SGLang, "abort"
+(aborted on a client's behalf, or by a shutdown past --shutdown-timeout). `matched_stop`, as in SGLang: the stop
+token id or stop string that ended a choice, else null.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class ChatChoice(Struct):
     message: ChatMessage
     logprobs: ChatLogprobs | None
     finish_reason: str
+    matched_stop: int | str | None = None
 
 
 class ChatCompletion(Struct):
@@ -84,6 +86,7 @@ class ChatChunkChoice(Struct):
     delta: Delta
     logprobs: ChatLogprobs | None
     finish_reason: str | None
+    matched_stop: int | str | None = None
 
 
 class ChatCompletionChunk(Struct):
@@ -107,6 +110,7 @@ class CompletionChoice(Struct):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    matched_stop: int | str | None = None
 
 
 class Completion(Struct):
@@ -121,7 +125,11 @@ class Completion(Struct):
 def _finish_reason(finish: wire.FinishReason | None, tool_calls: bool = False) -> str | None:
     if finish is None:
         return None
-    return "length" if finish.type == "length" else "tool_calls" if tool_calls else "stop"
+    return "tool_calls" if tool_calls and finish.type == "stop" else finish.type
+
+
+def _matched_stop(finish: wire.FinishReason | None) -> int | str | None:
+    return finish.matched if finish is not None and finish.type == "stop" else None
 
 
 Entries = list[wire.LogprobEntry]
@@ -195,7 +203,8 @@ class CompletionFormat(_Format):
 
     def response(self, gen: Generation, outputs: list[Output]) -> Completion:
         choices = [CompletionChoice(j, self._echoed(j) + out.text, self._logprobs_of(gen, j, out),
-                                    _finish_reason(out.last.finish)) for j, out in enumerate(outputs)]
+                                    _finish_reason(out.last.finish), _matched_stop(out.last.finish))
+                   for j, out in enumerate(outputs)]
         return Completion(self.id, self.created, self.model, choices, self.usage(gen.last))
 
     def _echoed(self, j: int) -> str:
@@ -211,7 +220,7 @@ class CompletionFormat(_Format):
         if self.sent_chars[j] == 0:
             text = self._echoed(j) + text
         self.sent_chars[j] += len(text)
-        return CompletionChoice(j, text, logprobs, _finish_reason(finish))
+        return CompletionChoice(j, text, logprobs, _finish_reason(finish), _matched_stop(finish))
 
     def _logprobs(self, entries: Entries, tops: Tops, text_offset: int) -> CompletionLogprobs:
         tokens = [e[2] or "" for e in entries]
@@ -242,7 +251,8 @@ class ChatFormat(_Format):
                 content, calls = (shown + rest).strip() if calls or more else shown + rest, calls + more
             message = ChatMessage("assistant", content or (None if calls else ""), calls or None)
             choices.append(ChatChoice(j, message, self._logprobs_of(gen, j, out),
-                                      _finish_reason(out.last.finish, bool(calls)) or "stop"))
+                                      _finish_reason(out.last.finish, bool(calls)) or "stop",
+                                      _matched_stop(out.last.finish)))
         return ChatCompletion(self.id, self.created, self.model, choices, self.usage(gen.last))
 
     def head(self, gen: Generation) -> list[Any]:
@@ -269,7 +279,8 @@ class ChatFormat(_Format):
             deltas, reason = [], _finish_reason(finish)
         if not (text or deltas or reason or has_logprobs):
             return None
-        return ChatChunkChoice(j, Delta(content=text or None, tool_calls=deltas or None), logprobs, reason)
+        return ChatChunkChoice(j, Delta(content=text or None, tool_calls=deltas or None), logprobs, reason,
+                               _matched_stop(finish))
 
     def _logprobs(self, entries: Entries, tops: Tops, text_offset: int) -> ChatLogprobs:
         content = []
