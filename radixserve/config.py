@@ -20,37 +20,46 @@ RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 class ServerArgs:
     """Every knob of a radixserve server or engine; `--flag-name` is the field name with dashes."""
 
-    model_path: str | None = field(default=None, metadata={"help": "HF directory, a .gguf file, or None for the embedded SmolLM2-135M-Instruct"})
+    model_path: str | None = field(default=None, metadata={
+        "help": "HF directory, a .gguf file, or None for the embedded SmolLM2-135M-Instruct"})
     tokenizer_path: str | None = field(default=None, metadata={"help": "defaults to the model path"})
-    download_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache directory for model ids (default: $HF_HUB_CACHE)"})
-    skip_tokenizer_init: bool = field(default=False, metadata={"help": "no tokenizer: requests give input_ids, outputs carry ids only"})
+    download_dir: str | None = field(default=None, metadata={
+        "help": "Hugging Face cache directory for model ids (default: $HF_HUB_CACHE)"})
+    skip_tokenizer_init: bool = field(default=False, metadata={
+        "help": "no tokenizer: requests give input_ids, outputs carry ids only"})
     served_model_name: str | None = field(default=None, metadata={"help": "name reported by /v1/models"})
     load_format: LoadFormat = "auto"
     dtype: Dtype = "auto"
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     tp_size: int = field(default=1, metadata={"help": "tensor-parallel ranks over all nodes"})
     nnodes: int = field(default=1, metadata={"help": "nodes that share the --tp-size ranks (docs/deploy.md)"})
-    node_rank: int = field(default=0, metadata={"help": "this node's index; node 0 serves HTTP, the others run workers only"})
+    node_rank: int = field(default=0, metadata={
+        "help": "this node's index; node 0 serves HTTP, the others run workers only"})
     dist_init_addr: str | None = field(default=None, metadata={
         "help": "HOST:PORT of node 0 where the nodes meet (with --nnodes > 1): PORT torch.distributed, PORT+1 the "
                 "nodes' heartbeat link, PORT+2+r rank r's step batches"})
     base_gpu_id: int = field(default=0, metadata={"help": "first CUDA device of this server's ranks on a node"})
     dp_size: int = field(default=1, metadata={"help": "data-parallel replicas behind SGLang's router on --port"})
-    router_policy: RouterPolicy = field(default="cache_aware", metadata={"help": "the router's policy (with --dp-size > 1)"})
+    router_policy: RouterPolicy = field(default="cache_aware", metadata={
+        "help": "the router's policy (with --dp-size > 1)"})
     router_dp_worker_base_port: int | None = field(default=None, metadata={
         "help": "replica i listens on this port + i (default: free ports), on 127.0.0.1"})
     host: str = "127.0.0.1"
     port: int = 30000
-    mem_fraction_static: float = field(default=0.85, metadata={"help": "fraction of device memory for weights + KV cache"})
-    max_total_tokens: int | None = field(default=None, metadata={"help": "KV pool size in tokens (overrides mem-fraction-static)"})
-    context_length: int | None = field(default=None, metadata={"help": "max prompt + output tokens; defaults to the model's"})
+    mem_fraction_static: float = field(default=0.85, metadata={
+        "help": "fraction of device memory for weights + KV cache"})
+    max_total_tokens: int | None = field(default=None, metadata={
+        "help": "KV pool size in tokens (overrides mem-fraction-static)"})
+    context_length: int | None = field(default=None, metadata={
+        "help": "max prompt + output tokens; defaults to the model's"})
     max_running_requests: int = 256
     max_queued_requests: int = 4096
     chunked_prefill_size: int = 2048
     max_prefill_tokens: int = 16384
     schedule_policy: SchedulePolicy = "lpm"
     disable_radix_cache: bool = False
-    new_token_ratio: float = field(default=0.5, metadata={"help": "fraction of max_new_tokens reserved in KV at admission"})
+    new_token_ratio: float = field(default=0.5, metadata={
+        "help": "fraction of max_new_tokens reserved in KV at admission"})
     attention_backend: AttentionBackendName = "auto"
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
@@ -68,15 +77,18 @@ class ServerArgs:
     constrained_json_max_whitespace_cnt: int | None = field(default=None, metadata={
         "help": "JSON schemas allow at most this many whitespace characters in a row"})
     random_seed: int = 0
-    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: $RADIXSERVE_API_KEY)"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "require 'Authorization: Bearer KEY' (default: $RADIXSERVE_API_KEY)"})
     log_level: str = "info"
     tokenizer_worker_num: int = 1
     max_request_bytes: int = 4 * 1024 * 1024
     request_body_timeout: float = field(default=60.0, metadata={
         "help": "seconds a request's body may take to arrive (a 408 after that: a slow client holds no connection)"})
-    session_kv_budget: int = field(default=65536, metadata={"help": "KV tokens that open sessions may pin in the cache"})
+    session_kv_budget: int = field(default=65536, metadata={
+        "help": "KV tokens that open sessions may pin in the cache"})
     max_sessions: int = 1024
-    watchdog_timeout: float = field(default=300.0, metadata={"help": "seconds a forward step may take before the server is declared hung"})
+    watchdog_timeout: float = field(default=300.0, metadata={
+        "help": "seconds a forward step may take before the server is declared hung"})
     enable_invariant_checks: bool = field(default=False, metadata={
         "help": "check the scheduler's KV invariants whenever it goes idle (debug; O(cache size))"})
     shutdown_timeout: float = field(default=30.0, metadata={

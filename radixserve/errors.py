@@ -22,7 +22,8 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  type: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        default_type, default_code = _DEFAULTS.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
+        default_type, default_code = _DEFAULTS.get(
+            status, ("invalid_request_error" if status < 500 else "server_error", None))
         self.status = status
         self.message = message
         self.param = param

@@ -41,8 +41,8 @@ class GetTokenizerStats(msgspec.Struct, tag=True):
 
 
 class TokenizerStats(msgspec.Struct, tag=True):
-    """One tokenizer's counts of the requests it served (those with GenerateText.log_metrics), since start: each is counted
-    once, when it ends, with the counts its client was given; the timings are measured as its tokens arrive."""
+    """One tokenizer's counts of the requests it served (those with GenerateText.log_metrics), since start: each is
+    counted once, when it ends, with the counts its client was given; the timings are measured as its tokens arrive."""
 
     num_requests: int  # ended, for any reason
     num_aborted_requests: int  # of those, ended by an abort

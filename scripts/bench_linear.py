@@ -1,8 +1,8 @@
 """The linear layers of a decode step on one GPU: cuBLAS (F.linear), cuBLASLt and worker_proc.gemv side by side.
 
 "gemv" is the launch shape the worker uses (gemv.config_for), or the tensor-core default where the worker
-keeps cuBLAS. Each figure is one call's share of a CUDA graph that runs the projection over distinct copies of its weight
-(as a model's layers do: nothing stays in L2), against the floor of reading the weight at the copy rate.
+keeps cuBLAS. Each figure is one call's share of a CUDA graph that runs the projection over distinct copies of its
+weight (as a model's layers do: nothing stays in L2), against the floor of reading the weight at the copy rate.
   python scripts/bench_linear.py [--rows 1 2 4 8 16 64] [--models llama-3.1-8b qwen2.5-7b llama-3.1-70b:2] [--sweep]
 --sweep also times every gemv launch shape of a small grid and reports the best per projection and rows.
 Prints a table; JSON to $OUT (default .)/bench_linear.json.
@@ -77,7 +77,8 @@ def time_projection(n: int, k: int, bias: bool, rows_list: list[int], sweep: boo
                 timed = []
                 for c in SWEEP_TENSOR_CORES + (SWEEP_CUDA_CORES if rows == 1 else []):
                     try:
-                        timed.append((graph_seconds([lambda w=w, c=c, x=x: gemv.gemv(x, w, b, c) for w in ws[:4]], 5), c))
+                        timed.append((graph_seconds([lambda w=w, c=c, x=x: gemv.gemv(x, w, b, c)
+                                                     for w in ws[:4]], 5), c))
                     except Exception:  # noqa: BLE001 (a launch shape past the shared memory: not a candidate)
                         continue
                 best = min(timed, key=lambda t: t[0])

@@ -28,10 +28,12 @@ def main() -> None:
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile", type=int, default=None, metavar="BS")
-    p.add_argument("--max-total-tokens", type=int, default=20000, help="KV pool in tokens (0: sized as a server sizes it)")
+    p.add_argument("--max-total-tokens", type=int, default=20000,
+                   help="KV pool in tokens (0: sized as a server sizes it)")
     ns = p.parse_args()
     model_dir = resolve_model(ns.model_path)
-    runner = ModelRunner(ServerArgs(model_path=model_dir, dtype=ns.dtype, max_total_tokens=ns.max_total_tokens or None), 0, model_dir)
+    runner = ModelRunner(ServerArgs(model_path=model_dir, dtype=ns.dtype, max_total_tokens=ns.max_total_tokens or None),
+                         0, model_dir)
     print(f"{model_dir}: {runner.dtype} on {runner.device}, {torch.get_num_threads()} threads")
     synth = Synth(runner)
     for bs in ns.batch_sizes:

@@ -296,9 +296,10 @@ def _profile_eager_decode(synth, out: Path) -> dict:
     (out / "profile_decode_bs1.txt").write_text(table)
     steps = 3
     total_us = sum(e.self_device_time_total for e in kernels) / steps
-    gemm_us = sum(e.self_device_time_total for e in kernels if any(k in e.key.lower() for k in ("gemm", "gemv", "sm90",
-                                                                                             "cutlass", "nvjet"))) / steps
-    attn_us = sum(e.self_device_time_total for e in kernels if "prefill" in e.key.lower() or "decode" in e.key.lower()) / steps
+    gemm_us = sum(e.self_device_time_total for e in kernels
+                  if any(k in e.key.lower() for k in ("gemm", "gemv", "sm90", "cutlass", "nvjet"))) / steps
+    attn_us = sum(e.self_device_time_total for e in kernels
+                  if "prefill" in e.key.lower() or "decode" in e.key.lower()) / steps
     return {"kernels_per_step": sum(e.count for e in kernels) / steps, "gpu_us_per_step": total_us,
             "gemm_us": gemm_us, "attention_us": attn_us, "other_us": total_us - gemm_us - attn_us}
 
@@ -489,8 +490,8 @@ def run_section(name: str, out: Path) -> dict:
 def summary(results: dict) -> str:
     lines = []
     env = results.get("env", {})
-    lines.append(f"GPU {env.get('gpu')} x{env.get('gpus')}, torch {env.get('torch')}, flashinfer {env.get('flashinfer')},"
-                 f" commit {env.get('commit')}, {env.get('date')}")
+    lines.append(f"GPU {env.get('gpu')} x{env.get('gpus')}, torch {env.get('torch')},"
+                 f" flashinfer {env.get('flashinfer')}, commit {env.get('commit')}, {env.get('date')}")
     c = results.get("ceilings", {})
     if "copy_TBps" in c:
         lines.append(f"ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 matmul {c['bf16_matmul_TFLOPs']:.0f} TFLOP/s "
@@ -567,7 +568,8 @@ def main() -> None:
         print(f"== {name}", flush=True)
         try:
             part = parts / f"{name}.json"
-            proc = subprocess.run([sys.executable, __file__, "--section", name, "--out", str(out), "--result", str(part)],
+            proc = subprocess.run([sys.executable, __file__, "--section", name, "--out", str(out),
+                                   "--result", str(part)],
                                   timeout=min(SECTIONS[name], left), capture_output=True, text=True)
             log = proc.stdout + proc.stderr
             results[name] = json.loads(part.read_text()) if proc.returncode == 0 and part.exists() else \

@@ -88,7 +88,8 @@ def tp_worker(rank: int, world_size: int, init_method: str, model_dirs: list[str
             config = load_hf_config(model_dir)
             logits, tokens = greedy(load_model(model_dir, config, "safetensors", torch.float32, device), prompts, steps)
             dummy = load_model(model_dir, config, "dummy", torch.float32, device, seed=3)
-            results[model_dir] = {"logits": logits.cpu(), "tokens": tokens, "dummy_logits": greedy(dummy, prompts, 2)[0].cpu()}
+            results[model_dir] = {"logits": logits.cpu(), "tokens": tokens,
+                                  "dummy_logits": greedy(dummy, prompts, 2)[0].cpu()}
         if rank == 0:
             torch.save(results, out_path)
     finally:

@@ -126,7 +126,8 @@ def test_offline_shared_prefix_with_both_baselines(tiny_model, tmp_path) -> None
         assert "ttft_ms" not in run["metrics"]  # offline: no per-token timing
     assert runs["radixserve"][0]["metrics"]["cache_hit_rate"] > 0
     assert all(runs[k][0]["metrics"]["cache_hit_rate"] == 0 for k in ("no-radix", "hf-bs1", "hf-bs3"))
-    assert [r["baseline"] for r in report["ratios"]] == ["no-radix", "hf-bs1", "hf-bs3", report["ratios"][-1]["baseline"]]
+    assert [r["baseline"] for r in report["ratios"]] == ["no-radix", "hf-bs1", "hf-bs3",
+                                                         report["ratios"][-1]["baseline"]]
     best = max(("hf-bs1", "hf-bs3"), key=lambda k: runs[k][0]["metrics"]["output_throughput"])
     assert report["ratios"][-1]["baseline"] == best and report["ratios"][-1]["best_of"] == "hf-bs*"
     assert all(r["output_throughput"] > 0 for r in report["ratios"])

@@ -375,7 +375,8 @@ def test_systemd_unit_verifies(tmp_path):
         unit = tmp_path / "radixserve.service"
         unit.write_text(unit_text)
         result = run("systemd-analyze", "verify", str(unit))
-        return (result.stdout + result.stderr).strip() + ("" if result.returncode == 0 else f" [rc {result.returncode}]")
+        return (result.stdout + result.stderr).strip() + (
+            "" if result.returncode == 0 else f" [rc {result.returncode}]")
 
     assert verify(text) == ""
     assert "notfy" in verify(text.replace("Type=notify", "Type=notfy"))  # it does report a bad unit

@@ -85,7 +85,8 @@ def test_a_stream_in_flight_finishes_across_sigterm() -> None:
         refused(server, "GET", "/health")
         refused(server, "GET", "/health_generate")
         refused(server, "POST", "/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2}})
-        refused(server, "POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+        refused(server, "POST", "/v1/chat/completions",
+                {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
         metrics = http_request(server.port, "GET", "/metrics")  # public, and readable while draining
         assert metrics.status_code == 200 and f'radixserve:num_requests_total{{model_name="{MODEL}"}}' in metrics.text
 

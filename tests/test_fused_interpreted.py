@@ -1,5 +1,5 @@
-"""worker_proc.fused's and worker_proc.gemv's Triton kernels run through Triton's interpreter on CPU tensors (CI has no GPU; the
-same comparisons run compiled on the GPU in scripts/gpu_check.py). TRITON_INTERPRET must be set before
+"""worker_proc.fused's and worker_proc.gemv's Triton kernels run through Triton's interpreter on CPU tensors (CI has no
+GPU; the same comparisons run compiled on the GPU in scripts/gpu_check.py). TRITON_INTERPRET must be set before
 triton is imported, so the checks run in a child process."""
 
 from __future__ import annotations

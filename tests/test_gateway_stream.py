@@ -19,7 +19,8 @@ PIECE = "ab"
 def _delta(k: int, logprobs: bool) -> wire.TextDelta:
     last = k == N_TOKENS - 1
     return wire.TextDelta(rid="r", text=PIECE, output_ids=[k], prompt_tokens=5, cached_tokens=0,
-                          completion_tokens=k + 1, finish=wire.FinishReason("length", length=N_TOKENS) if last else None,
+                          completion_tokens=k + 1,
+                          finish=wire.FinishReason("length", length=N_TOKENS) if last else None,
                           output_logprobs=[(-0.5, k, PIECE)] if logprobs else None,
                           output_top_logprobs=[None] if logprobs else None)
 

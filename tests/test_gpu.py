@@ -60,7 +60,8 @@ class Driver:
             self.runner.req_to_token[req.slot, :prefix_len] = prefix.to(self.runner.device)
         return req
 
-    def run(self, work: list[tuple[Req, int]], is_decode: bool = False, prefix_groups: np.ndarray | None = None) -> None:
+    def run(self, work: list[tuple[Req, int]], is_decode: bool = False,
+            prefix_groups: np.ndarray | None = None) -> None:
         """Compute the next `n` tokens of each request in one step; a request whose prompt is now computed
         records the logits of its last token and appends its greedy token."""
         cached = [len(r.kv) for r, _ in work]
@@ -115,7 +116,8 @@ def tiny_config(kind: str):
     common = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                   vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-6)
     if kind == "llama":  # GQA group 4, biases, tied embeddings, llama3 rope
-        return LlamaConfig(**common, num_key_value_heads=1, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+        return LlamaConfig(**common, num_key_value_heads=1, attention_bias=True, mlp_bias=True,
+                           tie_word_embeddings=True,
                            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                             "original_max_position_embeddings": 256})

@@ -224,7 +224,8 @@ def test_leaderworkerset_args_parse():
         ServerArgs.add_cli_args(parser)
         known, _ = parser.parse_known_args(argv)  # every flag exists: tests/test_deploy.py
         args = ServerArgs.from_cli_args(known)
-        assert (args.nnodes, args.node_rank, args.dist_init_addr.split(":")[0]) == (template["size"], index, "leader.lws")
+        assert (args.nnodes, args.node_rank, args.dist_init_addr.split(":")[0]) == (template["size"], index,
+                                                                                     "leader.lws")
 
 
 def test_engine_refuses_several_nodes_or_replicas():

@@ -74,7 +74,8 @@ def test_every_request_integer_has_bounds(doc: dict) -> None:
     found = [(f"{name}{where}", node) for name in sorted(reachable) for where, node in _integers(components[name], "")]
     assert len(found) >= 15, found  # the walk sees them: input_ids, max_tokens, n, seed, offset...
     unbounded = [where for where, node in found
-                 if not ({"minimum", "exclusiveMinimum"} & node.keys() and {"maximum", "exclusiveMaximum"} & node.keys())]
+                 if not ({"minimum", "exclusiveMinimum"} & node.keys()
+                         and {"maximum", "exclusiveMaximum"} & node.keys())]
     assert not unbounded, f"request integers without both bounds: {unbounded}"
     assert all(node.get("maximum", 0) < 2**64 for _, node in found)
 

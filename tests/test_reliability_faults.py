@@ -66,7 +66,8 @@ class Client(threading.Thread):
             return False
         if b"text/event-stream" in head:
             return b"data: [DONE]" in body
-        length = [int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+        length = [int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                  if line.startswith(b"content-length:")]
         return bool(length) and len(body) >= length[0]
 
     @staticmethod

@@ -121,7 +121,8 @@ def test_mixed_clients(server: RadixServer) -> None:
     info = wait_idle(server, timeout=60)
     latencies.sort()
     figures = {"clients": CLIENTS, "seconds": round(time.monotonic() - started, 1), "by_kind": dict(done),
-               "failures": len(failures), "leaks": leak_problems(info), "sessions_open": info["scheduler"]["num_sessions"],
+               "failures": len(failures), "leaks": leak_problems(info),
+               "sessions_open": info["scheduler"]["num_sessions"],
                "requests": len(latencies), "latency_p50_s": round(latencies[len(latencies) // 2], 2),
                "latency_p99_s": round(latencies[int(len(latencies) * 0.99)], 2),
                "latency_max_s": round(latencies[-1], 2), "over_120_s": sum(t > 120 for t in latencies)}

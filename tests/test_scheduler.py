@@ -303,7 +303,8 @@ def test_info_counts_exactly_after_admit_finish_abort_retract(caplog):
             steps += 1
             if steps == 6:  # the step before the retraction: the KV is full
                 mid = s.info()
-                assert (mid.num_running_reqs, mid.num_waiting_reqs, mid.kv_free_tokens, mid.token_usage) == (2, 0, 0, 1.0)
+                assert (mid.num_running_reqs, mid.num_waiting_reqs, mid.kv_free_tokens,
+                        mid.token_usage) == (2, 0, 0, 1.0)
     assert [r.message for r in caplog.records] == ["KV cache full: retracting request y (13 tokens)"]
     s.add_request(request("w", list(range(20, 28)) + [60], max_new=10, ignore_eos=True))  # y's prompt: cached
     for _ in range(2):

@@ -131,6 +131,7 @@ def test_chat_continuation_closes_a_turn_cut_by_length(engine):
     if first["output_ids"][-len(close):] == close:  # greedy may have produced it as its fifth token
         close = []
     new = encode_prompt(engine.tokenizer, messages=follow, continue_chat=True)
-    assert nxt["meta_info"]["prompt_tokens"] == meta["prompt_tokens"] + meta["completion_tokens"] + len(close) + len(new)
+    assert nxt["meta_info"]["prompt_tokens"] == (meta["prompt_tokens"] + meta["completion_tokens"]
+                                                 + len(close) + len(new))
     engine.close_session(sid)
     engine.check_invariants()

@@ -126,7 +126,8 @@ def test_chunked_cached_prompt_session_and_abort(server: RadixServer) -> None:
     sid = server.post("/open_session", {}).json()
     turn = server.post("/generate", {"text": "My name is Ada.", "session_params": {"id": sid},
                                      "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).json()
-    follow = server.post("/generate", {"text": " As JSON:", "session_params": {"id": sid, "rid": turn["meta_info"]["id"]},
+    follow = server.post("/generate", {"text": " As JSON:",
+                                       "session_params": {"id": sid, "rid": turn["meta_info"]["id"]},
                                        "sampling_params": {"max_new_tokens": 64, "temperature": 0,
                                                            "json_schema": json.dumps(SCHEMAS[0])}}).json()
     jsonschema.validate(json.loads(follow["text"]), SCHEMAS[0])

@@ -92,7 +92,8 @@ class RequestOutput:
             self._input_logprobs = [self._entry(lp, t) for lp, t in zip(out.input_logprobs, ids, strict=True)]
             self._input_top = [self._top(top) for top in out.input_top_logprobs or []]
         if out.output_logprobs:
-            self._output_logprobs += [self._entry(lp, t) for lp, t in zip(out.output_logprobs, out.new_ids, strict=False)]
+            self._output_logprobs += [self._entry(lp, t)
+                                      for lp, t in zip(out.output_logprobs, out.new_ids, strict=False)]
             self._output_top += [self._top(top) for top in out.output_top_logprobs or []]
 
     def _entry(self, logprob: float | None, token: int) -> wire.LogprobEntry:

@@ -132,7 +132,8 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     res_out = torch.empty_like(out) if residual is not None else None
     block = _pow2(n)
     if rows:
-        kernel[(rows,)](x, residual if residual is not None else x, weight, out, res_out if res_out is not None else out,
+        kernel[(rows,)](x, residual if residual is not None else x, weight, out,
+                        res_out if res_out is not None else out,
                         n, x.stride(0), residual.stride(0) if residual is not None else 0, eps,
                         HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)))
     return out, res_out

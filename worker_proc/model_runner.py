@@ -125,13 +125,15 @@ class ModelRunner:
         # Rank 0 samples, so it alone keeps each slot's penalties and grammar matcher (created for none: free).
         vocab = self.model.vocab_size
         self.penalties = SlotPenalties(args.max_running_requests, vocab, self.device) if rank == 0 else None
-        backend = GrammarBackend(args.tokenizer_path or model_dir, vocab, not args.constrained_json_disable_any_whitespace,
+        backend = GrammarBackend(args.tokenizer_path or model_dir, vocab,
+                                 not args.constrained_json_disable_any_whitespace,
                                  args.constrained_json_max_whitespace_cnt)
         self.grammars = SlotGrammars(backend, self.device) if rank == 0 and args.grammar_backend != "none" else None
         m = self.model
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
         self.num_kv_slots = parallel.tp_min(self._kv_slots_that_fit()) + 1  # + the padding slot 0
-        self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype,
+                                self.device)
         log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
                  self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
         self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)

@@ -51,9 +51,9 @@ def init_tp(rank: int, world_size: int, init_method: str, backend: str) -> None:
 
 
 def enable_p2p_all_reduce(dtype: torch.dtype, devices: list[int]) -> bool:
-    """Route all-reduces of `dtype` up to P2P_MAX_BYTES / (ranks - 1) through symmetric memory; collective (every rank calls
-    it once, before CUDA graph capture). `devices`: every rank's CUDA device, all on this host. The ranks agree,
-    so either all use it or none does (no peer access, a dtype the kernel lacks). Returns whether it is on."""
+    """Route all-reduces of `dtype` up to P2P_MAX_BYTES / (ranks - 1) through symmetric memory; collective (every rank
+    calls it once, before CUDA graph capture). `devices`: every rank's CUDA device, all on this host. The ranks
+    agree, so either all use it or none does (no peer access, a dtype the kernel lacks). Returns whether it is on."""
     global _p2p
     if _group is None or _group.size == 1 or _group.device.type != "cuda":
         return False

@@ -3,8 +3,9 @@
 A request's penalties come once, in its NewReq (wire.Penalties); nothing is stored or computed for a request
 without them, and a step with no penalized row costs one host-side array lookup. The counts of each slot's
 output tokens live on the device ([slots, vocab] float32, allocated at start-up, before the KV pool is sized, so
-that --mem-fraction-static's budget counts them) and grow by the step's sampled tokens, on the device, for rows whose sample is kept
-(StepBatch.sample_offsets >= 0); a re-admitted request's counts are rebuilt from its NewReq.output_ids.
+that --mem-fraction-static's budget counts them) and grow by the step's sampled tokens, on the device, for rows
+whose sample is kept (StepBatch.sample_offsets >= 0); a re-admitted request's counts are rebuilt from its
+NewReq.output_ids.
 
 On the logits of a penalized row, before anything else of sampling (SGLang's meaning; counts over the output
 only): repetition divides a seen token's positive logit by the penalty and multiplies a negative one by it,

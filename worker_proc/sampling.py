@@ -155,7 +155,8 @@ class FlashInferSampler(Sampler):
         vocab = logits.shape[-1]
         top_k = torch.where(self.p.d_top_k[d] > 0, self.p.d_top_k[d], vocab)
         if not use_min_p:
-            return self.fi.top_k_top_p_sampling_from_logits(logits, top_k, self.p.d_top_p[d], filter_apply_order="joint",
+            return self.fi.top_k_top_p_sampling_from_logits(logits, top_k, self.p.d_top_p[d],
+                                                            filter_apply_order="joint",
                                                             generator=self.generator).long()
         probs = self._filtered_probs(torch.softmax(logits, dim=-1), d, (use_k, use_p, False))
         return self.fi.min_p_sampling_from_probs(probs, self.p.d_min_p[d], generator=self.generator).long()

@@ -67,7 +67,8 @@ def _ttft_by_turn(ok: list[RequestResult]) -> list[dict[str, Any]]:
     for turn in sorted({r.turn for r in ok}):
         rs = [r for r in ok if r.turn == turn and r.ttft is not None]
         if rs:
-            rows.append({"turn": turn + 1, "requests": len(rs), "prompt_tokens": float(np.mean([r.prompt_tokens for r in rs])),
+            rows.append({"turn": turn + 1, "requests": len(rs),
+                         "prompt_tokens": float(np.mean([r.prompt_tokens for r in rs])),
                          "cached_tokens": float(np.mean([r.cached_tokens for r in rs])),
                          **stats_ms([r.ttft for r in rs])})
     return rows

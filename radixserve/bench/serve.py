@@ -200,7 +200,8 @@ async def _bench(base_url: str, label: str, convs: list[Conversation], ns: argpa
                 with contextlib.suppress(aiohttp.ClientError):
                     await (await session.post("/flush_cache")).release()
                 desc = f"{label} rate={rate} concurrency={concurrency}"
-                results, duration = await _run_point(session, api, empty, model, convs, rate, concurrency, ns.seed, desc)
+                results, duration = await _run_point(session, api, empty, model, convs, rate, concurrency,
+                                                     ns.seed, desc)
                 if first_error(results):
                     print(f"{desc}: {sum(r.error is not None for r in results)} failed, e.g. {first_error(results)}",
                           file=sys.stderr)
@@ -319,7 +320,8 @@ def _wait_ready(proc: subprocess.Popen, url: str, log_path: str) -> None:
         if proc.poll() is not None:
             with open(log_path, errors="replace") as f:
                 tail = "".join(f.readlines()[-LOG_TAIL_LINES:])
-            raise RuntimeError(f"the server exited with code {proc.returncode}; the end of its log ({log_path}):\n{tail}")
+            raise RuntimeError(f"the server exited with code {proc.returncode}; "
+                               f"the end of its log ({log_path}):\n{tail}")
         try:
             with urllib.request.urlopen(f"{url}/health_generate", timeout=30) as resp:
                 if resp.status == 200:

@@ -78,7 +78,9 @@ def blocking(method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]) -> C
     return call
 
 
-def iterating(method: Callable[Concatenate[Any, P], AsyncGenerator[T, None]]) -> Callable[Concatenate[Blocking, P], Iterator[T]]:
+def iterating(
+    method: Callable[Concatenate[Any, P], AsyncGenerator[T, None]],
+) -> Callable[Concatenate[Blocking, P], Iterator[T]]:
     """An iterator method over the async generator `method` of `self._impl`, stepped on `self._loop`."""
 
     @functools.wraps(method)

@@ -301,7 +301,8 @@ OPERATIONS = {  # (method, path) -> what /openapi.json says of it; every route n
 }
 
 _DECODERS = {kind: msgspec.json.Decoder(kind) for kind in
-             (GenerateRequest, CompletionRequest, ChatCompletionRequest, AbortRequest, OpenSessionRequest, CloseSessionRequest)}
+             (GenerateRequest, CompletionRequest, ChatCompletionRequest, AbortRequest, OpenSessionRequest,
+              CloseSessionRequest)}
 
 
 async def _parse(request: web.Request, kind: type[T], timeout: float) -> T:

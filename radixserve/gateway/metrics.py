@@ -48,7 +48,8 @@ class _Families(Collector):
                         used / s.max_total_num_tokens if s.max_total_num_tokens else 0.0),
             self._gauge("max_total_num_tokens", "KV cache size in tokens.", s.max_total_num_tokens),
             self._gauge("cache_hit_rate", "Prompt tokens found in the radix cache / prompt tokens, over all "
-                        "requests admitted since start.", s.cached_tokens / s.prompt_tokens if s.prompt_tokens else 0.0),
+                        "requests admitted since start.",
+                        s.cached_tokens / s.prompt_tokens if s.prompt_tokens else 0.0),
             self._gauge("num_open_sessions", "Open sessions.", s.num_sessions),
             self._gauge("session_pinned_tokens", "KV cache tokens pinned by open sessions.", s.session_pinned_tokens),
             self._counter("num_retracted_requests_total", "Requests put back in the queue when decode ran out of "

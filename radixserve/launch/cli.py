@@ -9,7 +9,8 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, help)
     "serve": ("radixserve.launch.serve", "serve a model over HTTP (SGLang-native and OpenAI-compatible APIs)"),
-    "bench": ("radixserve.bench.cli", "benchmark a server (serve), the Engine (offline) or one static batch (one-batch)"),
+    "bench": ("radixserve.bench.cli",
+              "benchmark a server (serve), the Engine (offline) or one static batch (one-batch)"),
 }
 
 

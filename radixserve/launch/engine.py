@@ -31,7 +31,8 @@ class Engine:
     def __init__(self, model_path: str | None = None, tp_size: int = 1, **server_args: Any) -> None:
         self.args = ServerArgs(model_path=model_path, tp_size=tp_size, **server_args)
         if self.args.nnodes > 1 or self.args.dp_size > 1:
-            raise ValueError("the Engine runs one replica on one node: --nnodes and --dp-size are for `radixserve serve`")
+            raise ValueError("the Engine runs one replica on one node: "
+                             "--nnodes and --dp-size are for `radixserve serve`")
         self.model_dir = resolve_model(self.args.model_path, self.args.download_dir)
         self.core = TokenizerCore(self.args.tokenizer_path or self.model_dir, self.model_dir,
                                   self.args.skip_tokenizer_init)
