@@ -57,7 +57,7 @@ def enable_p2p_all_reduce(dtype: torch.dtype, devices: list[int]) -> bool:
     global _p2p
     if _group is None or _group.size == 1 or _group.device.type != "cuda":
         return False
-    ok = dtype in (torch.float32, torch.bfloat16) and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
+    ok = dtype in (torch.float32, torch.bfloat16) and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
     here = _group.device.index
     ok = ok and all(torch.cuda.can_device_access_peer(here, d) for d in devices if d != here)
     if not tp_min(int(ok)):
@@ -95,13 +95,8 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if p2p is None or x.dtype != p2p.buffer.dtype or x.numel() > p2p.buffer.numel() or not x.is_contiguous():
         dist.all_reduce(x)
         return x
-    flat = x.view(-1)
-    staged = p2p.buffer[: flat.numel()]
-    if hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):  # the copy inside the same kernel
-        torch.ops.symm_mem.one_shot_all_reduce_copy_out(staged, flat, "sum", p2p.group_name, flat)
-    else:
-        staged.copy_(flat)
-        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", p2p.group_name, flat)
+    flat = x.view(-1)  # copied into the buffer by the kernel itself, then overwritten with the sum
+    torch.ops.symm_mem.one_shot_all_reduce_copy_out(p2p.buffer[: flat.numel()], flat, "sum", p2p.group_name, flat)
     return x
 
 
