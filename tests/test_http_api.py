@@ -88,6 +88,22 @@ def test_completions(client: openai.OpenAI) -> None:
     assert again.choices[0].text == resp.choices[0].text and again.model == MODEL
 
 
+def test_openai_fields_without_effect_here(client: openai.OpenAI) -> None:
+    """What the openai client sends for OpenAI-hosted features (storage, tiers, cache keys, predictions) is
+    accepted and changes nothing; audio output and web search are a 400 that names the field."""
+    plain = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
+    same = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=8, temperature=0, store=False, metadata={"run": "7"},
+        service_tier="auto", prompt_cache_key="user-1", safety_identifier="u-1", modalities=["text"],
+        prediction={"type": "content", "content": "Hello"})
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    for unsupported in ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+                        {"web_search_options": {}}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, **unsupported)
+        assert err.value.body["param"] == next(iter(unsupported)), err.value.body
+
+
 def test_matched_stop_as_sglang(client: openai.OpenAI) -> None:
     """Each choice says what ended it (SGLang's `matched_stop`): the stop string, the EOS id, or null at length."""
     base = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)

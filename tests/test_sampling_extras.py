@@ -122,6 +122,23 @@ ROUTER_CHAT = {"messages": [{"role": "user", "content": "hi"}], "model": "m", "l
                "stream_reasoning": True, "return_hidden_states": False}
 
 
+# OpenAI's own chat fields for what a self-hosted server does anyway or need not do (the openai client sends
+# them when its caller sets them): accepted, with no effect on the request.
+OPENAI_NO_EFFECT = {"store": True, "metadata": {"run": "7"}, "service_tier": "flex", "prompt_cache_key": "user-1",
+                    "prompt_cache_retention": "24h", "prompt_cache_options": {"ttl": "30m"},
+                    "safety_identifier": "u-1", "verbosity": "low", "modalities": ["text"],
+                    "prediction": {"type": "content", "content": "Hello"}}
+
+
+def test_openais_no_effect_fields_are_accepted_and_change_nothing() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    plain, _ = chat_requests(msgspec.convert(chat, ChatCompletionRequest), "hermes")
+    reqs, _ = chat_requests(msgspec.convert({**chat, **OPENAI_NO_EFFECT}, ChatCompletionRequest), "hermes")
+    assert [msgspec.structs.replace(r, rid="") for r in reqs] == [msgspec.structs.replace(r, rid="") for r in plain]
+    with pytest.raises(msgspec.ValidationError):  # a typo is still one
+        msgspec.convert({**chat, "stroe": True}, ChatCompletionRequest)
+
+
 def test_what_sglangs_router_sends_is_accepted() -> None:
     single, [req] = build_requests(msgspec.convert(ROUTER_GENERATE, GenerateRequest))
     assert single and req.text == "hello" and req.sampling.max_new_tokens == 4

@@ -99,6 +99,18 @@ class ChatCompletionRequest(_Request, kw_only=True):
     # accepted, no effect here: they act only with a reasoning parser (SGLang's --reasoning-parser)
     separate_reasoning: bool = True
     stream_reasoning: bool = True
+    # OpenAI's, accepted with no effect here: nothing is stored, there is one service tier, the radix cache
+    # needs no key or policy, and a prediction only speeds up OpenAI's decoding (the output is the same without
+    # it). Their values are OpenAI's to extend, so they are not checked beyond their type.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
 
 
 def _constraint(req: _Request) -> dict[str, str]:

@@ -3,7 +3,7 @@
 They are part of the request Structs, so that what SGLang's clients and router send decodes, and a typo is still
 an unknown field (a 400). Each is accepted at its default (or null) and answered with a 400 naming it otherwise
 (`check_unsupported`). The fields come from SGLang 0.5.5 to 0.5.23 (`GenerateReqInput`, `ChatCompletionRequest`,
-`CompletionRequest`); README's API section lists them with the fields that are implemented.
+`CompletionRequest`) and OpenAI's chat API; README's API section lists them with the fields that are implemented.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from radixserve.errors import bad_request
 
 Priority = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # SGLang's range; no priority scheduling here
 Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
-ALSO_ACCEPTED = {"data_parallel_rank": 0, "routed_dp_rank": 0}  # the one data-parallel rank there is
+# the one data-parallel rank there is; text, the one output modality
+ALSO_ACCEPTED = {"data_parallel_rank": 0, "routed_dp_rank": 0, "modalities": ["text"]}
 
 
 class _Unsupported(msgspec.Struct, kw_only=True):
@@ -125,6 +126,13 @@ class OpenAIUnsupported(_Unsupported, kw_only=True):
     min_dynamic_patch: Any = None
     use_audio_in_video: bool | None = False
     video_config: Any = None
+    # OpenAI's chat fields for audio output, web search, moderation and the pre-tools function calling (use tools)
+    modalities: Any = None
+    audio: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    functions: Any = None
+    function_call: Any = None
     # completions only
     suffix: Any = None
 
