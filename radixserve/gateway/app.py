@@ -32,6 +32,8 @@ from radixserve.gateway.openai_api import (
     completion_requests,
 )
 from radixserve.gateway.openai_format import ChatCompletion, ChatFormat, Completion, CompletionFormat
+from radixserve.gateway.responses_api import ResponsesRequest, chat_request
+from radixserve.gateway.responses_format import Response, ResponsesFormat
 from radixserve.gateway.tokenizer_client import Generation, Output, TokenizerClient
 from radixserve.gateway.tool_calls import tool_format
 from radixserve.model_files import chat_template_text
@@ -42,6 +44,7 @@ PUBLIC_PATHS = frozenset({"/health", "/health_generate", "/openapi.json"})  # as
 OPEN_WHILE_DRAINING = frozenset({"/metrics", "/get_server_info", "/abort_request"})
 HEALTH_TIMEOUT_S = 30.0
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_DONE = b"data: [DONE]\n\n"  # the end of a native, completion or chat stream (a Responses stream has none)
 T = TypeVar("T")
 
 
@@ -98,6 +101,7 @@ class Gateway:
         r.add_get("/v1/models", self.models)
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/chat/completions", self.chat_completions)
+        r.add_post("/v1/responses", self.responses)
         r.add_get("/openapi.json", self.openapi)
         if not self.args.disable_metrics:
             r.add_get("/metrics", self.metrics)
@@ -231,8 +235,15 @@ class Gateway:
         return await self._generate(request, reqs, body.stream, ChatFormat(
             reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, parsers))
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._parse(request, ResponsesRequest)
+        check_model(body.model, self.model_name)
+        reqs, parsers = chat_requests(chat_request(body), self.tool_format)
+        fmt = ResponsesFormat(reqs[0].rid, self.model_name, body, parsers[0] if parsers else None)
+        return await self._generate(request, reqs, body.stream, fmt, done=b"")
+
     async def _generate(self, request: web.Request, reqs: list[wire.GenerateText], stream: bool,
-                        fmt: Format) -> web.StreamResponse:
+                        fmt: Format, done: bytes = SSE_DONE) -> web.StreamResponse:
         """The one generate path. A stream waits for its first update before sending headers, so a
         request the tokenizer or scheduler rejects still gets a 4xx; later errors become an error event."""
         gen = self.client.submit(reqs, stream)
@@ -251,9 +262,9 @@ class Gateway:
                         await resp.write(payload)
                     events = []
                     batch = await anext(updates, None)
-                await resp.write(_sse(fmt.tail(gen)) + b"data: [DONE]\n\n")
+                await resp.write(_sse(fmt.tail(gen)) + done)
             except ApiError as e:
-                await resp.write(_sse([e.body()]) + b"data: [DONE]\n\n")
+                await resp.write(_sse([e.body()]) + done)
             return resp
         finally:
             self.client.cancel(gen)
@@ -298,11 +309,13 @@ OPERATIONS = {  # (method, path) -> what /openapi.json says of it; every route n
     ("POST", "/v1/completions"): Op("OpenAI completions", CompletionRequest, Completion, streams=True),
     ("POST", "/v1/chat/completions"): Op("OpenAI chat completions", ChatCompletionRequest, ChatCompletion,
                                          streams=True),
+    ("POST", "/v1/responses"): Op("OpenAI responses (text and function tools; nothing is stored)", ResponsesRequest,
+                                  Response, streams=True),
 }
 
 _DECODERS = {kind: msgspec.json.Decoder(kind) for kind in
-             (GenerateRequest, CompletionRequest, ChatCompletionRequest, AbortRequest, OpenSessionRequest,
-              CloseSessionRequest)}
+             (GenerateRequest, CompletionRequest, ChatCompletionRequest, ResponsesRequest, AbortRequest,
+              OpenSessionRequest, CloseSessionRequest)}
 
 
 async def _parse(request: web.Request, kind: type[T], timeout: float) -> T:
