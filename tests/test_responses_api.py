@@ -55,7 +55,7 @@ def test_stream_rebuilds_the_same_response(client: openai.OpenAI) -> None:
     whole = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=16, temperature=0)
     with client.responses.stream(model=MODEL, input=QUESTION, max_output_tokens=16, temperature=0) as stream:
         events = list(stream)
-        final = stream.get_final_response()
+    final = events[-1].response  # the helper's get_final_response() takes response.completed only, as OpenAI's
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-1] == ("response.completed" if whole.status == "completed" else "response.incomplete")
@@ -94,6 +94,20 @@ def test_function_tools_round_trip(client: openai.OpenAI) -> None:
         tool_choice="none", max_tokens=20, temperature=0)
     assert answer.output_text == chat.choices[0].message.content
     assert answer.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_abort_by_response_id(server: RadixServer, client: openai.OpenAI) -> None:
+    """The response id is the request's rid: /abort_request ends the stream as incomplete, reason "abort"."""
+    with client.responses.stream(model=MODEL, input="Write a long story about a dragon.", max_output_tokens=2000,
+                                 temperature=0) as stream:
+        events = []
+        for event in stream:
+            if not events:
+                assert server.post("/abort_request", {"rid": event.response.id}).json() == {"aborted": 1}
+            events.append(event)
+    final = events[-1].response
+    assert events[-1].type == "response.incomplete" and final.status == "incomplete"
+    assert final.incomplete_details.reason == "abort" and final.usage.output_tokens < 2000
 
 
 @pytest.mark.parametrize(("extra", "param"), [
