@@ -78,7 +78,7 @@ class ResponsesRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     prompt_cache_retention: str | None = None
     service_tier: str | None = None
     truncation: Literal["auto", "disabled"] | None = None  # a prompt over the context is a 400 either way
-    max_tool_calls: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None  # limits built-in tool calls, which there are none of
+    max_tool_calls: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None  # for built-in tools: none here
     stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing is obfuscated here
     # features this server lacks: a 400 naming the field unless left out (or at the default)
     include: list[str] | None = None
