@@ -143,6 +143,11 @@ class RadixServer:
     def get(self, path: str) -> Response:
         return http_request(self.port, "GET", path, headers=self.headers)
 
+    def openai_client(self):  # -> openai.OpenAI (imported here: only the API tests need the package)
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "unused", max_retries=0, timeout=120)
+
     def wait_exit(self, timeout: float) -> int | None:
         try:
             return self.proc.wait(timeout)

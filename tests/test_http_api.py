@@ -24,7 +24,7 @@ def server() -> Iterator[RadixServer]:
 
 @pytest.fixture(scope="module")
 def client(server: RadixServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return server.openai_client()
 
 
 def _sse(body: bytes) -> list[dict]:

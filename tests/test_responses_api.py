@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import openai
 import pytest
 from server_fixture import MODEL, RadixServer
 
@@ -23,12 +22,8 @@ def server() -> Iterator[RadixServer]:
     srv.stop_cleanly()
 
 
-@pytest.fixture(scope="module")
-def client(server: RadixServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def test_text_equals_the_chat_route(client: openai.OpenAI) -> None:
+def test_text_equals_the_chat_route(server: RadixServer) -> None:
+    client = server.openai_client()
     chat = client.chat.completions.create(model=MODEL, messages=[
         {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}],
         max_tokens=12, temperature=0)
@@ -51,7 +46,8 @@ def test_text_equals_the_chat_route(client: openai.OpenAI) -> None:
     assert items.output_text == resp.output_text
 
 
-def test_stream_rebuilds_the_same_response(client: openai.OpenAI) -> None:
+def test_stream_rebuilds_the_same_response(server: RadixServer) -> None:
+    client = server.openai_client()
     whole = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=16, temperature=0)
     with client.responses.stream(model=MODEL, input=QUESTION, max_output_tokens=16, temperature=0) as stream:
         events = list(stream)
@@ -65,7 +61,8 @@ def test_stream_rebuilds_the_same_response(client: openai.OpenAI) -> None:
     assert final.usage.output_tokens == whole.usage.output_tokens and final.status == whole.status
 
 
-def test_function_tools_round_trip(client: openai.OpenAI) -> None:
+def test_function_tools_round_trip(server: RadixServer) -> None:
+    client = server.openai_client()
     question = "What is the weather in Paris?"
     resp = client.responses.create(model=MODEL, input=question, tools=[WEATHER], tool_choice="required",
                                    max_output_tokens=60, temperature=0)
@@ -96,8 +93,9 @@ def test_function_tools_round_trip(client: openai.OpenAI) -> None:
     assert answer.usage.input_tokens == chat.usage.prompt_tokens
 
 
-def test_abort_by_response_id(server: RadixServer, client: openai.OpenAI) -> None:
+def test_abort_by_response_id(server: RadixServer) -> None:
     """The response id is the request's rid: /abort_request ends the stream as incomplete, reason "abort"."""
+    client = server.openai_client()
     with client.responses.stream(model=MODEL, input="Write a long story about a dragon.", max_output_tokens=2000,
                                  temperature=0) as stream:
         events = []
