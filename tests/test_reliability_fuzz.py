@@ -184,6 +184,7 @@ MINIMAL = {  # a valid body per route that reads one
     "/generate": {"text": "hi", "sampling_params": {"max_new_tokens": 1}},
     "/v1/completions": {"model": "default", "prompt": "hi", "max_tokens": 1},
     "/v1/chat/completions": {"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    "/v1/responses": {"model": "default", "input": "hi", "max_output_tokens": 1},
     "/open_session": {},
     "/close_session": {"session_id": "x"},
     "/abort_request": {"rid": "x"},
