@@ -49,6 +49,10 @@ def test_generate_and_chat_through_the_router(server):
     stream = server.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 4, "stream": True,
                                                   "messages": [{"role": "user", "content": "Hi"}]})
     assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]")
+    resp = server.post("/v1/responses", {"model": MODEL, "input": "Name a colour.", "max_output_tokens": 8,
+                                         "temperature": 0})  # the router forwards OpenAI's Responses API too
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["output"][0]["content"][0]["text"] == chat.json()["choices"][0]["message"]["content"]
 
 
 def test_shared_prefixes_keep_their_cache_hits(server):

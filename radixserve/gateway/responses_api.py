@@ -4,7 +4,8 @@ shape (a Response object, or its stream of typed events) is in responses_format.
 
 What this server keeps of it: text input (a string, or message items with text parts), function tools and the
 model's function calls with their outputs as input items, `instructions`, `text.format` (text, json_object,
-json_schema), `reasoning.effort` (a chat template variable, as the chat route's `reasoning_effort`). Responses
+json_schema), `reasoning.effort` (a chat template variable, as the chat route's `reasoning_effort`), and
+SGLang's sampling extras, which its router sends with every request (every field, unset ones as null). Responses
 are not stored (a client sends the whole conversation as input; `previous_response_id` and `conversation` are a
 400), and there are no built-in tools (web or file search, computer use: a 400 naming the tool).
 """
@@ -19,6 +20,7 @@ from msgspec import Meta, Struct
 from radixserve.errors import bad_request
 from radixserve.gateway import tool_calls
 from radixserve.gateway.openai_api import ChatCompletionRequest, JsonSchemaFormat, ResponseFormat
+from radixserve.gateway.sglang_fields import Priority
 from radixserve.gateway.validation import INT32_MAX
 
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -63,12 +65,18 @@ class ResponsesRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     max_output_tokens: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    stream: bool = False
+    stream: bool | None = False  # null: SGLang's router sends every field, unset ones as null
     tools: list[FunctionTool] | None = None  # a built-in tool (web search...) is a 400 naming its type
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = True
     text: TextConfig | None = None
     reasoning: Reasoning | None = None
+    # SGLang's extras (its router sends them with every request)
+    top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    request_id: str | None = None  # the response id (and rid), "resp_..." by default
+    priority: Priority | None = None  # accepted, no effect here (no priority scheduling)
     # accepted, no effect here (as on the chat route): nothing is stored, one tier, no cache keys needed
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -86,7 +94,7 @@ class ResponsesRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     previous_response_id: str | None = None
     conversation: Any = None
     prompt: Any = None
-    background: bool = False
+    background: bool | None = False
 
 
 def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
@@ -94,7 +102,7 @@ def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     lacking = {"include": bool(req.include), "top_logprobs": bool(req.top_logprobs),
                "previous_response_id": req.previous_response_id is not None,
                "conversation": req.conversation is not None, "prompt": req.prompt is not None,
-               "background": req.background}
+               "background": bool(req.background)}
     for name, given in lacking.items():
         if given:
             raise bad_request(f"{name} is not supported by this server (responses are not stored: send the whole "
@@ -104,13 +112,16 @@ def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     if not messages:
         raise bad_request("input is empty", "input")
     choice = req.tool_choice
+    sglang = {k: v for k, v in (("top_k", req.top_k), ("min_p", req.min_p),
+                                ("repetition_penalty", req.repetition_penalty)) if v is not None}
     return ChatCompletionRequest(
         model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
-        top_p=req.top_p, stream=req.stream, tools=_tools(req.tools),
+        top_p=req.top_p, stream=bool(req.stream), tools=_tools(req.tools),
         tool_choice=tool_calls.NamedToolChoice(tool_calls.FunctionName(choice.name))
         if isinstance(choice, FunctionChoice) else choice,
-        parallel_tool_calls=req.parallel_tool_calls, response_format=_response_format(req.text),
-        reasoning_effort=req.reasoning.effort if req.reasoning else None, rid=f"resp_{uuid.uuid4().hex}")
+        parallel_tool_calls=req.parallel_tool_calls is not False, response_format=_response_format(req.text),
+        reasoning_effort=req.reasoning.effort if req.reasoning else None,
+        rid=req.request_id or f"resp_{uuid.uuid4().hex}", **sglang)
 
 
 def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

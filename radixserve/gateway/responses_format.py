@@ -196,7 +196,8 @@ class ResponsesFormat:
             OutputTokensDetails(), last.prompt_tokens + last.completion_tokens)
         r = self.req
         return Response(self.id, self.created, self.model, status, list(self.items), usage, details, r.instructions,
-                        r.max_output_tokens, r.temperature, r.top_p, r.parallel_tool_calls, r.tool_choice or "auto",
+                        r.max_output_tokens, r.temperature, r.top_p, r.parallel_tool_calls is not False,
+                        r.tool_choice or "auto",
                         r.tools or [], r.text or {"format": {"type": "text"}}, r.metadata or {})
 
 
