@@ -238,9 +238,10 @@ class Gateway:
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body = await self._parse(request, ResponsesRequest)
         check_model(body.model, self.model_name)
-        reqs, parsers = chat_requests(chat_request(body), self.tool_format)
+        chat = chat_request(body)
+        reqs, parsers = chat_requests(chat, self.tool_format)
         fmt = ResponsesFormat(reqs[0].rid, self.model_name, body, parsers[0] if parsers else None)
-        return await self._generate(request, reqs, bool(body.stream), fmt, done=b"")
+        return await self._generate(request, reqs, chat.stream, fmt, done=b"")
 
     async def _generate(self, request: web.Request, reqs: list[wire.GenerateText], stream: bool,
                         fmt: Format, done: bytes = SSE_DONE) -> web.StreamResponse:

@@ -246,9 +246,8 @@ class ChatFormat(_Format):
         for j, out in enumerate(outputs):
             content, calls = out.text, []
             if self.parsers is not None:
-                shown, calls = self.parsers[j].feed(content)
-                rest, more = self.parsers[j].finish()
-                content, calls = (shown + rest).strip() if calls or more else shown + rest, calls + more
+                content, calls = self.parsers[j].feed(content, final=True)
+                content = content.strip() if calls else content
             message = ChatMessage("assistant", content or (None if calls else ""), calls or None)
             choices.append(ChatChoice(j, message, self._logprobs_of(gen, j, out),
                                       _finish_reason(out.last.finish, bool(calls)) or "stop",
@@ -269,10 +268,7 @@ class ChatFormat(_Format):
         if self.parsers is not None:
             parser = self.parsers[j]
             before = len(parser.calls)
-            text, calls = parser.feed(text)
-            if finish is not None:
-                rest, more = parser.finish()
-                text, calls = text + rest, calls + more
+            text, calls = parser.feed(text, final=finish is not None)
             deltas = [ToolCallDelta(before + k, c.id, c.function) for k, c in enumerate(calls)]
             reason = _finish_reason(finish, bool(parser.calls))
         else:

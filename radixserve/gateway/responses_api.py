@@ -20,7 +20,7 @@ from msgspec import Meta, Struct
 from radixserve.errors import bad_request
 from radixserve.gateway import tool_calls
 from radixserve.gateway.openai_api import ChatCompletionRequest, JsonSchemaFormat, ResponseFormat
-from radixserve.gateway.sglang_fields import Priority
+from radixserve.gateway.sglang_fields import Priority, ResponsesUnsupported, check_unsupported
 from radixserve.gateway.validation import INT32_MAX
 
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -58,14 +58,16 @@ class Reasoning(Struct, forbid_unknown_fields=True):
     generate_summary: str | None = None
 
 
-class ResponsesRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+class ResponsesRequest(ResponsesUnsupported, forbid_unknown_fields=True, kw_only=True):
+    """Features this server lacks are in ResponsesUnsupported: a 400 naming the field unless left out."""
+
     model: str
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    stream: bool | None = False  # null: SGLang's router sends every field, unset ones as null
+    stream: bool | None = False  # null (as SGLang's router sends every unset field): the default (__post_init__)
     tools: list[FunctionTool] | None = None  # a built-in tool (web search...) is a 400 naming its type
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool | None = True
@@ -88,26 +90,15 @@ class ResponsesRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     truncation: Literal["auto", "disabled"] | None = None  # a prompt over the context is a 400 either way
     max_tool_calls: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None  # for built-in tools: none here
     stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing is obfuscated here
-    # features this server lacks: a 400 naming the field unless left out (or at the default)
-    include: list[str] | None = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    previous_response_id: str | None = None
-    conversation: Any = None
-    prompt: Any = None
-    background: bool | None = False
+
+    def __post_init__(self) -> None:
+        self.stream = bool(self.stream)
+        self.parallel_tool_calls = self.parallel_tool_calls is not False
 
 
 def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request that generates this response (its rid is the response id)."""
-    lacking = {"include": bool(req.include), "top_logprobs": bool(req.top_logprobs),
-               "previous_response_id": req.previous_response_id is not None,
-               "conversation": req.conversation is not None, "prompt": req.prompt is not None,
-               "background": bool(req.background)}
-    for name, given in lacking.items():
-        if given:
-            raise bad_request(f"{name} is not supported by this server (responses are not stored: send the whole "
-                              "conversation as input)" if name in ("previous_response_id", "conversation") else
-                              f"{name} is not supported by this server (leave it out)", name)
+    check_unsupported(req)
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + _messages(req.input)
     if not messages:
         raise bad_request("input is empty", "input")
@@ -116,10 +107,10 @@ def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
                                 ("repetition_penalty", req.repetition_penalty)) if v is not None}
     return ChatCompletionRequest(
         model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
-        top_p=req.top_p, stream=bool(req.stream), tools=_tools(req.tools),
+        top_p=req.top_p, stream=req.stream, tools=_tools(req.tools),
         tool_choice=tool_calls.NamedToolChoice(tool_calls.FunctionName(choice.name))
         if isinstance(choice, FunctionChoice) else choice,
-        parallel_tool_calls=req.parallel_tool_calls is not False, response_format=_response_format(req.text),
+        parallel_tool_calls=req.parallel_tool_calls, response_format=_response_format(req.text),
         reasoning_effort=req.reasoning.effort if req.reasoning else None,
         rid=req.request_id or f"resp_{uuid.uuid4().hex}", **sglang)
 

@@ -88,7 +88,9 @@ class Response(Struct):
     object: str = "response"
 
 
-def _status(finish: wire.FinishReason | None) -> tuple[str, IncompleteDetails | None]:
+def _status(gen: Generation) -> tuple[str, IncompleteDetails | None]:
+    """The finished response's status, from its newest delta's finish."""
+    finish = gen.last[0].finish if gen.last[0] is not None else None
     if finish is None or finish.type == "stop":
         return "completed", None
     return "incomplete", IncompleteDetails("max_output_tokens" if finish.type == "length" else finish.type)
@@ -113,7 +115,7 @@ class ResponsesFormat:
         if text or not calls:
             self.items.append(MessageItem(_item_id("msg"), "completed", [OutputText(text)]))
         self.items += [_call_item(c) for c in calls]
-        return self._response(gen, *_status(outputs[0].last.finish if outputs[0].last else None))
+        return self._response(gen, *_status(gen))
 
     # ------------------------------------------------------------ stream
     def head(self, gen: Generation) -> list[Any]:
@@ -144,19 +146,13 @@ class ResponsesFormat:
         return events
 
     def tail(self, gen: Generation) -> list[Any]:
-        status, details = _status(gen.last[0].finish if gen.last[0] else None)
+        status, details = _status(gen)
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return [self._event(kind, response=self._response(gen, status, details))]
 
     # ------------------------------------------------------------ parts
     def _split(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
-        if self.parser is None:
-            return text, []
-        shown, calls = self.parser.feed(text)
-        if final:
-            rest, more = self.parser.finish()
-            shown, calls = shown + rest, calls + more
-        return shown, calls
+        return (text, []) if self.parser is None else self.parser.feed(text, final)
 
     def _text_delta(self, text: str) -> list[Any]:
         events = []
@@ -196,8 +192,7 @@ class ResponsesFormat:
             OutputTokensDetails(), last.prompt_tokens + last.completion_tokens)
         r = self.req
         return Response(self.id, self.created, self.model, status, list(self.items), usage, details, r.instructions,
-                        r.max_output_tokens, r.temperature, r.top_p, r.parallel_tool_calls is not False,
-                        r.tool_choice or "auto",
+                        r.max_output_tokens, r.temperature, r.top_p, r.parallel_tool_calls, r.tool_choice or "auto",
                         r.tools or [], r.text or {"format": {"type": "text"}}, r.metadata or {})
 
 

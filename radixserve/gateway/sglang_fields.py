@@ -3,7 +3,8 @@
 They are part of the request Structs, so that what SGLang's clients and router send decodes, and a typo is still
 an unknown field (a 400). Each is accepted at its default (or null) and answered with a 400 naming it otherwise
 (`check_unsupported`). The fields come from SGLang 0.5.5 to 0.5.23 (`GenerateReqInput`, `ChatCompletionRequest`,
-`CompletionRequest`) and OpenAI's chat API; README's API section lists them with the fields that are implemented.
+`CompletionRequest`) and OpenAI's chat and Responses APIs; README's API section lists them with the fields that
+are implemented.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from radixserve.errors import bad_request
 
 Priority = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # SGLang's range; no priority scheduling here
 Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
-# the one data-parallel rank there is; text, the one output modality
-ALSO_ACCEPTED = {"data_parallel_rank": 0, "routed_dp_rank": 0, "modalities": ["text"]}
+# the one data-parallel rank there is; text, the one output modality; no extra outputs
+ALSO_ACCEPTED = {"data_parallel_rank": 0, "routed_dp_rank": 0, "modalities": ["text"], "include": [],
+                 "top_logprobs": 0}
+NOT_STORED = "responses are not stored: send the whole conversation as input"
+WHY = {"previous_response_id": NOT_STORED, "conversation": NOT_STORED}  # the 400's advice where there is more to say
 
 
 class _Unsupported(msgspec.Struct, kw_only=True):
@@ -137,7 +141,18 @@ class OpenAIUnsupported(_Unsupported, kw_only=True):
     suffix: Any = None
 
 
-UNSUPPORTED = (NativeUnsupported, OpenAIUnsupported)
+class ResponsesUnsupported(_Unsupported, kw_only=True):
+    """`/v1/responses` (OpenAI's Responses API) fields of features this server lacks."""
+
+    include: list[str] | None = None  # extra outputs (logprobs, encrypted reasoning...)
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+    prompt: Any = None  # OpenAI's stored prompt templates
+    background: bool | None = False
+
+
+UNSUPPORTED = (NativeUnsupported, OpenAIUnsupported, ResponsesUnsupported)
 
 
 def check_unsupported(req: _Unsupported) -> None:
@@ -146,5 +161,5 @@ def check_unsupported(req: _Unsupported) -> None:
     for f in msgspec.structs.fields(kind):
         value = getattr(req, f.name)
         if value is not None and value != f.default and value != ALSO_ACCEPTED.get(f.name, f.default):
-            raise bad_request(f"{f.name} is not supported by this server (leave it out or at its default, "
-                              f"{f.default!r})", f.name)
+            why = WHY.get(f.name) or f"leave it out or at its default, {f.default!r}"
+            raise bad_request(f"{f.name} is not supported by this server ({why})", f.name)

@@ -151,9 +151,14 @@ class ToolParser:
         self._json_mode: bool | None = None  # JSON format: whether the answer is a tool call (None: undecided)
         self.calls: list[ToolCall] = []
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        """The content and calls `text` completes; with `final` (the choice's last text) also all that is held."""
         self._held += text
-        return self._hermes(final=False) if self.fmt == HERMES else self._json(final=False)
+        shown, calls = self._hermes(final=False) if self.fmt == HERMES else self._json(final=False)
+        if final:
+            rest, more = self.finish()
+            shown, calls = shown + rest, calls + more
+        return shown, calls
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         return self._hermes(final=True) if self.fmt == HERMES else self._json(final=True)
