@@ -90,15 +90,13 @@ def choose(x: torch.Tensor, weight: torch.Tensor) -> Config | None:
     return cfg if cfg is not None and _measured_on(x.device) else None
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: Config | None = None) -> torch.Tensor:
-    """x [rows, k] @ weight [n, k]^T (+ bias [n]) -> [rows, n] in x's dtype; rows <= 64, unit stride along k.
-    `config`: the launch shape (default: config_for's, which must have one)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+    """x [rows, k] @ weight [n, k]^T (+ bias [n]) -> [rows, n] in x's dtype with launch shape `cfg` (`choose`'s
+    or `config_for`'s); rows <= 64, unit stride along k."""
     rows, k = x.shape
     n = weight.shape[0]
     assert rows <= 64 and x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == k
-    cfg = config or config_for(rows, n, k)
-    assert cfg is not None and (cfg.tensor_cores or rows == 1)
+    assert cfg.tensor_cores or rows == 1
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     block_m = max(16, 1 << (rows - 1).bit_length()) if cfg.tensor_cores else 1
     _kernel()[(-(-n // cfg.block_n),)](

@@ -84,7 +84,7 @@ class ModelRunner:
         self.model = load_model(model_dir, hf_config, args.load_format, self.dtype, self.device, seed=args.random_seed)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if not args.disable_custom_all_reduce and args.nnodes == 1:
-            devices = [args.base_gpu_id + r for r in range(args.tp_size)]
+            devices = [resolve_device(args, r).index for r in range(args.tp_size)]
             if parallel.enable_p2p_all_reduce(self.dtype, devices):
                 log.info("rank %d: small all-reduces through symmetric memory", rank)
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
