@@ -20,32 +20,12 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_linear import graph_seconds  # noqa: E402 (this script's folder)
+
 from worker_proc import parallel  # noqa: E402
 
 SIZES_KIB = [16, 64, 256, 512, 1024, 2048, 4096]
 CALLS_PER_GRAPH = 64
-
-
-def _graph_us(fn, x: torch.Tensor) -> float:
-    """Microseconds per call of fn(x) in a graph of CALLS_PER_GRAPH calls (median of 20 replays)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(x)  # warm-up outside capture (NCCL sets up its channels)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            fn(x)
-    times = []
-    for _ in range(22):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH)
-    return sorted(times[2:])[len(times[2:]) // 2]
 
 
 def _check(rank: int) -> dict:
@@ -78,15 +58,11 @@ def _rank(rank: int, port: int, out: str) -> None:
     parallel.P2P_MAX_BYTES = SIZES_KIB[-1] << 10  # room for every size timed here (2 ranks)
     on = parallel.enable_p2p_all_reduce(torch.bfloat16, [0, 1])
     result = {"p2p_enabled": on, "check": _check(rank) if on else {}, "us": {}}
-
-    def nccl(x: torch.Tensor) -> None:
-        torch.distributed.all_reduce(x)
-
     for kib in SIZES_KIB:
         x = torch.randn(kib * 512, device="cuda", dtype=torch.bfloat16)
-        row = {"nccl": _graph_us(nccl, x)}
+        row = {"nccl": graph_seconds([lambda x=x: torch.distributed.all_reduce(x)] * CALLS_PER_GRAPH, 20) * 1e6}
         if on:
-            row["p2p"] = _graph_us(parallel.tp_all_reduce, x)
+            row["p2p"] = graph_seconds([lambda x=x: parallel.tp_all_reduce(x)] * CALLS_PER_GRAPH, 20) * 1e6
         result["us"][kib] = row
     if rank == 0:
         print(f"symmetric memory: {on}; p2p == NCCL: {all(result['check'].values()) if on else 'n/a'}")
