@@ -1,26 +1,31 @@
-"""The catalogue of SGLang (and OpenAI) request fields of features this server lacks: images, LoRA, hidden states,
-disaggregation... declared once here, with the request kinds that carry each and the feature it belongs to.
-
-They are part of the request Structs (`fields_struct` builds a request's base from this catalogue), so that what
-SGLang's clients and router send decodes, and a typo is still an unknown field (a 400). Each is accepted at its
-default (or null) and answered with a 400 naming it otherwise (`check_unsupported`); inside SGLang's
-`sampling_params` object the same holds for the SAMPLING ones (`pop_unsupported_sampling`). The fields come from
-SGLang 0.5.5 to 0.5.23 (`GenerateReqInput`, `ChatCompletionRequest`, `CompletionRequest`, `SamplingParams`) and
-OpenAI's chat and Responses APIs; README's API section lists them with the fields that are implemented.
+"""The catalogue of SGLang (and OpenAI) request fields beyond what this server acts on, declared once here with the
+request kinds that carry each and why:
+- UNSUPPORTED: fields of features this server lacks (images, LoRA, hidden states, disaggregation...). Each is
+  accepted at its default (or null) and answered with a 400 naming it otherwise (`check_unsupported`); inside
+  SGLang's `sampling_params` object the same holds for the SAMPLING ones (`pop_unsupported_sampling`).
+- NO_EFFECT: fields accepted as they come, with no effect here (routing and tracing for SGLang's router, OpenAI's
+  storage and cache keys...).
+The supported fields are the request Structs' own (radixserve/native_api.py's NativeRequest, the gateway's
+openai_api.py and responses_api.py). Both lists are part of the request Structs (`fields_struct` builds a request's
+base from them), so that what SGLang's clients and router send decodes, and a typo is still an unknown field (a
+400). The fields come from SGLang 0.5.5 to 0.5.23 (`GenerateReqInput`, `ChatCompletionRequest`,
+`CompletionRequest`, `SamplingParams`) and OpenAI's chat and Responses APIs; README's API section lists them with
+the fields that are implemented.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
 from radixserve.errors import bad_request
-from radixserve.sampling_params import Count, TopLogprobs
+from radixserve.sampling_params import Count, PositiveCount, Priority, Timestamp, TopLogprobs
 
-# The request kinds, as letters in Missing.where.
-NATIVE = "N"  # /generate and the offline Engine (GenerateReqInput)
+# The request kinds, as letters in Missing.where and NoEffect.where.
+NATIVE = "N"  # /generate (GenerateReqInput)
 OPENAI = "O"  # /v1/chat/completions and /v1/completions (both routes know all of them)
+CHAT = "C"  # /v1/chat/completions only
 RESPONSES = "R"  # /v1/responses
 SAMPLING = "S"  # inside `sampling_params`
 FLAG = bool | None
@@ -40,7 +45,7 @@ class Missing(NamedTuple):
 
 
 M = Missing
-CATALOGUE: dict[str, list[Missing]] = {  # the feature this server lacks (why the field is unsupported) -> its fields
+UNSUPPORTED: dict[str, list[Missing]] = {  # the feature this server lacks (why the field is unsupported) -> its fields
     "multimodal input": [
         M("input_embeds", "N"), M("image_data", "N"), M("video_data", "N"), M("audio_data", "N"),
         M("mm_hashes", "N"), M("mm_content_hashes", "N"), M("use_audio_in_video", "NO", FLAG, False),
@@ -95,15 +100,63 @@ CATALOGUE: dict[str, list[Missing]] = {  # the feature this server lacks (why th
 }
 
 
+class NoEffect(NamedTuple):
+    """A field accepted as it comes, with no effect here, in the requests named by `where`."""
+
+    name: str
+    where: str
+    type: Any = str | None
+    default: Any = None
+
+
+N = NoEffect
+OPENAIS = "values that are OpenAI's to extend, so they are not checked beyond their type"
+NO_EFFECT: dict[str, list[NoEffect]] = {  # why the fields have no effect here -> the fields
+    "routing, tracing and logging for SGLang's router and front ends: one replica here, its own metrics": [
+        N("model", "N"),  # SGLang's router adds it to /generate; any name (the OpenAI routes check theirs)
+        N("session_id", "NO"),  # a stable id for routing and tracing (session_params is what continues one)
+        N("custom_labels", "NO", dict[str, str] | None), N("no_logs", "N", bool, False), N("conversation_id", "N"),
+        N("routing_key", "N"), N("received_time", "N", Timestamp | None), N("validation_time", "N", Timestamp | None),
+        N("external_trace_header", "N", dict[str, Any] | None), N("http_worker_ipc", "N"), N("user", "OR"),
+        N("safety_identifier", "CR"),
+    ],
+    "priority scheduling (none here: as SGLang without --enable-priority-scheduling)": [
+        N("priority", "NOR", Priority | None),
+    ],
+    "a reasoning parser (SGLang's --reasoning-parser)": [
+        N("separate_reasoning", "C", bool, True), N("stream_reasoning", "C", bool, True),
+    ],
+    f"OpenAI's storage, tiers and cache keys: nothing is stored, there is one tier, the radix cache needs no key or "
+    f"policy ({OPENAIS})": [
+        N("store", "CR", bool | None), N("metadata", "CR", dict[str, str] | None), N("service_tier", "CR"),
+        N("prompt_cache_key", "CR"), N("prompt_cache_retention", "CR"),
+        N("prompt_cache_options", "C", dict[str, Any] | None),
+    ],
+    f"OpenAI's decoding hints: a prediction only speeds up OpenAI's decoding, the output is the same ({OPENAIS})": [
+        N("prediction", "C", dict[str, Any] | None), N("verbosity", "C"),
+    ],
+    "built-in tools (none here) and what the Responses API does anyway": [
+        N("truncation", "R", Literal["auto", "disabled"] | None),  # a prompt over the context is a 400 either way
+        N("max_tool_calls", "R", PositiveCount | None),  # for built-in tools
+        N("stream_options", "R", dict[str, Any] | None),  # include_obfuscation: nothing is obfuscated here
+    ],
+}
+
+
 def missing(kind: str) -> list[Missing]:
-    """The catalogue's fields of one request kind."""
-    return [m for fields in CATALOGUE.values() for m in fields if kind in m.where]
+    """The unsupported fields of one request kind."""
+    return [m for fields in UNSUPPORTED.values() for m in fields if kind in m.where]
+
+
+def no_effect(kind: str) -> list[NoEffect]:
+    """The fields of one request kind accepted with no effect."""
+    return [f for fields in NO_EFFECT.values() for f in fields if kind in f.where]
 
 
 def fields_struct(name: str, kind: str, base: type = msgspec.Struct) -> type:
     """A Struct with the catalogue's fields of `kind` (on `base`), for a request Struct to derive from."""
-    return msgspec.defstruct(name, [(m.name, m.type, m.default) for m in missing(kind)], bases=(base,),
-                             kw_only=True, module=__name__)
+    fields = [(f.name, f.type, f.default) for f in [*missing(kind), *no_effect(kind)]]
+    return msgspec.defstruct(name, fields, bases=(base,), kw_only=True, module=__name__)
 
 
 def check_unsupported(req: object, kind: str) -> None:

@@ -12,11 +12,13 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
+from radixserve import wire
 from radixserve.errors import ApiError
 from radixserve.gateway.tool_calls import NamedToolChoice, Tool, ToolParser, resolve
 from radixserve.model_files import resolve_model
 from radixserve.wire import HERMES, JSON
 from tokenizer_proc.chat_tools import tool_call_format
+from tokenizer_proc.frontend import TokenizerCore
 from tokenizer_proc.text import ChatOptions, encode_prompt
 
 TOOLS = msgspec.convert([
@@ -93,6 +95,17 @@ def test_format_follows_the_chat_template() -> None:
     tok.chat_template = {"default": "{{ messages }}", "tool_use": "{% if tools %}{{ tools | tojson }}{% endif %}"}
     assert tool_call_format(tok) == JSON  # named templates count together
     assert tool_call_format(None) == HERMES  # no tokenizer (--skip-tokenizer-init): no chat at all
+
+
+def test_the_tokenizer_reports_its_format_in_ready() -> None:
+    """The scheduler's Ready reaches the gateway through a tokenizer, which adds the format it decided."""
+    model_dir = resolve_model(None)
+    core = TokenizerCore(model_dir, model_dir)
+    runtime = wire.RuntimeInfo(num_kv_slots=64, context_length=2048, vocab_size=49152, device="cpu",
+                               dtype="float32", attention_backend="torch", kv_bytes_per_token=1, weight_bytes=1)
+    got = core.receive(wire.Ready(runtime=runtime))
+    assert isinstance(got.passed, wire.Ready) and got.passed.tool_call_format == HERMES
+    assert core.runtime == runtime and got.deltas == [] and got.aborts == []
 
 
 RENDERS_TOOLS = (  # a template in the style of Llama 3.1's: tools as JSON, calls' arguments as objects

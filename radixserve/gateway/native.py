@@ -11,26 +11,13 @@ from typing import Any
 from radixserve import wire
 from radixserve.gateway.tokenizer_client import Generation
 from radixserve.native_api import NativeRequest, Output, native_result, sub_requests
-from radixserve.sampling_params import Priority, Timestamp
 from radixserve.sglang_fields import NATIVE, check_unsupported, fields_struct
 
 
-class GenerateRequest(fields_struct("NativeUnsupported", NATIVE, NativeRequest),  # type: ignore[misc]
+class GenerateRequest(fields_struct("NativeExtras", NATIVE, NativeRequest),  # type: ignore[misc]
                       forbid_unknown_fields=True, kw_only=True):
-    """SGLang's GenerateReqInput: NativeRequest's fields; features this server lacks (the catalogue's NATIVE
-    fields, radixserve/sglang_fields.py); and these, accepted with no effect here (see README)."""
-
-    model: str | None = None  # SGLang's router adds it; any name
-    session_id: str | None = None  # a stable id for routing and tracing (session_params is what continues one)
-    priority: Priority | None = None  # as SGLang without --enable-priority-scheduling
-    no_logs: bool = False
-    custom_labels: dict[str, str] | None = None
-    conversation_id: str | None = None
-    routing_key: str | None = None
-    received_time: Timestamp | None = None
-    validation_time: Timestamp | None = None
-    external_trace_header: dict[str, Any] | None = None
-    http_worker_ipc: str | None = None
+    """SGLang's GenerateReqInput: NativeRequest's fields, and the catalogue's NATIVE fields
+    (radixserve/sglang_fields.py): features this server lacks, and fields accepted with no effect (see README)."""
 
 
 def build_requests(req: GenerateRequest) -> tuple[bool, list[wire.GenerateText]]:

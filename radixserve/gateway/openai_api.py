@@ -24,14 +24,13 @@ from radixserve.sampling_params import (
     Choices,
     Count,
     OpenAITemperature,
-    Priority,
     Seed,
     TokenId,
     TopK,
     TopLogprobs,
     TopP,
 )
-from radixserve.sglang_fields import OPENAI, check_unsupported, fields_struct
+from radixserve.sglang_fields import CHAT, OPENAI, check_unsupported, fields_struct
 
 # ---------------------------------------------------------------- requests
 
@@ -54,8 +53,10 @@ class ResponseFormat(Struct, forbid_unknown_fields=True):
     format: dict[str, Any] | None = None
 
 
-class _Request(fields_struct("OpenAIUnsupported", OPENAI), forbid_unknown_fields=True,  # type: ignore[misc]
+class _Request(fields_struct("OpenAIExtras", OPENAI), forbid_unknown_fields=True,  # type: ignore[misc]
                kw_only=True):
+    """What both routes take; the catalogue's OPENAI fields (radixserve/sglang_fields.py) are its base."""
+
     model: str
     max_tokens: Count | None = None
     temperature: OpenAITemperature | None = None
@@ -69,7 +70,6 @@ class _Request(fields_struct("OpenAIUnsupported", OPENAI), forbid_unknown_fields
     presence_penalty: wire.Penalty = 0.0
     logit_bias: dict[str, wire.LogitBias] | None = None
     response_format: ResponseFormat | None = None
-    user: str | None = None
     # SGLang extensions (the openai client's `extra_body`)
     top_k: TopK = -1
     min_p: wire.MinP = 0.0
@@ -86,10 +86,6 @@ class _Request(fields_struct("OpenAIUnsupported", OPENAI), forbid_unknown_fields
     custom_params: dict[str, Any] | None = None
     rid: str | list[str] | None = None
     return_cached_tokens_details: bool = False  # usage always has prompt_tokens_details.cached_tokens
-    # accepted, no effect here
-    session_id: str | None = None
-    priority: Priority | None = None
-    custom_labels: dict[str, str] | None = None
 
 
 class CompletionRequest(_Request, kw_only=True):
@@ -100,7 +96,7 @@ class CompletionRequest(_Request, kw_only=True):
     best_of: Choices | None = None  # only n (no server-side ranking)
 
 
-class ChatCompletionRequest(_Request, kw_only=True):
+class ChatCompletionRequest(fields_struct("ChatExtras", CHAT, _Request), kw_only=True):  # type: ignore[misc]
     messages: Annotated[list[dict[str, Any]], Meta(min_length=1)]
     max_completion_tokens: Count | None = None
     logprobs: bool = False
@@ -111,21 +107,6 @@ class ChatCompletionRequest(_Request, kw_only=True):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None  # passed to the chat template, as SGLang
-    # accepted, no effect here: they act only with a reasoning parser (SGLang's --reasoning-parser)
-    separate_reasoning: bool = True
-    stream_reasoning: bool = True
-    # OpenAI's, accepted with no effect here: nothing is stored, there is one service tier, the radix cache
-    # needs no key or policy, and a prediction only speeds up OpenAI's decoding (the output is the same without
-    # it). Their values are OpenAI's to extend, so they are not checked beyond their type.
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    prediction: dict[str, Any] | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    prompt_cache_options: dict[str, Any] | None = None
-    safety_identifier: str | None = None
-    verbosity: str | None = None
 
 
 def _constraint(req: _Request) -> dict[str, str]:

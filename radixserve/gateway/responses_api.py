@@ -21,7 +21,7 @@ from radixserve import wire
 from radixserve.errors import bad_request
 from radixserve.gateway import tool_calls
 from radixserve.gateway.openai_api import ChatCompletionRequest, JsonSchemaFormat, ResponseFormat
-from radixserve.sampling_params import OpenAITemperature, PositiveCount, Priority, TopK, TopP
+from radixserve.sampling_params import OpenAITemperature, PositiveCount, TopK, TopP
 from radixserve.sglang_fields import RESPONSES, check_unsupported, fields_struct
 
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -59,10 +59,10 @@ class Reasoning(Struct, forbid_unknown_fields=True):
     generate_summary: str | None = None
 
 
-class ResponsesRequest(fields_struct("ResponsesUnsupported", RESPONSES),  # type: ignore[misc]
+class ResponsesRequest(fields_struct("ResponsesExtras", RESPONSES),  # type: ignore[misc]
                        forbid_unknown_fields=True, kw_only=True):
-    """Features this server lacks are the catalogue's RESPONSES fields (radixserve/sglang_fields.py): a 400 naming
-    the field unless left out."""
+    """The catalogue's RESPONSES fields (radixserve/sglang_fields.py) are its base: features this server lacks (a
+    400 naming the field unless left out) and fields accepted with no effect."""
 
     model: str
     input: str | list[dict[str, Any]]
@@ -81,18 +81,6 @@ class ResponsesRequest(fields_struct("ResponsesUnsupported", RESPONSES),  # type
     min_p: wire.MinP | None = None
     repetition_penalty: wire.RepetitionPenalty | None = None
     request_id: str | None = None  # the response id (and rid), "resp_..." by default
-    priority: Priority | None = None  # accepted, no effect here (no priority scheduling)
-    # accepted, no effect here (as on the chat route): nothing is stored, one tier, no cache keys needed
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
-    user: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    service_tier: str | None = None
-    truncation: Literal["auto", "disabled"] | None = None  # a prompt over the context is a 400 either way
-    max_tool_calls: PositiveCount | None = None  # for built-in tools: none here
-    stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing is obfuscated here
 
     def __post_init__(self) -> None:
         self.stream = bool(self.stream)
