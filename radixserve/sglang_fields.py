@@ -25,7 +25,7 @@ from radixserve.sampling_params import Count, PositiveCount, Priority, Timestamp
 # The request kinds, as letters in Missing.where and NoEffect.where.
 NATIVE = "N"  # /generate (GenerateReqInput)
 OPENAI = "O"  # /v1/chat/completions and /v1/completions (both routes know all of them)
-CHAT = "C"  # /v1/chat/completions only
+CHAT = "C"  # /v1/chat/completions only (for fields with no effect: an unsupported one goes under OPENAI)
 RESPONSES = "R"  # /v1/responses
 SAMPLING = "S"  # inside `sampling_params`
 FLAG = bool | None

@@ -26,7 +26,7 @@ Prompt = str | list[dict]  # raw text, or chat messages (the chat template is ap
 class EngineRequest(NativeRequest, kw_only=True):
     """The native request as the Engine takes it: a prompt (`text`) may also be chat messages."""
 
-    text: Any = None
+    text: str | list[Any] | None = None
 
 
 class Engine:
