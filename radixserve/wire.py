@@ -327,6 +327,7 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     input_top_logprobs: dict[int, list[list[tuple[int, float]] | None]] = {}
     forward_ms: float = 0.0
     grammars_done: list[GrammarDone] = []  # compiles that finished since the previous result
+    admit_errors: list[tuple[int, str]] = []  # (req slot, why) of this step's new requests that cannot run
 
 
 class WorkerError(msgspec.Struct, tag=True, array_like=True):
