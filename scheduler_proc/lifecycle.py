@@ -17,7 +17,8 @@ its stage names: the grammar gate (HELD), the waiting queue (WAITING) or the run
 the KV it computed, a lock on its cached prefix). `end` runs once per request — a second end is an
 AssertionError — and frees each thing the request holds once: its tokens still in flight, its place (a running
 request through `release`, the same release retraction uses: row back, computed KV into the tree, prefix
-unlocked), its session turn; then it counts the end and emits the request's one final message. Nothing else
+unlocked), its session turn; then it counts the end (finished or aborted; a rejection, as one on arrival, counts
+in neither) and emits the request's one final message. Nothing else
 removes a request from `reqs` or frees its row (Scheduler.check_invariants: the KV partition of block_table.py).
 """
 
@@ -99,14 +100,14 @@ class Lifecycle:
             self.release(req)
         req.finish, req.stage = finish, Stage.FINISHED
         self._end_session_turn(req)
+        if status is not None:  # counted nowhere, as a request rejected on arrival
+            outcome.replies.append((req.reply_to, Rejected(req.rid, status, finish.message)))
+            return
         if finish.type == "abort":
             self.counters.aborted_requests += 1
         else:
             self.counters.finished_requests += 1
-        if status is not None:
-            outcome.replies.append((req.reply_to, Rejected(req.rid, status, finish.message)))
-        else:
-            outcome.outs.append((req.reply_to, last if last is not None else make_out(req, [], finish)))
+        outcome.outs.append((req.reply_to, last if last is not None else make_out(req, [], finish)))
 
     def _end_session_turn(self, req: Req) -> None:
         """A session turn that ended normally keeps its computed context pinned in the cache (after `release`

@@ -12,7 +12,7 @@ import zmq
 
 from radixserve import wire
 from radixserve.config import ServerArgs
-from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.ipc import IpcPaths, Receiver, Sender, Undecodable
 from radixserve.nodes import NodeLayout
 from radixserve.procutil import child_init
 from scheduler_proc.control import handle_control
@@ -98,6 +98,9 @@ class SchedulerProcess:
     def _handle(self, msg: msgspec.Struct) -> bool:
         """Apply one message from a front end and send what it produced; False once the server is to stop."""
         match msg:
+            case Undecodable():  # a request whose values break the wire's bounds: it never reaches the scheduler
+                if 0 <= msg.reply_to < len(self.replies):
+                    self._send(Outcome(replies=[(msg.reply_to, msg.rejection())]))
             case wire.GenerateTokens():
                 self._send(self.sched.submit(msg))
             case wire.Abort():

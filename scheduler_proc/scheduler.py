@@ -318,8 +318,10 @@ class Scheduler:
             self.lifecycle.end(req, FinishReason(type="abort", message=error), outcome, status=400)
 
     def _admit_errors(self, flight: InFlight, result: StepResult, outcome: Outcome) -> None:
-        """End each request the workers could not admit in this step (a 400 with their message); the step's
-        other requests go on. One that ended meanwhile stays ended."""
+        """End each request whose parameters the workers could not apply in this step (ModelRunner._admit) with a
+        400 and their message; the step's other requests go on, and one that ended meanwhile stays ended. (Values
+        are checked where they are parsed and again where a message is decoded, so this is the last line of
+        defence: a worker never dies of one request's values.)"""
         row = {slot: i for i, slot in enumerate(flight.req_slots.tolist())}  # O(batch), only when one failed
         for slot, message in result.admit_errors:
             req = flight.entries[row[slot]][0]

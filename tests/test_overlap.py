@@ -202,12 +202,14 @@ def stop_string(rid: str, back: int) -> Event:
 
 def check_one_end_each(s: Scheduler, rec: Record, rids: list[str], refused: set[str], ends_before: int = 0) -> None:
     """The one-path invariant after a run: every request answered by exactly one final message, every one the
-    scheduler took counted by exactly one end (`ends_before` counted before the run), nothing left, the state's
-    invariants whole."""
+    scheduler took and ended with a token message (not a rejection) counted by exactly one end (`ends_before`
+    counted before the run), nothing left, the state's invariants whole."""
     for rid in rids:
         finals = (rid in rec.rejected) + sum(o.finish is not None for o in rec.outs.get(rid, []))
         assert finals == 1, f"{rid}: {finals} final messages"
-    assert s.counters.finished_requests + s.counters.aborted_requests - ends_before == len(rids) - len(refused)
+    rejected_later = set(rec.rejected) - refused
+    assert s.counters.finished_requests + s.counters.aborted_requests - ends_before == (
+        len(rids) - len(refused) - len(rejected_later))
     for seq in rec.outs.values():
         final, received = seq[-1], sum(len(o.new_ids) for o in seq)
         if final.finish.matched == "STOP":  # the output ends where the stop string did
