@@ -18,8 +18,8 @@ the KV it computed, a lock on its cached prefix). `end` runs once per request â€
 AssertionError â€” and frees each thing the request holds once: its tokens still in flight, its place (a running
 request through `release`, the same release retraction uses: row back, computed KV into the tree, prefix
 unlocked), its session turn; then it counts the end (finished or aborted; a rejection, as one on arrival, counts
-in neither) and emits the request's one final message. Nothing else
-removes a request from `reqs` or frees its row (Scheduler.check_invariants: the KV partition of block_table.py).
+in neither) and emits the request's one final message. Nothing else removes a request from `reqs` or frees its
+row (Scheduler.check_invariants: the KV partition of block_table.py, and `check_invariants` here).
 """
 
 from __future__ import annotations
