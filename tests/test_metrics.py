@@ -199,7 +199,7 @@ def _request(rid: str, ids: list[int], max_new: int) -> wire.GenerateTokens:
 
 
 def _run(s: Scheduler) -> None:
-    while (batch := s.schedule()) is not None:
+    while (batch := s.schedule().batch) is not None:
         n = len(wire.from_i32(batch.req_slots))
         s.process_result(wire.StepResult(step=batch.step, next_ids=wire.i32([7] * n),
                                          next_logprobs=bytes(4 * n)))
