@@ -21,13 +21,6 @@ REPETITIVE = "Repeat after me: the cat, the cat, the cat, the cat, the cat,"
 GREEDY = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = RadixServer()
-    yield s
-    s.stop()
-
-
 def generate(server: RadixServer, text: str, **sampling) -> dict:
     resp = server.post("/generate", {"text": text, "sampling_params": {**GREEDY, **sampling}})
     assert resp.status_code == 200, resp.text

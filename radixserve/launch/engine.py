@@ -145,9 +145,7 @@ class Engine:
             return
         try:
             self._to_sched.send(wire.ShutdownServer())
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and any(p.exitcode is None for p in self.procs.procs):
-                time.sleep(0.05)
+            self.procs.wait_exited(5)
         finally:
             self.procs.stop(timeout=2)
             self._ctx.destroy(linger=0)
