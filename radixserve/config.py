@@ -126,7 +126,7 @@ class ServerArgs:
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
     speculative_algorithm: Annotated[SpeculativeAlgorithm | None, doc(
         "speculative decoding: NGRAM drafts from the request's own prompt and output (no draft model); "
-        "each decode step verifies the drafts in one forward, exactly (docs/speculative.md)")] = None
+        "each decode step verifies the drafts in one forward, exactly (docs/architecture.md)")] = None
     speculative_num_draft_tokens: Annotated[Count, doc(
         "tokens a verify step computes per request: the last one and up to this many - 1 drafted after it")] = 8
     speculative_ngram_min_match_window_size: Annotated[Count, doc(

@@ -32,7 +32,7 @@ from radixserve import wire
 from radixserve.config import FlagError, ServerArgs
 from scheduler_proc.scheduler import Scheduler
 from scheduler_proc.speculative import ngram_draft
-from worker_proc.sampling import Sampler, SlotParams
+from worker_proc.sampling import SlotParams, make_sampler
 from worker_proc.speculative import Verifier, VerifyRows
 
 
@@ -60,12 +60,16 @@ def test_bad_speculative_flags_fail_at_start_naming_the_flag() -> None:
 # ---------------------------------------------------------------- exact acceptance
 
 
-def _verifier(temperature: float, top_k: int, top_p: float, min_p: float, seed: int, batch: int) -> Verifier:
-    params = SlotParams(batch, torch.device("cpu"))
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+def _verifier(temperature: float, top_k: int, top_p: float, min_p: float, seed: int, batch: int,
+              device: str = "cpu") -> Verifier:
+    params = SlotParams(batch, torch.device(device))
     for slot in range(batch):
         params.set(wire.NewReq(slot, b"", temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                seed=seed + slot if seed >= 0 else -1))
-    return Verifier(Sampler(params, torch.device("cpu"), seed=0))
+    return Verifier(make_sampler(params, torch.device(device), seed=0))
 
 
 def _target(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
@@ -84,21 +88,25 @@ def _target(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     return q / q.sum()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("temperature", "top_k", "top_p", "min_p", "seed"), [
     (1.0, -1, 1.0, 0.0, -1), (0.7, 5, 0.9, 0.0, -1), (1.3, -1, 1.0, 0.05, 7)])
-def test_acceptance_draws_exactly_from_the_target(temperature, top_k, top_p, min_p, seed) -> None:
+def test_acceptance_draws_exactly_from_the_target(temperature, top_k, top_p, min_p, seed, device) -> None:
     """Many requests with the same rows and drafts: the first emitted token is distributed as p_0 and the second,
-    given the first draft was accepted, as p_1 (chi-square), whatever the drafts' luck (one likely, one not)."""
+    given the first draft was accepted, as p_1 (chi-square), whatever the drafts' luck (one likely, one not). On
+    CUDA, unseeded rows go through FlashInfer's chain_speculative_sampling."""
     vocab, batch = 12, 6000
     gen = torch.Generator().manual_seed(3)
     rows_logits = torch.randn(3, vocab, generator=gen) * 1.5
     drafts = [int(rows_logits[0].argmax()), int(rows_logits[1].argsort()[-3])]  # a likely one, a less likely one
-    verifier = _verifier(temperature, top_k, top_p, min_p, seed, batch)
+    verifier = _verifier(temperature, top_k, top_p, min_p, seed, batch, device)
     slots = np.arange(batch, dtype=np.int32)
-    rows = VerifyRows.of(slots, np.zeros(batch, np.int64), np.full(batch, 2, np.int64), torch.from_numpy(slots))
-    logits = rows_logits.repeat(batch, 1)
-    inputs = torch.tensor([0, *drafts] * batch, dtype=torch.int32)
-    verdict = verifier.verify(logits.clone(), rows, inputs)
+    rows = VerifyRows.of(slots, np.zeros(batch, np.int64), np.full(batch, 2, np.int64),
+                         torch.from_numpy(slots).to(device))
+    logits = rows_logits.repeat(batch, 1).to(device)
+    inputs = torch.tensor([0, *drafts] * batch, dtype=torch.int32, device=device)
+    verdict = verifier.verify(logits, rows, inputs)
+    verdict.emitted = verdict.emitted.cpu()
     firsts = verdict.emitted[torch.from_numpy(np.cumsum(verdict.accepted + 1) - verdict.accepted - 1)].numpy()
     p0, p1 = (_target(rows_logits[j], temperature, top_k, top_p, min_p) for j in (0, 1))
     _chi_square(firsts, p0)
@@ -208,6 +216,7 @@ def test_verify_steps_give_the_tokens_of_plain_decoding(pool: int, radix: bool, 
                 assert s.counters.spec_accept_length.sum > sum(s.counters.spec_accept_length.counts)  # some accepted
                 spec_outs = [seq[-1].spec for seq in outs.values() if seq[-1].spec is not None]
                 assert spec_outs and sum(c.spec_accept_token_num for c in spec_outs) > 0
+                _check_metrics(s, spec_outs)
     assert results[True, False] == results[False, False] == results[True, True] == results[False, True]
     assert any(kind == "stop" for _, kind in results[True, True].values())
 
@@ -239,3 +248,20 @@ def test_random_traffic_with_speculation_ends_every_request_once(overlap: bool) 
             assert received <= max_new
             if seq[-1].finish.matched == EOS:  # the stop token is the last one reported
                 assert [t for o in seq for t in o.new_ids][-1] == EOS
+
+
+def _check_metrics(s: Scheduler, counts: list[wire.SpecCounts]) -> None:
+    """/metrics' spec_accept_length histogram: one observation per request and verify step, summing to the tokens
+    those steps emitted."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from radixserve.gateway.metrics import _Families
+    from tokenizer_proc.metrics import RequestMetrics
+
+    info = s.info()
+    assert sum(info.spec_accept_length.counts) == sum(c.spec_verify_ct for c in counts)
+    assert info.spec_accept_length.sum == sum(c.spec_verify_ct + c.spec_accept_token_num for c in counts)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families("m", info, RequestMetrics().stats))
+    text = generate_latest(registry).decode()
+    assert f'radixserve:spec_accept_length_count{{model_name="m"}} {float(sum(info.spec_accept_length.counts))}' in text
