@@ -48,3 +48,39 @@ def test_first_requests_after_ready_run_at_steady_speed():
     for name, t in first.items():
         steady = statistics.median(later[name])
         assert t <= SLACK * steady, f"{name}: first request {t:.3f} s, later ones {later[name]} (median {steady:.3f})"
+
+
+def runner_state(runner) -> list:
+    """Everything of a ModelRunner that a request can see: each req slot's sampling parameters and penalties,
+    the block table, the last sampled tokens, the sampler's generator, and the padding KV slot."""
+    sp, pen = runner.slot_params, runner.penalties
+    arrays = [sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.seed, sp.min_new_tokens, sp.top_logprobs_num,
+              sp.logprob_start, sp.wants_logprob, pen.counted, pen.biased]
+    tensors = [sp.d_temperature, sp.d_top_p, sp.d_top_k, sp.d_min_p, runner.req_to_token, runner.last_sampled,
+               runner.sampler.generator.get_state(), runner.kv_cache.k[0][0], runner.kv_cache.v[0][0]]
+    return [a.copy() for a in arrays] + [t.clone() for t in tensors] + [
+        [len(s) for s in sp.stop_ids], [p is None for p in sp.prompt_ids], sorted(pen.bias)]
+
+
+def test_warm_up_leaves_no_state(tmp_path):
+    """The warm-up's steps run (they write KV slots past the padding slot) and leave every req slot as a fresh
+    start-up does (worker_proc/warmup.py's invariant)."""
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig
+
+    from radixserve.config import ServerArgs
+    from worker_proc.model_runner import ModelRunner
+    from worker_proc.warmup import warm_up
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=251, max_position_embeddings=128).save_pretrained(tmp_path)
+    args = ServerArgs(model_path=str(tmp_path), load_format="dummy", device="cpu", dtype="float32",
+                      max_total_tokens=64, max_running_requests=8, grammar_backend="none")
+    runner = ModelRunner(args, 0, str(tmp_path))
+    before = runner_state(runner)
+    warm_up(runner)
+    after = runner_state(runner)
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else np.array_equal(a, b), (a, b)
+    assert runner.kv_cache.k[0][1:12].abs().sum(dim=(1, 2)).bool().all()  # 2 x 5 + 1 slots written

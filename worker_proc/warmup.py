@@ -72,9 +72,14 @@ def warm_up(runner) -> None:
     max_running = runner.args.max_running_requests
     graph_sizes = runner.graphs.sizes if runner.graphs is not None else []
     # KV slots: request 0's two prompt tokens (the first is the others' cached prefix), one more prompt token for
-    # each other request, one decode slot each: 2n, from PREFIX_SLOT on.
+    # each other request, one decode slot each: 2n + 1, from PREFIX_SLOT on. Positions 0..2 of each request.
     cuda = runner.device.type == "cuda"
-    n = min(max(decode_sizes(graph_sizes, max_running, max_running, cuda)), (runner.num_kv_slots - PREFIX_SLOT) // 2)
+    n = min(max(decode_sizes(graph_sizes, max_running, max_running, cuda)),
+            (runner.num_kv_slots - PREFIX_SLOT - 1) // 2)
+    if n < 1 or runner.context_length < 3:
+        log.warning("rank %d: no warm-up (a KV pool of %d slots, context length %d): the first requests build "
+                    "their kernels", runner.rank, runner.num_kv_slots - 1, runner.context_length)
+        return
     sizes = decode_sizes(graph_sizes, max_running, n, cuda)
     generator_state = runner.sampler.generator.get_state()
     step = _Steps(runner)
@@ -92,9 +97,13 @@ def warm_up(runner) -> None:
             groups = i32([bs, 1]) if cascade else b""  # every row shares the prefix slot at position 0
             step.run(True, np.arange(bs), [2] * bs, [1] * bs, np.full(bs, -1, np.int32), decode_slots[:bs], [1] * bs,
                      groups=groups)
-    grammar = runner.grammars is not None and cuda
-    if grammar:
-        runner.grammars.warm_up(torch.zeros(n, runner.model.vocab_size, device=runner.device))
+    grammar = "not warmed (no grammar backend, or the CPU)"
+    if runner.grammars is not None and cuda:
+        try:
+            runner.grammars.warm_up(torch.zeros(n, runner.model.vocab_size, device=runner.device))
+            grammar = "applied"
+        except ImportError as e:  # as without warm-up: grammar requests fail at their compile, others run
+            grammar = f"not warmed ({e})"
     _release(runner, n)
     runner.sampler.generator.set_state(generator_state)
     if cuda:
@@ -102,7 +111,7 @@ def warm_up(runner) -> None:
     log.info("rank %d warmed up in %.2f s: prefill of %d requests, decode at batch sizes %s (CUDA graphs at %s; "
              "cascade attention %s), sampling rows %s, grammar bitmask %s", runner.rank, time.monotonic() - t0, n,
              sizes, graph_sizes or "none", "too" if runner.use_cascade else "off", ", ".join(KINDS),
-             "applied" if grammar else "not warmed (no grammar backend or CPU)")
+             grammar)
 
 
 class _Steps:
