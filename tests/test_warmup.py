@@ -52,21 +52,28 @@ def test_first_requests_after_ready_run_at_steady_speed():
 
 def runner_state(runner) -> list:
     """Everything of a ModelRunner that a request can see: each req slot's sampling parameters and penalties,
-    the block table, the last sampled tokens, the sampler's generator, and the padding KV slot."""
+    the block table, the last sampled tokens and the sampler's generator."""
     sp, pen = runner.slot_params, runner.penalties
     arrays = [sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.seed, sp.min_new_tokens, sp.top_logprobs_num,
               sp.logprob_start, sp.wants_logprob, pen.counted, pen.biased]
     tensors = [sp.d_temperature, sp.d_top_p, sp.d_top_k, sp.d_min_p, runner.req_to_token, runner.last_sampled,
-               runner.sampler.generator.get_state(), runner.kv_cache.k[0][0], runner.kv_cache.v[0][0]]
+               runner.sampler.generator.get_state()]
     return [a.copy() for a in arrays] + [t.clone() for t in tensors] + [
         [len(s) for s in sp.stop_ids], [p is None for p in sp.prompt_ids], sorted(pen.bias)]
 
 
-def test_warm_up_leaves_no_state(tmp_path):
-    """The warm-up's steps run (they write KV slots past the padding slot) and leave every req slot as a fresh
-    start-up does (worker_proc/warmup.py's invariant)."""
+def assert_same_state(before: list, after: list) -> None:
     import numpy as np
     import torch
+
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else np.array_equal(a, b), (a, b)
+
+
+def test_warm_up_leaves_no_state(tmp_path):
+    """The warm-up's steps run (they write KV slots past the padding slot, which no CPU step pads to) and leave
+    every req slot as a fresh start-up does (worker_proc/warmup.py's invariant); tests/test_gpu.py checks the
+    same on the GPU's paths."""
     from transformers import LlamaConfig
 
     from radixserve.config import ServerArgs
@@ -80,7 +87,6 @@ def test_warm_up_leaves_no_state(tmp_path):
     runner = ModelRunner(args, 0, str(tmp_path))
     before = runner_state(runner)
     warm_up(runner)
-    after = runner_state(runner)
-    for a, b in zip(before, after, strict=True):
-        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else np.array_equal(a, b), (a, b)
-    assert runner.kv_cache.k[0][1:12].abs().sum(dim=(1, 2)).bool().all()  # 2 x 5 + 1 slots written
+    assert_same_state(before, runner_state(runner))
+    k = runner.kv_cache.k[0]
+    assert k[1:12].abs().sum(dim=(1, 2)).bool().all() and not k[0].any()  # 2 x 5 + 1 slots written
