@@ -45,7 +45,7 @@ def from_validation(e: msgspec.ValidationError | msgspec.DecodeError, prefix: st
     """A 400 from msgspec's message, e.g. "Expected `int`, got `str` - at `$.max_tokens`" (param `max_tokens`)."""
     if isinstance(e, msgspec.ValidationError):
         message, _, where = str(e).partition(" - at `$")
-        path = where.rstrip("`").lstrip(".")
+        path = where.rstrip("`").lstrip(".").replace("[...]", "")  # "[...]": a value of a map (logit_bias)
         param = prefix + path if path else (prefix.rstrip(".") or None)
         return bad_request(f"{message} (at {param})" if param else message, param)
     return bad_request(f"malformed JSON body: {e}")

@@ -4,6 +4,7 @@ rank's inbox: radixserve/nodes.py)."""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ import zmq
 
 from radixserve import wire
 
+log = logging.getLogger("radixserve.ipc")
 PREFIX = "radixserve-"
 OWNER_FILE = "owner"  # "<pid> <start time>" of the process that created the directory
 
@@ -89,6 +91,18 @@ class IpcPaths:
         return f"file://{os.path.join(self.root, 'tp_init')}"
 
 
+class Undecodable(msgspec.Struct):
+    """A request message whose values break its channel's types (every request number is bounded: wire.py), as
+    Receiver returns it instead of stopping the process: the receiver answers its `rid` with a 400."""
+
+    error: str
+    rid: str
+    reply_to: int = 0
+
+    def rejection(self) -> wire.Rejected:
+        return wire.Rejected(self.rid, 400, f"cannot run the request: {self.error}")
+
+
 class Receiver:
     """A bound PULL socket decoding one channel's tagged union."""
 
@@ -104,13 +118,26 @@ class Receiver:
         """Next message, or None if none arrived within timeout_ms (None blocks)."""
         if timeout_ms is not None and not self.sock.poll(timeout_ms):
             return None
-        return self._decoder.decode(self.sock.recv(copy=False).buffer)
+        return self._decode(self.sock.recv(copy=False).buffer)
 
     def drain(self) -> list[msgspec.Struct]:
         out = []
         while self.sock.poll(0):
-            out.append(self._decoder.decode(self.sock.recv(copy=False).buffer))
+            out.append(self._decode(self.sock.recv(copy=False).buffer))
         return out
+
+    def _decode(self, buf: memoryview) -> msgspec.Struct:
+        """The message; Undecodable for a request (a message with a `rid`) whose values break the channel's types.
+        Anything else that does not decode is a fault of the sender's code and raises."""
+        try:
+            return self._decoder.decode(buf)
+        except msgspec.ValidationError as e:
+            head = msgspec.msgpack.decode(buf)
+            if not (isinstance(head, dict) and isinstance(head.get("rid"), str)):
+                raise
+            log.warning("request %r has values out of range: %s", head["rid"], e)
+            reply_to = head.get("reply_to", 0)
+            return Undecodable(str(e), head["rid"], reply_to if isinstance(reply_to, int) else 0)
 
 
 class Sender:

@@ -1,20 +1,31 @@
 """What a request asks of sampling, shared by every process: SamplingParams (SGLang's `sampling_params`), the
-structured-output Grammar, the Penalties a worker applies, and the bounds every request integer carries.
+structured-output Grammar, the Penalties a worker applies, and the bounds every request number carries.
 Re-exported by wire.py, whose messages carry them.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
 INT32_MAX = 2**31 - 1
-# Integers parsed from a request carry bounds (checked by msgspec as they are decoded), so every value that
-# reaches a process fits the wire; tests/test_openapi.py checks that every integer of a request schema has both.
+MAX_TEMPERATURE = 100.0  # far past where sampling is uniform over any model's logits
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range, [-100, 100]
+# Numbers parsed from a request carry both bounds (checked by msgspec as they are decoded, in the gateway and again
+# in every process that decodes the message), so every value that reaches a process fits the wire and a float32
+# device tensor: a bound rejects NaN and +-inf too. tests/test_openapi.py checks that every number of a request
+# schema has both. Ranges are SGLang's, or OpenAI's where SGLang sets none.
 Count = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=MAX_TEMPERATURE)]
+TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
+MinP = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]  # frequency and presence penalties
+RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0, le=2)]
+LogitBias = Annotated[float, msgspec.Meta(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 24 * 3600)]  # a duration a client may set: up to 30 days
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -22,10 +33,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
 
     max_new_tokens: Count = 128
     min_new_tokens: Count = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     top_k: Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)] = -1
-    min_p: float = 0.0
+    min_p: MinP = 0.0
     stop: list[str] = []
     stop_token_ids: list[TokenId] = []
     ignore_eos: bool = False
@@ -36,16 +47,16 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     spaces_between_special_tokens: bool = True
     stop_regex: list[str] = []  # the output ends where one matches (cut there unless no_stop_trim)
     stream_interval: Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)] | None = None  # stream every N tokens
-    frequency_penalty: float = 0.0  # in [-2, 2]: minus this times the token's count in the output
-    presence_penalty: float = 0.0  # in [-2, 2]: minus this if the token is in the output
-    repetition_penalty: float = 1.0  # in (0, 2]: a token in the output has its logit divided (> 0) or multiplied by it
-    logit_bias: dict[str, float] = {}  # token id (a JSON key) -> added to its logit
+    frequency_penalty: Penalty = 0.0  # minus this times the token's count in the output
+    presence_penalty: Penalty = 0.0  # minus this if the token is in the output
+    repetition_penalty: RepetitionPenalty = 1.0  # an output token's logit: divided by it if > 0, else multiplied
+    logit_bias: dict[str, LogitBias] = {}  # token id (a JSON key) -> added to its logit
     # Structured output (at most one; xgrammar): the output must match it.
     json_schema: str | None = None  # a JSON schema, or "$$ANY$$" for any JSON value
     regex: str | None = None
     ebnf: str | None = None
     structural_tag: str | None = None  # xgrammar's structural tag, as JSON
-    custom_params: dict[str, object] | None = None  # for a custom logit processor (none is supported: unused)
+    custom_params: dict[str, Any] | None = None  # for a custom logit processor (none is supported: unused)
 
     def grammar(self) -> Grammar | None:
         """The structured-output constraint, if any (validation.check_sampling allows at most one)."""

@@ -31,8 +31,13 @@ from radixserve.sampling_params import (  # noqa: F401 (re-exported: the wire's 
     Count,
     Grammar,
     GrammarDone,
+    LogitBias,
+    MinP,
     Penalties,
+    Penalty,
+    RepetitionPenalty,
     SamplingParams,
+    Seconds,
     Seed,
     TokenId,
 )
@@ -40,7 +45,7 @@ from radixserve.stats import GetTokenizerStats, SchedulerStats, TokenizerStats
 
 # ---------------------------------------------------------------- shared vocabulary
 
-# Request vocabulary (integer bounds, SamplingParams, grammars, penalties) lives in sampling_params.py.
+# Request vocabulary (number bounds, SamplingParams, grammars, penalties) lives in sampling_params.py.
 
 
 class SessionParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -327,6 +332,7 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     input_top_logprobs: dict[int, list[list[tuple[int, float]] | None]] = {}
     forward_ms: float = 0.0
     grammars_done: list[GrammarDone] = []  # compiles that finished since the previous result
+    admit_errors: list[tuple[int, str]] = []  # (req slot, why) of this step's new requests that cannot run
 
 
 class WorkerError(msgspec.Struct, tag=True, array_like=True):

@@ -12,7 +12,7 @@ import zmq
 
 from radixserve import wire
 from radixserve.config import ServerArgs
-from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.ipc import IpcPaths, Receiver, Sender, Undecodable
 from radixserve.nodes import NodeLayout
 from radixserve.procutil import child_init
 from scheduler_proc.control import handle_control
@@ -103,7 +103,10 @@ class SchedulerProcess:
             self._process_oldest()
 
     def _handle(self, msg: msgspec.Struct) -> bool | None:
-        if isinstance(msg, wire.GenerateTokens):
+        if isinstance(msg, Undecodable):
+            if 0 <= msg.reply_to < len(self.replies):
+                self.replies[msg.reply_to].send(msg.rejection())
+        elif isinstance(msg, wire.GenerateTokens):
             try:
                 self.sched.add_request(msg)
             except RequestError as e:

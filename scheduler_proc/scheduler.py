@@ -276,6 +276,8 @@ class Scheduler:
             self._grammars_done(result)
         if not flight.entries:
             return []
+        if result.admit_errors:
+            self._admit_failed(flight.entries, dict(result.admit_errors))
         self.counters.forward_steps += 1
         next_ids = np.frombuffer(result.next_ids, dtype=np.int32).tolist()
         next_lps = np.frombuffer(result.next_logprobs, dtype=np.float32).tolist()
@@ -319,14 +321,26 @@ class Scheduler:
             del self.reqs[req.rid]
             self.rejected.append((req.reply_to, Rejected(req.rid, 400, error)))
 
-    def _finish(self, req: Req) -> None:
+    def _admit_failed(self, entries: Entries, errors: dict[int, str]) -> None:
+        """The workers could not apply these requests' parameters (ModelRunner._admit): each ends with a 400, its
+        KV freed, while the rest of the step stands. (Values are checked where they are parsed and again where a
+        message is decoded, so this is the last line of defence: a worker never dies of one request's values.)"""
+        for req, _ in entries:
+            if req.req_slot in errors and req.stage != Stage.FINISHED:
+                error = errors[req.req_slot]
+                req.drop_pending()
+                req.finish = FinishReason(type="abort", message=error)
+                self._finish(req, finished=False)
+                self.rejected.append((req.reply_to, Rejected(req.rid, 400, error)))
+
+    def _finish(self, req: Req, finished: bool = True) -> None:
         if req.stage == Stage.WAITING:  # retracted while its last step was in flight
             self.waiting.remove(req)
         else:
             self._leave_running(req)
         self._end_session_turn(req)
         req.stage = Stage.FINISHED
-        self.counters.finished_requests += 1
+        self.counters.finished_requests += finished
         del self.reqs[req.rid]
 
     def _leave_running(self, req: Req) -> None:

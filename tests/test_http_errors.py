@@ -30,6 +30,17 @@ BAD_REQUESTS = [  # (name, path, body, status, param or None)
     ("empty batch", "/generate", {"text": []}, 400, "text"),
     ("negative temperature", "/generate", {"text": "hi", "sampling_params": {"temperature": -1}}, 400,
      "sampling_params.temperature"),
+    ("temperature past float32", "/generate", {"text": "hi", "sampling_params": {"temperature": 1e39}}, 400,
+     "sampling_params.temperature"),
+    ("temperature infinite", "/generate", b'{"text": "hi", "sampling_params": {"temperature": 1e999}}', 400,
+     "sampling_params"),  # past float64: the JSON decoder stops at the object, before its field
+    ("logit bias past its range", "/generate", {"text": "hi", "sampling_params": {"logit_bias": {"5": 1e39}}}, 400,
+     "sampling_params.logit_bias"),
+    ("chat logit bias past its range", "/v1/chat/completions", {**CHAT, "logit_bias": {"5": 101}}, 400,
+     "logit_bias"),
+    ("repetition penalty NaN", "/v1/completions", b'{"model": "%s", "prompt": "a", "repetition_penalty": NaN}'
+     % MODEL.encode(), 400, None),
+    ("session timeout of a century", "/open_session", {"timeout": 3.2e9}, 400, "timeout"),
     ("top_p above 1", "/generate", {"text": "hi", "sampling_params": {"top_p": 1.5}}, 400, "sampling_params.top_p"),
     ("top_k zero", "/generate", {"text": "hi", "sampling_params": {"top_k": 0}}, 400, "sampling_params.top_k"),
     ("unknown sampling param", "/generate", {"text": "hi", "sampling_params": {"bogus": 1}}, 400, "sampling_params"),

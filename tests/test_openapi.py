@@ -1,5 +1,5 @@
-"""/openapi.json stays true: every route of the gateway's router is described, every integer a request may carry
-has both bounds, the document is a valid OpenAPI 3.1 description, and every request schema round-trips through
+"""/openapi.json stays true: every route of the gateway's router is described, every number a request may carry
+(integer or float, native sampling_params included) has both bounds, the document is a valid OpenAPI 3.1 description, and every request schema round-trips through
 its msgspec Struct (what the schema allows decodes; what decodes re-encodes to something the schema allows).
 The gateway's app is built in-process: the router and the Structs are all these tests need."""
 
@@ -15,6 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
 
+from radixserve import wire
 from radixserve.config import ServerArgs
 from radixserve.gateway import openapi
 from radixserve.gateway.app import OPERATIONS, Gateway
@@ -50,34 +51,42 @@ def test_document_is_valid_openapi(doc: dict) -> None:
         jsonschema.Draft202012Validator.check_schema(component)
 
 
-def _integers(node: Any, where: str) -> Iterator[tuple[str, dict]]:
+def _numbers(node: Any, where: str) -> Iterator[tuple[str, dict]]:
     if isinstance(node, dict):
-        if node.get("type") == "integer":
+        if node.get("type") in ("integer", "number"):
             yield where, node
         for key, value in node.items():
-            yield from _integers(value, f"{where}.{key}")
+            yield from _numbers(value, f"{where}.{key}")
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _integers(value, f"{where}[{i}]")
+            yield from _numbers(value, f"{where}[{i}]")
 
 
-def test_every_request_integer_has_bounds(doc: dict) -> None:
-    """A request integer without bounds could pass validation and then fail to cross the wire (2**64)."""
+def test_every_request_number_has_bounds(doc: dict) -> None:
+    """A request integer without bounds could pass validation and then fail to cross the wire (2**64); a float
+    without them could reach a worker as 1e39 or NaN, past what a float32 tensor holds."""
     requests = {op.request.__name__ for op in OPERATIONS.values() if op.request is not None}
-    components = doc["components"]["schemas"]
-    reachable, todo = set(), list(requests)
+    # /generate's sampling_params is an object the route parses as SamplingParams: its schema counts too.
+    _, sampling = msgspec.json.schema_components([wire.SamplingParams])
+    components = doc["components"]["schemas"] | sampling
+    reachable, todo = set(), [*requests, "SamplingParams"]
     while todo:  # the request Structs and every Struct they refer to
         name = todo.pop()
         if name not in reachable:
             reachable.add(name)
             todo += [ref.rsplit("/", 1)[1] for ref in _refs(components[name])]
-    found = [(f"{name}{where}", node) for name in sorted(reachable) for where, node in _integers(components[name], "")]
+    found = [(f"{name}{where}", node) for name in sorted(reachable) for where, node in _numbers(components[name], "")]
     assert len(found) >= 15, found  # the walk sees them: input_ids, max_tokens, n, seed, offset...
+    floats = {where for where, node in found if node["type"] == "number"}
+    assert {"SamplingParams.properties.temperature", "OpenSessionRequest.properties.timeout.anyOf[0]"} <= floats, floats
     unbounded = [where for where, node in found
                  if not ({"minimum", "exclusiveMinimum"} & node.keys()
                          and {"maximum", "exclusiveMaximum"} & node.keys())]
-    assert not unbounded, f"request integers without both bounds: {unbounded}"
+    assert not unbounded, f"request numbers without both bounds: {unbounded}"
     assert all(node.get("maximum", 0) < 2**64 for _, node in found)
+    float32_max = 3.4028234663852886e38
+    assert all(abs(node.get(k, 0)) < float32_max for _, node in found if node["type"] == "number"
+               for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
 
 
 def _refs(node: Any) -> Iterator[str]:

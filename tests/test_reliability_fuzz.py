@@ -4,7 +4,8 @@ afterwards with nothing pending or leaked.
 
 - schemathesis generates requests from the server's own /openapi.json (valid and invalid bodies, every route);
 - hand-written cases at the raw HTTP layer (framing, sizes, encodings, headers, unicode, auth);
-- an out-of-range number in every integer field the schema describes;
+- an out-of-range number in every number field the schema describes (past int64 for integers; past float32, NaN,
+  the infinities and 2**63 for floats), and edge floats (-0.0, subnormals) answered without a 5xx;
 - the issue's reproductions (numbers that cannot cross the wire), repeated past the queue limit.
 """
 
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import collections
 import gzip
+import socket
+import struct
 import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -34,6 +38,8 @@ from reliability_util import (
 )
 from schemathesis.generation import GenerationMode
 from server_fixture import RadixServer
+
+from radixserve import wire
 
 KEY = "sk-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -191,51 +197,80 @@ MINIMAL = {  # a valid body per route that reads one
 }
 
 
-def _bad_bodies(doc: dict) -> Iterator[tuple[str, str, dict]]:
-    """(route, field path, body) with one integer field out of range, for every integer field of every route."""
-    components = doc["components"]["schemas"]
+# Out of range in every field of its kind: past int64 and msgpack for integers; past float32, not finite and
+# 2**63 for floats (NaN and the infinities go out as the JSON literals Python's json writes).
+OUT_OF_RANGE = {"integer": [BIG, 2**63], "number": [3.5e38, -3.5e38, 1e39, float("nan"), float("inf"),
+                                                    float("-inf"), 2**63]}
+EDGES = [-0.0, 5e-324, 1e-310]  # in range for some fields: either answer but a 5xx is fine
+
+
+def _bad_bodies(doc: dict, values: dict[str, list]) -> Iterator[tuple[str, str, dict]]:
+    """(route, field path, body) with one number field set to each of `values[its type]`, for every number field of
+    every route; /generate's sampling_params as the route parses it (SamplingParams)."""
+    _, sampling = msgspec.json.schema_components([wire.SamplingParams])
+    components = doc["components"]["schemas"] | sampling
     for path, ops in doc["paths"].items():
         body_schema = ops.get("post", {}).get("requestBody", {}).get("content", {}).get("application/json")
         if body_schema is None:
             continue
         top = components[body_schema["schema"]["$ref"].rsplit("/", 1)[1]]
-        for name, prop in top["properties"].items():
-            for field, value in _leaf_values(prop, components):
-                yield path, ".".join([name, *field]), {**MINIMAL[path], name: value}
+        properties = dict(top["properties"])
+        if path == "/generate":
+            properties["sampling_params"] = {"$ref": "#/$defs/SamplingParams"}
+        for name, prop in properties.items():
+            for field, value in _leaf_values(prop, components, values):
+                body = {**MINIMAL[path], name: value}
+                if name == "sampling_params":
+                    body[name] = {**MINIMAL[path].get(name, {}), **value}
+                yield path, ".".join([name, *field]), body
 
 
-def _leaf_values(schema: dict, components: dict, depth: int = 0) -> Iterator[tuple[list[str], Any]]:
-    """(path below this field, a value for this field) putting BIG at each integer reachable from `schema`."""
+def _leaf_values(schema: dict, components: dict, values: dict[str, list],
+                 depth: int = 0) -> Iterator[tuple[list[str], Any]]:
+    """(path below this field, a value for this field) putting each of `values` at each number reachable from
+    `schema`."""
     if "$ref" in schema:
-        yield from _leaf_values(components[schema["$ref"].rsplit("/", 1)[1]], components, depth)
+        yield from _leaf_values(components[schema["$ref"].rsplit("/", 1)[1]], components, values, depth)
         return
     for option in schema.get("anyOf", []):
-        yield from _leaf_values(option, components, depth)
+        yield from _leaf_values(option, components, values, depth)
     kind = schema.get("type")
-    if kind == "integer":
-        yield [], BIG
+    if kind in values:
+        for value in values[kind]:
+            yield [], value
     elif kind == "array" and depth < 3:
-        for path, value in _leaf_values(schema.get("items", {}), components, depth + 1):
+        for path, value in _leaf_values(schema.get("items", {}), components, values, depth + 1):
             yield path, [value]
     elif kind == "object" and depth < 3:
         required = {n: "x" for n in schema.get("required", []) if schema["properties"][n].get("type") == "string"}
         for name, prop in schema.get("properties", {}).items():
-            for path, value in _leaf_values(prop, components, depth + 1):
+            for path, value in _leaf_values(prop, components, values, depth + 1):
                 yield [name, *path], {**required, name: value}
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):  # a map of numbers, such as logit_bias
+            for path, value in _leaf_values(extra, components, values, depth + 1):
+                yield ["*", *path], {"5": value}
 
 
-def test_out_of_range_integer_in_every_field(server: RadixServer) -> None:
+def test_out_of_range_number_in_every_field(server: RadixServer) -> None:
     doc = server.get("/openapi.json").json()
-    cases = list(_bad_bodies(doc))
+    cases = list(_bad_bodies(doc, OUT_OF_RANGE))
     fields = {(route, field) for route, field, _ in cases}
-    assert ("/generate", "session_params.offset") in fields and ("/open_session", "capacity_of_str_len") in fields
+    assert {("/generate", "session_params.offset"), ("/open_session", "capacity_of_str_len"),
+            ("/generate", "sampling_params.temperature"), ("/generate", "sampling_params.logit_bias.*"),
+            ("/v1/chat/completions", "logit_bias.*"), ("/open_session", "timeout")} <= fields, sorted(fields)
     tally = Tally()
     for route, field, body in cases:
         resp = server.post(route, body)
         tally.check(f"{route} {field}", resp.status_code, resp.headers.get("content-type", ""), resp.content)
-        assert resp.status_code == 400, (route, field, resp.text)
+        assert resp.status_code == 400, (route, field, body, resp.text)
+    edges = list(_bad_bodies(doc, {"number": EDGES}))
+    for route, field, body in edges:
+        resp = server.post(route, body)
+        tally.check(f"{route} {field}", resp.status_code, resp.headers.get("content-type", ""), resp.content)
     assert not tally.problems, tally.problems
-    report("out_of_range_integers", requests=len(cases), fields=len(fields))
+    assert server.get("/health_generate").status_code == 200
+    report("out_of_range_numbers", requests=len(cases) + len(edges), fields=len(fields))
 
 
 def test_issue_reproductions_do_not_disable_the_server(server: RadixServer) -> None:
@@ -263,7 +298,23 @@ def test_session_timeout_is_the_sessions_not_the_calls(server: RadixServer) -> N
     assert resp.status_code == 400 and "not open" in resp.json()["error"]["message"], resp.text
 
 
+def test_client_gone_mid_body_is_no_server_error(server: RadixServer) -> None:
+    """A client that resets its connection while its body is being read is one INFO line (at this server's
+    --log-level warning, none), not an ERROR with a traceback."""
+    head = http_bytes("POST", "/generate", b"", {**AUTH, "Content-Length": "1000"})
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(head + b'{"text": "hi", ')
+        time.sleep(0.2)  # the handler is reading the body
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, not a FIN
+    time.sleep(0.5)
+    assert server.get("/health").status_code == 200
+
+
 def test_unharmed_afterwards(server: RadixServer, reference: list[int]) -> None:
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
     info = wait_idle(server)
     assert not leak_problems(info), info
     assert reference_ids(server) == reference

@@ -19,7 +19,7 @@ import zmq
 
 from radixserve import wire
 from radixserve.config import ServerArgs
-from radixserve.ipc import IpcPaths, Receiver, Sender
+from radixserve.ipc import IpcPaths, Receiver, Sender, Undecodable
 from radixserve.procutil import child_init
 from radixserve.stats import GetTokenizerStats
 from tokenizer_proc.frontend import TokenizerCore
@@ -51,7 +51,9 @@ class TokenizerProcess:
                         return
 
     def _on_gateway(self, msg: msgspec.Struct) -> bool | None:
-        if isinstance(msg, wire.GenerateText):
+        if isinstance(msg, Undecodable):
+            self.to_gateway.send(msg.rejection())
+        elif isinstance(msg, wire.GenerateText):
             sent = self.core.submit(msg)
             (self.to_gateway if isinstance(sent, wire.Rejected) else self.to_scheduler).send(sent)
         elif isinstance(msg, wire.Abort):

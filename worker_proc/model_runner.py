@@ -12,7 +12,7 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config
 from radixserve.nodes import NodeLayout
-from radixserve.wire import RuntimeInfo, StepBatch, from_i32
+from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import cpu_kernels, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
@@ -269,8 +269,7 @@ class ModelRunner:
             return self._grammars_only(b, t0)
         if self._planned is not None:
             self._planned.synchronize()  # the previous step's plan copy ran: its host buffers may be rewritten
-        if b.new_reqs:
-            self._admit(b)
+        admit_errors = self._admit(b) if b.new_reqs else []
         a = StepArrays.of(b)
         groups = from_i32(b.prefix_groups).reshape(-1, 2) if b.prefix_groups and self.use_cascade else None
         logits, hidden, slots = self.forward(a, b.is_decode, groups)
@@ -292,7 +291,7 @@ class ModelRunner:
         tops = {int(i): logprobs[i].topk(int(top_k[i])) for i in np.flatnonzero(top_k)} if logprobs is not None else {}
         ids_host, lps_host, done = self.copier.start(next_ids, chosen)
         grammars_done = self.grammars.backend.done() if self.grammars is not None else []
-        return PendingStep(b.step, t0, ids_host, lps_host, done, tops, input_lps, grammars_done)
+        return PendingStep(b.step, t0, ids_host, lps_host, done, tops, input_lps, grammars_done, admit_errors)
 
     def _process_logits(self, logits: torch.Tensor, slots: np.ndarray, d_slots: torch.Tensor, offsets: np.ndarray,
                         kept: np.ndarray) -> None:
@@ -324,9 +323,9 @@ class ModelRunner:
         empty = torch.zeros(0, dtype=torch.int32)
         return PendingStep(b.step, t0, empty, None, None, grammars_done=done)
 
-    def _admit(self, b: StepBatch) -> None:
+    def _admit(self, b: StepBatch) -> list[tuple[int, str]]:
         """Requests entering their req slots: cached-prefix rows of the block table in one upload, and their
-        sampling parameters."""
+        sampling parameters. Returns (req slot, why) of the requests whose parameters cannot be applied."""
         prefixes = [from_i32(nr.prefix_slots) for nr in b.new_reqs]
         lengths = np.array([len(p) for p in prefixes], dtype=np.int32)
         if lengths.sum():
@@ -334,12 +333,24 @@ class ModelRunner:
             cols = np.arange(lengths.sum(), dtype=np.int32) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             r, c, v = self.staging.upload(np.concatenate([rows, cols, *prefixes])).long().split(int(lengths.sum()))
             self.req_to_token[r, c] = v.to(torch.int32)
+        errors = []
         for nr in b.new_reqs:
-            self.slot_params.set(nr)
-            if self.penalties is not None:
-                self.penalties.set(nr.req_slot, nr.penalties, nr.output_ids)
-            if self.grammars is not None:
-                self.grammars.set(nr.req_slot, nr.grammar, from_i32(nr.stop_ids), nr.output_ids)
+            try:
+                self._admit_params(nr)
+            except Exception as e:
+                # One request's values never stop the worker: its slot takes neutral values, its row runs this
+                # step like any other, and the scheduler ends it with this error (every rank fails alike).
+                log.warning("request in req slot %d: %s", nr.req_slot, e)
+                errors.append((nr.req_slot, f"{e}"))
+                self._admit_params(NewReq(nr.req_slot, b"", temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0, seed=-1))
+        return errors
+
+    def _admit_params(self, nr: NewReq) -> None:
+        self.slot_params.set(nr)
+        if self.penalties is not None:
+            self.penalties.set(nr.req_slot, nr.penalties, nr.output_ids)
+        if self.grammars is not None:
+            self.grammars.set(nr.req_slot, nr.grammar, from_i32(nr.stop_ids), nr.output_ids)
 
     def _input_logprobs(self, hidden: torch.Tensor, a: StepArrays) -> dict[int, tuple[list, list | None]]:
         """Logprobs of prompt tokens computed in this step, for requests that asked for them.

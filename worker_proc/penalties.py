@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from radixserve.wire import Penalties, from_i32
+from worker_proc.sampling import float32_value
 
 
 class SlotPenalties:
@@ -37,7 +38,14 @@ class SlotPenalties:
         self.bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (token ids, values)
 
     def set(self, slot: int, p: Penalties | None, output_ids: bytes = b"") -> None:
-        """The request entering `slot` (None: unpenalized); `output_ids`: what it output before (re-admission)."""
+        """The request entering `slot` (None: unpenalized); `output_ids`: what it output before (re-admission).
+        ValueError, before anything is written, for values the kernels cannot take (ModelRunner._admit)."""
+        if p is not None:
+            for name, value in (("frequency_penalty", p.frequency), ("presence_penalty", p.presence)):
+                float32_value(name, value)
+            float32_value("repetition_penalty", p.repetition, positive=True)
+            if not np.isfinite(np.frombuffer(p.bias_values, dtype=np.float32)).all():
+                raise ValueError("logit_bias cannot be applied: a value is not finite as a float32")
         self.counted[slot] = p is not None and (p.frequency != 0 or p.presence != 0 or p.repetition != 1)
         self.biased[slot] = p is not None and bool(p.bias_ids)
         self.bias.pop(slot, None)

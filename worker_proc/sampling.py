@@ -20,6 +20,16 @@ from radixserve.wire import NewReq, from_i32
 GREEDY_EPS = 1e-5
 
 
+def float32_value(name: str, value: float, positive: bool = False) -> float:
+    """`value` rounded to the float32 a kernel reads; ValueError naming it if it is not finite there (or, with
+    `positive`, not above zero)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = np.float32(value)
+    if not np.isfinite(v) or (positive and v <= 0):
+        raise ValueError(f"{name} {value!r} cannot be applied: {v} as a float32")
+    return float(v)
+
+
 class SlotParams:
     """Sampling and logprob settings of the request in each req slot (set once at admission)."""
 
@@ -42,19 +52,23 @@ class SlotParams:
         self.d_min_p = torch.zeros(max_reqs, dtype=torch.float32, device=device)
 
     def set(self, nr: NewReq) -> None:
-        """A request enters slot `nr.req_slot`: four scalar fills on the device, no host-to-device copy."""
+        """A request enters slot `nr.req_slot`: four scalar fills on the device, no host-to-device copy.
+        ValueError, before anything is written, for values the kernels cannot take (ModelRunner._admit)."""
         s = nr.req_slot
-        self.temperature[s], self.top_p[s], self.top_k[s] = nr.temperature, nr.top_p, nr.top_k
-        self.min_p[s], self.seed[s], self.min_new_tokens[s] = nr.min_p, nr.seed, nr.min_new_tokens
+        temperature, min_p = float32_value("temperature", nr.temperature), float32_value("min_p", nr.min_p)
+        # A top_p below float32's range keeps the most likely token alone, as the float64 value means.
+        top_p = max(float32_value("top_p", nr.top_p), float(np.finfo(np.float32).tiny))
+        self.temperature[s], self.top_p[s], self.top_k[s] = temperature, top_p, nr.top_k
+        self.min_p[s], self.seed[s], self.min_new_tokens[s] = min_p, nr.seed, nr.min_new_tokens
         self.stop_ids[s] = from_i32(nr.stop_ids)
         self.wants_logprob[s] = nr.logprob is not None
         self.top_logprobs_num[s] = nr.logprob.top_logprobs_num if nr.logprob else 0
         self.logprob_start[s] = nr.logprob.logprob_start_len if nr.logprob and nr.prompt_ids else -1
         self.prompt_ids[s] = from_i32(nr.prompt_ids) if nr.prompt_ids else None
-        self.d_temperature[s] = max(nr.temperature, GREEDY_EPS)
-        self.d_top_p[s] = nr.top_p
+        self.d_temperature[s] = max(temperature, GREEDY_EPS)
+        self.d_top_p[s] = top_p
         self.d_top_k[s] = max(nr.top_k, 0)
-        self.d_min_p[s] = nr.min_p
+        self.d_min_p[s] = min_p
 
     def banned(self, slots: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, token ids) to mask out: stop ids of rows still under their min_new_tokens."""

@@ -68,6 +68,7 @@ class PendingStep:
     tops: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # row -> (values, ids)
     input_logprobs: dict[int, tuple[list, list | None]] = field(default_factory=dict)
     grammars_done: list[GrammarDone] = field(default_factory=list)
+    admit_errors: list[tuple[int, str]] = field(default_factory=list)
 
     def result(self) -> StepResult:
         """Wait for the copy (not for later steps) and build the answer to the scheduler."""
@@ -84,6 +85,7 @@ class PendingStep:
                 result.input_top_logprobs[i] = top
         result.forward_ms = (time.perf_counter() - self.t0) * 1000
         result.grammars_done = self.grammars_done
+        result.admit_errors = self.admit_errors
         return result
 
 

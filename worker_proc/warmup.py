@@ -128,16 +128,14 @@ class _Steps:
                       cached_lens=i32(cached), extend_lens=i32(extend), out_slots=i32(out_slots),
                       sample_offsets=i32(offsets), new_reqs=list(new_reqs), prefix_groups=groups)
         pending = self.runner.launch(b)
-        if pending is not None:
-            pending.result()
+        if pending is not None and (errors := pending.result().admit_errors):
+            raise RuntimeError(f"warm-up: the worker refused its own requests: {errors}")
 
 
 def _release(runner, n: int) -> None:
     """Req slots 0..n-1 back as they were before warm-up (see the invariant above)."""
     for slot in range(n):
-        runner.slot_params.set(NewReq(req_slot=slot, prefix_slots=b"", temperature=1.0, top_p=1.0, top_k=-1,
-                                      min_p=0.0, seed=-1))
-        if runner.penalties is not None:
-            runner.penalties.set(slot, None)
+        runner._admit_params(NewReq(req_slot=slot, prefix_slots=b"", temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0,
+                                    seed=-1))
     runner.req_to_token[:n].zero_()
     runner.last_sampled[:n].zero_()

@@ -13,7 +13,7 @@ import hmac
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -279,7 +279,7 @@ class AbortRequest(msgspec.Struct, forbid_unknown_fields=True):
 class OpenSessionRequest(msgspec.Struct, forbid_unknown_fields=True):
     capacity_of_str_len: wire.Count = 0
     session_id: str | None = None
-    timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    timeout: wire.Seconds | None = None
 
 
 class CloseSessionRequest(msgspec.Struct, forbid_unknown_fields=True):

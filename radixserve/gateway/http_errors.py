@@ -135,6 +135,11 @@ class ApiRequestHandler(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:  # a response is under way: the connection can only be dropped
             raise ConnectionError("a response was already sent; cannot send an error after it")
+        if isinstance(exc, ConnectionResetError):  # the client went away (mid-body, say): nothing of ours failed
+            log.info("client %s went away during %s %s", request.remote, request.method, request.path)
+            resp = web.Response(status=499)  # nginx's "client closed request"; nobody is there to read it
+            resp.force_close()
+            return resp
         error = parser_error(status, exc)
         if error.status >= 500:
             log.error("HTTP error %d on a request from %s", error.status, request.remote, exc_info=exc)
@@ -143,6 +148,16 @@ class ApiRequestHandler(RequestHandler):
         resp = error_response(error)
         resp.force_close()
         return resp
+
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's own "Unhandled exception": a body the client broke (reading what is left of it after the
+        answer) or a client gone away is one INFO line; the rest, our faults, stay ERRORs with a traceback."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, (RequestPayloadError, ContentEncodingError, ConnectionResetError)):
+            log.info("client connection ended: %s", str(exc).replace("\n", " "))
+        else:
+            super().log_exception(*args, **kw)
 
 
 class _ApiServer(web.Server):

@@ -25,6 +25,7 @@ from radixserve.gateway.validation import (
 
 LogprobStart = Annotated[int, Meta(ge=-1, le=INT32_MAX)]
 TopLogprobsNum = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+Timestamp = Annotated[float, Meta(ge=0, le=1e12)]  # seconds since the epoch (SGLang's router's stamps)
 
 
 class GenerateRequest(NativeUnsupported, forbid_unknown_fields=True, kw_only=True):
@@ -50,8 +51,8 @@ class GenerateRequest(NativeUnsupported, forbid_unknown_fields=True, kw_only=Tru
     custom_labels: dict[str, str] | None = None
     conversation_id: str | None = None
     routing_key: str | None = None
-    received_time: float | None = None
-    validation_time: float | None = None
+    received_time: Timestamp | None = None
+    validation_time: Timestamp | None = None
     external_trace_header: dict[str, Any] | None = None
     http_worker_ipc: str | None = None
 

@@ -50,16 +50,16 @@ class _Request(OpenAIUnsupported, forbid_unknown_fields=True, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: wire.Penalty = 0.0
+    presence_penalty: wire.Penalty = 0.0
+    logit_bias: dict[str, wire.LogitBias] | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
     # SGLang extensions (the openai client's `extra_body`)
     top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] = -1
-    min_p: float = 0.0
+    min_p: wire.MinP = 0.0
     min_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0
-    repetition_penalty: float = 1.0
+    repetition_penalty: wire.RepetitionPenalty = 1.0
     regex: str | None = None
     ebnf: str | None = None
     ignore_eos: bool = False

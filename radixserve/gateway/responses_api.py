@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
+from radixserve import wire
 from radixserve.errors import bad_request
 from radixserve.gateway import tool_calls
 from radixserve.gateway.openai_api import ChatCompletionRequest, JsonSchemaFormat, ResponseFormat
@@ -75,8 +76,8 @@ class ResponsesRequest(ResponsesUnsupported, forbid_unknown_fields=True, kw_only
     reasoning: Reasoning | None = None
     # SGLang's extras (its router sends them with every request)
     top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    min_p: wire.MinP | None = None
+    repetition_penalty: wire.RepetitionPenalty | None = None
     request_id: str | None = None  # the response id (and rid), "resp_..." by default
     priority: Priority | None = None  # accepted, no effect here (no priority scheduling)
     # accepted, no effect here (as on the chat route): nothing is stored, one tier, no cache keys needed
