@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from radixserve.wire import LogprobRequest, NewReq, Penalties, StepBatch, i32
+
+if TYPE_CHECKING:
+    from worker_proc.model_runner import ModelRunner
 
 log = logging.getLogger("radixserve.worker")
 
@@ -66,8 +70,8 @@ def decode_sizes(graph_sizes: list[int], max_running: int, n: int, cuda: bool) -
     return sorted(s for s in sizes if s <= min(n, max_running))
 
 
-def warm_up(runner) -> None:
-    """Run the warm-up steps through `runner` (a ModelRunner) and log what they covered."""
+def warm_up(runner: ModelRunner) -> None:
+    """Run the warm-up steps through `runner` and log what they covered."""
     t0 = time.monotonic()
     max_running = runner.args.max_running_requests
     graph_sizes = runner.graphs.sizes if runner.graphs is not None else []
@@ -117,7 +121,7 @@ def warm_up(runner) -> None:
 class _Steps:
     """StepBatches of the warm-up, launched and (on rank 0) waited for, one at a time."""
 
-    def __init__(self, runner) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.step = 0
 
@@ -132,7 +136,7 @@ class _Steps:
             raise RuntimeError(f"warm-up: the worker refused its own requests: {errors}")
 
 
-def _release(runner, n: int) -> None:
+def _release(runner: ModelRunner, n: int) -> None:
     """Req slots 0..n-1 back as they were before warm-up (see the invariant above)."""
     for slot in range(n):
         runner._admit_params(NewReq(req_slot=slot, prefix_slots=b"", temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0,
