@@ -90,3 +90,17 @@ def test_warm_up_leaves_no_state(tmp_path):
     assert_same_state(before, runner_state(runner))
     k = runner.kv_cache.k[0]
     assert k[1:12].abs().sum(dim=(1, 2)).bool().all() and not k[0].any()  # 2 x 5 + 1 slots written
+
+
+def test_decode_sizes():
+    """Warm-up decodes at every graph size and one size past the largest graph where a batch can be larger, with
+    every sampling kind in one batch where the requests allow; never above max_running_requests or what fits."""
+    from worker_proc.warmup import decode_sizes
+
+    assert decode_sizes([], 256, 256, cuda=False) == [5]
+    assert decode_sizes([], 4, 4, cuda=False) == [4]
+    assert decode_sizes([], 256, 3, cuda=False) == [3]
+    assert decode_sizes([1, 2, 4, 8], 8, 8, cuda=True) == [1, 2, 4, 5, 8]
+    assert decode_sizes([1, 2, 4, 8], 16, 16, cuda=True) == [1, 2, 4, 5, 8, 9]
+    assert decode_sizes([], 16, 16, cuda=True) == [1, 2, 5]  # graphs off
+    assert decode_sizes([1, 2, 4, 8], 16, 1, cuda=True) == [1]

@@ -74,7 +74,8 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
     out = Sender(ctx, ipc.worker_out) if rank == 0 else None
     sender: ResultSender | None = None
     try:
-        from worker_proc.model_runner import ModelRunner, resolve_device
+        from worker_proc.model_runner import ModelRunner
+        from worker_proc.runtime_facts import resolve_device
         from worker_proc.warmup import warm_up
 
         device = resolve_device(args, rank)

@@ -11,15 +11,15 @@ import torch
 
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config
-from radixserve.nodes import NodeLayout
 from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
-from worker_proc import cpu_kernels, parallel
+from worker_proc import parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache
 from worker_proc.layers import pack_cpu_linears
 from worker_proc.penalties import SlotPenalties
+from worker_proc.runtime_facts import kv_slots_that_fit, resolve_device, resolve_dtype, serving_context_length
 from worker_proc.sampling import SampleRows, SlotParams, make_sampler, top_logprobs
 from worker_proc.step_io import HostStaging, PendingStep, ResultCopier
 from worker_proc.weights import load_model
@@ -28,15 +28,6 @@ log = logging.getLogger("radixserve.worker")
 
 PAD_SLOT = 0  # the KV slot that padding rows write; the scheduler never hands it out
 STEP_BUF_INTS = 1 << 20
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(args: ServerArgs, rank: int) -> torch.device:
-    kind = args.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = args.base_gpu_id + NodeLayout.of(args).local_index(rank)
-    return torch.device(f"cuda:{gpu}") if kind == "cuda" else torch.device("cpu")
 
 
 @dataclass
@@ -79,7 +70,7 @@ class ModelRunner:
         self.args, self.rank = args, rank
         self.device = resolve_device(args, rank)
         hf_config = load_hf_config(model_dir)
-        self.dtype = self._dtype(hf_config)
+        self.dtype = resolve_dtype(args.dtype, self.device)
         self.model, self.weight_bytes = self._load_model(model_dir, hf_config)
         self._choose_all_reduce()
         self.context_length = serving_context_length(args.context_length, hf_config)
@@ -89,7 +80,8 @@ class ModelRunner:
         self._allocate_sampling_state(model_dir)
         m = self.model
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
-        self.num_kv_slots = parallel.tp_min(self._kv_slots_that_fit()) + 1  # + the padding slot 0
+        fit = kv_slots_that_fit(args, self.device, self.context_length, self.kv_bytes_per_token)
+        self.num_kv_slots = parallel.tp_min(fit) + 1  # + the padding slot 0
         self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype,
                                 self.device)
         log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
@@ -166,24 +158,6 @@ class ModelRunner:
                                      not args.constrained_json_disable_any_whitespace,
                                      args.constrained_json_max_whitespace_cnt)
             self.grammars = SlotGrammars(backend, self.device)
-
-    def _dtype(self, hf_config) -> torch.dtype:
-        """--dtype, or with auto bfloat16 on CUDA and on CPUs with native bf16 arithmetic, float32 elsewhere."""
-        if self.args.dtype != "auto":
-            return DTYPES[self.args.dtype]
-        return torch.bfloat16 if self.device.type == "cuda" or cpu_has_native_bf16() else torch.float32
-
-    def _kv_slots_that_fit(self) -> int:
-        if self.args.max_total_tokens:
-            return self.args.max_total_tokens
-        cap = self.args.max_running_requests * self.context_length
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # loading's temporaries are not "used"
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.args.mem_fraction_static - (total - free)
-        else:
-            budget = _mem_available() * 0.25 * self.args.mem_fraction_static
-        return max(1, min(cap, int(budget // self.kv_bytes_per_token)))
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph:
@@ -378,35 +352,3 @@ class ModelRunner:
             top = [top_logprobs(lps[j], k) for j in range(len(values))] if k > 0 else None
             out[i] = (values, top)
         return out
-
-
-def serving_context_length(requested: int | None, hf_config) -> int:
-    """--context-length (or the model's), capped where the model stops being exact."""
-    # Positions past the model's rotary table have no embedding: never serve beyond it.
-    positions = hf_config.max_position_embeddings
-    length = min(requested or positions, positions)
-    if requested and requested > length:
-        log.warning("--context-length %d exceeds the model's %d positions: using %d", requested, length, length)
-    # Mistral attends within a sliding window, which the attention backends do not apply: up to the
-    # window the results are exact, so the context stops there.
-    window = getattr(hf_config, "sliding_window", None) if hf_config.model_type == "mistral" else None
-    if window and window < length:
-        log.warning("the model's sliding window (%d tokens) is not implemented: context length %d, not %d",
-                    window, window, length)
-        length = window
-    return length
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), so bf16 weights halve the bytes a
-    decode step reads without emulated arithmetic eating the gain."""
-    flags = cpu_kernels.cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 << 30

@@ -58,16 +58,17 @@ def _new_req(slot: int, kind: int, prefix: np.ndarray, prompt: np.ndarray) -> Ne
 
 
 def decode_sizes(graph_sizes: list[int], max_running: int, n: int, cuda: bool) -> list[int]:
-    """Batch sizes to decode at, none above `n` (the requests warm-up can hold): one row of each sampling kind;
-    on CUDA also every graph size, an eager size beyond the largest graph (where a decode batch can be larger),
-    and 1 and 2 rows (an all-greedy batch; greedy and top-k/top-p: FlashInfer's other sampling kernel). The CPU
-    builds nothing per batch size or per sampling branch."""
-    sizes = {len(KINDS)}
+    """Batch sizes to decode at, none above `n` (the requests warm-up can hold, n >= 1): one row of each sampling
+    kind (as many as fit); on CUDA also every graph size, an eager size beyond the largest graph (where a decode
+    batch can be larger), and 1 and 2 rows (an all-greedy batch; greedy and top-k/top-p: FlashInfer's other
+    sampling kernel). The CPU builds nothing per batch size or per sampling branch."""
+    limit = min(n, max_running)
+    sizes = {min(len(KINDS), limit)}
     if cuda:
         sizes |= set(graph_sizes) | {1, 2}
         if graph_sizes and max_running > graph_sizes[-1]:
             sizes.add(graph_sizes[-1] + 1)
-    return sorted(s for s in sizes if s <= min(n, max_running))
+    return sorted(s for s in sizes if s <= limit)
 
 
 def warm_up(runner: ModelRunner) -> None:
