@@ -80,19 +80,21 @@ class BlockTable:
         self.cache.unlock(req.prefix_node)
         req.prefix_node, req.prefix_len = node, req.cached_len
 
-    def truncate(self, req: Req, kept: int) -> None:
-        """Drop output past `kept` tokens (a stop string matched earlier); free the KV of what is dropped."""
-        if kept >= len(req.output_ids):
-            return
+    def trim(self, req: Req, kept: int) -> None:
+        """As `req` ends (before `release`): drop output past `kept` tokens (a stop string matched earlier), and KV
+        past the tokens it knows (a step still in flight computed KV for an input that was PENDING when the
+        request ended). Frees what is dropped that the request owns; dropped tokens whose KV is in the tree (a
+        re-admitted request's prefix holds output) stay there: that KV is valid, and prefix_node still locks it."""
         del req.output_ids[kept:]
         valid = min(req.cached_len, req.fill_len)
-        # Tokens past the prompt were never handed to the tree, so slots [valid, cached_len) are the request's own.
-        assert valid >= req.prefix_len
-        self.allocator.free(self.req_to_token[req.req_slot, valid:req.cached_len].copy())
+        own = max(valid, req.prefix_len)  # columns [prefix_len, cached_len) are the request's own
+        self.allocator.free(self.req_to_token[req.req_slot, own:req.cached_len].copy())
         req.cached_len = valid
+        req.prefix_len = min(req.prefix_len, valid)
 
     def release(self, req: Req) -> None:
         """Give back req's row; its computed KV goes into the tree (or is freed without a cache)."""
+        assert req.req_slot >= 0, f"request {req.rid} released twice"
         slots = self.req_to_token[req.req_slot, :req.cached_len].copy()
         if self.use_cache:
             already = self.cache.insert(req.fill_ids()[:req.cached_len], slots)

@@ -2,8 +2,8 @@
 runs out.
 
 Retraction: while fewer KV slots can be had than requests decoding, the most recently admitted gives way
-and goes back to the front of the waiting queue; what it computed goes into the tree, so re-admission
-recomputes little. A request alone that still cannot grow is handed back to end with `length`.
+and goes back to the front of the waiting queue (Lifecycle.retract); what it computed goes into the tree, so
+re-admission recomputes little. A request alone that still cannot grow is handed back to end with `length`.
 Order: requests that share token 0's KV slot (so a cached prefix) sit side by side in the batch, so the
 attention kernel reads that KV for them at about the same time, and mostly from L2 (and prefix_groups.py
 can group them).
@@ -16,8 +16,8 @@ import logging
 import numpy as np
 
 from scheduler_proc.block_table import BlockTable
-from scheduler_proc.counters import Counters
-from scheduler_proc.queues import RunningSet, WaitingQueue
+from scheduler_proc.lifecycle import Lifecycle
+from scheduler_proc.queues import RunningSet
 from scheduler_proc.request import Req, Stage
 
 log = logging.getLogger("radixserve.scheduler")
@@ -26,11 +26,10 @@ log = logging.getLogger("radixserve.scheduler")
 class DecodePlanner:
     """Picks a decode step's batch, retracting requests while KV is short."""
 
-    def __init__(self, table: BlockTable, running: RunningSet, waiting: WaitingQueue, counters: Counters) -> None:
+    def __init__(self, table: BlockTable, running: RunningSet, lifecycle: Lifecycle) -> None:
         self.table = table
         self.running = running
-        self.waiting = waiting
-        self.counters = counters
+        self.lifecycle = lifecycle
 
     def plan(self) -> tuple[list[Req], Req | None]:
         """The batch in decode order, each with a KV slot for its new token; and a request that can never grow
@@ -41,7 +40,8 @@ class DecodePlanner:
             victim = decoding.pop()  # the most recently admitted gives way
             if len(self.running) == 1:
                 return [], victim
-            self.retract(victim)
+            log.warning("KV cache full: retracting request %s (%d tokens)", victim.rid, victim.fill_len)
+            self.lifecycle.retract(victim)
         if not decoding:
             return [], None
         rows = np.fromiter((r.req_slot for r in decoding), dtype=np.int32, count=len(decoding))
@@ -49,11 +49,3 @@ class DecodePlanner:
         order = np.argsort(self.table.req_to_token[rows, 0], kind="stable")
         self.table.assign_decode(rows[order], columns[order])
         return [decoding[i] for i in order.tolist()], None
-
-    def retract(self, req: Req) -> None:
-        """Out of KV: put a running request back at the front of the queue; what it computed stays cached."""
-        log.warning("KV cache full: retracting request %s (%d tokens)", req.rid, req.fill_len)
-        self.running.remove(req)
-        self.table.release(req)
-        self.waiting.push_front(req)
-        self.counters.retracted_requests += 1

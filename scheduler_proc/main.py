@@ -16,7 +16,8 @@ from radixserve.ipc import IpcPaths, Receiver, Sender, Undecodable
 from radixserve.nodes import NodeLayout
 from radixserve.procutil import child_init
 from scheduler_proc.control import handle_control
-from scheduler_proc.scheduler import RequestError, Routed, Scheduler
+from scheduler_proc.lifecycle import Outcome
+from scheduler_proc.scheduler import Scheduler
 
 log = logging.getLogger("radixserve.scheduler")
 
@@ -64,25 +65,17 @@ class SchedulerProcess:
                 first = self.inbox.recv(timeout_ms=1000)
                 msgs = [first] if first is not None else []
             for msg in msgs:
-                if self._handle(msg) is False:
+                if not self._handle(msg):
                     return
-            batch = self.sched.schedule()
-            self._send_outs(self.sched.pending_outs)
-            self.sched.pending_outs = []
-            if batch is not None:
-                payload = wire.encoder.encode(batch)
-                for w in self.workers:
-                    w.send_bytes(payload)
+            step = self.sched.schedule()
+            self._send(step)
             # Without overlap every step is answered before the next is built; with it, one step stays in flight
             # unless there is nothing to send beside it.
-            if len(self.sched.inflight) > (1 if overlap and batch is not None else 0):
+            if len(self.sched.inflight) > (1 if overlap and step.batch is not None else 0):
                 self._process_oldest()
 
     def _process_oldest(self) -> None:
-        self._send_outs(self.sched.process_result(self._wait_result()))
-        for dest, rejection in self.sched.rejected:  # held for a grammar that does not compile
-            self.replies[dest].send(rejection)
-        self.sched.rejected = []
+        self._send(self.sched.process_result(self._wait_result()))
 
     def _wait_result(self) -> wire.StepResult:
         deadline = time.monotonic() + self.args.watchdog_timeout
@@ -102,38 +95,45 @@ class SchedulerProcess:
         while self.sched.inflight:
             self._process_oldest()
 
-    def _handle(self, msg: msgspec.Struct) -> bool | None:
-        if isinstance(msg, Undecodable):
-            if 0 <= msg.reply_to < len(self.replies):
-                self.replies[msg.reply_to].send(msg.rejection())
-        elif isinstance(msg, wire.GenerateTokens):
-            try:
-                self.sched.add_request(msg)
-            except RequestError as e:
-                self.replies[msg.reply_to].send(wire.Rejected(msg.rid, e.status, str(e)))
-        elif isinstance(msg, wire.Abort):
-            routed = self.sched.abort(msg.rid, msg.finish)
-            if routed is not None:
-                self._send_outs([routed])
-        elif isinstance(msg, wire.ShutdownServer):
-            for w in self.workers:
-                w.send(wire.Shutdown())
-            return False
-        else:
-            # A call that reads the state between steps waits for the steps in flight: always the invariant walk,
-            # and server info when invariant checks are on and no request is left (so an idle server says "ok").
-            idle_check = self.args.enable_invariant_checks and not self.sched.has_work
-            if isinstance(msg, wire.CheckInvariants) or (isinstance(msg, wire.GetServerInfo) and idle_check):
-                self._drain_inflight()
-            self.replies[msg.reply_to].send(handle_control(self.sched, self.runtime, msg))
-        return None
+    def _handle(self, msg: msgspec.Struct) -> bool:
+        """Apply one message from a front end and send what it produced; False once the server is to stop."""
+        match msg:
+            case Undecodable():  # a request whose values break the wire's bounds: it never reaches the scheduler
+                if 0 <= msg.reply_to < len(self.replies):
+                    self._send(Outcome(replies=[(msg.reply_to, msg.rejection())]))
+            case wire.GenerateTokens():
+                self._send(self.sched.submit(msg))
+            case wire.Abort():
+                self._send(self.sched.abort(msg.rid, msg.finish))
+            case wire.ShutdownServer():
+                self._send(self.sched.shutdown())
+                for w in self.workers:
+                    w.send(wire.Shutdown())
+                return False
+            case _:  # a control call (control.py: an unknown message is a TypeError there)
+                # A call that reads the state between steps waits for the steps in flight: always the invariant
+                # walk, and server info when invariant checks are on and no request is left (so an idle server
+                # says "ok").
+                idle_check = self.args.enable_invariant_checks and not self.sched.has_work
+                if isinstance(msg, wire.CheckInvariants) or (isinstance(msg, wire.GetServerInfo) and idle_check):
+                    self._drain_inflight()
+                self._send(handle_control(self.sched, self.runtime, msg))
+        return True
 
-    def _send_outs(self, outs: list[Routed]) -> None:
+    def _send(self, outcome: Outcome) -> None:
+        """Send what a scheduler call produced: the step to every worker first, then one TokenBatch per front
+        end, then rejections and control replies."""
+        if outcome.batch is not None:
+            payload = wire.encoder.encode(outcome.batch)
+            for w in self.workers:
+                w.send_bytes(payload)
         by_dest: dict[int, list[wire.ReqOut]] = {}
-        for dest, out in outs:
+        for dest, out in outcome.outs:
             by_dest.setdefault(dest, []).append(out)
         for dest, group in by_dest.items():
             self.replies[dest].send(wire.TokenBatch(outs=group))
+        for dest, reply in outcome.replies:
+            self.replies[dest].send(reply)
 
 
 def run_scheduler(args_json: bytes, ipc_root: str, num_replies: int, parent_pid: int) -> None:

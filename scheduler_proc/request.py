@@ -14,6 +14,9 @@ PENDING = -1  # an output token sampled by a step in flight (the StepBatch input
 
 
 class Stage(enum.Enum):
+    """Where a request is (scheduler_proc/lifecycle.py)."""
+
+    HELD = "held"  # waiting for its grammar to compile (grammar_gate.py)
     WAITING = "waiting"
     PREFILL = "prefill"  # admitted; some prompt tokens still lack KV (chunked prefill)
     DECODE = "decode"

@@ -1,10 +1,11 @@
 """The scheduler: its state, and the calls the process loop (scheduler_proc/main.py) makes.
 
 State lives here — the waiting queue and running set (queues.py), the radix cache and KV slot allocator,
-the block table (block_table.py), sessions (sessions.py), counters (counters.py) — and policy beside it:
-prefill.py picks prefill steps (admission, chunking, LPM), decode.py decode steps (and retraction),
-prefix_groups.py the decode batch's shared-prefix groups. No sockets here and no tensors: the scheduler
-decides what runs, the workers compute it.
+the block table (block_table.py), sessions (sessions.py), counters (counters.py), the requests by rid and the one
+path that ends them (lifecycle.py) — and policy beside it: prefill.py picks prefill steps (admission, chunking,
+LPM), decode.py decode steps (and retraction), prefix_groups.py the decode batch's shared-prefix groups. Each call
+returns an Outcome (lifecycle.py) that the process loop sends as it is. No sockets here and no tensors: the
+scheduler decides what runs, the workers compute it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from radixserve.wire import (
     GenerateTokens,
     Penalties,
     Rejected,
-    ReqOut,
     SamplingParams,
     SchedulerStats,
     StepBatch,
@@ -34,6 +34,7 @@ from scheduler_proc.counters import Counters
 from scheduler_proc.decode import DecodePlanner
 from scheduler_proc.grammar_gate import GrammarGate
 from scheduler_proc.kv_slots import KVSlotAllocator
+from scheduler_proc.lifecycle import Lifecycle, Outcome
 from scheduler_proc.outputs import add_input_logprobs, check_finish, make_out
 from scheduler_proc.prefill import Entries, PrefillPlanner
 from scheduler_proc.prefix_groups import PrefixGrouper
@@ -44,16 +45,17 @@ from scheduler_proc.sessions import SessionError, SessionTable
 
 log = logging.getLogger("radixserve.scheduler")
 
-Routed = tuple[int, ReqOut]  # (reply_to, output)
 CHUNK, NO_SAMPLE = -2, -1  # InFlight.sampled for an entry that samples nothing: a prefill chunk, a prompt only
 
 
 @dataclasses.dataclass(slots=True)
 class InFlight:
-    """A step sent to the workers and not yet answered: its entries, and the output index each one samples."""
+    """A step sent to the workers and not yet answered: its entries, their req slots as sent, and the output
+    index each one samples."""
 
     step: int
     entries: Entries
+    req_slots: np.ndarray
     sampled: list[int]
 
 
@@ -98,24 +100,31 @@ class Scheduler:
                                 self.counters)
         self.waiting = WaitingQueue()
         self.running = RunningSet()
-        self.reqs: dict[str, Req] = {}  # every request waiting or running, by rid
+        self.grammars = GrammarGate()  # requests waiting for their grammar to compile
+        self.lifecycle = Lifecycle(self.table, self.running, self.waiting, self.grammars, self.sessions,
+                                   self.counters)
         self.prefill = PrefillPlanner(args, self.table, self.running, self.waiting, self.counters)
-        self.decode = DecodePlanner(self.table, self.running, self.waiting, self.counters)
+        self.decode = DecodePlanner(self.table, self.running, self.lifecycle)
         self.arrivals = 0
         self.step_id = 0
         self.inflight: deque[InFlight] = deque()  # steps sent, oldest first (two with overlap scheduling)
-        self.pending_outs: list[Routed] = []  # produced outside a step (a request that can never fit)
-        self.grammars = GrammarGate()  # requests waiting for their grammar to compile
-        self.rejected: list[tuple[int, Rejected]] = []  # (reply_to, rejection) of held requests, to send
         self._flushes = 0
         self._invariants = "unchecked"  # the last maybe_check_invariants() result
         self._invariants_epoch: tuple[int, ...] | None = None  # the state it was checked in
 
     # ------------------------------------------------------------ requests in
 
+    def submit(self, msg: GenerateTokens) -> Outcome:
+        """Take a request: nothing to send, or its rejection (`add_request`)."""
+        try:
+            self.add_request(msg)
+        except RequestError as e:
+            return Outcome(replies=[(msg.reply_to, Rejected(msg.rid, e.status, str(e)))])
+        return Outcome()
+
     def add_request(self, msg: GenerateTokens) -> None:
-        """Queue a request; raises RequestError if it can never be served."""
-        if msg.rid in self.reqs:
+        """Queue a request (or hold it for its grammar); raises RequestError if it can never be served."""
+        if msg.rid in self.lifecycle.reqs:
             raise RequestError(f"request id {msg.rid!r} is already in use")
         sp = msg.sampling
         if len(self.waiting) + len(self.grammars) >= self.args.max_queued_requests:
@@ -148,9 +157,7 @@ class Scheduler:
                   session_id=msg.session.id if msg.session else None,
                   grammar=grammar, penalties=penalties, queued_at=time.monotonic())
         self.arrivals += 1
-        self.reqs[req.rid] = req
-        if not self.grammars.hold(req):
-            self.waiting.push_back(req)
+        self.lifecycle.begin(req)
 
     def _penalties(self, sp: SamplingParams) -> Penalties | None:
         """The request's penalties and logit bias for the workers (None without any); bias ids range-checked."""
@@ -169,29 +176,21 @@ class Scheduler:
         if n_prompt + 1 > self.allocator.capacity:
             raise RequestError(f"prompt ({n_prompt} tokens) exceeds the KV cache ({self.allocator.capacity} tokens)")
 
-    def abort(self, rid: str, finish: FinishReason | None = None) -> Routed | None:
-        """End a request now: as `finish` says (a stop string, or an abort with its message), else as aborted."""
-        req = self.reqs.get(rid)
-        if req is None:
-            return None
-        req.drop_pending()  # a step in flight may still sample for it: that token is never reported
-        if self.grammars.drop(req):
-            pass
-        elif req.stage == Stage.WAITING:
-            self.waiting.remove(req)
-        else:
-            if finish is not None and finish.length is not None:
-                self.table.truncate(req, finish.length)
-            self._leave_running(req)
-        req.finish = finish or FinishReason(type="abort", message="aborted")
-        self._end_session_turn(req)
-        if req.finish.type == "abort":
-            self.counters.aborted_requests += 1
-        else:
-            self.counters.finished_requests += 1
-        del self.reqs[rid]
-        req.stage = Stage.FINISHED
-        return req.reply_to, make_out(req, [])
+    def abort(self, rid: str, finish: FinishReason | None = None) -> Outcome:
+        """End a request now (nothing if it ended already): as `finish` says (a stop string, or an abort with its
+        message), else as aborted."""
+        outcome = Outcome()
+        req = self.lifecycle.reqs.get(rid)
+        if req is not None:
+            self.lifecycle.end(req, finish or FinishReason(type="abort", message="aborted"), outcome)
+        return outcome
+
+    def shutdown(self) -> Outcome:
+        """The server is stopping: end every request, each answered as aborted (O(requests), once)."""
+        outcome = Outcome()
+        for req in list(self.lifecycle.reqs.values()):
+            self.lifecycle.end(req, FinishReason(type="abort", message="the server is shutting down"), outcome)
+        return outcome
 
     # ------------------------------------------------------------ steps
 
@@ -199,33 +198,33 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.grammars.busy)
 
-    def schedule(self) -> StepBatch | None:
-        """Pick the next step: prefill (new or chunked) first, else one decode for all running. The step counts
-        as done once sent (see Req): KV and outputs advance now, its sampled tokens are PENDING until
-        `process_result`, and a decode input that is still PENDING travels as -1 (the workers substitute the
-        token they sampled last for that req slot)."""
+    def schedule(self) -> Outcome:
+        """Pick the next step (Outcome.batch; None when there is nothing to run): prefill (new or chunked) first,
+        else one decode for all running. The step counts as done once sent (see Req): KV and outputs advance
+        now, its sampled tokens are PENDING until `process_result`, and a decode input that is still PENDING
+        travels as -1 (the workers substitute the token they sampled last for that req slot)."""
+        outcome = Outcome()
         entries, new_reqs = self.prefill.plan()
         is_decode = False
         if not entries:
             decoding, stuck = self.decode.plan()
             if stuck is not None and not stuck.pending:  # alone and out of KV: it can never grow, so it ends here
-                stuck.finish = FinishReason(type="length", length=stuck.num_outputs)
-                self.pending_outs.append((stuck.reply_to, make_out(stuck, [])))
-                self._finish(stuck)
+                self.lifecycle.end(stuck, FinishReason(type="length", length=stuck.num_outputs), outcome)
             entries, is_decode = [(req, 1) for req in decoding], True
             if not entries and self.waiting:  # decode may have freed KV for a waiting request
                 entries, new_reqs = self.prefill.plan()
                 is_decode = False
         if not entries:
             if not self.grammars.busy:
-                return None
+                return outcome
             # Only requests waiting for a grammar: a step of no requests carries new compile jobs, and its answer
             # comes when a compile is done (or after a short wait), so this loop does not spin.
             self.step_id += 1
-            self.inflight.append(InFlight(self.step_id, [], []))
-            return StepBatch(step=self.step_id, is_decode=True, req_slots=b"", input_ids=b"", cached_lens=b"",
-                             extend_lens=b"", out_slots=b"", sample_offsets=b"", new_reqs=[],
-                             grammars=self.grammars.take_jobs())
+            self.inflight.append(InFlight(self.step_id, [], np.zeros(0, np.int32), []))
+            outcome.batch = StepBatch(step=self.step_id, is_decode=True, req_slots=b"", input_ids=b"",
+                                      cached_lens=b"", extend_lens=b"", out_slots=b"", sample_offsets=b"",
+                                      new_reqs=[], grammars=self.grammars.take_jobs())
+            return outcome
         self.step_id += 1
         reqs = [req for req, _ in entries]
         req_slots = np.array([req.req_slot for req in reqs], dtype=np.int32)
@@ -242,13 +241,13 @@ class Scheduler:
         groups = self.grouper.groups(self.table.req_to_token, reqs) if is_decode and self.grouper else None
         self.counters.cascade_decode_steps += groups is not None
         sampled = [self._commit(req, n) for req, n in entries]
-        batch = StepBatch(step=self.step_id, is_decode=is_decode, req_slots=req_slots.tobytes(),
-                          input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(),
-                          extend_lens=extend.tobytes(), out_slots=out_slots.tobytes(),
-                          sample_offsets=i32([max(k, -1) for k in sampled]), new_reqs=new_reqs,
-                          prefix_groups=b"" if groups is None else groups.tobytes(), grammars=self.grammars.take_jobs())
-        self.inflight.append(InFlight(self.step_id, entries, sampled))
-        return batch
+        outcome.batch = StepBatch(
+            step=self.step_id, is_decode=is_decode, req_slots=req_slots.tobytes(),
+            input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(), extend_lens=extend.tobytes(),
+            out_slots=out_slots.tobytes(), sample_offsets=i32([max(k, -1) for k in sampled]), new_reqs=new_reqs,
+            prefix_groups=b"" if groups is None else groups.tobytes(), grammars=self.grammars.take_jobs())
+        self.inflight.append(InFlight(self.step_id, entries, req_slots, sampled))
+        return outcome
 
     def _commit(self, req: Req, n: int) -> int:
         """Advance `req` past its part of a step being sent; the output index it samples, or NO_SAMPLE."""
@@ -265,23 +264,24 @@ class Scheduler:
         req.pending += 1
         return len(req.output_ids) - 1
 
-    def process_result(self, result: StepResult) -> list[Routed]:
-        """Apply the workers' answer to the oldest step in flight; the outputs to send, in batch order.
+    def process_result(self, result: StepResult) -> Outcome:
+        """Apply the workers' answer to the oldest step in flight: the outputs to send, in batch order, and the
+        rejections of requests whose grammar is invalid or that the workers could not admit.
 
         Invariant: a request never gets a token after its finish — one that ended while the step was in flight
         (finished, aborted, stopped by a stop string) is skipped, and its later PENDING tokens are dropped."""
         flight = self.inflight.popleft()
         assert result.step == flight.step, "worker answered a different step"
+        outcome = Outcome()
         if result.grammars_done:
-            self._grammars_done(result)
+            self._grammars_done(result, outcome)
         if not flight.entries:
-            return []
-        if result.admit_errors:
-            self._admit_failed(flight.entries, dict(result.admit_errors))
+            return outcome
         self.counters.forward_steps += 1
+        if result.admit_errors:
+            self._admit_errors(flight, result, outcome)
         next_ids = np.frombuffer(result.next_ids, dtype=np.int32).tolist()
         next_lps = np.frombuffer(result.next_logprobs, dtype=np.float32).tolist()
-        outs = []
         for i, ((req, _), k) in enumerate(zip(flight.entries, flight.sampled)):
             if req.stage == Stage.FINISHED:
                 continue
@@ -296,65 +296,37 @@ class Scheduler:
                 new_ids.append(next_ids[i])
                 self.counters.generated_tokens += 1
             num_outputs = k + 1 if k != NO_SAMPLE else req.num_outputs
-            req.finish = check_finish(req, num_outputs, self.context_length)
+            finish = check_finish(req, num_outputs, self.context_length)
             # The message of the first output (or of a prompt-only request) carries its input logprobs.
-            out = make_out(req, new_ids, first=k == 0 or (k == NO_SAMPLE and num_outputs == 0))
+            out = make_out(req, new_ids, finish, first=k == 0 or (k == NO_SAMPLE and num_outputs == 0))
             if req.logprob is not None and new_ids:
                 out.output_logprobs = [next_lps[i]]
                 if i in result.top_logprobs:
                     out.output_top_logprobs = [result.top_logprobs[i]]
-            if req.finish is not None:
-                req.drop_pending()  # sampled by the step after this one: past the finish
-                self._finish(req)
-            outs.append((req.reply_to, out))
-        return outs
+            if finish is None:
+                outcome.outs.append((req.reply_to, out))
+            else:
+                self.lifecycle.end(req, finish, outcome, last=out)
+        return outcome
 
-    def _grammars_done(self, result: StepResult) -> None:
+    def _grammars_done(self, result: StepResult, outcome: Outcome) -> None:
         """Queue the requests whose grammar compiled; reject those whose grammar is invalid."""
         ready, rejected = self.grammars.done(result.grammars_done)
         for req in ready:
             self.waiting.push_back(req)
         for req, error in rejected:
-            req.finish = FinishReason(type="abort", message=error)
-            self._end_session_turn(req)
-            req.stage = Stage.FINISHED
-            del self.reqs[req.rid]
-            self.rejected.append((req.reply_to, Rejected(req.rid, 400, error)))
+            self.lifecycle.end(req, FinishReason(type="abort", message=error), outcome, status=400)
 
-    def _admit_failed(self, entries: Entries, errors: dict[int, str]) -> None:
-        """The workers could not apply these requests' parameters (ModelRunner._admit): each ends with a 400, its
-        KV freed, while the rest of the step stands. (Values are checked where they are parsed and again where a
-        message is decoded, so this is the last line of defence: a worker never dies of one request's values.)"""
-        for req, _ in entries:
-            if req.req_slot in errors and req.stage != Stage.FINISHED:
-                error = errors[req.req_slot]
-                req.drop_pending()
-                req.finish = FinishReason(type="abort", message=error)
-                self._finish(req, finished=False)
-                self.rejected.append((req.reply_to, Rejected(req.rid, 400, error)))
-
-    def _finish(self, req: Req, finished: bool = True) -> None:
-        if req.stage == Stage.WAITING:  # retracted while its last step was in flight
-            self.waiting.remove(req)
-        else:
-            self._leave_running(req)
-        self._end_session_turn(req)
-        req.stage = Stage.FINISHED
-        self.counters.finished_requests += finished
-        del self.reqs[req.rid]
-
-    def _leave_running(self, req: Req) -> None:
-        self.running.remove(req)
-        self.table.release(req)
-
-    def _end_session_turn(self, req: Req) -> None:
-        """A session turn that ended normally keeps its computed context pinned in the cache."""
-        if req.session_id is None:
-            return
-        if req.finish.type == "abort":
-            self.sessions.end_turn(req.rid, None, None)
-        else:
-            self.sessions.end_turn(req.rid, req.output_ids, req.fill_ids()[:req.fill_len - 1])
+    def _admit_errors(self, flight: InFlight, result: StepResult, outcome: Outcome) -> None:
+        """End each request whose parameters the workers could not apply in this step (ModelRunner._admit) with a
+        400 and their message; the step's other requests go on, and one that ended meanwhile stays ended. (Values
+        are checked where they are parsed and again where a message is decoded, so this is the last line of
+        defence: a worker never dies of one request's values.)"""
+        row = {slot: i for i, slot in enumerate(flight.req_slots.tolist())}  # O(batch), only when one failed
+        for slot, message in result.admit_errors:
+            req = flight.entries[row[slot]][0]
+            if req.stage != Stage.FINISHED:
+                self.lifecycle.end(req, FinishReason(type="abort", message=message), outcome, status=400)
 
     # ------------------------------------------------------------ control
 
@@ -368,15 +340,15 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         """Walk the whole state (O(cache size)) between steps and assert what each part keeps: the KV slot
-        partition (block_table.py), the tree (radix_cache.py), the queues (queues.py), the sessions' pins."""
+        partition (block_table.py), the tree (radix_cache.py), the queues (queues.py), the sessions' pins, every
+        request in the one place its stage names (lifecycle.py)."""
         assert not self.inflight, "check_invariants runs between steps"
         running = list(self.running)
         self.table.check_invariants(running)
         self.running.check_invariants()
         self.waiting.check_invariants()
         self.sessions.check_invariants()
-        queued = [r.rid for r in running] + [r.rid for r in self.waiting] + [r.rid for r in self.grammars]
-        assert len(queued) == len(self.reqs) and set(queued) == self.reqs.keys(), "requests by rid disagree with queues"
+        self.lifecycle.check_invariants()
 
     def maybe_check_invariants(self) -> str:
         """"ok", "violated: <message>" or "unchecked". With --enable-invariant-checks, check_invariants() runs

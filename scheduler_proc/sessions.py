@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +52,7 @@ class SessionTable:
         self.budget = budget
         self.max_sessions = max_sessions
         self.sessions: dict[str, Session] = {}
-        self.turn_session: dict[str, str] = {}  # rid -> session id of running turns
+        self.turn_session: dict[str, Session] = {}  # rid -> session of running turns (maybe closed since)
         self.pinned_tokens = 0  # the sum of every session's pinned_len (check_invariants)
         self.pin_changes = 0  # pins taken or dropped so far (a change of the tree's locks)
 
@@ -67,6 +68,7 @@ class SessionTable:
         return sid
 
     def close(self, session_id: str) -> None:
+        """Drop the session and its pin; a turn of it still running goes on and pins nothing when it ends."""
         session = self._get(session_id)
         self._unpin(session)
         del self.sessions[session_id]
@@ -97,16 +99,16 @@ class SessionTable:
             parent.children.append(rid)
         prompt = np.concatenate([np.asarray(context, dtype=np.int32), np.asarray(new_ids, dtype=np.int32)])
         session.turns[rid] = Turn(prompt, params.rid)
-        self.turn_session[rid] = session.id
+        self.turn_session[rid] = session
         session.running += 1
         session.last_used = time.monotonic()
         return prompt
 
     def end_turn(self, rid: str, output_ids: list[int] | None, cached_ids: np.ndarray | None) -> None:
-        """A turn finished (output_ids) or was aborted (None); pin the tree path of `cached_ids`."""
-        sid = self.turn_session.pop(rid, None)
-        session = self.sessions.get(sid) if sid else None
-        if session is None:
+        """A turn finished (output_ids) or was aborted (None); pin the tree path of `cached_ids`. A turn whose
+        session closed meanwhile changes nothing (not a session opened since under the same id)."""
+        session = self.turn_session.pop(rid, None)
+        if session is None or self.sessions.get(session.id) is not session:
             return
         session.running -= 1
         session.last_used = time.monotonic()
@@ -166,6 +168,8 @@ class SessionTable:
     def check_invariants(self) -> None:
         assert self.pinned_tokens == sum(s.pinned_len for s in self.sessions.values()), "pinned-token count is stale"
         assert all(s.pinned_node is not None for s in self.sessions.values() if s.pinned_len), "a length without a pin"
+        turns = Counter(id(s) for s in self.turn_session.values() if self.sessions.get(s.id) is s)
+        assert all(s.running == turns[id(s)] for s in self.sessions.values()), "a session's running count is stale"
 
     def _get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)

@@ -61,7 +61,7 @@ def bench_steps(cycles: int) -> None:
     for i in range(RUNNING):
         s.add_request(request(f"w{i}", rng.integers(3, 30000, PROMPT_LEN), max_new=2 + i // TURNOVER))
     while s.waiting or any(r.stage.value != "decode" for r in s.running):
-        s.process_result(answer(s.schedule(), rng))
+        s.process_result(answer(s.schedule().batch, rng))
     assert len(s.running) == RUNNING, len(s.running)
     timings: dict[str, list[float]] = {"add_request x50": [], "prefill step": [], "decode step": []}
     finished = []
@@ -75,11 +75,11 @@ def bench_steps(cycles: int) -> None:
         timings["add_request x50"].append(time.perf_counter() - t0)
         for _ in range(2):  # the prefill step admitting the arrivals, then a decode step for all
             t0 = time.perf_counter()
-            batch = s.schedule()
+            batch = s.schedule().batch
             t1 = time.perf_counter()
             result = answer(batch, rng)  # the stand-in's time is not the scheduler's
             t2 = time.perf_counter()
-            outs = s.process_result(result)
+            outs = s.process_result(result).outs
             t3 = time.perf_counter()
             timings["decode step" if batch.is_decode else "prefill step"].append((t1 - t0) + (t3 - t2))
             if batch.is_decode:
@@ -106,7 +106,7 @@ def fill_cache(target: int) -> Scheduler:
             tail = rng.integers(3, 30000, 768)
             s.add_request(request(f"f{i}", np.concatenate([families[i % 64], tail]), max_new=1))
             i += 1
-        while (batch := s.schedule()) is not None:
+        while (batch := s.schedule().batch) is not None:
             s.process_result(answer(batch, rng))
     return s
 

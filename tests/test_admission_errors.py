@@ -50,13 +50,13 @@ def run(args: ServerArgs, runner: ModelRunner, requests: dict[str, wire.Sampling
     outputs: dict[str, list[int]] = {rid: [] for rid in requests}
     rejected: dict[str, wire.Rejected] = {}
     for _ in range(100):
-        batch = s.schedule()
+        batch = s.schedule().batch
         if batch is None:
             break
-        for _, out in s.process_result(runner.launch(batch).result()):
+        outcome = s.process_result(runner.launch(batch).result())
+        for _, out in outcome.outs:
             outputs[out.rid] += out.new_ids
-        rejected.update((r.rid, r) for _, r in s.rejected)
-        s.rejected = []
+        rejected.update((r.rid, r) for _, r in outcome.replies)
     assert not s.has_work
     s.check_invariants()
     assert s.flush_cache() and s.allocator.num_free == s.allocator.capacity, "a KV slot was left behind"

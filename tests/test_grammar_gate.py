@@ -31,12 +31,12 @@ def test_a_request_waits_for_its_grammar_and_its_step_carries_the_compile_job() 
     s.add_request(request("plain"))
     s.add_request(request("constrained", regex=REGEX))
     s.add_request(request("same-grammar", regex=REGEX))
-    batch = s.schedule()
+    batch = s.schedule().batch
     assert [r.rid for r, _ in s.inflight[0].entries] == ["plain"]  # the others are held
     assert [job.grammar for job in batch.grammars] == [wire.Grammar("regex", REGEX)]  # one job for both
     assert s.has_work and len(s.grammars) == 2
     s.process_result(answer(batch, [wire.GrammarDone(batch.grammars[0].gid)]))
-    batch = s.schedule()
+    batch = s.schedule().batch
     admitted = {nr.req_slot: nr for nr in batch.new_reqs}
     assert len(admitted) == 2 and all(nr.grammar == wire.Grammar("regex", REGEX) for nr in admitted.values())
     assert not batch.grammars  # compiled once: a later request with it is queued at once
@@ -47,23 +47,25 @@ def test_a_request_waits_for_its_grammar_and_its_step_carries_the_compile_job() 
 def test_with_nothing_else_to_run_a_step_of_no_requests_waits_for_the_compile() -> None:
     s = Scheduler(ServerArgs(disable_overlap_schedule=True), num_kv_slots=512, context_length=256)
     s.add_request(request("constrained", json_schema='{"type": "object"}'))
-    batch = s.schedule()
+    batch = s.schedule().batch
     assert batch.req_slots == b"" and len(batch.grammars) == 1
     s.process_result(answer(batch))  # nothing compiled yet
-    batch = s.schedule()
+    batch = s.schedule().batch
     assert batch.req_slots == b"" and not batch.grammars  # waiting again, the job already sent
     s.process_result(answer(batch, [wire.GrammarDone(0)]))
     assert [r.rid for r in s.waiting] == ["constrained"]
-    assert s.schedule().new_reqs[0].grammar.kind == "json_schema"
+    assert s.schedule().batch.new_reqs[0].grammar.kind == "json_schema"
 
 
 def test_an_invalid_grammar_rejects_its_requests_and_the_next_ones_at_once() -> None:
     s = Scheduler(ServerArgs(disable_overlap_schedule=True), num_kv_slots=512, context_length=256)
     s.add_request(request("bad-1", regex="(ab"))
     s.add_request(request("bad-2", regex="(ab"))
-    s.process_result(answer(s.schedule(), [wire.GrammarDone(0, "invalid grammar: unclosed")]))
-    assert [(dest, r.rid, r.status) for dest, r in s.rejected] == [(0, "bad-1", 400), (0, "bad-2", 400)]
-    assert not s.has_work and not s.reqs
+    outcome = s.process_result(answer(s.schedule().batch, [wire.GrammarDone(0, "invalid grammar: unclosed")]))
+    assert [(dest, r.rid, r.status) for dest, r in outcome.replies] == [(0, "bad-1", 400), (0, "bad-2", 400)]
+    assert all(isinstance(r, wire.Rejected) and r.message == "invalid grammar: unclosed" for _, r in outcome.replies)
+    assert not outcome.outs
+    assert not s.has_work and not s.lifecycle.reqs
     with pytest.raises(RequestError, match="unclosed"):
         s.add_request(request("bad-3", regex="(ab"))
     s.check_invariants()
@@ -72,9 +74,9 @@ def test_an_invalid_grammar_rejects_its_requests_and_the_next_ones_at_once() -> 
 def test_a_held_request_can_be_aborted() -> None:
     s = Scheduler(ServerArgs(disable_overlap_schedule=True), num_kv_slots=512, context_length=256)
     s.add_request(request("constrained", regex=REGEX))
-    batch = s.schedule()
-    _, out = s.abort("constrained")
-    assert out.finish.type == "abort" and not s.reqs
+    batch = s.schedule().batch
+    ((_, out),) = s.abort("constrained").outs
+    assert out.finish.type == "abort" and not s.lifecycle.reqs
     s.process_result(answer(batch, [wire.GrammarDone(0)]))
     assert not s.waiting and not s.has_work
     s.check_invariants()
@@ -92,7 +94,7 @@ def test_new_req_carries_penalties_and_bias_ids_are_checked() -> None:
         s.add_request(request("bad-bias", logit_bias={"100": 1.0}))
     s.add_request(request("plain"))
     s.add_request(request("penalized", repetition_penalty=1.3, logit_bias={"5": -2.5, "9": 4.0}))
-    by_slot = {nr.req_slot: nr for nr in s.schedule().new_reqs}
+    by_slot = {nr.req_slot: nr for nr in s.schedule().batch.new_reqs}
     plain, penalized = by_slot[0], by_slot[1]
     assert plain.penalties is None and plain.grammar is None
     p = penalized.penalties
@@ -108,16 +110,16 @@ def test_chunk_samples_are_marked_and_a_readmitted_request_brings_its_output() -
     s = Scheduler(args, num_kv_slots=121, context_length=256)
     s.add_request(request("long", n_prompt=20, max_new=4))
     offsets = []
-    while s.reqs:
-        batch = s.schedule()
+    while s.lifecycle.reqs:
+        batch = s.schedule().batch
         offsets += wire.from_i32(batch.sample_offsets).tolist()
         s.process_result(answer(batch))
     assert offsets == [-1, -1, 0, 1, 2, 3]  # two chunks of 8, then the last 4 prompt tokens sample output 0
     for i in range(6):
         s.add_request(request(f"r{i}", max_new=30, ignore_eos=True, frequency_penalty=0.5))
     readmitted = []
-    while s.reqs:
-        batch = s.schedule()
+    while s.lifecycle.reqs:
+        batch = s.schedule().batch
         readmitted += [nr for nr in batch.new_reqs if nr.output_ids]
         s.process_result(answer(batch, token=11))
     assert s.counters.retracted_requests > 0 and readmitted

@@ -8,7 +8,6 @@ import http.client
 import json
 import time
 import zlib
-from collections.abc import Iterator
 
 import prometheus_client
 import pytest
@@ -25,11 +24,7 @@ LABELS = {"model_name": MODEL}
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RadixServer]:
-    srv = RadixServer("--tokenizer-worker-num", "2", api_key=KEY)
-    yield srv
-    srv.stop_cleanly()
+pytestmark = pytest.mark.server_flags("--tokenizer-worker-num", "2", api_key=KEY)
 
 
 def scrape(server: RadixServer) -> dict[str, float]:
@@ -204,7 +199,7 @@ def _request(rid: str, ids: list[int], max_new: int) -> wire.GenerateTokens:
 
 
 def _run(s: Scheduler) -> None:
-    while (batch := s.schedule()) is not None:
+    while (batch := s.schedule().batch) is not None:
         n = len(wire.from_i32(batch.req_slots))
         s.process_result(wire.StepResult(step=batch.step, next_ids=wire.i32([7] * n),
                                          next_logprobs=bytes(4 * n)))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict, deque
+from collections.abc import Callable
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -18,9 +20,13 @@ from hypothesis import strategies as st
 
 from radixserve import wire
 from radixserve.config import ServerArgs
+from scheduler_proc.control import handle_control
+from scheduler_proc.lifecycle import Outcome
 from scheduler_proc.scheduler import Scheduler
 
 EOS = 2
+BAD_REGEX = "(unclosed"  # the stand-in's compile of it fails
+NO_ADMIT_SEED = 666  # the stand-in cannot admit a request with this seed (StepResult.admit_errors)
 
 
 class StandInWorker:
@@ -31,6 +37,7 @@ class StandInWorker:
         self.results: deque[wire.StepResult] = deque()
         self.placeholders = 0
         self.eos_every = eos_every
+        self.compiling: list[wire.CompileGrammar] = []  # answered with the next step, as a compile takes time
 
     def launch(self, batch: wire.StepBatch) -> None:
         slots, ids = wire.from_i32(batch.req_slots), wire.from_i32(batch.input_ids).copy()
@@ -45,8 +52,13 @@ class StandInWorker:
         tokens = [self._next(int(ids[j]), int(p)) for j, p in zip(last, positions)]
         for slot, tok in zip(slots.tolist(), tokens):
             self.last_sampled[slot] = tok
+        done = [wire.GrammarDone(job.gid, "invalid regex" if job.grammar.source == BAD_REGEX else None)
+                for job in self.compiling]
+        self.compiling = list(batch.grammars)
+        cannot_admit = [(nr.req_slot, "cannot admit it") for nr in batch.new_reqs if nr.seed == NO_ADMIT_SEED]
         self.results.append(wire.StepResult(step=batch.step, next_ids=wire.i32(tokens),
-                                            next_logprobs=np.zeros(len(tokens), np.float32).tobytes()))
+                                            next_logprobs=np.zeros(len(tokens), np.float32).tobytes(),
+                                            grammars_done=done, admit_errors=cannot_admit))
 
     def _next(self, token: int, position: int) -> int:
         value = (token * 31 + position * 7) % 97
@@ -55,30 +67,63 @@ class StandInWorker:
         return 3 + value
 
 
-def drive(s: Scheduler, worker: StandInWorker, overlap: bool, aborts: dict[int, list[str]] | None = None,
-          max_iters: int = 20_000) -> dict[str, list[wire.ReqOut]]:
-    """The scheduler process's loop (scheduler_proc/main.py) over the stand-in; outputs by request id."""
-    outs: dict[str, list[wire.ReqOut]] = defaultdict(list)
+class Record:
+    """What the front ends received, by request id, checked as it arrives: nothing after a request's end."""
 
-    def record(routed: list) -> None:
-        for _, out in routed:
-            assert not outs[out.rid] or outs[out.rid][-1].finish is None, f"{out.rid} got output after its finish"
-            outs[out.rid].append(out)
+    def __init__(self) -> None:
+        self.outs: dict[str, list[wire.ReqOut]] = defaultdict(list)
+        self.rejected: dict[str, wire.Rejected] = {}
 
+    def ended(self, rid: str) -> bool:
+        return rid in self.rejected or bool(self.outs.get(rid)) and self.outs[rid][-1].finish is not None
+
+    def take(self, outcome: Outcome | None) -> None:
+        if outcome is None:
+            return
+        for _, out in outcome.outs:
+            assert not self.ended(out.rid), f"{out.rid} got output after its end"
+            self.outs[out.rid].append(out)
+        for _, reply in outcome.replies:
+            if isinstance(reply, wire.Rejected):
+                assert not self.ended(reply.rid), f"{reply.rid} rejected after its end"
+                self.rejected[reply.rid] = reply
+
+    def received(self, rid: str) -> int:
+        """Output tokens received so far."""
+        return sum(len(o.new_ids) for o in self.outs.get(rid, []))
+
+
+Event = Callable[[Scheduler, Record], "Outcome | None"]
+SHUTDOWN: Event = lambda s, rec: s.shutdown()  # noqa: E731 (drive stops after it)
+
+
+def aborting(at: dict[int, list[str]]) -> dict[int, list[Event]]:
+    """Events that abort each rid at its iteration."""
+    return {it: [lambda s, rec, rid=rid: s.abort(rid) for rid in rids] for it, rids in at.items()}
+
+
+def drive(s: Scheduler, worker: StandInWorker, overlap: bool, events: dict[int, list[Event]] | None = None,
+          max_iters: int = 20_000) -> Record:
+    """The scheduler process's loop (scheduler_proc/main.py) over the stand-in, with `events` (messages from the
+    front ends) at their iterations; what the front ends received. After SHUTDOWN the steps in flight are
+    answered (as the workers would) and the loop returns."""
+    rec = Record()
+    last_event = max(events or {0: []})
     for it in range(max_iters):
-        for rid in (aborts or {}).get(it, []):
-            routed = s.abort(rid)
-            if routed is not None:
-                record([routed])
-        batch = s.schedule()
-        record(s.pending_outs)
-        s.pending_outs = []
-        if batch is not None:
-            worker.launch(batch)
-        if len(s.inflight) > (1 if overlap and batch is not None else 0):
-            record(s.process_result(worker.results.popleft()))
-        if batch is None and not s.inflight and not s.has_work:
-            return outs
+        for event in (events or {}).get(it, []):
+            rec.take(event(s, rec))
+            if event is SHUTDOWN:
+                while s.inflight:
+                    rec.take(s.process_result(worker.results.popleft()))
+                return rec
+        step = s.schedule()
+        rec.take(step)
+        if step.batch is not None:
+            worker.launch(step.batch)
+        if len(s.inflight) > (1 if overlap and step.batch is not None else 0):
+            rec.take(s.process_result(worker.results.popleft()))
+        if step.batch is None and not s.inflight and not s.has_work and it >= last_event:
+            return rec
     raise AssertionError("the scheduler did not go idle")
 
 
@@ -112,7 +157,7 @@ def test_overlap_gives_the_same_tokens(pool: int, radix: bool) -> None:
         for req in _workload(40, seed=1):
             s.add_request(req)
         worker = StandInWorker(eos_every=13)
-        outs = drive(s, worker, overlap)
+        outs = drive(s, worker, overlap).outs
         assert (worker.placeholders > 0) == overlap  # decode inputs still in flight travel as -1
         assert s.counters.retracted_requests > 0 or pool > 300
         s.check_invariants()
@@ -123,22 +168,175 @@ def test_overlap_gives_the_same_tokens(pool: int, radix: bool) -> None:
     assert any(kind == "stop" for _, kind in results[True].values())  # EOS reached inside the overlap window
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(0, 10_000), st.integers(60, 600), st.integers(4, 64), st.data())
-def test_random_traffic_with_overlap_keeps_invariants(seed, pool, chunk, data) -> None:
-    s = _scheduler(pool, chunk)
-    reqs = _workload(12, seed)
-    for req in reqs:
-        if len(req.input_ids) + req.sampling.max_new_tokens < pool - 2:
-            s.add_request(req)
-    aborts: dict[int, list[str]] = defaultdict(list)
-    for req in reqs:
-        if data.draw(st.booleans(), label="abort"):
-            aborts[data.draw(st.integers(0, 40), label="at")].append(req.rid)
-    drive(s, StandInWorker(eos_every=11), overlap=True, aborts=aborts)
+RUNTIME = wire.RuntimeInfo(num_kv_slots=0, context_length=256, vocab_size=1 << 31, device="cpu", dtype="float32",
+                           attention_backend="torch", kv_bytes_per_token=0, weight_bytes=0)
+
+
+def control(call: wire.ControlCall) -> Event:
+    """An event: a control call that must succeed."""
+    def event(s: Scheduler, rec: Record) -> Outcome:
+        outcome = handle_control(s, RUNTIME, call)
+        ((_, reply),) = outcome.replies
+        assert reply.ok, reply.error
+        return outcome
+    return event
+
+
+def submitting(msg: wire.GenerateTokens, arrived: list[str], refused: set[str]) -> Event:
+    """An event: the request arrives (its rid goes to `arrived`, and to `refused` if it is rejected at once)."""
+    def event(s: Scheduler, rec: Record) -> Outcome:
+        arrived.append(msg.rid)
+        outcome = s.submit(msg)
+        if outcome.replies:
+            refused.add(msg.rid)
+        return outcome
+    return event
+
+
+def stop_string(rid: str, back: int) -> Event:
+    """An event: the tokenizer matched a stop string `back` tokens before the end of what it received."""
+    def event(s: Scheduler, rec: Record) -> Outcome:
+        return s.abort(rid, wire.FinishReason(type="stop", matched="STOP", length=max(rec.received(rid) - back, 0)))
+    return event
+
+
+def check_one_end_each(s: Scheduler, rec: Record, rids: list[str], refused: set[str], ends_before: int = 0) -> None:
+    """The one-path invariant after a run: every request answered by exactly one final message, every one the
+    scheduler took and ended with a token message (not a rejection) counted by exactly one end (`ends_before`
+    counted before the run), nothing left, the state's invariants whole."""
+    for rid in rids:
+        finals = (rid in rec.rejected) + sum(o.finish is not None for o in rec.outs.get(rid, []))
+        assert finals == 1, f"{rid}: {finals} final messages"
+    rejected_later = set(rec.rejected) - refused
+    assert s.counters.finished_requests + s.counters.aborted_requests - ends_before == (
+        len(rids) - len(refused) - len(rejected_later))
+    for seq in rec.outs.values():
+        final, received = seq[-1], sum(len(o.new_ids) for o in seq)
+        if final.finish.matched == "STOP":  # the output ends where the stop string did
+            assert final.completion_tokens == final.finish.length <= received
+        else:
+            assert final.completion_tokens == received
     s.check_invariants()
-    assert not s.running and not s.waiting and not s.reqs
+    assert not s.running and not s.waiting and not s.lifecycle.reqs and not len(s.grammars)
+
+
+def check_no_kv_held(s: Scheduler) -> None:
+    """0 leaked slots: with every session closed, each KV slot is free or evictable."""
+    for sid in list(s.sessions.sessions):
+        control(wire.CloseSession(call_id="close", session_id=sid))(s, Record())
+    s.check_invariants()
+    assert s.sessions.pinned_tokens == 0
     assert s.allocator.num_free + s.cache.evictable_size == s.allocator.capacity
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(60, 600), st.integers(4, 64), st.data())
+def test_random_traffic_ends_every_request_once(overlap, seed, pool, chunk, data) -> None:
+    """Random traffic that ends requests every way there is — EOS, max_new_tokens, the context, a stop string
+    (an Abort with a finish), an abort, a disconnect, an invalid grammar, the workers unable to admit, alone and
+    out of KV (prompts near the pool's size), the server shutting down — with sessions closed (and reopened
+    under the same id) while their turns run, and retraction in small pools. Checked after each run: one final
+    message and one end per request (a second end is an AssertionError in Lifecycle.end), and 0 leaked slots."""
+    def draw(strategy, label: str):
+        return data.draw(strategy, label=label)
+
+    s = _scheduler(pool, chunk, session_kv_budget=pool // 3)
+    events: dict[int, list[Event]] = defaultdict(list)
+    rids: list[str] = []
+    refused: set[str] = set()
+
+    def arrive(at: int, msg: wire.GenerateTokens) -> None:
+        events[at].append(submitting(msg, rids, refused))
+
+    for sid in ("s0", "s1"):
+        events[0].append(control(wire.OpenSession(call_id=sid, session_id=sid)))
+        closed = draw(st.integers(0, 60) | st.none(), f"close {sid} at")
+        if closed is not None:
+            events[closed].append(control(wire.CloseSession(call_id=sid, session_id=sid)))
+            if draw(st.booleans(), f"reopen {sid}"):
+                events[closed + 1 + draw(st.integers(0, 10), "later")].append(
+                    control(wire.OpenSession(call_id=sid, session_id=sid)))
+    for req in _workload(12, seed):
+        kind = draw(st.sampled_from(["plain", "plain", "regex", "bad regex", "no admit", "turn"]), "kind")
+        sp = req.sampling
+        if kind in ("regex", "bad regex"):
+            sp = msgspec.structs.replace(sp, regex="[a-z]+" if kind == "regex" else BAD_REGEX)
+        elif kind == "no admit":
+            sp = msgspec.structs.replace(sp, seed=NO_ADMIT_SEED)
+        session = wire.SessionParams(id=draw(st.sampled_from(["s0", "s1"]), "session")) if kind == "turn" else None
+        arrive(0, msgspec.structs.replace(req, sampling=sp, session=session))
+        if session is not None and draw(st.booleans(), "next turn"):  # continues this one (or is refused)
+            arrive(draw(st.integers(1, 60), "next turn at"),
+                   wire.GenerateTokens(rid=req.rid + "+", input_ids=[5, 6], eos_token_ids=[EOS],
+                                       session=wire.SessionParams(id=session.id, rid=req.rid), sampling=sp))
+        end = draw(st.sampled_from([None, None, "abort", "disconnect", "stop string"]), "ended by")
+        at = draw(st.integers(0, 60), "at")
+        if end == "abort":
+            events[at].append(lambda s, rec, rid=req.rid: s.abort(rid))
+        elif end == "disconnect":  # the tokenizer's Abort when the client went away
+            events[at].append(lambda s, rec, rid=req.rid: s.abort(
+                rid, wire.FinishReason(type="abort", message="the client disconnected")))
+        elif end == "stop string":
+            events[at].append(stop_string(req.rid, draw(st.integers(0, 3), "back")))
+    if draw(st.booleans(), "shutdown"):
+        events[draw(st.integers(0, 80), "shutdown at")].append(SHUTDOWN)
+    rec = drive(s, StandInWorker(eos_every=11), overlap, events)
+    check_one_end_each(s, rec, rids, refused)
+    check_no_kv_held(s)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_every_way_of_ending_goes_through_the_one_end(overlap: bool) -> None:
+    """Each way of ending once, by name, in one run (then a shutdown in a second): what each request's final
+    message says, one end each, 0 leaked slots; a session closed (and reopened) while its turn runs, and a
+    request retracted on the way."""
+    s = _scheduler(100, chunk=32, session_kv_budget=30)
+    rids: list[str] = []
+    refused: set[str] = set()
+
+    def req(rid: str, n: int = 8, max_new: int = 30, **sampling) -> wire.GenerateTokens:
+        sp = wire.SamplingParams(max_new_tokens=max_new, **{"ignore_eos": True, **sampling})
+        start = 10 + 3 * len(arrivals)
+        return wire.GenerateTokens(rid=rid, input_ids=list(range(start, start + n)), eos_token_ids=[EOS], sampling=sp)
+
+    arrivals: list[wire.GenerateTokens] = []
+    for args in [("eos", 8, 30, {"ignore_eos": False}), ("length", 8, 3, {}), ("stop string", 8, 30, {}),
+                 ("abort", 8, 30, {}), ("disconnect", 8, 30, {}), ("bad grammar", 8, 30, {"regex": BAD_REGEX}),
+                 ("no admit", 8, 30, {"seed": NO_ADMIT_SEED}), ("turn", 8, 12, {}), ("long", 20, 60, {}),
+                 ("long 2", 20, 60, {}), ("alone", 60, 150, {})]:
+        arrivals.append(req(args[0], args[1], args[2], **args[3]))
+    arrivals[7] = msgspec.structs.replace(arrivals[7], session=wire.SessionParams(id="s0"))
+    events: dict[int, list[Event]] = defaultdict(list)
+    events[0] = [control(wire.OpenSession(call_id="open", session_id="s0"))]
+    events[0] += [submitting(msg, rids, refused) for msg in arrivals]
+    events[3] = [lambda s, rec: s.abort("abort"), control(wire.CloseSession(call_id="close", session_id="s0"))]
+    events[4] = [control(wire.OpenSession(call_id="reopen", session_id="s0"))]
+    events[5] = [lambda s, rec: s.abort("disconnect", wire.FinishReason(type="abort", message="disconnected"))]
+    events[8] = [stop_string("stop string", back=1)]
+    rec = drive(s, StandInWorker(eos_every=5), overlap, events)
+    check_one_end_each(s, rec, rids, refused)
+    finals = {rid: seq[-1].finish for rid, seq in rec.outs.items()}
+    assert {rid: (r.status, r.message) for rid, r in rec.rejected.items()} == {
+        "bad grammar": (400, "invalid regex"), "no admit": (400, "cannot admit it")}
+    assert finals["eos"].type == "stop" and finals["eos"].matched == EOS
+    assert finals["length"] == wire.FinishReason(type="length", length=3)
+    assert finals["stop string"].matched == "STOP" and rec.outs["stop string"][-1].completion_tokens >= 1
+    assert finals["abort"] == wire.FinishReason(type="abort", message="aborted")
+    assert finals["disconnect"] == wire.FinishReason(type="abort", message="disconnected")
+    assert finals["turn"] == wire.FinishReason(type="length", length=12)  # its session closed meanwhile
+    assert finals["long"] == finals["long 2"] == wire.FinishReason(type="length", length=60)
+    assert finals["alone"].type == "length" and finals["alone"].length < 150  # out of KV, alone: it ends there
+    assert s.counters.retracted_requests > 0
+    assert s.sessions.sessions["s0"].running == 0 and s.sessions.pinned_tokens == 0  # the reopened s0: untouched
+
+    ends_before, late = s.counters.finished_requests + s.counters.aborted_requests, []
+    events = {0: [submitting(req(f"late{i}"), late, refused) for i in range(3)], 3: [SHUTDOWN]}
+    rec = drive(s, StandInWorker(), overlap, events)
+    assert {rid: seq[-1].finish.message for rid, seq in rec.outs.items()} == {
+        f"late{i}": "the server is shutting down" for i in range(3)}
+    check_one_end_each(s, rec, late, refused, ends_before)
+    check_no_kv_held(s)
 
 
 def test_a_thousand_random_aborts_leak_no_kv() -> None:
@@ -150,13 +348,13 @@ def test_a_thousand_random_aborts_leak_no_kv() -> None:
     for i, req in enumerate(reqs):
         s.add_request(req) if i < 200 else None
         aborts[rng.randrange(0, 400)].append(req.rid)
-    outs = drive(s, worker, overlap=True, aborts=aborts)
+    outs = drive(s, worker, overlap=True, events=aborting(aborts)).outs
     for req in reqs[200:]:  # a second wave arrives while the first is being aborted
         s.add_request(req)
-    outs2 = drive(s, worker, overlap=True, aborts={i: [r.rid for r in reqs[200 + 4 * i: 204 + 4 * i]]
-                                                   for i in range(200)})
+    outs2 = drive(s, worker, overlap=True, events=aborting({i: [r.rid for r in reqs[200 + 4 * i: 204 + 4 * i]]
+                                                            for i in range(200)})).outs
     s.check_invariants()
-    assert not s.running and not s.waiting and not s.reqs
+    assert not s.running and not s.waiting and not s.lifecycle.reqs
     assert s.allocator.num_free + s.cache.evictable_size == s.allocator.capacity
     finished = {rid: seq[-1].finish.type for rid, seq in (outs | outs2).items()}
     assert len(finished) == 1000 and sum(kind == "abort" for kind in finished.values()) > 500

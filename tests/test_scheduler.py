@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from radixserve import wire
 from radixserve.config import ServerArgs
+from scheduler_proc.control import handle_control
+from scheduler_proc.lifecycle import Outcome
 from scheduler_proc.prefill import ComputingPrompts
 from scheduler_proc.queues import RunningSet, WaitingQueue
 from scheduler_proc.request import Req, Stage
@@ -36,12 +38,11 @@ def request(rid: str, ids: list[int], max_new: int = 8, **kw) -> wire.GenerateTo
 def run_until_idle(s: Scheduler, max_steps: int = 10_000) -> list[wire.ReqOut]:
     outs = []
     for _ in range(max_steps):
-        batch = s.schedule()
-        outs += [o for _, o in s.pending_outs]
-        s.pending_outs = []
-        if batch is None:
+        step = s.schedule()
+        outs += [o for _, o in step.outs]
+        if step.batch is None:
             break
-        outs += [o for _, o in s.process_result(answer(batch))]
+        outs += [o for _, o in s.process_result(answer(step.batch)).outs]
         s.check_invariants()
     return outs
 
@@ -52,8 +53,8 @@ def test_decode_step_message_does_not_grow_with_context():
     for i in range(64):
         s.add_request(request(f"r{i}", list(np.random.default_rng(i).integers(3, 30000, 4096)), max_new=16))
     while any(r.stage.value != "decode" for r in s.running) or s.waiting:
-        s.process_result(answer(s.schedule()))
-    batch = s.schedule()
+        s.process_result(answer(s.schedule().batch))
+    batch = s.schedule().batch
     assert batch.is_decode and len(wire.from_i32(batch.req_slots)) == 64
     size = len(wire.encoder.encode(batch))
     assert size < 8 * 1024, f"a 64-request decode step at 4k context is {size} bytes"
@@ -63,14 +64,14 @@ def test_abort_in_every_stage_releases_kv():
     s = Scheduler(ServerArgs(max_running_requests=4, chunked_prefill_size=16), num_kv_slots=200, context_length=512)
     s.add_request(request("waiting-1", list(range(3, 43))))
     s.add_request(request("chunked", list(range(3, 63))))
-    s.process_result(answer(s.schedule()))  # first chunk of "waiting-1"
+    s.process_result(answer(s.schedule().batch))  # first chunk of "waiting-1"
     s.check_invariants()
     s.abort("waiting-1")  # mid-prefill
     s.abort("chunked")  # still waiting
     s.check_invariants()
     s.add_request(request("decoding", list(range(3, 13)), max_new=50, ignore_eos=True))
     for _ in range(4):
-        s.process_result(answer(s.schedule()))
+        s.process_result(answer(s.schedule().batch))
     s.abort("decoding")
     s.check_invariants()
     assert not s.running and not s.waiting
@@ -99,7 +100,7 @@ def test_invariants_hold_under_random_traffic(reqs, chunk, pool, data):
         ids = [3 + family] * 5 + list(range(10 + i, 10 + i + length))
         s.add_request(request(f"r{i}", ids[: max(1, min(length, pool - 2))], max_new=max_new))
     for step in range(400):
-        batch = s.schedule()
+        batch = s.schedule().batch
         if batch is None:
             break
         s.process_result(answer(batch, token=data.draw(st.integers(3, 50), label="token")))
@@ -127,7 +128,7 @@ def test_a_chunked_prompt_is_shared_while_it_is_still_being_computed():
     long = list(range(100, 400))
     s.add_request(request("long", long, max_new=2))
     for _ in range(3):  # three chunks of 64 tokens are in the tree now
-        s.process_result(answer(s.schedule()))
+        s.process_result(answer(s.schedule().batch))
     s.check_invariants()
     assert s.cache.peek_prefix_len(np.asarray(long)) >= 192
 
@@ -159,7 +160,7 @@ def test_decode_batches_group_requests_that_share_a_long_prefix():
         s.add_request(request(f"u{i}", list(rng.integers(3, 30000, 50)), max_new=12, ignore_eos=True))
     grouped_steps = 0
     for _ in range(200):
-        batch = s.schedule()
+        batch = s.schedule().batch
         if batch is None:
             break
         if batch.is_decode and batch.prefix_groups:
@@ -186,7 +187,7 @@ def test_no_prefix_groups_when_little_is_shared_or_cascade_is_off():
             s.add_request(request(f"r{i}", system + [5 + i], max_new=6, ignore_eos=True))
         decode_steps = 0
         for _ in range(100):
-            batch = s.schedule()
+            batch = s.schedule().batch
             if batch is None:
                 break
             assert not batch.prefix_groups
@@ -281,7 +282,7 @@ def test_a_retracted_request_goes_back_to_the_front_of_the_queue():
     s.add_request(request("y", list(range(20, 28)), max_new=10, ignore_eos=True))
     s.add_request(request("z", list(range(40, 48)), max_new=10, ignore_eos=True))  # no free row: waits
     while not s.counters.retracted_requests:
-        s.process_result(answer(s.schedule()))
+        s.process_result(answer(s.schedule().batch))
     assert [r.rid for r in s.waiting] == ["y", "z"] and [r.rid for r in s.running] == ["x"]
 
 
@@ -298,7 +299,7 @@ def test_info_counts_exactly_after_admit_finish_abort_retract(caplog):
     # 5 tokens each: y (the later admitted) is retracted; x decodes to 10; y comes back (its prompt cached).
     steps = 0
     with caplog.at_level(logging.WARNING, logger="radixserve.scheduler"):
-        while (batch := s.schedule()) is not None:
+        while (batch := s.schedule().batch) is not None:
             s.process_result(answer(batch))
             steps += 1
             if steps == 6:  # the step before the retraction: the KV is full
@@ -308,7 +309,7 @@ def test_info_counts_exactly_after_admit_finish_abort_retract(caplog):
     assert [r.message for r in caplog.records] == ["KV cache full: retracting request y (13 tokens)"]
     s.add_request(request("w", list(range(20, 28)) + [60], max_new=10, ignore_eos=True))  # y's prompt: cached
     for _ in range(2):
-        s.process_result(answer(s.schedule()))
+        s.process_result(answer(s.schedule().batch))
     s.abort("w")  # while decoding
     s.check_invariants()
     s.cache.check_invariants = s.allocator.free_slots = None  # info() walks nothing
@@ -346,7 +347,7 @@ def test_invariant_checks_run_only_when_enabled_and_idle():
     assert s.maybe_check_invariants() == "ok" and calls == [1]
     assert s.maybe_check_invariants() == "ok" and calls == [1]  # nothing changed: the last result
     s.add_request(request("a", list(range(3, 13)), max_new=3))
-    batch = s.schedule()
+    batch = s.schedule().batch
     assert s.maybe_check_invariants() == "ok" and calls == [1]  # a step in flight
     s.process_result(answer(batch))
     assert s.maybe_check_invariants() == "ok" and calls == [1]  # running
@@ -369,7 +370,7 @@ def test_token_ids_are_checked_against_the_vocabulary():
         assert e.value.status == 400
     with pytest.raises(RequestError, match=r"^token ids must be in \[0, 100\); got \[100, -3\]$"):
         s.add_request(request("r", [5, 6], stop_token_ids=[100, 4, -3]))
-    assert not s.reqs and not s.waiting
+    assert not s.lifecycle.reqs and not s.waiting
     s.add_request(request("r", [0, 99], stop_token_ids=[99]))
     (req,) = s.waiting
     assert req.prompt_ids.dtype == np.int32 and req.prompt_ids.tolist() == [0, 99] and 99 in req.stop_ids
@@ -390,3 +391,64 @@ def test_session_pins_are_counted_as_turns_end_and_sessions_close():
     s.check_invariants()
     info = s.info()
     assert (info.num_sessions, info.session_pinned_tokens, info.session_kv_budget) == (1, 0, 40)
+
+
+def test_a_stop_string_before_a_retraction_point_keeps_the_tree_whole():
+    """A re-admitted request's cached prefix holds output (its KV went into the tree at retraction); a stop string
+    that ends the output inside that prefix drops the tokens, not the tree's KV."""
+    s = Scheduler(ServerArgs(max_running_requests=2, new_token_ratio=0.05), num_kv_slots=25, context_length=64)
+    s.add_request(request("x", list(range(3, 11)), max_new=10, ignore_eos=True))
+    s.add_request(request("y", list(range(20, 28)), max_new=10, ignore_eos=True))
+    while not s.counters.retracted_requests:
+        s.process_result(answer(s.schedule().batch))
+    y = s.lifecycle.reqs["y"]
+    while y.stage != Stage.DECODE:
+        s.process_result(answer(s.schedule().batch))
+    assert y.prefix_len > len(y.prompt_ids) + 1  # its prefix in the tree holds output
+    ((_, out),) = s.abort("y", wire.FinishReason(type="stop", matched="\n", length=1)).outs
+    assert out.completion_tokens == 1 and y.output_ids == [7]
+    s.check_invariants()
+    run_until_idle(s)
+    assert s.allocator.num_free + s.cache.evictable_size == s.allocator.capacity
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_request_the_workers_cannot_admit_ends_alone(overlap):
+    """StepResult.admit_errors: that request ends with a 400 and its message, its KV freed; the step's other
+    requests go on. With overlap the next step (which carries it again) is in flight when the error comes."""
+    s = Scheduler(ServerArgs(max_running_requests=4), num_kv_slots=200, context_length=128)
+    for rid in ("a", "bad", "c"):
+        s.add_request(request(rid, list(range(3, 13)), max_new=4, ignore_eos=True))
+    first = s.schedule().batch
+    slot = {nr.req_slot for nr in first.new_reqs} - {s.lifecycle.reqs[r].req_slot for r in ("a", "c")}
+    second = s.schedule().batch if overlap else None
+    result = answer(first)
+    result.admit_errors = [(slot.pop(), "cannot build its grammar matcher")]
+    outcome = s.process_result(result)
+    assert [(r.rid, r.status, r.message) for _, r in outcome.replies] == [
+        ("bad", 400, "cannot build its grammar matcher")]
+    assert sorted(o.rid for _, o in outcome.outs) == ["a", "c"] and "bad" not in s.lifecycle.reqs
+    assert (s.counters.finished_requests, s.counters.aborted_requests) == (0, 0)  # a rejection: counted nowhere
+    if second is not None:
+        assert not [o for _, o in s.process_result(answer(second)).outs if o.rid == "bad"]
+    outs = run_until_idle(s)
+    assert {o.rid: o.completion_tokens for o in outs if o.finish is not None} == {"a": 4, "c": 4}
+    assert s.allocator.num_free + s.cache.evictable_size == s.allocator.capacity
+
+
+def test_a_request_ends_once_and_an_unknown_control_call_is_an_error():
+    s = Scheduler(ServerArgs(max_running_requests=4), num_kv_slots=200, context_length=128)
+    s.add_request(request("r", list(range(3, 13)), max_new=4))
+    s.process_result(answer(s.schedule().batch))
+    req = s.lifecycle.reqs["r"]
+    assert len(s.abort("r").outs) == 1 and not s.abort("r").outs  # the second finds nothing to end
+    with pytest.raises(AssertionError, match="ended twice"):
+        s.lifecycle.end(req, wire.FinishReason(type="abort", message="again"), Outcome())
+    s.check_invariants()
+    assert s.allocator.num_free + s.cache.evictable_size == s.allocator.capacity
+    runtime = wire.RuntimeInfo(num_kv_slots=200, context_length=128, vocab_size=100, device="cpu", dtype="float32",
+                               attention_backend="torch", kv_bytes_per_token=0, weight_bytes=0)
+    with pytest.raises(TypeError, match="no handler for control call Abort"):
+        handle_control(s, runtime, wire.Abort(rid="r"))
+    (dest, reply), = handle_control(s, runtime, wire.CloseSession(call_id="c", session_id="none", reply_to=2)).replies
+    assert dest == 2 and reply.status == 400 and "not open" in reply.error

@@ -20,8 +20,7 @@ def _request(rid: str, ids: list[int]) -> wire.GenerateTokens:
 
 
 def _step(s: Scheduler) -> None:
-    batch = s.schedule()
-    s.pending_outs = []
+    batch = s.schedule().batch
     if batch is not None:
         n = len(wire.from_i32(batch.req_slots))
         s.process_result(wire.StepResult(step=batch.step, next_ids=wire.i32([7] * n),

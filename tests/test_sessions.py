@@ -135,3 +135,21 @@ def test_chat_continuation_closes_a_turn_cut_by_length(engine):
                                                  + len(close) + len(new))
     engine.close_session(sid)
     engine.check_invariants()
+
+
+def test_a_turn_outliving_its_session_leaves_a_reopened_one_alone():
+    """A session closed while its turn runs, then opened again under the same id: the old turn's end changes
+    nothing in the new session (its running count, its turns)."""
+    table = SessionTable(None, budget=0, max_sessions=4)
+    table.open("s", 0, None)
+    table.start_turn("old", SessionParams(id="s"), [1, 2])
+    table.close("s")
+    table.open("s", 0, None)
+    table.start_turn("new", SessionParams(id="s"), [3])
+    table.end_turn("old", [5], None)
+    session = table.sessions["s"]
+    assert session.running == 1 and set(session.turns) == {"new"}
+    table.check_invariants()
+    table.end_turn("new", [6], None)
+    assert session.running == 0 and session.turns["new"].output_ids == [6]
+    table.check_invariants()
