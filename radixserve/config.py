@@ -32,6 +32,9 @@ class ServerArgs:
     dtype: Dtype = "auto"
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     tp_size: int = field(default=1, metadata={"help": "tensor-parallel ranks over all nodes"})
+    ep_size: int = field(default=1, metadata={
+        "help": "expert-parallel ranks: MoE experts go whole to --ep-size groups of the --tp-size ranks (divides it; "
+                "1: every rank holds a slice of every expert)"})
     nnodes: int = field(default=1, metadata={"help": "nodes that share the --tp-size ranks (docs/deploy.md)"})
     node_rank: int = field(default=0, metadata={
         "help": "this node's index; node 0 serves HTTP, the others run workers only"})
@@ -100,6 +103,8 @@ class ServerArgs:
     def __post_init__(self) -> None:
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
+        if self.ep_size < 1 or self.tp_size % self.ep_size:
+            raise ValueError(f"ep_size ({self.ep_size}) must be >= 1 and divide tp_size ({self.tp_size})")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes or self.tp_size % self.nnodes:
             raise ValueError("nnodes must be >= 1 and divide tp_size, and 0 <= node_rank < nnodes")
         if self.nnodes > 1 and not _is_host_port(self.dist_init_addr):

@@ -85,7 +85,8 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
                      " ".join(waits) or "libgomp's default")
         else:
             torch.cuda.set_device(device)
-        parallel.init_tp(rank, args.tp_size, nodes.tp_init_method(ipc), "nccl" if device.type == "cuda" else "gloo")
+        parallel.init_tp(rank, args.tp_size, nodes.tp_init_method(ipc), "nccl" if device.type == "cuda" else "gloo",
+                         args.ep_size)
         runner = ModelRunner(args, rank, model_dir)
         if out is not None:
             gpu_used = gpu_free = 0
