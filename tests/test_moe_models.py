@@ -109,7 +109,8 @@ def per_token_experts(x, w13, w2, weights, ids):
 def test_grouped_experts_equal_per_token_loop():
     """Experts with no tokens, one expert chosen by every token, and ids of another rank's experts (skipped)."""
     g = torch.Generator().manual_seed(0)
-    x, w13, w2 = torch.randn(9, 16, generator=g), torch.randn(5, 24, 16, generator=g), torch.randn(5, 16, 12, generator=g)
+    x, w13 = torch.randn(9, 16, generator=g), torch.randn(5, 24, 16, generator=g)
+    w2 = torch.randn(5, 16, 12, generator=g)
     logits = torch.randn(9, 8, generator=g)
     logits[:, 2] += 10  # every token picks expert 2
     weights, ids = route(logits, Routing(8, 3, renormalize=True, round_weights=False))
@@ -140,3 +141,30 @@ def test_registry_by_model_type():
 
     for model_type, name in (("qwen3_moe", "Qwen3MoeForCausalLM"), ("mixtral", "MixtralForCausalLM")):
         assert model_class(SimpleNamespace(architectures=None, model_type=model_type)).__name__ == name
+
+
+@pytest.mark.parametrize("name,params,active", [("qwen3-30b-a3b", 30.53e9, 3.35e9), ("mixtral-8x7b", 46.70e9, 12.88e9)])
+def test_shipped_configs_build_and_floor_counts_experts_read(name, params, active):
+    """The published configs build (on the meta device: shapes only) with their published parameter counts,
+    and bench one-batch's floor reads the dense part plus the experts a step's tokens are expected to touch."""
+    from pathlib import Path
+
+    from radixserve.bench.one_batch import ModelShape
+
+    config = load_hf_config(Path(__file__).resolve().parent.parent / "radixserve" / "model_configs" / name)
+    with torch.device("meta"):
+        model = build_model(config, torch.bfloat16, "meta")
+    total = sum(p.numel() for p in model.parameters())
+    assert total == pytest.approx(params, rel=1e-3)
+    shape = ModelShape.of(config, {"dtype": "bfloat16", "weight_bytes": 2 * total, "kv_bytes_per_token": 0})
+    vocab = 2 * shape.vocab_params
+    dense = shape.body_params - shape.expert_params
+    routed = sum(m.experts.w13.numel() + m.experts.w2.numel() for m in model.modules() if hasattr(m, "experts"))
+    assert shape.expert_params == routed
+    assert shape.experts_read(1) == pytest.approx(shape.top_k)
+    assert shape.top_k < shape.experts_read(64) < shape.num_experts
+    one, _ = shape.step(1, 1, 0, 0)  # one token: its top_k experts in each MoE layer
+    assert one == pytest.approx(2 * (dense + routed * shape.top_k / shape.num_experts + vocab / 2))
+    assert dense + routed * shape.top_k / shape.num_experts + vocab == pytest.approx(active, rel=1e-2)
+    many, _ = shape.step(100_000, 1, 0, 0)  # a long prefill touches every expert
+    assert many == pytest.approx(2 * (shape.body_params + vocab / 2))
