@@ -168,3 +168,13 @@ def test_shipped_configs_build_and_floor_counts_experts_read(name, params, activ
     assert dense + routed * shape.top_k / shape.num_experts + vocab == pytest.approx(active, rel=1e-2)
     many, _ = shape.step(100_000, 1, 0, 0)  # a long prefill touches every expert
     assert many == pytest.approx(2 * (shape.body_params + vocab / 2))
+
+
+def test_ep_size_flag():
+    from radixserve.config import FlagError, ServerArgs
+
+    assert ServerArgs(tp_size=4, ep_size=2).ep_size == 2
+    with pytest.raises(FlagError, match="--ep-size must divide --tp-size"):
+        ServerArgs(tp_size=4, ep_size=3)
+    with pytest.raises(FlagError, match="--ep-size 0"):
+        ServerArgs(ep_size=0)
