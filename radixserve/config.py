@@ -67,8 +67,8 @@ class ServerArgs:
     device: Annotated[Device, doc("where the workers compute (auto: cuda if there is a GPU)")] = "auto"
     tp_size: Annotated[Count, doc("tensor-parallel ranks over all nodes")] = 1
     ep_size: Annotated[Count, doc(
-        "expert-parallel ranks: MoE experts go whole to --ep-size groups of the --tp-size ranks (it divides "
-        "--tp-size; 1: every rank holds a slice of every expert)")] = 1
+        "expert parallelism: MoE experts are placed whole on this many groups of the TP ranks (it divides the TP "
+        "size; 1: every rank holds a slice of every expert)")] = 1
     nnodes: Annotated[Count, doc("nodes that share the --tp-size ranks (docs/deploy.md)")] = 1
     node_rank: Annotated[Index, doc("this node's index; node 0 serves HTTP, the others run workers only")] = 0
     dist_init_addr: Annotated[str | None, doc(

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from model_harness import greedy, tp_worker
-from test_models import _free_port, hf_reference, ours, prompts
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from test_models import _free_port, assert_greedy_matches_hf, ours, prompts, random_hf_model
+from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from radixserve.model_files import load_hf_config
 from worker_proc.layers import SiluAndMul
@@ -40,32 +40,17 @@ def tiny_config(kind: str):
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory) -> dict[str, tuple[str, torch.nn.Module]]:
+    """kind -> (saved HF directory, the HF model with every parameter randomised)."""
     out = {}
     for i, kind in enumerate(KINDS):
-        torch.manual_seed(10 + i)
-        hf = AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn_like(p))
-        hf.generation_config.eos_token_id = None
-        hf.generation_config.pad_token_id = 0
         path = tmp_path_factory.mktemp(kind)
-        hf.save_pretrained(path)
-        out[kind] = (str(path), hf)
+        out[kind] = (str(path), random_hf_model(tiny_config(kind), 10 + i, path))
     return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_hf(tiny_moe, kind):
-    model_dir, hf = tiny_moe[kind]
-    model = ours(model_dir)
-    assert type(model).__name__ == type(hf).__name__
-    batch = prompts()
-    logits, tokens = greedy(model, batch, STEPS)
-    for i, prompt in enumerate(batch):
-        expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=STEPS + 1)[0, len(prompt):]
-        assert tokens[i] == expected.tolist()
-        torch.testing.assert_close(logits[:, i], hf_reference(hf, prompt, tokens[i]), atol=1e-4, rtol=0)
+    assert_greedy_matches_hf(*tiny_moe[kind], steps=STEPS)
 
 
 def test_layer_kinds(tiny_moe):
