@@ -163,3 +163,13 @@ def test_ep_size_flag():
         ServerArgs(tp_size=4, ep_size=3)
     with pytest.raises(FlagError, match="--ep-size 0"):
         ServerArgs(ep_size=0)
+
+
+@pytest.mark.parametrize("parallel", [{}, {"tp_size": 2, "ep_size": 2}], ids=["tp1", "tp2-ep2"])
+def test_engine_matches_hf(tiny_moe, parallel):
+    """The Engine end to end (scheduler and worker processes, chunked prefill, a radix-cache hit) on Qwen2-MoE:
+    HF's greedy tokens on one rank and under --tp-size 2 --ep-size 2."""
+    from test_engine_models import PROMPTS, engine_greedy, hf_greedy
+
+    model_dir, hf = tiny_moe["qwen2_moe"]
+    assert engine_greedy(model_dir, **parallel) == [hf_greedy(hf, p) for p in PROMPTS]
