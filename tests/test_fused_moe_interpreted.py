@@ -44,7 +44,7 @@ def check_fused_moe() -> None:
 
     g = torch.Generator().manual_seed(0)
     hidden, inter, experts = 40, 24, 6
-    for tokens, top_k, offset, dtype in ((1, 2, 0, torch.float32), (5, 3, 2, torch.float32),
+    for tokens, top_k, offset, dtype in ((0, 2, 0, torch.float32), (1, 2, 0, torch.float32), (5, 3, 2, torch.float32),
                                          (70, 2, 0, torch.float32), (13, 2, 1, torch.float16)):
         x = torch.randn(tokens, hidden, generator=g).to(dtype)
         w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
@@ -58,6 +58,7 @@ def check_fused_moe() -> None:
         assert got.shape == x.shape and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+        assert tokens == 0 or want.abs().max() > 0.1  # not trivially zero
     print("fused_moe ok")
 
 
