@@ -122,7 +122,9 @@ class FusedExperts(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     """Router (`gate`, replicated) -> experts -> all-reduce; with `shared` a dense MLP every token also goes
-    through, scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE)."""
+    through, scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE). `shared` returns its rank's partial sum (a
+    LlamaMLP with reduce=False): the gate is the same on every rank, so gated partial sums meet in the experts'
+    one all-reduce."""
 
     def __init__(self, hidden: int, intermediate: int, routing: Routing, shared: nn.Module | None,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -137,10 +139,10 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(F.linear(x, self.gate.weight), self.routing)
-        out = tp_all_reduce(self.experts(x, weights, ids))
+        out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
-        return out
+        return tp_all_reduce(out)
 
 
 class _Replicated(nn.Module):

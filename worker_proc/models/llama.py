@@ -78,15 +78,16 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any, arch: Arch, dtype: torch.dtype, device: Device,
-                 intermediate_size: int | None = None) -> None:
-        """`intermediate_size`: where not config.intermediate_size (a MoE model's shared expert)."""
+                 intermediate_size: int | None = None, reduce: bool = True) -> None:
+        """`intermediate_size`: where not config.intermediate_size; `reduce=False`: down's partial sum, not
+        all-reduced (a MoE model's shared expert, summed with the experts' before one all-reduce)."""
         super().__init__()
         if config.hidden_act != "silu":
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
         inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], arch.mlp_bias, dtype, device)
         self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, arch.mlp_bias, dtype, device)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, arch.mlp_bias, dtype, device, reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))

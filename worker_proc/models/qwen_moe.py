@@ -38,7 +38,7 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
         routing = Routing(config.num_experts, config.num_experts_per_tok, bool(config.norm_topk_prob),
                           round_weights=True)
-        shared = LlamaMLP(config, dense, dtype, device, config.shared_expert_intermediate_size) \
+        shared = LlamaMLP(config, dense, dtype, device, config.shared_expert_intermediate_size, reduce=False) \
             if cls.shared_expert else None
         return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, routing, shared, dtype, device)
 
