@@ -173,3 +173,14 @@ def test_engine_matches_hf(tiny_moe, parallel):
 
     model_dir, hf = tiny_moe["qwen2_moe"]
     assert engine_greedy(model_dir, **parallel) == [hf_greedy(hf, p) for p in PROMPTS]
+
+
+def test_load_weights_names_a_missing_expert(tiny_moe):
+    from worker_proc.weights import iter_safetensors
+
+    model_dir, _ = tiny_moe["mixtral"]
+    weights = dict(iter_safetensors(model_dir))
+    model = build_model(load_hf_config(model_dir), torch.float32, "cpu")
+    dropped = "model.layers.1.block_sparse_moe.experts.3.w3.weight"  # expert 3's up projection
+    with pytest.raises(ValueError, match=r"never loaded: model\.layers\.1\.mlp\.experts\.w13\[\(3, 1\)\]"):
+        model.load_weights((n, t) for n, t in weights.items() if n != dropped)
