@@ -21,7 +21,7 @@ class RaggedRunner:
         self.model, self.device = model, param.device
         self.kv = KVCache(model.num_layers, max_reqs * context_len + 1, model.num_kv_heads_local,
                           model.head_dim, param.dtype, self.device)
-        self.attn = TorchBackend(self.kv, model.num_q_heads_local, model.head_dim)
+        self.attn = TorchBackend(self.kv, model.num_q_heads_local, model.head_dim, model.attention_layers)
         self.req_to_token = torch.zeros(max_reqs, context_len, dtype=torch.int32, device=self.device)
         self.lens = [0] * max_reqs
         self.next_kv_slot = 1  # slot 0 is padding

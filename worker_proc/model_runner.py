@@ -97,13 +97,6 @@ class ModelRunner:
         if args.context_length and args.context_length > self.context_length:
             log.warning("--context-length %d exceeds the model's %d positions: using %d", args.context_length,
                         self.context_length, self.context_length)
-        # Mistral attends within a sliding window, which the attention backends do not apply: up to the
-        # window the results are exact, so the context stops there.
-        window = getattr(hf_config, "sliding_window", None) if hf_config.model_type == "mistral" else None
-        if window and window < self.context_length:
-            log.warning("the model's sliding window (%d tokens) is not implemented: context length %d, not %d",
-                        window, window, self.context_length)
-            self.context_length = window
         # Everything else that lives on the device is allocated before the KV pool is sized, so that
         # --mem-fraction-static's budget counts it.
         # Mirror of the scheduler's block table; rows are req slots, kept in sync by every StepBatch.
@@ -137,7 +130,8 @@ class ModelRunner:
         log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
                  self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
         self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
-        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim)
+        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim,
+                                                         m.attention_layers)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache)

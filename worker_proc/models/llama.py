@@ -1,7 +1,6 @@
-"""The Llama-family decoder (SmolLM2, Llama 2/3, Mistral-style); Qwen2/Qwen3 reuse it through `Arch` flags.
+"""The Llama-family decoder (SmolLM2, Llama 2/3); Mistral, Phi-3, Qwen2 and Qwen3 reuse it through `Arch` flags.
 
 Module names follow HF's, except the fused `qkv_proj` (q/k/v_proj) and `gate_up_proj` (gate/up_proj).
-Mistral's sliding window is not applied: the worker caps the context at `config.sliding_window`, where it is exact.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker_proc.attention.base import AttentionBackend
+from worker_proc.attention.base import AttentionBackend, LayerAttention
 from worker_proc.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -43,10 +42,18 @@ class Arch:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: bool = False  # every layer attends within config.sliding_window (Mistral, Phi-3)
 
 
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config: Any) -> int | None:
+    """config.sliding_window where it narrows attention: None, or a window no shorter than
+    max_position_embeddings (Phi-3-mini-128k's 262144), attends over the whole context."""
+    window = getattr(config, "sliding_window", None)
+    return window if window is not None and window < config.max_position_embeddings else None
 
 
 class LlamaAttention(nn.Module):
@@ -63,6 +70,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, arch.o_bias, dtype, device)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if arch.qk_norm else None
+        self.attention = LayerAttention(self.head_dim**-0.5, sliding_window_of(config) if arch.sliding_window else None)
 
     def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionBackend) -> torch.Tensor:
         heads = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [T, q heads | k heads | v heads, D]
@@ -137,8 +145,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
         if getattr(config, "use_sliding_window", False):
-            raise NotImplementedError("sliding-window attention is not supported")
-        self.model = LlamaModel(config, self.arch(config), dtype, device)
+            raise NotImplementedError(f"use_sliding_window is not supported for {type(self).__name__}")
+        self.model = self.decoder(config, dtype, device)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, device,
                                       tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
@@ -147,6 +155,12 @@ class LlamaForCausalLM(nn.Module):
         self.num_q_heads_local, self.num_kv_heads_local = attn.num_heads, attn.num_kv_heads
         self.head_dim = attn.head_dim
         self.vocab_size = config.vocab_size
+        self.attention_layers = tuple(layer.self_attn.attention for layer in self.model.layers)
+
+    def decoder(self, config: Any, dtype: torch.dtype, device: Device) -> nn.Module:
+        """The decoder stack (`embed_tokens`, `layers` with a `self_attn` each, ...): (input_ids, positions, attn) ->
+        final hidden states."""
+        return LlamaModel(config, self.arch(config), dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions [T] -> hidden [T, hidden_size]."""
