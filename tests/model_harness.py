@@ -10,18 +10,19 @@ import os
 
 import torch
 
+from worker_proc.attention import backend_class
 from worker_proc.attention.base import ForwardMeta
-from worker_proc.attention.torch_backend import TorchBackend
 from worker_proc.kv_cache import KVCache
 
 
 class RaggedRunner:
-    def __init__(self, model: torch.nn.Module, max_reqs: int = 4, context_len: int = 128) -> None:
+    def __init__(self, model: torch.nn.Module, max_reqs: int = 4, context_len: int = 128,
+                 backend: str = "torch") -> None:
         param = next(model.parameters())
         self.model, self.device = model, param.device
         self.kv = KVCache(model.num_layers, max_reqs * context_len + 1, model.num_kv_heads_local,
                           model.head_dim, param.dtype, self.device)
-        self.attn = TorchBackend(self.kv, model.num_q_heads_local, model.head_dim, model.attention_layers)
+        self.attn = backend_class(backend)(self.kv, model.num_q_heads_local, model.head_dim, model.attention_layers)
         self.req_to_token = torch.zeros(max_reqs, context_len, dtype=torch.int32, device=self.device)
         self.lens = [0] * max_reqs
         self.next_kv_slot = 1  # slot 0 is padding
@@ -55,9 +56,11 @@ class RaggedRunner:
 
 
 @torch.inference_mode()
-def greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, list[list[int]]]:
-    """Logits [steps + 1, B, V] (prefill, then each decode step) and the `steps + 1` greedy tokens per prompt."""
-    runner = RaggedRunner(model, max_reqs=len(prompts))
+def greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int,
+           backend: str = "torch") -> tuple[torch.Tensor, list[list[int]]]:
+    """Logits [steps + 1, B, V] (prefill, then each decode step) and the `steps + 1` greedy tokens per prompt,
+    attention through `backend` (a worker_proc.attention name)."""
+    runner = RaggedRunner(model, max_reqs=len(prompts), backend=backend)
     reqs = list(range(len(prompts)))
     logits = [runner.step(reqs, prompts)]
     tokens = [[t] for t in logits[-1].argmax(-1).tolist()]

@@ -137,3 +137,39 @@ def test_gemma_unhonoured_fields_fail_at_build():
     config = Gemma3TextConfig(**_COMMON, num_hidden_layers=2, head_dim=16, use_bidirectional_attention=True)
     with pytest.raises(NotImplementedError, match="use_bidirectional_attention"):
         build_model(config, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("name,arch,windows", [
+    ("mistral-7b-v0.1", "MistralForCausalLM", [4096] * 32),
+    ("gemma-2-9b", "Gemma2ForCausalLM", [4096, None] * 21),
+    ("gemma-3-12b-text", "Gemma3ForCausalLM", ([1024] * 5 + [None]) * 8),
+    ("phi-3-mini-128k", "Phi3ForCausalLM", [None] * 32),  # its 262144 window exceeds the 131072 positions
+])
+def test_bundled_configs_build(name, arch, windows):
+    """radixserve/model_configs' config of each family builds (on the meta device: no memory) with the layer kinds
+    its published config implies, so `--load-format dummy` can run it."""
+    from pathlib import Path
+
+    config = load_hf_config(Path(__file__).resolve().parent.parent / "radixserve" / "model_configs" / name)
+    model = build_model(config, torch.bfloat16, "meta")
+    assert type(model).__name__ == arch
+    assert [a.window for a in model.attention_layers] == windows
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the FlashInfer backend)")
+@pytest.mark.parametrize("kind", KINDS)
+def test_flashinfer_bf16_close_to_hf(family_models, kind):
+    """bf16 on the GPU through FlashInfer (a wrapper per layer kind: window_left, logits_soft_cap, sm_scale):
+    teacher-forced logits within bf16 noise of HF's bf16 eager model, and the torch backend's greedy tokens
+    on the same weights."""
+    model_dir, _ = family_models[kind]
+    model = load_model(model_dir, load_hf_config(model_dir), "safetensors", torch.bfloat16, "cuda")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="eager").cuda()
+    batch = prompts()
+    logits, tokens = greedy(model, batch, 4, backend="flashinfer")
+    assert tokens == greedy(model, batch, 4, backend="torch")[1]
+    for i, prompt in enumerate(batch):
+        with torch.no_grad():
+            want = hf(torch.tensor([prompt + tokens[i][:-1]], device="cuda")).logits[0, len(prompt) - 1:].float()
+        torch.testing.assert_close(logits[:, i], want, atol=0.1, rtol=0)

@@ -216,7 +216,7 @@ def test_load_weights_rejects_missing_and_unknown(tiny_models):
 
 def test_registry():
     assert model_class(SimpleNamespace(architectures=None, model_type="qwen3")).__name__ == "Qwen3ForCausalLM"
-    assert model_class(SimpleNamespace(architectures=["MistralForCausalLM"])).__name__ == "LlamaForCausalLM"
+    assert model_class(SimpleNamespace(architectures=["MistralForCausalLM"])).__name__ == "MistralForCausalLM"
     with pytest.raises(ValueError, match="unsupported model.*GPT2LMHeadModel"):
         model_class(SimpleNamespace(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
 

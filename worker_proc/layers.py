@@ -147,6 +147,7 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     if layer_type is not None:
         params = dict(params[layer_type])
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     return params
 

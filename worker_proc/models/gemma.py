@@ -109,7 +109,8 @@ class GemmaModel(nn.Module):
         if getattr(config, "use_bidirectional_attention", False):
             raise NotImplementedError("use_bidirectional_attention is not supported (causal attention is)")
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, device)
-        self.embed_scale = config.hidden_size**0.5
+        # sqrt(hidden_size) rounded to the weights' dtype, as HF's embed_scale buffer is before multiplying.
+        self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=dtype))
         head_dim = head_dim_of(config)
         self.rotary = nn.ModuleDict({
             kind: RotaryEmbedding(head_dim, config.max_position_embeddings,
@@ -120,8 +121,7 @@ class GemmaModel(nn.Module):
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        x = self.embed_tokens(input_ids) * self.embed_scale
         ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
         for layer in self.layers:
             x = layer(x, ropes, attn)
