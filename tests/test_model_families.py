@@ -18,7 +18,8 @@ from worker_proc.weights import load_model
 
 WINDOW = 6
 STEPS = 15
-_COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+# head_dim 64: a size FlashInfer's prebuilt kernels cover (the GPU test)
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                vocab_size=251, max_position_embeddings=128, rms_norm_eps=1e-6)
 KINDS = ("mistral", "gemma2", "gemma3", "phi3")
 
@@ -27,18 +28,19 @@ def tiny_config(kind: str):
     if kind == "mistral":
         return MistralConfig(**_COMMON, num_hidden_layers=2, sliding_window=WINDOW, tie_word_embeddings=False)
     if kind == "gemma2":  # sliding / full alternating, both soft caps
-        return Gemma2Config(**_COMMON, num_hidden_layers=3, head_dim=16, sliding_window=WINDOW,
+        return Gemma2Config(**_COMMON, num_hidden_layers=3, sliding_window=WINDOW,
                             query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
     if kind == "gemma3":  # two sliding layers then a full one; local base, linear-scaled global RoPE
-        return Gemma3TextConfig(**_COMMON, num_hidden_layers=3, head_dim=32, sliding_window=WINDOW,
+        return Gemma3TextConfig(**_COMMON, num_hidden_layers=3, sliding_window=WINDOW,
                                 layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                                 query_pre_attn_scalar=24, rope_theta=1e6, rope_local_base_freq=100.0,
                                 rope_scaling={"rope_type": "linear", "factor": 8.0})
     # LongRoPE: the prompts stay below original_max_position_embeddings (the short factors); factor 2 scales cos/sin
     gen = torch.Generator().manual_seed(5)
-    return Phi3Config(**_COMMON, num_hidden_layers=2, sliding_window=WINDOW * 2, original_max_position_embeddings=64,
-                      rope_scaling={"type": "longrope", "short_factor": (1 + torch.rand(8, generator=gen)).tolist(),
-                                    "long_factor": (1 + 4 * torch.rand(8, generator=gen)).tolist()},
+    phi3 = {**_COMMON, "hidden_size": 256}  # HF checks the factors against hidden_size / heads, not head_dim
+    return Phi3Config(**phi3, num_hidden_layers=2, sliding_window=WINDOW * 2, original_max_position_embeddings=64,
+                      rope_scaling={"type": "longrope", "short_factor": (1 + torch.rand(32, generator=gen)).tolist(),
+                                    "long_factor": (1 + 4 * torch.rand(32, generator=gen)).tolist()},
                       tie_word_embeddings=False, pad_token_id=0)
 
 
@@ -91,7 +93,7 @@ def test_layer_kinds(family_models):
     gemma2 = ours(family_models["gemma2"][0])
     sliding, full = LayerAttention(24**-0.5, WINDOW, 2.0), LayerAttention(24**-0.5, None, 2.0)
     assert gemma2.attention_layers == (sliding, full, sliding)
-    assert ours(family_models["mistral"][0]).attention_layers == (LayerAttention(16**-0.5, WINDOW),) * 2
+    assert ours(family_models["mistral"][0]).attention_layers == (LayerAttention(64**-0.5, WINDOW),) * 2
     gemma3 = ours(family_models["gemma3"][0])
     assert [a.window for a in gemma3.attention_layers] == [WINDOW, WINDOW, None]
 
@@ -131,10 +133,10 @@ def test_unhonoured_config_fields_fail_at_build(change, message):
 
 
 def test_gemma_unhonoured_fields_fail_at_build():
-    config = Gemma2Config(**_COMMON, num_hidden_layers=2, head_dim=16, hidden_activation="relu")
+    config = Gemma2Config(**_COMMON, num_hidden_layers=2, hidden_activation="relu")
     with pytest.raises(NotImplementedError, match="hidden_activation 'relu'"):
         build_model(config, torch.float32, "cpu")
-    config = Gemma3TextConfig(**_COMMON, num_hidden_layers=2, head_dim=16, use_bidirectional_attention=True)
+    config = Gemma3TextConfig(**_COMMON, num_hidden_layers=2, use_bidirectional_attention=True)
     with pytest.raises(NotImplementedError, match="use_bidirectional_attention"):
         build_model(config, torch.float32, "cpu")
 
