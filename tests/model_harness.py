@@ -100,3 +100,22 @@ def tp_worker(rank: int, world_size: int, init_method: str, model_dirs: list[str
     # Skip interpreter teardown, where gloo (torch 2.13, CPU) now and then aborts the process with
     # "terminate called without an active exception" (about 1 run in 10) after all the work is done.
     os._exit(0)
+
+
+@torch.no_grad()
+def hf_reference(hf: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """HF logits predicting each of `tokens` after `prompt` (teacher-forced), [len(tokens), V]."""
+    logits = hf(torch.tensor([prompt + tokens[:-1]])).logits[0].float()
+    return logits[len(prompt) - 1:]
+
+
+def assert_greedy_matches_hf(model: torch.nn.Module, hf: torch.nn.Module, prompts: list[list[int]], steps: int) -> None:
+    """Our batched greedy tokens equal HF `generate`'s for each prompt alone, and every step's logits equal HF's
+    teacher-forced ones to 1e-4 (float32)."""
+    logits, tokens = greedy(model, prompts, steps)
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt])  # with the mask: generate would take a token equal to pad_token_id for padding
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=steps + 1)[0, len(prompt):]
+        assert tokens[i] == expected.tolist()
+        torch.testing.assert_close(logits[:, i], hf_reference(hf, prompt, tokens[i]), atol=1e-4, rtol=0)

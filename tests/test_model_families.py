@@ -7,8 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from model_harness import RaggedRunner, greedy
-from test_models import hf_reference
+from model_harness import RaggedRunner, assert_greedy_matches_hf, greedy
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config
 
 from radixserve.model_files import load_hf_config
@@ -78,14 +77,7 @@ def test_matches_hf(family_models, kind):
     model_dir, hf = family_models[kind]
     model = ours(model_dir)
     assert type(model).__name__ == type(hf).__name__
-    batch = prompts()
-    logits, tokens = greedy(model, batch, STEPS)
-    for i, prompt in enumerate(batch):
-        ids = torch.tensor([prompt])  # with the mask: generate would take token 0 for padding
-        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=STEPS + 1)[0, len(prompt):]
-        assert tokens[i] == expected.tolist()
-        torch.testing.assert_close(logits[:, i], hf_reference(hf, prompt, tokens[i]), atol=1e-4, rtol=0)
+    assert_greedy_matches_hf(model, hf, prompts(), STEPS)
 
 
 def test_layer_kinds(family_models):

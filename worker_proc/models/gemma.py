@@ -25,46 +25,16 @@ from worker_proc.layers import (
     GeluTanhAndMul,
     GemmaRMSNorm,
     MergedColumnParallelLinear,
-    QKVParallelLinear,
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
     rope_parameters,
 )
-from worker_proc.models.llama import LlamaForCausalLM, head_dim_of
+from worker_proc.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
 
 Device = torch.device | str
 Rope = tuple[torch.Tensor, torch.Tensor]
 LAYER_TYPES = ("sliding_attention", "full_attention")
-
-
-class GemmaAttention(nn.Module):
-    def __init__(self, config: Any, layer_id: int, qk_norm: bool, dtype: torch.dtype, device: Device) -> None:
-        super().__init__()
-        self.layer_id = layer_id
-        self.layer_type = config.layer_types[layer_id]
-        self.head_dim = head_dim_of(config)
-        bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias, dtype, device)
-        self.num_heads = self.qkv_proj.num_q_heads_local
-        self.num_kv_heads = self.qkv_proj.num_kv_heads_local
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias,
-                                        dtype, device)
-        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
-        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
-        window = config.sliding_window if self.layer_type == "sliding_attention" else None
-        self.attention = LayerAttention(config.query_pre_attn_scalar**-0.5, window,
-                                        getattr(config, "attn_logit_softcapping", None))
-
-    def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionBackend) -> torch.Tensor:
-        heads = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [T, q heads | k heads | v heads, D]
-        qk, v = heads.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
-        if self.q_norm is not None:
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        out = attn.forward_rotary(qk, v, *rope, self.layer_id)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
 class GemmaMLP(nn.Module):
@@ -85,7 +55,13 @@ class GemmaMLP(nn.Module):
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, config: Any, layer_id: int, qk_norm: bool, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
-        self.self_attn = GemmaAttention(config, layer_id, qk_norm, dtype, device)
+        self.layer_type = config.layer_types[layer_id]
+        window = config.sliding_window if self.layer_type == "sliding_attention" else None
+        attention = LayerAttention(config.query_pre_attn_scalar**-0.5, window,
+                                   getattr(config, "attn_logit_softcapping", None))
+        bias = bool(getattr(config, "attention_bias", False))
+        self.self_attn = LlamaAttention(config, layer_id, attention, bias, bias, GemmaRMSNorm if qk_norm else None,
+                                        dtype, device)
         self.mlp = GemmaMLP(config, dtype, device)
         norm = (config.hidden_size, config.rms_norm_eps, dtype, device)
         self.input_layernorm = GemmaRMSNorm(*norm)
@@ -96,7 +72,7 @@ class GemmaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ropes: dict[str, Rope], attn: AttentionBackend) -> torch.Tensor:
         """x: the residual stream before this layer -> after it."""
         x = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), ropes[self.self_attn.layer_type], attn))
+            self.self_attn(self.input_layernorm(x), ropes[self.layer_type], attn))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 

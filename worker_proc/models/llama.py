@@ -57,20 +57,24 @@ def sliding_window_of(config: Any) -> int | None:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, arch: Arch, layer_id: int, dtype: torch.dtype, device: Device) -> None:
+    """qkv projection, optional per-head q/k norms (`qk_norm`: their class), RoPE + attention as `attention`
+    says, o projection; Gemma's attention is this one with its own norms and LayerAttention."""
+
+    def __init__(self, config: Any, layer_id: int, attention: LayerAttention, qkv_bias: bool, o_bias: bool,
+                 qk_norm: type[nn.Module] | None, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.head_dim = head_dim_of(config)
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads,
-                                          arch.qkv_bias, dtype, device)
+                                          qkv_bias, dtype, device)
         self.num_heads = self.qkv_proj.num_q_heads_local
         self.num_kv_heads = self.qkv_proj.num_kv_heads_local
-        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, arch.o_bias, dtype, device)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if arch.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if arch.qk_norm else None
-        self.attention = LayerAttention(self.head_dim**-0.5, sliding_window_of(config) if arch.sliding_window else None)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, o_bias, dtype, device)
+        self.q_norm = qk_norm(self.head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
+        self.k_norm = qk_norm(self.head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
+        self.attention = attention
 
     def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionBackend) -> torch.Tensor:
         heads = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [T, q heads | k heads | v heads, D]
@@ -99,7 +103,9 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, arch: Arch, layer_id: int, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, arch, layer_id, dtype, device)
+        window = sliding_window_of(config) if arch.sliding_window else None
+        self.self_attn = LlamaAttention(config, layer_id, LayerAttention(head_dim_of(config)**-0.5, window),
+                                        arch.qkv_bias, arch.o_bias, RMSNorm if arch.qk_norm else None, dtype, device)
         self.mlp = LlamaMLP(config, arch, dtype, device)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
