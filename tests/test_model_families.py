@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from model_harness import RaggedRunner, assert_greedy_matches_hf, greedy
+from test_models import ours
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config
 
 from radixserve.model_files import load_hf_config
@@ -66,10 +67,6 @@ def prompts() -> list[list[int]]:
     """Longer than the window (20), about as long (7), inside it (3)."""
     gen = torch.Generator().manual_seed(11)
     return [torch.randint(0, 251, (n,), generator=gen).tolist() for n in (20, 7, 3)]
-
-
-def ours(model_dir: str) -> torch.nn.Module:
-    return load_model(model_dir, load_hf_config(model_dir), "safetensors", torch.float32, "cpu")
 
 
 @pytest.mark.parametrize("kind", KINDS)
