@@ -20,9 +20,9 @@ it). Cascade decode runs only for models of one kind without a window (its two l
 at the shared prefix, which a window's left edge does not respect); others attend over whole contexts.
 For CUDA graphs, `prepare_graph` plans a graph-mode decode wrapper per captured batch size; all of them
 share one set of index buffers (only one graph replays at a time, each right after its plan; the kinds of one
-batch size plan the same pages into them). Cascade
-graphs have their own wrappers and buffers; their level 0 always has one entry per row of the padded batch:
-the real groups, then the padding rows as one group attending to the padding slot, then groups of no rows.
+batch size plan the same pages into them). Cascade graphs have their own wrappers and buffers; their level 0
+always has one entry per row of the padded batch: the real groups, then the padding rows as one group
+attending to the padding slot, then groups of no rows.
 
 Host syncs: none. Page indices are gathered on the device from req_to_token; plan() reads only host
 arrays (indptr, lengths), which the worker already holds as numpy. FlashInfer's plan() takes `max()` of a
