@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from model_harness import RaggedRunner, assert_greedy_matches_hf, greedy
-from test_models import ours
+import torch.multiprocessing as mp
+from model_harness import RaggedRunner, assert_greedy_matches_hf, greedy, tp_worker
+from test_models import _free_port, ours
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config
 
 from radixserve.model_files import load_hf_config
@@ -98,6 +99,19 @@ def test_chunked_prefill_across_the_window(family_models):
         for start in range(0, len(prompt), 4):
             chunked = runner.step([0], [prompt[start:start + 4]])
     torch.testing.assert_close(chunked[0], whole[0, 0], atol=1e-5, rtol=0)
+
+
+def test_tensor_parallel_matches_tp1(family_models, tmp_path):
+    """2 ranks over gloo == 1 rank: Gemma 2 (sliding and global kinds, soft caps) and Phi-3 (fused checkpoint
+    tensors split, then sharded)."""
+    dirs = [family_models["gemma2"][0], family_models["phi3"][0]]
+    batch, out = prompts(), tmp_path / "tp2.pt"
+    mp.spawn(tp_worker, args=(2, f"tcp://127.0.0.1:{_free_port()}", dirs, batch, 4, str(out)), nprocs=2)
+    tp2 = torch.load(out)
+    for model_dir in dirs:
+        logits, tokens = greedy(ours(model_dir), batch, 4)
+        torch.testing.assert_close(tp2[model_dir]["logits"], logits, atol=1e-4, rtol=0)
+        assert tp2[model_dir]["tokens"] == tokens
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
