@@ -1,158 +1,206 @@
-"""ServerArgs: the one typed configuration object, with SGLang's flag names."""
+"""ServerArgs: the one typed configuration object, with SGLang's flag names.
+
+Each field declares its type, its bounds or choices and its help once, in its annotation (msgspec.Meta). That
+declaration builds the command line (`add_cli_args`: a value out of bounds or choices is argparse's usage error
+naming the flag, before anything loads) and checks every ServerArgs however it is made (`__post_init__`: by
+keyword, as the Engine makes it, from the command line, or decoded from the JSON each child process gets).
+`msgspec.json.schema(ServerArgs)` describes it all.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import msgspec
+from msgspec import Meta
 
 SchedulePolicy = Literal["lpm", "fcfs"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+# The bounds, named for what they mean.
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Count = Annotated[int, Meta(ge=1)]  # a size or number of things: at least one
+Index = Annotated[int, Meta(ge=0)]  # an index, a seed, or a limit where 0 allows none
+Fraction = Annotated[float, Meta(gt=0, le=1)]
+Ratio = Annotated[float, Meta(ge=0, le=1)]
+Seconds = Annotated[float, Meta(gt=0)]
+GraceSeconds = Annotated[float, Meta(ge=0)]  # 0: no grace at all
+
+
+def doc(text: str) -> Meta:
+    """A field's help: its flag's line in --help, and its description in msgspec.json.schema(ServerArgs)."""
+    return Meta(description=text)
+
+
+class FlagError(ValueError):
+    """A value or a combination of values that ServerArgs does not take; the message names the flags."""
 
 
 @dataclass
 class ServerArgs:
     """Every knob of a radixserve server or engine; `--flag-name` is the field name with dashes."""
 
-    model_path: str | None = field(default=None, metadata={
-        "help": "HF directory, a .gguf file, or None for the embedded SmolLM2-135M-Instruct"})
-    tokenizer_path: str | None = field(default=None, metadata={"help": "defaults to the model path"})
-    download_dir: str | None = field(default=None, metadata={
-        "help": "Hugging Face cache directory for model ids (default: $HF_HUB_CACHE)"})
-    skip_tokenizer_init: bool = field(default=False, metadata={
-        "help": "no tokenizer: requests give input_ids, outputs carry ids only"})
-    served_model_name: str | None = field(default=None, metadata={"help": "name reported by /v1/models"})
-    load_format: LoadFormat = "auto"
-    dtype: Dtype = "auto"
-    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
-    tp_size: int = field(default=1, metadata={"help": "tensor-parallel ranks over all nodes"})
-    nnodes: int = field(default=1, metadata={"help": "nodes that share the --tp-size ranks (docs/deploy.md)"})
-    node_rank: int = field(default=0, metadata={
-        "help": "this node's index; node 0 serves HTTP, the others run workers only"})
-    dist_init_addr: str | None = field(default=None, metadata={
-        "help": "HOST:PORT of node 0 where the nodes meet (with --nnodes > 1): PORT torch.distributed, PORT+1 the "
-                "nodes' heartbeat link, PORT+2+r rank r's step batches"})
-    base_gpu_id: int = field(default=0, metadata={"help": "first CUDA device of this server's ranks on a node"})
-    dp_size: int = field(default=1, metadata={"help": "data-parallel replicas behind SGLang's router on --port"})
-    router_policy: RouterPolicy = field(default="cache_aware", metadata={
-        "help": "the router's policy (with --dp-size > 1)"})
-    router_dp_worker_base_port: int | None = field(default=None, metadata={
-        "help": "replica i listens on this port + i (default: free ports), on 127.0.0.1"})
-    host: str = "127.0.0.1"
-    port: int = 30000
-    mem_fraction_static: float = field(default=0.85, metadata={
-        "help": "fraction of device memory for weights + KV cache"})
-    max_total_tokens: int | None = field(default=None, metadata={
-        "help": "KV pool size in tokens (overrides mem-fraction-static)"})
-    context_length: int | None = field(default=None, metadata={
-        "help": "max prompt + output tokens; defaults to the model's"})
-    max_running_requests: int = 256
-    max_queued_requests: int = 4096
-    chunked_prefill_size: int = 2048
-    max_prefill_tokens: int = 16384
-    schedule_policy: SchedulePolicy = "lpm"
-    disable_radix_cache: bool = False
-    new_token_ratio: float = field(default=0.5, metadata={
-        "help": "fraction of max_new_tokens reserved in KV at admission"})
-    attention_backend: AttentionBackendName = "auto"
-    cuda_graph_max_bs: int = 256
-    disable_cuda_graph: bool = False
-    disable_custom_all_reduce: bool = field(default=False, metadata={
-        "help": "all-reduce through NCCL only (default: small ones, as in decode, through symmetric memory when "
-                "the --tp-size ranks share one host)"})
-    disable_overlap_schedule: bool = field(default=False, metadata={
-        "help": "build each step only after the previous one's tokens are back (no overlap of scheduling and compute)"})
-    disable_cascade_attention: bool = field(default=False, metadata={
-        "help": "decode without a separate attention pass over prefixes that requests share (FlashInfer)"})
-    grammar_backend: GrammarBackend = field(default="xgrammar", metadata={
-        "help": "structured output (json_schema, regex, ebnf, response_format, enforced tool calls); none: a 400"})
-    constrained_json_disable_any_whitespace: bool = field(default=False, metadata={
-        "help": "JSON schemas allow no whitespace between tokens (compact JSON; small models may else run on)"})
-    constrained_json_max_whitespace_cnt: int | None = field(default=None, metadata={
-        "help": "JSON schemas allow at most this many whitespace characters in a row"})
-    random_seed: int = 0
-    api_key: str | None = field(default=None, metadata={
-        "help": "require 'Authorization: Bearer KEY' (default: $RADIXSERVE_API_KEY)"})
-    log_level: str = "info"
-    tokenizer_worker_num: int = 1
-    max_request_bytes: int = 4 * 1024 * 1024
-    request_body_timeout: float = field(default=60.0, metadata={
-        "help": "seconds a request's body may take to arrive (a 408 after that: a slow client holds no connection)"})
-    session_kv_budget: int = field(default=65536, metadata={
-        "help": "KV tokens that open sessions may pin in the cache"})
-    max_sessions: int = 1024
-    watchdog_timeout: float = field(default=300.0, metadata={
-        "help": "seconds a forward step may take before the server is declared hung"})
-    enable_invariant_checks: bool = field(default=False, metadata={
-        "help": "check the scheduler's KV invariants whenever it goes idle (debug; O(cache size))"})
-    shutdown_timeout: float = field(default=30.0, metadata={
-        "help": "on SIGTERM, seconds that requests in flight may take to finish before they are aborted "
-                "(a second SIGTERM, or SIGINT, stops at once)"})
-    disable_metrics: bool = field(default=False, metadata={"help": "no Prometheus /metrics route"})
-    metrics_public: bool = field(default=False, metadata={"help": "serve /metrics without --api-key's token"})
+    model_path: Annotated[str | None, doc(
+        "HF directory, a .gguf file, a model id, or none for the embedded SmolLM2-135M-Instruct")] = None
+    tokenizer_path: Annotated[str | None, doc("defaults to the model path")] = None
+    download_dir: Annotated[str | None, doc(
+        "Hugging Face cache directory for model ids (default: $HF_HUB_CACHE)")] = None
+    skip_tokenizer_init: Annotated[bool, doc(
+        "no tokenizer: requests give input_ids, outputs carry ids only")] = False
+    served_model_name: Annotated[str | None, doc("name reported by /v1/models")] = None
+    load_format: Annotated[LoadFormat, doc(
+        "weights: by the files found (auto), or random ones from config.json (dummy)")] = "auto"
+    dtype: Annotated[Dtype, doc("compute dtype (auto: bfloat16 where the device has it natively)")] = "auto"
+    device: Annotated[Device, doc("where the workers compute (auto: cuda if there is a GPU)")] = "auto"
+    tp_size: Annotated[Count, doc("tensor-parallel ranks over all nodes")] = 1
+    nnodes: Annotated[Count, doc("nodes that share the --tp-size ranks (docs/deploy.md)")] = 1
+    node_rank: Annotated[Index, doc("this node's index; node 0 serves HTTP, the others run workers only")] = 0
+    dist_init_addr: Annotated[str | None, doc(
+        "HOST:PORT of node 0 where the nodes meet (with --nnodes > 1): PORT torch.distributed, PORT+1 the "
+        "nodes' heartbeat link, PORT+2+r rank r's step batches")] = None
+    base_gpu_id: Annotated[Index, doc("first CUDA device of this server's ranks on a node")] = 0
+    dp_size: Annotated[Count, doc("data-parallel replicas behind SGLang's router on --port")] = 1
+    router_policy: Annotated[RouterPolicy, doc("the router's policy (with --dp-size > 1)")] = "cache_aware"
+    router_dp_worker_base_port: Annotated[Port | None, doc(
+        "replica i listens on this port + i (default: free ports), on 127.0.0.1")] = None
+    host: Annotated[str, doc("the address HTTP listens on")] = "127.0.0.1"
+    port: Annotated[Port, doc("the HTTP port")] = 30000
+    mem_fraction_static: Annotated[Fraction, doc("fraction of device memory for weights + KV cache")] = 0.85
+    max_total_tokens: Annotated[Count | None, doc("KV pool size in tokens (overrides mem-fraction-static)")] = None
+    context_length: Annotated[Count | None, doc("max prompt + output tokens; defaults to the model's")] = None
+    max_running_requests: Annotated[Count, doc("requests decoding at once")] = 256
+    max_queued_requests: Annotated[Count, doc("requests waiting at most; past that a 503")] = 4096
+    chunked_prefill_size: Annotated[Count, doc("prompt tokens computed per step at most (longer: in chunks)")] = 2048
+    max_prefill_tokens: Annotated[Count, doc("prompt tokens of one prefill step at most")] = 16384
+    schedule_policy: Annotated[SchedulePolicy, doc(
+        "waiting order: longest cached prefix first (lpm) or arrival (fcfs)")] = "lpm"
+    disable_radix_cache: Annotated[bool, doc("no prefix caching: every prompt is computed in full")] = False
+    new_token_ratio: Annotated[Ratio, doc("fraction of max_new_tokens reserved in KV at admission")] = 0.5
+    attention_backend: Annotated[AttentionBackendName, doc(
+        "auto: flashinfer on CUDA, torch elsewhere")] = "auto"
+    cuda_graph_max_bs: Annotated[Count, doc("largest decode batch run through a CUDA graph")] = 256
+    disable_cuda_graph: Annotated[bool, doc("decode without CUDA graphs")] = False
+    disable_custom_all_reduce: Annotated[bool, doc(
+        "all-reduce through NCCL only (default: small ones, as in decode, through symmetric memory when the "
+        "--tp-size ranks share one host)")] = False
+    disable_overlap_schedule: Annotated[bool, doc(
+        "build each step only after the previous one's tokens are back (no overlap of scheduling and compute)")] = False
+    disable_cascade_attention: Annotated[bool, doc(
+        "decode without a separate attention pass over prefixes that requests share (FlashInfer)")] = False
+    grammar_backend: Annotated[GrammarBackend, doc(
+        "structured output (json_schema, regex, ebnf, response_format, enforced tool calls); none: a 400")] = "xgrammar"
+    constrained_json_disable_any_whitespace: Annotated[bool, doc(
+        "JSON schemas allow no whitespace between tokens (compact JSON; small models may else run on)")] = False
+    constrained_json_max_whitespace_cnt: Annotated[Index | None, doc(
+        "JSON schemas allow at most this many whitespace characters in a row")] = None
+    random_seed: Annotated[Index, doc("seed of sampling without a per-request seed, and of dummy weights")] = 0
+    api_key: Annotated[str | None, doc("require 'Authorization: Bearer KEY' (default: $RADIXSERVE_API_KEY)")] = None
+    log_level: Annotated[LogLevel, doc("of every process")] = "info"
+    tokenizer_worker_num: Annotated[Count, doc("tokenizer processes")] = 1
+    max_request_bytes: Annotated[Count, doc("largest request body (a 413 past it)")] = 4 * 1024 * 1024
+    request_body_timeout: Annotated[Seconds, doc(
+        "seconds a request's body may take to arrive (a 408 after that: a slow client holds no connection)")] = 60.0
+    session_kv_budget: Annotated[Index, doc("KV tokens that open sessions may pin in the cache")] = 65536
+    max_sessions: Annotated[Index, doc("open sessions at most (a 429 past it)")] = 1024
+    watchdog_timeout: Annotated[Seconds, doc(
+        "seconds a forward step may take before the server is declared hung")] = 300.0
+    enable_invariant_checks: Annotated[bool, doc(
+        "check the scheduler's KV invariants whenever it goes idle (debug; O(cache size))")] = False
+    shutdown_timeout: Annotated[GraceSeconds, doc(
+        "on SIGTERM, seconds that requests in flight may take to finish before they are aborted (a second "
+        "SIGTERM, or SIGINT, stops at once)")] = 30.0
+    disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
+    metrics_public: Annotated[bool, doc("serve /metrics without --api-key's token")] = False
 
     def __post_init__(self) -> None:
-        if self.tp_size < 1:
-            raise ValueError("tp_size must be >= 1")
-        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes or self.tp_size % self.nnodes:
-            raise ValueError("nnodes must be >= 1 and divide tp_size, and 0 <= node_rank < nnodes")
+        """Every field against its declaration, then the flags that depend on each other."""
+        for name, hint in _field_types().items():
+            value = getattr(self, name)
+            try:
+                msgspec.convert(value, hint)
+            except msgspec.ValidationError as e:
+                raise FlagError(f"{_flag(name)} {value!r}: {e}") from None
+        if self.tp_size % self.nnodes or self.node_rank >= self.nnodes:
+            raise FlagError("--nnodes must divide --tp-size, and --node-rank must be below --nnodes")
         if self.nnodes > 1 and not _is_host_port(self.dist_init_addr):
-            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
-        if self.dp_size < 1 or (self.dp_size > 1 and self.nnodes > 1):
-            raise ValueError("dp_size must be >= 1, and --dp-size > 1 runs on one node (README: the router over "
-                             "several multi-node servers)")
-        if not 0.0 < self.mem_fraction_static <= 1.0:
-            raise ValueError("mem_fraction_static must be in (0, 1]")
-        if self.chunked_prefill_size < 1 or self.max_running_requests < 1:
-            raise ValueError("chunked_prefill_size and max_running_requests must be >= 1")
-        if self.schedule_policy not in get_args(SchedulePolicy):
-            raise ValueError(f"schedule_policy must be one of {get_args(SchedulePolicy)}")
-        if not self.shutdown_timeout >= 0:
-            raise ValueError("shutdown_timeout must be >= 0")
-        if not self.request_body_timeout > 0:
-            raise ValueError("request_body_timeout must be > 0")
+            raise FlagError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
+        if self.router_dp_worker_base_port is not None and self.router_dp_worker_base_port + self.dp_size > 65536:
+            raise FlagError("--router-dp-worker-base-port + --dp-size - 1 must be a port (<= 65535)")
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
-        """Add one `--flag-name` per field, typed from the annotation."""
-        hints = {f.name: f for f in dataclasses.fields(ServerArgs)}
-        for name, f in hints.items():
-            flag = "--" + name.replace("_", "-")
-            kind = _annotation(f.type)
-            help_text = f.metadata.get("help", "")
+        """One `--flag-name` per field, with the field's help, choices and checks."""
+        for f in dataclasses.fields(ServerArgs):
+            hint = _field_types()[f.name]
+            kind = _value_type(hint)
+            common = {"default": f.default, "help": " ".join(m.description for m in _metas(hint) if m.description)}
             if kind is bool:
-                parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
+                parser.add_argument(_flag(f.name), action="store_true", **common)
             elif get_origin(kind) is Literal:
-                parser.add_argument(flag, choices=get_args(kind), default=f.default, help=help_text)
+                parser.add_argument(_flag(f.name), choices=get_args(kind), **common)
             else:
-                parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+                parser.add_argument(_flag(f.name), type=_cli_parser(hint), **common)
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
+        """FlagError for flags that do not go together (each value alone was checked by the parser)."""
         values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
         # A key from the environment stays out of `ps` output.
         values["api_key"] = values["api_key"] or os.environ.get("RADIXSERVE_API_KEY") or None
         return cls(**values)
 
 
-def _annotation(type_str: Any) -> Any:
-    """Resolve a field's string annotation to a concrete type for argparse."""
-    resolved = eval(type_str, globals()) if isinstance(type_str, str) else type_str  # noqa: S307 (our own annotations)
-    args = [a for a in get_args(resolved) if a is not type(None)]
-    if get_origin(resolved) is Literal:
-        return resolved
-    if args and len(args) == 1 and get_origin(resolved) is not Literal:
-        return args[0]
-    return resolved
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Each field's declared type, its Meta included (the annotations are strings until resolved here)."""
+    return typing.get_type_hints(ServerArgs, include_extras=True)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _metas(hint: Any) -> list[Meta]:
+    return [m for m in get_args(hint)[1:] if isinstance(m, Meta)] if get_origin(hint) is Annotated else []
+
+
+def _value_type(hint: Any) -> Any:
+    """The type a flag's value has: without Meta, and without None (the default of an optional flag)."""
+    if get_origin(hint) is Annotated:
+        return _value_type(get_args(hint)[0])
+    if get_origin(hint) in (Union, types.UnionType):  # `X | None`
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return _value_type(inner)
+    return hint
+
+
+def _cli_parser(hint: Any) -> Any:
+    """argparse's `type` for a flag: the text converted and checked against the field's declaration."""
+    def parse(text: str) -> Any:
+        try:
+            return msgspec.convert(text, hint, strict=False)  # strict=False: numbers from their text
+        except msgspec.ValidationError as e:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {e}") from None
+
+    return parse
 
 
 def _is_host_port(addr: str | None) -> bool:

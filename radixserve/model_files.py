@@ -67,19 +67,6 @@ def resolve_model(model_path: str | None, download_dir: str | None = None) -> st
     raise FileNotFoundError(f"model path {model_path!r} is neither an HF directory, a .gguf file nor a model id")
 
 
-def chat_template_text(tokenizer_dir: str) -> str | None:
-    """The chat template of an HF tokenizer directory as text, read without loading the tokenizer:
-    chat_template.jinja, else tokenizer_config.json's `chat_template` (named templates joined); None if none."""
-    jinja = Path(tokenizer_dir, "chat_template.jinja")
-    if jinja.is_file():
-        return jinja.read_text()
-    config = Path(tokenizer_dir, "tokenizer_config.json")
-    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
-    if isinstance(template, list):
-        return "\n".join(t.get("template", "") for t in template if isinstance(t, dict))
-    return template if isinstance(template, str) else None
-
-
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it (read now: huggingface_hub reads it once, at import)."""
     from huggingface_hub import constants

@@ -1,6 +1,7 @@
 """What a request asks of sampling, shared by every process: SamplingParams (SGLang's `sampling_params`), the
-structured-output Grammar, the Penalties a worker applies, and the bounds every request number carries.
-Re-exported by wire.py, whose messages carry them.
+structured-output Grammar, the Penalties a worker applies, and the bounds every request number carries (the one
+declaration of each: the gateway's request Structs and the wire use these types). Re-exported by wire.py, whose
+messages carry them. Parsing and checking a request's values is sampling_checks.py's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from typing import Annotated, Any
 import msgspec
 
 INT32_MAX = 2**31 - 1
+MAX_N = 64  # copies of one prompt (`n`)
+MAX_STOPS = 16  # stop strings, and stop patterns
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # token ids in one logit_bias
 MAX_TEMPERATURE = 100.0  # far past where sampling is uniform over any model's logits
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range, [-100, 100]
 # Numbers parsed from a request carry both bounds (checked by msgspec as they are decoded, in the gateway and again
@@ -17,15 +22,23 @@ LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range, [-100, 100]
 # device tensor: a bound rejects NaN and +-inf too. tests/test_openapi.py checks that every number of a request
 # schema has both. Ranges are SGLang's, or OpenAI's where SGLang sets none.
 Count = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+PositiveCount = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+TopK = Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)]  # -1: off
+Choices = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]  # OpenAI's n (SamplingParams.n is checked against MAX_N)
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+LogprobStart = Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)]  # -1: SGLang's "from the output on"
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Priority = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # SGLang's range; no priority scheduling here
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=MAX_TEMPERATURE)]
+OpenAITemperature = Annotated[float, msgspec.Meta(ge=0, le=2)]  # OpenAI's range, on its routes
 TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
 MinP = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]  # frequency and presence penalties
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0, le=2)]
 LogitBias = Annotated[float, msgspec.Meta(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 24 * 3600)]  # a duration a client may set: up to 30 days
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e12)]  # seconds since the epoch (SGLang's router's stamps)
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -35,18 +48,18 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     min_new_tokens: Count = 0
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)] = -1
+    top_k: TopK = -1
     min_p: MinP = 0.0
     stop: list[str] = []
     stop_token_ids: list[TokenId] = []
     ignore_eos: bool = False
-    n: Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)] = 1
+    n: PositiveCount = 1
     seed: Seed | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     spaces_between_special_tokens: bool = True
     stop_regex: list[str] = []  # the output ends where one matches (cut there unless no_stop_trim)
-    stream_interval: Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)] | None = None  # stream every N tokens
+    stream_interval: PositiveCount | None = None  # stream every N tokens
     frequency_penalty: Penalty = 0.0  # minus this times the token's count in the output
     presence_penalty: Penalty = 0.0  # minus this if the token is in the output
     repetition_penalty: RepetitionPenalty = 1.0  # an output token's logit: divided by it if > 0, else multiplied
@@ -59,7 +72,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     custom_params: dict[str, Any] | None = None  # for a custom logit processor (none is supported: unused)
 
     def grammar(self) -> Grammar | None:
-        """The structured-output constraint, if any (validation.check_sampling allows at most one)."""
+        """The structured-output constraint, if any (sampling_checks allows at most one)."""
         for kind in GRAMMAR_KINDS:
             source = getattr(self, kind)
             if source is not None:

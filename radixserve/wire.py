@@ -20,11 +20,13 @@ the KV slots of its cached prefix (see scheduler_proc/ and worker_proc/model_run
 
 from __future__ import annotations
 
-from typing import Union
+import itertools
+from typing import Literal, TypeVar, Union
 
 import msgspec
 import numpy as np
 
+from radixserve.node_link import NodeHeartbeat, NodeHello, NodeLink, NodeStop  # noqa: F401 (its own channel)
 from radixserve.sampling_params import (  # noqa: F401 (re-exported: the wire's vocabulary)
     INT32_MAX,
     CompileGrammar,
@@ -178,6 +180,17 @@ class ShutdownServer(msgspec.Struct, tag=True):
 
 
 ControlCall = Union[FlushCache, GetServerInfo, CheckInvariants, OpenSession, CloseSession]
+Call = TypeVar("Call", bound=msgspec.Struct)
+
+
+class CallIds:
+    """A front end's control calls, each with a call_id unique among its calls (its reply is matched by it)."""
+
+    def __init__(self) -> None:
+        self._next = itertools.count()
+
+    def call(self, kind: type[Call], **fields: object) -> Call:
+        return kind(call_id=f"{kind.__name__}-{next(self._next)}", **fields)
 
 
 class RuntimeInfo(msgspec.Struct):
@@ -204,6 +217,10 @@ class ServerStatus(msgspec.Struct, tag=True):
     runtime: RuntimeInfo
     invariants: str = "unchecked"
 
+    def scheduler_info(self) -> dict:
+        """The scheduler's counters and the last invariant check, as /get_server_info's `scheduler`."""
+        return msgspec.to_builtins(self.scheduler) | {"invariants": self.invariants}
+
 
 class SessionOpened(msgspec.Struct, tag=True):
     session_id: str
@@ -220,11 +237,19 @@ class ControlReply(msgspec.Struct, tag=True, omit_defaults=True):
         return self.status < 400
 
 
+ToolCallFormat = Literal["hermes", "json"]
+HERMES: ToolCallFormat = "hermes"  # `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks among free text
+JSON: ToolCallFormat = "json"  # an answer that is one JSON object {"name": ..., "parameters": {...}} (or several)
+
+
 class Ready(msgspec.Struct, tag=True, omit_defaults=True):
-    """Scheduler -> every front end once at start-up: the runtime facts, or why the start failed."""
+    """Scheduler -> every front end once at start-up: the runtime facts, or why the start failed. A tokenizer
+    passes it on to the gateway with `tool_call_format`, how this model writes tool calls (decided once, from the
+    chat template, by tokenizer_proc/chat_tools.py; the gateway parses the output that way)."""
 
     runtime: RuntimeInfo | None = None
     error: str | None = None
+    tool_call_format: ToolCallFormat | None = None
 
 
 # ---------------------------------------------------------------- tokenizer <-> scheduler
@@ -340,31 +365,12 @@ class WorkerError(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
-class NodeHello(msgspec.Struct, tag=True):
-    """A remote node's launcher, first on the link to node 0's (launch/multinode.py); node 0 checks that the flags
-    match its own (but those that may differ per node)."""
-
-    node_rank: int
-    server_args: bytes  # ServerArgs as JSON
-
-
-class NodeHeartbeat(msgspec.Struct, tag=True):
-    """Both ways, every HEARTBEAT_S: a link silent for longer than its timeout counts as a dead node."""
-
-
-class NodeStop(msgspec.Struct, tag=True):
-    """Node 0 stops: the remote node stops its workers and exits 1 if `error` is set, else 0."""
-
-    error: str | None = None
-
-
 TokenizerIn = Union[GenerateText, Abort, ControlCall, GetTokenizerStats, ShutdownServer]
 TokenizerOut = Union[TextBatch, Rejected, ControlReply, Ready]
 SchedulerIn = Union[GenerateTokens, Abort, ControlCall, ShutdownServer]
 SchedulerOut = Union[TokenBatch, Rejected, ControlReply, Ready]
 WorkerIn = Union[StepBatch, Shutdown]
 WorkerOut = Union[WorkerReady, StepResult, WorkerError]
-NodeLink = Union[NodeHello, NodeHeartbeat, NodeStop]
 
 encoder = msgspec.msgpack.Encoder()
 

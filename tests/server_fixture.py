@@ -1,8 +1,9 @@
 """A real radixserve server in a subprocess, for the HTTP tests.
 
-`RadixServer(*extra_flags)` starts `python -m radixserve serve` on a free port with small limits,
-waits for /health_generate, and `stop()` SIGTERMs it and checks that no process of it is left.
-Use it through a module-scoped fixture: one server per test module.
+`RadixServer(*extra_flags)` starts `python -m radixserve serve` on a free port with small limits
+(radixserve.bench.server_process, as `bench serve --launch-server` does), waits for /health_generate, and
+`stop_cleanly()` SIGTERMs it and checks that no process of it is left. The `server` fixture of tests/conftest.py
+gives each test module one.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from radixserve.bench.server_process import ServerProcess, free_port  # noqa: F401 (free_port: for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_LIMITS = ["--max-total-tokens", "4096", "--max-running-requests", "16", "--context-length", "2048"]
@@ -26,12 +27,6 @@ SMALL_LIMITS = ["--max-total-tokens", "4096", "--max-running-requests", "16", "-
 DEBUG_FLAGS = ["--enable-invariant-checks", "--dtype", "float32"]
 START_TIMEOUT_S = 240.0
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:
@@ -91,22 +86,15 @@ def process_title(pid: int) -> bytes:
         return b""
 
 
-class RadixServer:
+class RadixServer(ServerProcess):
     def __init__(self, *flags: str, api_key: str | None = None, wait: bool = True,
                  env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        cmd = [sys.executable, "-m", "radixserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               *SMALL_LIMITS, *DEBUG_FLAGS, "--log-level", "warning", *flags]
-        if api_key:
-            cmd += ["--api-key", api_key]
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"radixserve-test-{self.port}.log"
-        self._log = open(self.log_path, "wb")
         # The key is the test's choice; `env` adds to this process' environment (a name set to "" is left out).
         extra = env or {}
         env = {k: v for k, v in {**os.environ, **extra}.items() if k != "RADIXSERVE_API_KEY" and extra.get(k) != ""}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        super().__init__([*SMALL_LIMITS, *DEBUG_FLAGS, "--log-level", "warning", *flags,
+                          *(["--api-key", api_key] if api_key else [])], "radixserve-test", env=env, cwd=REPO)
         self.child_pids: list[int] = []
         if wait:
             self.wait_ready()
@@ -115,25 +103,14 @@ class RadixServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         """Wait for /health_generate; on failure the server is killed and the error shows its log."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.kill()
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if self.get("/health_generate").status_code == 200:
-                    self.child_pids = descendants(self.proc.pid)
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        raise TimeoutError(f"server not ready within {START_TIMEOUT_S} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        try:
+            super().wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+        self.child_pids = descendants(self.proc.pid)
 
     def post(self, path: str, body: object) -> Response:
         """POST `body` as JSON (bytes are sent as they are)."""

@@ -19,11 +19,7 @@ DOC = ("The Rhine rises in the Swiss Alps, flows through Lake Constance, forms p
        "in the Netherlands. Barges carry coal, grain and containers along most of its length.")
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RadixServer]:
-    srv = RadixServer("--max-running-requests", "8")
-    yield srv
-    srv.stop_cleanly()
+pytestmark = pytest.mark.server_flags("--max-running-requests", "8")
 
 
 @pytest.fixture(scope="module")

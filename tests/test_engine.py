@@ -185,3 +185,16 @@ def test_invalid_requests_are_rejected(engine):
     finish = engine.generate(input_ids=[1, 10**9])["meta_info"]["finish_reason"]
     assert finish["type"] == "abort" and finish["status_code"] == 400 and "token ids" in finish["message"]
     engine.check_invariants()
+
+
+def test_the_engine_answers_as_generate_does(engine):
+    """One front-end core under the Engine and /generate: the same sub-requests (n copies of a prompt, rids
+    "{rid}-{k}") and the same answer's shape."""
+    copies = engine.generate("Hi", {"n": 2, "temperature": 0, "max_new_tokens": 4})
+    assert isinstance(copies, list) and len(copies) == 2
+    assert copies[0]["output_ids"] == copies[1]["output_ids"] and len(copies[0]["output_ids"]) == 4
+    assert [c["meta_info"]["id"][-2:] for c in copies] == ["-0", "-1"]
+    assert set(copies[0]["meta_info"]) == {"id", "prompt_tokens", "completion_tokens", "cached_tokens",
+                                           "finish_reason", "e2e_latency"}
+    with pytest.raises(ValueError, match="sampling_params must be one object or one per prompt"):
+        engine.generate(["a", "b"], [{"max_new_tokens": 1}])

@@ -4,7 +4,6 @@ and not) and SGLang's native routes; greedy text over HTTP equals the offline En
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import openai
 import pytest
@@ -13,13 +12,6 @@ from server_fixture import MODEL, SMALL_LIMITS, RadixServer
 GREEDY = {"temperature": 0}
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name three colors."}]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RadixServer]:
-    srv = RadixServer()
-    yield srv
-    srv.stop_cleanly()
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ The server runs with --api-key: every route but the health ones needs it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from server_fixture import MODEL, RadixServer, http_request
 
@@ -14,11 +12,7 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
 GOOD = {"text": "Hello", "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RadixServer]:
-    srv = RadixServer(api_key=KEY)
-    yield srv
-    srv.stop_cleanly()
+pytestmark = pytest.mark.server_flags(api_key=KEY)
 
 
 BAD_REQUESTS = [  # (name, path, body, status, param or None)

@@ -6,7 +6,9 @@ against the layout of docs/architecture.md:
 - `radixserve/gateway/`: the floor and itself. `radixserve/client/`: the floor and itself.
 - `radixserve/bench/`: the floor, the client, itself, and the package's public `radixserve.Engine`.
 - each `*_proc/`: the floor and itself.
-- `radixserve/launch/` (and the package's `__init__` / `__main__`, which defer to it) may import anything.
+- `radixserve/launch/` (and the package's `__init__` / `__main__`, which defer to it) may import anything, but the
+  offline Engine (`launch/engine.py`) reaches the HTTP gateway neither directly nor through another module: it
+  shares the front-end core below both (`radixserve/native_api.py`, the sampling checks, tokenizer_proc's core).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ ALLOWED: dict[str, set[str]] = {
     "scheduler_proc": {"floor", "scheduler_proc"},
     "worker_proc": {"floor", "worker_proc"},
 }
+
+# Modules kept from groups their own group may import, through any chain of imports.
+BARRED: dict[str, set[str]] = {"radixserve.launch.engine": {"gateway"}}
 
 
 def _modules() -> dict[str, Path]:
@@ -94,6 +99,31 @@ def test_no_forbidden_import(module: str) -> None:
     assert not bad, f"{module} ({group(module)}) may import only {sorted(allowed)}; it imports {bad}"
 
 
+def reachable(module: str) -> set[str]:
+    """Every project module that importing `module` loads (its imports, theirs, and so on)."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += GRAPH[name]
+    return seen - {module}
+
+
+@pytest.mark.parametrize("module", sorted(BARRED))
+def test_no_barred_import(module: str) -> None:
+    bad = sorted(dep for dep in reachable(module) if group(dep) in BARRED[module])
+    assert not bad, f"{module} must not reach {sorted(BARRED[module])}; it imports {bad}"
+
+
+def test_barred_imports_are_seen() -> None:
+    """The rule bites: the launcher's server (launch/serve.py) reaches the gateway, so the Engine's rule would see
+    such an import, direct or through another module."""
+    serve = "radixserve.launch.serve"
+    indirect = {dep for dep in reachable(serve) - GRAPH[serve] if group(dep) == "gateway"}
+    assert "radixserve.gateway.tool_calls" in indirect, indirect  # through gateway.app only
+
+
 def test_bench_uses_only_the_public_engine() -> None:
     for module in (m for m in MODULES if group(m) == "bench"):
         tree = ast.parse(MODULES[module].read_text())
@@ -146,7 +176,8 @@ def test_module_is_small(module: str) -> None:
 
 def test_checker_sees_imports() -> None:
     """The rules bite: the graph holds lazy imports (the launcher's of the processes) and groups are right."""
-    assert {"tokenizer_proc.frontend", "radixserve.launch.supervisor"} <= GRAPH["radixserve.launch.engine"]
+    assert {"tokenizer_proc.frontend", "radixserve.launch.supervisor", "radixserve.native_api"} <= \
+        GRAPH["radixserve.launch.engine"]
     assert {"scheduler_proc.main", "worker_proc.main"} <= GRAPH["radixserve.launch.supervisor"]
     assert [group(m) for m in ("radixserve.wire", "radixserve.gateway.app", "radixserve.bench.serve",
                                "scheduler_proc.radix_cache", "radixserve")] == \

@@ -8,7 +8,6 @@ import http.client
 import json
 import time
 import zlib
-from collections.abc import Iterator
 
 import prometheus_client
 import pytest
@@ -25,11 +24,7 @@ LABELS = {"model_name": MODEL}
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RadixServer]:
-    srv = RadixServer("--tokenizer-worker-num", "2", api_key=KEY)
-    yield srv
-    srv.stop_cleanly()
+pytestmark = pytest.mark.server_flags("--tokenizer-worker-num", "2", api_key=KEY)
 
 
 def scrape(server: RadixServer) -> dict[str, float]:

@@ -11,7 +11,6 @@ import collections
 import json
 import random
 import time
-from collections.abc import Iterator
 
 import pytest
 from reliability_util import (
@@ -34,11 +33,7 @@ LONG_PROMPT = "Tell me everything about the history of the Roman Empire. " * 60 
 READ_TIMEOUT_S = float(size(ci=120, long=600))  # a completed request may wait behind the others on 2 shared cores
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RadixServer]:
-    srv = RadixServer("--max-running-requests", str(MAX_RUNNING))
-    yield srv
-    srv.stop_cleanly()
+pytestmark = pytest.mark.server_flags("--max-running-requests", str(MAX_RUNNING))
 
 
 def _body(rng: random.Random, i: int, stream: bool) -> tuple[str, dict]:

@@ -50,11 +50,7 @@ REQUEST_TIMEOUT_S = 60.0
 BIG = 2**64  # one past what msgpack can carry
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RadixServer]:
-    srv = RadixServer(*FLAGS, api_key=KEY)
-    yield srv
-    srv.stop_cleanly()
+pytestmark = pytest.mark.server_flags(*FLAGS, api_key=KEY)
 
 
 @pytest.fixture(scope="module")

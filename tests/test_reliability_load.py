@@ -9,10 +9,8 @@ import collections
 import json
 import random
 import time
-from collections.abc import Iterator
 
 import aiohttp
-import pytest
 from reliability_util import leak_problems, report, size, wait_idle
 from server_fixture import RadixServer
 
@@ -21,13 +19,6 @@ DURATION_S = size(ci=20, long=600)
 # A request slower than this is a stall. 64 clients on 2 shared cores wait their turn for a minute or more
 # (docs/reliability.md has the latencies), so the long size allows more.
 STALL_S = float(size(ci=120, long=300))
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RadixServer]:
-    srv = RadixServer()
-    yield srv
-    srv.stop_cleanly()
 
 
 class Failure(Exception):

@@ -5,7 +5,6 @@ Response, function tools round trip, and what is not supported is a 400 naming t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from server_fixture import MODEL, RadixServer
@@ -13,13 +12,6 @@ from server_fixture import MODEL, RadixServer
 QUESTION = "Name three colors."
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RadixServer]:
-    srv = RadixServer()
-    yield srv
-    srv.stop_cleanly()
 
 
 def test_text_equals_the_chat_route(server: RadixServer) -> None:

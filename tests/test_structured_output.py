@@ -37,11 +37,7 @@ TOOLS = [{"type": "function", "function": {
                    "required": ["city"]}}}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = RadixServer(*FLAGS)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.server_flags(*FLAGS)
 
 
 def generate(server: RadixServer, text: str, **sampling) -> dict:

@@ -12,9 +12,13 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
+from radixserve import wire
 from radixserve.errors import ApiError
-from radixserve.gateway.tool_calls import HERMES, JSON, NamedToolChoice, Tool, ToolParser, resolve, tool_format
-from radixserve.model_files import chat_template_text, resolve_model
+from radixserve.gateway.tool_calls import NamedToolChoice, Tool, ToolParser, resolve
+from radixserve.model_files import resolve_model
+from radixserve.wire import HERMES, JSON
+from tokenizer_proc.chat_tools import tool_call_format
+from tokenizer_proc.frontend import TokenizerCore
 from tokenizer_proc.text import ChatOptions, encode_prompt
 
 TOOLS = msgspec.convert([
@@ -81,10 +85,27 @@ def test_enforced_calls_are_a_json_array_that_the_schema_describes() -> None:
 
 
 def test_format_follows_the_chat_template() -> None:
-    smol = chat_template_text(resolve_model(None))
-    assert "tools" not in smol and tool_format(smol) == HERMES  # the tools go in the system message
-    assert tool_format("{% if tools %}<tool_call>{{ tools | tojson }}</tool_call>{% endif %}") == HERMES  # Qwen
-    assert tool_format("{% if tools %}{{ tools | tojson }} Respond with {\"name\", \"parameters\"}{% endif %}") == JSON
+    """The tokenizer decides the format once, from its chat template (the gateway gets it in Ready)."""
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    assert "tools" not in tok.chat_template and tool_call_format(tok) == HERMES  # the tools go in the system message
+    tok.chat_template = "{% if tools %}<tool_call>{{ tools | tojson }}</tool_call>{% endif %}"  # Qwen's style
+    assert tool_call_format(tok) == HERMES
+    tok.chat_template = "{% if tools %}{{ tools | tojson }} Respond with {\"name\", \"parameters\"}{% endif %}"
+    assert tool_call_format(tok) == JSON
+    tok.chat_template = {"default": "{{ messages }}", "tool_use": "{% if tools %}{{ tools | tojson }}{% endif %}"}
+    assert tool_call_format(tok) == JSON  # named templates count together
+    assert tool_call_format(None) == HERMES  # no tokenizer (--skip-tokenizer-init): no chat at all
+
+
+def test_the_tokenizer_reports_its_format_in_ready() -> None:
+    """The scheduler's Ready reaches the gateway through a tokenizer, which adds the format it decided."""
+    model_dir = resolve_model(None)
+    core = TokenizerCore(model_dir, model_dir)
+    runtime = wire.RuntimeInfo(num_kv_slots=64, context_length=2048, vocab_size=49152, device="cpu",
+                               dtype="float32", attention_backend="torch", kv_bytes_per_token=1, weight_bytes=1)
+    got = core.receive(wire.Ready(runtime=runtime))
+    assert isinstance(got.passed, wire.Ready) and got.passed.tool_call_format == HERMES
+    assert core.runtime == runtime and got.deltas == [] and got.aborts == []
 
 
 RENDERS_TOOLS = (  # a template in the style of Llama 3.1's: tools as JSON, calls' arguments as objects

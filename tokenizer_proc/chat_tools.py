@@ -3,14 +3,19 @@
 A chat template that renders tools (its source mentions `tools`: Llama 3.x, Qwen2.5, Qwen3) gets them as
 `apply_chat_template(tools=...)`, and assistant tool calls with their arguments as objects (what templates
 expect; OpenAI sends JSON text). A template that does not (SmolLM2's) would drop them silently, so for it the
-tools are described in the system message and tool calls written as `<tool_call>` blocks, Hermes-style (the
-format the gateway parses for such templates: radixserve/gateway/tool_calls.py, `tool_format`).
+tools are described in the system message and tool calls written as `<tool_call>` blocks, Hermes-style.
+
+How the model will write its calls follows from the same facts and is decided here once (`tool_call_format`):
+the tokenizer reports it to the gateway in `wire.Ready`, and the gateway's parser (radixserve/gateway/tool_calls.py)
+reads the output that way.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from radixserve.wire import HERMES, JSON, ToolCallFormat
 
 TOOL_PROMPT = (
     "You may call one or more functions to assist with the user query. You are provided with function "
@@ -20,11 +25,23 @@ TOOL_PROMPT = (
 )
 
 
-def renders_tools(tokenizer: Any) -> bool:
+def _template(tokenizer: Any) -> str:
+    """The chat template's source (named templates joined), "" if there is none."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = "\n".join(template.values())
-    return isinstance(template, str) and "tools" in template
+    return template if isinstance(template, str) else ""
+
+
+def renders_tools(tokenizer: Any) -> bool:
+    return "tools" in _template(tokenizer)
+
+
+def tool_call_format(tokenizer: Any) -> ToolCallFormat:
+    """HERMES (`<tool_call>` blocks among free text) where the template writes `<tool_call>` tags (Qwen2.5, Qwen3,
+    Hermes) or renders no tools (they are described here, asking for those tags); JSON (one JSON answer) for any
+    other template that renders tools (Llama 3.x)."""
+    return JSON if renders_tools(tokenizer) and "<tool_call>" not in _template(tokenizer) else HERMES
 
 
 def tool_calls_of(message: dict) -> list[dict] | None:

@@ -1,21 +1,31 @@
 """The tokenizer front end without sockets, shared by the tokenizer process and the offline Engine.
 
 `submit` turns a request (text, ids or chat messages) into the scheduler's GenerateTokens, or a
-Rejected; `feed` turns a step's ReqOut into the TextDelta to pass on (every step for a stream, once
-at the end otherwise) and, when a stop string matched here first, the Abort that tells the scheduler
-where the output ends.
+Rejected; `receive` takes in each message from the scheduler: a step's ReqOuts become the TextDeltas to
+pass on (every step for a stream, once at the end otherwise) and, when a stop string matched here first,
+the Aborts that tell the scheduler where an output ends; the rest passes on to the front end (a Ready with
+this side's tool-call format).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from radixserve import wire
+from tokenizer_proc.chat_tools import tool_call_format
 from tokenizer_proc.metrics import RequestMetrics
 from tokenizer_proc.output import RequestOutput
 from tokenizer_proc.text import ChatOptions, encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
+
+
+class Received(NamedTuple):
+    """What one scheduler message makes: deltas for the front end, Aborts for the scheduler, a message to pass on."""
+
+    deltas: list[wire.TextDelta]
+    aborts: list[wire.Abort]
+    passed: msgspec.Struct | None
 
 
 class TokenizerCore:
@@ -25,6 +35,7 @@ class TokenizerCore:
                  reply_to: int = 0) -> None:
         self.tokenizer: Any | None = load_tokenizer(tokenizer_path, skip_tokenizer_init)
         self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
+        self.tool_call_format = tool_call_format(self.tokenizer)
         self.reply_to = reply_to
         self.runtime: wire.RuntimeInfo | None = None  # from the scheduler's Ready, before any request
         # rid -> (stream interval in tokens, as SGLang's stream_interval, or 0: not streamed; output)
@@ -69,6 +80,25 @@ class TokenizerCore:
             raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room for output in the context length "
                              f"({self.runtime.context_length} tokens)")
         return msgspec.structs.replace(msg.sampling, max_new_tokens=room)
+
+    def receive(self, msg: msgspec.Struct) -> Received:
+        """One message from the scheduler (wire.SchedulerOut): a TokenBatch's outputs fed through; a Rejected
+        request forgotten here; Ready's runtime facts kept (the front end gets them with the tool-call format)."""
+        if isinstance(msg, wire.TokenBatch):
+            deltas, aborts = [], []
+            for out in msg.outs:
+                delta, abort = self.feed(out)
+                if abort is not None:
+                    aborts.append(abort)
+                if delta is not None:
+                    deltas.append(delta)
+            return Received(deltas, aborts, None)
+        if isinstance(msg, wire.Ready):
+            self.runtime = msg.runtime
+            msg = msgspec.structs.replace(msg, tool_call_format=self.tool_call_format)
+        elif isinstance(msg, wire.Rejected):
+            self.drop(msg.rid)
+        return Received([], [], msg)
 
     def feed(self, out: wire.ReqOut) -> tuple[wire.TextDelta | None, wire.Abort | None]:
         """One step's output of a request: the delta to pass on (if any) and the Abort to send (if any)."""

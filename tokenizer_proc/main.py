@@ -71,19 +71,12 @@ class TokenizerProcess:
     def _on_scheduler(self, msgs: list[msgspec.Struct]) -> None:
         deltas = []
         for msg in msgs:
-            if isinstance(msg, wire.TokenBatch):
-                for out in msg.outs:
-                    delta, abort = self.core.feed(out)
-                    if abort is not None:
-                        self.to_scheduler.send(abort)
-                    if delta is not None:
-                        deltas.append(delta)
-                continue
-            if isinstance(msg, wire.Ready):
-                self.core.runtime = msg.runtime
-            elif isinstance(msg, wire.Rejected):
-                self.core.drop(msg.rid)
-            self.to_gateway.send(msg)
+            got = self.core.receive(msg)
+            for abort in got.aborts:
+                self.to_scheduler.send(abort)
+            deltas += got.deltas
+            if got.passed is not None:
+                self.to_gateway.send(got.passed)
         if deltas:
             self.to_gateway.send(wire.TextBatch(deltas))
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
+from tqdm import tqdm
 
 from radixserve.bench import report as rep
 from radixserve.bench.datasets import Conversation, DatasetArgs, load_dataset, num_requests, tokenizer_and_vocab
@@ -88,12 +89,12 @@ def _engine_fn(engine: Engine) -> GenerateFn:
 
 
 def _timed_run(label: str, convs: list[Conversation], generate: GenerateFn) -> dict:
-    results, duration = run_rounds(convs, generate, rep.Progress(num_requests(convs), label))
+    results, duration = run_rounds(convs, generate, rep.progress(num_requests(convs), label))
     return rep.record(label, results, duration)
 
 
 def run_rounds(convs: list[Conversation], generate: GenerateFn,
-               progress: rep.Progress) -> tuple[list[RequestResult], float]:
+               progress: tqdm) -> tuple[list[RequestResult], float]:
     """Every conversation's turn k in one call, k = 0, 1, ...; a turn's prompt is its conversation so far
     (earlier prompts and outputs) plus its new tokens. Returns the results and the time spent generating."""
     histories: list[list[int]] = [[] for _ in convs]

@@ -93,7 +93,7 @@ def run(ns: argparse.Namespace) -> int:
             if device else None  # the TP ranks' together
         _time(engine, [[1] * 16], 4)  # warm-up
         points = list(itertools.product(ns.batch_size, ns.input_len))
-        progress = rep.Progress(len(points), "one-batch")
+        progress = rep.progress(len(points), "one-batch", unit="point")
         for i, (bs, input_len) in enumerate(points):
             prompts = np.random.default_rng(i).integers(0, vocab_size, (bs, input_len)).tolist()
             prefill = statistics.median(_time(engine, prompts, 1) for _ in range(ns.runs))

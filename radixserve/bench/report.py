@@ -1,4 +1,4 @@
-"""The bench's output: the report dict (settings, machine, runs, ratios), its JSON and PNG, tables, a progress bar.
+"""The bench's output: the report dict (settings, machine, runs, ratios), its JSON and PNG, tables, progress bars.
 
 A run is `{"label", "max_concurrency", "request_rate", "metrics": summarize(...)}` (serve, offline) or a
 one-batch point; baselines are runs with another label, compared with the main label's run at the same point.
@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from radixserve.bench.metrics import RequestResult, summarize
 
@@ -165,28 +167,11 @@ def print_runs(report: dict[str, Any]) -> None:
               + ", ".join(f"{k} x{q[k]:.2f}" for k in RATIO_KEYS if q[k] is not None))
 
 
-class Progress:
-    """A one-line progress bar on stderr (only when it is a terminal)."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.done = total, desc, 0
-        self.enabled = sys.stderr.isatty() and total > 1
-        self.t0 = self._last = time.monotonic()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
-            self._last = now
-            width = 30
-            fill = width * self.done // max(1, self.total)
-            sys.stderr.write(f"\r{self.desc} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
-                             f"{now - self.t0:.0f}s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+def progress(total: int, desc: str, unit: str = "req") -> tqdm:
+    """A progress bar on stderr, drawn only where stderr is a terminal (tqdm's `disable=None`) and for more than
+    one step."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=None if total > 1 else True)
 
 
 # ---------------------------------------------------------------- PNG

@@ -15,14 +15,8 @@ import asyncio
 import contextlib
 import dataclasses
 import math
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -32,13 +26,13 @@ import numpy as np
 from radixserve.bench import report as rep
 from radixserve.bench.datasets import Conversation, DatasetArgs, Turn, load_dataset, num_requests, tokenizer_and_vocab
 from radixserve.bench.metrics import RequestResult, first_error
+from radixserve.bench.server_process import ServerProcess
 from radixserve.client.errors import StreamError
 from radixserve.client.http import sse_events
 from radixserve.config import RouterPolicy, ServerArgs
 
 START_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 20.0
-LOG_TAIL_LINES = 40  # of a server that failed to start, in the error
 WARMUP_OUTPUT_LEN = 4
 
 
@@ -221,7 +215,7 @@ async def _run_point(session: Any, api: Any, empty: type, model: str | None, con
     gate = asyncio.Semaphore(concurrency) if concurrency else contextlib.nullcontext()
     gaps = np.zeros(len(convs)) if math.isinf(rate) else np.random.default_rng(seed).exponential(1 / rate, len(convs))
     starts = np.cumsum(gaps) - gaps[0]
-    progress = rep.Progress(num_requests(convs), desc)
+    progress = rep.progress(num_requests(convs), desc)
     results: list[RequestResult] = []
 
     async def conversation(conv: Conversation, start: float) -> None:
@@ -290,46 +284,14 @@ def server_flags(args: ServerArgs) -> list[str]:
 
 @contextlib.contextmanager
 def _server(args: ServerArgs, extra: list[str]) -> Iterator[str]:
-    """`python -m radixserve serve` on a free port until the block ends; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.NamedTemporaryFile(prefix=f"radixserve-bench-{port}-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "radixserve", "serve", "--host", "127.0.0.1", "--port", str(port),
-           *server_flags(args), *extra]
-    print("launching:", " ".join(cmd[1:]), file=sys.stderr)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    """`python -m radixserve serve` on a free port until the block ends; yields its base URL. Its log is
+    removed when it stops cleanly."""
+    server = ServerProcess([*server_flags(args), *extra], log_name="radixserve-bench")
+    print("launching:", " ".join(server.cmd[1:]), file=sys.stderr)
     try:
-        _wait_ready(proc, url, log.name)
-        yield url
+        server.wait_ready(START_TIMEOUT_S)
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-    os.unlink(log.name)
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log_path: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with open(log_path, errors="replace") as f:
-                tail = "".join(f.readlines()[-LOG_TAIL_LINES:])
-            raise RuntimeError(f"the server exited with code {proc.returncode}; "
-                               f"the end of its log ({log_path}):\n{tail}")
-        try:
-            with urllib.request.urlopen(f"{url}/health_generate", timeout=30) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError as e:
-            if e.code != 503:  # 503: still loading
-                raise RuntimeError(f"the server's /health_generate answered {e.code}: {e.read()[:300]!r}") from None
-        except OSError:  # not listening yet
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the server was not ready within {START_TIMEOUT_S:.0f} s; its log: {log_path}")
+        code = server.terminate(STOP_TIMEOUT_S)
+    if code == 0:
+        server.log_path.unlink()

@@ -12,8 +12,8 @@ import dataclasses
 import hmac
 import logging
 import uuid
-from collections.abc import Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -34,13 +34,11 @@ from radixserve.gateway.openai_api import (
 from radixserve.gateway.openai_format import ChatCompletion, ChatFormat, Completion, CompletionFormat
 from radixserve.gateway.responses_api import ResponsesRequest, chat_request
 from radixserve.gateway.responses_format import Response, ResponsesFormat
-from radixserve.gateway.tokenizer_client import Generation, Output, TokenizerClient
-from radixserve.gateway.tool_calls import tool_format
-from radixserve.model_files import chat_template_text
+from radixserve.gateway.tokenizer_client import Generation, TokenizerClient
+from radixserve.native_api import Output
 
 log = logging.getLogger("radixserve.http")
 
-PUBLIC_PATHS = frozenset({"/health", "/health_generate", "/openapi.json"})  # as vLLM: the API description is public
 OPEN_WHILE_DRAINING = frozenset({"/metrics", "/get_server_info", "/abort_request"})
 HEALTH_TIMEOUT_S = 30.0
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -79,32 +77,15 @@ class Gateway:
         self.model_dir = model_dir
         self.model_name = model_name
         self.children = children
-        self.tool_format = tool_format(chat_template_text(args.tokenizer_path or model_dir))
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.args.max_request_bytes,
                               middlewares=[http_errors.middleware(self.args.max_request_bytes), self._gate])
-        r = app.router
-        r.add_get("/health", self.health)
-        r.add_get("/health_generate", self.health_generate)
-        r.add_get("/get_model_info", self.model_info)
-        r.add_get("/get_server_info", self.server_info)
-        r.add_get("/get_load", self.get_load)
-        r.add_get("/model_info", self.model_info)  # SGLang's newer names (its router asks for these first)
-        r.add_get("/server_info", self.server_info)
-        r.add_get("/flush_cache", self.flush_cache)
-        r.add_post("/flush_cache", self.flush_cache)
-        r.add_post("/abort_request", self.abort_request)
-        r.add_post("/open_session", self.open_session)
-        r.add_post("/close_session", self.close_session)
-        r.add_post("/generate", self.generate)
-        r.add_get("/v1/models", self.models)
-        r.add_post("/v1/completions", self.completions)
-        r.add_post("/v1/chat/completions", self.chat_completions)
-        r.add_post("/v1/responses", self.responses)
-        r.add_get("/openapi.json", self.openapi)
-        if not self.args.disable_metrics:
-            r.add_get("/metrics", self.metrics)
+        for route in ROUTES:
+            if route.path == "/metrics" and self.args.disable_metrics:
+                continue
+            add = app.router.add_get if route.method == "GET" else app.router.add_post
+            add(route.path, route.handler.__get__(self))
         return app
 
     # ------------------------------------------------------------ middleware
@@ -158,7 +139,7 @@ class Gateway:
         server_args = {**dataclasses.asdict(self.args), "api_key": None, "served_model_name": self.model_name}
         return _json({**server_args, "version": __version__, "num_pending_http_reqs": self.client.num_pending,
                       "processes": {p.name: p.pid for p in self.children}, "worker": status.runtime,
-                      "scheduler": msgspec.to_builtins(status.scheduler) | {"invariants": status.invariants}})
+                      "scheduler": status.scheduler_info()})
 
     async def get_load(self, request: web.Request) -> web.Response:
         """SGLang's load report, one entry per data-parallel rank (here one); its router polls it (power_of_two)."""
@@ -231,7 +212,7 @@ class Gateway:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._parse(request, ChatCompletionRequest)
         check_model(body.model, self.model_name)
-        reqs, parsers = chat_requests(body, self.tool_format)
+        reqs, parsers = chat_requests(body, self.client.tool_call_format)
         return await self._generate(request, reqs, body.stream, ChatFormat(
             reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, parsers))
 
@@ -239,7 +220,7 @@ class Gateway:
         body = await self._parse(request, ResponsesRequest)
         check_model(body.model, self.model_name)
         chat = chat_request(body)
-        reqs, parsers = chat_requests(chat, self.tool_format)
+        reqs, parsers = chat_requests(chat, self.client.tool_call_format)
         fmt = ResponsesFormat(reqs[0].rid, self.model_name, body, parsers[0] if parsers else None)
         return await self._generate(request, reqs, chat.stream, fmt, done=b"")
 
@@ -286,33 +267,52 @@ class CloseSessionRequest(msgspec.Struct, forbid_unknown_fields=True):
     session_id: str
 
 
+class Route(NamedTuple):
+    """One route: the Gateway method that answers it and what /openapi.json says of it."""
+
+    method: str
+    path: str
+    handler: Callable[[Gateway, web.Request], Awaitable[web.StreamResponse]]
+    op: openapi.Operation
+
+
 Op = openapi.Operation
-OPERATIONS = {  # (method, path) -> what /openapi.json says of it; every route needs one (tests/test_openapi.py)
-    ("GET", "/health"): Op("liveness: every process is up", response_type="text/plain", public=True),
-    ("GET", "/health_generate"): Op("readiness: a one-token generation succeeds", response_type="text/plain",
-                                    public=True),
-    ("GET", "/openapi.json"): Op("this document", public=True),
-    ("GET", "/get_model_info"): Op("the model served"),
-    ("GET", "/get_server_info"): Op("server arguments, processes and live scheduler statistics"),
-    ("GET", "/get_load"): Op("SGLang's load report: [{dp_rank, num_reqs, num_waiting_reqs, num_tokens}]"),
-    ("GET", "/model_info"): Op("the model served (SGLang's newer name of /get_model_info)"),
-    ("GET", "/server_info"): Op("server arguments, processes and live scheduler statistics (SGLang's newer name of "
-                                "/get_server_info)"),
-    ("GET", "/metrics"): Op("Prometheus metrics (public with --metrics-public; absent with --disable-metrics)",
-                            response_type="text/plain"),
-    ("GET", "/flush_cache"): Op("empty the radix cache (when idle)", response_type="text/plain"),
-    ("POST", "/flush_cache"): Op("empty the radix cache (when idle)", response_type="text/plain"),
-    ("POST", "/abort_request"): Op("abort a request by rid, or all of them", AbortRequest),
-    ("POST", "/open_session"): Op("open a session; answers its id", OpenSessionRequest),
-    ("POST", "/close_session"): Op("close a session", CloseSessionRequest),
-    ("POST", "/generate"): Op("SGLang's native generation", GenerateRequest, streams=True),
-    ("GET", "/v1/models"): Op("the served model, as OpenAI's model list"),
-    ("POST", "/v1/completions"): Op("OpenAI completions", CompletionRequest, Completion, streams=True),
-    ("POST", "/v1/chat/completions"): Op("OpenAI chat completions", ChatCompletionRequest, ChatCompletion,
-                                         streams=True),
-    ("POST", "/v1/responses"): Op("OpenAI responses (text and function tools; nothing is stored)", ResponsesRequest,
-                                  Response, streams=True),
-}
+ROUTES = [  # the route table: every route the gateway serves, registered and described from here
+    Route("GET", "/health", Gateway.health, Op("liveness: every process is up", response_type="text/plain",
+                                                public=True)),
+    Route("GET", "/health_generate", Gateway.health_generate, Op(
+        "readiness: a one-token generation succeeds", response_type="text/plain", public=True)),
+    Route("GET", "/get_model_info", Gateway.model_info, Op("the model served")),
+    Route("GET", "/get_server_info", Gateway.server_info, Op(
+        "server arguments, processes and live scheduler statistics")),
+    Route("GET", "/get_load", Gateway.get_load, Op(
+        "SGLang's load report: [{dp_rank, num_reqs, num_waiting_reqs, num_tokens}]")),
+    # SGLang's newer names (its router asks for these first)
+    Route("GET", "/model_info", Gateway.model_info, Op("the model served (SGLang's newer name of /get_model_info)")),
+    Route("GET", "/server_info", Gateway.server_info, Op(
+        "server arguments, processes and live scheduler statistics (SGLang's newer name of /get_server_info)")),
+    Route("GET", "/flush_cache", Gateway.flush_cache, Op("empty the radix cache (when idle)",
+                                                         response_type="text/plain")),
+    Route("POST", "/flush_cache", Gateway.flush_cache, Op("empty the radix cache (when idle)",
+                                                          response_type="text/plain")),
+    Route("POST", "/abort_request", Gateway.abort_request, Op("abort a request by rid, or all of them", AbortRequest)),
+    Route("POST", "/open_session", Gateway.open_session, Op("open a session; answers its id", OpenSessionRequest)),
+    Route("POST", "/close_session", Gateway.close_session, Op("close a session", CloseSessionRequest)),
+    Route("POST", "/generate", Gateway.generate, Op("SGLang's native generation", GenerateRequest, streams=True)),
+    Route("GET", "/v1/models", Gateway.models, Op("the served model, as OpenAI's model list")),
+    Route("POST", "/v1/completions", Gateway.completions, Op("OpenAI completions", CompletionRequest, Completion,
+                                                             streams=True)),
+    Route("POST", "/v1/chat/completions", Gateway.chat_completions, Op(
+        "OpenAI chat completions", ChatCompletionRequest, ChatCompletion, streams=True)),
+    Route("POST", "/v1/responses", Gateway.responses, Op(
+        "OpenAI responses (text and function tools; nothing is stored)", ResponsesRequest, Response, streams=True)),
+    Route("GET", "/openapi.json", Gateway.openapi, Op("this document", public=True)),
+    Route("GET", "/metrics", Gateway.metrics, Op(
+        "Prometheus metrics (public with --metrics-public; absent with --disable-metrics)",
+        response_type="text/plain")),
+]
+OPERATIONS = {(r.method, r.path): r.op for r in ROUTES}  # (method, path) -> its Operation (tests/test_openapi.py)
+PUBLIC_PATHS = frozenset(r.path for r in ROUTES if r.op.public)  # health, and as vLLM the API description
 
 _DECODERS = {kind: msgspec.json.Decoder(kind) for kind in
              (GenerateRequest, CompletionRequest, ChatCompletionRequest, ResponsesRequest, AbortRequest,

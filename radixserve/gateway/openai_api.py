@@ -16,8 +16,21 @@ from radixserve import wire
 from radixserve.errors import ApiError, bad_request
 from radixserve.gateway import tool_calls
 from radixserve.gateway.openai_format import StreamOptions
-from radixserve.gateway.sglang_fields import OpenAIUnsupported, Priority, check_unsupported
-from radixserve.gateway.validation import INT32_MAX, MAX_N, MAX_STOPS, check_sampling, expand
+from radixserve.native_api import expand
+from radixserve.sampling_checks import check_sampling
+from radixserve.sampling_params import (
+    INT32_MAX,
+    MAX_STOPS,
+    Choices,
+    Count,
+    OpenAITemperature,
+    Seed,
+    TokenId,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
+from radixserve.sglang_fields import CHAT, OPENAI, check_unsupported, fields_struct
 
 # ---------------------------------------------------------------- requests
 
@@ -40,25 +53,27 @@ class ResponseFormat(Struct, forbid_unknown_fields=True):
     format: dict[str, Any] | None = None
 
 
-class _Request(OpenAIUnsupported, forbid_unknown_fields=True, kw_only=True):
+class _Request(fields_struct("OpenAIExtras", OPENAI), forbid_unknown_fields=True,  # type: ignore[misc]
+               kw_only=True):
+    """What both routes take; the catalogue's OPENAI fields (radixserve/sglang_fields.py) are its base."""
+
     model: str
-    max_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] | None = None
-    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
+    max_tokens: Count | None = None
+    temperature: OpenAITemperature | None = None
+    top_p: TopP | None = None
+    n: Choices = 1
     stop: str | Annotated[list[str], Meta(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    seed: Seed | None = None
     frequency_penalty: wire.Penalty = 0.0
     presence_penalty: wire.Penalty = 0.0
     logit_bias: dict[str, wire.LogitBias] | None = None
     response_format: ResponseFormat | None = None
-    user: str | None = None
     # SGLang extensions (the openai client's `extra_body`)
-    top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] = -1
+    top_k: TopK = -1
     min_p: wire.MinP = 0.0
-    min_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0
+    min_tokens: Count = 0
     repetition_penalty: wire.RepetitionPenalty = 1.0
     regex: str | None = None
     ebnf: str | None = None
@@ -71,46 +86,27 @@ class _Request(OpenAIUnsupported, forbid_unknown_fields=True, kw_only=True):
     custom_params: dict[str, Any] | None = None
     rid: str | list[str] | None = None
     return_cached_tokens_details: bool = False  # usage always has prompt_tokens_details.cached_tokens
-    # accepted, no effect here
-    session_id: str | None = None
-    priority: Priority | None = None
-    custom_labels: dict[str, str] | None = None
 
 
 class CompletionRequest(_Request, kw_only=True):
-    prompt: str | list[str | Annotated[int, Meta(ge=0, le=INT32_MAX)] | list[Annotated[int, Meta(ge=0, le=INT32_MAX)]]]
+    prompt: str | list[str | TokenId | list[TokenId]]
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     json_schema: str | None = None
     echo: bool = False
-    best_of: Annotated[int, Meta(ge=1, le=MAX_N)] | None = None  # only n (no server-side ranking)
+    best_of: Choices | None = None  # only n (no server-side ranking)
 
 
-class ChatCompletionRequest(_Request, kw_only=True):
+class ChatCompletionRequest(fields_struct("ChatExtras", CHAT, _Request), kw_only=True):  # type: ignore[misc]
     messages: Annotated[list[dict[str, Any]], Meta(min_length=1)]
-    max_completion_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[tool_calls.Tool] | None = None
     tool_choice: tool_calls.ToolChoice | None = None
     parallel_tool_calls: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None  # passed to the chat template, as SGLang
-    # accepted, no effect here: they act only with a reasoning parser (SGLang's --reasoning-parser)
-    separate_reasoning: bool = True
-    stream_reasoning: bool = True
-    # OpenAI's, accepted with no effect here: nothing is stored, there is one service tier, the radix cache
-    # needs no key or policy, and a prediction only speeds up OpenAI's decoding (the output is the same without
-    # it). Their values are OpenAI's to extend, so they are not checked beyond their type.
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    prediction: dict[str, Any] | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    prompt_cache_options: dict[str, Any] | None = None
-    safety_identifier: str | None = None
-    verbosity: str | None = None
 
 
 def _constraint(req: _Request) -> dict[str, str]:
@@ -135,7 +131,7 @@ def _constraint(req: _Request) -> dict[str, str]:
 
 def _sampling(req: _Request, max_tokens: int | None, constraint: dict[str, str]) -> wire.SamplingParams:
     """Sampling of one choice; `max_tokens=None` leaves the cap to the tokenizer (the context length)."""
-    check_unsupported(req)
+    check_unsupported(req, OPENAI)
     sp = wire.SamplingParams(
         max_new_tokens=INT32_MAX if max_tokens is None else max_tokens, min_new_tokens=req.min_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -188,8 +184,8 @@ def completion_echo(req: CompletionRequest, reqs: list[wire.GenerateText]) -> li
     return [r.text or "" for r in reqs] if req.echo else None
 
 
-def chat_requests(req: ChatCompletionRequest, tool_format: str) -> tuple[list[wire.GenerateText],
-                                                                         list[tool_calls.ToolParser] | None]:
+def chat_requests(req: ChatCompletionRequest, tool_call_format: wire.ToolCallFormat
+                  ) -> tuple[list[wire.GenerateText], list[tool_calls.ToolParser] | None]:
     """The sub-requests, and one tool-call parser per choice if the model is shown tools."""
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
@@ -213,7 +209,7 @@ def chat_requests(req: ChatCompletionRequest, tool_format: str) -> tuple[list[wi
     if not tools:
         return reqs, None
     names = [t.function.name for t in tools]
-    return reqs, [tool_calls.ToolParser(tool_format, names, enforce is not None) for _ in reqs]
+    return reqs, [tool_calls.ToolParser(tool_call_format, names, enforce is not None) for _ in reqs]
 
 
 ANY_MODEL = "default"  # SGLang's examples send model="default": it names whatever the server serves

@@ -15,8 +15,9 @@ from typing import Any
 from msgspec import Struct
 
 from radixserve import wire
-from radixserve.gateway.tokenizer_client import Generation, Output
+from radixserve.gateway.tokenizer_client import Generation
 from radixserve.gateway.tool_calls import ToolCall, ToolCallDelta, ToolParser
+from radixserve.native_api import Output
 
 
 class StreamOptions(Struct, forbid_unknown_fields=True):

@@ -13,16 +13,16 @@ are not stored (a client sends the whole conversation as input; `previous_respon
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from msgspec import Meta, Struct
+from msgspec import Struct
 
 from radixserve import wire
 from radixserve.errors import bad_request
 from radixserve.gateway import tool_calls
 from radixserve.gateway.openai_api import ChatCompletionRequest, JsonSchemaFormat, ResponseFormat
-from radixserve.gateway.sglang_fields import Priority, ResponsesUnsupported, check_unsupported
-from radixserve.gateway.validation import INT32_MAX
+from radixserve.sampling_params import OpenAITemperature, PositiveCount, TopK, TopP
+from radixserve.sglang_fields import RESPONSES, check_unsupported, fields_struct
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -59,15 +59,17 @@ class Reasoning(Struct, forbid_unknown_fields=True):
     generate_summary: str | None = None
 
 
-class ResponsesRequest(ResponsesUnsupported, forbid_unknown_fields=True, kw_only=True):
-    """Features this server lacks are in ResponsesUnsupported: a 400 naming the field unless left out."""
+class ResponsesRequest(fields_struct("ResponsesExtras", RESPONSES),  # type: ignore[misc]
+                       forbid_unknown_fields=True, kw_only=True):
+    """The catalogue's RESPONSES fields (radixserve/sglang_fields.py) are its base: features this server lacks (a
+    400 naming the field unless left out) and fields accepted with no effect."""
 
     model: str
     input: str | list[dict[str, Any]]
     instructions: str | None = None
-    max_output_tokens: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None
-    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    max_output_tokens: PositiveCount | None = None
+    temperature: OpenAITemperature | None = None
+    top_p: TopP | None = None
     stream: bool | None = False  # null (as SGLang's router sends every unset field): the default (__post_init__)
     tools: list[FunctionTool] | None = None  # a built-in tool (web search...) is a 400 naming its type
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
@@ -75,22 +77,10 @@ class ResponsesRequest(ResponsesUnsupported, forbid_unknown_fields=True, kw_only
     text: TextConfig | None = None
     reasoning: Reasoning | None = None
     # SGLang's extras (its router sends them with every request)
-    top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
+    top_k: TopK | None = None
     min_p: wire.MinP | None = None
     repetition_penalty: wire.RepetitionPenalty | None = None
     request_id: str | None = None  # the response id (and rid), "resp_..." by default
-    priority: Priority | None = None  # accepted, no effect here (no priority scheduling)
-    # accepted, no effect here (as on the chat route): nothing is stored, one tier, no cache keys needed
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
-    user: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    service_tier: str | None = None
-    truncation: Literal["auto", "disabled"] | None = None  # a prompt over the context is a 400 either way
-    max_tool_calls: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None  # for built-in tools: none here
-    stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing is obfuscated here
 
     def __post_init__(self) -> None:
         self.stream = bool(self.stream)
@@ -99,7 +89,7 @@ class ResponsesRequest(ResponsesUnsupported, forbid_unknown_fields=True, kw_only
 
 def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request that generates this response (its rid is the response id)."""
-    check_unsupported(req)
+    check_unsupported(req, RESPONSES)
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + _messages(req.input)
     if not messages:
         raise bad_request("input is empty", "input")

@@ -19,8 +19,9 @@ from msgspec import Struct
 
 from radixserve import wire
 from radixserve.gateway.responses_api import ResponsesRequest
-from radixserve.gateway.tokenizer_client import Generation, Output
+from radixserve.gateway.tokenizer_client import Generation
 from radixserve.gateway.tool_calls import ToolCall, ToolParser
+from radixserve.native_api import Output
 
 
 class OutputText(Struct):

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 import zlib
 from collections.abc import AsyncIterator
-from typing import TypeVar
 
 import zmq
 import zmq.asyncio
@@ -21,40 +19,10 @@ import zmq.asyncio
 from radixserve import wire
 from radixserve.errors import ApiError, bad_request
 from radixserve.ipc import IpcPaths
+from radixserve.native_api import Output
 from radixserve.stats import GetTokenizerStats, TokenizerStats
 
 log = logging.getLogger("radixserve.http")
-Call = TypeVar("Call", bound=wire.ControlCall)
-
-
-class Output:
-    """One sub-request's whole output, built from its deltas, for an answer that must carry all of it.
-
-    Adding a delta costs its size: text is kept as pieces, joined when read."""
-
-    def __init__(self) -> None:
-        self._text: list[str] = []
-        self.output_ids: list[int] = []
-        self.output_logprobs: list[wire.LogprobEntry] = []
-        self.output_top_logprobs: list[list[wire.LogprobEntry] | None] = []
-        self.input_logprobs: list[wire.LogprobEntry] | None = None
-        self.input_top_logprobs: list[list[wire.LogprobEntry] | None] | None = None
-        self.last: wire.TextDelta | None = None  # current counts and finish
-
-    def add(self, delta: wire.TextDelta) -> None:
-        self._text.append(delta.text)
-        self.output_ids += delta.output_ids
-        self.output_logprobs += delta.output_logprobs or ()
-        self.output_top_logprobs += delta.output_top_logprobs or ()
-        if delta.input_logprobs is not None:
-            self.input_logprobs, self.input_top_logprobs = delta.input_logprobs, delta.input_top_logprobs
-        self.last = delta
-
-    @property
-    def text(self) -> str:
-        if len(self._text) > 1:
-            self._text[:] = ["".join(self._text)]
-        return self._text[0] if self._text else ""
 
 
 def merge(deltas: list[wire.TextDelta]) -> wire.TextDelta:
@@ -88,10 +56,7 @@ class Generation:
         self.unfinished = len(reqs)
         self.error: ApiError | None = None
         self._event = asyncio.Event()
-        self._start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self._start
+        self.started = time.perf_counter()
 
     @property
     def done(self) -> bool:
@@ -158,11 +123,12 @@ class TokenizerClient:
         self._decoder = wire.decoder(wire.TokenizerOut)
         self._pending: dict[str, tuple[Generation, int]] = {}
         self._calls: dict[str, asyncio.Future[wire.ControlReply]] = {}
-        self._call_ids = itertools.count()
+        self._call_ids = wire.CallIds()
         self._max_pending = max_pending
         self._ready_replies = 0
         self.ready = asyncio.Event()
         self.runtime: wire.RuntimeInfo | None = None
+        self.tool_call_format: wire.ToolCallFormat = wire.HERMES  # the tokenizers' (their Ready), before any request
         self.draining = False  # set once, on SIGTERM (launch/serve.py): no new work is taken from then on
 
     # ------------------------------------------------------------ generation
@@ -217,7 +183,7 @@ class TokenizerClient:
 
     # ------------------------------------------------------------ control plane
 
-    async def control(self, kind: type[Call], timeout: float = 30.0, **fields: object) -> wire.ControlReply:
+    async def control(self, kind: type[wire.Call], timeout: float = 30.0, **fields: object) -> wire.ControlReply:
         """Call the scheduler (through tokenizer 0) and wait for its reply."""
         return await self._call(0, kind, "the scheduler", timeout, **fields)
 
@@ -230,8 +196,9 @@ class TokenizerClient:
         return sum(stats[1:], stats[0])
 
     async def _call(self, to: int, kind: type, callee: str, timeout: float, **fields: object) -> wire.ControlReply:
-        call_id = f"{kind.__name__}-{next(self._call_ids)}"
-        frame = wire.encoder.encode(kind(call_id=call_id, **fields))
+        call = self._call_ids.call(kind, **fields)
+        call_id = call.call_id
+        frame = wire.encoder.encode(call)
         fut = self._calls[call_id] = asyncio.get_running_loop().create_future()
         try:
             self._outs[to].send(frame)
@@ -279,6 +246,8 @@ class TokenizerClient:
             log.error("the server failed to start: %s", msg.error)
             return
         self.runtime = msg.runtime
+        assert msg.tool_call_format is not None, "a tokenizer passes Ready on with its tool-call format"
+        self.tool_call_format = msg.tool_call_format
         self._ready_replies += 1
         if self._ready_replies == len(self._outs):
             self.ready.set()

@@ -5,14 +5,12 @@ Parsing happens here, in the gateway's chat formatter, because tool calls are a 
 native /generate returns the text as it is), the gateway holds the request's tools, and it builds the stream's
 deltas; the tokenizer process only renders the tools into the prompt.
 
-Output formats, chosen from the chat template (`tool_format`), the same rule as the tokenizer's rendering
-(tokenizer_proc/text.py): a template that writes `<tool_call>` tags (Qwen2.5, Qwen3, Hermes), or one that does
-not render tools at all (SmolLM2: the tokenizer then describes them in the system message and asks for those
-tags), gives HERMES, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks among free text; any
-other template that renders tools (Llama 3.x) gives JSON, an answer that is one JSON object
-`{"name": ..., "parameters": {...}}` (or several separated by ";", or an array), optionally after
-`<|python_tag|>`. `tool_choice` "required" or a named function is enforced as SGLang does: the output must be a
-JSON array of `{"name", "parameters"}` (a JSON schema for structured output), parsed as JSON.
+Output formats (wire.ToolCallFormat), decided by the tokenizer from the chat template and reported in its
+`Ready` (tokenizer_proc/chat_tools.py, `tool_call_format`): HERMES, `<tool_call>{"name": ..., "arguments":
+{...}}</tool_call>` blocks among free text; JSON, an answer that is one JSON object `{"name": ...,
+"parameters": {...}}` (or several separated by ";", or an array), optionally after `<|python_tag|>`.
+`tool_choice` "required" or a named function is enforced as SGLang does: the output must be a JSON array of
+`{"name", "parameters"}` (a JSON schema for structured output), parsed as JSON.
 """
 
 from __future__ import annotations
@@ -24,8 +22,8 @@ from typing import Any, Literal
 from msgspec import Struct
 
 from radixserve.errors import bad_request
+from radixserve.wire import HERMES, JSON, ToolCallFormat
 
-HERMES, JSON = "hermes", "json"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 
@@ -54,13 +52,6 @@ class NamedToolChoice(Struct, forbid_unknown_fields=True):
 
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
-
-
-def tool_format(chat_template: str | None) -> str:
-    """HERMES or JSON for a chat template (see the module docstring)."""
-    if not chat_template or OPEN in chat_template or "tools" not in chat_template:
-        return HERMES
-    return JSON
 
 
 def resolve(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool) -> tuple[list[Tool], str | None]:
@@ -143,7 +134,7 @@ class ToolParser:
     the first non-blank character on, when that is `{`, `[` or `<|python_tag|>` (decided at finish).
     """
 
-    def __init__(self, fmt: str, tool_names: list[str], enforced: bool) -> None:
+    def __init__(self, fmt: ToolCallFormat, tool_names: list[str], enforced: bool) -> None:
         self.fmt = JSON if enforced else fmt
         self.names = set(tool_names)
         self.enforced = enforced

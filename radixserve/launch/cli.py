@@ -1,11 +1,14 @@
 """The `radixserve` command line. Each subcommand is a module with `add_cli_args(parser)` and
-`run(namespace) -> exit code`, registered in COMMANDS and imported only when it is run."""
+`run(namespace) -> exit code`, registered in COMMANDS and imported only when it is run. Flags that
+ServerArgs refuses together (FlagError) are a usage error, as a value the parser refuses alone is."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from radixserve.config import FlagError
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, help)
     "serve": ("radixserve.launch.serve", "serve a model over HTTP (SGLang-native and OpenAI-compatible APIs)"),
@@ -26,4 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     cmd_parser = argparse.ArgumentParser(prog=f"radixserve {name}", description=COMMANDS[name][1])
     module.add_cli_args(cmd_parser)
-    return module.run(cmd_parser.parse_args(argv[1:]))
+    ns = cmd_parser.parse_args(argv[1:])
+    try:
+        return module.run(ns)
+    except FlagError as e:
+        cmd_parser.error(str(e))

@@ -33,7 +33,8 @@ REPLICA_HOST = "127.0.0.1"
 POLL_S = 0.2
 STOP_NOW_S = 8.0  # SIGINT: a replica stops within STOP_GRACE_S + STOP_KILL_S (serve.py)
 DRAIN_EXTRA_S = 15.0  # SIGTERM: past --shutdown-timeout, for the aborted requests' last outputs and the stop
-ROUTER_LOG_LEVEL = {"debug": "debug", "info": "warn", "warning": "warn", "error": "error"}  # its info is per step
+ROUTER_LOG_LEVEL = {"debug": "debug", "info": "warn", "warning": "warn", "error": "error",  # its info is per step
+                    "critical": "error"}
 ReplicaTarget = Callable[[bytes, int], None]
 
 
@@ -54,7 +55,7 @@ def router_argv(args: ServerArgs, ports: list[int], prometheus_port: int) -> lis
     argv = ["--host", args.host, "--port", str(args.port), "--policy", args.router_policy,
             "--worker-urls", *[f"http://{REPLICA_HOST}:{p}" for p in ports],
             "--prometheus-host", REPLICA_HOST, "--prometheus-port", str(prometheus_port),
-            "--log-level", ROUTER_LOG_LEVEL.get(args.log_level.lower(), "warn"), "--shutdown-grace-period-secs", "1"]
+            "--log-level", ROUTER_LOG_LEVEL[args.log_level], "--shutdown-grace-period-secs", "1"]
     return argv + (["--api-key", args.api_key] if args.api_key else [])
 
 
@@ -82,8 +83,8 @@ class _DataParallel:
     def __init__(self, args: ServerArgs, replica_target: ReplicaTarget) -> None:
         self.args = args
         self.replica_target = replica_target
-        self.group = ProcessGroup()
-        self.replicas: list = []
+        self.replicas = ProcessGroup()
+        self.router = ProcessGroup()
         self.signal: int | None = None
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -102,12 +103,11 @@ class _DataParallel:
             for i, port in enumerate(ports):
                 replica = args.replace(host=REPLICA_HOST, port=port, dp_size=1,
                                        base_gpu_id=args.base_gpu_id + i * args.tp_size)
-                self.group.add(self.replica_target, f"replica-{i}", msgspec.json.encode(replica), os.getpid())
-            self.replicas = list(self.group.procs)
+                self.replicas.add(self.replica_target, f"replica-{i}", msgspec.json.encode(replica), os.getpid())
             log.info("replicas on ports %s; the router starts once they are up", ports)
             if not self._until(lambda: all(_get(REPLICA_HOST, p, "/health") == 200 for p in ports)):
                 return self._stop()
-            self.group.add(run_router, "router", router_argv(args, ports, _free_ports(1)[0]), os.getpid())
+            self.router.add(run_router, "router", router_argv(args, ports, _free_ports(1)[0]), os.getpid())
             if not self._until(lambda: _get(REPLICA_HOST if args.host in ("0.0.0.0", "::") else args.host,
                                             args.port, "/readiness") == 200):
                 return self._stop()
@@ -124,7 +124,8 @@ class _DataParallel:
     def _until(self, done: Callable[[], bool]) -> bool:
         """Poll `done` until true (True) or until a signal (False); ChildDied if a child exits meanwhile."""
         while self.signal is None:
-            self.group.check()
+            self.replicas.check()
+            self.router.check()
             if done():
                 return True
             time.sleep(POLL_S)
@@ -133,13 +134,12 @@ class _DataParallel:
     def _stop(self, failed: bool = False) -> int:
         sdnotify.stopping()
         drain = self.signal == signal.SIGTERM and not failed
-        for p in self.replicas:  # their own stop: SIGTERM drains, SIGINT stops now
+        for p in self.replicas.procs:  # their own stop: SIGTERM drains, SIGINT stops now
             if p.exitcode is None:
                 os.kill(p.pid, signal.SIGTERM if drain else signal.SIGINT)
-        deadline = time.monotonic() + (self.args.shutdown_timeout + DRAIN_EXTRA_S if drain else STOP_NOW_S)
-        while time.monotonic() < deadline and any(p.exitcode is None for p in self.replicas):
-            time.sleep(0.05)
-        self.group.stop(timeout=2.0)  # the router, and any replica still there
+        self.replicas.wait_exited(self.args.shutdown_timeout + DRAIN_EXTRA_S if drain else STOP_NOW_S)
+        for group in (self.router, self.replicas):  # the router, and any replica still there
+            group.stop(timeout=2.0)
         return 1 if failed else 0
 
 

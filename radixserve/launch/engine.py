@@ -1,28 +1,32 @@
-"""The offline Engine: SGLang-shaped `generate()` in this process over the tokenizer front end
-(tokenizer_proc.frontend, the same code as the tokenizer process) and real backend processes."""
+"""The offline Engine: SGLang-shaped `generate()` in this process over the same front-end core as the server:
+SGLang's native request, its sub-requests and its answer (radixserve/native_api.py, as the gateway's /generate),
+the tokenizer front end (tokenizer_proc.frontend, as the tokenizer process), and real backend processes."""
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import time
-import uuid
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import zmq
 
 from radixserve import wire
 from radixserve.config import ServerArgs
-from radixserve.errors import ApiError
-from radixserve.gateway.validation import TokenId, parse_sampling
+from radixserve.errors import ApiError, from_validation
 from radixserve.ipc import IpcPaths, Receiver, Sender
 from radixserve.launch.supervisor import ChildDied, ProcessGroup, start_backend
 from radixserve.model_files import resolve_model
+from radixserve.native_api import NativeRequest, Output, native_result, rejected_result, sub_requests
 from tokenizer_proc.frontend import TokenizerCore
 
 Prompt = str | list[dict]  # raw text, or chat messages (the chat template is applied)
-Call = TypeVar("Call", bound=wire.ControlCall)
+
+
+class EngineRequest(NativeRequest, kw_only=True):
+    """The native request as the Engine takes it: a prompt (`text`) may also be chat messages."""
+
+    text: str | list[Any] | None = None
 
 
 class Engine:
@@ -36,7 +40,7 @@ class Engine:
         self.model_dir = resolve_model(self.args.model_path, self.args.download_dir)
         self.core = TokenizerCore(self.args.tokenizer_path or self.model_dir, self.model_dir,
                                   self.args.skip_tokenizer_init)
-        self._call_ids = itertools.count()
+        self._calls = wire.CallIds()
         self.ipc = IpcPaths.create()
         self._ctx = zmq.Context()
         self._inbox = Receiver(self._ctx, self.ipc.scheduler_out(0), wire.SchedulerOut)
@@ -44,7 +48,7 @@ class Engine:
         self.procs = ProcessGroup()
         start_backend(self.procs, self.args, self.ipc, self.model_dir, num_replies=1)
         try:
-            self.runtime = self.core.runtime = self._wait_ready()
+            self.runtime = self._wait_ready()
         except BaseException:
             self.procs.stop()
             raise
@@ -68,6 +72,7 @@ class Engine:
                                    "re-import the main module)") from e
         if msg.runtime is None:
             raise RuntimeError(f"radixserve failed to start: {msg.error}")
+        self.core.receive(msg)
         return msg.runtime
 
     # ------------------------------------------------------------ public API
@@ -76,19 +81,23 @@ class Engine:
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0,
                  session_params: dict | None = None) -> dict | list[dict]:
-        """Generate for one prompt (returns a dict) or a list of prompts (returns a list).
+        """Generate for one prompt (returns a dict) or a list of prompts (returns a list), as /generate answers.
 
         `session_params` ({id, rid, offset, replace, drop_previous_output}) continues a turn of
         a session opened with `open_session`; the returned meta_info.id is the new turn's rid.
         Invalid input raises ValueError, as the HTTP API answers 400.
         """
-        single, items = _as_batch(prompt, input_ids)
-        if isinstance(sampling_params, list) and len(sampling_params) != len(items):
-            raise ValueError("sampling_params has a different length than the prompts")
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
-        logprob = wire.LogprobRequest(logprob_start_len, top_logprobs_num) if return_logprob else None
-        session = msgspec.convert(session_params, wire.SessionParams) if session_params else None
-        msgs = [self._request(item, sp, logprob, session) for item, sp in zip(items, params)]
+        try:
+            req = msgspec.convert({"text": prompt, "input_ids": input_ids, "sampling_params": sampling_params,
+                                   "return_logprob": return_logprob, "logprob_start_len": logprob_start_len,
+                                   "top_logprobs_num": top_logprobs_num, "session_params": session_params,
+                                   "return_text_in_logprobs": self.tokenizer is not None}, EngineRequest)
+            single, msgs = sub_requests(req)
+        except msgspec.ValidationError as e:
+            raise ValueError(str(from_validation(e))) from None
+        except ApiError as e:
+            raise ValueError(str(e)) from None
+        started = time.perf_counter()
         sends = [self.core.submit(msg) for msg in msgs]
         rejected = next((s for s in sends if isinstance(s, wire.Rejected)), None)
         if rejected is not None:
@@ -97,8 +106,8 @@ class Engine:
             raise ValueError(rejected.message)
         for send in sends:
             self._to_sched.send(send)
-        outputs = self._collect([msg.rid for msg in msgs])
-        results = [_result(msg, outputs[msg.rid]) for msg in msgs]
+        finals = self._collect([msg.rid for msg in msgs])
+        results = [_result(msg, finals[msg.rid], started) for msg in msgs]
         return results[0] if single else results
 
     def flush_cache(self) -> bool:
@@ -121,8 +130,7 @@ class Engine:
         """The runtime facts (`worker`) and the scheduler's counters (`scheduler`), as /get_server_info."""
         status = self._control(wire.GetServerInfo).result
         assert isinstance(status, wire.ServerStatus)
-        return {"worker": msgspec.to_builtins(status.runtime),
-                "scheduler": msgspec.to_builtins(status.scheduler) | {"invariants": status.invariants}}
+        return {"worker": msgspec.to_builtins(status.runtime), "scheduler": status.scheduler_info()}
 
     def check_invariants(self) -> dict:
         """Scheduler state between steps; raises AssertionError naming the broken invariant."""
@@ -137,9 +145,7 @@ class Engine:
             return
         try:
             self._to_sched.send(wire.ShutdownServer())
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and any(p.exitcode is None for p in self.procs.procs):
-                time.sleep(0.05)
+            self.procs.wait_exited(5)
         finally:
             self.procs.stop(timeout=2)
             self._ctx.destroy(linger=0)
@@ -157,50 +163,29 @@ class Engine:
 
     # ------------------------------------------------------------ internals
 
-    def _request(self, item: Any, sampling: dict | None, logprob: wire.LogprobRequest | None,
-                 session: wire.SessionParams | None) -> wire.GenerateText:
-        """One prompt as the gateway would pass it on, validated as the HTTP API validates it."""
-        try:
-            sp = parse_sampling(sampling)
-        except ApiError as e:
-            raise ValueError(str(e)) from None
-        prompt: dict[str, Any]
-        if _is_ids(item):
-            try:
-                prompt = {"input_ids": msgspec.convert(item, list[TokenId])}
-            except msgspec.ValidationError as e:
-                raise ValueError(f"input_ids: {e}") from None
-        else:
-            prompt = {"messages": item} if isinstance(item, list) else {"text": item}
-        return wire.GenerateText(rid=uuid.uuid4().hex, sampling=sp, logprob=logprob, session=session,
-                                 return_text_in_logprobs=self.tokenizer is not None, **prompt)
-
     def _collect(self, rids: list[str]) -> dict[str, wire.TextDelta | wire.Rejected]:
         """Wait for every request's final delta (a non-streamed request has only that one), or its rejection."""
         finals: dict[str, wire.TextDelta | wire.Rejected] = {}
         open_rids = set(rids)
         while open_rids:
-            msg = self._recv()
-            if isinstance(msg, wire.Rejected) and msg.rid in open_rids:
-                self.core.drop(msg.rid)
-                finals[msg.rid] = msg
-                open_rids.discard(msg.rid)
-            elif isinstance(msg, wire.TokenBatch):
-                for out in msg.outs:
-                    delta, abort = self.core.feed(out)
-                    if abort is not None:
-                        self._to_sched.send(abort)
-                    if delta is not None and delta.finish is not None and delta.rid in open_rids:
-                        finals[delta.rid] = delta
-                        open_rids.discard(delta.rid)
+            got = self.core.receive(self._recv())
+            for abort in got.aborts:
+                self._to_sched.send(abort)
+            ends = [d for d in got.deltas if d.finish is not None]
+            if isinstance(got.passed, wire.Rejected):
+                ends.append(got.passed)
+            for end in ends:
+                if end.rid in open_rids:
+                    finals[end.rid] = end
+                    open_rids.discard(end.rid)
         return finals
 
-    def _control(self, kind: type[Call], **fields: Any) -> wire.ControlReply:
-        call_id = f"{kind.__name__}-{next(self._call_ids)}"
-        self._to_sched.send(kind(call_id=call_id, **fields))
+    def _control(self, kind: type[wire.Call], **fields: Any) -> wire.ControlReply:
+        call = self._calls.call(kind, **fields)
+        self._to_sched.send(call)
         deadline = time.monotonic() + 60
         while (msg := self._recv(deadline)) is not None:
-            if isinstance(msg, wire.ControlReply) and msg.call_id == call_id:
+            if isinstance(msg, wire.ControlReply) and msg.call_id == call.call_id:
                 return msg
         raise TimeoutError(f"no reply to {kind.__name__} within 60 s")
 
@@ -214,31 +199,11 @@ class Engine:
         return None
 
 
-def _result(msg: wire.GenerateText, final: wire.TextDelta | wire.Rejected) -> dict:
-    """SGLang's `{text, output_ids, meta_info}` of one finished request; a request the scheduler rejected
-    (too long for the context, a session conflict) ends as SGLang's Engine ends it: an abort with its status."""
+def _result(req: wire.GenerateText, final: wire.TextDelta | wire.Rejected, started: float) -> dict:
+    """/generate's answer of one finished request (the one delta of a request that does not stream holds all of
+    its output), or SGLang's Engine's abort for one the backend rejected."""
     if isinstance(final, wire.Rejected):
-        finish = {"type": "abort", "message": final.message, "status_code": final.status}
-        return {"text": "", "output_ids": [], "meta_info": {"id": msg.rid, "prompt_tokens": 0, "completion_tokens": 0,
-                                                            "cached_tokens": 0, "finish_reason": finish}}
-    meta: dict[str, Any] = {"id": msg.rid, "prompt_tokens": final.prompt_tokens,
-                            "completion_tokens": final.completion_tokens, "cached_tokens": final.cached_tokens,
-                            "finish_reason": msgspec.to_builtins(final.finish)}
-    if msg.logprob is not None:
-        meta.update(input_token_logprobs=final.input_logprobs, input_top_logprobs=final.input_top_logprobs,
-                    output_token_logprobs=final.output_logprobs, output_top_logprobs=final.output_top_logprobs)
-    return {"text": final.text, "output_ids": final.output_ids, "meta_info": meta}
-
-
-def _is_ids(item: object) -> bool:
-    return isinstance(item, list) and (not item or isinstance(item[0], int))
-
-
-def _as_batch(prompt: Any, input_ids: Any) -> tuple[bool, list]:
-    if (prompt is None) == (input_ids is None):
-        raise ValueError("pass exactly one of prompt and input_ids")
-    if input_ids is not None:
-        single = not input_ids or isinstance(input_ids[0], int)
-        return single, [input_ids] if single else list(input_ids)
-    single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
-    return single, [prompt] if single else list(prompt)
+        return rejected_result(req, final)
+    out = Output()
+    out.add(final)
+    return native_result(req, out, started)

@@ -263,7 +263,7 @@ class _Node:
         """Wait for a reason to stop: (exit code, why)."""
         while True:
             if self.node_stop is not None:
-                self._wait_workers(STOP_GRACE_S)
+                self.group.wait_exited(STOP_GRACE_S)
                 error = self.node_stop.error
                 return (1, f"node 0 stopped: {error}") if error else (0, "node 0 stopped")
             if self.lost is not None:
@@ -275,8 +275,3 @@ class _Node:
                 if p.exitcode not in (None, 0):
                     return 1, f"{p.name} (pid {p.pid}) exited with code {p.exitcode}"
             time.sleep(POLL_S)
-
-    def _wait_workers(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(p.exitcode is None for p in self.group.procs):
-            time.sleep(0.05)

@@ -48,12 +48,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    try:
-        args = ServerArgs.from_cli_args(ns)
-    except ValueError as e:
-        print(f"radixserve serve: error: {e}", file=sys.stderr)
-        return 2
-    return serve(args)
+    return serve(ServerArgs.from_cli_args(ns))
 
 
 def serve(args: ServerArgs) -> int:
@@ -136,7 +131,7 @@ class _Server:
             await runner.cleanup()
             if self.exit_code == 0 and client.ready.is_set():  # else someone may not be listening yet
                 client.shutdown_backend()
-                await self._wait_children(STOP_GRACE_S)
+                await asyncio.to_thread(self.group.wait_exited, STOP_GRACE_S)  # the loop serves meanwhile
             for t in tasks:
                 t.cancel()
             self.group.stop(timeout=STOP_KILL_S)
@@ -206,11 +201,6 @@ class _Server:
             except ApiError as e:
                 log.warning("systemd watchdog: no ping (%s)", e.message)
             await asyncio.sleep(interval / 2)
-
-    async def _wait_children(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(p.exitcode is None for p in self.group.procs):
-            await asyncio.sleep(0.05)
 
 
 async def _until_idle(client: TokenizerClient, timeout: float) -> bool:

@@ -6,6 +6,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from multiprocessing import connection
 
 import msgspec
 
@@ -37,17 +38,27 @@ class ProcessGroup:
             if p.exitcode is not None:
                 raise ChildDied(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}")
 
+    def wait_exited(self, timeout: float) -> bool:
+        """Wait until every child has exited (and is reaped), `timeout` seconds at most; True if all did. It
+        blocks on the children's sentinels, so it returns as soon as the last one exits."""
+        deadline = time.monotonic() + timeout
+        while running := [p for p in self.procs if p.exitcode is None]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            connection.wait([p.sentinel for p in running], left)
+        return True
+
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every child, SIGKILL what is left after `timeout`; reap all."""
         for p in self.procs:
             if p.exitcode is None:
                 p.terminate()
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.exitcode is None:
-                p.kill()
-                p.join(1.0)
+        if not self.wait_exited(timeout):
+            for p in self.procs:
+                if p.exitcode is None:
+                    p.kill()
+            self.wait_exited(1.0)
         self.procs.clear()
 
 
@@ -67,9 +78,9 @@ def start_workers(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_di
     args_json = msgspec.json.encode(args)
     # A CPU worker's OpenMP threads wait for each other between operators: a short spin (libgomp's
     # GOMP_SPINCOUNT, then sleep) saves the wake-up per operator on an otherwise idle machine, where sleeping
-    # at once (OMP_WAIT_POLICY=PASSIVE) made decode 1.45x slower; libgomp's long default spin made it 2-4x
-    # slower where other busy processes share the cores. Read by libgomp at import; either variable set
-    # in the environment wins (docs/deploy.md).
+    # at once (OMP_WAIT_POLICY=PASSIVE) makes decode slower; libgomp's long default spin makes it slower still
+    # where other busy processes share the cores (docs/deploy.md has the measurements). Read by libgomp at
+    # import; either variable set in the environment wins.
     spin = {} if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys() else {"GOMP_SPINCOUNT": CPU_SPIN_COUNT}
     for rank in NodeLayout.of(args).local_ranks:
         group.add(run_worker, f"worker-{rank}", args_json, ipc.root, rank, model_dir, os.getpid(), env=spin)

@@ -1,40 +1,39 @@
-"""Request validation shared by the native and OpenAI routes and the offline Engine: limits, the one
-range check of sampling values (`check_sampling`), and the split of a request into `n` sub-requests."""
+"""Parsing and checking a request's sampling values, for every front end (the gateway's routes and the offline
+Engine): SGLang's `sampling_params` object (`parse_sampling`), and the one range check of SamplingParams built
+field by field (`check_sampling`). Workers and the scheduler trust what passes.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
-from msgspec import Meta
 
-from radixserve import wire
 from radixserve.errors import bad_request, from_validation
-from radixserve.sampling_params import GRAMMAR_KINDS
+from radixserve.sampling_params import (
+    GRAMMAR_KINDS,
+    INT32_MAX,
+    MAX_LOGIT_BIAS,
+    MAX_N,
+    MAX_STOPS,
+    SamplingParams,
+)
+from radixserve.sglang_fields import pop_unsupported_sampling
 
-INT32_MAX = 2**31 - 1
-MAX_N = 64
-MAX_STOPS = 16
-MAX_TOP_LOGPROBS = 20
-MAX_LOGIT_BIAS = 1024
-UNSUPPORTED_SAMPLING = {"beam_width": (None, 1), "watermark": (None,)}  # SGLang fields of features not here
 
-TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
-
-
-def check_sampling(sp: wire.SamplingParams, prefix: str = "sampling_params.") -> None:
+def check_sampling(sp: SamplingParams, prefix: str = "sampling_params.") -> None:
     """Raise a 400 naming the first value out of range (workers and the scheduler trust these), for
     SamplingParams built field by field (the OpenAI routes): its fields' declared bounds, then `_check_relations`."""
     try:
-        msgspec.convert(msgspec.to_builtins(sp), wire.SamplingParams)
+        msgspec.convert(msgspec.to_builtins(sp), SamplingParams)
     except msgspec.ValidationError as e:
         raise from_validation(e, prefix) from None
     _check_relations(sp, prefix)
 
 
-def _check_relations(sp: wire.SamplingParams, prefix: str) -> None:
+def _check_relations(sp: SamplingParams, prefix: str) -> None:
     """What the field types cannot say alone: limits between fields, counts, the forms of keys and patterns."""
     checks = [
         ("min_new_tokens", sp.min_new_tokens <= sp.max_new_tokens, "must be in [0, max_new_tokens]"),
@@ -58,7 +57,7 @@ def _check_relations(sp: wire.SamplingParams, prefix: str) -> None:
     _check_grammar(sp, prefix)
 
 
-def _check_grammar(sp: wire.SamplingParams, prefix: str) -> None:
+def _check_grammar(sp: SamplingParams, prefix: str) -> None:
     """At most one constraint, and JSON where JSON is expected (xgrammar checks the rest as it compiles)."""
     given = [kind for kind in GRAMMAR_KINDS if getattr(sp, kind) is not None]
     if len(given) > 1:
@@ -76,36 +75,21 @@ def _check_grammar(sp: wire.SamplingParams, prefix: str) -> None:
 ANY_JSON = "$$ANY$$"  # SGLang's json_schema for "any JSON value"
 
 
-def parse_sampling(raw: dict[str, Any] | None, prefix: str = "sampling_params.") -> wire.SamplingParams:
+def parse_sampling(raw: dict[str, Any] | None, prefix: str = "sampling_params.") -> SamplingParams:
     """SGLang's `sampling_params` object as SamplingParams: null means the default, as in SGLang (see
     `unbounded` for max_new_tokens), `stop` / `stop_regex` may be one string, `sampling_seed` is `seed`."""
     raw = {k: v for k, v in (raw or {}).items() if v is not None}
     for name in ("stop", "stop_regex"):
         if isinstance(raw.get(name), str):
             raw[name] = [raw[name]]
-    for name, defaults in UNSUPPORTED_SAMPLING.items():
-        if raw.pop(name, None) not in defaults:
-            raise bad_request(f"{prefix}{name} is not supported by this server (leave it out)", prefix + name)
+    pop_unsupported_sampling(raw, prefix)
     if "sampling_seed" in raw:
         seed = raw.pop("sampling_seed")
         if raw.setdefault("seed", seed) != seed:
             raise bad_request("give one of seed and sampling_seed", prefix + "sampling_seed")
     try:
-        sp = msgspec.convert(raw, wire.SamplingParams)
+        sp = msgspec.convert(raw, SamplingParams)
     except msgspec.ValidationError as e:
         raise from_validation(e, prefix) from None
     _check_relations(sp, prefix)
     return sp
-
-
-def expand(rid: str, sp: wire.SamplingParams, prompt: dict[str, Any], **fields: Any) -> list[wire.GenerateText]:
-    """`sp.n` sub-requests of one prompt; copy k gets rid `{rid}-{k}` and seed `seed + k` (if seeded)."""
-    if sp.n == 1:
-        return [wire.GenerateText(rid=rid, sampling=sp, **prompt, **fields)]
-    return [wire.GenerateText(rid=f"{rid}-{k}", **prompt, **fields, sampling=msgspec.structs.replace(
-        sp, n=1, seed=None if sp.seed is None else (sp.seed + k) % 2**63)) for k in range(sp.n)]
-
-
-def unbounded(raw: dict[str, Any] | None) -> bool:
-    """`max_new_tokens: null`: SGLang's "up to the context length" (GenerateText.fill_context)."""
-    return isinstance(raw, dict) and "max_new_tokens" in raw and raw["max_new_tokens"] is None
