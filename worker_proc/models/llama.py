@@ -50,8 +50,8 @@ def head_dim_of(config: Any) -> int:
 
 
 def sliding_window_of(config: Any) -> int | None:
-    """config.sliding_window where it narrows attention: None, or a window no shorter than
-    max_position_embeddings (Phi-3-mini-128k's 262144), attends over the whole context."""
+    """config.sliding_window where it narrows attention; None where the config sets none or one no shorter than
+    max_position_embeddings (Phi-3-mini-128k's 262144: the whole context)."""
     window = getattr(config, "sliding_window", None)
     return window if window is not None and window < config.max_position_embeddings else None
 
