@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from model_harness import RaggedRunner, greedy, tp_worker
+from model_harness import RaggedRunner, assert_greedy_matches_hf, greedy, hf_reference, tp_worker
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from radixserve.model_files import load_hf_config
@@ -74,28 +74,14 @@ def ours(model_dir: str) -> torch.nn.Module:
     return load_model(model_dir, load_hf_config(model_dir), "safetensors", torch.float32, "cpu")
 
 
-@torch.no_grad()
-def hf_reference(hf: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """HF logits predicting each of `tokens` after `prompt` (teacher-forced), [len(tokens), V]."""
-    logits = hf(torch.tensor([prompt + tokens[:-1]])).logits[0].float()
-    return logits[len(prompt) - 1:]
-
-
-def assert_greedy_matches_hf(model_dir: str, hf: torch.nn.Module, steps: int = STEPS) -> None:
-    """Our model of `model_dir`, 3 prompts batched: HF's greedy tokens, and its logits within float32 noise."""
-    model = ours(model_dir)
-    assert type(model).__name__ == type(hf).__name__
-    batch = prompts()
-    logits, tokens = greedy(model, batch, steps)
-    for i, prompt in enumerate(batch):
-        expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=steps + 1)[0, len(prompt):]
-        assert tokens[i] == expected.tolist()
-        torch.testing.assert_close(logits[:, i], hf_reference(hf, prompt, tokens[i]), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_matches_hf(tiny_models, kind):
-    assert_greedy_matches_hf(*tiny_models[kind])
+    model_dir, hf = tiny_models[kind]
+    model = ours(model_dir)
+    assert type(model).__name__ == type(hf).__name__
+    assert_greedy_matches_hf(model, hf, prompts(), STEPS)
 
 
 def test_chunked_prefill_in_a_mixed_batch(tiny_models):
@@ -225,7 +211,7 @@ def test_load_weights_rejects_missing_and_unknown(tiny_models):
 
 def test_registry():
     assert model_class(SimpleNamespace(architectures=None, model_type="qwen3")).__name__ == "Qwen3ForCausalLM"
-    assert model_class(SimpleNamespace(architectures=["MistralForCausalLM"])).__name__ == "LlamaForCausalLM"
+    assert model_class(SimpleNamespace(architectures=["MistralForCausalLM"])).__name__ == "MistralForCausalLM"
     with pytest.raises(ValueError, match="unsupported model.*GPT2LMHeadModel"):
         model_class(SimpleNamespace(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
-from model_harness import greedy, tp_worker
-from test_models import _free_port, assert_greedy_matches_hf, ours, prompts, random_hf_model
+from model_harness import assert_greedy_matches_hf, greedy, tp_worker
+from test_models import _free_port, ours, prompts, random_hf_model
 from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from radixserve.model_files import load_hf_config
@@ -50,7 +50,10 @@ def tiny_moe(tmp_path_factory) -> dict[str, tuple[str, torch.nn.Module]]:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_hf(tiny_moe, kind):
-    assert_greedy_matches_hf(*tiny_moe[kind], steps=STEPS)
+    model_dir, hf = tiny_moe[kind]
+    model = ours(model_dir)
+    assert type(model).__name__ == type(hf).__name__
+    assert_greedy_matches_hf(model, hf, prompts(), STEPS)
 
 
 def test_layer_kinds(tiny_moe):
