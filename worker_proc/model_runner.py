@@ -88,7 +88,8 @@ class ModelRunner:
         log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
                  self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
         self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
-        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim)
+        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim,
+                                                         m.attention_layers)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache)
