@@ -29,6 +29,7 @@ AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+SpeculativeAlgorithm = Literal["NGRAM"]
 
 # The bounds, named for what they mean.
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -126,6 +127,17 @@ class ServerArgs:
         "on SIGTERM, seconds that requests in flight may take to finish before they are aborted (a second "
         "SIGTERM, or SIGINT, stops at once)")] = 30.0
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
+    speculative_algorithm: Annotated[SpeculativeAlgorithm | None, doc(
+        "speculative decoding: NGRAM drafts from the request's own prompt and output (no draft model); "
+        "each decode step verifies the drafts in one forward, exactly (docs/architecture.md)")] = None
+    speculative_num_draft_tokens: Annotated[Count, doc(
+        "tokens a verify step computes per request: the last one and up to this many - 1 drafted after it")] = 8
+    speculative_ngram_min_match_window_size: Annotated[Count, doc(
+        "NGRAM: the shortest suffix of the request's tokens that must match earlier tokens to draft")] = 1
+    speculative_ngram_max_match_window_size: Annotated[Count, doc(
+        "NGRAM: the longest suffix matched (the longest match wins, the most recent among equals)")] = 12
+    speculative_batch_size_threshold: Annotated[Index, doc(
+        "above this many decoding requests a step is plain decode (speculation pays at small batches)")] = 8
     metrics_public: Annotated[bool, doc("serve /metrics without --api-key's token")] = False
 
     def __post_init__(self) -> None:
@@ -144,6 +156,11 @@ class ServerArgs:
             raise FlagError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
         if self.dp_size > 1 and self.nnodes > 1:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
+        if self.speculative_algorithm is not None and self.speculative_num_draft_tokens < 2:
+            raise FlagError("--speculative-num-draft-tokens must be at least 2 (the last token and one draft)")
+        if self.speculative_ngram_min_match_window_size > self.speculative_ngram_max_match_window_size:
+            raise FlagError("--speculative-ngram-min-match-window-size must not exceed "
+                            "--speculative-ngram-max-match-window-size")
         if self.router_dp_worker_base_port is not None and self.router_dp_worker_base_port + self.dp_size > 65536:
             raise FlagError("--router-dp-worker-base-port + --dp-size - 1 must be a port (<= 65535)")
 
