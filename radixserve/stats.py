@@ -81,3 +81,13 @@ class SchedulerStats(msgspec.Struct):
     cascade_decode_steps: int
     evicted_tokens: int  # freed from the radix cache to make room
     queue_time: Histogram  # seconds from arrival to first admission, per admitted request
+
+    @property
+    def used_tokens(self) -> int:
+        """KV tokens held by running requests and sessions (neither free nor evictable)."""
+        return self.max_total_num_tokens - self.kv_free_tokens - self.kv_evictable_tokens
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Prompt tokens found in the cache / prompt tokens, over all requests admitted since start."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
