@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import msgspec
 from msgspec import Meta
 
+from radixserve.kv_events import KVEventsConfig
+
 SchedulePolicy = Literal["lpm", "fcfs"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -124,6 +126,10 @@ class ServerArgs:
         "SIGTERM, or SIGINT, stops at once)")] = 30.0
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
     metrics_public: Annotated[bool, doc("serve /metrics without --api-key's token")] = False
+    kv_events_config: Annotated[str | None, doc(
+        "publish KV cache events over ZeroMQ for routers: vLLM's / SGLang's JSON, e.g. '{\"publisher\": \"zmq\", "
+        "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\", \"topic\": \"\", "
+        "\"buffer_steps\": 10000, \"hwm\": 100000, \"block_size\": 16}' (docs/kv_cache.md)")] = None
 
     def __post_init__(self) -> None:
         """Every field against its declaration, then the flags that depend on each other."""
@@ -141,6 +147,11 @@ class ServerArgs:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
         if self.router_dp_worker_base_port is not None and self.router_dp_worker_base_port + self.dp_size > 65536:
             raise FlagError("--router-dp-worker-base-port + --dp-size - 1 must be a port (<= 65535)")
+        if self.kv_events_config is not None:
+            try:
+                KVEventsConfig.parse(self.kv_events_config)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                raise FlagError(f"--kv-events-config: {e}") from None
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)

@@ -80,6 +80,7 @@ class SchedulerStats(msgspec.Struct):
     forward_steps: int
     cascade_decode_steps: int
     evicted_tokens: int  # freed from the radix cache to make room
+    kv_event_blocks: int  # blocks of --kv-events-config's block_size in the cache, as its events report them
     queue_time: Histogram  # seconds from arrival to first admission, per admitted request
 
     @property

@@ -6,6 +6,8 @@ are keyed by the first token of their key. `lock_ref` of a node counts the locks
 on any node below it, so a node with `lock_ref > 0` is never evicted. The root is never evicted
 and locking it is a no-op.
 Access times come from a monotonic counter and never decrease from a child to its parent.
+`depth` of a node is the length of the sequence from the root to its end (its parent's depth + len(key)).
+With KV events on, each node also holds the hashes of the blocks that end in it (scheduler_proc/kv_blocks.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
 
 _EMPTY = np.empty(0, dtype=np.int32)
@@ -26,13 +29,16 @@ _node_ids = itertools.count()
 
 class TreeNode:
     __slots__ = ("key", "value", "parent", "children", "lock_ref", "held", "last_access",
-                 "in_heap", "id")
+                 "in_heap", "id", "depth", "blocks", "last_block")
 
     def __init__(self, key: np.ndarray, value: np.ndarray, parent: TreeNode | None,
                  last_access: int) -> None:
         self.key = key
         self.value = value
         self.parent = parent  # None for the root and for nodes removed from the tree
+        self.depth = (parent.depth if parent is not None else 0) + len(key)
+        self.blocks: list[int] = []  # hashes of the blocks ending in this node (KV events only)
+        self.last_block: int | None = None  # hash of the last block ending at or above this node's end
         self.children: dict[int, TreeNode] = {}
         self.lock_ref = 0  # locks held on this node or below it
         self.held = 0  # locks held on this node itself
@@ -72,8 +78,9 @@ class RadixCache:
     the current time, and an entry whose node is no longer an evictable leaf is dropped.
     """
 
-    def __init__(self, allocator: KVSlotAllocator) -> None:
+    def __init__(self, allocator: KVSlotAllocator, events: BlockEvents | None = None) -> None:
         self._allocator = allocator
+        self.events = events  # the block set KV events report, kept beside the tree (None: no events)
         self._clock = 0
         self._root = TreeNode(_EMPTY, _EMPTY, None, 0)  # one root for life: callers may hold it
         self._clear()
@@ -125,6 +132,8 @@ class RadixCache:
         node.parent = upper
         upper.children[int(node.key[0])] = node
         parent.children[int(upper.key[0])] = upper
+        if self.events is not None:
+            self.events.split(upper, node)
         return upper
 
     def _walk(self, key: np.ndarray, touch: bool = True) -> tuple[TreeNode, int, list[np.ndarray]]:
@@ -213,6 +222,8 @@ class RadixCache:
             node.children[int(key[pos])] = leaf
             self._evictable_size += len(leaf.key)
             self._push_if_evictable_leaf(leaf)
+            if self.events is not None:
+                self.events.stored(leaf, key, pos)
         return pos
 
     def evict(self, num_tokens: int) -> int:
@@ -233,6 +244,8 @@ class RadixCache:
                 continue
             parent = node.parent
             del parent.children[int(node.key[0])]
+            if self.events is not None:
+                self.events.removed(node)
             node.parent = None
             freed.append(node.value)
             num_freed += len(node.value)
@@ -256,6 +269,8 @@ class RadixCache:
         if freed:
             self._allocator.free(np.concatenate(freed))
         self._clear()
+        if self.events is not None:
+            self.events.cleared()
 
     def check_invariants(self) -> np.ndarray:
         """Walk the whole tree, assert its consistency, and return every slot it holds (int32)."""
@@ -266,17 +281,22 @@ class RadixCache:
         evictable_leaves: set[int] = set()
         in_heap: set[int] = set()
         pieces: list[np.ndarray] = []
-        stack = [root]
+        num_blocks = 0
+        stack = [(root, _EMPTY)]  # with each node, the tail of its path that a block ending below may start in
         while stack:
-            node = stack.pop()
+            node, above = stack.pop()
+            if node is not root and self.events is not None:
+                above = self.events.check(node, above)
+                num_blocks += len(node.blocks)
             child_locks = 0
             for first, child in node.children.items():
                 assert child.parent is node, f"{child} has a wrong parent"
                 assert len(child.key) > 0, f"{child} has an empty key"
                 assert int(child.key[0]) == first, f"{child} keyed by {first}"
                 assert child.last_access <= node.last_access, f"{child} newer than its parent"
+                assert child.depth == node.depth + len(child.key), f"{child} at depth {child.depth}"
                 child_locks += child.lock_ref
-                stack.append(child)
+                stack.append((child, above))
             if node is root:
                 continue
             assert node.key.dtype == np.int32 and node.value.dtype == np.int32
@@ -294,6 +314,7 @@ class RadixCache:
             pieces.append(node.value)
         assert evictable == self._evictable_size, f"evictable {evictable} != {self._evictable_size}"
         assert protected == self._protected_size, f"protected {protected} != {self._protected_size}"
+        assert self.events is None or num_blocks == self.events.num_blocks, "the block count is off"
         heap_ids = [node_id for _, node_id, _ in self._heap]
         assert len(heap_ids) == len(set(heap_ids)), "a node has two heap entries"
         assert set(heap_ids) == in_heap, "heap entries disagree with in_heap flags"

@@ -18,6 +18,7 @@ from collections import deque
 import numpy as np
 
 from radixserve.config import ServerArgs
+from radixserve.kv_events import KVEventsConfig
 from radixserve.wire import (
     FinishReason,
     GenerateTokens,
@@ -33,6 +34,7 @@ from scheduler_proc.block_table import BlockTable
 from scheduler_proc.counters import Counters
 from scheduler_proc.decode import DecodePlanner
 from scheduler_proc.grammar_gate import GrammarGate
+from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.lifecycle import Lifecycle, Outcome
 from scheduler_proc.outputs import add_input_logprobs, check_finish, make_out
@@ -88,7 +90,9 @@ class Scheduler:
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.allocator = KVSlotAllocator(num_kv_slots)
-        self.cache = RadixCache(self.allocator)
+        events = KVEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None
+        self.cache = RadixCache(self.allocator,
+                                BlockEvents(events.block_size) if events is not None and events.enabled else None)
         self.use_cache = not args.disable_radix_cache
         # Prefix groups only for workers that use them (`cascade_attention`: RuntimeInfo); without the radix
         # cache no two requests share KV, so there is nothing to group.
@@ -377,4 +381,5 @@ class Scheduler:
             kv_free_tokens=free, kv_cached_tokens=self.cache.total_size, kv_evictable_tokens=evictable,
             token_usage=round((cap - free - evictable) / cap, 4), num_sessions=len(self.sessions.sessions),
             session_pinned_tokens=self.sessions.pinned_tokens, session_kv_budget=self.sessions.budget,
+            kv_event_blocks=self.cache.events.num_blocks if self.cache.events is not None else 0,
             **dataclasses.asdict(self.counters))
