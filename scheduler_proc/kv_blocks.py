@@ -12,14 +12,21 @@ halves and sends nothing, a flush clears all. Nothing walks the tree except `che
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from radixserve.kv_events import DEVICE_MEDIUM, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, block_hash
 
-if TYPE_CHECKING:
-    from scheduler_proc.radix_cache import TreeNode
+
+class TreeNode(Protocol):
+    """What this module reads and writes of radix_cache.TreeNode."""
+
+    key: np.ndarray
+    parent: Any  # a TreeNode (the root's children: the root)
+    depth: int
+    blocks: list[int]
+    last_block: int | None
 
 
 class BlockEvents:
