@@ -71,8 +71,10 @@ class SchedulerStats(msgspec.Struct):
     num_sessions: int
     session_pinned_tokens: int
     session_kv_budget: int
-    prompt_tokens: int
-    cached_tokens: int
+    prompt_tokens: int  # the cache's query tokens: prompts at first admission
+    cached_tokens: int  # its hit tokens, all from the device pool (kv_cached_tokens: what it holds now)
+    cache_queries: int  # requests that looked their prompt up (first admissions)
+    cache_hits: int  # of those, with at least one cached token
     generated_tokens: int
     finished_requests: int
     aborted_requests: int

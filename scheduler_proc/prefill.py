@@ -167,6 +167,8 @@ class PrefillPlanner:
             req.cached_tokens = len(prefix)
             self.counters.prompt_tokens += len(req.prompt_ids)
             self.counters.cached_tokens += len(prefix)
+            self.counters.cache_queries += 1
+            self.counters.cache_hits += len(prefix) > 0
             self.counters.queue_time.observe(time.monotonic() - req.queued_at)
         self.waiting.remove(req)
         self.running.add(req)

@@ -133,6 +133,13 @@ def test_metrics_count_a_known_mix_exactly(server: RadixServer) -> None:
     assert after["radixserve:num_retracted_requests_total"] == info["retracted_requests"]
     assert after["radixserve:evicted_tokens_total"] == info["evicted_tokens"] == info_before["evicted_tokens"]
     assert after["radixserve:cache_hit_rate"] == pytest.approx(info["cached_tokens"] / info["prompt_tokens"])
+    # The cache's monotonic counters (per request and per token) and what each tier holds and gave.
+    assert delta["radixserve:cache_queries_total"] == 8
+    assert delta["radixserve:cache_hits_total"] == sum(m["cached_tokens"] > 0 for m in metas) >= 1
+    assert delta["radixserve:cache_query_tokens_total"] == sum(m["prompt_tokens"] for m in metas)
+    assert delta["radixserve:cache_hit_tokens_device_total"] == sum(m["cached_tokens"] for m in metas)
+    assert after["radixserve:cached_tokens_device"] == info["kv_cached_tokens"] > 0
+    assert metas[1]["cached_tokens_details"] == {"device": len(prompt), "host": 0}
     assert after["radixserve:max_total_num_tokens"] == info["max_total_num_tokens"] == 4096
     idle = ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "token_usage", "num_open_sessions",
             "session_pinned_tokens")

@@ -61,6 +61,14 @@ class _Families(Collector):
             self._gauge("max_total_num_tokens", "KV cache size in tokens.", s.max_total_num_tokens),
             self._gauge("cache_hit_rate", "Prompt tokens found in the radix cache / prompt tokens, over all "
                         "requests admitted since start.", s.cache_hit_rate),
+            self._gauge("cached_tokens_device", "Tokens held in the radix cache's device pool.", s.kv_cached_tokens),
+            self._counter("cache_query_tokens_total", "Prompt tokens looked up in the radix cache (first "
+                          "admissions).", s.prompt_tokens),
+            self._counter("cache_hit_tokens_device_total", "Of those, tokens found in the device pool.",
+                          s.cached_tokens),
+            self._counter("cache_queries_total", "Requests that looked their prompt up in the radix cache.",
+                          s.cache_queries),
+            self._counter("cache_hits_total", "Of those, requests with at least one cached token.", s.cache_hits),
             self._gauge("num_open_sessions", "Open sessions.", s.num_sessions),
             self._gauge("session_pinned_tokens", "KV cache tokens pinned by open sessions.", s.session_pinned_tokens),
             self._counter("num_retracted_requests_total", "Requests put back in the queue when decode ran out of "
