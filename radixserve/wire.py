@@ -312,6 +312,15 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True):
     # or a grammar (their state is rebuilt from it)
 
 
+class KVMove(msgspec.Struct, array_like=True):
+    """A copy between the device KV pool and the host tier's (--enable-hierarchical-cache): KV slots `src` (int32)
+    to `dst` (int32), of the device pool if not `to_host`, else the host pool's (scheduler_proc/host_tier.py)."""
+
+    to_host: bool
+    src: bytes
+    dst: bytes
+
+
 class StepBatch(msgspec.Struct, tag=True, array_like=True):
     """One forward step. Arrays are int32 bytes; per-request arrays are in batch order.
 
@@ -336,6 +345,7 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     new_reqs: list[NewReq]
     prefix_groups: bytes = b""
     grammars: list[CompileGrammar] = []  # compile these (off the step path): requests wait for them
+    kv_moves: list[KVMove] = []  # copies between the KV pools, made in order before this step's forward
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):

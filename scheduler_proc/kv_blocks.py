@@ -16,7 +16,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from radixserve.kv_events import DEVICE_MEDIUM, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, block_hash
+from radixserve.kv_events import (
+    DEVICE_MEDIUM,
+    HOST_MEDIUM,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    block_hash,
+)
 
 
 class TreeNode(Protocol):
@@ -32,9 +40,8 @@ class TreeNode(Protocol):
 class BlockEvents:
     """The block bookkeeping of one radix tree and the events not yet taken (`take`)."""
 
-    def __init__(self, block_size: int, medium: str = DEVICE_MEDIUM) -> None:
+    def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self.medium = medium
         self.num_blocks = 0  # blocks in the tree, what a subscriber's rebuilt set holds
         self._pending: list[KVEvent] = []
 
@@ -57,7 +64,7 @@ class BlockEvents:
         if hashes:
             self.num_blocks += len(hashes)
             self._pending.append(BlockStored(hashes, parent_hash, key[first * b:end * b].tolist(), b, None,
-                                             self.medium))
+                                             DEVICE_MEDIUM))
 
     def split(self, upper: TreeNode, lower: TreeNode) -> None:
         """`lower` was cut below `upper` (upper.depth set): the blocks ending above the cut move up."""
@@ -66,11 +73,31 @@ class BlockEvents:
         upper.blocks, lower.blocks = lower.blocks[:n], lower.blocks[n:]
         upper.last_block = upper.blocks[-1] if upper.blocks else upper.parent.last_block
 
-    def removed(self, leaf: TreeNode) -> None:
-        """`leaf` left the tree: its blocks go."""
+    def removed(self, leaf: TreeNode, medium: str = DEVICE_MEDIUM) -> None:
+        """`leaf` left the tree (from `medium`): its blocks go."""
         if leaf.blocks:
             self.num_blocks -= len(leaf.blocks)
-            self._pending.append(BlockRemoved(leaf.blocks, self.medium))
+            self._pending.append(BlockRemoved(leaf.blocks, medium))
+
+    def moved(self, node: TreeNode, above: np.ndarray, medium: str) -> None:
+        """`node`'s KV moved to the tier `medium` (`above`: the tokens of the path above it that its first block
+        starts in, depth % block_size of them): its blocks are removed from the other tier and stored in this."""
+        if not node.blocks:
+            return
+        b = self.block_size
+        self._pending.append(BlockRemoved(node.blocks, HOST_MEDIUM if medium == DEVICE_MEDIUM else DEVICE_MEDIUM))
+        tokens = np.concatenate([above, node.key])[:len(node.blocks) * b]
+        self._pending.append(BlockStored(node.blocks, node.parent.last_block, tokens.tolist(), b, None, medium))
+
+    def above(self, node: TreeNode) -> np.ndarray:
+        """The tokens of the path above `node` that its first block starts in (what `moved` takes)."""
+        need = (node.depth - len(node.key)) % self.block_size
+        pieces, up, have = [], node.parent, 0
+        while have < need:
+            pieces.insert(0, up.key)
+            have += len(up.key)
+            up = up.parent
+        return np.concatenate(pieces)[have - need:] if need else node.key[:0]
 
     def cleared(self) -> None:
         self.num_blocks = 0

@@ -29,6 +29,8 @@ from radixserve.kv_events import (
     KVEventsConfig,
     block_hash,
 )
+from radixserve.wire import from_i32
+from scheduler_proc.host_tier import HostTier
 from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.radix_cache import RadixCache
@@ -109,6 +111,74 @@ def test_subscriber_rebuilds_the_trees_block_set(block_size: int) -> None:
         if step % 50 == 0:
             cache.check_invariants()  # every node's hashes recomputed from its path
         assert sub.blocks == tree_blocks(cache) and len(sub.blocks) == cache.events.num_blocks
+
+
+def test_host_tier_keeps_kv_and_events_exact() -> None:
+    """The device pool (80 slots) spills into a host pool (150): random inserts, matches, locks, evictions and
+    flushes, with the workers' copies simulated in order on KV contents that name each token's position, so a
+    match that reaches the host tier must read back exactly what was computed. The subscriber's set and both
+    slot partitions stay exact throughout, and host hits happen."""
+    rng = random.Random(1)
+    alloc, host = KVSlotAllocator(81), HostTier(151)
+    cache = RadixCache(alloc, BlockEvents(4), host)
+    device_kv, host_kv = np.zeros(81, dtype=np.int64), np.zeros(151, dtype=np.int64)
+    sub, locked = Subscriber(), []
+
+    def content(tokens: list[int]) -> np.ndarray:  # each position's KV: a function of the prefix up to it
+        return np.cumsum(np.asarray(tokens, dtype=np.int64) * 7919 + 1) % 1_000_003
+
+    def run_moves() -> None:
+        for move in host.take_moves():
+            src, dst = from_i32(move.src), from_i32(move.dst)
+            if move.to_host:
+                host_kv[dst] = device_kv[src]
+            else:
+                device_kv[dst] = host_kv[src]
+
+    prefixes = [[rng.randrange(30) for _ in range(rng.randrange(5, 30))] for _ in range(10)]
+    for step in range(2000):
+        tokens = rng.choice(prefixes)[:rng.randrange(1, 31)] + [rng.randrange(30) for _ in range(rng.randrange(8))]
+        op = rng.random()
+        if op < 0.45:
+            match = cache.match_prefix(tokens)
+            run_moves()
+            assert (device_kv[match.slots] == content(tokens)[:len(match.slots)]).all(), "a cached KV is wrong"
+            cache.lock(match.node)
+            n = len(tokens) - len(match.slots)
+            if alloc.num_free < n:
+                cache.evict(n - alloc.num_free)
+            slots = alloc.alloc(n)
+            run_moves()
+            if slots is not None:  # the "forward" computes the rest, then the request's KV goes into the tree
+                device_kv[slots] = content(tokens)[len(match.slots):]
+                full = np.concatenate([match.slots, slots])
+                already = cache.insert(tokens, full)
+                alloc.free(full[len(match.slots):already])
+            cache.unlock(match.node)
+        elif op < 0.55:  # KV computed without a match (a request admitted before the prefix was cached)
+            if alloc.num_free < len(tokens):
+                cache.evict(len(tokens) - alloc.num_free)
+            slots = alloc.alloc(len(tokens))
+            run_moves()
+            if slots is not None:
+                device_kv[slots] = content(tokens)
+                alloc.free(slots[:cache.insert(tokens, slots)])
+        elif op < 0.7:
+            locked.append(cache.match_prefix(tokens).node)
+            run_moves()
+            cache.lock(locked[-1])
+        elif op < 0.95 and locked:
+            cache.unlock(locked.pop(rng.randrange(len(locked))))
+        elif op < 0.96 and not locked:
+            cache.reset()
+        else:
+            cache.evict(rng.randrange(1, 40))
+            run_moves()
+        sub.apply(cache.events.take()[1])
+        if step % 20 == 0:
+            cache.check_invariants()
+        assert sub.blocks == tree_blocks(cache) and len(sub.blocks) == cache.events.num_blocks
+    assert host.loaded_tokens > 100 and host.stored_tokens > 100 and host.evicted_tokens > 0
 
 
 def test_blocks_follow_prefixes_and_hash_as_chains() -> None:
