@@ -29,6 +29,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
+WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -39,6 +40,7 @@ Index = Annotated[int, Meta(ge=0)]  # an index, a seed, or a limit where 0 allow
 Fraction = Annotated[float, Meta(gt=0, le=1)]
 Ratio = Annotated[float, Meta(ge=0, le=1)]
 Seconds = Annotated[float, Meta(gt=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
 GraceSeconds = Annotated[float, Meta(ge=0)]  # 0: no grace at all
 
 
@@ -126,6 +128,15 @@ class ServerArgs:
         "SIGTERM, or SIGINT, stops at once)")] = 30.0
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
     metrics_public: Annotated[bool, doc("serve /metrics without --api-key's token")] = False
+    enable_hierarchical_cache: Annotated[bool, doc(
+        "keep KV evicted from the device pool in a pool in host memory and move it back when a prompt reaches it "
+        "(docs/kv_cache.md)")] = False
+    hicache_ratio: Annotated[PositiveFloat, doc(
+        "the host pool's size in device pools (when no size in GB is given)")] = 2.0
+    hicache_size: Annotated[Index, doc("the host pool's size in GB per rank (0: by the ratio)")] = 0
+    hicache_write_policy: Annotated[WritePolicy, doc(
+        "when KV is written to the host pool: write_back, as a node leaves the device pool (the only one "
+        "supported)")] = "write_back"
     kv_events_config: Annotated[str | None, doc(
         "publish KV cache events over ZeroMQ for routers: vLLM's / SGLang's JSON, e.g. '{\"publisher\": \"zmq\", "
         "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\", \"topic\": \"\", "
@@ -147,6 +158,11 @@ class ServerArgs:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
         if self.router_dp_worker_base_port is not None and self.router_dp_worker_base_port + self.dp_size > 65536:
             raise FlagError("--router-dp-worker-base-port + --dp-size - 1 must be a port (<= 65535)")
+        if self.enable_hierarchical_cache and self.disable_radix_cache:
+            raise FlagError("--enable-hierarchical-cache needs the radix cache (not --disable-radix-cache)")
+        if self.hicache_write_policy != "write_back":
+            raise FlagError(f"--hicache-write-policy {self.hicache_write_policy}: only write_back is supported "
+                            "(the host copy is written as a node leaves the device pool)")
         if self.kv_events_config is not None:
             try:
                 KVEventsConfig.parse(self.kv_events_config)

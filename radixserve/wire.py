@@ -208,6 +208,7 @@ class RuntimeInfo(msgspec.Struct):
     gpu_memory_used: int = 0
     gpu_memory_free: int = 0
     cascade_attention: bool = False  # the workers honour StepBatch.prefix_groups
+    num_host_kv_slots: int = 0  # the host tier's pool (--enable-hierarchical-cache), slot 0 padding; 0: none
 
 
 class ServerStatus(msgspec.Struct, tag=True):

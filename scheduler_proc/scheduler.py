@@ -22,6 +22,7 @@ from radixserve.kv_events import KVEventsConfig
 from radixserve.wire import (
     FinishReason,
     GenerateTokens,
+    KVMove,
     Penalties,
     Rejected,
     SamplingParams,
@@ -34,6 +35,7 @@ from scheduler_proc.block_table import BlockTable
 from scheduler_proc.counters import Counters
 from scheduler_proc.decode import DecodePlanner
 from scheduler_proc.grammar_gate import GrammarGate
+from scheduler_proc.host_tier import HostTier
 from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.lifecycle import Lifecycle, Outcome
@@ -85,14 +87,16 @@ class Scheduler:
     """One scheduler's state, and the calls the process loop makes between and around steps."""
 
     def __init__(self, args: ServerArgs, num_kv_slots: int, context_length: int, vocab_size: int = 1 << 31,
-                 cascade_attention: bool = True) -> None:
+                 cascade_attention: bool = True, num_host_kv_slots: int = 0) -> None:
         self.args = args
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.allocator = KVSlotAllocator(num_kv_slots)
         events = KVEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None
+        # The host tier (--enable-hierarchical-cache): the workers' host pool has num_host_kv_slots (RuntimeInfo).
         self.cache = RadixCache(self.allocator,
-                                BlockEvents(events.block_size) if events is not None and events.enabled else None)
+                                BlockEvents(events.block_size) if events is not None and events.enabled else None,
+                                HostTier(num_host_kv_slots) if num_host_kv_slots else None)
         self.use_cache = not args.disable_radix_cache
         # Prefix groups only for workers that use them (`cascade_attention`: RuntimeInfo); without the radix
         # cache no two requests share KV, so there is nothing to group.
@@ -227,7 +231,7 @@ class Scheduler:
             self.inflight.append(InFlight(self.step_id, [], np.zeros(0, np.int32), []))
             outcome.batch = StepBatch(step=self.step_id, is_decode=True, req_slots=b"", input_ids=b"",
                                       cached_lens=b"", extend_lens=b"", out_slots=b"", sample_offsets=b"",
-                                      new_reqs=[], grammars=self.grammars.take_jobs())
+                                      new_reqs=[], grammars=self.grammars.take_jobs(), kv_moves=self._kv_moves())
             return outcome
         self.step_id += 1
         reqs = [req for req, _ in entries]
@@ -249,9 +253,14 @@ class Scheduler:
             step=self.step_id, is_decode=is_decode, req_slots=req_slots.tobytes(),
             input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(), extend_lens=extend.tobytes(),
             out_slots=out_slots.tobytes(), sample_offsets=i32([max(k, -1) for k in sampled]), new_reqs=new_reqs,
-            prefix_groups=b"" if groups is None else groups.tobytes(), grammars=self.grammars.take_jobs())
+            prefix_groups=b"" if groups is None else groups.tobytes(), grammars=self.grammars.take_jobs(),
+            kv_moves=self._kv_moves())
         self.inflight.append(InFlight(self.step_id, entries, req_slots, sampled))
         return outcome
+
+    def _kv_moves(self) -> list[KVMove]:
+        """The copies between the KV pools decided since the last step sent (they precede its forward)."""
+        return self.cache.host.take_moves() if self.cache.host is not None else []
 
     def _commit(self, req: Req, n: int) -> int:
         """Advance `req` past its part of a step being sent; the output index it samples, or NO_SAMPLE."""

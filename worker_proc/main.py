@@ -97,7 +97,7 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
                 vocab_size=runner.model.vocab_size, device=str(device), dtype=str(runner.dtype).removeprefix("torch."),
                 attention_backend=runner.backend_name, kv_bytes_per_token=runner.kv_bytes_per_token * args.tp_size,
                 weight_bytes=runner.weight_bytes * args.tp_size, gpu_memory_used=gpu_used, gpu_memory_free=gpu_free,
-                cascade_attention=runner.use_cascade)))
+                cascade_attention=runner.use_cascade, num_host_kv_slots=runner.kv_cache.num_host_slots)))
             sender = ResultSender(out)
         while True:
             msg = inbox.recv()

@@ -133,7 +133,7 @@ class ModelRunner:
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
         self.num_kv_slots = parallel.tp_min(self._kv_slots_that_fit()) + 1  # + the padding slot 0
         self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype,
-                                self.device)
+                                self.device, self._host_kv_slots(args))
         log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
                  self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
         self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
@@ -142,6 +142,14 @@ class ModelRunner:
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache)
         self.graphs = self._capture_graphs()
+
+    def _host_kv_slots(self, args: ServerArgs) -> int:
+        """The host tier's pool (+ its padding slot 0), the same on every rank; 0 without the tier."""
+        if not args.enable_hierarchical_cache:
+            return 0
+        n = (int(args.hicache_size * 1e9) // self.kv_bytes_per_token if args.hicache_size
+             else int(args.hicache_ratio * (self.num_kv_slots - 1)))
+        return parallel.tp_min(n) + 1
 
     def _dtype(self, hf_config) -> torch.dtype:
         """--dtype, or with auto bfloat16 on CUDA and on CPUs with native bf16 arithmetic, float32 elsewhere."""
@@ -239,6 +247,8 @@ class ModelRunner:
         result (its tokens reach the host on a copy stream). Every rank records the sampled tokens in
         `last_sampled`, where the next step's placeholder input ids find them."""
         t0 = time.perf_counter()
+        if b.kv_moves:
+            self.kv_cache.move(b.kv_moves)
         if self.grammars is not None and b.grammars:
             self.grammars.backend.start(b.grammars)
         if not b.req_slots:  # a step of no requests: it only waits for grammars to compile
