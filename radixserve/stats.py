@@ -72,7 +72,8 @@ class SchedulerStats(msgspec.Struct):
     session_pinned_tokens: int
     session_kv_budget: int
     prompt_tokens: int  # the cache's query tokens: prompts at first admission
-    cached_tokens: int  # its hit tokens, all from the device pool (kv_cached_tokens: what it holds now)
+    cached_tokens: int  # its hit tokens, from either tier (kv_cached_tokens: what the device pool holds now)
+    cached_tokens_host: int  # of those, found in the host tier
     cache_queries: int  # requests that looked their prompt up (first admissions)
     cache_hits: int  # of those, with at least one cached token
     generated_tokens: int
@@ -82,6 +83,11 @@ class SchedulerStats(msgspec.Struct):
     forward_steps: int
     cascade_decode_steps: int
     evicted_tokens: int  # freed from the radix cache to make room
+    max_host_tokens: int  # the host tier's pool (--enable-hierarchical-cache; 0: none)
+    kv_host_cached_tokens: int  # tokens the host tier holds now
+    host_stored_tokens: int  # moved to the host tier by device evictions, since start
+    host_loaded_tokens: int  # moved back to the device by matches, since start
+    host_evicted_tokens: int  # dropped from the host tier, since start
     kv_event_blocks: int  # blocks of --kv-events-config's block_size in the cache, as its events report them
     queue_time: Histogram  # seconds from arrival to first admission, per admitted request
 

@@ -133,6 +133,7 @@ class TextDelta(msgspec.Struct, omit_defaults=True, array_like=True):
     output_top_logprobs: list[list[LogprobEntry] | None] | None = None
     input_logprobs: list[LogprobEntry] | None = None
     input_top_logprobs: list[list[LogprobEntry] | None] | None = None
+    cached_tokens_host: int = 0  # of cached_tokens, those found in the host tier
 
 
 class TextBatch(msgspec.Struct, tag=True):
@@ -284,6 +285,7 @@ class ReqOut(msgspec.Struct, omit_defaults=True, array_like=True):
     input_logprobs: list[float | None] | None = None
     input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     input_ids: list[int] | None = None
+    cached_tokens_host: int = 0  # of cached_tokens, those found in the host tier
 
 
 class TokenBatch(msgspec.Struct, tag=True):

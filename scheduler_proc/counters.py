@@ -15,6 +15,7 @@ QUEUE_TIME_BUCKETS = (0.0, 0.1, 0.2, 0.5, 1, 2, 3, 4, 5, 10, 15, 20, 30, 40, 50,
 class Counters:
     prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission only)
     cached_tokens: int = 0  # of those, found in the radix cache
+    cached_tokens_host: int = 0  # of those, found in its host tier (moved back for the request)
     cache_queries: int = 0  # first admissions: each looks its prompt up in the cache once
     cache_hits: int = 0  # of those, with at least one token found
     generated_tokens: int = 0

@@ -24,7 +24,8 @@ def make_out(req: Req, new_ids: list[int], finish: FinishReason | None, first: b
     """The message for `req`'s new tokens (its last when `finish` is set); the first one carries its input
     logprobs, if asked for."""
     out = ReqOut(rid=req.rid, new_ids=new_ids, prompt_tokens=len(req.prompt_ids),
-                 cached_tokens=req.cached_tokens, completion_tokens=req.num_outputs, finish=finish)
+                 cached_tokens=req.cached_tokens, completion_tokens=req.num_outputs, finish=finish,
+                 cached_tokens_host=req.cached_tokens_host)
     if first and req.input_logprobs:
         out.input_logprobs = req.input_logprobs
         out.input_top_logprobs = req.input_top_logprobs

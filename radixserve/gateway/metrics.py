@@ -65,7 +65,10 @@ class _Families(Collector):
             self._counter("cache_query_tokens_total", "Prompt tokens looked up in the radix cache (first "
                           "admissions).", s.prompt_tokens),
             self._counter("cache_hit_tokens_device_total", "Of those, tokens found in the device pool.",
-                          s.cached_tokens),
+                          s.cached_tokens - s.cached_tokens_host),
+            self._counter("cache_hit_tokens_host_total", "Of those, tokens found in the host tier (moved back).",
+                          s.cached_tokens_host),
+            self._gauge("cached_tokens_host", "Tokens held in the radix cache's host tier.", s.kv_host_cached_tokens),
             self._counter("cache_queries_total", "Requests that looked their prompt up in the radix cache.",
                           s.cache_queries),
             self._counter("cache_hits_total", "Of those, requests with at least one cached token.", s.cache_hits),
