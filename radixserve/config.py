@@ -70,6 +70,9 @@ class ServerArgs:
     dtype: Annotated[Dtype, doc("compute dtype (auto: bfloat16 where the device has it natively)")] = "auto"
     device: Annotated[Device, doc("where the workers compute (auto: cuda if there is a GPU)")] = "auto"
     tp_size: Annotated[Count, doc("tensor-parallel ranks over all nodes")] = 1
+    ep_size: Annotated[Count, doc(
+        "expert parallelism: MoE experts are placed whole on this many groups of the TP ranks (it divides the TP "
+        "size; 1: every rank holds a slice of every expert)")] = 1
     nnodes: Annotated[Count, doc("nodes that share the --tp-size ranks (docs/deploy.md)")] = 1
     node_rank: Annotated[Index, doc("this node's index; node 0 serves HTTP, the others run workers only")] = 0
     dist_init_addr: Annotated[str | None, doc(
@@ -152,6 +155,8 @@ class ServerArgs:
                 raise FlagError(f"{_flag(name)} {value!r}: {e}") from None
         if self.tp_size % self.nnodes or self.node_rank >= self.nnodes:
             raise FlagError("--nnodes must divide --tp-size, and --node-rank must be below --nnodes")
+        if self.tp_size % self.ep_size:
+            raise FlagError("--ep-size must divide --tp-size (SGLang's rule: experts split over ep groups of ranks)")
         if self.nnodes > 1 and not _is_host_port(self.dist_init_addr):
             raise FlagError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
         if self.dp_size > 1 and self.nnodes > 1:

@@ -69,10 +69,10 @@ def greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> tupl
 
 
 def tp_worker(rank: int, world_size: int, init_method: str, model_dirs: list[str], prompts: list[list[int]],
-              steps: int, out_path: str, device_type: str = "cpu") -> None:
-    """One TP rank (a torch.multiprocessing.spawn target; gloo on cpu, nccl on cuda:rank): greedy-decode
-    with each model, real and dummy weights; rank 0 saves {model_dir: {"logits", "tokens", "dummy_logits"}}
-    (on the CPU) to `out_path`."""
+              steps: int, out_path: str, device_type: str = "cpu", ep_size: int = 1) -> None:
+    """One TP rank (a torch.multiprocessing.spawn target; gloo on cpu, nccl on cuda:rank; MoE experts over
+    `ep_size` groups): greedy-decode with each model, real and dummy weights; rank 0 saves
+    {model_dir: {"logits", "tokens", "dummy_logits"}} (on the CPU) to `out_path`."""
     from radixserve.model_files import load_hf_config
     from worker_proc import parallel
     from worker_proc.weights import load_model
@@ -81,7 +81,7 @@ def tp_worker(rank: int, world_size: int, init_method: str, model_dirs: list[str
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    parallel.init_tp(rank, world_size, init_method, "nccl" if device.type == "cuda" else "gloo")
+    parallel.init_tp(rank, world_size, init_method, "nccl" if device.type == "cuda" else "gloo", ep_size)
     try:
         results = {}
         for model_dir in model_dirs:

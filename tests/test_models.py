@@ -42,21 +42,26 @@ def tiny_config(kind: str):
     return Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
 
 
+def random_hf_model(config, seed: int, path: Path) -> torch.nn.Module:
+    """The HF model of `config` with every parameter (biases, norms too) randomised, saved to `path`."""
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn_like(p))
+    hf.generation_config.eos_token_id = None  # always generate the full length
+    hf.generation_config.pad_token_id = 0
+    hf.save_pretrained(path)
+    return hf
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, tuple[str, torch.nn.Module]]:
-    """kind -> (saved HF directory, the HF model), with every parameter (biases, norms too) randomised."""
+    """kind -> (saved HF directory, the HF model)."""
     out = {}
     for i, kind in enumerate(("llama", "qwen2", "qwen3")):
-        torch.manual_seed(i)
-        hf = AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn_like(p))
-        hf.generation_config.eos_token_id = None  # always generate the full length
-        hf.generation_config.pad_token_id = 0
         path = tmp_path_factory.mktemp(kind)
-        hf.save_pretrained(path)
-        out[kind] = (str(path), hf)
+        out[kind] = (str(path), random_hf_model(tiny_config(kind), i, path))
     return out
 
 
@@ -76,17 +81,21 @@ def hf_reference(hf: torch.nn.Module, prompt: list[int], tokens: list[int]) -> t
     return logits[len(prompt) - 1:]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_matches_hf(tiny_models, kind):
-    model_dir, hf = tiny_models[kind]
+def assert_greedy_matches_hf(model_dir: str, hf: torch.nn.Module, steps: int = STEPS) -> None:
+    """Our model of `model_dir`, 3 prompts batched: HF's greedy tokens, and its logits within float32 noise."""
     model = ours(model_dir)
     assert type(model).__name__ == type(hf).__name__
     batch = prompts()
-    logits, tokens = greedy(model, batch, STEPS)
+    logits, tokens = greedy(model, batch, steps)
     for i, prompt in enumerate(batch):
-        expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=STEPS + 1)[0, len(prompt):]
+        expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=steps + 1)[0, len(prompt):]
         assert tokens[i] == expected.tolist()
         torch.testing.assert_close(logits[:, i], hf_reference(hf, prompt, tokens[i]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_matches_hf(tiny_models, kind):
+    assert_greedy_matches_hf(*tiny_models[kind])
 
 
 def test_chunked_prefill_in_a_mixed_batch(tiny_models):

@@ -1,6 +1,7 @@
 """/openapi.json stays true: every route of the gateway's router is described, every number a request may carry
-(integer or float, native sampling_params included) has both bounds, the document is a valid OpenAPI 3.1 description, and every request schema round-trips through
-its msgspec Struct (what the schema allows decodes; what decodes re-encodes to something the schema allows).
+(integer or float, native sampling_params included) has both bounds, the document is a valid OpenAPI 3.1
+description, and every request schema round-trips through its msgspec Struct (what the schema allows decodes;
+what decodes re-encodes to something the schema allows).
 The gateway's app is built in-process: the router and the Structs are all these tests need."""
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from radixserve.config import ServerArgs
 from radixserve.wire import KVMove, from_i32
 from worker_proc import fused
 
@@ -60,3 +61,13 @@ class KVCache:
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def host_slots_wanted(args: ServerArgs, num_kv_slots: int, bytes_per_token: int) -> int:
+    """The host tier's pool on this rank (+ its padding slot 0): --hicache-size GB, else --hicache-ratio × the
+    device pool; 0 without the tier."""
+    if not args.enable_hierarchical_cache:
+        return 0
+    n = (int(args.hicache_size * 1e9) // bytes_per_token if args.hicache_size
+         else int(args.hicache_ratio * (num_kv_slots - 1)))
+    return n + 1

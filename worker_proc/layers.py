@@ -220,13 +220,6 @@ class _ColumnLinear(nn.Module):
         return linear(x, self.weight, self.bias, self.packed)
 
 
-class ColumnParallelLinear(_ColumnLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        n = divide(out_features, tp_size(), "output features")
-        super().__init__(in_features, [(None, out_features, tp_rank() * n, n)], bias, dtype, device)
-
-
 class MergedColumnParallelLinear(_ColumnLinear):
     """Several column-parallel projections of the same input in one matmul (gate_up: shard ids 0, 1)."""
 
@@ -266,11 +259,13 @@ class QKVParallelLinear(_ColumnLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_local W_local^T) + b with W's columns split over ranks (input already sharded)."""
+    """y = all_reduce(x_local W_local^T) + b with W's columns split over ranks (input already sharded); with
+    `reduce=False` this rank's partial sum, for a caller that adds it to others before one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, reduce: bool = True) -> None:
         super().__init__()
+        self.reduce = reduce
         self.in_local = divide(in_features, tp_size(), "input features")
         self.weight = make_param((out_features, self.in_local), dtype, device, self._load,
                                  {None: (out_features, in_features)})
@@ -283,7 +278,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins on rank 0 only, so the sum over ranks adds it exactly once.
-        return tp_all_reduce(linear(x, self.weight, self.bias if tp_rank() == 0 else None, self.packed))
+        y = linear(x, self.weight, self.bias if tp_rank() == 0 else None, self.packed)
+        return tp_all_reduce(y) if self.reduce else y
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -6,7 +6,7 @@ Mistral's sliding window is not applied: the worker caps the context at `config.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,8 @@ class Arch:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    mlp: Callable[[Any, int, torch.dtype, Device], nn.Module] | None = None  # (config, layer_id, ..): the layer's
+    # MLP where it is not LlamaMLP (mixture-of-experts models)
 
 
 def head_dim_of(config: Any) -> int:
@@ -75,14 +77,17 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, arch: Arch, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, config: Any, arch: Arch, dtype: torch.dtype, device: Device,
+                 intermediate_size: int | None = None, reduce: bool = True) -> None:
+        """`intermediate_size`: where not config.intermediate_size; `reduce=False`: down's partial sum, not
+        all-reduced (a MoE model's shared expert, summed with the experts' before one all-reduce)."""
         super().__init__()
         if config.hidden_act != "silu":
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], arch.mlp_bias, dtype, device)
         self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, arch.mlp_bias, dtype, device)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, arch.mlp_bias, dtype, device, reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -92,7 +97,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, arch: Arch, layer_id: int, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, arch, layer_id, dtype, device)
-        self.mlp = LlamaMLP(config, arch, dtype, device)
+        self.mlp = arch.mlp(config, layer_id, dtype, device) if arch.mlp else LlamaMLP(config, arch, dtype, device)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
@@ -163,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES) or (self.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            target, shard_id = _param_name(name)
+            target, shard_id = self.param_name(name)
             param = params.get(target)
             if param is None or shard_id not in param.shards:
                 raise KeyError(f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}")
@@ -177,6 +182,10 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"weights never loaded: {', '.join(missing[:8])}"
                              f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+
+    def param_name(self, hf_name: str) -> tuple[str, Any]:
+        """(our parameter's name, shard id) of a checkpoint tensor."""
+        return _param_name(hf_name)
 
 
 def _param_name(hf_name: str) -> tuple[str, Any]:
