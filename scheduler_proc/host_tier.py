@@ -72,3 +72,13 @@ class HostTier:
         assert counts.max(initial=0) <= 1 and counts[0] == 0, "a host slot is held twice"
         in_heap = {node.id for _, _, node in self.heap}
         assert host_leaves <= in_heap, "an evictable host leaf is missing from the host heap"
+
+
+def host_stats(host: HostTier | None) -> dict[str, int]:
+    """The tier's sizes and moves as wire.SchedulerStats names them (zeros without the tier)."""
+    if host is None:
+        return dict.fromkeys(("max_host_tokens", "kv_host_cached_tokens", "host_stored_tokens", "host_loaded_tokens",
+                              "host_evicted_tokens"), 0)
+    return {"max_host_tokens": host.allocator.capacity, "kv_host_cached_tokens": host.size,
+            "host_stored_tokens": host.stored_tokens, "host_loaded_tokens": host.loaded_tokens,
+            "host_evicted_tokens": host.evicted_tokens}

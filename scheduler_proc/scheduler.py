@@ -35,7 +35,7 @@ from scheduler_proc.block_table import BlockTable
 from scheduler_proc.counters import Counters
 from scheduler_proc.decode import DecodePlanner
 from scheduler_proc.grammar_gate import GrammarGate
-from scheduler_proc.host_tier import HostTier
+from scheduler_proc.host_tier import HostTier, host_stats
 from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.lifecycle import Lifecycle, Outcome
@@ -391,14 +391,5 @@ class Scheduler:
             token_usage=round((cap - free - evictable) / cap, 4), num_sessions=len(self.sessions.sessions),
             session_pinned_tokens=self.sessions.pinned_tokens, session_kv_budget=self.sessions.budget,
             kv_event_blocks=self.cache.events.num_blocks if self.cache.events is not None else 0,
-            **self._host_stats(),
+            **host_stats(self.cache.host),
             **dataclasses.asdict(self.counters))
-
-    def _host_stats(self) -> dict[str, int]:
-        host = self.cache.host
-        if host is None:
-            return dict.fromkeys(("max_host_tokens", "kv_host_cached_tokens", "host_stored_tokens",
-                                  "host_loaded_tokens", "host_evicted_tokens"), 0)
-        return {"max_host_tokens": host.allocator.capacity, "kv_host_cached_tokens": host.size,
-                "host_stored_tokens": host.stored_tokens, "host_loaded_tokens": host.loaded_tokens,
-                "host_evicted_tokens": host.evicted_tokens}
