@@ -21,12 +21,15 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import msgspec
 from msgspec import Meta
 
+from radixserve.kv_events import KVEventsConfig
+
 SchedulePolicy = Literal["lpm", "fcfs"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
+WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 SpeculativeAlgorithm = Literal["NGRAM"]
@@ -38,6 +41,7 @@ Index = Annotated[int, Meta(ge=0)]  # an index, a seed, or a limit where 0 allow
 Fraction = Annotated[float, Meta(gt=0, le=1)]
 Ratio = Annotated[float, Meta(ge=0, le=1)]
 Seconds = Annotated[float, Meta(gt=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
 GraceSeconds = Annotated[float, Meta(ge=0)]  # 0: no grace at all
 
 
@@ -139,6 +143,19 @@ class ServerArgs:
     speculative_batch_size_threshold: Annotated[Index, doc(
         "above this many decoding requests a step is plain decode (speculation pays at small batches)")] = 8
     metrics_public: Annotated[bool, doc("serve /metrics without --api-key's token")] = False
+    enable_hierarchical_cache: Annotated[bool, doc(
+        "keep KV evicted from the device pool in a pool in host memory and move it back when a prompt reaches it "
+        "(docs/kv_cache.md)")] = False
+    hicache_ratio: Annotated[PositiveFloat, doc(
+        "the host pool's size in device pools (when no size in GB is given)")] = 2.0
+    hicache_size: Annotated[Index, doc("the host pool's size in GB per rank (0: by the ratio)")] = 0
+    hicache_write_policy: Annotated[WritePolicy, doc(
+        "when KV is written to the host pool: write_back, as a node leaves the device pool (the only one "
+        "supported)")] = "write_back"
+    kv_events_config: Annotated[str | None, doc(
+        "publish KV cache events over ZeroMQ for routers: vLLM's / SGLang's JSON, e.g. '{\"publisher\": \"zmq\", "
+        "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\", \"topic\": \"\", "
+        "\"buffer_steps\": 10000, \"hwm\": 100000, \"block_size\": 16}' (docs/kv_cache.md)")] = None
 
     def __post_init__(self) -> None:
         """Every field against its declaration, then the flags that depend on each other."""
@@ -163,6 +180,16 @@ class ServerArgs:
                             "--speculative-ngram-max-match-window-size")
         if self.router_dp_worker_base_port is not None and self.router_dp_worker_base_port + self.dp_size > 65536:
             raise FlagError("--router-dp-worker-base-port + --dp-size - 1 must be a port (<= 65535)")
+        if self.enable_hierarchical_cache and self.disable_radix_cache:
+            raise FlagError("--enable-hierarchical-cache needs the radix cache (not --disable-radix-cache)")
+        if self.hicache_write_policy != "write_back":
+            raise FlagError(f"--hicache-write-policy {self.hicache_write_policy}: only write_back is supported "
+                            "(the host copy is written as a node leaves the device pool)")
+        if self.kv_events_config is not None:
+            try:
+                KVEventsConfig.parse(self.kv_events_config)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                raise FlagError(f"--kv-events-config: {e}") from None
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)

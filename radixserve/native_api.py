@@ -144,6 +144,8 @@ def native_result(req: wire.GenerateText, out: Output, started: float) -> dict[s
     assert last is not None
     meta: dict[str, Any] = {"id": req.rid, "prompt_tokens": last.prompt_tokens,
                             "completion_tokens": last.completion_tokens, "cached_tokens": last.cached_tokens,
+                            "cached_tokens_details": {"device": last.cached_tokens - last.cached_tokens_host,
+                                                      "host": last.cached_tokens_host},  # SGLang's split by tier
                             "finish_reason": msgspec.to_builtins(last.finish),
                             "e2e_latency": round(time.perf_counter() - started, 6)}
     if last.spec is not None:  # speculative decoding (SGLang's names)

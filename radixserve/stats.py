@@ -71,8 +71,11 @@ class SchedulerStats(msgspec.Struct):
     num_sessions: int
     session_pinned_tokens: int
     session_kv_budget: int
-    prompt_tokens: int
-    cached_tokens: int
+    prompt_tokens: int  # the cache's query tokens: prompts at first admission
+    cached_tokens: int  # its hit tokens, from either tier (kv_cached_tokens: what the device pool holds now)
+    cached_tokens_host: int  # of those, found in the host tier
+    cache_queries: int  # requests that looked their prompt up (first admissions)
+    cache_hits: int  # of those, with at least one cached token
     generated_tokens: int
     finished_requests: int
     aborted_requests: int
@@ -80,5 +83,21 @@ class SchedulerStats(msgspec.Struct):
     forward_steps: int
     cascade_decode_steps: int
     evicted_tokens: int  # freed from the radix cache to make room
+    max_host_tokens: int  # the host tier's pool (--enable-hierarchical-cache; 0: none)
+    kv_host_cached_tokens: int  # tokens the host tier holds now
+    host_stored_tokens: int  # moved to the host tier by device evictions, since start
+    host_loaded_tokens: int  # moved back to the device by matches, since start
+    host_evicted_tokens: int  # dropped from the host tier, since start
+    kv_event_blocks: int  # blocks of --kv-events-config's block_size in the cache, as its events report them
     queue_time: Histogram  # seconds from arrival to first admission, per admitted request
     spec_accept_length: Histogram  # tokens per request per verify step (speculative decoding)
+
+    @property
+    def used_tokens(self) -> int:
+        """KV tokens held by running requests and sessions (neither free nor evictable)."""
+        return self.max_total_num_tokens - self.kv_free_tokens - self.kv_evictable_tokens
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Prompt tokens found in the cache / prompt tokens, over all requests admitted since start."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0

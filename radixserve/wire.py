@@ -1,4 +1,5 @@
-"""The wire: every inter-process message is a msgspec Struct defined here; nothing is pickled.
+"""The wire: every inter-process message is a msgspec Struct, defined here (the control plane's in
+control_plane.py, the launchers' link in node_link.py: both re-exported); nothing is pickled.
 
 Channels (each a tagged union, decoded by one Decoder per socket):
   gateway   -> tokenizer : TokenizerIn  (GenerateText, Abort, a control call, GetTokenizerStats)
@@ -20,12 +21,30 @@ the KV slots of its cached prefix (see scheduler_proc/ and worker_proc/model_run
 
 from __future__ import annotations
 
-import itertools
-from typing import Literal, TypeVar, Union
+from typing import Union
 
 import msgspec
 import numpy as np
 
+from radixserve.control_plane import (  # noqa: F401 (re-exported: the control plane's messages)
+    HERMES,
+    JSON,
+    Call,
+    CallIds,
+    CheckInvariants,
+    CloseSession,
+    ControlCall,
+    ControlReply,
+    FlushCache,
+    GetServerInfo,
+    OpenSession,
+    Ready,
+    RuntimeInfo,
+    ServerStatus,
+    SessionOpened,
+    ShutdownServer,
+    ToolCallFormat,
+)
 from radixserve.node_link import NodeHeartbeat, NodeHello, NodeLink, NodeStop  # noqa: F401 (its own channel)
 from radixserve.sampling_params import (  # noqa: F401 (re-exported: the wire's vocabulary)
     INT32_MAX,
@@ -43,7 +62,7 @@ from radixserve.sampling_params import (  # noqa: F401 (re-exported: the wire's 
     Seed,
     TokenId,
 )
-from radixserve.stats import GetTokenizerStats, SchedulerStats, TokenizerStats
+from radixserve.stats import GetTokenizerStats, SchedulerStats, TokenizerStats  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------- shared vocabulary
 
@@ -141,123 +160,13 @@ class TextDelta(msgspec.Struct, omit_defaults=True, array_like=True):
     input_logprobs: list[LogprobEntry] | None = None
     input_top_logprobs: list[list[LogprobEntry] | None] | None = None
     spec: SpecCounts | None = None  # on the last delta, of a request that speculated
+    cached_tokens_host: int = 0  # of cached_tokens, those found in the host tier
 
 
 class TextBatch(msgspec.Struct, tag=True):
     """Tokenizer -> gateway: the deltas made from one drain of scheduler output, in one message."""
 
     deltas: list[TextDelta]
-
-
-# ---------------------------------------------------------------- control plane
-# A call goes gateway -> tokenizer 0 -> scheduler (or Engine -> scheduler) and is answered by one
-# ControlReply with the same call_id, routed back by `reply_to` (the tokenizer's index).
-
-
-class _Call(msgspec.Struct, tag=True, omit_defaults=True, kw_only=True):
-    """A control call; its ControlReply carries the same call_id back to tokenizer `reply_to`."""
-
-    call_id: str
-    reply_to: int = 0
-
-
-class FlushCache(_Call):
-    pass
-
-
-class GetServerInfo(_Call):
-    """Live counters, read in O(1) (the invariant walk is CheckInvariants)."""
-
-
-class CheckInvariants(_Call):
-    """Walk the whole KV and cache state (O(cache size)): for tests and debugging."""
-
-
-class OpenSession(_Call):
-    capacity_of_str_len: int = 0
-    session_id: str | None = None
-    idle_timeout: float | None = None  # the HTTP field `timeout`; named apart from the control call's own timeout
-
-
-class CloseSession(_Call):
-    session_id: str
-
-
-class ShutdownServer(msgspec.Struct, tag=True):
-    """Stop the tokenizer that receives it, the scheduler and the workers (no reply)."""
-
-
-ControlCall = Union[FlushCache, GetServerInfo, CheckInvariants, OpenSession, CloseSession]
-Call = TypeVar("Call", bound=msgspec.Struct)
-
-
-class CallIds:
-    """A front end's control calls, each with a call_id unique among its calls (its reply is matched by it)."""
-
-    def __init__(self) -> None:
-        self._next = itertools.count()
-
-    def call(self, kind: type[Call], **fields: object) -> Call:
-        return kind(call_id=f"{kind.__name__}-{next(self._next)}", **fields)
-
-
-class RuntimeInfo(msgspec.Struct):
-    """Facts the workers resolve once at start-up (context length after every cap, vocabulary, KV size...);
-    every other process reads them from here."""
-
-    num_kv_slots: int
-    context_length: int
-    vocab_size: int
-    device: str
-    dtype: str
-    attention_backend: str
-    kv_bytes_per_token: int
-    weight_bytes: int
-    gpu_memory_used: int = 0
-    gpu_memory_free: int = 0
-    cascade_attention: bool = False  # the workers honour StepBatch.prefix_groups
-
-
-class ServerStatus(msgspec.Struct, tag=True):
-    """Reply to GetServerInfo and CheckInvariants; `invariants` is "ok", "violated: ..." or "unchecked"."""
-
-    scheduler: SchedulerStats
-    runtime: RuntimeInfo
-    invariants: str = "unchecked"
-
-    def scheduler_info(self) -> dict:
-        """The scheduler's counters and the last invariant check, as /get_server_info's `scheduler`."""
-        return msgspec.to_builtins(self.scheduler) | {"invariants": self.invariants}
-
-
-class SessionOpened(msgspec.Struct, tag=True):
-    session_id: str
-
-
-class ControlReply(msgspec.Struct, tag=True, omit_defaults=True):
-    call_id: str
-    status: int = 200
-    error: str | None = None
-    result: ServerStatus | SessionOpened | TokenizerStats | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status < 400
-
-
-ToolCallFormat = Literal["hermes", "json"]
-HERMES: ToolCallFormat = "hermes"  # `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks among free text
-JSON: ToolCallFormat = "json"  # an answer that is one JSON object {"name": ..., "parameters": {...}} (or several)
-
-
-class Ready(msgspec.Struct, tag=True, omit_defaults=True):
-    """Scheduler -> every front end once at start-up: the runtime facts, or why the start failed. A tokenizer
-    passes it on to the gateway with `tool_call_format`, how this model writes tool calls (decided once, from the
-    chat template, by tokenizer_proc/chat_tools.py; the gateway parses the output that way)."""
-
-    runtime: RuntimeInfo | None = None
-    error: str | None = None
-    tool_call_format: ToolCallFormat | None = None
 
 
 # ---------------------------------------------------------------- tokenizer <-> scheduler
@@ -292,6 +201,7 @@ class ReqOut(msgspec.Struct, omit_defaults=True, array_like=True):
     input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     input_ids: list[int] | None = None
     spec: SpecCounts | None = None  # on the last message of a request that speculated
+    cached_tokens_host: int = 0  # of cached_tokens, those found in the host tier
 
 
 class TokenBatch(msgspec.Struct, tag=True):
@@ -318,6 +228,15 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True):
     penalties: Penalties | None = None  # None: the request uses none (and costs nothing for them)
     grammar: Grammar | None = None
     output_ids: bytes = b""  # int32: a re-admitted request's output so far (penalties, grammar rebuilt from it)
+
+
+class KVMove(msgspec.Struct, array_like=True):
+    """A copy between the device KV pool and the host tier's (--enable-hierarchical-cache): KV slots `src` (int32)
+    to `dst` (int32), of the device pool if not `to_host`, else the host pool's (scheduler_proc/host_tier.py)."""
+
+    to_host: bool
+    src: bytes
+    dst: bytes
 
 
 class StepBatch(msgspec.Struct, tag=True, array_like=True):
@@ -347,6 +266,7 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     prefix_groups: bytes = b""
     grammars: list[CompileGrammar] = []  # compile these (off the step path): requests wait for them
     draft_lens: bytes = b""
+    kv_moves: list[KVMove] = []  # copies between the KV pools, made in order before this step's forward
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):

@@ -17,6 +17,9 @@ ACCEPT_LENGTH_BUCKETS = tuple(range(1, 17))
 class Counters:
     prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission only)
     cached_tokens: int = 0  # of those, found in the radix cache
+    cached_tokens_host: int = 0  # of those, found in its host tier (moved back for the request)
+    cache_queries: int = 0  # first admissions: each looks its prompt up in the cache once
+    cache_hits: int = 0  # of those, with at least one token found
     generated_tokens: int = 0
     finished_requests: int = 0  # ended by a stop, a length limit or a stop string
     aborted_requests: int = 0

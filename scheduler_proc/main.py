@@ -13,9 +13,11 @@ import zmq
 from radixserve import wire
 from radixserve.config import ServerArgs
 from radixserve.ipc import IpcPaths, Receiver, Sender, Undecodable
+from radixserve.kv_events import KVEventsConfig
 from radixserve.nodes import NodeLayout
 from radixserve.procutil import child_init
 from scheduler_proc.control import handle_control
+from scheduler_proc.kv_publisher import KVEventPublisher
 from scheduler_proc.lifecycle import Outcome
 from scheduler_proc.scheduler import Scheduler
 
@@ -34,7 +36,10 @@ class SchedulerProcess:
         self.runtime = self._wait_worker_ready()
         rt = self.runtime
         self.sched = Scheduler(args, rt.num_kv_slots, rt.context_length, rt.vocab_size,
-                               cascade_attention=rt.cascade_attention)
+                               cascade_attention=rt.cascade_attention, num_host_kv_slots=rt.num_host_kv_slots)
+        # The scheduler owns the radix cache, so it publishes the cache's events: after every call that changed it.
+        self.kv_events = (KVEventPublisher(KVEventsConfig.parse(args.kv_events_config))
+                          if self.sched.cache.events is not None else None)
         log.info("scheduler ready: %d KV slots, context %d", rt.num_kv_slots - 1, rt.context_length)
         for r in self.replies:
             r.send(wire.Ready(runtime=rt))
@@ -109,6 +114,8 @@ class SchedulerProcess:
                 self._send(self.sched.shutdown())
                 for w in self.workers:
                     w.send(wire.Shutdown())
+                if self.kv_events is not None:
+                    self.kv_events.close()
                 return False
             case _:  # a control call (control.py: an unknown message is a TypeError there)
                 # A call that reads the state between steps waits for the steps in flight: always the invariant
@@ -134,6 +141,10 @@ class SchedulerProcess:
             self.replies[dest].send(wire.TokenBatch(outs=group))
         for dest, reply in outcome.replies:
             self.replies[dest].send(reply)
+        if self.kv_events is not None:
+            ts, events = self.sched.cache.events.take()
+            if events:
+                self.kv_events.publish(ts, events)
 
 
 def run_scheduler(args_json: bytes, ipc_root: str, num_replies: int, parent_pid: int) -> None:

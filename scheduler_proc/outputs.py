@@ -39,7 +39,7 @@ def make_out(req: Req, new_ids: list[int], finish: FinishReason | None, first: b
     logprobs, if asked for."""
     out = ReqOut(rid=req.rid, new_ids=new_ids, prompt_tokens=len(req.prompt_ids),
                  cached_tokens=req.cached_tokens, completion_tokens=req.num_outputs, finish=finish,
-                 spec=req.spec if finish is not None else None)
+                 spec=req.spec if finish is not None else None, cached_tokens_host=req.cached_tokens_host)
     if first and req.input_logprobs:
         out.input_logprobs = req.input_logprobs
         out.input_top_logprobs = req.input_top_logprobs

@@ -151,10 +151,10 @@ class PrefillPlanner:
         (`reserved`), holding its cached prefix; its first chunk gets KV slots."""
         if self.use_cache:
             match = self.cache.match_prefix(match_key(req))
-            prefix, node = match.slots, match.node
+            prefix, node, loaded = match.slots, match.node, match.loaded
             self.cache.lock(node)
         else:
-            prefix, node = np.zeros(0, dtype=np.int32), None
+            prefix, node, loaded = np.zeros(0, dtype=np.int32), None, 0
         n = min(req.fill_len - len(prefix), budget)
         need = req.fill_len - len(prefix) + math.ceil(req.remaining_new_tokens * self.args.new_token_ratio)
         available = self.table.available()
@@ -167,6 +167,10 @@ class PrefillPlanner:
             req.cached_tokens = len(prefix)
             self.counters.prompt_tokens += len(req.prompt_ids)
             self.counters.cached_tokens += len(prefix)
+            req.cached_tokens_host = loaded
+            self.counters.cached_tokens_host += loaded
+            self.counters.cache_queries += 1
+            self.counters.cache_hits += len(prefix) > 0
             self.counters.queue_time.observe(time.monotonic() - req.queued_at)
         self.waiting.remove(req)
         self.running.add(req)

@@ -6,6 +6,11 @@ are keyed by the first token of their key. `lock_ref` of a node counts the locks
 on any node below it, so a node with `lock_ref > 0` is never evicted. The root is never evicted
 and locking it is a no-op.
 Access times come from a monotonic counter and never decrease from a child to its parent.
+`depth` of a node is the length of the sequence from the root to its end (its parent's depth + len(key)).
+With KV events on, each node also holds the hashes of the blocks that end in it (scheduler_proc/kv_blocks.py).
+With the host tier (scheduler_proc/host_tier.py) a node's KV is in device slots (`value`) or, once the device pool
+evicted it, in host slots (`host_value`, `value` None); a host-resident node has only host-resident children, and
+`device_children` counts a node's device-resident ones. The sizes below count device-resident tokens only.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from radixserve.kv_events import DEVICE_MEDIUM, HOST_MEDIUM
+from scheduler_proc.host_tier import HostTier
+from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
+from scheduler_proc.radix_check import check_tree
 
 _EMPTY = np.empty(0, dtype=np.int32)
 _EMPTY.flags.writeable = False
@@ -26,13 +35,19 @@ _node_ids = itertools.count()
 
 class TreeNode:
     __slots__ = ("key", "value", "parent", "children", "lock_ref", "held", "last_access",
-                 "in_heap", "id")
+                 "in_heap", "id", "depth", "blocks", "last_block", "host_value", "device_children", "in_host_heap")
 
     def __init__(self, key: np.ndarray, value: np.ndarray, parent: TreeNode | None,
                  last_access: int) -> None:
         self.key = key
         self.value = value
         self.parent = parent  # None for the root and for nodes removed from the tree
+        self.depth = (parent.depth if parent is not None else 0) + len(key)
+        self.blocks: list[int] = []  # hashes of the blocks ending in this node (KV events only)
+        self.last_block: int | None = None  # hash of the last block ending at or above this node's end
+        self.host_value: np.ndarray | None = None  # host slots, while the KV is in the host tier (value None)
+        self.device_children = 0  # children whose KV is in device slots
+        self.in_host_heap = False
         self.children: dict[int, TreeNode] = {}
         self.lock_ref = 0  # locks held on this node or below it
         self.held = 0  # locks held on this node itself
@@ -48,6 +63,7 @@ class TreeNode:
 class MatchResult:
     slots: np.ndarray  # int32 KV slots of the longest cached prefix (a fresh copy)
     node: TreeNode  # deepest node covering the match, ending exactly at it (root if no match)
+    loaded: int = 0  # of those tokens, moved back from the host tier for this match
 
 
 def _as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -72,14 +88,18 @@ class RadixCache:
     the current time, and an entry whose node is no longer an evictable leaf is dropped.
     """
 
-    def __init__(self, allocator: KVSlotAllocator) -> None:
+    def __init__(self, allocator: KVSlotAllocator, events: BlockEvents | None = None,
+                 host: HostTier | None = None) -> None:
         self._allocator = allocator
+        self.events = events  # the block set KV events report, kept beside the tree (None: no events)
+        self.host = host  # the host tier (None: an evicted node is dropped)
         self._clock = 0
         self._root = TreeNode(_EMPTY, _EMPTY, None, 0)  # one root for life: callers may hold it
         self._clear()
 
     def _clear(self) -> None:
         self._root.children = {}
+        self._root.device_children = 0
         self._heap: list[tuple[int, int, TreeNode]] = []
         self._evictable_size = 0  # tokens in non-root nodes with lock_ref == 0
         self._protected_size = 0  # tokens in non-root nodes with lock_ref > 0
@@ -105,7 +125,13 @@ class RadixCache:
         return self._clock
 
     def _push_if_evictable_leaf(self, node: TreeNode) -> None:
-        evictable_leaf = node.lock_ref == 0 and not node.children and node.parent is not None
+        """Track `node` if the device pool can evict it: device-resident, unlocked, no device-resident child
+        (or, if it is host-resident, the host pool can)."""
+        if node.value is None:
+            if self.host is not None:
+                self.host.push_if_leaf(node)
+            return
+        evictable_leaf = node.lock_ref == 0 and not node.device_children and node.parent is not None
         if evictable_leaf and not node.in_heap:
             node.in_heap = True
             heapq.heappush(self._heap, (node.last_access, node.id, node))
@@ -118,26 +144,34 @@ class RadixCache:
         """
         parent = node.parent
         assert parent is not None and 0 < at < len(node.key)
-        upper = TreeNode(node.key[:at].copy(), node.value[:at].copy(), parent, node.last_access)
+        on_device = node.value is not None
+        upper = TreeNode(node.key[:at].copy(), node.value[:at].copy() if on_device else None, parent,
+                         node.last_access)
         upper.lock_ref = node.lock_ref
+        upper.device_children = int(on_device)
         node.key = node.key[at:].copy()
-        node.value = node.value[at:].copy()
+        if on_device:
+            node.value = node.value[at:].copy()
+        else:
+            upper.host_value, node.host_value = node.host_value[:at].copy(), node.host_value[at:].copy()
         node.parent = upper
         upper.children[int(node.key[0])] = node
         parent.children[int(upper.key[0])] = upper
+        if self.events is not None:
+            self.events.split(upper, node)
         return upper
 
-    def _walk(self, key: np.ndarray, touch: bool = True) -> tuple[TreeNode, int, list[np.ndarray]]:
+    def _walk(self, key: np.ndarray, touch: bool = True) -> tuple[TreeNode, int, list[TreeNode]]:
         """Follow key down the tree. With `touch`, split where it ends or diverges inside a node.
 
         Every node on a touched path is fully covered and gets a fresh access time, so all tokens
-        of a node always share one access time. Returns (deepest node, matched length, slot pieces).
+        of a node always share one access time. Returns (deepest node, matched length, the path's nodes).
         """
         now = self._tick() if touch else 0
         node = self._root
         if touch:
             node.last_access = now
-        pieces: list[np.ndarray] = []
+        path: list[TreeNode] = []
         pos = 0
         while pos < len(key):
             child = node.children.get(int(key[pos]))
@@ -153,16 +187,61 @@ class RadixCache:
             if m < len(child.key):
                 child = self._split(child, m)
             child.last_access = now
-            pieces.append(child.value)
+            path.append(child)
             node = child
             pos += m
-        return node, pos, pieces
+        return node, pos, path
 
     def match_prefix(self, tokens: Sequence[int] | np.ndarray) -> MatchResult:
-        """Longest cached prefix of tokens; splits the last node so the match ends on a node."""
-        node, _, pieces = self._walk(_as_tokens(tokens))
-        slots = np.concatenate(pieces) if pieces else _EMPTY.copy()
-        return MatchResult(slots, node)
+        """Longest cached prefix of tokens; splits the last node so the match ends on a node. A part in the host
+        tier is moved back to device slots (evicting others) if they can be had; else the match ends above it."""
+        key = _as_tokens(tokens)
+        node, _, path = self._walk(key)
+        on_host = [n for n in path if n.value is None]  # after the device-resident ones
+        loaded = 0
+        if on_host and not self._load(on_host, key):
+            node = on_host[0].parent
+            path = path[:len(path) - len(on_host)]
+        elif on_host:
+            loaded = sum(len(n.key) for n in on_host)
+        slots = np.concatenate([n.value for n in path]) if path else _EMPTY.copy()
+        return MatchResult(slots, node, loaded)
+
+    def _load(self, nodes: list[TreeNode], key: np.ndarray) -> bool:
+        """Move host-resident `nodes` (a path's tail, top down) back to device slots; False if too few can be had."""
+        assert self.host is not None
+        n = sum(len(node.key) for node in nodes)
+        self.lock(nodes[-1])  # neither pool evicts the path meanwhile
+        if self._allocator.num_free < n:
+            self.evict(n - self._allocator.num_free)
+        slots = self._allocator.alloc(n)
+        if slots is not None:
+            at = 0
+            for node in nodes:
+                self._to_device(node, slots[at:at + len(node.key)], key, copy=True)
+                at += len(node.key)
+            self.host.loaded_tokens += n
+        self.unlock(nodes[-1])
+        return slots is not None
+
+    def _to_device(self, node: TreeNode, slots: np.ndarray, key: np.ndarray, copy: bool) -> None:
+        """Give host-resident `node` the device slots `slots` (its KV copied there with `copy`; else they hold it
+        already) and free its host slots (`key`: a sequence from the root through node, for the events)."""
+        assert self.host is not None and node.value is None and node.host_value is not None
+        if copy:
+            self.host.to_device(node.host_value, slots)
+        self.host.allocator.free(node.host_value)
+        self.host.size -= len(node.key)
+        node.value, node.host_value = slots.copy(), None
+        if node.lock_ref:
+            self._protected_size += len(node.key)
+        else:
+            self._evictable_size += len(node.key)
+        node.parent.device_children += 1
+        self._push_if_evictable_leaf(node)
+        if self.events is not None:
+            start = node.depth - len(node.key)
+            self.events.moved(node, key[start - start % self.events.block_size:start], DEVICE_MEDIUM)
 
     def peek_prefix_len(self, tokens: Sequence[int] | np.ndarray) -> int:
         """Length match_prefix would return, without splitting or touching access times."""
@@ -176,7 +255,7 @@ class RadixCache:
             raise RuntimeError(f"cannot lock {node}: it was evicted")
         node.held += 1
         while node is not self._root:
-            if node.lock_ref == 0:
+            if node.lock_ref == 0 and node.value is not None:
                 self._evictable_size -= len(node.key)
                 self._protected_size += len(node.key)
             node.lock_ref += 1
@@ -192,31 +271,41 @@ class RadixCache:
         while node is not self._root:
             node.lock_ref -= 1
             if node.lock_ref == 0:
-                self._protected_size -= len(node.key)
-                self._evictable_size += len(node.key)
+                if node.value is not None:
+                    self._protected_size -= len(node.key)
+                    self._evictable_size += len(node.key)
                 self._push_if_evictable_leaf(node)
             node = node.parent
 
     def insert(self, tokens: Sequence[int] | np.ndarray, slots: np.ndarray) -> int:
-        """Insert tokens with their KV slots; returns how many leading tokens were already cached.
+        """Insert tokens with their KV slots; returns how many leading tokens were already cached on the device.
 
-        The tree takes ownership of slots[returned:] (copied); the caller still owns the rest.
+        The tree takes ownership of slots[returned:] (copied); the caller still owns the rest. Host-resident
+        nodes on the way take the caller's device slots (their host copies are freed).
         """
         key = _as_tokens(tokens)
         value = np.asarray(slots, dtype=np.int32)
         if value.shape != key.shape:
             raise ValueError(f"{len(key)} tokens but {len(value)} slots")
-        node, pos, _ = self._walk(key)
+        node, pos, path = self._walk(key)
+        on_host = [n for n in path if n.value is None]
+        cached = on_host[0].depth - len(on_host[0].key) if on_host else pos
+        for n in on_host:  # the caller computed their KV again: keep its copy
+            self._to_device(n, value[n.depth - len(n.key):n.depth], key, copy=False)
         if pos < len(key):
             # The new leaf shares the walk's access time with the path above it.
             leaf = TreeNode(key[pos:].copy(), value[pos:].copy(), node, self._clock)
             node.children[int(key[pos])] = leaf
+            node.device_children += 1
             self._evictable_size += len(leaf.key)
             self._push_if_evictable_leaf(leaf)
-        return pos
+            if self.events is not None:
+                self.events.stored(leaf, key, pos)
+        return cached
 
     def evict(self, num_tokens: int) -> int:
-        """Free at least num_tokens slots from unlocked leaves, least recently used first.
+        """Free at least num_tokens device slots from unlocked nodes with no device-resident child, least recently
+        used first: into the host tier if there is one and it has room (made by its own LRU), else dropped.
 
         Returns the number freed: less only if nothing evictable is left.
         """
@@ -226,83 +315,78 @@ class RadixCache:
         while num_freed < num_tokens and heap:
             stamp, _, node = heapq.heappop(heap)
             node.in_heap = False
-            if node.parent is None or node.lock_ref > 0 or node.children:
+            if node.parent is None or node.lock_ref > 0 or node.device_children or node.value is None:
                 continue
             if stamp != node.last_access:
                 self._push_if_evictable_leaf(node)
                 continue
             parent = node.parent
-            del parent.children[int(node.key[0])]
-            node.parent = None
+            host_slots = self._host_slots(len(node.key)) if self.host is not None else None
+            if host_slots is not None:
+                self.host.to_host(node.value, host_slots)
+                self.host.size += len(node.key)
+                node.host_value = host_slots
+                if self.events is not None:
+                    self.events.moved(node, self.events.above(node), HOST_MEDIUM)
+            else:
+                assert not node.children, "a host-resident child outlived its host pool's room"
+                del parent.children[int(node.key[0])]
+                if self.events is not None:
+                    self.events.removed(node)
+                node.parent = None
             freed.append(node.value)
             num_freed += len(node.value)
             self._evictable_size -= len(node.value)
+            node.value = None
+            parent.device_children -= 1
+            self._push_if_evictable_leaf(node)
             self._push_if_evictable_leaf(parent)
         if freed:
             self._allocator.free(np.concatenate(freed))
         return num_freed
 
+    def _host_slots(self, n: int) -> np.ndarray | None:
+        """n host slots, evicting host-resident leaves (least recently used first) to make room; None if they
+        cannot be had."""
+        host = self.host
+        assert host is not None
+        while host.allocator.num_free < n and (victim := host.pop_victim()) is not None:
+            parent = victim.parent
+            del parent.children[int(victim.key[0])]
+            if self.events is not None:
+                self.events.removed(victim, HOST_MEDIUM)
+            victim.parent = None
+            host.allocator.free(victim.host_value)
+            host.size -= len(victim.key)
+            host.evicted_tokens += len(victim.key)
+            self._push_if_evictable_leaf(parent)
+        return host.allocator.alloc(n)
+
     def reset(self) -> None:
-        """Drop every cached entry and free its slots; raises if anything is locked."""
+        """Drop every cached entry and free its slots (both tiers); raises if anything is locked."""
         if self._protected_size:
             raise RuntimeError(f"reset with {self._protected_size} locked tokens")
-        freed = []
+        freed, freed_host = [], []
         stack = list(self._root.children.values())
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())
             node.parent = None
-            freed.append(node.value)
+            if node.value is not None:
+                freed.append(node.value)
+            else:
+                freed_host.append(node.host_value)
         if freed:
             self._allocator.free(np.concatenate(freed))
+        if freed_host:
+            self.host.allocator.free(np.concatenate(freed_host))
+        if self.host is not None:
+            self.host.size, self.host.heap = 0, []
         self._clear()
+        if self.events is not None:
+            self.events.cleared()
 
     def check_invariants(self) -> np.ndarray:
-        """Walk the whole tree, assert its consistency, and return every slot it holds (int32)."""
-        root = self._root
-        assert root.parent is None and len(root.key) == 0 and len(root.value) == 0
-        assert root.lock_ref == 0 and not root.in_heap
-        evictable = protected = 0
-        evictable_leaves: set[int] = set()
-        in_heap: set[int] = set()
-        pieces: list[np.ndarray] = []
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            child_locks = 0
-            for first, child in node.children.items():
-                assert child.parent is node, f"{child} has a wrong parent"
-                assert len(child.key) > 0, f"{child} has an empty key"
-                assert int(child.key[0]) == first, f"{child} keyed by {first}"
-                assert child.last_access <= node.last_access, f"{child} newer than its parent"
-                child_locks += child.lock_ref
-                stack.append(child)
-            if node is root:
-                continue
-            assert node.key.dtype == np.int32 and node.value.dtype == np.int32
-            assert len(node.key) == len(node.value), f"{node} key/value lengths differ"
-            assert node.held >= 0 and node.lock_ref == node.held + child_locks, (
-                f"{node} lock_ref {node.lock_ref} != held {node.held} + below {child_locks}")
-            if node.lock_ref:
-                protected += len(node.key)
-            else:
-                evictable += len(node.key)
-                if not node.children:
-                    evictable_leaves.add(node.id)
-            if node.in_heap:
-                in_heap.add(node.id)
-            pieces.append(node.value)
-        assert evictable == self._evictable_size, f"evictable {evictable} != {self._evictable_size}"
-        assert protected == self._protected_size, f"protected {protected} != {self._protected_size}"
-        heap_ids = [node_id for _, node_id, _ in self._heap]
-        assert len(heap_ids) == len(set(heap_ids)), "a node has two heap entries"
-        assert set(heap_ids) == in_heap, "heap entries disagree with in_heap flags"
-        assert evictable_leaves <= in_heap, "an evictable leaf is missing from the heap"
-        assert all(stamp <= node.last_access for stamp, _, node in self._heap)
-        slots = np.concatenate(pieces) if pieces else _EMPTY.copy()
-        assert slots.size == 0 or (slots.min() >= 1 and slots.max() < self._allocator.num_slots)
-        # Counting with bincount is O(slots); np.unique and np.intersect1d sort or hash (10x slower at 1M).
-        counts = np.bincount(slots, minlength=self._allocator.num_slots)
-        assert counts.max(initial=0) <= 1, "a slot appears twice in the tree"
-        assert not counts[self._allocator.free_slots()].any(), "a cached slot is free"
-        return slots
+        """Walk the whole tree, assert its consistency, and return every device slot it holds (int32)."""
+        return check_tree(self._root, self._heap, self._allocator, self._evictable_size, self._protected_size,
+                          self.events, self.host)

@@ -53,6 +53,7 @@ class Req:
     prefix_len: int = 0
     prefix_node: TreeNode | None = None
     cached_tokens: int = 0
+    cached_tokens_host: int = 0  # of those, moved back from the host tier
     finish: FinishReason | None = None
     input_logprobs: list[float | None] = field(default_factory=list)
     input_top_logprobs: list = field(default_factory=list)

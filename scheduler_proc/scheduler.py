@@ -18,9 +18,11 @@ from collections import deque
 import numpy as np
 
 from radixserve.config import ServerArgs
+from radixserve.kv_events import KVEventsConfig
 from radixserve.wire import (
     FinishReason,
     GenerateTokens,
+    KVMove,
     Penalties,
     Rejected,
     SamplingParams,
@@ -33,6 +35,8 @@ from scheduler_proc.block_table import BlockTable
 from scheduler_proc.counters import Counters
 from scheduler_proc.decode import DecodePlanner
 from scheduler_proc.grammar_gate import GrammarGate
+from scheduler_proc.host_tier import HostTier, host_stats
+from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.lifecycle import Lifecycle, Outcome
 from scheduler_proc.outputs import add_input_logprobs, check_finish, make_out, take_outputs
@@ -41,6 +45,7 @@ from scheduler_proc.prefix_groups import PrefixGrouper
 from scheduler_proc.queues import RunningSet, WaitingQueue
 from scheduler_proc.radix_cache import RadixCache
 from scheduler_proc.request import PENDING, Req, Stage
+from scheduler_proc.request_checks import RequestError, token_array
 from scheduler_proc.sessions import SessionError, SessionTable
 from scheduler_proc.speculative import Speculator
 
@@ -60,36 +65,20 @@ class InFlight:
     sampled: list[int]
 
 
-class RequestError(ValueError):
-    """A request that can never run (too long, bad parameters); `status` is the HTTP status to answer."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def token_array(ids: list[int], vocab_size: int) -> np.ndarray:
-    """`ids` as int32, checked against [0, vocab_size) in one numpy pass; RequestError naming the bound if not."""
-    try:
-        arr = np.asarray(ids, dtype=np.int64)
-    except OverflowError:  # beyond int64: out of range for certain
-        arr = None
-    if arr is None or (arr.size and (arr.min() < 0 or arr.max() >= vocab_size)):
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        raise RequestError(f"token ids must be in [0, {vocab_size}); got {bad[:5]}")
-    return arr.astype(np.int32)
-
-
 class Scheduler:
     """One scheduler's state, and the calls the process loop makes between and around steps."""
 
     def __init__(self, args: ServerArgs, num_kv_slots: int, context_length: int, vocab_size: int = 1 << 31,
-                 cascade_attention: bool = True) -> None:
+                 cascade_attention: bool = True, num_host_kv_slots: int = 0) -> None:
         self.args = args
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.allocator = KVSlotAllocator(num_kv_slots)
-        self.cache = RadixCache(self.allocator)
+        events = KVEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None
+        # The host tier (--enable-hierarchical-cache): the workers' host pool has num_host_kv_slots (RuntimeInfo).
+        self.cache = RadixCache(self.allocator,
+                                BlockEvents(events.block_size) if events is not None and events.enabled else None,
+                                HostTier(num_host_kv_slots) if num_host_kv_slots else None)
         self.use_cache = not args.disable_radix_cache
         # Prefix groups only for workers that use them (`cascade_attention`: RuntimeInfo); without the radix
         # cache no two requests share KV, so there is nothing to group.
@@ -228,7 +217,7 @@ class Scheduler:
             self.inflight.append(InFlight(self.step_id, [], np.zeros(0, np.int32), []))
             outcome.batch = StepBatch(step=self.step_id, is_decode=True, req_slots=b"", input_ids=b"",
                                       cached_lens=b"", extend_lens=b"", out_slots=b"", sample_offsets=b"",
-                                      new_reqs=[], grammars=self.grammars.take_jobs())
+                                      new_reqs=[], grammars=self.grammars.take_jobs(), kv_moves=self._kv_moves())
             return outcome
         self.step_id += 1
         reqs = [req for req, _ in entries]
@@ -253,9 +242,13 @@ class Scheduler:
             input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(), extend_lens=extend.tobytes(),
             out_slots=out_slots.tobytes(), sample_offsets=i32([max(k, -1) for k in sampled]), new_reqs=new_reqs,
             prefix_groups=b"" if groups is None else groups.tobytes(), grammars=self.grammars.take_jobs(),
-            draft_lens=b"" if drafts is None else i32([len(d) for d in drafts]))
+            draft_lens=b"" if drafts is None else i32([len(d) for d in drafts]), kv_moves=self._kv_moves())
         self.inflight.append(InFlight(self.step_id, entries, req_slots, sampled))
         return outcome
+
+    def _kv_moves(self) -> list[KVMove]:
+        """The copies between the KV pools decided since the last step sent (they precede its forward)."""
+        return self.cache.host.take_moves() if self.cache.host is not None else []
 
     def _commit(self, req: Req, n: int, drafts: np.ndarray | None = None) -> int:
         """Advance `req` past its part of a step being sent; the output index it samples, or NO_SAMPLE. A verify
@@ -397,4 +390,6 @@ class Scheduler:
             kv_free_tokens=free, kv_cached_tokens=self.cache.total_size, kv_evictable_tokens=evictable,
             token_usage=round((cap - free - evictable) / cap, 4), num_sessions=len(self.sessions.sessions),
             session_pinned_tokens=self.sessions.pinned_tokens, session_kv_budget=self.sessions.budget,
+            kv_event_blocks=self.cache.events.num_blocks if self.cache.events is not None else 0,
+            **host_stats(self.cache.host),
             **dataclasses.asdict(self.counters))

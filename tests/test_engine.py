@@ -195,6 +195,6 @@ def test_the_engine_answers_as_generate_does(engine):
     assert copies[0]["output_ids"] == copies[1]["output_ids"] and len(copies[0]["output_ids"]) == 4
     assert [c["meta_info"]["id"][-2:] for c in copies] == ["-0", "-1"]
     assert set(copies[0]["meta_info"]) == {"id", "prompt_tokens", "completion_tokens", "cached_tokens",
-                                           "finish_reason", "e2e_latency"}
+                                           "cached_tokens_details", "finish_reason", "e2e_latency"}
     with pytest.raises(ValueError, match="sampling_params must be one object or one per prompt"):
         engine.generate(["a", "b"], [{"max_new_tokens": 1}])

@@ -22,6 +22,7 @@ from scheduler_proc.scheduler import Scheduler
 KEY = "metrics-test-key"
 LABELS = {"model_name": MODEL}
 GREEDY = {"temperature": 0, "ignore_eos": True}
+SGLANG_GAUGES = {"sglang:token_usage", "sglang:num_running_reqs", "sglang:num_queue_reqs"}  # what smg reads
 
 
 pytestmark = pytest.mark.server_flags("--tokenizer-worker-num", "2", api_key=KEY)
@@ -33,7 +34,7 @@ def scrape(server: RadixServer) -> dict[str, float]:
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = {}
     for family in text_string_to_metric_families(resp.text):
-        assert family.name.startswith("radixserve:"), family.name
+        assert family.name.startswith("radixserve:") or family.name in SGLANG_GAUGES, family.name
         for s in family.samples:
             assert {k: v for k, v in s.labels.items() if k != "le"} == LABELS
             samples[s.name + (f"{{le={s.labels['le']}}}" if "le" in s.labels else "")] = s.value
@@ -132,6 +133,13 @@ def test_metrics_count_a_known_mix_exactly(server: RadixServer) -> None:
     assert after["radixserve:num_retracted_requests_total"] == info["retracted_requests"]
     assert after["radixserve:evicted_tokens_total"] == info["evicted_tokens"] == info_before["evicted_tokens"]
     assert after["radixserve:cache_hit_rate"] == pytest.approx(info["cached_tokens"] / info["prompt_tokens"])
+    # The cache's monotonic counters (per request and per token) and what each tier holds and gave.
+    assert delta["radixserve:cache_queries_total"] == 8
+    assert delta["radixserve:cache_hits_total"] == sum(m["cached_tokens"] > 0 for m in metas) >= 1
+    assert delta["radixserve:cache_query_tokens_total"] == sum(m["prompt_tokens"] for m in metas)
+    assert delta["radixserve:cache_hit_tokens_device_total"] == sum(m["cached_tokens"] for m in metas)
+    assert after["radixserve:cached_tokens_device"] == info["kv_cached_tokens"] > 0
+    assert metas[1]["cached_tokens_details"] == {"device": len(prompt), "host": 0}
     assert after["radixserve:max_total_num_tokens"] == info["max_total_num_tokens"] == 4096
     idle = ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "token_usage", "num_open_sessions",
             "session_pinned_tokens")
@@ -156,10 +164,44 @@ def test_metrics_gauges_follow_running_requests_and_sessions(server: RadixServer
     info = server.get("/get_server_info").json()["scheduler"]
     assert seen["radixserve:num_running_reqs"] == 1 and seen["radixserve:num_used_tokens"] > 10
     assert seen["radixserve:token_usage"] == pytest.approx(seen["radixserve:num_used_tokens"] / 4096)
+    for name in SGLANG_GAUGES:  # SGLang's names for smg's load poll, the same values
+        assert seen[name] == seen[name.replace("sglang:", "radixserve:")]
+    assert seen["sglang:num_running_reqs"] == 1 and seen["sglang:num_queue_reqs"] == 0
     assert seen["radixserve:num_open_sessions"] == 1 == info["num_sessions"]
     assert seen["radixserve:session_pinned_tokens"] == info["session_pinned_tokens"] == 30 + 3 - 1
     assert server.post("/close_session", {"session_id": session}).status_code == 200
     assert scrape(server)["radixserve:num_open_sessions"] == 0
+
+
+def test_load_report_answers_as_sglangs(server: RadixServer) -> None:
+    """/v1/loads and /loads (smg polls them for each worker's load): SGLang's shape, live numbers while a request
+    runs, the used tokens those of /get_load; ?dp_rank filters."""
+    seen: dict[str, dict] = {}
+
+    def look() -> None:
+        for path in ("/v1/loads", "/loads"):
+            seen[path] = server.get(path).json()
+        seen["/get_load"] = server.get("/get_load").json()[0]
+
+    stream(server, "/generate", {"input_ids": list(range(900, 940)), "stream": True,
+                                 "sampling_params": {"max_new_tokens": 64, **GREEDY}}, on_first=look)
+    for path in ("/v1/loads", "/loads"):
+        body = seen[path]
+        assert set(body) == {"timestamp", "version", "dp_rank_count", "loads", "aggregate"}
+        assert body["dp_rank_count"] == 1
+        (load,) = body["loads"]
+        assert load["dp_rank"] == 0 and load["num_running_reqs"] == 1 and load["num_waiting_reqs"] == 0
+        assert load["num_total_reqs"] == 1 and load["max_total_num_tokens"] == 4096
+        assert load["max_running_requests"] == 16
+        assert 40 < load["num_used_tokens"] <= seen["/get_load"]["num_tokens"]  # read after, the request still growing
+        assert load["token_usage"] == pytest.approx(load["num_used_tokens"] / 4096)
+        assert body["aggregate"]["total_used_tokens"] == load["num_used_tokens"]
+        assert body["aggregate"]["total_reqs"] == 1
+    idle = server.get("/v1/loads?dp_rank=0").json()
+    assert idle["loads"][0]["num_running_reqs"] == 0 and idle["loads"][0]["num_used_tokens"] == 0
+    assert server.get("/v1/loads?dp_rank=1").json()["loads"] == []
+    assert server.get("/v1/loads?dp_rank=x").status_code == 400
+    assert http_request(server.port, "GET", "/v1/loads").status_code == 401  # behind the API key, as every route
 
 
 def test_metrics_need_the_api_key(server: RadixServer) -> None:

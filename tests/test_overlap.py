@@ -140,26 +140,30 @@ def _workload(n: int, seed: int) -> list[wire.GenerateTokens]:
     return reqs
 
 
-def _scheduler(pool: int, chunk: int = 32, **kw) -> Scheduler:
-    args = ServerArgs(max_running_requests=8, chunked_prefill_size=chunk, new_token_ratio=0.1, **kw)
-    return Scheduler(args, num_kv_slots=pool, context_length=256)
+def _scheduler(pool: int, chunk: int = 32, host: int = 0, **kw) -> Scheduler:
+    """`host`: the host tier's slots (--enable-hierarchical-cache), 0 for none."""
+    args = ServerArgs(max_running_requests=8, chunked_prefill_size=chunk, new_token_ratio=0.1,
+                      enable_hierarchical_cache=host > 0, **kw)
+    return Scheduler(args, num_kv_slots=pool, context_length=256, num_host_kv_slots=host)
 
 
 def _tokens(outs: dict[str, list[wire.ReqOut]]) -> dict[str, tuple[list[int], str]]:
     return {rid: ([t for o in seq for t in o.new_ids], seq[-1].finish.type) for rid, seq in outs.items()}
 
 
-@pytest.mark.parametrize(("pool", "radix"), [(4000, True), (4000, False), (300, True)])  # 300: retraction
-def test_overlap_gives_the_same_tokens(pool: int, radix: bool) -> None:
+@pytest.mark.parametrize(("pool", "radix", "host"), [(4000, True, 0), (4000, False, 0), (300, True, 0),
+                                                     (300, True, 900)])  # 300: retraction; 900: the host tier
+def test_overlap_gives_the_same_tokens(pool: int, radix: bool, host: int) -> None:
     results = {}
     for overlap in (False, True):
-        s = _scheduler(pool, disable_radix_cache=not radix)
+        s = _scheduler(pool, host=host, disable_radix_cache=not radix)
         for req in _workload(40, seed=1):
             s.add_request(req)
         worker = StandInWorker(eos_every=13)
         outs = drive(s, worker, overlap).outs
         assert (worker.placeholders > 0) == overlap  # decode inputs still in flight travel as -1
         assert s.counters.retracted_requests > 0 or pool > 300
+        assert not host or s.cache.host.loaded_tokens > 0  # prompts found in the host tier came back
         s.check_invariants()
         assert s.allocator.num_free + s.cache.evictable_size == s.allocator.capacity
         results[overlap] = _tokens(outs)
@@ -224,9 +228,11 @@ def check_no_kv_held(s: Scheduler) -> None:
     """0 leaked slots: with every session closed, each KV slot is free or evictable."""
     for sid in list(s.sessions.sessions):
         control(wire.CloseSession(call_id="close", session_id=sid))(s, Record())
-    s.check_invariants()
+    s.check_invariants()  # with the host tier: its slots are free or in exactly one host-resident node
     assert s.sessions.pinned_tokens == 0
     assert s.allocator.num_free + s.cache.evictable_size == s.allocator.capacity
+    if s.cache.host is not None:
+        assert s.cache.host.allocator.num_free + s.cache.host.size == s.cache.host.allocator.capacity
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -339,9 +345,11 @@ def test_every_way_of_ending_goes_through_the_one_end(overlap: bool) -> None:
     check_no_kv_held(s)
 
 
-def test_a_thousand_random_aborts_leak_no_kv() -> None:
+@pytest.mark.parametrize("host", [0, 2400])
+def test_a_thousand_random_aborts_leak_no_kv(host: int) -> None:
+    """0 leaked device or host slots after 1,000 random aborts (with the host tier: its pool too)."""
     rng = random.Random(7)
-    s = _scheduler(1200, chunk=48)
+    s = _scheduler(1200, chunk=48, host=host)
     worker = StandInWorker(eos_every=0)
     reqs = _workload(1000, seed=3)
     aborts: dict[int, list[str]] = defaultdict(list)
@@ -353,8 +361,8 @@ def test_a_thousand_random_aborts_leak_no_kv() -> None:
         s.add_request(req)
     outs2 = drive(s, worker, overlap=True, events=aborting({i: [r.rid for r in reqs[200 + 4 * i: 204 + 4 * i]]
                                                             for i in range(200)})).outs
-    s.check_invariants()
     assert not s.running and not s.waiting and not s.lifecycle.reqs
-    assert s.allocator.num_free + s.cache.evictable_size == s.allocator.capacity
+    check_no_kv_held(s)
+    assert not host or (s.cache.host.stored_tokens > 0 and s.cache.host.loaded_tokens > 0)
     finished = {rid: seq[-1].finish.type for rid, seq in (outs | outs2).items()}
     assert len(finished) == 1000 and sum(kind == "abort" for kind in finished.values()) > 500

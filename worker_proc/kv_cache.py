@@ -1,23 +1,53 @@
 """KV tensors of one TP rank: [layers] x [num_slots, kv_heads_local, head_dim], indexed by KV slot.
 
 Slot 0 is a padding slot that the scheduler never hands out (padded batches write there).
+With the host tier (--enable-hierarchical-cache) a second pool of the same layout lives in host memory (pinned
+on CUDA), and each step's `kv_moves` copy slots between the two, in order, before its forward
+(scheduler_proc/host_tier.py decides them; every TP rank copies its own shard).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from radixserve.config import ServerArgs
+from radixserve.wire import KVMove, from_i32
 from worker_proc import fused
 
 
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, num_host_slots: int = 0) -> None:
         shape = (num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots = num_slots
         self.dtype = dtype
+        self.device = device
+        self.num_host_slots = num_host_slots  # 0: no host tier
+        host = (num_host_slots, num_kv_heads, head_dim)
+        pin = device.type == "cuda"
+        self.host_k = [torch.zeros(host, dtype=dtype, pin_memory=pin) for _ in range(num_layers if host[0] else 0)]
+        self.host_v = [torch.zeros(host, dtype=dtype, pin_memory=pin) for _ in range(num_layers if host[0] else 0)]
+
+    def move(self, moves: list[KVMove]) -> None:
+        """Make the step's copies between the pools, in order (a slot one frees may be the next one's destination).
+        On CUDA the copies are queued on the compute stream ahead of the forward that may overwrite their sources."""
+        for m in moves:
+            src, dst = np.asarray(from_i32(m.src), dtype=np.int64), np.asarray(from_i32(m.dst), dtype=np.int64)
+            if m.to_host:
+                d_src, h_dst = torch.from_numpy(src).to(self.device), torch.from_numpy(dst)
+                for pool, host in ((self.k, self.host_k), (self.v, self.host_v)):
+                    for layer, host_layer in zip(pool, host, strict=True):
+                        host_layer.index_copy_(0, h_dst, layer.index_select(0, d_src).cpu())
+            else:
+                h_src, d_dst = torch.from_numpy(src), torch.from_numpy(dst).to(self.device)
+                for pool, host in ((self.k, self.host_k), (self.v, self.host_v)):
+                    for layer, host_layer in zip(pool, host, strict=True):
+                        rows = host_layer.index_select(0, h_src)
+                        layer.index_copy_(0, d_dst, rows.pin_memory().to(self.device, non_blocking=True)
+                                          if self.device.type == "cuda" else rows)
 
     def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if fused.ENABLED and k.is_cuda:
@@ -31,3 +61,13 @@ class KVCache:
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def host_slots_wanted(args: ServerArgs, num_kv_slots: int, bytes_per_token: int) -> int:
+    """The host tier's pool on this rank (+ its padding slot 0): --hicache-size GB, else --hicache-ratio × the
+    device pool; 0 without the tier."""
+    if not args.enable_hierarchical_cache:
+        return 0
+    n = (int(args.hicache_size * 1e9) // bytes_per_token if args.hicache_size
+         else int(args.hicache_ratio * (num_kv_slots - 1)))
+    return n + 1

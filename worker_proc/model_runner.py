@@ -16,7 +16,7 @@ from worker_proc import parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.grammar import GrammarBackend, SlotGrammars
-from worker_proc.kv_cache import KVCache
+from worker_proc.kv_cache import KVCache, host_slots_wanted
 from worker_proc.layers import pack_cpu_linears
 from worker_proc.penalties import SlotPenalties
 from worker_proc.runtime_facts import kv_slots_that_fit, resolve_device, resolve_dtype, serving_context_length
@@ -83,8 +83,9 @@ class ModelRunner:
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
         fit = kv_slots_that_fit(args, self.device, self.context_length, self.kv_bytes_per_token)
         self.num_kv_slots = parallel.tp_min(fit) + 1  # + the padding slot 0
+        host = parallel.tp_min(host_slots_wanted(args, self.num_kv_slots, self.kv_bytes_per_token))
         self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype,
-                                self.device)
+                                self.device, host)
         log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
                  self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
         self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
@@ -106,7 +107,8 @@ class ModelRunner:
                            vocab_size=self.model.vocab_size, device=str(self.device),
                            dtype=str(self.dtype).removeprefix("torch."), attention_backend=self.backend_name,
                            kv_bytes_per_token=self.kv_bytes_per_token * tp, weight_bytes=self.weight_bytes * tp,
-                           gpu_memory_used=gpu_used, gpu_memory_free=gpu_free, cascade_attention=self.use_cascade)
+                           gpu_memory_used=gpu_used, gpu_memory_free=gpu_free, cascade_attention=self.use_cascade,
+                           num_host_kv_slots=self.kv_cache.num_host_slots)
 
     def _load_model(self, model_dir: str, hf_config) -> tuple[torch.nn.Module, int]:
         """This rank's part of the model, and its weights' bytes."""
@@ -242,6 +244,8 @@ class ModelRunner:
         result (its tokens reach the host on a copy stream). Every rank records the sampled tokens in
         `last_sampled`, where the next step's placeholder input ids find them."""
         t0 = time.perf_counter()
+        if b.kv_moves:
+            self.kv_cache.move(b.kv_moves)
         if self.grammars is not None and b.grammars:
             self.grammars.backend.start(b.grammars)
         if not b.req_slots:  # a step of no requests: it only waits for grammars to compile

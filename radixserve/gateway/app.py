@@ -21,7 +21,7 @@ from aiohttp import web
 from radixserve import __version__, wire
 from radixserve.config import ServerArgs
 from radixserve.errors import ApiError, bad_request, from_validation
-from radixserve.gateway import http_errors, metrics, openapi
+from radixserve.gateway import http_errors, loads, metrics, openapi
 from radixserve.gateway.native import GenerateRequest, NativeFormat, build_requests
 from radixserve.gateway.openai_api import (
     ChatCompletionRequest,
@@ -144,9 +144,13 @@ class Gateway:
     async def get_load(self, request: web.Request) -> web.Response:
         """SGLang's load report, one entry per data-parallel rank (here one); its router polls it (power_of_two)."""
         s = (await self._server_status()).scheduler
-        used = s.max_total_num_tokens - s.kv_free_tokens - s.kv_evictable_tokens  # held by requests and sessions
         return _json([{"dp_rank": 0, "num_reqs": s.num_running_reqs + s.num_waiting_reqs,
-                       "num_waiting_reqs": s.num_waiting_reqs, "num_tokens": used}])
+                       "num_waiting_reqs": s.num_waiting_reqs, "num_tokens": s.used_tokens}])
+
+    async def loads(self, request: web.Request) -> web.Response:
+        """SGLang's newer load report (smg polls it first): gateway/loads.py."""
+        s = (await self._server_status()).scheduler
+        return _json(loads.report(s, self.args.max_running_requests, request.query.get("dp_rank")))
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         await self._control_ok(wire.FlushCache)
@@ -287,6 +291,9 @@ ROUTES = [  # the route table: every route the gateway serves, registered and de
         "server arguments, processes and live scheduler statistics")),
     Route("GET", "/get_load", Gateway.get_load, Op(
         "SGLang's load report: [{dp_rank, num_reqs, num_waiting_reqs, num_tokens}]")),
+    Route("GET", "/v1/loads", Gateway.loads, Op(
+        "SGLang's load report: {timestamp, version, dp_rank_count, loads: [per dp rank], aggregate}; ?dp_rank=N")),
+    Route("GET", "/loads", Gateway.loads, Op("SGLang's load report (the same as /v1/loads)")),
     # SGLang's newer names (its router asks for these first)
     Route("GET", "/model_info", Gateway.model_info, Op("the model served (SGLang's newer name of /get_model_info)")),
     Route("GET", "/server_info", Gateway.server_info, Op(

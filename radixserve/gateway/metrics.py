@@ -1,10 +1,11 @@
 """GET /metrics: the scheduler's and the tokenizers' counters in Prometheus' text format, read at scrape time.
 
 Names are `radixserve:` + SGLang's metric names, labelled `model_name` as SGLang's, so an SGLang dashboard works
-with the prefix changed. Nothing is counted here: a scrape makes two O(1) calls, GetServerInfo to the scheduler
-(answered between two of its steps: its loop never waits on HTTP) and GetTokenizerStats to every tokenizer
-(summed), and hands their totals to prometheus_client as metric families. So every counter is the exact count
-kept where its event happens: scheduler_proc/counters.py and tokenizer_proc/metrics.py.
+with the prefix changed. The three gauges SGLang's model gateway (smg) reads for a worker's load when /v1/loads fails
+are also given under SGLang's own names (`SGLANG_LOAD_GAUGES`). Nothing is counted here: a scrape makes two O(1)
+calls, GetServerInfo to the scheduler (answered between two of its steps: its loop never waits on HTTP) and
+GetTokenizerStats to every tokenizer (summed), and hands their totals to prometheus_client as metric families. So
+every counter is the exact count kept where its event happens: scheduler_proc/counters.py and tokenizer_proc/metrics.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from radixserve.gateway.tokenizer_client import TokenizerClient
 from radixserve.stats import Histogram, TokenizerStats
 
 PREFIX = "radixserve:"
+SGLANG_PREFIX = "sglang:"
+SGLANG_LOAD_GAUGES = ("token_usage", "num_running_reqs", "num_queue_reqs")  # also under SGLANG_PREFIX
 SCRAPE_TIMEOUT_S = 10.0  # Prometheus' default scrape_timeout
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 
@@ -39,7 +42,16 @@ class _Families(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s, f = self.sched, self.front
-        used = s.max_total_num_tokens - s.kv_free_tokens - s.kv_evictable_tokens
+        used = s.used_tokens
+        for family in self._families(s, f, used):
+            yield family
+            if family.name.removeprefix(PREFIX) in SGLANG_LOAD_GAUGES:
+                twin = GaugeMetricFamily(SGLANG_PREFIX + family.name.removeprefix(PREFIX), family.documentation,
+                                         labels=["model_name"])
+                twin.add_metric(self.labels, family.samples[0].value)
+                yield twin
+
+    def _families(self, s: wire.SchedulerStats, f: TokenizerStats, used: int) -> Iterator[Metric]:
         yield from (
             self._gauge("num_running_reqs", "Requests running (admitted, not finished).", s.num_running_reqs),
             self._gauge("num_queue_reqs", "Requests in the waiting queue.", s.num_waiting_reqs),
@@ -48,8 +60,18 @@ class _Families(Collector):
                         used / s.max_total_num_tokens if s.max_total_num_tokens else 0.0),
             self._gauge("max_total_num_tokens", "KV cache size in tokens.", s.max_total_num_tokens),
             self._gauge("cache_hit_rate", "Prompt tokens found in the radix cache / prompt tokens, over all "
-                        "requests admitted since start.",
-                        s.cached_tokens / s.prompt_tokens if s.prompt_tokens else 0.0),
+                        "requests admitted since start.", s.cache_hit_rate),
+            self._gauge("cached_tokens_device", "Tokens held in the radix cache's device pool.", s.kv_cached_tokens),
+            self._counter("cache_query_tokens_total", "Prompt tokens looked up in the radix cache (first "
+                          "admissions).", s.prompt_tokens),
+            self._counter("cache_hit_tokens_device_total", "Of those, tokens found in the device pool.",
+                          s.cached_tokens - s.cached_tokens_host),
+            self._counter("cache_hit_tokens_host_total", "Of those, tokens found in the host tier (moved back).",
+                          s.cached_tokens_host),
+            self._gauge("cached_tokens_host", "Tokens held in the radix cache's host tier.", s.kv_host_cached_tokens),
+            self._counter("cache_queries_total", "Requests that looked their prompt up in the radix cache.",
+                          s.cache_queries),
+            self._counter("cache_hits_total", "Of those, requests with at least one cached token.", s.cache_hits),
             self._gauge("num_open_sessions", "Open sessions.", s.num_sessions),
             self._gauge("session_pinned_tokens", "KV cache tokens pinned by open sessions.", s.session_pinned_tokens),
             self._counter("num_retracted_requests_total", "Requests put back in the queue when decode ran out of "

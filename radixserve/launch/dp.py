@@ -24,6 +24,7 @@ import msgspec
 
 from radixserve import sdnotify
 from radixserve.config import ServerArgs
+from radixserve.kv_events import KVEventsConfig
 from radixserve.launch.supervisor import ChildDied, ProcessGroup
 from radixserve.procutil import die_with_parent
 
@@ -101,7 +102,9 @@ class _DataParallel:
         args, ports = self.args, replica_ports(self.args)
         try:
             for i, port in enumerate(ports):
-                replica = args.replace(host=REPLICA_HOST, port=port, dp_size=1,
+                # KV events: replica i publishes on the configured ports + i (radixserve/kv_events.py).
+                events = KVEventsConfig.parse(args.kv_events_config).for_rank(i) if args.kv_events_config else None
+                replica = args.replace(host=REPLICA_HOST, port=port, dp_size=1, kv_events_config=events,
                                        base_gpu_id=args.base_gpu_id + i * args.tp_size)
                 self.replicas.add(self.replica_target, f"replica-{i}", msgspec.json.encode(replica), os.getpid())
             log.info("replicas on ports %s; the router starts once they are up", ports)

@@ -1,0 +1,25 @@
+"""What makes a request one that can never run, checked once on arrival (Scheduler.add_request)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """A request that can never run (too long, bad parameters); `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def token_array(ids: list[int], vocab_size: int) -> np.ndarray:
+    """`ids` as int32, checked against [0, vocab_size) in one numpy pass; RequestError naming the bound if not."""
+    try:
+        arr = np.asarray(ids, dtype=np.int64)
+    except OverflowError:  # beyond int64: out of range for certain
+        arr = None
+    if arr is None or (arr.size and (arr.min() < 0 or arr.max() >= vocab_size)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        raise RequestError(f"token ids must be in [0, {vocab_size}); got {bad[:5]}")
+    return arr.astype(np.int32)

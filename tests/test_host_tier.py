@@ -1,0 +1,82 @@
+"""The host tier (--enable-hierarchical-cache) on a real server with a small device pool: a prompt pushed out to
+the host pool comes back with the very KV it had (the same greedy tokens as a device hit), the statistics count
+each tier, and random aborts leave no device or host slot behind (the scheduler's invariant walk partitions both
+pools). Scheduler-level random traffic with the tier: tests/test_overlap.py; the tree and the copies' order:
+tests/test_kv_events.py."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+from server_fixture import RadixServer
+
+POOL = 256
+pytestmark = pytest.mark.server_flags("--enable-hierarchical-cache", "--hicache-ratio", "4",
+                                      "--max-total-tokens", str(POOL), "--context-length", "128")
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def generate(server: RadixServer, ids: list[int], max_new: int = 8, rid: str | None = None) -> dict:
+    resp = server.post("/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new, **GREEDY},
+                                     **({"rid": rid} if rid else {})})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def scheduler_info(server: RadixServer) -> dict:
+    info = server.get("/get_server_info").json()["scheduler"]
+    assert info["invariants"] == "ok", info["invariants"]
+    return info
+
+
+def test_a_prompt_back_from_the_host_tier_has_its_kv(server: RadixServer) -> None:
+    prompt = list(range(2000, 2100))
+    generate(server, prompt)
+    device_hit = generate(server, prompt)
+    assert device_hit["meta_info"]["cached_tokens_details"] == {"device": 99, "host": 0}
+    for k in range(4):  # 4 × 100 tokens through a 256-token pool: the prompt's KV leaves the device
+        generate(server, [3000 + 100 * k + i for i in range(100)])
+    info = scheduler_info(server)
+    assert info["max_host_tokens"] == 4 * POOL and info["kv_host_cached_tokens"] >= 99
+    assert info["host_stored_tokens"] > 0
+    host_hit = generate(server, prompt)
+    assert host_hit["meta_info"]["cached_tokens_details"]["host"] > 0
+    assert host_hit["meta_info"]["cached_tokens"] == 99
+    assert host_hit["output_ids"] == device_hit["output_ids"]  # the same KV, copied out and back
+    after = scheduler_info(server)
+    assert after["host_loaded_tokens"] >= host_hit["meta_info"]["cached_tokens_details"]["host"]
+    assert after["cached_tokens_host"] == after["host_loaded_tokens"] - info["host_loaded_tokens"] + \
+        info["cached_tokens_host"]
+    metrics = server.get("/metrics").text
+    assert "radixserve:cache_hit_tokens_host_total" in metrics and "radixserve:cached_tokens_host" in metrics
+
+
+def test_random_aborts_leak_no_device_or_host_slot(server: RadixServer) -> None:
+    rng = random.Random(27)
+    shared = [rng.randrange(1000, 1100) for _ in range(60)]
+    failures: list[str] = []
+
+    def one(i: int) -> None:
+        ids = shared[:rng.randrange(0, 60)] + [rng.randrange(1000, 1100) for _ in range(rng.randrange(1, 40))]
+        rid = f"abort-{i}"
+        if rng.random() < 0.6:
+            timer = threading.Timer(rng.random() * 0.3, lambda: server.post("/abort_request", {"rid": rid}))
+            timer.start()
+        resp = server.post("/generate", {"rid": rid, "input_ids": ids,
+                                         "sampling_params": {"max_new_tokens": rng.randrange(1, 16), **GREEDY}})
+        if resp.status_code != 200:
+            failures.append(resp.text)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    info = scheduler_info(server)  # idle: the walk found every device and host slot free or in one node
+    assert info["num_running_reqs"] == 0 and info["kv_free_tokens"] + info["kv_evictable_tokens"] == POOL
+    assert info["aborted_requests"] > 0 and info["host_stored_tokens"] > 0
