@@ -13,7 +13,7 @@ from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config
 from radixserve.nodes import NodeLayout
 from radixserve.wire import NewReq, StepBatch, from_i32
-from worker_proc import cpu_kernels, parallel
+from worker_proc import batch_invariant, cpu_kernels, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.grammar import GrammarBackend, SlotGrammars
@@ -79,6 +79,8 @@ class ModelRunner:
         self.args, self.rank = args, rank
         self.device = resolve_device(args, rank)
         hf_config = load_hf_config(model_dir)
+        if args.enable_deterministic_inference:
+            batch_invariant.enable()
         self.dtype = self._dtype(hf_config)
         t0 = time.monotonic()
         self.model = load_model(model_dir, hf_config, args.load_format, self.dtype, self.device, seed=args.random_seed)
@@ -120,7 +122,8 @@ class ModelRunner:
         # step N+1 before step N's tokens reach the scheduler). Written after every sampling, on every rank.
         self.last_sampled = torch.zeros(args.max_running_requests + 1, dtype=torch.int32, device=self.device)
         self._planned: torch.cuda.Event | None = None  # after the last step's attention plan (see launch)
-        self.slot_params = SlotParams(args.max_running_requests, self.device)
+        self.slot_params = SlotParams(args.max_running_requests, self.device,
+                                      args.random_seed if args.enable_deterministic_inference else -1)
         self.sampler = make_sampler(self.slot_params, self.device, args.random_seed)
         # Rank 0 samples, so it alone keeps each slot's penalties and grammar matcher (created for none: free).
         vocab = self.model.vocab_size
@@ -140,7 +143,8 @@ class ModelRunner:
         self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
-                                                                args.disable_radix_cache)
+                                                                args.disable_radix_cache or
+                                                                args.enable_deterministic_inference)
         self.graphs = self._capture_graphs()
 
     def _dtype(self, hf_config) -> torch.dtype:

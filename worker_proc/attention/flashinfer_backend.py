@@ -35,7 +35,7 @@ import builtins
 import numpy as np
 import torch
 
-from worker_proc import fused
+from worker_proc import batch_invariant, fused
 from worker_proc.attention.base import AttentionBackend, ForwardMeta
 from worker_proc.kv_cache import KVCache
 
@@ -111,6 +111,8 @@ class FlashInferBackend(AttentionBackend):
                                                                             use_tensor_cores=True)
         self.pages = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv_cache.k, kv_cache.v)]
         self._plan_kw = dict(q_data_type=kv_cache.dtype, kv_data_type=kv_cache.dtype, sm_scale=self.scale)
+        if batch_invariant.ENABLED:  # KV split by a fixed size, not by batch size, in every plan
+            self._plan_kw["fixed_split_size"] = batch_invariant.FLASHINFER_SPLIT
         self.cascade = self._cascade()
         self.graph_wrappers: dict[int, object] = {}
         self.cascade_graphs: dict[int, Cascade] = {}

@@ -2,14 +2,16 @@
 
 On a bf16 CPU with cpu_kernels, decode steps and short extends read the paged cache in place instead (no
 gather, one call per layer, the rotary and KV store fused before it); long extends keep SDPA, whose
-matrix-product kernels win there."""
+matrix-product kernels win there. With --enable-deterministic-inference every step takes one per-row path,
+whatever its extend lengths: cpu_kernels' (each row sums its context in one order) where it runs, else
+batch_invariant.attention."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from worker_proc import cpu_kernels
+from worker_proc import batch_invariant, cpu_kernels
 from worker_proc.attention.base import AttentionBackend, ForwardMeta
 from worker_proc.kv_cache import KVCache
 
@@ -31,8 +33,10 @@ class TorchBackend(AttentionBackend):
     def prepare(self, meta: ForwardMeta) -> None:
         self.meta = meta
         self.out_slots = meta.out_slots.long()
-        self.native = self.has_kernels and (meta.is_decode or max(meta.extend_lens_cpu) <= NATIVE_MAX_EXTEND)
-        if self.native:
+        self.invariant = batch_invariant.ENABLED and not self.has_kernels
+        self.native = self.has_kernels and (batch_invariant.ENABLED or meta.is_decode
+                                            or max(meta.extend_lens_cpu) <= NATIVE_MAX_EXTEND)
+        if self.native or self.invariant:
             # One row per new token: its request's req slot and the context it sees (causal within the extend).
             if meta.is_decode:
                 self.rows = (meta.req_slots, meta.seq_lens)
@@ -72,6 +76,8 @@ class TorchBackend(AttentionBackend):
         k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
         if self.native:
             return cpu_kernels.paged_attention(q, k_cache, v_cache, meta.req_to_token, *self.rows, self.scale)
+        if self.invariant:
+            return batch_invariant.attention(q, k_cache, v_cache, meta.req_to_token, *self.rows, self.scale)
         if meta.is_decode:
             batch, kv_heads = self.ctx_shape[0], k_cache.shape[1]
             shape = (*self.ctx_shape, *k_cache.shape[1:])
