@@ -135,3 +135,15 @@ def test_without_the_flag_no_code_of_the_mode_runs(monkeypatch):
     random.seed(0)
     _served_ways(model, [[random.randrange(1, 40000) for _ in range(n)] for n in (70, 20)])
     assert not batch_invariant.ENABLED and calls == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_check_determinism_finds_no_mismatch_with_the_flag(dtype):
+    """`radixserve bench check-determinism`'s check on the default model: 8 prompts alone (cold), after a radix
+    hit, in batches of 1 / 4 / 8, and prefilled in 32-token chunks, greedy and seeded: every output the same."""
+    from radixserve.bench.determinism import check
+    from radixserve.config import ServerArgs
+
+    args = ServerArgs(dtype=dtype, max_total_tokens=4096, max_running_requests=8, enable_deterministic_inference=True)
+    result = check(args, num_prompts=8, batch_sizes=[1, 4, 8], max_new_tokens=4, chunk_size=32)
+    assert result["runs"] == 2 * 8 * 5 and result["mismatches"] == 0, result
