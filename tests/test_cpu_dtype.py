@@ -7,7 +7,7 @@ import os
 import pytest
 
 from radixserve import Engine
-from worker_proc.model_runner import cpu_has_native_bf16
+from worker_proc.runtime_facts import cpu_has_native_bf16
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 

@@ -100,5 +100,66 @@ def test_gemv_equals_float32_product():
     run_interpreted("check_gemv")
 
 
+FAR_STRIDE = 2**30 + 2**10  # row 2 of a view with this row stride starts past 2**31 elements
+
+
+def check_int64_offsets() -> None:
+    """Every kernel reads and writes rows whose offset (row * stride) passes 2**31, as one prefill of 65,536 tokens
+    x 37,888 columns does: on views with a row stride of 2**30 + 2**10 into one 4 GiB storage (never touched beyond
+    these rows, so only virtual), each gives bit for bit what it gives on a compact copy. In int32 the offsets wrap
+    and the reads fault."""
+    from worker_proc import fused, gemv
+
+    torch.manual_seed(0)
+    storage = torch.empty(2 * FAR_STRIDE + 2**16, dtype=torch.int16)
+    used = 0
+
+    def far(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A [rows, cols] view of random values, FAR_STRIDE apart, beside the views made before it."""
+        nonlocal used
+        view = storage.view(dtype).as_strided((rows, cols), (FAR_STRIDE, 1), used)
+        view.copy_(torch.randn(rows, cols).to(dtype))
+        used += cols
+        return view
+
+    def same(a, b) -> None:
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    tokens, q_heads, kv_heads, dim, n = 3, 4, 2, 16, 64
+    bf16 = torch.bfloat16
+    x, res, w = far(tokens, n, bf16), far(tokens, n, bf16), torch.randn(n).to(bf16)
+    same(fused.add_rmsnorm(x, w, 1e-6, res), fused.add_rmsnorm(x.contiguous(), w, 1e-6, res.contiguous()))
+    gate_up = far(tokens, 2 * n, bf16)
+    assert torch.equal(fused.silu_and_mul(gate_up), fused.silu_and_mul(gate_up.contiguous()))
+
+    qkv = far(tokens, (q_heads + 2 * kv_heads) * dim, bf16).view(tokens, q_heads + 2 * kv_heads, dim)
+    qk, v = qkv[:, :q_heads + kv_heads], qkv[:, q_heads + kv_heads:]
+    angles = torch.randn(tokens, 1, dim // 2)
+    cos, sin = angles.cos().to(bf16), angles.sin().to(bf16)
+    assert torch.equal(fused.rotary(qk, cos, sin), fused.rotary(qk.contiguous(), cos, sin))
+    slots = torch.tensor([5, 1, 3], dtype=torch.int32)
+    caches = [torch.zeros(8, kv_heads, dim, dtype=bf16) for _ in range(4)]
+    fused.store_kv(caches[0], caches[1], slots, qk[:, q_heads:], v)
+    fused.store_kv(caches[2], caches[3], slots, qk[:, q_heads:].contiguous(), v.contiguous())
+    same(caches[:2], caches[2:])
+    assert torch.equal(caches[1][slots.long()], v)
+    for cache in caches:
+        cache.zero_()
+    q = fused.rotary_store(qk, v, cos, sin, slots, caches[0], caches[1], q_heads)
+    q_compact = fused.rotary_store(qk.contiguous(), v.contiguous(), cos, sin, slots, caches[2], caches[3], q_heads)
+    same([q, *caches[:2]], [q_compact, *caches[2:]])
+    assert caches[0].any()
+
+    # the tensor-core path in float16 (see check_gemv); one row never leaves row 0
+    x, weight = far(tokens, n, torch.float16), torch.randn(40, n, dtype=torch.float16)
+    cfg = gemv.Config(32, 32, 4, 1, True)
+    assert torch.equal(gemv.gemv(x, weight, None, cfg), gemv.gemv(x.contiguous(), weight, None, cfg))
+    print("int64_offsets ok")
+
+
+def test_offsets_past_2_31_elements():
+    run_interpreted("check_int64_offsets")
+
+
 def test_batch_invariant_matmul_rows_do_not_depend_on_the_batch():
     run_interpreted("check_batch_invariant_matmul")

@@ -263,6 +263,22 @@ def test_cascade_decode_matches_hf(tmp_path):
     RESULTS["cascade"] = stats
 
 
+def test_warm_up_leaves_no_state(tmp_path):
+    """Warm-up on the GPU's paths (a decode at every graph size with and without cascade attention, FlashInfer's
+    sampling kernels, the grammar bitmask) leaves every req slot as start-up left it (tests/test_warmup.py)."""
+    from test_warmup import assert_same_state, runner_state
+
+    from worker_proc.warmup import warm_up
+
+    save_tiny("llama", str(tmp_path), seed=5)
+    runner = runner_for(str(tmp_path))
+    assert runner.use_cascade and runner.graphs.sizes == [1, 2, 4, 8] and runner.grammars is not None
+    before = runner_state(runner)
+    warm_up(runner)
+    assert_same_state(before, runner_state(runner))
+    assert runner.kv_cache.k[0][1:18].abs().sum(dim=(1, 2)).bool().all()  # 2 x 8 + 1 slots written
+
+
 def test_engine_cascade_end_to_end(tmp_path):
     """Eight requests sharing a 2,400-token prompt through the Engine: the scheduler groups them, the worker
     runs cascade decode, and the greedy tokens are the float32 reference's (as with the cascade off)."""

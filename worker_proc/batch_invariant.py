@@ -129,17 +129,19 @@ def _matmul_kernel():
             pid_n = (tile % per_group) // size_m
             rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am  # int64: offsets may pass 2**31 elements
+            b_cols = b_ptr + rn.to(tl.int64)[None, :] * stride_bn
             rk = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, k, BLOCK_K):
                 cols = k0 + rk
-                a = tl.load(a_ptr + rm[:, None] * stride_am + cols[None, :] * stride_ak,
+                a = tl.load(a_rows + cols[None, :] * stride_ak,
                             mask=(rm[:, None] < m) & (cols[None, :] < k), other=0.0)
-                b = tl.load(b_ptr + cols[:, None] * stride_bk + rn[None, :] * stride_bn,
+                b = tl.load(b_cols + cols.to(tl.int64)[:, None] * stride_bk,
                             mask=(cols[:, None] < k) & (rn[None, :] < n), other=0.0)
                 acc = tl.dot(a, b, acc)
-            tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
-                     mask=(rm[:, None] < m) & (rn[None, :] < n))
+            out = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
+            tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rn[None, :] < n))
 
     return persistent_matmul
 

@@ -8,6 +8,7 @@ Each kernel rounds where the unfused torch code (and HF) rounds, so results matc
   rotary:       rotate-half RoPE of q and k heads together, computed in float32, rounded once
   store_kv:     new K and V (strided views of the projection) into their KV-cache slots, in one kernel
   rotary_store: rotary of q and k, rotated q out, rotated k and v into their KV-cache slots: one kernel for both
+Offsets are int64 (program ids are int32): one prefill step of 65,536 tokens x 37,888 columns passes 2**31.
 triton is imported lazily, on the first call.
 """
 
@@ -30,7 +31,7 @@ def _kernels():  # noqa: C901 (kernel definitions)
     @triton.jit
     def add_rmsnorm(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, stride_x, stride_r, eps,
                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
@@ -46,7 +47,7 @@ def _kernels():  # noqa: C901 (kernel definitions)
 
     @triton.jit
     def silu_and_mul(x_ptr, out_ptr, n, stride_x, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
         gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -57,7 +58,7 @@ def _kernels():  # noqa: C901 (kernel definitions)
     @triton.jit
     def rotary(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xt, stride_xh, stride_ct, half,
                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < heads) & (d < half)
@@ -73,7 +74,7 @@ def _kernels():  # noqa: C901 (kernel definitions)
     @triton.jit
     def store_kv(k_ptr, v_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                  heads, dim, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
@@ -88,7 +89,7 @@ def _kernels():  # noqa: C901 (kernel definitions)
     def rotary_store(qk_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_cache_ptr, v_cache_ptr, q_heads, kv_heads,
                      stride_xt, stride_xh, stride_vt, stride_vh, stride_ct, half,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr):
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]

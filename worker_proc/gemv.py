@@ -48,7 +48,7 @@ def _kernel():
              HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
+        rm = tl.arange(0, BLOCK_M).to(tl.int64)  # row * stride may pass 2**31
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < n
         w_rows = w_ptr + tl.minimum(rn, n - 1).to(tl.int64)[:, None] * stride_w  # rows past n: masked at the store

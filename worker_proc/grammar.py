@@ -142,21 +142,37 @@ class SlotGrammars:
         if not rows:
             return
         self._accept_pending()
-        import xgrammar as xgr
-
-        if self._bitmask is None or self._bitmask.shape[0] < len(slots):
-            self._bitmask = xgr.allocate_token_bitmask(max(len(slots), 64), logits.shape[-1])
-            if self.device.type == "cuda":
-                self._bitmask = self._bitmask.pin_memory()
+        bitmask = self._host_bitmask(len(slots), logits.shape[-1])
         masked = []
         for i in rows:
             matcher = self.matchers[int(slots[i])]
             if not matcher.is_terminated():  # a finished grammar's row is dropped by the scheduler
-                matcher.fill_next_token_bitmask(self._bitmask, int(i))
+                matcher.fill_next_token_bitmask(bitmask, int(i))
                 masked.append(int(i))
         if masked:
-            bitmask = self._bitmask[:len(slots)].to(self.device, non_blocking=True)
-            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=masked)
+            self._apply(logits, masked)
+
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """Build the bitmask kernel (JIT-compiled on CUDA) on `logits` [B, V], with every token allowed."""
+        self._host_bitmask(len(logits), logits.shape[-1])[:len(logits)].fill_(-1)
+        self._apply(logits, list(range(len(logits))))
+
+    def _host_bitmask(self, rows: int, vocab: int) -> torch.Tensor:
+        """The host bitmask buffer, of at least `rows` rows."""
+        import xgrammar as xgr
+
+        if self._bitmask is None or self._bitmask.shape[0] < rows:
+            self._bitmask = xgr.allocate_token_bitmask(max(rows, 64), vocab)
+            if self.device.type == "cuda":
+                self._bitmask = self._bitmask.pin_memory()
+        return self._bitmask
+
+    def _apply(self, logits: torch.Tensor, rows: list[int]) -> None:
+        """Mask `rows` of `logits` with their rows of the host bitmask."""
+        import xgrammar as xgr
+
+        bitmask = self._bitmask[:len(logits)].to(self.device, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
 
     def record(self, slots: np.ndarray, next_ids: torch.Tensor, kept: np.ndarray) -> None:
         """Send the kept grammar rows' sampled tokens to the host, for their matchers to accept before the next

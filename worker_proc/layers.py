@@ -223,13 +223,6 @@ class _ColumnLinear(nn.Module):
         return linear(x, self.weight, self.bias, self.packed)
 
 
-class ColumnParallelLinear(_ColumnLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        n = divide(out_features, tp_size(), "output features")
-        super().__init__(in_features, [(None, out_features, tp_rank() * n, n)], bias, dtype, device)
-
-
 class MergedColumnParallelLinear(_ColumnLinear):
     """Several column-parallel projections of the same input in one matmul (gate_up: shard ids 0, 1)."""
 

@@ -74,7 +74,9 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
     out = Sender(ctx, ipc.worker_out) if rank == 0 else None
     sender: ResultSender | None = None
     try:
-        from worker_proc.model_runner import ModelRunner, resolve_device
+        from worker_proc.model_runner import ModelRunner
+        from worker_proc.runtime_facts import resolve_device
+        from worker_proc.warmup import warm_up
 
         device = resolve_device(args, rank)
         if device.type == "cpu":
@@ -87,17 +89,9 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
             torch.cuda.set_device(device)
         parallel.init_tp(rank, args.tp_size, nodes.tp_init_method(ipc), "nccl" if device.type == "cuda" else "gloo")
         runner = ModelRunner(args, rank, model_dir)
+        warm_up(runner)  # every rank: its steps meet the other ranks' collectives; ready means ready
         if out is not None:
-            gpu_used = gpu_free = 0
-            if device.type == "cuda":
-                gpu_free, total = torch.cuda.mem_get_info(device)
-                gpu_used = total - gpu_free
-            out.send(wire.WorkerReady(wire.RuntimeInfo(
-                num_kv_slots=runner.num_kv_slots, context_length=runner.context_length,
-                vocab_size=runner.model.vocab_size, device=str(device), dtype=str(runner.dtype).removeprefix("torch."),
-                attention_backend=runner.backend_name, kv_bytes_per_token=runner.kv_bytes_per_token * args.tp_size,
-                weight_bytes=runner.weight_bytes * args.tp_size, gpu_memory_used=gpu_used, gpu_memory_free=gpu_free,
-                cascade_attention=runner.use_cascade)))
+            out.send(wire.WorkerReady(runner.runtime_info()))
             sender = ResultSender(out)
         while True:
             msg = inbox.recv()

@@ -11,15 +11,15 @@ import torch
 
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config
-from radixserve.nodes import NodeLayout
-from radixserve.wire import NewReq, StepBatch, from_i32
-from worker_proc import batch_invariant, cpu_kernels, parallel
+from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
+from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache
 from worker_proc.layers import pack_cpu_linears
 from worker_proc.penalties import SlotPenalties
+from worker_proc.runtime_facts import kv_slots_that_fit, resolve_device, resolve_dtype, serving_context_length
 from worker_proc.sampling import SampleRows, SlotParams, make_sampler, top_logprobs
 from worker_proc.step_io import HostStaging, PendingStep, ResultCopier
 from worker_proc.weights import load_model
@@ -28,15 +28,6 @@ log = logging.getLogger("radixserve.worker")
 
 PAD_SLOT = 0  # the KV slot that padding rows write; the scheduler never hands it out
 STEP_BUF_INTS = 1 << 20
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(args: ServerArgs, rank: int) -> torch.device:
-    kind = args.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = args.base_gpu_id + NodeLayout.of(args).local_index(rank)
-    return torch.device(f"cuda:{gpu}") if kind == "cuda" else torch.device("cpu")
 
 
 @dataclass
@@ -81,33 +72,67 @@ class ModelRunner:
         hf_config = load_hf_config(model_dir)
         if args.enable_deterministic_inference:
             batch_invariant.enable()
-        self.dtype = self._dtype(hf_config)
-        t0 = time.monotonic()
-        self.model = load_model(model_dir, hf_config, args.load_format, self.dtype, self.device, seed=args.random_seed)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if not args.disable_custom_all_reduce and args.nnodes == 1:
-            devices = [resolve_device(args, r).index for r in range(args.tp_size)]
-            if parallel.enable_p2p_all_reduce(self.dtype, devices):
-                log.info("rank %d: small all-reduces through symmetric memory", rank)
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            log.info("rank %d: %d linear weights in %s packed layout", rank, *pack_cpu_linears(self.model))
-        log.info("rank %d loaded %s (%.2f GB, %s) in %.1f s", rank, hf_config.architectures, self.weight_bytes / 1e9,
-                 self.dtype, time.monotonic() - t0)
-        # Positions past the model's rotary table have no embedding: never serve beyond it.
-        self.context_length = min(args.context_length or hf_config.max_position_embeddings,
-                                  hf_config.max_position_embeddings)
-        if args.context_length and args.context_length > self.context_length:
-            log.warning("--context-length %d exceeds the model's %d positions: using %d", args.context_length,
-                        self.context_length, self.context_length)
-        # Mistral attends within a sliding window, which the attention backends do not apply: up to the
-        # window the results are exact, so the context stops there.
-        window = getattr(hf_config, "sliding_window", None) if hf_config.model_type == "mistral" else None
-        if window and window < self.context_length:
-            log.warning("the model's sliding window (%d tokens) is not implemented: context length %d, not %d",
-                        window, window, self.context_length)
-            self.context_length = window
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.model, self.weight_bytes = self._load_model(model_dir, hf_config)
+        self._choose_all_reduce()
+        self.context_length = serving_context_length(args.context_length, hf_config)
         # Everything else that lives on the device is allocated before the KV pool is sized, so that
         # --mem-fraction-static's budget counts it.
+        self._allocate_step_state()
+        self._allocate_sampling_state(model_dir)
+        m = self.model
+        self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
+        fit = kv_slots_that_fit(args, self.device, self.context_length, self.kv_bytes_per_token)
+        self.num_kv_slots = parallel.tp_min(fit) + 1  # + the padding slot 0
+        self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype,
+                                self.device)
+        log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
+                 self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
+        self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
+        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim)
+        # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
+        self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
+                                                                args.disable_radix_cache or
+                                                                args.enable_deterministic_inference)
+        self.graphs = self._capture_graphs()
+
+    def runtime_info(self) -> RuntimeInfo:
+        """What the workers resolved, as every other process reads it (sizes of all TP ranks together)."""
+        gpu_used = gpu_free = 0
+        if self.device.type == "cuda":
+            gpu_free, total = torch.cuda.mem_get_info(self.device)
+            gpu_used = total - gpu_free
+        tp = self.args.tp_size
+        return RuntimeInfo(num_kv_slots=self.num_kv_slots, context_length=self.context_length,
+                           vocab_size=self.model.vocab_size, device=str(self.device),
+                           dtype=str(self.dtype).removeprefix("torch."), attention_backend=self.backend_name,
+                           kv_bytes_per_token=self.kv_bytes_per_token * tp, weight_bytes=self.weight_bytes * tp,
+                           gpu_memory_used=gpu_used, gpu_memory_free=gpu_free, cascade_attention=self.use_cascade)
+
+    def _load_model(self, model_dir: str, hf_config) -> tuple[torch.nn.Module, int]:
+        """This rank's part of the model, and its weights' bytes."""
+        t0 = time.monotonic()
+        model = load_model(model_dir, hf_config, self.args.load_format, self.dtype, self.device,
+                           seed=self.args.random_seed)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            log.info("rank %d: %d linear weights in %s packed layout", self.rank, *pack_cpu_linears(model))
+        log.info("rank %d loaded %s (%.2f GB, %s) in %.1f s", self.rank, hf_config.architectures, weight_bytes / 1e9,
+                 self.dtype, time.monotonic() - t0)
+        return model, weight_bytes
+
+    def _choose_all_reduce(self) -> None:
+        """Small all-reduces through symmetric memory where the ranks of one host can map each other's."""
+        args = self.args
+        if args.disable_custom_all_reduce or args.nnodes != 1:
+            return
+        devices = [resolve_device(args, r).index for r in range(args.tp_size)]
+        if parallel.enable_p2p_all_reduce(self.dtype, devices):
+            log.info("rank %d: small all-reduces through symmetric memory", self.rank)
+
+    def _allocate_step_state(self) -> None:
+        """The block-table mirror and the buffers every step goes through."""
+        args = self.args
         # Mirror of the scheduler's block table; rows are req slots, kept in sync by every StepBatch.
         # The extra last row is the padding rows' (graph-padded decode batches); the scheduler never uses it.
         self.pad_row = args.max_running_requests
@@ -122,48 +147,21 @@ class ModelRunner:
         # step N+1 before step N's tokens reach the scheduler). Written after every sampling, on every rank.
         self.last_sampled = torch.zeros(args.max_running_requests + 1, dtype=torch.int32, device=self.device)
         self._planned: torch.cuda.Event | None = None  # after the last step's attention plan (see launch)
+
+    def _allocate_sampling_state(self, model_dir: str) -> None:
+        """Each req slot's sampling parameters; rank 0, which samples, alone keeps each slot's penalties and
+        grammar matcher (created for none: free)."""
+        args, vocab = self.args, self.model.vocab_size
         self.slot_params = SlotParams(args.max_running_requests, self.device,
                                       args.random_seed if args.enable_deterministic_inference else -1)
         self.sampler = make_sampler(self.slot_params, self.device, args.random_seed)
-        # Rank 0 samples, so it alone keeps each slot's penalties and grammar matcher (created for none: free).
-        vocab = self.model.vocab_size
-        self.penalties = SlotPenalties(args.max_running_requests, vocab, self.device) if rank == 0 else None
-        backend = GrammarBackend(args.tokenizer_path or model_dir, vocab,
-                                 not args.constrained_json_disable_any_whitespace,
-                                 args.constrained_json_max_whitespace_cnt)
-        self.grammars = SlotGrammars(backend, self.device) if rank == 0 and args.grammar_backend != "none" else None
-        m = self.model
-        self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
-        self.num_kv_slots = parallel.tp_min(self._kv_slots_that_fit()) + 1  # + the padding slot 0
-        self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype,
-                                self.device)
-        log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
-                 self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
-        self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
-        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim)
-        # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
-        self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
-                                                                args.disable_radix_cache or
-                                                                args.enable_deterministic_inference)
-        self.graphs = self._capture_graphs()
-
-    def _dtype(self, hf_config) -> torch.dtype:
-        """--dtype, or with auto bfloat16 on CUDA and on CPUs with native bf16 arithmetic, float32 elsewhere."""
-        if self.args.dtype != "auto":
-            return DTYPES[self.args.dtype]
-        return torch.bfloat16 if self.device.type == "cuda" or cpu_has_native_bf16() else torch.float32
-
-    def _kv_slots_that_fit(self) -> int:
-        if self.args.max_total_tokens:
-            return self.args.max_total_tokens
-        cap = self.args.max_running_requests * self.context_length
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # loading's temporaries are not "used"
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.args.mem_fraction_static - (total - free)
-        else:
-            budget = _mem_available() * 0.25 * self.args.mem_fraction_static
-        return max(1, min(cap, int(budget // self.kv_bytes_per_token)))
+        self.penalties = SlotPenalties(args.max_running_requests, vocab, self.device) if self.rank == 0 else None
+        self.grammars = None
+        if self.rank == 0 and args.grammar_backend != "none":
+            backend = GrammarBackend(args.tokenizer_path or model_dir, vocab,
+                                     not args.constrained_json_disable_any_whitespace,
+                                     args.constrained_json_max_whitespace_cnt)
+            self.grammars = SlotGrammars(backend, self.device)
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph:
@@ -358,18 +356,3 @@ class ModelRunner:
             top = [top_logprobs(lps[j], k) for j in range(len(values))] if k > 0 else None
             out[i] = (values, top)
         return out
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), so bf16 weights halve the bytes a
-    decode step reads without emulated arithmetic eating the gain."""
-    flags = cpu_kernels.cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 << 30

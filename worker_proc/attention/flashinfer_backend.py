@@ -4,8 +4,8 @@ Page size 1, NHD layout: a layer's K tensor [num_slots, kv_heads, head_dim] is v
 [num_slots, 1, kv_heads, head_dim], so page p is KV slot p and a request's page indices are its row
 of req_to_token. `prepare` plans once per step; every layer's `forward` reuses that plan:
   decode (one new token per request): BatchDecodeWithPagedKVCacheWrapper on the tensor-core path, for every
-    GQA group size: on an H200 it read a Llama-3.1-8B layer's KV (batch 256 x 1k) at 2.8 TB/s against 2.2 for
-    the CUDA-core kernel, which also rejects some group sizes (7, as in Qwen2.5-7B);
+    GQA group size: it reads the KV faster than the CUDA-core kernel (docs/benchmarks.md), which also rejects
+    some group sizes (7, as in Qwen2.5-7B);
   extend / prefill: BatchPrefillWithPagedKVCacheWrapper with a causal mask aligned bottom-right, so the
     new tokens see the cached prefix and each other causally (the new K/V are stored before attending).
   cascade decode (a step whose StepBatch carries prefix groups): two BatchPrefillWithPagedKVCacheWrapper
@@ -19,7 +19,7 @@ the real groups, then the padding rows as one group attending to the padding slo
 
 Host syncs: none. Page indices are gathered on the device from req_to_token; plan() reads only host
 arrays (indptr, lengths), which the worker already holds as numpy. FlashInfer's plan() takes `max()` of a
-host tensor of lengths, which iterates it element by element in Python (0.4 ms at batch 256); the module
+host tensor of lengths, which iterates it element by element in Python (each step, once per row); the module
 global `max` of flashinfer.decode and flashinfer.prefill is replaced by one that reduces a lone tensor
 argument with Tensor.max() (the same value) and is the builtin otherwise.
 Invariant (FlashInfer plan copies its plan info from a pinned host buffer asynchronously): a wrapper is
