@@ -17,6 +17,7 @@ from worker_proc.weights import load_model
 
 needs_cpu_kernels = pytest.mark.skipif(cpu_kernels.library() is None,
                                        reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and triton, flashinfer)")
 
 
 @pytest.fixture
@@ -73,6 +74,32 @@ def test_attention_rows_do_not_depend_on_the_batch_and_match_sdpa(dtype):
     order = torch.randperm(len(lens))
     shuffled = batch_invariant.attention(q[order], k_cache, v_cache, req_to_token, reqs[order], lens[order], dim**-0.5)
     assert torch.equal(shuffled, together[order])
+
+
+def test_unseeded_requests_draw_alone_as_batched_in_the_mode():
+    """With a default seed (the mode: --random-seed), an unseeded request's noise comes from its own generator, keyed
+    by (seed, output index): its tokens are the same sampled alone or beside others."""
+    import numpy as np
+
+    from radixserve.wire import NewReq
+    from worker_proc.sampling import Sampler, SampleRows, SlotParams
+
+    params = SlotParams(4, torch.device("cpu"), default_seed=5)
+    for slot in range(3):
+        params.set(NewReq(slot, b"", temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, seed=-1))
+    sampler = Sampler(params, torch.device("cpu"), 0)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 500)
+
+    def draw(rows: list[int], offset: int) -> list[int]:
+        slots = np.array(rows, dtype=np.int32)
+        picked = SampleRows(slots, torch.from_numpy(slots), np.full(len(rows), offset))
+        return sampler.sample(logits[rows], picked)[0].tolist()
+
+    for offset in range(5):
+        batched = draw([0, 1, 2], offset)
+        assert batched == [draw([i], offset)[0] for i in range(3)] == draw([0, 1, 2], offset)
+    assert len({tuple(draw([0, 1, 2], offset)) for offset in range(5)}) > 1  # the noise moves with the index
 
 
 def _model(dtype: torch.dtype) -> torch.nn.Module:
@@ -147,3 +174,32 @@ def test_check_determinism_finds_no_mismatch_with_the_flag(dtype):
     args = ServerArgs(dtype=dtype, max_total_tokens=4096, max_running_requests=8, enable_deterministic_inference=True)
     result = check(args, num_prompts=8, batch_sizes=[1, 4, 8], max_new_tokens=4, chunk_size=32)
     assert result["runs"] == 2 * 8 * 5 and result["mismatches"] == 0, result
+
+
+def test_the_mode_needs_tp_1():
+    from radixserve.config import FlagError, ServerArgs
+
+    with pytest.raises(FlagError, match="--enable-deterministic-inference needs --tp-size 1"):
+        ServerArgs(tp_size=2, enable_deterministic_inference=True)
+
+
+@needs_gpu
+def test_gpu_matmul_rows_do_not_depend_on_the_batch():
+    """Compiled on the GPU, bf16, Llama-3.1-8B's o_proj shape: every row's bits at m = 1 .. 300 as at 300."""
+    torch.manual_seed(0)
+    a, w = torch.randn(300, 4096, device="cuda").bfloat16(), torch.randn(4096, 4096, device="cuda").bfloat16()
+    full = batch_invariant.matmul(a, w.t())
+    torch.testing.assert_close(full.float(), (a.float() @ w.float().t()), rtol=2e-2, atol=0.5)
+    for m in (1, 2, 7, 64, 129, 256):
+        assert torch.equal(batch_invariant.matmul(a[:m], w.t()), full[:m]), m
+
+
+@needs_gpu
+def test_gpu_check_determinism_finds_no_mismatch_with_the_flag():
+    from radixserve.bench.determinism import check
+    from radixserve.config import ServerArgs
+
+    args = ServerArgs(dtype="bfloat16", max_total_tokens=16384, max_running_requests=16,
+                      enable_deterministic_inference=True)
+    result = check(args, num_prompts=16, batch_sizes=[1, 8, 16], max_new_tokens=16, chunk_size=32)
+    assert result["mismatches"] == 0, result
