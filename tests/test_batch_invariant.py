@@ -154,14 +154,16 @@ def test_model_logits_are_the_same_however_served(dtype, invariant):
             assert torch.equal(got, ways["alone"][i]), (way, i)
 
 
-def test_without_the_flag_no_code_of_the_mode_runs(monkeypatch):
+def test_without_the_flag_no_code_of_the_mode_runs_and_rows_depend_on_the_batch(monkeypatch):
     calls = []
     for name in ("linear", "attention", "matmul"):
         monkeypatch.setattr(batch_invariant, name, lambda *a, name=name, **k: calls.append(name))
     model = _model(torch.float32)
     random.seed(0)
-    _served_ways(model, [[random.randrange(1, 40000) for _ in range(n)] for n in (70, 20)])
+    ways = _served_ways(model, [[random.randrange(1, 40000) for _ in range(n)] for n in (70, 20)])
     assert not batch_invariant.ENABLED and calls == []
+    # and what the mode is for: served another way, some logits differ in their bits
+    assert any(not torch.equal(got, ways["alone"][i]) for logits in ways.values() for i, got in enumerate(logits))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
