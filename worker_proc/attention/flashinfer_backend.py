@@ -106,9 +106,11 @@ class FlashInferBackend(AttentionBackend):
         self.device = kv_cache.k[0].device
         self.num_kv_heads = kv_cache.k[0].shape[1]
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        # The mode's fixed split size reaches FlashInfer 0.6's FA2 kernels only (plan() ignores it elsewhere).
+        self._wrapper_kw = {"backend": "fa2"} if batch_invariant.ENABLED else {}
+        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", **self._wrapper_kw)
         self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
-                                                                            use_tensor_cores=True)
+                                                                            use_tensor_cores=True, **self._wrapper_kw)
         self.pages = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv_cache.k, kv_cache.v)]
         self._plan_kw = dict(q_data_type=kv_cache.dtype, kv_data_type=kv_cache.dtype, sm_scale=self.scale)
         if batch_invariant.ENABLED:  # KV split by a fixed size, not by batch size, in every plan
@@ -208,7 +210,7 @@ class FlashInferBackend(AttentionBackend):
             wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
                 paged_kv_indptr_buffer=self._g_indptr[:bs + 1], paged_kv_indices_buffer=self._g_indices,
-                paged_kv_last_page_len_buffer=self._g_last_len[:bs])
+                paged_kv_last_page_len_buffer=self._g_last_len[:bs], **self._wrapper_kw)
             self.graph_wrappers[bs] = wrapper
         kv_indptr, indices, last_len = self._pages(meta)
         wrapper.plan(kv_indptr, indices, last_len, self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE,
