@@ -29,6 +29,7 @@ AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+SpeculativeAlgorithm = Literal["NGRAM"]
 
 # The bounds, named for what they mean.
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -66,6 +67,9 @@ class ServerArgs:
     dtype: Annotated[Dtype, doc("compute dtype (auto: bfloat16 where the device has it natively)")] = "auto"
     device: Annotated[Device, doc("where the workers compute (auto: cuda if there is a GPU)")] = "auto"
     tp_size: Annotated[Count, doc("tensor-parallel ranks over all nodes")] = 1
+    ep_size: Annotated[Count, doc(
+        "expert parallelism: MoE experts are placed whole on this many groups of the TP ranks (it divides the TP "
+        "size; 1: every rank holds a slice of every expert)")] = 1
     nnodes: Annotated[Count, doc("nodes that share the --tp-size ranks (docs/deploy.md)")] = 1
     node_rank: Annotated[Index, doc("this node's index; node 0 serves HTTP, the others run workers only")] = 0
     dist_init_addr: Annotated[str | None, doc(
@@ -126,6 +130,17 @@ class ServerArgs:
         "on SIGTERM, seconds that requests in flight may take to finish before they are aborted (a second "
         "SIGTERM, or SIGINT, stops at once)")] = 30.0
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
+    speculative_algorithm: Annotated[SpeculativeAlgorithm | None, doc(
+        "speculative decoding: NGRAM drafts from the request's own prompt and output (no draft model); "
+        "each decode step verifies the drafts in one forward, exactly (docs/architecture.md)")] = None
+    speculative_num_draft_tokens: Annotated[Count, doc(
+        "tokens a verify step computes per request: the last one and up to this many - 1 drafted after it")] = 8
+    speculative_ngram_min_match_window_size: Annotated[Count, doc(
+        "NGRAM: the shortest suffix of the request's tokens that must match earlier tokens to draft")] = 1
+    speculative_ngram_max_match_window_size: Annotated[Count, doc(
+        "NGRAM: the longest suffix matched (the longest match wins, the most recent among equals)")] = 12
+    speculative_batch_size_threshold: Annotated[Index, doc(
+        "above this many decoding requests a step is plain decode (speculation pays at small batches)")] = 8
     metrics_public: Annotated[bool, doc("serve /metrics without --api-key's token")] = False
 
     def __post_init__(self) -> None:
@@ -138,12 +153,19 @@ class ServerArgs:
                 raise FlagError(f"{_flag(name)} {value!r}: {e}") from None
         if self.tp_size % self.nnodes or self.node_rank >= self.nnodes:
             raise FlagError("--nnodes must divide --tp-size, and --node-rank must be below --nnodes")
+        if self.tp_size % self.ep_size:
+            raise FlagError("--ep-size must divide --tp-size (SGLang's rule: experts split over ep groups of ranks)")
         if self.nnodes > 1 and not _is_host_port(self.dist_init_addr):
             raise FlagError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
         if self.enable_deterministic_inference and self.tp_size > 1:
             raise FlagError("--enable-deterministic-inference needs --tp-size 1 (the all-reduce's order is not fixed)")
         if self.dp_size > 1 and self.nnodes > 1:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
+        if self.speculative_algorithm is not None and self.speculative_num_draft_tokens < 2:
+            raise FlagError("--speculative-num-draft-tokens must be at least 2 (the last token and one draft)")
+        if self.speculative_ngram_min_match_window_size > self.speculative_ngram_max_match_window_size:
+            raise FlagError("--speculative-ngram-min-match-window-size must not exceed "
+                            "--speculative-ngram-max-match-window-size")
         if self.router_dp_worker_base_port is not None and self.router_dp_worker_base_port + self.dp_size > 65536:
             raise FlagError("--router-dp-worker-base-port + --dp-size - 1 must be a port (<= 65535)")
 

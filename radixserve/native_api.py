@@ -146,6 +146,9 @@ def native_result(req: wire.GenerateText, out: Output, started: float) -> dict[s
                             "completion_tokens": last.completion_tokens, "cached_tokens": last.cached_tokens,
                             "finish_reason": msgspec.to_builtins(last.finish),
                             "e2e_latency": round(time.perf_counter() - started, 6)}
+    if last.spec is not None:  # speculative decoding (SGLang's names)
+        meta.update(msgspec.structs.asdict(last.spec),
+                    spec_accept_length=round(last.completion_tokens / max(last.spec.spec_verify_ct, 1), 4))
     if req.logprob is not None:
         meta.update(input_token_logprobs=out.input_logprobs, input_top_logprobs=out.input_top_logprobs,
                     output_token_logprobs=out.output_logprobs, output_top_logprobs=out.output_top_logprobs)

@@ -81,3 +81,4 @@ class SchedulerStats(msgspec.Struct):
     cascade_decode_steps: int
     evicted_tokens: int  # freed from the radix cache to make room
     queue_time: Histogram  # seconds from arrival to first admission, per admitted request
+    spec_accept_length: Histogram  # tokens per request per verify step (speculative decoding)

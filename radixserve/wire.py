@@ -117,6 +117,13 @@ class Rejected(msgspec.Struct, tag=True):
 LogprobEntry = tuple[float | None, int, str | None]  # (logprob, token id, token text), as SGLang's meta_info
 
 
+class SpecCounts(msgspec.Struct, array_like=True):
+    """A request's speculative decoding so far, in SGLang's meta_info names (verify steps, drafts, accepted)."""
+    spec_verify_ct: int = 0
+    spec_draft_token_num: int = 0
+    spec_accept_token_num: int = 0
+
+
 class TextDelta(msgspec.Struct, omit_defaults=True, array_like=True):
     """Tokenizer -> gateway: what one request output since its previous delta. `text`, `output_ids` and the
     output logprob lists hold only the new part; the counts and `finish` are current; the input logprob
@@ -133,6 +140,7 @@ class TextDelta(msgspec.Struct, omit_defaults=True, array_like=True):
     output_top_logprobs: list[list[LogprobEntry] | None] | None = None
     input_logprobs: list[LogprobEntry] | None = None
     input_top_logprobs: list[list[LogprobEntry] | None] | None = None
+    spec: SpecCounts | None = None  # on the last delta, of a request that speculated
 
 
 class TextBatch(msgspec.Struct, tag=True):
@@ -283,6 +291,7 @@ class ReqOut(msgspec.Struct, omit_defaults=True, array_like=True):
     input_logprobs: list[float | None] | None = None
     input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     input_ids: list[int] | None = None
+    spec: SpecCounts | None = None  # on the last message of a request that speculated
 
 
 class TokenBatch(msgspec.Struct, tag=True):
@@ -308,8 +317,7 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_ids: bytes | None = None
     penalties: Penalties | None = None  # None: the request uses none (and costs nothing for them)
     grammar: Grammar | None = None
-    output_ids: bytes = b""  # int32: what a re-admitted (retracted) request had already output, with penalties
-    # or a grammar (their state is rebuilt from it)
+    output_ids: bytes = b""  # int32: a re-admitted request's output so far (penalties, grammar rebuilt from it)
 
 
 class StepBatch(msgspec.Struct, tag=True, array_like=True):
@@ -321,6 +329,8 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     the step's sample of request i is thrown away (a chunk of a longer prompt, or max_new_tokens 0): per-request
     state that follows the output (penalty counts, grammar matchers) advances only on rows >= 0.
     A step with no requests only carries `grammars` (and is answered when a compile finishes).
+    `draft_lens` (a verify step; else empty): int32 d_i per request, the drafts after its last token (extend_lens[i]
+    = 1 + d_i), each position sampled (output index sample_offsets[i] + j) and accepted exactly (speculative.py).
     `prefix_groups` (decode only, may be empty): int32 (size, shared_len) pairs covering the batch in order,
     each group's requests sharing the KV of their first shared_len tokens (scheduler_proc/prefix_groups.py).
     """
@@ -336,6 +346,7 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     new_reqs: list[NewReq]
     prefix_groups: bytes = b""
     grammars: list[CompileGrammar] = []  # compile these (off the step path): requests wait for them
+    draft_lens: bytes = b""
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
@@ -347,7 +358,8 @@ class WorkerReady(msgspec.Struct, tag=True, array_like=True):
 
 
 class StepResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
-    """Sampled token (int32) and its logprob (float32) per request, in batch order."""
+    """Sampled token (int32) and its logprob (float32) per request, in batch order; a verify step's request has
+    a_i + 1 of them (`accept_lens`: int32 a_i, drafts accepted), and top_logprobs are keyed by that flat index."""
 
     step: int
     next_ids: bytes
@@ -358,6 +370,7 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     forward_ms: float = 0.0
     grammars_done: list[GrammarDone] = []  # compiles that finished since the previous result
     admit_errors: list[tuple[int, str]] = []  # (req slot, why) of this step's new requests that cannot run
+    accept_lens: bytes = b""
 
 
 class WorkerError(msgspec.Struct, tag=True, array_like=True):

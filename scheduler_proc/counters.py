@@ -10,6 +10,8 @@ from radixserve.stats import Histogram
 QUEUE_TIME_BUCKETS = (0.0, 0.1, 0.2, 0.5, 1, 2, 3, 4, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100, 200, 300, 400,
                       500, 600, 700, 800, 900, 1000, 1200, 1400, 1600, 1800, 2000, 2500, 3000)
 
+ACCEPT_LENGTH_BUCKETS = tuple(range(1, 17))
+
 
 @dataclass(slots=True)
 class Counters:
@@ -23,3 +25,5 @@ class Counters:
     cascade_decode_steps: int = 0  # decode steps that carried prefix groups
     evicted_tokens: int = 0  # radix-cache tokens freed to make room (BlockTable.alloc)
     queue_time: Histogram = field(default_factory=lambda: Histogram.empty(QUEUE_TIME_BUCKETS))  # at first admission
+    # Tokens a request emits per verify step (accepted drafts + 1), one observation per request and step.
+    spec_accept_length: Histogram = field(default_factory=lambda: Histogram.empty(ACCEPT_LENGTH_BUCKETS))

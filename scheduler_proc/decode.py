@@ -19,6 +19,7 @@ from scheduler_proc.block_table import BlockTable
 from scheduler_proc.lifecycle import Lifecycle
 from scheduler_proc.queues import RunningSet
 from scheduler_proc.request import Req, Stage
+from scheduler_proc.speculative import Speculator
 
 log = logging.getLogger("radixserve.scheduler")
 
@@ -26,8 +27,10 @@ log = logging.getLogger("radixserve.scheduler")
 class DecodePlanner:
     """Picks a decode step's batch, retracting requests while KV is short."""
 
-    def __init__(self, table: BlockTable, running: RunningSet, lifecycle: Lifecycle) -> None:
+    def __init__(self, table: BlockTable, running: RunningSet, lifecycle: Lifecycle,
+                 spec: Speculator | None = None) -> None:
         self.table = table
+        self.spec = spec
         self.running = running
         self.lifecycle = lifecycle
 
@@ -35,7 +38,11 @@ class DecodePlanner:
         """The batch in decode order, each with a KV slot for its new token; and a request that can never grow
         (alone and out of KV), for the caller to end, or None."""
         # A request whose last token is still in flight (overlap scheduling) has nothing left to decode.
-        decoding = [r for r in self.running if r.stage == Stage.DECODE and r.remaining_new_tokens > 0]
+        # Nor one whose verify step is in flight (its accepted count decides where it goes on): speculative.py.
+        decoding = [r for r in self.running if r.stage == Stage.DECODE and r.remaining_new_tokens > 0
+                    and not r.verifying]
+        if self.spec is not None:
+            decoding = self.spec.hold(decoding)
         while decoding and self.table.available() < len(decoding):
             victim = decoding.pop()  # the most recently admitted gives way
             if len(self.running) == 1:

@@ -20,11 +20,26 @@ def check_finish(req: Req, num_outputs: int, context_length: int) -> FinishReaso
     return None
 
 
+def take_outputs(req: Req, k: int, ids: list[int], context_length: int) -> tuple[list[int], FinishReason | None]:
+    """A step's tokens for `req` into its pending outputs from index k (one, or a verify step's accepted drafts and
+    one more), cut at the first finish among them: what it reports, and that finish (or None). Invariant: no token
+    past a finish is ever reported (what the cut drops stays past the output, and `end` frees its KV)."""
+    req.output_ids[k:k + len(ids)] = ids
+    req.pending -= len(ids)
+    for j in range(1, len(ids) + 1):
+        finish = check_finish(req, k + j, context_length)
+        if finish is not None:
+            del req.output_ids[k + j:k + len(ids)]
+            return ids[:j], finish
+    return ids, None
+
+
 def make_out(req: Req, new_ids: list[int], finish: FinishReason | None, first: bool = False) -> ReqOut:
     """The message for `req`'s new tokens (its last when `finish` is set); the first one carries its input
     logprobs, if asked for."""
     out = ReqOut(rid=req.rid, new_ids=new_ids, prompt_tokens=len(req.prompt_ids),
-                 cached_tokens=req.cached_tokens, completion_tokens=req.num_outputs, finish=finish)
+                 cached_tokens=req.cached_tokens, completion_tokens=req.num_outputs, finish=finish,
+                 spec=req.spec if finish is not None else None)
     if first and req.input_logprobs:
         out.input_logprobs = req.input_logprobs
         out.input_top_logprobs = req.input_top_logprobs

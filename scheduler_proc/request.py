@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from radixserve.wire import FinishReason, Grammar, LogprobRequest, Penalties, SamplingParams
+from radixserve.wire import FinishReason, Grammar, LogprobRequest, Penalties, SamplingParams, SpecCounts
 from scheduler_proc.radix_cache import TreeNode
 
 PENDING = -1  # an output token sampled by a step in flight (the StepBatch input id that stands for it)
@@ -62,6 +62,11 @@ class Req:
     penalties: Penalties | None = None  # for the workers, once per admission (NewReq)
     pending: int = 0  # trailing PENDING entries of output_ids
     queued_at: float = 0.0  # time.monotonic() when it arrived (queue_time_seconds)
+    # Speculative decoding (speculative.py): a verify step of it in flight (its pending entries are drafts and
+    # one PENDING token), its tokens for n-gram drafting, its counts (reported on its last message).
+    verifying: bool = False
+    history: object = None  # speculative.TokenHistory, made at its first draft
+    spec: SpecCounts | None = None
 
     @property
     def fill_len(self) -> int:

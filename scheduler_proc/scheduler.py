@@ -35,13 +35,14 @@ from scheduler_proc.decode import DecodePlanner
 from scheduler_proc.grammar_gate import GrammarGate
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.lifecycle import Lifecycle, Outcome
-from scheduler_proc.outputs import add_input_logprobs, check_finish, make_out
+from scheduler_proc.outputs import add_input_logprobs, check_finish, make_out, take_outputs
 from scheduler_proc.prefill import Entries, PrefillPlanner
 from scheduler_proc.prefix_groups import PrefixGrouper
 from scheduler_proc.queues import RunningSet, WaitingQueue
 from scheduler_proc.radix_cache import RadixCache
 from scheduler_proc.request import PENDING, Req, Stage
 from scheduler_proc.sessions import SessionError, SessionTable
+from scheduler_proc.speculative import Speculator
 
 log = logging.getLogger("radixserve.scheduler")
 
@@ -104,7 +105,9 @@ class Scheduler:
         self.lifecycle = Lifecycle(self.table, self.running, self.waiting, self.grammars, self.sessions,
                                    self.counters)
         self.prefill = PrefillPlanner(args, self.table, self.running, self.waiting, self.counters)
-        self.decode = DecodePlanner(self.table, self.running, self.lifecycle)
+        self.spec = (Speculator(args, self.table, self.counters, context_length)
+                     if args.speculative_algorithm is not None else None)
+        self.decode = DecodePlanner(self.table, self.running, self.lifecycle, self.spec)
         self.arrivals = 0
         self.step_id = 0
         self.inflight: deque[InFlight] = deque()  # steps sent, oldest first (two with overlap scheduling)
@@ -205,12 +208,14 @@ class Scheduler:
         travels as -1 (the workers substitute the token they sampled last for that req slot)."""
         outcome = Outcome()
         entries, new_reqs = self.prefill.plan()
-        is_decode = False
+        is_decode, drafts = False, None
         if not entries:
             decoding, stuck = self.decode.plan()
             if stuck is not None and not stuck.pending:  # alone and out of KV: it can never grow, so it ends here
                 self.lifecycle.end(stuck, FinishReason(type="length", length=stuck.num_outputs), outcome)
-            entries, is_decode = [(req, 1) for req in decoding], True
+            drafts = self.spec.draft(decoding) if self.spec is not None and decoding else None
+            entries = [(req, 1 + (len(drafts[j]) if drafts else 0)) for j, req in enumerate(decoding)]
+            is_decode = drafts is None  # else a verify step: each request's last token and its drafts
             if not entries and self.waiting:  # decode may have freed KV for a waiting request
                 entries, new_reqs = self.prefill.plan()
                 is_decode = False
@@ -232,6 +237,8 @@ class Scheduler:
         extend = np.array([n for _, n in entries], dtype=np.int32)
         if is_decode:  # one new token each, the last it produced (cached_len == fill_len - 1), maybe PENDING
             ids = np.array([req.output_ids[-1] for req in reqs], dtype=np.int32)
+        elif drafts is not None:
+            ids = np.concatenate([np.concatenate([[req.output_ids[-1]], d]) for req, d in zip(reqs, drafts)])
         else:
             ids = np.concatenate([req.token_slice(req.cached_len, req.cached_len + n) for req, n in entries])
         # The new tokens' KV slots: req_to_token[slot, cached:cached + extend] of each request, in order.
@@ -240,17 +247,19 @@ class Scheduler:
         out_slots = self.table.req_to_token[np.repeat(req_slots, extend), columns]
         groups = self.grouper.groups(self.table.req_to_token, reqs) if is_decode and self.grouper else None
         self.counters.cascade_decode_steps += groups is not None
-        sampled = [self._commit(req, n) for req, n in entries]
+        sampled = [self._commit(req, n, d) for (req, n), d in zip(entries, drafts or [None] * len(entries))]
         outcome.batch = StepBatch(
             step=self.step_id, is_decode=is_decode, req_slots=req_slots.tobytes(),
             input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(), extend_lens=extend.tobytes(),
             out_slots=out_slots.tobytes(), sample_offsets=i32([max(k, -1) for k in sampled]), new_reqs=new_reqs,
-            prefix_groups=b"" if groups is None else groups.tobytes(), grammars=self.grammars.take_jobs())
+            prefix_groups=b"" if groups is None else groups.tobytes(), grammars=self.grammars.take_jobs(),
+            draft_lens=b"" if drafts is None else i32([len(d) for d in drafts]))
         self.inflight.append(InFlight(self.step_id, entries, req_slots, sampled))
         return outcome
 
-    def _commit(self, req: Req, n: int) -> int:
-        """Advance `req` past its part of a step being sent; the output index it samples, or NO_SAMPLE."""
+    def _commit(self, req: Req, n: int, drafts: np.ndarray | None = None) -> int:
+        """Advance `req` past its part of a step being sent; the output index it samples, or NO_SAMPLE. A verify
+        step's drafts join the output as pending entries before its PENDING token (speculative.py)."""
         req.cached_len += n
         if req.stage == Stage.PREFILL:
             if self.use_cache:
@@ -260,9 +269,13 @@ class Scheduler:
             self.running.prefilled(req)
         if req.remaining_new_tokens <= 0:
             return NO_SAMPLE  # max_new_tokens 0: the prompt only
+        k = len(req.output_ids)
+        if drafts is not None and len(drafts):  # a verify step's drafts, then the token after them
+            req.output_ids.extend(drafts.tolist())
+            req.pending, req.verifying = req.pending + len(drafts), True
         req.output_ids.append(PENDING)
         req.pending += 1
-        return len(req.output_ids) - 1
+        return k
 
     def process_result(self, result: StepResult) -> Outcome:
         """Apply the workers' answer to the oldest step in flight: the outputs to send, in batch order, and the
@@ -282,7 +295,11 @@ class Scheduler:
             self._admit_errors(flight, result, outcome)
         next_ids = np.frombuffer(result.next_ids, dtype=np.int32).tolist()
         next_lps = np.frombuffer(result.next_logprobs, dtype=np.float32).tolist()
-        for i, ((req, _), k) in enumerate(zip(flight.entries, flight.sampled)):
+        # Where each request's tokens are in next_ids: one each, or a verify step's accepted drafts + 1.
+        accepted = np.frombuffer(result.accept_lens, dtype=np.int32) if result.accept_lens else None
+        counts = np.ones(len(flight.entries), np.int64) if accepted is None else accepted.astype(np.int64) + 1
+        firsts = (np.cumsum(counts) - counts).tolist()
+        for i, ((req, n), k) in enumerate(zip(flight.entries, flight.sampled)):
             if req.stage == Stage.FINISHED:
                 continue
             if i in result.input_logprobs:
@@ -290,19 +307,22 @@ class Scheduler:
             if k == CHUNK:
                 continue
             new_ids: list[int] = []
+            flat = range(firsts[i], firsts[i] + int(counts[i]))
             if k != NO_SAMPLE:
-                req.output_ids[k] = next_ids[i]
-                req.pending -= 1
-                new_ids.append(next_ids[i])
-                self.counters.generated_tokens += 1
-            num_outputs = k + 1 if k != NO_SAMPLE else req.num_outputs
-            finish = check_finish(req, num_outputs, self.context_length)
+                if accepted is not None and n > 1:  # a request that drafted n - 1 tokens
+                    self.spec.settle(req, k, n - 1, int(accepted[i]))
+                new_ids, finish = take_outputs(req, k, next_ids[flat.start:flat.stop], self.context_length)
+                num_outputs = k + len(new_ids)
+            else:
+                num_outputs = req.num_outputs
+                finish = check_finish(req, num_outputs, self.context_length)
+            self.counters.generated_tokens += len(new_ids)
             # The message of the first output (or of a prompt-only request) carries its input logprobs.
             out = make_out(req, new_ids, finish, first=k == 0 or (k == NO_SAMPLE and num_outputs == 0))
             if req.logprob is not None and new_ids:
-                out.output_logprobs = [next_lps[i]]
-                if i in result.top_logprobs:
-                    out.output_top_logprobs = [result.top_logprobs[i]]
+                out.output_logprobs = next_lps[flat.start:flat.start + len(new_ids)]
+                if flat.start in result.top_logprobs:
+                    out.output_top_logprobs = [result.top_logprobs[f] for f in flat[:len(new_ids)]]
             if finish is None:
                 outcome.outs.append((req.reply_to, out))
             else:

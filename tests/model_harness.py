@@ -10,18 +10,19 @@ import os
 
 import torch
 
+from worker_proc.attention import backend_class
 from worker_proc.attention.base import ForwardMeta
-from worker_proc.attention.torch_backend import TorchBackend
 from worker_proc.kv_cache import KVCache
 
 
 class RaggedRunner:
-    def __init__(self, model: torch.nn.Module, max_reqs: int = 4, context_len: int = 128) -> None:
+    def __init__(self, model: torch.nn.Module, max_reqs: int = 4, context_len: int = 128,
+                 backend: str = "torch") -> None:
         param = next(model.parameters())
         self.model, self.device = model, param.device
         self.kv = KVCache(model.num_layers, max_reqs * context_len + 1, model.num_kv_heads_local,
                           model.head_dim, param.dtype, self.device)
-        self.attn = TorchBackend(self.kv, model.num_q_heads_local, model.head_dim)
+        self.attn = backend_class(backend)(self.kv, model.num_q_heads_local, model.head_dim, model.attention_layers)
         self.req_to_token = torch.zeros(max_reqs, context_len, dtype=torch.int32, device=self.device)
         self.lens = [0] * max_reqs
         self.next_kv_slot = 1  # slot 0 is padding
@@ -55,9 +56,11 @@ class RaggedRunner:
 
 
 @torch.inference_mode()
-def greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, list[list[int]]]:
-    """Logits [steps + 1, B, V] (prefill, then each decode step) and the `steps + 1` greedy tokens per prompt."""
-    runner = RaggedRunner(model, max_reqs=len(prompts))
+def greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int,
+           backend: str = "torch") -> tuple[torch.Tensor, list[list[int]]]:
+    """Logits [steps + 1, B, V] (prefill, then each decode step) and the `steps + 1` greedy tokens per prompt,
+    attention through `backend` (a worker_proc.attention name)."""
+    runner = RaggedRunner(model, max_reqs=len(prompts), backend=backend)
     reqs = list(range(len(prompts)))
     logits = [runner.step(reqs, prompts)]
     tokens = [[t] for t in logits[-1].argmax(-1).tolist()]
@@ -69,10 +72,10 @@ def greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> tupl
 
 
 def tp_worker(rank: int, world_size: int, init_method: str, model_dirs: list[str], prompts: list[list[int]],
-              steps: int, out_path: str, device_type: str = "cpu") -> None:
-    """One TP rank (a torch.multiprocessing.spawn target; gloo on cpu, nccl on cuda:rank): greedy-decode
-    with each model, real and dummy weights; rank 0 saves {model_dir: {"logits", "tokens", "dummy_logits"}}
-    (on the CPU) to `out_path`."""
+              steps: int, out_path: str, device_type: str = "cpu", ep_size: int = 1) -> None:
+    """One TP rank (a torch.multiprocessing.spawn target; gloo on cpu, nccl on cuda:rank; MoE experts over
+    `ep_size` groups): greedy-decode with each model, real and dummy weights; rank 0 saves
+    {model_dir: {"logits", "tokens", "dummy_logits"}} (on the CPU) to `out_path`."""
     from radixserve.model_files import load_hf_config
     from worker_proc import parallel
     from worker_proc.weights import load_model
@@ -81,7 +84,7 @@ def tp_worker(rank: int, world_size: int, init_method: str, model_dirs: list[str
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    parallel.init_tp(rank, world_size, init_method, "nccl" if device.type == "cuda" else "gloo")
+    parallel.init_tp(rank, world_size, init_method, "nccl" if device.type == "cuda" else "gloo", ep_size)
     try:
         results = {}
         for model_dir in model_dirs:
@@ -97,3 +100,22 @@ def tp_worker(rank: int, world_size: int, init_method: str, model_dirs: list[str
     # Skip interpreter teardown, where gloo (torch 2.13, CPU) now and then aborts the process with
     # "terminate called without an active exception" (about 1 run in 10) after all the work is done.
     os._exit(0)
+
+
+@torch.no_grad()
+def hf_reference(hf: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """HF logits predicting each of `tokens` after `prompt` (teacher-forced), [len(tokens), V]."""
+    logits = hf(torch.tensor([prompt + tokens[:-1]])).logits[0].float()
+    return logits[len(prompt) - 1:]
+
+
+def assert_greedy_matches_hf(model: torch.nn.Module, hf: torch.nn.Module, prompts: list[list[int]], steps: int) -> None:
+    """Our batched greedy tokens equal HF `generate`'s for each prompt alone, and every step's logits equal HF's
+    teacher-forced ones to 1e-4 (float32)."""
+    logits, tokens = greedy(model, prompts, steps)
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt])  # with the mask: generate would take a token equal to pad_token_id for padding
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=steps + 1)[0, len(prompt):]
+        assert tokens[i] == expected.tolist()
+        torch.testing.assert_close(logits[:, i], hf_reference(hf, prompt, tokens[i]), atol=1e-4, rtol=0)

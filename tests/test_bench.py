@@ -108,6 +108,18 @@ def test_datasets(tokenizer, tmp_path) -> None:
     assert {c[0].output_len for c in convs} == {len(tokenizer.encode(a)) for a in (
         "Once upon a time there was a cat who liked to sleep.", "Two plus two is four.")}
 
+    edits = DatasetArgs(dataset="editing", num_prompts=6, editing_passage_words=40)
+    convs = load_dataset(edits, tokenizer, vocab)
+    assert len(convs) == 6 and [c[0].input_ids for c in load_dataset(edits, tokenizer, vocab)] == [
+        c[0].input_ids for c in convs]
+    for c in convs:  # a chat prompt that carries its passage, and room to copy all of it
+        turn = c[0]
+        assert turn.input_ids == tokenizer.encode(turn.text, add_special_tokens=False)
+        passage = turn.text.split("\n\n")[1].split("<|im_end|>")[0]
+        assert len(passage.split()) >= 40 and turn.output_len == len(tokenizer.encode(passage)) + 16
+    asks = {c[0].text.split("<|im_start|>user\n")[1].split("\n")[0] for c in convs}
+    assert len(asks) > 1 and any(ask.startswith("Repeat") for ask in asks)  # more than one kind of edit
+
 
 # ---------------------------------------------------------------- modes
 

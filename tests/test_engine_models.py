@@ -1,4 +1,4 @@
-"""The Engine end to end on tiny random Llama / Qwen2 / Qwen3 safetensors models, and at tp_size 2 on CPU."""
+"""The Engine end to end on tiny random Llama / Qwen2 / Qwen3 / Mistral safetensors models, and at tp_size 2 on CPU."""
 
 from __future__ import annotations
 
@@ -59,21 +59,28 @@ def test_tp_size_that_does_not_divide_the_heads_fails_clearly():
         Engine(dtype="float32", tp_size=2, max_total_tokens=1024)
 
 
-def test_mistral_sliding_window_caps_the_context(tmp_path):
-    """The window is not applied in attention, so the context stops at it: exact there, a clear error past it."""
+def test_mistral_sliding_window_across_chunks_and_a_radix_hit(tmp_path):
+    """Attention honours the 6-position window past it: a 22-token prompt prefilled in chunks of 8 (later chunks'
+    queries see only the end of the earlier ones), then served again from the radix cache, gives HF's greedy
+    tokens; the context is the model's whole length, not the window."""
     from transformers import AutoModelForCausalLM, MistralConfig
 
     torch.manual_seed(3)
     hf = AutoModelForCausalLM.from_config(MistralConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=251, max_position_embeddings=128, sliding_window=24)).eval()
+        vocab_size=251, max_position_embeddings=128, sliding_window=6), attn_implementation="eager").eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     hf.save_pretrained(tmp_path)
-    with Engine(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_total_tokens=256) as eng:
-        assert eng.runtime.context_length == 24
+    prompt = PROMPTS[2] * 2
+    want = hf_greedy(hf, prompt)
+    with Engine(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_total_tokens=256,
+                chunked_prefill_size=8) as eng:
+        assert eng.runtime.context_length == 128
         assert not eng.runtime.cascade_attention  # the torch backend: the scheduler sends no prefix groups
         params = {"temperature": 0, "max_new_tokens": STEPS, "ignore_eos": True}
-        assert eng.generate(input_ids=PROMPTS[2], sampling_params=params)["output_ids"] == hf_greedy(hf, PROMPTS[2])
-        finish = eng.generate(input_ids=PROMPTS[2] * 2, sampling_params=params)["meta_info"]["finish_reason"]
-        assert finish["type"] == "abort" and finish["status_code"] == 400 and "context length (24" in finish["message"]
+        assert eng.generate(input_ids=prompt, sampling_params=params)["output_ids"] == want
+        again = eng.generate(input_ids=prompt, sampling_params=params)
+        assert again["meta_info"]["cached_tokens"] == len(prompt) - 1
+        assert again["output_ids"] == want
+        eng.check_invariants()

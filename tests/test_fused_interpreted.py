@@ -83,11 +83,12 @@ def check_batch_invariant_matmul() -> None:
     print("batch_invariant_matmul ok")
 
 
-def run_interpreted(check: str) -> None:
+def run_interpreted(check: str, module: str = "test_fused_interpreted") -> None:
+    """Run tests/`module`.py's `check` in a child with TRITON_INTERPRET=1; it must print "<name> ok"."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parent
     code = f"import sys; sys.path[:0] = [{str(root)!r}, {str(root.parent)!r}]; " \
-           f"from test_fused_interpreted import {check}; {check}()"
+           f"from {module} import {check}; {check}()"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and f"{check.removeprefix('check_')} ok" in proc.stdout, proc.stdout + proc.stderr
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from model_harness import RaggedRunner, greedy, tp_worker
+from model_harness import RaggedRunner, assert_greedy_matches_hf, greedy, hf_reference, tp_worker
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from radixserve.model_files import load_hf_config
@@ -42,21 +42,26 @@ def tiny_config(kind: str):
     return Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
 
 
+def random_hf_model(config, seed: int, path: Path) -> torch.nn.Module:
+    """The HF model of `config` with every parameter (biases, norms too) randomised, saved to `path`."""
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn_like(p))
+    hf.generation_config.eos_token_id = None  # always generate the full length
+    hf.generation_config.pad_token_id = 0
+    hf.save_pretrained(path)
+    return hf
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, tuple[str, torch.nn.Module]]:
-    """kind -> (saved HF directory, the HF model), with every parameter (biases, norms too) randomised."""
+    """kind -> (saved HF directory, the HF model)."""
     out = {}
     for i, kind in enumerate(("llama", "qwen2", "qwen3")):
-        torch.manual_seed(i)
-        hf = AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn_like(p))
-        hf.generation_config.eos_token_id = None  # always generate the full length
-        hf.generation_config.pad_token_id = 0
         path = tmp_path_factory.mktemp(kind)
-        hf.save_pretrained(path)
-        out[kind] = (str(path), hf)
+        out[kind] = (str(path), random_hf_model(tiny_config(kind), i, path))
     return out
 
 
@@ -69,11 +74,6 @@ def ours(model_dir: str) -> torch.nn.Module:
     return load_model(model_dir, load_hf_config(model_dir), "safetensors", torch.float32, "cpu")
 
 
-@torch.no_grad()
-def hf_reference(hf: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """HF logits predicting each of `tokens` after `prompt` (teacher-forced), [len(tokens), V]."""
-    logits = hf(torch.tensor([prompt + tokens[:-1]])).logits[0].float()
-    return logits[len(prompt) - 1:]
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
@@ -81,12 +81,7 @@ def test_matches_hf(tiny_models, kind):
     model_dir, hf = tiny_models[kind]
     model = ours(model_dir)
     assert type(model).__name__ == type(hf).__name__
-    batch = prompts()
-    logits, tokens = greedy(model, batch, STEPS)
-    for i, prompt in enumerate(batch):
-        expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=STEPS + 1)[0, len(prompt):]
-        assert tokens[i] == expected.tolist()
-        torch.testing.assert_close(logits[:, i], hf_reference(hf, prompt, tokens[i]), atol=1e-4, rtol=0)
+    assert_greedy_matches_hf(model, hf, prompts(), STEPS)
 
 
 def test_chunked_prefill_in_a_mixed_batch(tiny_models):
@@ -216,7 +211,7 @@ def test_load_weights_rejects_missing_and_unknown(tiny_models):
 
 def test_registry():
     assert model_class(SimpleNamespace(architectures=None, model_type="qwen3")).__name__ == "Qwen3ForCausalLM"
-    assert model_class(SimpleNamespace(architectures=["MistralForCausalLM"])).__name__ == "LlamaForCausalLM"
+    assert model_class(SimpleNamespace(architectures=["MistralForCausalLM"])).__name__ == "MistralForCausalLM"
     with pytest.raises(ValueError, match="unsupported model.*GPT2LMHeadModel"):
         model_class(SimpleNamespace(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
 

@@ -27,6 +27,7 @@ class RequestOutput:
     logprob_text: bool = False
     cached_tokens: int = 0
     finish: wire.FinishReason | None = None
+    spec: wire.SpecCounts | None = None  # speculative decoding's counts, from the scheduler's last message
     _new_text: list[str] = field(default_factory=list)
     _taken: int = 0
     _input_logprobs: list[wire.LogprobEntry] | None = None
@@ -39,6 +40,7 @@ class RequestOutput:
         scheduler does not know of yet (the caller sends it an Abort with it); sets `self.finish`."""
         self.cached_tokens = out.cached_tokens
         self.prompt_tokens = out.prompt_tokens  # a session turn's prompt includes its history
+        self.spec = out.spec or self.spec
         if self.logprob:
             self._add_logprobs(out)
         stop_token = out.finish is not None and out.finish.type == "stop" and isinstance(out.finish.matched, int)
@@ -77,7 +79,8 @@ class RequestOutput:
         self._new_text.clear()
         delta = wire.TextDelta(rid=self.rid, text=text, output_ids=self.text.output_ids[start:n_out],
                                prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
-                               completion_tokens=n_out, finish=self.finish)
+                               completion_tokens=n_out, finish=self.finish,
+                               spec=self.spec if self.finish is not None else None)
         if self.logprob:
             # Ids that arrived after a stop string are not output: neither are their logprobs.
             delta.output_logprobs = self._output_logprobs[start:n_out]

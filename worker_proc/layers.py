@@ -126,10 +126,31 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
-    """RoPE settings from a transformers 5 `rope_parameters` or an older `rope_theta` + `rope_scaling` config."""
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), all in float32 and rounded once to x's dtype (HF's order);
+    with `residual`, the residual add (in x's dtype) comes first, as in RMSNorm."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = make_param((dim,), dtype, device, load_replicated, {None: (dim,)})
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = (F.rms_norm(x.float(), x.shape[-1:], eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
+def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """RoPE settings from a transformers 5 `rope_parameters` or an older `rope_theta` + `rope_scaling` config;
+    with `layer_type`, that layer type's entry of a per-layer-type `rope_parameters` (Gemma 3)."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if layer_type is not None:
+        params = dict(params[layer_type])
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     return params
 
@@ -151,17 +172,46 @@ def _inv_freq(params: dict[str, Any], head_dim: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
         return torch.where(is_medium, smoothed, scaled)
-    raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
+    raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3, longrope are)")
+
+
+def _longrope_angles(params: dict[str, Any], head_dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): angles [max_positions, head_dim / 2] with the short factors below
+    original_max_position_embeddings and the long factors from there on, and the cos/sin scale.
+
+    HF picks one set of factors for a whole forward from its longest position, so it re-rotates a prompt that
+    crosses original_max_position_embeddings with the long factors from position 0, while its cache keeps
+    the short-factor keys of a sequence that grows past that point. A position here always gets the same
+    rotation (what a shared prefix cache needs): equal to HF for sequences within the original length."""
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_positions / original
+    scale = params.get("attention_factor") or (
+        1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
+    shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    short, long = (1.0 / (torch.tensor(params[key], dtype=torch.float32) * params["rope_theta"] ** shape)
+                   for key in ("short_factor", "long_factor"))
+    angles = torch.where(positions[:, None] < original, torch.outer(positions, short), torch.outer(positions, long))
+    return angles, scale
 
 
 class RotaryEmbedding(nn.Module):
     """Neox-style (rotate-half) RoPE from a cos/sin table indexed by position: no host sync per step."""
 
     def __init__(self, head_dim: int, max_positions: int, params: dict[str, Any], device: torch.device | str) -> None:
+        """`max_positions`: the model's max_position_embeddings (LongRoPE derives its scale from it)."""
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), _inv_freq(params, head_dim))
-        self.register_buffer("cos", freqs.cos().to(device), persistent=False)  # [max_positions, head_dim / 2]
-        self.register_buffer("sin", freqs.sin().to(device), persistent=False)
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise NotImplementedError(f"partial_rotary_factor {params['partial_rotary_factor']} is not supported "
+                                      "(RoPE over the whole head is)")
+        if params["rope_type"] == "longrope":
+            freqs, scale = _longrope_angles(params, head_dim, max_positions)
+        else:
+            freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), _inv_freq(params, head_dim))
+            scale = 1.0
+        # [max_positions, head_dim / 2], float32; HF scales (LongRoPE) before rounding to the activations' dtype.
+        self.register_buffer("cos", (freqs.cos() * scale).to(device), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * scale).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [T, 1, head_dim / 2] for `apply_rotary`, cast to the activations' dtype as HF does."""
@@ -190,6 +240,14 @@ class SiluAndMul(nn.Module):
             return kernel(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """[.., 2n] -> gelu_tanh(x[.., :n]) * x[.., n:]: Gemma's gated MLP (HF's gelu_pytorch_tanh)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
 
 
 class _ColumnLinear(nn.Module):
@@ -262,11 +320,13 @@ class QKVParallelLinear(_ColumnLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_local W_local^T) + b with W's columns split over ranks (input already sharded)."""
+    """y = all_reduce(x_local W_local^T) + b with W's columns split over ranks (input already sharded); with
+    `reduce=False` this rank's partial sum, for a caller that adds it to others before one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, reduce: bool = True) -> None:
         super().__init__()
+        self.reduce = reduce
         self.in_local = divide(in_features, tp_size(), "input features")
         self.weight = make_param((out_features, self.in_local), dtype, device, self._load,
                                  {None: (out_features, in_features)})
@@ -279,7 +339,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins on rank 0 only, so the sum over ranks adds it exactly once.
-        return tp_all_reduce(linear(x, self.weight, self.bias if tp_rank() == 0 else None, self.packed))
+        y = linear(x, self.weight, self.bias if tp_rank() == 0 else None, self.packed)
+        return tp_all_reduce(y) if self.reduce else y
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -87,7 +87,8 @@ def run_worker(args_json: bytes, ipc_root: str, rank: int, model_dir: str, paren
                      " ".join(waits) or "libgomp's default")
         else:
             torch.cuda.set_device(device)
-        parallel.init_tp(rank, args.tp_size, nodes.tp_init_method(ipc), "nccl" if device.type == "cuda" else "gloo")
+        parallel.init_tp(rank, args.tp_size, nodes.tp_init_method(ipc), "nccl" if device.type == "cuda" else "gloo",
+                         args.ep_size)
         runner = ModelRunner(args, rank, model_dir)
         warm_up(runner)  # every rank: its steps meet the other ranks' collectives; ready means ready
         if out is not None:

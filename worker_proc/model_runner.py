@@ -21,6 +21,7 @@ from worker_proc.layers import pack_cpu_linears
 from worker_proc.penalties import SlotPenalties
 from worker_proc.runtime_facts import kv_slots_that_fit, resolve_device, resolve_dtype, serving_context_length
 from worker_proc.sampling import SampleRows, SlotParams, make_sampler, top_logprobs
+from worker_proc.speculative import Verifier, launch_verify
 from worker_proc.step_io import HostStaging, PendingStep, ResultCopier
 from worker_proc.weights import load_model
 
@@ -89,7 +90,8 @@ class ModelRunner:
         log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
                  self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
         self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
-        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim)
+        self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim,
+                                                         m.attention_layers)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache or
@@ -155,6 +157,7 @@ class ModelRunner:
         self.slot_params = SlotParams(args.max_running_requests, self.device,
                                       args.random_seed if args.enable_deterministic_inference else -1)
         self.sampler = make_sampler(self.slot_params, self.device, args.random_seed)
+        self.verifier = Verifier(self.sampler)  # verify steps of speculative decoding (StepBatch.draft_lens)
         self.penalties = SlotPenalties(args.max_running_requests, vocab, self.device) if self.rank == 0 else None
         self.grammars = None
         if self.rank == 0 and args.grammar_backend != "none":
@@ -209,11 +212,12 @@ class ModelRunner:
                            extend_lens_cpu=a.extend.tolist(), prefix_groups=prefix_groups)
         return DeviceStep(meta, ids, pos, last, slots)
 
-    def forward(self, a: StepArrays, is_decode: bool,
-                prefix_groups: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """float32 logits of each request's last new token [B, V], the hidden states of all new tokens
-        (None when a decode graph ran), and the batch's req slots on the device.
-        `prefix_groups`: decode with cascade attention (see ForwardMeta)."""
+    def forward(self, a: StepArrays, is_decode: bool, prefix_groups: np.ndarray | None = None,
+                every_token: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """float32 logits of each request's last new token [B, V] (`every_token`: of every new token), the hidden
+        states of all new tokens (None when a decode graph ran), and the batch's req slots on the device.
+        `prefix_groups`: decode with cascade attention (see ForwardMeta). Without a graph, `step_input_ids` keeps
+        the step's input ids on the device (placeholders replaced)."""
         bs = len(a.req_slots)
         cascade = prefix_groups is not None
         graph_bs = self.graphs.padded_size(bs) if is_decode and self.graphs is not None else None
@@ -223,10 +227,11 @@ class ModelRunner:
             self._mark_planned()
             return self.graphs.replay(graph_bs, cascade)[:bs], None, d.req_slots[:bs]
         d = self._to_device(a, is_decode, prefix_groups)
+        self.step_input_ids = d.input_ids
         self.attn.prepare(d.meta)
         self._mark_planned()
         hidden = self.model.forward(d.input_ids, d.positions, self.attn)
-        return self.model.compute_logits(hidden[d.last]), hidden, d.req_slots
+        return self.model.compute_logits(hidden if every_token else hidden[d.last]), hidden, d.req_slots
 
     def _mark_planned(self) -> None:
         """FlashInfer's plan copies its host buffers to the device asynchronously; the next step may rewrite
@@ -249,6 +254,8 @@ class ModelRunner:
             self._planned.synchronize()  # the previous step's plan copy ran: its host buffers may be rewritten
         admit_errors = self._admit(b) if b.new_reqs else []
         a = StepArrays.of(b)
+        if b.draft_lens:
+            return launch_verify(self, b, a, t0, admit_errors)
         groups = from_i32(b.prefix_groups).reshape(-1, 2) if b.prefix_groups and self.use_cascade else None
         logits, hidden, slots = self.forward(a, b.is_decode, groups)
         # Decode steps compute no prompt tokens, so they have no input logprobs.
@@ -272,10 +279,11 @@ class ModelRunner:
         return PendingStep(b.step, t0, ids_host, lps_host, done, tops, input_lps, grammars_done, admit_errors)
 
     def _process_logits(self, logits: torch.Tensor, slots: np.ndarray, d_slots: torch.Tensor, offsets: np.ndarray,
-                        kept: np.ndarray) -> None:
-        """Rank 0, before sampling, in place: penalties and logit bias, min_new_tokens' ban on stop ids (not for
-        grammar rows, whose grammar decides where they end), then each grammar row's token mask."""
-        self.penalties.apply(logits, slots, d_slots)
+                        kept: np.ndarray, prior: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Rank 0, before sampling, in place: penalties and logit bias (`prior`: tokens counted as output before
+        a row, SlotPenalties.apply), min_new_tokens' ban on stop ids (not for grammar rows, whose grammar decides
+        where they end), then each grammar row's token mask."""
+        self.penalties.apply(logits, slots, d_slots, prior)
         banned_rows, banned_ids = self.slot_params.banned(slots, offsets)
         if len(banned_rows) and self.grammars is not None:
             free = ~self.grammars.constrained(slots)[banned_rows]

@@ -18,6 +18,7 @@ class _TPGroup:
     rank: int
     size: int
     device: torch.device  # where collectives of Python scalars (tp_min) run: cpu for gloo, cuda for nccl
+    ep_size: int  # ranks that MoE experts are placed over whole (worker_proc.moe); divides size
 
 
 _group: _TPGroup | None = None
@@ -39,15 +40,18 @@ _p2p: _P2PAllReduce | None = None
 P2P_MAX_BYTES = 4 << 20
 
 
-def init_tp(rank: int, world_size: int, init_method: str, backend: str) -> None:
-    """Join the TP group (`backend`: gloo on CPU, nccl on CUDA; `init_method` e.g. tcp://127.0.0.1:port)."""
+def init_tp(rank: int, world_size: int, init_method: str, backend: str, ep_size: int = 1) -> None:
+    """Join the TP group (`backend`: gloo on CPU, nccl on CUDA; `init_method` e.g. tcp://127.0.0.1:port);
+    `ep_size` (dividing world_size): MoE experts go whole to ep groups of ranks (--ep-size)."""
     global _group
     if _group is not None:
         raise RuntimeError("tensor parallelism is already initialised in this process")
+    if ep_size < 1 or world_size % ep_size:
+        raise ValueError(f"--ep-size {ep_size} does not divide --tp-size {world_size}")
     if world_size > 1:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    _group = _TPGroup(rank, world_size, device)
+    _group = _TPGroup(rank, world_size, device, ep_size)
 
 
 def enable_p2p_all_reduce(dtype: torch.dtype, devices: list[int]) -> bool:
@@ -85,6 +89,10 @@ def tp_rank() -> int:
 
 def tp_size() -> int:
     return _group.size if _group else 1
+
+
+def ep_size() -> int:
+    return _group.ep_size if _group else 1
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:

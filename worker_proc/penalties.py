@@ -59,14 +59,21 @@ class SlotPenalties:
             values = torch.from_numpy(np.frombuffer(p.bias_values, dtype=np.float32).copy()).to(self.device)
             self.bias[slot] = (ids, values)
 
-    def apply(self, logits: torch.Tensor, slots: np.ndarray, d_slots: torch.Tensor) -> None:
-        """Penalize and bias the rows of `logits` (one per batch row, req slots `slots`) in place."""
+    def apply(self, logits: torch.Tensor, slots: np.ndarray, d_slots: torch.Tensor,
+              prior: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Penalize and bias the rows of `logits` (one per batch row, req slots `slots`) in place. `prior`: (row,
+        token id) pairs counted as output before that row beyond its slot's counts (a verify step's drafts)."""
         rows = np.flatnonzero(self.counted[slots])
         if len(rows):
             frequency, presence, repetition = self.kinds[slots[rows]].any(axis=0)  # only the kinds in use
             d_rows = torch.from_numpy(rows).to(self.device)
             s = d_slots.index_select(0, d_rows).long()
             counts = self.counts.index_select(0, s)
+            if prior is not None:
+                keep = np.isin(prior[0], rows)
+                at = torch.from_numpy(np.searchsorted(rows, prior[0][keep])).to(self.device)
+                ids = torch.from_numpy(prior[1][keep]).to(self.device)
+                counts.index_put_((at, ids), torch.ones(len(at), device=self.device), accumulate=True)
             seen = counts > 0
             x = logits.index_select(0, d_rows)
             if repetition:

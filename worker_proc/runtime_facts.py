@@ -39,13 +39,6 @@ def serving_context_length(requested: int | None, hf_config) -> int:
     length = min(requested or positions, positions)
     if requested and requested > length:
         log.warning("--context-length %d exceeds the model's %d positions: using %d", requested, length, length)
-    # Mistral attends within a sliding window, which the attention backends do not apply: up to the
-    # window the results are exact, so the context stops there.
-    window = getattr(hf_config, "sliding_window", None) if hf_config.model_type == "mistral" else None
-    if window and window < length:
-        log.warning("the model's sliding window (%d tokens) is not implemented: context length %d, not %d",
-                    window, window, length)
-        length = window
     return length
 
 

@@ -69,6 +69,7 @@ class PendingStep:
     input_logprobs: dict[int, tuple[list, list | None]] = field(default_factory=dict)
     grammars_done: list[GrammarDone] = field(default_factory=list)
     admit_errors: list[tuple[int, str]] = field(default_factory=list)
+    accept_lens: np.ndarray | None = None  # a verify step's accepted drafts per request (int32)
 
     def result(self) -> StepResult:
         """Wait for the copy (not for later steps) and build the answer to the scheduler."""
@@ -86,6 +87,8 @@ class PendingStep:
         result.forward_ms = (time.perf_counter() - self.t0) * 1000
         result.grammars_done = self.grammars_done
         result.admit_errors = self.admit_errors
+        if self.accept_lens is not None:
+            result.accept_lens = self.accept_lens.tobytes()
         return result
 
 

@@ -2,7 +2,9 @@
 
 A single-turn dataset is conversations of one turn. In `multi-turn`, turn k's prompt is the whole
 conversation so far (every earlier prompt and the answer the server actually gave) plus turn k's
-question, so a radix cache can serve all of it but the question.
+question, so a radix cache can serve all of it but the question. `editing` asks the model (through its chat
+template) to repeat or lightly edit a passage given in the prompt: a workload where n-gram speculation pays
+because the answer copies its input.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from radixserve.config import ServerArgs
 
-DATASETS = ("random", "generated-shared-prefix", "multi-turn", "sharegpt")
+DATASETS = ("random", "generated-shared-prefix", "multi-turn", "sharegpt", "editing")
 SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL, SHAREGPT_MIN_LEN = 1024, 2048, 4  # SGLang's filters
 
 
@@ -50,6 +52,7 @@ class DatasetArgs:
     mt_output_len: int = 32
     dataset_path: str | None = None
     sharegpt_output_len: int | None = None
+    editing_passage_words: int = 120
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> DatasetArgs:
@@ -77,6 +80,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mt-output-len", type=int, default=d.mt_output_len)
     g.add_argument("--dataset-path", help="sharegpt: a ShareGPT-format JSON file")
     g.add_argument("--sharegpt-output-len", type=int, help="sharegpt: fixed output length (default: the answer's)")
+    g.add_argument("--editing-passage-words", type=int, default=d.editing_passage_words,
+                   help="editing: words in each passage (the output length is its token count + 16)")
 
 
 class _Vocab:
@@ -110,6 +115,8 @@ def load_dataset(a: DatasetArgs, tokenizer: Any | None, vocab_size: int) -> list
                  for _ in range(a.mt_num_conversations)]
     elif a.dataset == "sharegpt":
         return _sharegpt(a, tokenizer)
+    elif a.dataset == "editing":
+        return _editing(a, tokenizer)
     else:
         raise ValueError(f"unknown dataset {a.dataset!r}; choose one of {DATASETS}")
     if tokenizer is not None:
@@ -145,6 +152,38 @@ def _sharegpt(a: DatasetArgs, tokenizer: Any | None) -> list[Conversation]:
         convs.append([Turn(ids, out, prompt)])
     if not convs:
         raise ValueError(f"no usable conversation in {a.dataset_path}")
+    return convs
+
+
+WORDS = ("the river town market old bridge morning evening light stone garden window road house children teacher "
+         "letter winter summer harbor ship captain bread baker music street night lamp quiet field farmer rain "
+         "mountain village story book table friend door wall clock bell forest path small large bright dark warm "
+         "cold slowly quickly always never often walked carried opened closed watched found remembered built "
+         "painted wrote read sang waited").split()
+EDITS = ("Repeat the following passage exactly, word for word.",
+         "Rewrite the following passage, replacing the word '{a}' with '{b}' everywhere. Change nothing else.",
+         "Copy the following passage, but write '{a}' in capital letters wherever it appears.")
+
+
+def _editing(a: DatasetArgs, tokenizer: Any | None) -> list[Conversation]:
+    """Chat prompts that ask to repeat or lightly edit a passage of random sentences given in the prompt."""
+    if tokenizer is None:
+        raise ValueError("--dataset editing needs a tokenizer (not --skip-tokenizer-init)")
+    rng = random.Random(a.seed)
+    convs: list[Conversation] = []
+    for _ in range(a.num_prompts):
+        words, sentences = 0, []
+        while words < a.editing_passage_words:
+            sentence = rng.choices(WORDS, k=rng.randrange(6, 14))
+            sentences.append(" ".join(sentence).capitalize() + ".")
+            words += len(sentence)
+        passage = " ".join(sentences)
+        x, y = rng.sample(WORDS, 2)
+        ask = rng.choice(EDITS).format(a=x, b=y)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{ask}\n\n{passage}"}],
+                                             add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        convs.append([Turn(ids, len(tokenizer.encode(passage, add_special_tokens=False)) + 16, text)])
     return convs
 
 

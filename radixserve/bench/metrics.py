@@ -20,6 +20,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)  # s, between output tokens
     error: str | None = None
     turn: int = 0  # index of the turn in its conversation (multi-turn datasets)
+    spec_verify_ct: int = 0  # speculative verify steps it took (meta_info; native backend)
 
 
 def stats_ms(values_s: list[float]) -> dict[str, float]:
@@ -41,6 +42,9 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "output_throughput": output / duration, "total_throughput": (prompt + output) / duration,
         "cache_hit_rate": cached / prompt if prompt else 0.0,
     }
+    speculated = [r for r in ok if r.spec_verify_ct]
+    if speculated:  # SGLang's accept length: output tokens per verify step
+        out["spec_accept_length"] = sum(r.output_tokens for r in speculated) / sum(r.spec_verify_ct for r in speculated)
     latencies = [r.latency for r in ok if r.latency is not None]
     if latencies:
         out["e2e_latency_ms"] = stats_ms(latencies)

@@ -4,6 +4,9 @@ Prefill is a generate of one token (the whole batch in one step: the prefill bud
 decode is (time of `output_len` tokens - prefill) / (output_len - 1). The radix cache is off so every run
 computes its prompts. The floor of a step is max(bytes read / device bandwidth, FLOPs / matmul rate), from
 the copy bandwidth and dense matmul rate measured here on the Engine's device; on a CPU there is none.
+A mixture-of-experts model's step reads, of its routed experts, only those its tokens choose: with n tokens
+each choosing top_k of E experts at random (as dummy weights route), E * (1 - (1 - top_k / E)^n) per layer
+are expected; its FLOPs count top_k experts per token.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ class ModelShape:
     body_params: int  # all but the embedding and the LM head
     elem_bytes: int
     kv_bytes_per_token: int
+    expert_params: int = 0  # the routed experts' parameters, all layers (part of body_params)
+    num_experts: int = 0  # routed experts per MoE layer
+    top_k: int = 0  # experts each token goes through
 
     @classmethod
     def of(cls, hf_config: Any, worker_info: dict) -> ModelShape:
@@ -61,16 +67,38 @@ class ModelShape:
         vocab = hf_config.vocab_size * hf_config.hidden_size
         tied = getattr(hf_config, "tie_word_embeddings", False)
         return cls(hf_config.num_hidden_layers, heads * head_dim, vocab, params - vocab * (1 if tied else 2), elem,
-                   worker_info["kv_bytes_per_token"])
+                   worker_info["kv_bytes_per_token"], *_routed_experts(hf_config))
+
+    def experts_read(self, tokens: float) -> float:
+        """Expected distinct experts per MoE layer that `tokens` tokens choose (0 for a dense model)."""
+        if not self.num_experts:
+            return 0.0
+        return self.num_experts * (1 - (1 - self.top_k / self.num_experts) ** tokens)
 
     def step(self, new_tokens: int, logits_rows: int, attended: float, kv_read: float) -> tuple[float, float]:
         """(bytes, FLOPs) of one forward: `new_tokens` through the body, `logits_rows` through the LM head,
         `attended` (query, key) pairs, `kv_read` cached tokens read, plus the new tokens' KV written."""
-        weights = (self.body_params + self.vocab_params) * self.elem_bytes
+        dense = self.body_params - self.expert_params
+        per_expert = self.expert_params / self.num_experts if self.num_experts else 0.0
+        read = dense + per_expert * self.experts_read(new_tokens)
+        weights = (read + self.vocab_params) * self.elem_bytes
         kv = (kv_read + new_tokens) * self.kv_bytes_per_token
-        flops = 2 * self.body_params * new_tokens + 2 * self.vocab_params * logits_rows \
+        flops = 2 * (dense + per_expert * self.top_k) * new_tokens + 2 * self.vocab_params * logits_rows \
             + 4 * self.layers * self.attn_width * attended
         return weights + kv, flops
+
+
+def _routed_experts(hf_config: Any) -> tuple[int, int, int]:
+    """(routed experts' parameters over all layers, experts per MoE layer, top_k) of Qwen2/3-MoE and Mixtral
+    configs (gate, up and down per expert; every layer is MoE but Qwen's `mlp_only_layers` and those off its
+    `decoder_sparse_step`); (0, 0, 0) for a dense model."""
+    experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None) or 0
+    if not experts:
+        return 0, 0, 0
+    inter = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+    step, dense_only = getattr(hf_config, "decoder_sparse_step", 1) or 1, getattr(hf_config, "mlp_only_layers", [])
+    layers = sum(1 for i in range(hf_config.num_hidden_layers) if i not in (dense_only or []) and (i + 1) % step == 0)
+    return layers * experts * 3 * hf_config.hidden_size * inter, experts, hf_config.num_experts_per_tok
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -121,7 +149,8 @@ def _point(label: str, shape: ModelShape, rates: tuple[float, float] | None, bs:
     decode_cost = shape.step(bs, bs, bs * context, bs * context)
     out: dict[str, Any] = {"label": label, "batch_size": bs, "input_len": input_len, "output_len": output_len,
                            "prefill_ms": prefill_s * 1e3, "decode_ms": decode_s * 1e3,
-                           "prefill_tok_s": bs * input_len / prefill_s, "decode_tok_s": bs / decode_s}
+                           "prefill_tok_s": bs * input_len / prefill_s, "decode_tok_s": bs / decode_s,
+                           "decode_experts_read": shape.experts_read(bs) if shape.num_experts else None}
     for phase, (nbytes, flops) in (("prefill", prefill_cost), ("decode", decode_cost)):
         out[f"{phase}_bytes"], out[f"{phase}_flops"] = nbytes, flops
         out[f"{phase}_floor_ms"] = None
@@ -174,6 +203,10 @@ def _print(report: dict[str, Any]) -> None:
                      ratio["prefill"], r["decode_ms"], r["decode_floor_ms"], ratio["decode"], r["prefill_tok_s"],
                      r["decode_tok_s"]])
     print(rep.table(header, rows))
+    moe = [r for r in report["runs"] if r.get("decode_experts_read") is not None]
+    if moe:
+        print("MoE floors count the routed experts a step reads; expected per layer at decode: " + ", ".join(
+            f"batch {r['batch_size']}: {r['decode_experts_read']:.1f}" for r in moe))
     device = report["device"]
     print(device.get("note") or f"floor = max(bytes / {device['copy_GBps']:.0f} GB/s, FLOPs / "
                                 f"{device['matmul_TFLOPs']:.0f} TFLOP/s) measured on {device['name']}")

@@ -153,6 +153,10 @@ def print_runs(report: dict[str, Any]) -> None:
     print(table(header, rows))
     print("(throughputs in requests or tokens per second; latencies in ms; hit = cached / prompt tokens)")
     for r in report["runs"]:
+        if "spec_accept_length" in r["metrics"]:
+            length = r["metrics"]["spec_accept_length"]
+            print(f"{_run_name(r)}: mean accepted length {length:.2f} tokens per verify step")
+    for r in report["runs"]:
         by_turn = r["metrics"].get("ttft_ms_by_turn")
         if by_turn:
             print(f"TTFT by turn, {_run_name(r)} (last turn / first: p50 x{by_turn[-1]['p50'] / by_turn[0]['p50']:.2f},"

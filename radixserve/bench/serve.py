@@ -49,8 +49,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="requests in flight at most (default: no limit); several: a sweep")
     g.add_argument("--launch-server", action="store_true",
                    help="start `radixserve serve` with the server flags given here, on a free port")
-    g.add_argument("--baseline", choices=("no-radix",), action="append", default=[],
-                   help="no-radix: the same points against a server without the radix cache")
+    g.add_argument("--baseline", choices=("no-radix", "no-spec"), action="append", default=[],
+                   help="no-radix: the same points against a server without the radix cache; no-spec: without "
+                        "speculative decoding")
     g.add_argument("--baseline-url", help="the no-radix server (default with --launch-server: launch one)")
     g.add_argument("--router-policies", nargs="+", choices=get_args(RouterPolicy), default=[],
                    help="with --launch-server --dp-size N: one server per SGLang router policy, the runs side by "
@@ -60,7 +61,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli_args(ns)
     if ns.baseline and not (ns.launch_server or ns.baseline_url):
-        raise SystemExit("--baseline no-radix needs --launch-server or --baseline-url")
+        raise SystemExit("--baseline needs --launch-server or --baseline-url")
     if ns.router_policies and not (ns.launch_server and args.dp_size > 1):
         raise SystemExit("--router-policies needs --launch-server and --dp-size > 1")
     tokenizer, vocab_size = tokenizer_and_vocab(args)
@@ -68,13 +69,14 @@ def run(ns: argparse.Namespace) -> int:
         raise SystemExit(f"--backend {ns.backend} sends text: it needs a tokenizer (not --skip-tokenizer-init)")
     convs = load_dataset(DatasetArgs.from_cli_args(ns), tokenizer, vocab_size)
     report = rep.new_report("serve", ns)
-    targets = [(ns.label, None if ns.launch_server else ns.base_url, [])]
+    targets = [(ns.label, None if ns.launch_server else ns.base_url, args, [])]
     if ns.router_policies:
-        targets = [(policy, None, ["--router-policy", policy]) for policy in ns.router_policies]
-    if ns.baseline:
-        targets.append(("no-radix", ns.baseline_url, ["--disable-radix-cache"]))
-    for label, url, extra in targets:
-        with contextlib.nullcontext(url) if url else _server(args, extra) as base_url:
+        targets = [(policy, None, args, ["--router-policy", policy]) for policy in ns.router_policies]
+    for baseline in ns.baseline:
+        targets.append(("no-radix", ns.baseline_url, args, ["--disable-radix-cache"]) if baseline == "no-radix" else
+                       ("no-spec", ns.baseline_url, args.replace(speculative_algorithm=None), []))
+    for label, url, server_args, extra in targets:
+        with contextlib.nullcontext(url) if url else _server(server_args, extra) as base_url:
             report["runs"] += asyncio.run(_bench(base_url.rstrip("/"), label, convs, ns))
     rep.print_runs(report)
     rep.finish(report, ns)
@@ -92,6 +94,7 @@ class _Stream:
     output_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    spec_verify_ct: int = 0
 
 
 class _Native:
@@ -112,6 +115,7 @@ class _Native:
         new, st.output_tokens = n - st.output_tokens, n
         st.prompt_tokens = meta.get("prompt_tokens", st.prompt_tokens)
         st.cached_tokens = meta.get("cached_tokens", st.cached_tokens)
+        st.spec_verify_ct = meta.get("spec_verify_ct", st.spec_verify_ct)
         return new
 
     def next_history(self, prompt: list[int], st: _Stream) -> list[int]:
@@ -265,6 +269,7 @@ async def _request(session: Any, api: Any, history: Any, turn: Turn, model: str 
     result.latency = time.perf_counter() - t0
     result.prompt_tokens, result.output_tokens, result.cached_tokens = st.prompt_tokens, st.output_tokens, \
         st.cached_tokens
+    result.spec_verify_ct = st.spec_verify_ct
     return api.next_history(prompt, st), result
 
 

@@ -58,6 +58,8 @@ class _Families(Collector):
                           s.evicted_tokens),
             self._histogram("queue_time_seconds", "Time from arrival in the scheduler to first admission.",
                             s.queue_time),
+            self._histogram("spec_accept_length", "Tokens a request gains per speculative verify step (accepted "
+                            "drafts + 1).", s.spec_accept_length),
             self._counter("num_requests_total", "Requests ended (finished or aborted).", f.num_requests),
             self._counter("num_aborted_requests_total", "Requests ended by an abort.", f.num_aborted_requests),
             self._counter("prompt_tokens_total", "Prompt tokens of ended requests.", f.prompt_tokens),

@@ -38,7 +38,7 @@ def merge(deltas: list[wire.TextDelta]) -> wire.TextDelta:
         cached_tokens=last.cached_tokens, completion_tokens=last.completion_tokens, finish=last.finish,
         output_logprobs=out.output_logprobs if last.output_logprobs is not None else None,
         output_top_logprobs=out.output_top_logprobs if last.output_top_logprobs is not None else None,
-        input_logprobs=out.input_logprobs, input_top_logprobs=out.input_top_logprobs)
+        input_logprobs=out.input_logprobs, input_top_logprobs=out.input_top_logprobs, spec=last.spec)
 
 
 class Generation:

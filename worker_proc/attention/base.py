@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,21 @@ import torch
 
 from worker_proc.kv_cache import KVCache
 from worker_proc.layers import apply_rotary
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends: causal softmax(scale * q.k) over its request's context, and optionally
+
+    `window`: only the last `window` positions, its own included (HF's sliding_window: key j is seen from
+      query i when i - window < j <= i);
+    `soft_cap`: scores pass through soft_cap * tanh(score / soft_cap) before the softmax (Gemma 2).
+    Layers with equal LayerAttention share one plan per step in the backends (one "kind" each).
+    """
+
+    scale: float
+    window: int | None = None
+    soft_cap: float | None = None
 
 
 @dataclass
@@ -50,11 +66,14 @@ class AttentionBackend(ABC):
     supports_cuda_graph = False
     supports_cascade = False  # honours ForwardMeta.prefix_groups (others attend over whole contexts: same result)
 
-    def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int) -> None:
+    def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int, layers: Sequence[LayerAttention]) -> None:
+        """`layers`: how each layer attends (the model's `attention_layers`), one entry per layer."""
         self.kv_cache = kv_cache
         self.num_q_heads = num_q_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.kinds = tuple(dict.fromkeys(layers))  # distinct LayerAttention values, in first-layer order
+        self.kind_of_layer = [self.kinds.index(layer) for layer in layers]
+        self.layers = tuple(layers)
 
     @abstractmethod
     def prepare(self, meta: ForwardMeta) -> None:

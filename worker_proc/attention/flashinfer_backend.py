@@ -12,10 +12,17 @@ of req_to_token. `prepare` plans once per step; every layer's `forward` reuses t
     passes merged by their log-sum-exp. Level 0 attends each group's queries to the group's shared prefix,
     so that KV is read once per group (per 16-row query tile: 4 queries at GQA 4), not once per request;
     level 1 attends each request to the rest of its context, its own tokens.
+Layer kinds (AttentionBackend.kinds: scale, sliding window, soft cap): FlashInfer fixes `window_left`,
+`logits_soft_cap` and `sm_scale` when a wrapper is planned, so each kind has its own wrappers, all planned
+over the same pages each step (a model with sliding and global layers plans two); layer i runs its kind's.
+A window of W positions is FlashInfer's window_left = W - 1 (the query's own position plus W - 1 before
+it). Cascade decode runs only for models of one kind without a window (its two levels split the context
+at the shared prefix, which a window's left edge does not respect); others attend over whole contexts.
 For CUDA graphs, `prepare_graph` plans a graph-mode decode wrapper per captured batch size; all of them
-share one set of index buffers (only one graph replays at a time, each right after its plan). Cascade
-graphs have their own wrappers and buffers; their level 0 always has one entry per row of the padded batch:
-the real groups, then the padding rows as one group attending to the padding slot, then groups of no rows.
+share one set of index buffers (only one graph replays at a time, each right after its plan; the kinds of one
+batch size plan the same pages into them). Cascade graphs have their own wrappers and buffers; their level 0
+always has one entry per row of the padded batch: the real groups, then the padding rows as one group
+attending to the padding slot, then groups of no rows.
 
 Host syncs: none. Page indices are gathered on the device from req_to_token; plan() reads only host
 arrays (indptr, lengths), which the worker already holds as numpy. FlashInfer's plan() takes `max()` of a
@@ -31,12 +38,14 @@ overwrites host memory that a previous plan's copy still reads.
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from worker_proc import batch_invariant, fused
-from worker_proc.attention.base import AttentionBackend, ForwardMeta
+from worker_proc.attention.base import AttentionBackend, ForwardMeta, LayerAttention
 from worker_proc.kv_cache import KVCache
 
 WORKSPACE_BYTES = 256 << 20  # split-KV partial outputs; shared by every wrapper (they run one at a time)
@@ -90,10 +99,10 @@ class Cascade:
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     supports_cuda_graph = True
-    supports_cascade = True
 
-    def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int) -> None:
-        super().__init__(kv_cache, num_q_heads, head_dim)
+    def __init__(self, kv_cache: KVCache, num_q_heads: int, head_dim: int, layers: Sequence[LayerAttention]) -> None:
+        super().__init__(kv_cache, num_q_heads, head_dim, layers)
+        self.supports_cascade = len(self.kinds) == 1 and self.kinds[0].window is None
         import flashinfer
         import flashinfer.decode
         import flashinfer.prefill
@@ -108,17 +117,25 @@ class FlashInferBackend(AttentionBackend):
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # The mode's fixed split size reaches FlashInfer 0.6's FA2 kernels only (plan() ignores it elsewhere).
         self._wrapper_kw = {"backend": "fa2"} if batch_invariant.ENABLED else {}
-        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", **self._wrapper_kw)
-        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
-                                                                            use_tensor_cores=True, **self._wrapper_kw)
+        # One eager wrapper of each sort per layer kind.
+        self.prefill_wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                                **self._wrapper_kw)
+                                 for _ in self.kinds]
+        self.decode_wrappers = [flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                              use_tensor_cores=True,
+                                                                              **self._wrapper_kw)
+                                for _ in self.kinds]
         self.pages = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv_cache.k, kv_cache.v)]
-        self._plan_kw = dict(q_data_type=kv_cache.dtype, kv_data_type=kv_cache.dtype, sm_scale=self.scale)
+        self._plan_kw = [dict(q_data_type=kv_cache.dtype, kv_data_type=kv_cache.dtype, sm_scale=kind.scale,
+                              window_left=-1 if kind.window is None else kind.window - 1,
+                              logits_soft_cap=kind.soft_cap) for kind in self.kinds]
         if batch_invariant.ENABLED:  # KV split by a fixed size, not by batch size, in every plan
-            self._plan_kw["fixed_split_size"] = batch_invariant.FLASHINFER_SPLIT
-        self.cascade = self._cascade()
-        self.graph_wrappers: dict[int, object] = {}
+            for kw in self._plan_kw:
+                kw["fixed_split_size"] = batch_invariant.FLASHINFER_SPLIT
+        self.cascade = self._cascade() if self.supports_cascade else None
+        self.graph_wrappers: dict[int, list[Any]] = {}  # batch size -> one graph-mode decode wrapper per kind
         self.cascade_graphs: dict[int, Cascade] = {}
-        self.active: object | None = None  # the wrapper planned for this step
+        self.active: list[Any] = []  # per layer kind, the wrapper planned for this step
         self.meta: ForwardMeta | None = None
 
     def _pages(self, meta: ForwardMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,10 +180,10 @@ class FlashInferBackend(AttentionBackend):
         own_idx = gather_kv_indices(meta.req_to_token, meta.req_slots, d_own, int(own.sum()), d_starts)
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE)
         cascade.shared.plan(indptr(sizes), indptr(shared), shared_idx, torch.ones(len(sizes), dtype=torch.int32),
-                            *heads, causal=False, **self._plan_kw)
+                            *heads, causal=False, **self._plan_kw[0])
         cascade.own.plan(indptr(np.ones(bs, np.int32)), indptr(own), own_idx, torch.ones(bs, dtype=torch.int32),
-                         *heads, causal=False, **self._plan_kw)
-        self.active = cascade
+                         *heads, causal=False, **self._plan_kw[0])
+        self.active = [cascade]
         self.meta = meta
 
     def prepare(self, meta: ForwardMeta) -> None:
@@ -176,12 +193,14 @@ class FlashInferBackend(AttentionBackend):
         kv_indptr, indices, last_len = self._pages(meta)
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE)
         if meta.is_decode:
-            self.decode_wrapper.plan(kv_indptr, indices, last_len, *heads, **self._plan_kw)
-            self.active = self.decode_wrapper
+            for wrapper, kw in zip(self.decode_wrappers, self._plan_kw):
+                wrapper.plan(kv_indptr, indices, last_len, *heads, **kw)
+            self.active = self.decode_wrappers
         else:
             qo_indptr = indptr(np.asarray(meta.extend_lens_cpu, dtype=np.int32))
-            self.prefill_wrapper.plan(qo_indptr, kv_indptr, indices, last_len, *heads, causal=True, **self._plan_kw)
-            self.active = self.prefill_wrapper
+            for wrapper, kw in zip(self.prefill_wrappers, self._plan_kw):
+                wrapper.plan(qo_indptr, kv_indptr, indices, last_len, *heads, causal=True, **kw)
+            self.active = self.prefill_wrappers
         self.meta = meta
 
     # ------------------------------------------------------------ CUDA graphs (decode)
@@ -205,24 +224,25 @@ class FlashInferBackend(AttentionBackend):
                 self.cascade_graphs[bs] = self._cascade(bs)
             self._plan_cascade(self.cascade_graphs[bs], meta, graph=True)
             return
-        wrapper = self.graph_wrappers.get(bs)
-        if wrapper is None:
-            wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+        wrappers = self.graph_wrappers.get(bs)
+        if wrappers is None:
+            wrappers = [self._fi.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
                 paged_kv_indptr_buffer=self._g_indptr[:bs + 1], paged_kv_indices_buffer=self._g_indices,
-                paged_kv_last_page_len_buffer=self._g_last_len[:bs], **self._wrapper_kw)
-            self.graph_wrappers[bs] = wrapper
+                paged_kv_last_page_len_buffer=self._g_last_len[:bs], **self._wrapper_kw) for _ in self.kinds]
+            self.graph_wrappers[bs] = wrappers
         kv_indptr, indices, last_len = self._pages(meta)
-        wrapper.plan(kv_indptr, indices, last_len, self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE,
-                     **self._plan_kw)
-        self.active = wrapper
+        for wrapper, kw in zip(wrappers, self._plan_kw):
+            wrapper.plan(kv_indptr, indices, last_len, self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE,
+                         **kw)
+        self.active = wrappers
         self.meta = meta
 
     # ------------------------------------------------------------ per layer
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         self.kv_cache.store(layer_id, self.meta.out_slots, k, v)
-        return self.active.run(q, self.pages[layer_id])
+        return self.active[self.kind_of_layer[layer_id]].run(q, self.pages[layer_id])
 
     def forward_rotary(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        layer_id: int) -> torch.Tensor:
@@ -230,4 +250,4 @@ class FlashInferBackend(AttentionBackend):
             return super().forward_rotary(qk, v, cos, sin, layer_id)
         q = fused.rotary_store(qk, v, cos, sin, self.meta.out_slots, self.kv_cache.k[layer_id],
                                self.kv_cache.v[layer_id], self.num_q_heads)
-        return self.active.run(q, self.pages[layer_id])
+        return self.active[self.kind_of_layer[layer_id]].run(q, self.pages[layer_id])

@@ -1,19 +1,18 @@
-"""The Llama-family decoder (SmolLM2, Llama 2/3, Mistral-style); Qwen2/Qwen3 reuse it through `Arch` flags.
+"""The Llama-family decoder (SmolLM2, Llama 2/3); Mistral, Phi-3, Qwen2 and Qwen3 reuse it through `Arch` flags.
 
 Module names follow HF's, except the fused `qkv_proj` (q/k/v_proj) and `gate_up_proj` (gate/up_proj).
-Mistral's sliding window is not applied: the worker caps the context at `config.sliding_window`, where it is exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from worker_proc.attention.base import AttentionBackend
+from worker_proc.attention.base import AttentionBackend, LayerAttention
 from worker_proc.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -43,26 +42,41 @@ class Arch:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    mlp: Callable[[Any, int, torch.dtype, Device], nn.Module] | None = None  # (config, layer_id, ..): the layer's
+    # MLP where it is not LlamaMLP (mixture-of-experts models)
+    sliding_window: bool = False  # every layer attends within config.sliding_window (Mistral, Phi-3)
 
 
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def sliding_window_of(config: Any) -> int | None:
+    """config.sliding_window where it narrows attention; None where the config sets none or one no shorter than
+    max_position_embeddings (Phi-3-mini-128k's 262144: the whole context)."""
+    window = getattr(config, "sliding_window", None)
+    return window if window is not None and window < config.max_position_embeddings else None
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, arch: Arch, layer_id: int, dtype: torch.dtype, device: Device) -> None:
+    """qkv projection, optional per-head q/k norms (`qk_norm`: their class), RoPE + attention as `attention`
+    says, o projection; Gemma's attention is this one with its own norms and LayerAttention."""
+
+    def __init__(self, config: Any, layer_id: int, attention: LayerAttention, qkv_bias: bool, o_bias: bool,
+                 qk_norm: type[nn.Module] | None, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.head_dim = head_dim_of(config)
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads,
-                                          arch.qkv_bias, dtype, device)
+                                          qkv_bias, dtype, device)
         self.num_heads = self.qkv_proj.num_q_heads_local
         self.num_kv_heads = self.qkv_proj.num_kv_heads_local
-        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, arch.o_bias, dtype, device)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if arch.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if arch.qk_norm else None
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, o_bias, dtype, device)
+        self.q_norm = qk_norm(self.head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
+        self.k_norm = qk_norm(self.head_dim, config.rms_norm_eps, dtype, device) if qk_norm else None
+        self.attention = attention
 
     def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionBackend) -> torch.Tensor:
         heads = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [T, q heads | k heads | v heads, D]
@@ -75,14 +89,17 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, arch: Arch, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, config: Any, arch: Arch, dtype: torch.dtype, device: Device,
+                 intermediate_size: int | None = None, reduce: bool = True) -> None:
+        """`intermediate_size`: where not config.intermediate_size; `reduce=False`: down's partial sum, not
+        all-reduced (a MoE model's shared expert, summed with the experts' before one all-reduce)."""
         super().__init__()
         if config.hidden_act != "silu":
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], arch.mlp_bias, dtype, device)
         self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, arch.mlp_bias, dtype, device)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, arch.mlp_bias, dtype, device, reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -91,8 +108,10 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, arch: Arch, layer_id: int, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, arch, layer_id, dtype, device)
-        self.mlp = LlamaMLP(config, arch, dtype, device)
+        window = sliding_window_of(config) if arch.sliding_window else None
+        self.self_attn = LlamaAttention(config, layer_id, LayerAttention(head_dim_of(config)**-0.5, window),
+                                        arch.qkv_bias, arch.o_bias, RMSNorm if arch.qk_norm else None, dtype, device)
+        self.mlp = arch.mlp(config, layer_id, dtype, device) if arch.mlp else LlamaMLP(config, arch, dtype, device)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
@@ -137,8 +156,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
         if getattr(config, "use_sliding_window", False):
-            raise NotImplementedError("sliding-window attention is not supported")
-        self.model = LlamaModel(config, self.arch(config), dtype, device)
+            raise NotImplementedError(f"use_sliding_window is not supported for {type(self).__name__}")
+        self.model = self.decoder(config, dtype, device)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, device,
                                       tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
@@ -147,6 +166,12 @@ class LlamaForCausalLM(nn.Module):
         self.num_q_heads_local, self.num_kv_heads_local = attn.num_heads, attn.num_kv_heads
         self.head_dim = attn.head_dim
         self.vocab_size = config.vocab_size
+        self.attention_layers = tuple(layer.self_attn.attention for layer in self.model.layers)
+
+    def decoder(self, config: Any, dtype: torch.dtype, device: Device) -> nn.Module:
+        """The decoder stack (`embed_tokens`, `layers` with a `self_attn` each, ...): (input_ids, positions, attn) ->
+        final hidden states."""
+        return LlamaModel(config, self.arch(config), dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions [T] -> hidden [T, hidden_size]."""
@@ -163,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES) or (self.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            target, shard_id = _param_name(name)
+            target, shard_id = self.param_name(name)
             param = params.get(target)
             if param is None or shard_id not in param.shards:
                 raise KeyError(f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}")
@@ -177,6 +202,10 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"weights never loaded: {', '.join(missing[:8])}"
                              f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+
+    def param_name(self, hf_name: str) -> tuple[str, Any]:
+        """(our parameter's name, shard id) of a checkpoint tensor."""
+        return _param_name(hf_name)
 
 
 def _param_name(hf_name: str) -> tuple[str, Any]:

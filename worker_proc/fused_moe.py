@@ -1,0 +1,125 @@
+"""The experts of a MoE layer on CUDA in Triton (the maths of worker_proc.moe.grouped_experts), as SGLang's fused MoE:
+
+1. `align`: the T x top_k (token, expert) pairs, numbered p = t * top_k + k, sorted by expert; each expert's run
+   padded to a multiple of BLOCK_M with the sentinel T * top_k, so every block of BLOCK_M sorted pairs belongs to
+   one expert (`block_experts`, -1 for blocks past the end). Pairs of experts another rank holds (ids outside
+   [0, E_local)) are left out. Torch operators only, no host sync, and every size a function of T alone: the
+   padded length is T * top_k + E_local * (BLOCK_M - 1) rounded up, the worst case.
+2. `grouped_gemm` over x: row p of the output is x[p // top_k] @ W[expert]^T (gate_up, [T * top_k, 2I]).
+3. SiLU-and-mul (worker_proc.fused), then `grouped_gemm` over that: row p is h[p] @ W2[expert]^T times the
+   pair's routing weight ([T * top_k, H]; pairs of other ranks' experts stay zero).
+4. The sum over each token's top_k rows, in float32.
+Launch sizes depend only on T, so the whole path can be captured in a CUDA graph at a padded batch.
+triton is imported lazily, on the first call (TRITON_INTERPRET=1 runs it on the CPU, for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from worker_proc import fused
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def grouped_gemm(a_ptr, w_ptr, c_ptr, route_w_ptr, sorted_ptr, block_expert_ptr, n_pairs, N, K, a_div,
+                     stride_am, stride_we, stride_wn, stride_cm, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """c[p] = a[p // a_div] @ w[e]^T (x route_w[p]) for the sorted pairs p of block program_id(0), whose
+        expert is e; w [E, N, K] with unit stride along K."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if expert < 0:
+            return
+        pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = pair < n_pairs
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + (pair // a_div)[:, None] * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if MUL_WEIGHT:
+            acc = acc * tl.load(route_w_ptr + pair, mask=mask_m, other=0.0)[:, None]
+        tl.store(c_ptr + pair[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+    return grouped_gemm
+
+
+def block_m_for(tokens: int) -> int:
+    """Rows per block: small for decode batches (few pairs per expert, less padding), larger for prefill."""
+    return 16 if tokens <= 64 else 64
+
+
+def align(local_ids: torch.Tensor, num_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted pairs [P], expert of each block of block_m [P / block_m]) for ids [T, top_k]; see the module
+    docstring. Within an expert the pairs keep their order p."""
+    flat = local_ids.flatten()
+    n = flat.numel()
+    padded_len = -(-(n + num_local * (block_m - 1)) // block_m) * block_m
+    key = torch.where((flat >= 0) & (flat < num_local), flat, num_local)  # num_local: another rank's expert
+    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    padded_end = ((counts[:num_local] + block_m - 1) // block_m * block_m).cumsum(0)
+    padded_start = torch.cat((padded_end.new_zeros(1), padded_end[:-1]))
+    first = counts.cumsum(0) - counts  # where each expert's pairs begin in the sorted order
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    mine = sorted_key < num_local
+    dest = padded_start[sorted_key.clamp(max=num_local - 1)] + torch.arange(n, device=flat.device) - first[sorted_key]
+    sorted_pairs = torch.full((padded_len + 1,), n, dtype=torch.int32, device=flat.device)
+    sorted_pairs.scatter_(0, torch.where(mine, dest, padded_len), torch.where(mine, order, n).to(torch.int32))
+    block_start = torch.arange(0, padded_len, block_m, device=flat.device)
+    block_experts = torch.searchsorted(padded_end, block_start, right=True)
+    block_experts = torch.where(block_experts < num_local, block_experts, -1).to(torch.int32)
+    return sorted_pairs[:padded_len], block_experts
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_pairs: torch.Tensor, block_experts: torch.Tensor,
+                 a_div: int, n_pairs: int, block_m: int, route_weights: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[p] = a[p // a_div] @ w[expert(p)]^T (times route_weights[p]) for every sorted pair; rows of pairs
+    not in `sorted_pairs` are left as they were in `out` (new rows: uninitialised)."""
+    kernel = _kernel()
+    n, k = w.shape[1], w.shape[2]
+    assert a.stride(1) == 1 and w.is_contiguous()
+    if out is None:
+        out = torch.empty((n_pairs, n), dtype=a.dtype, device=a.device)
+    block_n, block_k = 64, 64
+    grid = (block_experts.numel(), -(-n // block_n))
+    if n_pairs:
+        kernel[grid](a, w, out, route_weights if route_weights is not None else a, sorted_pairs, block_experts,
+                     n_pairs, n, k, a_div, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                     MUL_WEIGHT=route_weights is not None,
+                     PRECISION="ieee" if a.dtype == torch.float32 else None,  # float32: no TF32 rounding
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                  local_ids: torch.Tensor) -> torch.Tensor:
+    """worker_proc.moe.grouped_experts's result for x [T, H] (unit stride along H), through the kernels."""
+    tokens, top_k = local_ids.shape
+    n_pairs = tokens * top_k
+    block_m = block_m_for(tokens)
+    sorted_pairs, block_experts = align(local_ids, w13.shape[0], block_m)
+    gate_up = grouped_gemm(x, w13, sorted_pairs, block_experts, top_k, n_pairs, block_m)
+    act = fused.silu_and_mul(gate_up)
+    down = torch.zeros((n_pairs, w2.shape[1]), dtype=x.dtype, device=x.device)
+    grouped_gemm(act, w2, sorted_pairs, block_experts, 1, n_pairs, block_m,
+                 weights.flatten().contiguous(), out=down)
+    return down.view(tokens, top_k, w2.shape[1]).sum(dim=1, dtype=torch.float32).to(x.dtype)
