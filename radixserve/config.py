@@ -108,6 +108,9 @@ class ServerArgs:
         "build each step only after the previous one's tokens are back (no overlap of scheduling and compute)")] = False
     disable_cascade_attention: Annotated[bool, doc(
         "decode without a separate attention pass over prefixes that requests share (FlashInfer)")] = False
+    enable_deterministic_inference: Annotated[bool, doc(
+        "batch-invariant kernels: a request's tokens do not depend on the batch, the radix cache or prefill chunks "
+        "(docs/gpu.md; needs --tp-size 1)")] = False
     grammar_backend: Annotated[GrammarBackend, doc(
         "structured output (json_schema, regex, ebnf, response_format, enforced tool calls); none: a 400")] = "xgrammar"
     constrained_json_disable_any_whitespace: Annotated[bool, doc(
@@ -171,6 +174,8 @@ class ServerArgs:
             raise FlagError("--ep-size must divide --tp-size (SGLang's rule: experts split over ep groups of ranks)")
         if self.nnodes > 1 and not _is_host_port(self.dist_init_addr):
             raise FlagError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+        if self.enable_deterministic_inference and self.tp_size > 1:
+            raise FlagError("--enable-deterministic-inference needs --tp-size 1 (the all-reduce's order is not fixed)")
         if self.dp_size > 1 and self.nnodes > 1:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
         if self.speculative_algorithm is not None and self.speculative_num_draft_tokens < 2:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker_proc import cpu_kernels, fused, gemv
+from worker_proc import batch_invariant, cpu_kernels, fused, gemv
 from worker_proc.parallel import tp_all_gather, tp_all_reduce, tp_rank, tp_size
 
 ShardId = Hashable  # None for a plain tensor; 0/1 for gate/up; "q"/"k"/"v" for qkv
@@ -40,7 +40,10 @@ PackedWeight = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: PackedWeight | None) -> torch.Tensor:
     """F.linear, the CPU kernel of the weight's packed copy (see pack_cpu_linears), or for a decode batch of a
-    few rows on CUDA the split-K-free GEMV (worker_proc.gemv)."""
+    few rows on CUDA the split-K-free GEMV (worker_proc.gemv); with --enable-deterministic-inference, the
+    batch-invariant one (worker_proc.batch_invariant)."""
+    if batch_invariant.ENABLED:
+        return batch_invariant.linear(x, weight, bias, packed)
     if packed is not None:
         return packed(x, bias)
     config = gemv.choose(x, weight)

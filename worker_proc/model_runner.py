@@ -12,7 +12,7 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config
 from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
-from worker_proc import parallel
+from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.grammar import GrammarBackend, SlotGrammars
@@ -71,6 +71,8 @@ class ModelRunner:
         self.args, self.rank = args, rank
         self.device = resolve_device(args, rank)
         hf_config = load_hf_config(model_dir)
+        if args.enable_deterministic_inference:
+            batch_invariant.enable()
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.model, self.weight_bytes = self._load_model(model_dir, hf_config)
         self._choose_all_reduce()
@@ -93,7 +95,8 @@ class ModelRunner:
                                                          m.attention_layers)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
-                                                                args.disable_radix_cache)
+                                                                args.disable_radix_cache or
+                                                                args.enable_deterministic_inference)
         self.graphs = self._capture_graphs()
 
     def runtime_info(self) -> RuntimeInfo:
@@ -153,7 +156,8 @@ class ModelRunner:
         """Each req slot's sampling parameters; rank 0, which samples, alone keeps each slot's penalties and
         grammar matcher (created for none: free)."""
         args, vocab = self.args, self.model.vocab_size
-        self.slot_params = SlotParams(args.max_running_requests, self.device)
+        self.slot_params = SlotParams(args.max_running_requests, self.device,
+                                      args.random_seed if args.enable_deterministic_inference else -1)
         self.sampler = make_sampler(self.slot_params, self.device, args.random_seed)
         self.verifier = Verifier(self.sampler)  # verify steps of speculative decoding (StepBatch.draft_lens)
         self.penalties = SlotPenalties(args.max_running_requests, vocab, self.device) if self.rank == 0 else None

@@ -33,7 +33,10 @@ def float32_value(name: str, value: float, positive: bool = False) -> float:
 class SlotParams:
     """Sampling and logprob settings of the request in each req slot (set once at admission)."""
 
-    def __init__(self, max_reqs: int, device: torch.device) -> None:
+    def __init__(self, max_reqs: int, device: torch.device, default_seed: int = -1) -> None:
+        """`default_seed` >= 0 (--enable-deterministic-inference: --random-seed) seeds every request that has no
+        seed of its own, so it too draws from a generator of its own, as a seeded one does."""
+        self.default_seed = default_seed
         self.temperature = np.ones(max_reqs, dtype=np.float32)
         self.top_p = np.ones(max_reqs, dtype=np.float32)
         self.top_k = np.full(max_reqs, -1, dtype=np.int64)
@@ -59,7 +62,8 @@ class SlotParams:
         # A top_p below float32's range keeps the most likely token alone, as the float64 value means.
         top_p = max(float32_value("top_p", nr.top_p), float(np.finfo(np.float32).tiny))
         self.temperature[s], self.top_p[s], self.top_k[s] = temperature, top_p, nr.top_k
-        self.min_p[s], self.seed[s], self.min_new_tokens[s] = min_p, nr.seed, nr.min_new_tokens
+        self.min_p[s], self.min_new_tokens[s] = min_p, nr.min_new_tokens
+        self.seed[s] = nr.seed if nr.seed >= 0 else self.default_seed
         self.stop_ids[s] = from_i32(nr.stop_ids)
         self.wants_logprob[s] = nr.logprob is not None
         self.top_logprobs_num[s] = nr.logprob.top_logprobs_num if nr.logprob else 0

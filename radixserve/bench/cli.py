@@ -12,6 +12,8 @@ MODES: dict[str, tuple[str, str]] = {  # name -> (module, help)
     "serve": ("radixserve.bench.serve", "a running server over HTTP, streamed: throughput, TTFT, ITL, TPOT, latency"),
     "offline": ("radixserve.bench.offline", "the in-process Engine over a dataset: throughput, cache hit rate"),
     "one-batch": ("radixserve.bench.one_batch", "prefill and decode latency of a static batch, beside the floor"),
+    "check-determinism": ("radixserve.bench.determinism", "mismatched tokens alone, batched, radix-cached, chunked "
+                          "(the --check-determinism of issue 28)"),
 }
 
 
@@ -20,7 +22,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     for name, (module, help_text) in MODES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_cli_args(p)
-        if name != "one-batch":
+        if name in ("serve", "offline"):
             datasets.add_cli_args(p)
         report.add_cli_args(p)
         ServerArgs.add_cli_args(p.add_argument_group(

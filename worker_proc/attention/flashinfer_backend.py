@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker_proc import fused
+from worker_proc import batch_invariant, fused
 from worker_proc.attention.base import AttentionBackend, ForwardMeta, LayerAttention
 from worker_proc.kv_cache import KVCache
 
@@ -115,16 +115,23 @@ class FlashInferBackend(AttentionBackend):
         self.device = kv_cache.k[0].device
         self.num_kv_heads = kv_cache.k[0].shape[1]
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        # The mode's fixed split size reaches FlashInfer 0.6's FA2 kernels only (plan() ignores it elsewhere).
+        self._wrapper_kw = {"backend": "fa2"} if batch_invariant.ENABLED else {}
         # One eager wrapper of each sort per layer kind.
-        self.prefill_wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.prefill_wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                                **self._wrapper_kw)
                                  for _ in self.kinds]
         self.decode_wrappers = [flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
-                                                                              use_tensor_cores=True)
+                                                                              use_tensor_cores=True,
+                                                                              **self._wrapper_kw)
                                 for _ in self.kinds]
         self.pages = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv_cache.k, kv_cache.v)]
         self._plan_kw = [dict(q_data_type=kv_cache.dtype, kv_data_type=kv_cache.dtype, sm_scale=kind.scale,
                               window_left=-1 if kind.window is None else kind.window - 1,
                               logits_soft_cap=kind.soft_cap) for kind in self.kinds]
+        if batch_invariant.ENABLED:  # KV split by a fixed size, not by batch size, in every plan
+            for kw in self._plan_kw:
+                kw["fixed_split_size"] = batch_invariant.FLASHINFER_SPLIT
         self.cascade = self._cascade() if self.supports_cascade else None
         self.graph_wrappers: dict[int, list[Any]] = {}  # batch size -> one graph-mode decode wrapper per kind
         self.cascade_graphs: dict[int, Cascade] = {}
@@ -222,7 +229,7 @@ class FlashInferBackend(AttentionBackend):
             wrappers = [self._fi.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
                 paged_kv_indptr_buffer=self._g_indptr[:bs + 1], paged_kv_indices_buffer=self._g_indices,
-                paged_kv_last_page_len_buffer=self._g_last_len[:bs]) for _ in self.kinds]
+                paged_kv_last_page_len_buffer=self._g_last_len[:bs], **self._wrapper_kw) for _ in self.kinds]
             self.graph_wrappers[bs] = wrappers
         kv_indptr, indices, last_len = self._pages(meta)
         for wrapper, kw in zip(wrappers, self._plan_kw):

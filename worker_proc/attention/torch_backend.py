@@ -3,7 +3,9 @@
 On a bf16 CPU with cpu_kernels, decode steps and short extends read the paged cache in place instead (no
 gather, one call per layer, the rotary and KV store fused before it); long extends keep SDPA, whose
 matrix-product kernels win there. Layers with a sliding window mask out keys older than it; soft-capped
-layers run the attention in explicit matrix products (SDPA has no soft cap); both stay off cpu_kernels."""
+layers run the attention in explicit matrix products (SDPA has no soft cap); both stay off cpu_kernels.
+With --enable-deterministic-inference every step takes one per-row path, whatever its extend lengths:
+cpu_kernels' (each row sums its context in one order) where it runs, else batch_invariant.attention."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from worker_proc import cpu_kernels
+from worker_proc import batch_invariant, cpu_kernels
 from worker_proc.attention.base import AttentionBackend, ForwardMeta, LayerAttention
 from worker_proc.kv_cache import KVCache
 
@@ -32,12 +34,16 @@ class TorchBackend(AttentionBackend):
         plain = all(kind.window is None and kind.soft_cap is None for kind in self.kinds)
         self.has_kernels = plain and cache.device.type == "cpu" and cpu_kernels.attention_fits(
             cache.dtype, num_q_heads, cache.shape[1], head_dim)
+        if batch_invariant.ENABLED and not plain:
+            raise NotImplementedError("--enable-deterministic-inference covers no sliding window or soft cap yet")
 
     def prepare(self, meta: ForwardMeta) -> None:
         self.meta = meta
         self.out_slots = meta.out_slots.long()
-        self.native = self.has_kernels and (meta.is_decode or max(meta.extend_lens_cpu) <= NATIVE_MAX_EXTEND)
-        if self.native:
+        self.invariant = batch_invariant.ENABLED and not self.has_kernels
+        self.native = self.has_kernels and (batch_invariant.ENABLED or meta.is_decode
+                                            or max(meta.extend_lens_cpu) <= NATIVE_MAX_EXTEND)
+        if self.native or self.invariant:
             # One row per new token: its request's req slot and the context it sees (causal within the extend).
             if meta.is_decode:
                 self.rows = (meta.req_slots, meta.seq_lens)
@@ -81,6 +87,8 @@ class TorchBackend(AttentionBackend):
         k_cache, v_cache = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
         if self.native:
             return cpu_kernels.paged_attention(q, k_cache, v_cache, meta.req_to_token, *self.rows, layer.scale)
+        if self.invariant:
+            return batch_invariant.attention(q, k_cache, v_cache, meta.req_to_token, *self.rows, layer.scale)
         if meta.is_decode:
             batch, kv_heads = self.ctx_shape[0], k_cache.shape[1]
             shape = (*self.ctx_shape, *k_cache.shape[1:])

@@ -1,0 +1,168 @@
+"""Batch-invariant kernels for --enable-deterministic-inference: a row's result has the same bits whatever the
+other rows of the batch are, and whether its context came from the radix cache, a chunked or a cold prefill.
+
+Floating-point sums depend on their order, and library kernels pick their order by shape: on the CPU, torch's
+float32 F.linear (MKL) runs one row through a matrix-vector kernel and several rows through blocked GEMMs that
+sum K differently (measured: row 0 of x[:1] differs from row 0 of x[:m] for every m >= 2 tried, and m = 2..3
+from m >= 4); the reference attention runs decode as one padded SDPA and extends as one SDPA per request. On CUDA
+cuBLAS picks tiles and split-K by shape and FlashInfer splits the KV by batch size. Here each op fixes its order:
+- `linear`: cpu_kernels' bf16 kernel as it is (each output element sums K in one order in every row tile); other
+  CPU linears in blocks of ROWS rows (one GEMM shape, so one blocking; a row's bits do not depend on its position
+  in the block: checked for every position); on CUDA one persistent Triton matmul with one tile config and no
+  split-K (`matmul`).
+- `attention`: every query row (prefill, extend or decode alike) over its context in fixed splits of SPLIT
+  tokens, each split's scores and weighted values as element-wise products summed along a contiguous axis (an
+  order fixed by the axis' length), the splits merged by their maxima in split order.
+- RMSNorm, rotary and the fused element-wise ops are already per row (cpu_kernels, worker_proc.fused: one program
+  per row; F.rms_norm reduces each row alone), and torch's element-wise exp gives the same bits at any offset
+  and length (checked), so they run as they are.
+Nothing here runs unless `enable()` was called (ModelRunner does, with the flag); without it every caller takes
+its usual path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+ENABLED = False
+ROWS = 16  # the row block of CPU linears
+SPLIT = 64  # KV tokens per attention split (CPU)
+FLASHINFER_SPLIT = 2048  # KV tokens per split of FlashInfer's plans (prefill, extend and decode alike)
+
+
+def enable() -> None:
+    global ENABLED
+    ENABLED = True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed) -> torch.Tensor:
+    """F.linear(x, weight, bias) with an order of summation that does not depend on x's other rows."""
+    from worker_proc import cpu_kernels
+
+    if isinstance(packed, cpu_kernels.PackedLinear):
+        return packed(x, bias)  # per output element one fixed order in every row tile
+    lead, k = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, k)
+    if x.is_cuda:
+        y = matmul(x, weight.t())
+        if bias is not None:
+            y += bias
+        return y.reshape(*lead, -1)
+    rows = x.shape[0]
+    pad = -rows % ROWS
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, k)])
+    blocks = [packed(b, bias) if packed is not None else F.linear(b, weight, bias) for b in x.split(ROWS)]
+    return torch.cat(blocks)[:rows].reshape(*lead, -1)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
+              req_slots: torch.Tensor, lens: torch.Tensor, scale: float, row_chunk: int = 64) -> torch.Tensor:
+    """q [T, Hq, D]: row t attends to the KV at req_to_token[req_slots[t], :lens[t]] in caches [slots, Hkv, D];
+    -> [T, Hq, D] in q's dtype, computed in float32 split by split (see the module docstring). Rows are
+    independent, so they go `row_chunk` at a time to bound the gathered KV."""
+    rows, hq, dim = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    out = torch.empty_like(q)
+    offsets = torch.arange(SPLIT, device=q.device)
+    for r0 in range(0, rows, row_chunk):
+        qc = q[r0:r0 + row_chunk].float().reshape(-1, hkv, group, dim)
+        lc, sc = lens[r0:r0 + row_chunk].long(), req_slots[r0:r0 + row_chunk].long()
+        n = qc.shape[0]
+        top = torch.full((n, hkv, group), -torch.inf, device=q.device)
+        total = torch.zeros((n, hkv, group), device=q.device)
+        acc = torch.zeros((n, hkv, group, dim), device=q.device)
+        for j in range(-(-int(lc.max()) // SPLIT)):
+            live = torch.nonzero(lc > j * SPLIT).flatten()
+            pos = j * SPLIT + offsets
+            valid = pos[None, :] < lc[live, None]  # [A, SPLIT]
+            slots = req_to_token[sc[live, None], pos.clamp(max=req_to_token.shape[1] - 1)[None, :]].long()
+            slots = torch.where(valid, slots, 0)
+            # Products as element-wise multiplies and sums over the innermost, contiguous axis: torch sums such an
+            # axis in an order fixed by its length. (torch.bmm is not batch-invariant: a [3, 64] @ [64, 33] batch
+            # element came out differently in a batch of 16 than in one of 2.)
+            keys = k_cache[slots].float().transpose(1, 2)  # [A, Hkv, SPLIT, D]
+            vals = v_cache[slots].float().permute(0, 2, 3, 1).contiguous()  # [A, Hkv, D, SPLIT]
+            scores = (qc[live][:, :, :, None, :] * keys[:, :, None]).sum(-1) * scale  # [A, Hkv, G, SPLIT]
+            scores = scores.masked_fill(~valid[:, None, None, :], -torch.inf)
+            split_top = scores.amax(dim=-1)  # exact: a maximum has no order
+            probs = torch.exp(scores - split_top[..., None])
+            weighted = (probs[:, :, :, None, :] * vals[:, :, None]).sum(-1)  # [A, Hkv, G, D]
+            split_total = probs.sum(-1)
+            new_top = torch.maximum(top[live], split_top)
+            old, now = torch.exp(top[live] - new_top), torch.exp(split_top - new_top)
+            acc[live] = acc[live] * old[..., None] + weighted * now[..., None]
+            total[live] = total[live] * old + split_total * now
+            top[live] = new_top
+        out[r0:r0 + row_chunk] = (acc / total[..., None]).reshape(n, hq, dim).to(q.dtype)
+    return out
+
+
+# ---- CUDA: one persistent Triton matmul (imported lazily, on the first call) ----
+
+TILE = (128, 128, 64)  # BLOCK_M, BLOCK_N, BLOCK_K: one config for every shape, so one order of summation
+GROUP_M = 8
+
+
+@functools.cache
+def _matmul_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def persistent_matmul(a_ptr, b_ptr, c_ptr, m, n, k, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                          stride_cn, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # Each program walks output tiles start, start + NUM_PROGRAMS, ...; a tile sums all of K, BLOCK_K at a
+        # time from k = 0 up, in one accumulator: its order depends on k alone, never on m or the tile's place.
+        tiles_m, tiles_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
+        per_group = GROUP_M * tiles_n
+        for tile in range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS):
+            group = tile // per_group
+            first_m = group * GROUP_M
+            size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % per_group) % size_m
+            pid_n = (tile % per_group) // size_m
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am  # int64: offsets may pass 2**31 elements
+            b_cols = b_ptr + rn.to(tl.int64)[None, :] * stride_bn
+            rk = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, k, BLOCK_K):
+                cols = k0 + rk
+                a = tl.load(a_rows + cols[None, :] * stride_ak,
+                            mask=(rm[:, None] < m) & (cols[None, :] < k), other=0.0)
+                b = tl.load(b_cols + cols.to(tl.int64)[:, None] * stride_bk,
+                            mask=(cols[:, None] < k) & (rn[None, :] < n), other=0.0)
+                acc = tl.dot(a, b, acc)
+            out = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
+            tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rn[None, :] < n))
+
+    return persistent_matmul
+
+
+@functools.cache
+def _programs(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [m, k] @ b [k, n] -> [m, n] in a's dtype, float32 accumulation; every output element of a row sums k in
+    the same order whatever m is (one tile config, no split-K)."""
+    m, k = a.shape
+    n = b.shape[1]
+    c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    if m == 0:
+        return c
+    block_m, block_n, block_k = TILE
+    tiles = -(-m // block_m) * -(-n // block_n)
+    programs = min(tiles, _programs(a.device))
+    _matmul_kernel()[(programs,)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+                                  c.stride(1), NUM_PROGRAMS=programs, BLOCK_M=block_m, BLOCK_N=block_n,
+                                  BLOCK_K=block_k, GROUP_M=GROUP_M)
+    return c
