@@ -147,7 +147,7 @@ def _served_ways(model: torch.nn.Module, prompts: list[list[int]]) -> dict[str, 
 def test_model_logits_are_the_same_however_served(dtype, invariant):
     random.seed(0)
     model = _model(dtype)
-    prompts = [[random.randrange(1, 40000) for _ in range(n)] for n in (90, 40, 9, 70)]
+    prompts = [[random.randrange(1, 40000) for _ in range(n)] for n in (70, 9, 40)]
     ways = _served_ways(model, prompts)
     for way, logits in ways.items():
         for i, got in enumerate(logits):
@@ -168,14 +168,15 @@ def test_without_the_flag_no_code_of_the_mode_runs_and_rows_depend_on_the_batch(
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_check_determinism_finds_no_mismatch_with_the_flag(dtype):
-    """`radixserve bench check-determinism`'s check on the default model: 8 prompts alone (cold), after a radix
-    hit, in batches of 1 / 4 / 8, and prefilled in 32-token chunks, greedy and seeded: every output the same."""
+    """`radixserve bench check-determinism`'s check on the default model: 4 prompts alone (cold), after a radix
+    hit, in batches of 1 / 2 / 4, and prefilled in 32-token chunks, greedy and seeded: every output the same
+    (the bench's defaults run more prompts and batch sizes)."""
     from radixserve.bench.determinism import check
     from radixserve.config import ServerArgs
 
-    args = ServerArgs(dtype=dtype, max_total_tokens=4096, max_running_requests=8, enable_deterministic_inference=True)
-    result = check(args, num_prompts=8, batch_sizes=[1, 4, 8], max_new_tokens=3, chunk_size=32)
-    assert result["runs"] == 2 * 8 * 5 and result["mismatches"] == 0, result
+    args = ServerArgs(dtype=dtype, max_total_tokens=4096, max_running_requests=4, enable_deterministic_inference=True)
+    result = check(args, num_prompts=4, batch_sizes=[1, 2, 4], max_new_tokens=3, chunk_size=32)
+    assert result["runs"] == 2 * 4 * 5 and result["mismatches"] == 0, result
 
 
 def test_the_mode_needs_tp_1():
