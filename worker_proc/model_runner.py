@@ -19,7 +19,13 @@ from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache, host_slots_wanted
 from worker_proc.layers import pack_cpu_linears
 from worker_proc.penalties import SlotPenalties
-from worker_proc.runtime_facts import kv_slots_that_fit, resolve_device, resolve_dtype, serving_context_length
+from worker_proc.runtime_facts import (
+    kv_slots_that_fit,
+    resolve_device,
+    resolve_dtype,
+    serving_context_length,
+    step_activation_bytes,
+)
 from worker_proc.sampling import SampleRows, SlotParams, make_sampler, top_logprobs
 from worker_proc.speculative import Verifier, launch_verify
 from worker_proc.step_io import HostStaging, PendingStep, ResultCopier
@@ -83,7 +89,8 @@ class ModelRunner:
         self._allocate_sampling_state(model_dir)
         m = self.model
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
-        fit = kv_slots_that_fit(args, self.device, self.context_length, self.kv_bytes_per_token)
+        step_bytes = step_activation_bytes(args, hf_config, self.dtype.itemsize)
+        fit = kv_slots_that_fit(args, self.device, self.context_length, self.kv_bytes_per_token, step_bytes)
         self.num_kv_slots = parallel.tp_min(fit) + 1  # + the padding slot 0
         host = parallel.tp_min(host_slots_wanted(args, self.num_kv_slots, self.kv_bytes_per_token))
         self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype,

@@ -4,6 +4,7 @@ context length and how many KV slots fit."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -42,17 +43,31 @@ def serving_context_length(requested: int | None, hf_config) -> int:
     return length
 
 
-def kv_slots_that_fit(args: ServerArgs, device: torch.device, context_length: int, bytes_per_token: int) -> int:
+def step_activation_bytes(args: ServerArgs, hf_config: Any, elem_bytes: int) -> int:
+    """The transient memory of the largest step the scheduler may send (--max-prefill-tokens, or one chunk of
+    --chunked-prefill-size if larger), counted as each token's widest tensors alive at once: the MLP's gate_up
+    output and its activation (3 x its intermediate width on this rank; for a mixture of experts, the routed
+    experts' together) and a few hidden-size buffers (residual, normed input, attention output, qkv)."""
+    tokens = max(args.max_prefill_tokens, args.chunked_prefill_size)
+    inter = getattr(hf_config, "intermediate_size", None) or 4 * hf_config.hidden_size
+    experts = getattr(hf_config, "num_experts_per_tok", None)
+    if experts and getattr(hf_config, "moe_intermediate_size", None):
+        inter = max(inter, experts * hf_config.moe_intermediate_size)
+    return tokens * (3 * inter // args.tp_size + 6 * hf_config.hidden_size) * elem_bytes
+
+
+def kv_slots_that_fit(args: ServerArgs, device: torch.device, context_length: int, bytes_per_token: int,
+                      step_bytes: int = 0) -> int:
     """--max-total-tokens, or the KV slots that --mem-fraction-static's share of the memory holds (of the GPU
-    after everything else is allocated; of a quarter of the host's available memory on the CPU), at most what
-    every req slot at full context needs."""
+    after everything else is allocated and `step_bytes`, the largest step's activations, are set aside; of a
+    quarter of the host's available memory on the CPU), at most what every req slot at full context needs."""
     if args.max_total_tokens:
         return args.max_total_tokens
     cap = args.max_running_requests * context_length
     if device.type == "cuda":
         torch.cuda.empty_cache()  # loading's temporaries are not "used"
         free, total = torch.cuda.mem_get_info(device)
-        budget = total * args.mem_fraction_static - (total - free)
+        budget = total * args.mem_fraction_static - (total - free) - step_bytes
     else:
         budget = _mem_available() * 0.25 * args.mem_fraction_static
     return max(1, min(cap, int(budget // bytes_per_token)))
