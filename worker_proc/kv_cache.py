@@ -18,7 +18,8 @@ from worker_proc import fused
 
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, num_host_slots: int = 0) -> None:
+                 dtype: torch.dtype, device: torch.device | str, num_host_slots: int = 0) -> None:
+        device = torch.device(device)
         shape = (num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
