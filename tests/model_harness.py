@@ -110,8 +110,9 @@ def hf_reference(hf: torch.nn.Module, prompt: list[int], tokens: list[int]) -> t
 
 
 def assert_greedy_matches_hf(model: torch.nn.Module, hf: torch.nn.Module, prompts: list[list[int]], steps: int) -> None:
-    """Our batched greedy tokens equal HF `generate`'s for each prompt alone, and every step's logits equal HF's
-    teacher-forced ones to 1e-4 (float32)."""
+    """Our model is HF's architecture, its batched greedy tokens equal HF `generate`'s for each prompt alone, and
+    every step's logits equal HF's teacher-forced ones to 1e-4 (float32)."""
+    assert type(model).__name__ == type(hf).__name__
     logits, tokens = greedy(model, prompts, steps)
     for i, prompt in enumerate(prompts):
         ids = torch.tensor([prompt])  # with the mask: generate would take a token equal to pad_token_id for padding

@@ -30,10 +30,8 @@ from worker_proc.layers import (
     VocabParallelEmbedding,
     rope_parameters,
 )
-from worker_proc.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
+from worker_proc.models.llama import Device, LlamaAttention, LlamaForCausalLM, Rope, head_dim_of
 
-Device = torch.device | str
-Rope = tuple[torch.Tensor, torch.Tensor]
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
