@@ -20,9 +20,11 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The reliability suite's long size (docs/reliability.md): ~30 minutes; each test prints a RELIABILITY line.
+# The reliability suite's long size (docs/reliability.md), then every check marked `long` (tests/conftest.py);
+# each reliability test prints a RELIABILITY line.
 reliability-long: $(STAMP)
 	RADIXSERVE_LONG=1 $(PYTHON) -m pytest -q -s -p no:cacheprovider --timeout 3600 tests/test_reliability_*.py
+	RADIXSERVE_LONG=1 $(PYTHON) -m pytest -q -p no:cacheprovider --timeout 3600 -m long tests
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check radixserve tokenizer_proc scheduler_proc worker_proc tests
