@@ -15,6 +15,7 @@ from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
+from worker_proc.draft_model import DraftModel
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache, host_slots_wanted
 from worker_proc.layers import pack_cpu_linears
@@ -88,9 +89,13 @@ class ModelRunner:
         self._allocate_step_state()
         self._allocate_sampling_state(model_dir)
         m = self.model
+        # STANDALONE's draft model (draft_model.py): its KV pool has an entry per slot of the target's.
+        self.draft = (DraftModel(args, self.dtype, self.device, m.vocab_size)
+                      if args.speculative_algorithm == "STANDALONE" else None)
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
         step_bytes = step_activation_bytes(args, hf_config, self.dtype.itemsize)
-        fit = kv_slots_that_fit(args, self.device, self.context_length, self.kv_bytes_per_token, step_bytes)
+        slot_bytes = self.kv_bytes_per_token + (self.draft.kv_bytes_per_token if self.draft is not None else 0)
+        fit = kv_slots_that_fit(args, self.device, self.context_length, slot_bytes, step_bytes)
         self.num_kv_slots = parallel.tp_min(fit) + 1  # + the padding slot 0
         host = parallel.tp_min(host_slots_wanted(args, self.num_kv_slots, self.kv_bytes_per_token))
         self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype,
@@ -100,6 +105,8 @@ class ModelRunner:
         self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
         self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim,
                                                          m.attention_layers)
+        if self.draft is not None:
+            self.draft.allocate(self.num_kv_slots, self.backend_name)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache or
@@ -222,11 +229,13 @@ class ModelRunner:
         return DeviceStep(meta, ids, pos, last, slots)
 
     def forward(self, a: StepArrays, is_decode: bool, prefix_groups: np.ndarray | None = None,
-                every_token: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                every_token: bool = False,
+                drafts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """float32 logits of each request's last new token [B, V] (`every_token`: of every new token), the hidden
         states of all new tokens (None when a decode graph ran), and the batch's req slots on the device.
         `prefix_groups`: decode with cascade attention (see ForwardMeta). Without a graph, `step_input_ids` keeps
-        the step's input ids on the device (placeholders replaced)."""
+        the step's input ids on the device (placeholders replaced). With a draft model, `drafts` (a verify step's
+        draft counts) are drafted into the input ids first; every other step's tokens go through it too."""
         bs = len(a.req_slots)
         cascade = prefix_groups is not None
         graph_bs = self.graphs.padded_size(bs) if is_decode and self.graphs is not None else None
@@ -234,9 +243,17 @@ class ModelRunner:
             d = self._to_device(a.padded(graph_bs, self.pad_row), is_decode=True, prefix_groups=prefix_groups)
             self.attn.prepare_graph(d.meta)
             self._mark_planned()
-            return self.graphs.replay(graph_bs, cascade)[:bs], None, d.req_slots[:bs]
+            logits = self.graphs.replay(graph_bs, cascade)[:bs]
+            if self.draft is not None:
+                self.draft.follow(d.input_ids, d.positions, d.meta)
+            return logits, None, d.req_slots[:bs]
         d = self._to_device(a, is_decode, prefix_groups)
         self.step_input_ids = d.input_ids
+        if self.draft is not None and drafts is not None:
+            self.draft.propose(self.req_to_token, a.req_slots, a.cached, drafts, a.out_slots, d.input_ids,
+                               d.positions)
+        elif self.draft is not None:
+            self.draft.follow(d.input_ids, d.positions, d.meta)
         self.attn.prepare(d.meta)
         self._mark_planned()
         hidden = self.model.forward(d.input_ids, d.positions, self.attn)

@@ -1,0 +1,85 @@
+"""The draft model of --speculative-algorithm STANDALONE: a small model of the target's vocabulary, run by the
+same workers, with its own KV tensors.
+
+KV ownership: the scheduler owns the block tables, the workers own KV tensors. The draft's KV pool has one entry
+per KV slot of the target's pool (`KVCache` of its own layers and heads) and is addressed through the same block
+table: the token at req_to_token[r, p] has its target KV and its draft KV at that slot. The scheduler therefore
+allocates and frees nothing for the draft, and the radix cache shares its KV with it.
+
+Invariant: wherever the target's KV is written, the draft's is written too, for the same token — every step the
+target computes, the draft computes over the same tokens (`follow`: prefill chunks, decode steps), and a verify
+step's drafting writes the draft KV of the last token and of every draft, the last draft included (`propose`
+runs one forward past the k-th draft for it). So a radix hit, a chunked prefill or an accepted draft always finds
+the draft's KV of its whole context; rejected drafts' slots go back to the allocator like the target's.
+
+Drafting is greedy (argmax of the draft's logits): the draft distribution is one-hot, which is what the verifier
+(worker_proc/speculative.py) accepts exactly, for greedy and sampled requests alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from radixserve.config import ServerArgs
+from radixserve.model_files import load_hf_config, resolve_model
+from worker_proc.attention import ForwardMeta, backend_class
+from worker_proc.kv_cache import KVCache
+from worker_proc.weights import load_model
+
+
+class DraftModel:
+    """The draft model and its attention over its own KV pool."""
+
+    def __init__(self, args: ServerArgs, dtype: torch.dtype, device: torch.device, target_vocab: int) -> None:
+        path = resolve_model(args.speculative_draft_model_path, args.download_dir)
+        config = load_hf_config(path)
+        self.model = load_model(path, config, args.speculative_draft_load_format or args.load_format, dtype, device,
+                                seed=args.random_seed + 1)
+        if self.model.vocab_size != target_vocab:
+            raise ValueError(f"--speculative-draft-model-path {args.speculative_draft_model_path}: its vocabulary "
+                             f"has {self.model.vocab_size} tokens, the target's {target_vocab} (they must be equal)")
+        self.dtype, self.device = dtype, device
+        m = self.model
+        self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, dtype)
+
+    def allocate(self, num_slots: int, backend_name: str) -> None:
+        """Its KV pool (one entry per slot of the target's) and attention backend."""
+        m = self.model
+        self.kv_cache = KVCache(m.num_layers, num_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
+        self.attn = backend_class(backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim, m.attention_layers)
+
+    def follow(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: ForwardMeta) -> None:
+        """Write the draft KV of a step's tokens (the target computes the same step)."""
+        self.attn.prepare(meta)
+        self.model.forward(input_ids, positions, self.attn)
+
+    def propose(self, req_to_token: torch.Tensor, req_slots: np.ndarray, cached: np.ndarray, drafts: np.ndarray,
+                out_slots: np.ndarray, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """A verify step's drafts, written into `input_ids` in place: request i's rows are x_0 (its last token)
+        then drafts[i] placeholders, at positions cached[i]...; forward j (decode of one token per request that
+        still drafts) reads x_j and writes x_{j+1} = argmax, and forward drafts[i] writes x_d's KV only."""
+        starts = np.cumsum(drafts + 1) - (drafts + 1)
+        for j in range(int(drafts.max()) + 1):
+            live = np.flatnonzero(drafts >= j)
+            rows = starts[live] + j
+            meta = self._decode_meta(req_to_token, req_slots[live], cached[live] + j + 1, out_slots[rows])
+            d_rows = torch.from_numpy(rows).to(self.device)
+            self.attn.prepare(meta)
+            hidden = self.model.forward(input_ids[d_rows], positions[d_rows], self.attn)
+            more = drafts[live] > j  # requests with a draft after x_j
+            if more.any():
+                sel = torch.from_numpy(np.flatnonzero(more)).to(self.device)
+                nxt = self.model.compute_logits(hidden[sel]).argmax(dim=-1)
+                input_ids[d_rows[sel] + 1] = nxt.to(input_ids.dtype)
+
+    def _decode_meta(self, req_to_token: torch.Tensor, req_slots: np.ndarray, seq_lens: np.ndarray,
+                     out_slots: np.ndarray) -> ForwardMeta:
+        """A decode step of one token per request (its KV slot already in req_to_token)."""
+        bs = len(req_slots)
+        ones = np.ones(bs, dtype=np.int32)
+        host = np.concatenate([req_slots, seq_lens, ones, np.arange(bs + 1), out_slots]).astype(np.int32)
+        slots, lens, ext, qo, out = torch.from_numpy(host).to(self.device).split([bs, bs, bs, bs + 1, bs])
+        return ForwardMeta(is_decode=True, req_slots=slots, seq_lens=lens, extend_lens=ext, qo_indptr=qo,
+                           out_slots=out, req_to_token=req_to_token, seq_lens_cpu=seq_lens.tolist(),
+                           extend_lens_cpu=ones.tolist())
