@@ -35,7 +35,7 @@ class DraftModel:
         path = resolve_model(args.speculative_draft_model_path, args.download_dir)
         config = load_hf_config(path)
         self.model = load_model(path, config, args.speculative_draft_load_format or args.load_format, dtype, device,
-                                seed=args.random_seed + 1)
+                                seed=args.random_seed)
         if self.model.vocab_size != target_vocab:
             raise ValueError(f"--speculative-draft-model-path {args.speculative_draft_model_path}: its vocabulary "
                              f"has {self.model.vocab_size} tokens, the target's {target_vocab} (they must be equal)")
