@@ -32,7 +32,7 @@ GrammarBackend = Literal["xgrammar", "none"]
 WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-SpeculativeAlgorithm = Literal["NGRAM", "STANDALONE", "REPLAY"]
+SpeculativeAlgorithm = Literal["NGRAM", "STANDALONE", "EAGLE3", "REPLAY"]
 
 # The bounds, named for what they mean.
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -136,13 +136,15 @@ class ServerArgs:
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
     speculative_algorithm: Annotated[SpeculativeAlgorithm | None, doc(
         "speculative decoding: NGRAM drafts from the request's own prompt and output (no draft model); "
-        "STANDALONE from a small draft model of the same vocabulary (--speculative-draft-model-path); REPLAY "
+        "STANDALONE from a small draft model of the same vocabulary, EAGLE3 from an EAGLE-3 draft head (both "
+        "--speculative-draft-model-path); REPLAY "
         "(benchmarks only) replays recorded outputs (--speculative-replay-path); each decode step verifies the "
         "drafts in one forward, exactly (docs/architecture.md)")] = None
     speculative_draft_model_path: Annotated[str | None, doc(
-        "STANDALONE: the draft model (a directory of the same kinds --model-path takes; same vocabulary)")] = None
+        "STANDALONE: the draft model (a directory of the same kinds --model-path takes; same vocabulary); "
+        "EAGLE3: the draft head's directory (config.json and safetensors in the public EAGLE-3 layout)")] = None
     speculative_draft_load_format: Annotated[LoadFormat | None, doc(
-        "STANDALONE: how the draft model's weights load (default: --load-format)")] = None
+        "STANDALONE / EAGLE3: how the draft's weights load (default: --load-format)")] = None
     speculative_replay_path: Annotated[str | None, doc(
         "REPLAY (benchmarks only): a JSON list of token-id lists, each a prompt followed by the output that a "
         "first run gave it; a request whose prompt starts one drafts what followed (a draft that is always right "
@@ -190,9 +192,9 @@ class ServerArgs:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
         if self.speculative_algorithm is not None and self.speculative_num_draft_tokens < 2:
             raise FlagError("--speculative-num-draft-tokens must be at least 2 (the last token and one draft)")
-        if (self.speculative_algorithm == "STANDALONE") != (self.speculative_draft_model_path is not None):
-            raise FlagError("--speculative-draft-model-path goes with --speculative-algorithm STANDALONE (and it "
-                            "needs one)")
+        if (self.speculative_algorithm in ("STANDALONE", "EAGLE3")) != (self.speculative_draft_model_path is not None):
+            raise FlagError("--speculative-draft-model-path goes with --speculative-algorithm STANDALONE or EAGLE3 "
+                            "(and they need one)")
         if (self.speculative_algorithm == "REPLAY") != (self.speculative_replay_path is not None):
             raise FlagError("--speculative-replay-path goes with --speculative-algorithm REPLAY (and it needs one)")
         if self.speculative_ngram_min_match_window_size > self.speculative_ngram_max_match_window_size:

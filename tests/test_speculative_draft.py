@@ -1,15 +1,16 @@
-"""Speculative decoding with a draft model (STANDALONE) on tiny random models in float32, through the offline
-Engine: greedy tokens equal those without speculation across batch sizes, chunked prefill and radix hits (the
-draft's KV pool shares the target's block table: draft_model.py), with a draft that agrees with the target
-mostly (the target's weights, slightly perturbed: drafts accepted and rejected); a draft model of another
-vocabulary fails at start, saying why."""
+"""Speculative decoding with a draft model (STANDALONE) and an EAGLE-3 head (EAGLE3) on tiny random models in
+float32, through the offline Engine: greedy tokens equal those without speculation across batch sizes, chunked
+prefill and radix hits (the drafts' KV pools share the target's block table: draft_model.py), with drafts accepted
+and rejected; a draft of another vocabulary or hidden size fails at start, saying why."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_models import random_hf_model
 from transformers import LlamaConfig
 
@@ -28,6 +29,12 @@ ENGINE = dict(dtype="float32", skip_tokenizer_init=True, max_total_tokens=4096, 
 
 
 @pytest.fixture(scope="module")
+def reference(models) -> list[list[int]]:
+    with Engine(model_path=str(models[0]), **ENGINE) as eng:
+        return [o["output_ids"] for o in eng.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+
+
+@pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
     """(target, draft): the draft is the target with noise added to its weights."""
     root = tmp_path_factory.mktemp("spec-models")
@@ -40,12 +47,9 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     return root / "target", root / "draft"
 
 
-def test_standalone_greedy_tokens_equal_plain_decoding(models) -> None:
-    target, draft = models
-    with Engine(model_path=str(target), **ENGINE) as eng:
-        reference = [o["output_ids"] for o in eng.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
-    with Engine(model_path=str(target), **ENGINE, speculative_algorithm="STANDALONE",
-                speculative_draft_model_path=str(draft), speculative_num_draft_tokens=4) as eng:
+def _check_spec_run(target: Path, reference: list[list[int]], **flags) -> tuple[int, int]:
+    """All prompts at once, then two alone (one a radix hit): the tokens of plain decoding; (accepted, drafted)."""
+    with Engine(model_path=str(target), **ENGINE, **flags) as eng:
         together = eng.generate(input_ids=PROMPTS, sampling_params=GREEDY)
         assert [o["output_ids"] for o in together] == reference
         alone = [eng.generate(input_ids=PROMPTS[i], sampling_params=GREEDY) for i in (4, 0)]
@@ -54,8 +58,52 @@ def test_standalone_greedy_tokens_equal_plain_decoding(models) -> None:
         metas = [o["meta_info"] for o in together + alone]
     accepted = sum(m["spec_accept_token_num"] for m in metas)
     drafted = sum(m["spec_draft_token_num"] for m in metas)
-    print(f"STANDALONE: {accepted} of {drafted} drafts accepted")
+    print(f"{flags['speculative_algorithm']}: {accepted} of {drafted} drafts accepted")
+    return accepted, drafted
+
+
+def test_standalone_greedy_tokens_equal_plain_decoding(models, reference) -> None:
+    accepted, drafted = _check_spec_run(models[0], reference, speculative_algorithm="STANDALONE",
+                                        speculative_draft_model_path=str(models[1]), speculative_num_draft_tokens=4)
     assert 0 < accepted < drafted, (accepted, drafted)  # drafts accepted and drafts rejected
+
+
+def eagle3_head(path: Path, draft_token: int, hidden: int = 64, vocab: int = VOCAB, draft_vocab: int = 32) -> None:
+    """A dummy EAGLE-3 head in the public layout: random weights but a zero LM head, so it always drafts draft
+    vocabulary id 0, which d2t maps to `draft_token` (the other ids to others)."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
+              "vocab_size": vocab, "draft_vocab_size": draft_vocab, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+              "max_position_embeddings": 512, "tie_word_embeddings": False, "rope_theta": 10000.0,
+              "eagle_config": {"eagle_aux_hidden_state_layer_ids": [-1, 0, 1]}}
+    (path / "config.json").write_text(json.dumps(config))
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return 0.1 * torch.randn(shape, generator=gen)
+    h = hidden
+    tensors = {"fc.weight": rand(h, 3 * h), "norm.weight": torch.ones(h), "lm_head.weight": torch.zeros(draft_vocab, h),
+               "d2t": (torch.arange(draft_vocab) * 5 + draft_token) % vocab - torch.arange(draft_vocab),
+               "t2d": torch.zeros(vocab, dtype=torch.bool)}
+    for norm in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
+        tensors[f"midlayer.{norm}.weight"] = torch.ones(h)
+    for name, shape in (("self_attn.q_proj", (h, 2 * h)), ("self_attn.k_proj", (h // 2, 2 * h)),
+                        ("self_attn.v_proj", (h // 2, 2 * h)), ("self_attn.o_proj", (h, h)),
+                        ("mlp.gate_proj", (128, h)), ("mlp.up_proj", (128, h)), ("mlp.down_proj", (h, 128))):
+        tensors[f"midlayer.{name}.weight"] = rand(*shape)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+
+
+def test_eagle3_greedy_tokens_equal_plain_decoding(models, reference, tmp_path) -> None:
+    """An EAGLE-3 head that drafts the target's most frequent output token: accepted where the target repeats it,
+    rejected elsewhere; the tokens of plain decoding either way."""
+    tokens = [t for out in reference for t in out]
+    eagle3_head(tmp_path / "head", max(set(tokens), key=tokens.count))
+    accepted, drafted = _check_spec_run(models[0], reference, speculative_algorithm="EAGLE3",
+                                        speculative_draft_model_path=str(tmp_path / "head"),
+                                        speculative_num_draft_tokens=4)
+    assert 0 < accepted < drafted, (accepted, drafted)
 
 
 @pytest.mark.long
@@ -70,6 +118,18 @@ def test_the_target_as_its_own_draft_is_always_right(models) -> None:
     for o in outs:
         meta = o["meta_info"]
         assert meta["spec_accept_token_num"] == meta["spec_draft_token_num"] > 0, meta
+
+
+def test_an_eagle3_head_for_another_hidden_size_fails_at_start(models, tmp_path) -> None:
+    from radixserve.model_files import load_hf_config
+    from worker_proc.eagle3_draft import Eagle3Draft
+    from worker_proc.weights import load_model
+
+    target = load_model(str(models[0]), load_hf_config(str(models[0])), "safetensors", torch.float32, "cpu")
+    eagle3_head(tmp_path, 0, hidden=32)
+    args = ServerArgs(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(tmp_path))
+    with pytest.raises(ValueError, match="an EAGLE-3 head for hidden size 32, the target's is 64"):
+        Eagle3Draft(args, torch.float32, torch.device("cpu"), target)
 
 
 def test_a_draft_model_of_another_vocabulary_fails_at_start(tmp_path) -> None:

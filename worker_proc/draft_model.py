@@ -1,5 +1,8 @@
-"""The draft model of --speculative-algorithm STANDALONE: a small model of the target's vocabulary, run by the
-same workers, with its own KV tensors.
+"""Drafts made in the workers: the draft model of --speculative-algorithm STANDALONE (a small model of the
+target's vocabulary, run by the same workers, with its own KV tensors), and EAGLE3's head (eagle3_draft.py), both
+behind one interface the ModelRunner calls: `admit` (requests entering req slots), `follow` (after the target's
+forward of a prefill or decode step), `propose` (a verify step's drafts, before the target's forward), `settle`
+(after the verify step's acceptance).
 
 KV ownership: the scheduler owns the block tables, the workers own KV tensors. The draft's KV pool has one entry
 per KV slot of the target's pool (`KVCache` of its own layers and heads) and is addressed through the same block
@@ -28,8 +31,37 @@ from worker_proc.kv_cache import KVCache
 from worker_proc.weights import load_model
 
 
+def step_meta(req_to_token: torch.Tensor, req_slots: np.ndarray, cached: np.ndarray, extend: np.ndarray,
+              device: torch.device) -> tuple[ForwardMeta, torch.Tensor]:
+    """A draft forward over positions cached[i]:cached[i] + extend[i] of each request (their KV slots already in
+    req_to_token), as ForwardMeta and the positions [T] on the device."""
+    bs, total = len(req_slots), int(extend.sum())
+    qo = np.zeros(bs + 1, dtype=np.int64)
+    np.cumsum(extend, out=qo[1:])
+    positions = np.repeat(cached - qo[:-1], extend) + np.arange(total)
+    host = np.concatenate([req_slots, cached + extend, extend, qo, positions, np.repeat(req_slots, extend)])
+    slots, lens, ext, qo_d, pos, rows = torch.from_numpy(host.astype(np.int32)).to(device).split(
+        [bs, bs, bs, bs + 1, total, total])
+    out = req_to_token[rows.long(), pos.long()]
+    meta = ForwardMeta(is_decode=bool((extend == 1).all()), req_slots=slots, seq_lens=lens, extend_lens=ext,
+                       qo_indptr=qo_d, out_slots=out, req_to_token=req_to_token,
+                       seq_lens_cpu=(cached + extend).tolist(), extend_lens_cpu=extend.tolist())
+    return meta, pos
+
+
+def make_draft(args: ServerArgs, dtype: torch.dtype, device: torch.device, target: torch.nn.Module):
+    """The drafter of --speculative-algorithm (None for those that draft in the scheduler)."""
+    if args.speculative_algorithm == "STANDALONE":
+        return DraftModel(args, dtype, device, target.vocab_size)
+    if args.speculative_algorithm == "EAGLE3":
+        from worker_proc.eagle3_draft import Eagle3Draft
+
+        return Eagle3Draft(args, dtype, device, target)
+    return None
+
+
 class DraftModel:
-    """The draft model and its attention over its own KV pool."""
+    """STANDALONE: the draft model and its attention over its own KV pool."""
 
     def __init__(self, args: ServerArgs, dtype: torch.dtype, device: torch.device, target_vocab: int) -> None:
         path = resolve_model(args.speculative_draft_model_path, args.download_dir)
@@ -49,37 +81,31 @@ class DraftModel:
         self.kv_cache = KVCache(m.num_layers, num_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
         self.attn = backend_class(backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim, m.attention_layers)
 
-    def follow(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: ForwardMeta) -> None:
-        """Write the draft KV of a step's tokens (the target computes the same step)."""
-        self.attn.prepare(meta)
-        self.model.forward(input_ids, positions, self.attn)
+    def admit(self, req_slots: np.ndarray) -> None:
+        pass  # no state per request: the KV pool is all
 
-    def propose(self, req_to_token: torch.Tensor, req_slots: np.ndarray, cached: np.ndarray, drafts: np.ndarray,
-                out_slots: np.ndarray, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """A verify step's drafts, written into `input_ids` in place: request i's rows are x_0 (its last token)
-        then drafts[i] placeholders, at positions cached[i]...; forward j (decode of one token per request that
-        still drafts) reads x_j and writes x_{j+1} = argmax, and forward drafts[i] writes x_d's KV only."""
+    def follow(self, a, d) -> None:
+        """Write the draft KV of a prefill or decode step's tokens (StepArrays a, DeviceStep d)."""
+        self.attn.prepare(d.meta)
+        self.model.forward(d.input_ids, d.positions, self.attn)
+
+    def propose(self, a, drafts: np.ndarray, d, req_to_token: torch.Tensor) -> None:
+        """A verify step's drafts, written into d.input_ids in place: request i's rows are x_0 (its last token)
+        then drafts[i] placeholders, at positions a.cached[i]...; forward j (one token per request that still
+        drafts) reads x_j and writes x_{j+1} = argmax, and forward drafts[i] writes x_d's KV only."""
         starts = np.cumsum(drafts + 1) - (drafts + 1)
+        ones = np.ones(len(drafts), dtype=np.int64)
         for j in range(int(drafts.max()) + 1):
             live = np.flatnonzero(drafts >= j)
-            rows = starts[live] + j
-            meta = self._decode_meta(req_to_token, req_slots[live], cached[live] + j + 1, out_slots[rows])
-            d_rows = torch.from_numpy(rows).to(self.device)
+            meta, positions = step_meta(req_to_token, a.req_slots[live], a.cached[live] + j, ones[live], self.device)
+            rows = torch.from_numpy(starts[live] + j).to(self.device)
             self.attn.prepare(meta)
-            hidden = self.model.forward(input_ids[d_rows], positions[d_rows], self.attn)
+            hidden = self.model.forward(d.input_ids[rows], positions, self.attn)
             more = drafts[live] > j  # requests with a draft after x_j
             if more.any():
                 sel = torch.from_numpy(np.flatnonzero(more)).to(self.device)
                 nxt = self.model.compute_logits(hidden[sel]).argmax(dim=-1)
-                input_ids[d_rows[sel] + 1] = nxt.to(input_ids.dtype)
+                d.input_ids[rows[sel] + 1] = nxt.to(d.input_ids.dtype)
 
-    def _decode_meta(self, req_to_token: torch.Tensor, req_slots: np.ndarray, seq_lens: np.ndarray,
-                     out_slots: np.ndarray) -> ForwardMeta:
-        """A decode step of one token per request (its KV slot already in req_to_token)."""
-        bs = len(req_slots)
-        ones = np.ones(bs, dtype=np.int32)
-        host = np.concatenate([req_slots, seq_lens, ones, np.arange(bs + 1), out_slots]).astype(np.int32)
-        slots, lens, ext, qo, out = torch.from_numpy(host).to(self.device).split([bs, bs, bs, bs + 1, bs])
-        return ForwardMeta(is_decode=True, req_slots=slots, seq_lens=lens, extend_lens=ext, qo_indptr=qo,
-                           out_slots=out, req_to_token=req_to_token, seq_lens_cpu=seq_lens.tolist(),
-                           extend_lens_cpu=ones.tolist())
+    def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, d) -> None:
+        pass  # every draft's KV was written while drafting

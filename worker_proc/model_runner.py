@@ -15,7 +15,7 @@ from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
-from worker_proc.draft_model import DraftModel
+from worker_proc.draft_model import make_draft
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache, host_slots_wanted
 from worker_proc.layers import pack_cpu_linears
@@ -89,9 +89,8 @@ class ModelRunner:
         self._allocate_step_state()
         self._allocate_sampling_state(model_dir)
         m = self.model
-        # STANDALONE's draft model (draft_model.py): its KV pool has an entry per slot of the target's.
-        self.draft = (DraftModel(args, self.dtype, self.device, m.vocab_size)
-                      if args.speculative_algorithm == "STANDALONE" else None)
+        # STANDALONE's draft model, EAGLE3's head (draft_model.py): a KV pool with an entry per slot of the target's.
+        self.draft = make_draft(args, self.dtype, self.device, m)
         self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
         step_bytes = step_activation_bytes(args, hf_config, self.dtype.itemsize)
         slot_bytes = self.kv_bytes_per_token + (self.draft.kv_bytes_per_token if self.draft is not None else 0)
@@ -183,7 +182,8 @@ class ModelRunner:
             self.grammars = SlotGrammars(backend, self.device)
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph:
+        if (self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph
+                or self.args.speculative_algorithm == "EAGLE3"):  # its head reads hidden states graphs do not keep
             return None
         sizes = capture_sizes(min(self.args.cuda_graph_max_bs, self.args.max_running_requests))
         if not sizes:
@@ -245,18 +245,17 @@ class ModelRunner:
             self._mark_planned()
             logits = self.graphs.replay(graph_bs, cascade)[:bs]
             if self.draft is not None:
-                self.draft.follow(d.input_ids, d.positions, d.meta)
+                self.draft.follow(a, d)
             return logits, None, d.req_slots[:bs]
         d = self._to_device(a, is_decode, prefix_groups)
-        self.step_input_ids = d.input_ids
+        self.step_input_ids, self.device_step = d.input_ids, d
         if self.draft is not None and drafts is not None:
-            self.draft.propose(self.req_to_token, a.req_slots, a.cached, drafts, a.out_slots, d.input_ids,
-                               d.positions)
-        elif self.draft is not None:
-            self.draft.follow(d.input_ids, d.positions, d.meta)
+            self.draft.propose(a, drafts, d, self.req_to_token)
         self.attn.prepare(d.meta)
         self._mark_planned()
         hidden = self.model.forward(d.input_ids, d.positions, self.attn)
+        if self.draft is not None and drafts is None:
+            self.draft.follow(a, d)
         return self.model.compute_logits(hidden if every_token else hidden[d.last]), hidden, d.req_slots
 
     def _mark_planned(self) -> None:
@@ -340,6 +339,8 @@ class ModelRunner:
     def _admit(self, b: StepBatch) -> list[tuple[int, str]]:
         """Requests entering their req slots: cached-prefix rows of the block table in one upload, and their
         sampling parameters. Returns (req slot, why) of the requests whose parameters cannot be applied."""
+        if self.draft is not None:
+            self.draft.admit(np.array([nr.req_slot for nr in b.new_reqs], dtype=np.int64))
         prefixes = [from_i32(nr.prefix_slots) for nr in b.new_reqs]
         lengths = np.array([len(p) for p in prefixes], dtype=np.int32)
         if lengths.sum():

@@ -229,6 +229,10 @@ def launch_verify(runner, b: StepBatch, a, t0: float, admit_errors: list[tuple[i
         final = verdict.final
     final = parallel.tp_broadcast(final, (len(a.req_slots),), torch.int64, runner.device)
     runner.last_sampled[slots.long()] = final.to(torch.int32)
+    if runner.draft is not None:  # every rank's drafter learns the accepted counts
+        accepted = torch.from_numpy(verdict.accepted).to(runner.device) if runner.rank == 0 else None
+        accepted = parallel.tp_broadcast(accepted, (len(a.req_slots),), torch.int64, runner.device)
+        runner.draft.settle(a, drafts, accepted.cpu().numpy(), runner.device_step)
     if runner.rank != 0:
         return None
     logprobs = chosen = None
