@@ -136,10 +136,9 @@ class ServerArgs:
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
     speculative_algorithm: Annotated[SpeculativeAlgorithm | None, doc(
         "speculative decoding: NGRAM drafts from the request's own prompt and output (no draft model); "
-        "STANDALONE from a small draft model of the same vocabulary, EAGLE3 from an EAGLE-3 draft head (both "
-        "--speculative-draft-model-path); REPLAY "
-        "(benchmarks only) replays recorded outputs (--speculative-replay-path); each decode step verifies the "
-        "drafts in one forward, exactly (docs/architecture.md)")] = None
+        "STANDALONE from a small draft model of the same vocabulary, EAGLE3 from an EAGLE-3 draft head (both named "
+        "by the draft model path); REPLAY (benchmarks only) replays recorded outputs (the replay path); each decode "
+        "step verifies the drafts in one forward, exactly (docs/architecture.md)")] = None
     speculative_draft_model_path: Annotated[str | None, doc(
         "STANDALONE: the draft model (a directory of the same kinds --model-path takes; same vocabulary); "
         "EAGLE3: the draft head's directory (config.json and safetensors in the public EAGLE-3 layout)")] = None

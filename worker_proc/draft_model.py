@@ -27,26 +27,9 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config, resolve_model
 from worker_proc.attention import ForwardMeta, backend_class
+from worker_proc.eagle3_draft import Eagle3Draft
 from worker_proc.kv_cache import KVCache
 from worker_proc.weights import load_model
-
-
-def step_meta(req_to_token: torch.Tensor, req_slots: np.ndarray, cached: np.ndarray, extend: np.ndarray,
-              device: torch.device) -> tuple[ForwardMeta, torch.Tensor]:
-    """A draft forward over positions cached[i]:cached[i] + extend[i] of each request (their KV slots already in
-    req_to_token), as ForwardMeta and the positions [T] on the device."""
-    bs, total = len(req_slots), int(extend.sum())
-    qo = np.zeros(bs + 1, dtype=np.int64)
-    np.cumsum(extend, out=qo[1:])
-    positions = np.repeat(cached - qo[:-1], extend) + np.arange(total)
-    host = np.concatenate([req_slots, cached + extend, extend, qo, positions, np.repeat(req_slots, extend)])
-    slots, lens, ext, qo_d, pos, rows = torch.from_numpy(host.astype(np.int32)).to(device).split(
-        [bs, bs, bs, bs + 1, total, total])
-    out = req_to_token[rows.long(), pos.long()]
-    meta = ForwardMeta(is_decode=bool((extend == 1).all()), req_slots=slots, seq_lens=lens, extend_lens=ext,
-                       qo_indptr=qo_d, out_slots=out, req_to_token=req_to_token,
-                       seq_lens_cpu=(cached + extend).tolist(), extend_lens_cpu=extend.tolist())
-    return meta, pos
 
 
 def make_draft(args: ServerArgs, dtype: torch.dtype, device: torch.device, target: torch.nn.Module):
@@ -54,8 +37,6 @@ def make_draft(args: ServerArgs, dtype: torch.dtype, device: torch.device, targe
     if args.speculative_algorithm == "STANDALONE":
         return DraftModel(args, dtype, device, target.vocab_size)
     if args.speculative_algorithm == "EAGLE3":
-        from worker_proc.eagle3_draft import Eagle3Draft
-
         return Eagle3Draft(args, dtype, device, target)
     return None
 
@@ -97,7 +78,8 @@ class DraftModel:
         ones = np.ones(len(drafts), dtype=np.int64)
         for j in range(int(drafts.max()) + 1):
             live = np.flatnonzero(drafts >= j)
-            meta, positions = step_meta(req_to_token, a.req_slots[live], a.cached[live] + j, ones[live], self.device)
+            meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots[live], a.cached[live] + j,
+                                                        ones[live])
             rows = torch.from_numpy(starts[live] + j).to(self.device)
             self.attn.prepare(meta)
             hidden = self.model.forward(d.input_ids[rows], positions, self.attn)

@@ -25,8 +25,7 @@ import torch
 
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config, resolve_model
-from worker_proc.attention import backend_class
-from worker_proc.draft_model import step_meta
+from worker_proc.attention import ForwardMeta, backend_class
 from worker_proc.kv_cache import KVCache
 from worker_proc.models.eagle3 import Eagle3Head, capture_layers
 from worker_proc.weights import init_dummy_weights, iter_safetensors
@@ -78,7 +77,7 @@ class Eagle3Draft:
         keep = count > 0
         if not keep.any():
             return
-        meta, positions = step_meta(req_to_token, req_slots[keep], first[keep], count[keep], self.device)
+        meta, positions = ForwardMeta.for_positions(req_to_token, req_slots[keep], first[keep], count[keep])
         rows_t = torch.from_numpy(token_rows).to(self.device)
         rows_h = torch.from_numpy(hidden_rows).to(self.device)
         self.attn.prepare(meta)
@@ -124,8 +123,8 @@ class Eagle3Draft:
         hidden, from_target = self.pend[slots_t], True
         live = np.arange(len(drafts))
         for j in range(int(drafts.max(initial=0))):
-            meta, positions = step_meta(req_to_token, a.req_slots[live], cached[live] + j - 1, ones[live],
-                                        self.device)
+            meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots[live], cached[live] + j - 1,
+                                                        ones[live])
             rows = torch.from_numpy(starts[live] + j).to(self.device)
             self.attn.prepare(meta)
             normed, nxt_hidden = self.head(d.input_ids[rows], positions, hidden, self.attn, self.embed, from_target)
@@ -134,7 +133,7 @@ class Eagle3Draft:
             d.input_ids[rows[sel] + 1] = self.head.draft_tokens(normed[sel]).to(d.input_ids.dtype)
             live, hidden, from_target = live[more], nxt_hidden[sel], False
         if not drafts.any():  # no forward ran: entry c - 1 is written now (settle needs it before its own)
-            meta, positions = step_meta(req_to_token, a.req_slots, cached - 1, ones, self.device)
+            meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots, cached - 1, ones)
             self.attn.prepare(meta)
             self.head(d.input_ids[torch.from_numpy(starts).to(self.device)], positions, hidden, self.attn, self.embed,
                       True)
