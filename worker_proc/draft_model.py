@@ -26,13 +26,13 @@ import torch
 
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config, resolve_model
-from worker_proc.attention import ForwardMeta, backend_class
+from worker_proc.attention import ForwardMeta
+from worker_proc.drafter import Drafter
 from worker_proc.eagle3_draft import Eagle3Draft
-from worker_proc.kv_cache import KVCache
 from worker_proc.weights import load_model
 
 
-def make_draft(args: ServerArgs, dtype: torch.dtype, device: torch.device, target: torch.nn.Module):
+def make_draft(args: ServerArgs, dtype: torch.dtype, device: torch.device, target: torch.nn.Module) -> Drafter | None:
     """The drafter of --speculative-algorithm (None for those that draft in the scheduler)."""
     if args.speculative_algorithm == "STANDALONE":
         return DraftModel(args, dtype, device, target.vocab_size)
@@ -41,7 +41,7 @@ def make_draft(args: ServerArgs, dtype: torch.dtype, device: torch.device, targe
     return None
 
 
-class DraftModel:
+class DraftModel(Drafter):
     """STANDALONE: the draft model and its attention over its own KV pool."""
 
     def __init__(self, args: ServerArgs, dtype: torch.dtype, device: torch.device, target_vocab: int) -> None:
@@ -53,21 +53,10 @@ class DraftModel:
             raise ValueError(f"--speculative-draft-model-path {args.speculative_draft_model_path}: its vocabulary "
                              f"has {self.model.vocab_size} tokens, the target's {target_vocab} (they must be equal)")
         self.dtype, self.device = dtype, device
-        m = self.model
-        self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, dtype)
-
-    def allocate(self, num_slots: int, backend_name: str) -> None:
-        """Its KV pool (one entry per slot of the target's) and attention backend."""
-        m = self.model
-        self.kv_cache = KVCache(m.num_layers, num_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
-        self.attn = backend_class(backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim, m.attention_layers)
-
-    def admit(self, req_slots: np.ndarray) -> None:
-        pass  # no state per request: the KV pool is all
 
     def follow(self, a, d) -> None:
         """Write the draft KV of a prefill or decode step's tokens (StepArrays a, DeviceStep d)."""
-        self.attn.prepare(d.meta)
+        self.prepare(d.meta)
         self.model.forward(d.input_ids, d.positions, self.attn)
 
     def propose(self, a, drafts: np.ndarray, d, req_to_token: torch.Tensor) -> None:
@@ -81,13 +70,10 @@ class DraftModel:
             meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots[live], a.cached[live] + j,
                                                         ones[live])
             rows = torch.from_numpy(starts[live] + j).to(self.device)
-            self.attn.prepare(meta)
+            self.prepare(meta)
             hidden = self.model.forward(d.input_ids[rows], positions, self.attn)
             more = drafts[live] > j  # requests with a draft after x_j
             if more.any():
                 sel = torch.from_numpy(np.flatnonzero(more)).to(self.device)
                 nxt = self.model.compute_logits(hidden[sel]).argmax(dim=-1)
                 d.input_ids[rows[sel] + 1] = nxt.to(d.input_ids.dtype)
-
-    def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, d) -> None:
-        pass  # every draft's KV was written while drafting

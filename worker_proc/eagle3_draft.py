@@ -25,13 +25,13 @@ import torch
 
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config, resolve_model
-from worker_proc.attention import ForwardMeta, backend_class
-from worker_proc.kv_cache import KVCache
+from worker_proc.attention import ForwardMeta
+from worker_proc.drafter import Drafter
 from worker_proc.models.eagle3 import Eagle3Head, capture_layers
 from worker_proc.weights import init_dummy_weights, iter_safetensors
 
 
-class Eagle3Draft:
+class Eagle3Draft(Drafter):
     def __init__(self, args: ServerArgs, dtype: torch.dtype, device: torch.device, target: torch.nn.Module) -> None:
         path = resolve_model(args.speculative_draft_model_path, args.download_dir)
         config = load_hf_config(path)
@@ -48,25 +48,18 @@ class Eagle3Draft:
         if config.vocab_size != target.vocab_size:
             raise ValueError(f"{what}: an EAGLE-3 head for a vocabulary of {config.vocab_size} tokens, the "
                              f"target's has {target.vocab_size}")
-        self.head = Eagle3Head(config, dtype, device)
+        self.model = Eagle3Head(config, dtype, device)
         if (args.speculative_draft_load_format or args.load_format) == "dummy":
-            init_dummy_weights(self.head, args.random_seed)
+            init_dummy_weights(self.model, args.random_seed)
         else:
             with torch.no_grad():
-                self.head.load_weights(iter_safetensors(path))
-        self.head.eval()
+                self.model.load_weights(iter_safetensors(path))
+        self.model.eval()
         decoder.capture = capture_layers(config, target.num_layers)
         self.decoder, self.embed = decoder, decoder.embed_tokens
         self.dtype, self.device = dtype, device
         self.pend = torch.zeros(args.max_running_requests + 1, 3 * target_hidden, dtype=dtype, device=device)
         self.has_pend = np.zeros(args.max_running_requests + 1, dtype=bool)
-        h = self.head
-        self.kv_bytes_per_token = KVCache.bytes_per_token(1, h.num_kv_heads_local, h.head_dim, dtype)
-
-    def allocate(self, num_slots: int, backend_name: str) -> None:
-        h = self.head
-        self.kv_cache = KVCache(1, num_slots, h.num_kv_heads_local, h.head_dim, self.dtype, self.device)
-        self.attn = backend_class(backend_name)(self.kv_cache, h.num_q_heads_local, h.head_dim, h.attention_layers)
 
     def admit(self, req_slots: np.ndarray) -> None:
         self.has_pend[req_slots] = False
@@ -80,8 +73,8 @@ class Eagle3Draft:
         meta, positions = ForwardMeta.for_positions(req_to_token, req_slots[keep], first[keep], count[keep])
         rows_t = torch.from_numpy(token_rows).to(self.device)
         rows_h = torch.from_numpy(hidden_rows).to(self.device)
-        self.attn.prepare(meta)
-        self.head(tokens[rows_t], positions, hidden[rows_h], self.attn, self.embed, True)
+        self.prepare(meta)
+        self.model(tokens[rows_t], positions, hidden[rows_h], self.attn, self.embed, True)
 
     @staticmethod
     def _flat(count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,16 +119,16 @@ class Eagle3Draft:
             meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots[live], cached[live] + j - 1,
                                                         ones[live])
             rows = torch.from_numpy(starts[live] + j).to(self.device)
-            self.attn.prepare(meta)
-            normed, nxt_hidden = self.head(d.input_ids[rows], positions, hidden, self.attn, self.embed, from_target)
+            self.prepare(meta)
+            normed, nxt_hidden = self.model(d.input_ids[rows], positions, hidden, self.attn, self.embed, from_target)
             more = np.flatnonzero(drafts[live] > j)  # requests with a draft x_{j+1}
             sel = torch.from_numpy(more).to(self.device)
-            d.input_ids[rows[sel] + 1] = self.head.draft_tokens(normed[sel]).to(d.input_ids.dtype)
+            d.input_ids[rows[sel] + 1] = self.model.draft_tokens(normed[sel]).to(d.input_ids.dtype)
             live, hidden, from_target = live[more], nxt_hidden[sel], False
         if not drafts.any():  # no forward ran: entry c - 1 is written now (settle needs it before its own)
             meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots, cached - 1, ones)
-            self.attn.prepare(meta)
-            self.head(d.input_ids[torch.from_numpy(starts).to(self.device)], positions, hidden, self.attn, self.embed,
+            self.prepare(meta)
+            self.model(d.input_ids[torch.from_numpy(starts).to(self.device)], positions, hidden, self.attn, self.embed,
                       True)
 
     def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, d) -> None:
