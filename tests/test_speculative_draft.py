@@ -68,9 +68,10 @@ def test_standalone_greedy_tokens_equal_plain_decoding(models, reference) -> Non
     assert 0 < accepted < drafted, (accepted, drafted)  # drafts accepted and drafts rejected
 
 
-def eagle3_head(path: Path, draft_token: int, hidden: int = 64, vocab: int = VOCAB, draft_vocab: int = 32) -> None:
-    """A dummy EAGLE-3 head in the public layout: random weights but a zero LM head, so it always drafts draft
-    vocabulary id 0, which d2t maps to `draft_token` (the other ids to others)."""
+def eagle3_head(path: Path, draft_token: int, hidden: int = 64, vocab: int = VOCAB, draft_vocab: int = 32,
+                zero_lm_head: bool = True) -> dict[str, torch.Tensor]:
+    """A dummy EAGLE-3 head in the public layout (its tensors returned): random weights but a zero LM head, so it
+    always drafts draft vocabulary id 0, which d2t maps to `draft_token` (the other ids to others)."""
     path.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
@@ -83,16 +84,74 @@ def eagle3_head(path: Path, draft_token: int, hidden: int = 64, vocab: int = VOC
     def rand(*shape):
         return 0.1 * torch.randn(shape, generator=gen)
     h = hidden
-    tensors = {"fc.weight": rand(h, 3 * h), "norm.weight": torch.ones(h), "lm_head.weight": torch.zeros(draft_vocab, h),
+    lm_head = torch.zeros(draft_vocab, h) if zero_lm_head else rand(draft_vocab, h)
+    tensors = {"fc.weight": rand(h, 3 * h), "norm.weight": 1 + rand(h), "lm_head.weight": lm_head,
                "d2t": (torch.arange(draft_vocab) * 5 + draft_token) % vocab - torch.arange(draft_vocab),
                "t2d": torch.zeros(vocab, dtype=torch.bool)}
     for norm in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
-        tensors[f"midlayer.{norm}.weight"] = torch.ones(h)
+        tensors[f"midlayer.{norm}.weight"] = 1 + rand(h)
     for name, shape in (("self_attn.q_proj", (h, 2 * h)), ("self_attn.k_proj", (h // 2, 2 * h)),
                         ("self_attn.v_proj", (h // 2, 2 * h)), ("self_attn.o_proj", (h, h)),
                         ("mlp.gate_proj", (128, h)), ("mlp.up_proj", (128, h)), ("mlp.down_proj", (h, 128))):
         tensors[f"midlayer.{name}.weight"] = rand(*shape)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    return tensors
+
+
+def test_eagle3_head_matches_a_reference(tmp_path) -> None:
+    """Our head on the public layout's tensors against the layer written out in plain torch: fc over the three
+    target states, [norm(embedding) | norm(hidden)] into attention (RoPE, causal, grouped kv heads), the residual
+    stream from the hidden state, the MLP, the final norm, the LM head and d2t."""
+    import numpy as np
+
+    from radixserve.model_files import load_hf_config
+    from worker_proc.attention import ForwardMeta, backend_class
+    from worker_proc.kv_cache import KVCache
+    from worker_proc.models.eagle3 import Eagle3Head
+    from worker_proc.weights import iter_safetensors
+
+    w = eagle3_head(tmp_path, 7, zero_lm_head=False)
+    head = Eagle3Head(load_hf_config(str(tmp_path)), torch.float32, "cpu")
+    head.load_weights(iter_safetensors(tmp_path))
+    n, h, heads, kv_heads, dim = 6, 64, 4, 2, 16
+    embed = torch.nn.Embedding(VOCAB, h)
+    ids, states = torch.randint(0, VOCAB, (n,)), torch.randn(n, 3 * h)
+    req_to_token = torch.zeros((1, 16), dtype=torch.int32)
+    req_to_token[0, :n] = torch.arange(1, n + 1)
+    meta, positions = ForwardMeta.for_positions(req_to_token, np.zeros(1, np.int64), np.zeros(1, np.int64),
+                                                np.array([n]))
+    attn = backend_class("torch")(KVCache(1, 16, kv_heads, dim, torch.float32, "cpu"), heads, dim,
+                                  head.attention_layers)
+    attn.prepare(meta)
+    with torch.no_grad():
+        normed, nxt = head(ids, positions, states, attn, embed, True)
+        drafts = head.draft_tokens(normed)
+
+        def norm(x, name):
+            return w[name] * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+        def rope(x):  # [n, heads, dim], HF's rotate_half
+            inv = 1.0 / 10000.0 ** (torch.arange(0, dim, 2).float() / dim)
+            ang = torch.cat([positions.float()[:, None] * inv] * 2, dim=-1)[:, None, :]
+            return x * ang.cos() + torch.cat([-x[..., dim // 2:], x[..., :dim // 2]], dim=-1) * ang.sin()
+        hidden = states @ w["fc.weight"].T
+        x = torch.cat([norm(embed(ids), "midlayer.input_layernorm.weight"),
+                       norm(hidden, "midlayer.hidden_norm.weight")], dim=-1)
+        q = rope((x @ w["midlayer.self_attn.q_proj.weight"].T).view(n, heads, dim))
+        k = rope((x @ w["midlayer.self_attn.k_proj.weight"].T).view(n, kv_heads, dim)).repeat_interleave(2, dim=1)
+        v = (x @ w["midlayer.self_attn.v_proj.weight"].T).view(n, kv_heads, dim).repeat_interleave(2, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / dim**0.5
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        out = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(n, h)
+        residual = out @ w["midlayer.self_attn.o_proj.weight"].T + hidden
+        y = norm(residual, "midlayer.post_attention_layernorm.weight")
+        mlp = (torch.nn.functional.silu(y @ w["midlayer.mlp.gate_proj.weight"].T) *
+               (y @ w["midlayer.mlp.up_proj.weight"].T)) @ w["midlayer.mlp.down_proj.weight"].T
+        ref_next = mlp + residual
+        ref_normed = norm(ref_next, "norm.weight")
+        best = (ref_normed @ w["lm_head.weight"].T).argmax(-1)
+    assert torch.allclose(nxt, ref_next, atol=1e-4) and torch.allclose(normed, ref_normed, atol=1e-4)
+    assert drafts.tolist() == (best + w["d2t"][best]).tolist()
 
 
 def test_eagle3_greedy_tokens_equal_plain_decoding(models, reference, tmp_path) -> None:
