@@ -12,6 +12,7 @@ import torch
 
 from worker_proc.attention import ForwardMeta, backend_class
 from worker_proc.kv_cache import KVCache
+from worker_proc.layers import pack_cpu_linears
 
 
 class Drafter:
@@ -29,8 +30,11 @@ class Drafter:
         return KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
 
     def allocate(self, num_slots: int, backend_name: str) -> None:
-        """Its KV pool (one entry per slot of the target's) and attention backend."""
+        """Its KV pool (one entry per slot of the target's) and attention backend; on a bf16 CPU its linear
+        weights in the CPU kernels' layout, as the target's."""
         m = self.model
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            pack_cpu_linears(m)
         self.kv_cache = KVCache(m.num_layers, num_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
         self.attn = backend_class(backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim, m.attention_layers)
 
