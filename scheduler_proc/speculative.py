@@ -19,7 +19,8 @@ Draft sources (`draft_source`):
 - NGRAM: the drafts are what followed the most recent earlier occurrence of the longest suffix of the request's
   own tokens (prompt + output) of --speculative-ngram-min/max-match-window-size tokens; per request its tokens live
   in a growing buffer (`Req.history`), so drafting costs O(its length) in numpy and no Python per token.
-- STANDALONE: the workers' draft model drafts (worker_proc/draft_model.py): the scheduler reserves the KV slots
+- STANDALONE / EAGLE3: the workers' draft model or EAGLE-3 head drafts (worker_proc/draft_model.py,
+  worker_proc/eagle3_draft.py): the scheduler reserves the KV slots
   of k drafts per request and sends PENDING in their place; the accepted ones come back with the verify step's
   answer like any sampled token.
 - REPLAY (benchmarks only): what followed in a recorded sequence that starts with the request's prompt (a first
