@@ -200,3 +200,26 @@ def test_bad_input_fails_naming_the_option(monkeypatch):
     monkeypatch.setattr(batch_invariant, "ENABLED", True)
     with pytest.raises(ValueError, match="--kv-cache-dtype fp8_e4m3"):
         TorchBackend(kv, 1, 16, [LayerAttention(0.25)])
+
+
+def check_fp8_gemv() -> None:
+    """The decode GEMV on an e4m3 weight with per-row scales == x (weight * scale)^T + bias in float32, rounded
+    once: one row on CUDA cores, three on tensor cores (float16 there: see test_fused_interpreted.check_gemv)."""
+    from worker_proc import gemv
+
+    torch.manual_seed(0)
+    for rows, n, k, cfg, dtype in ((1, 50, 64, gemv.Config(16, 32, 4, 1, False), torch.bfloat16),
+                                   (3, 40, 96, gemv.Config(32, 64, 4, 2, True), torch.float16)):
+        x, bias = torch.randn(rows, k, dtype=dtype), torch.randn(n, dtype=dtype)
+        q, scale = fp8.quantize_rows(torch.randn(n, k))
+        y = gemv.gemv(x, q, bias, cfg, scale=scale)
+        ref = x.float() @ fp8.dequantize(q, scale, k).T + bias.float()
+        torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=2**-7, atol=1e-2)
+    print("fp8_gemv ok")
+
+
+def test_fp8_gemv_interpreted():
+    pytest.importorskip("triton")
+    from test_fused_interpreted import run_interpreted
+
+    run_interpreted("check_fp8_gemv", module="test_fp8")

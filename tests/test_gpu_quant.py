@@ -1,0 +1,200 @@
+"""FP8 on the GPU: the FP8 linear (Triton GEMV and _scaled_mm) against the dequantized reference, FP8 weights
+(quantized at load, and both checkpoint layouts) and an FP8 KV cache through ModelRunner with FlashInfer and CUDA
+graphs, FP8 with tp 2. Runs only where CUDA is available; the CPU side is tests/test_fp8.py.
+
+Tolerances (relative L2 error of an output row against float32 on the dequantized weights):
+  GEMV_TOL   the GEMV reads e4m3 weights and keeps x in bf16: only the bf16 output rounding and summation order;
+  MM_TOL     _scaled_mm also rounds x per token to e4m3 (3 mantissa bits: up to 2^-4 relative per element);
+  MODEL_TOL  a tiny model's logits with every linear in FP8, against the same model in bf16;
+  TOP1       the share of positions whose top-1 token is the reference's, teacher-forced.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_fp8 import write_checkpoints
+from test_gpu import RESULTS, Driver, Req, _report_results, prompts, runner_for, save_tiny, scenario  # noqa: F401
+
+from worker_proc import fp8, gemv
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                                 reason="needs FP8 tensor cores (compute capability 8.9+)")]
+
+GEMV_TOL = 1e-2
+MM_TOL = 6e-2
+MODEL_TOL = 0.1
+TOP1 = 0.9
+SHAPES = [(6144, 4096), (28672, 4096), (4096, 4096), (4096, 14336)]  # Llama-3.1-8B: qkv, gate_up, o, down
+
+
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_fp8_linear_matches_the_dequantized_reference(n, k):
+    torch.manual_seed(0)
+    w = (0.02 * torch.randn(n, k, device="cuda")).bfloat16()
+    q, scale = fp8.quantize_rows(w)
+    lin = fp8.Fp8Linear(q, scale, k)
+    bias = torch.randn(n, device="cuda").bfloat16()
+    deq = fp8.dequantize(q, scale, k)
+    errs = {}
+    for rows in (1, 3, 16, 64, 300):
+        x = torch.randn(rows, k, device="cuda").bfloat16()
+        x[0] = 0  # an all-zero token gets a finite scale
+        y = lin(x, bias)
+        ref = x.float() @ deq.T + bias.float()
+        path = "gemv" if rows <= 64 and gemv.config_for(rows, n, k) is not None else "scaled_mm"
+        errs[rows] = (path, rel(y[1:], ref[1:]))
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+        torch.testing.assert_close(y[0].float(), bias.float(), atol=1e-2, rtol=0)
+        assert errs[rows][1] <= (GEMV_TOL if path == "gemv" else MM_TOL), f"rows {rows}: {errs[rows]}"
+    RESULTS.setdefault("fp8_linear", {})[f"{n}x{k}"] = errs
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_fp8_gemv_against_scaled_mm_and_in_a_graph(rows):
+    """The decode GEMV against _scaled_mm on the same FP8 weight (o_proj / down_proj shapes, where both run), and
+    against F.linear on the dequantized bf16 weight; then captured in a CUDA graph and replayed on new input."""
+    torch.manual_seed(1)
+    n, k = 4096, 14336
+    q, scale = fp8.quantize_rows((0.02 * torch.randn(n, k, device="cuda")).bfloat16())
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    cfg = gemv.config_for(rows, n, k)
+    assert cfg is not None
+    y = gemv.gemv(x, q, None, cfg, scale=scale)
+    mm = fp8.scaled_mm(x, q, scale.view(1, -1), None)
+    dense = F.linear(x, fp8.dequantize(q, scale, k).bfloat16())
+    figures = {"gemv_vs_scaled_mm": rel(y, mm.float()), "gemv_vs_bf16_dequantized": rel(y, dense.float())}
+    assert figures["gemv_vs_scaled_mm"] <= MM_TOL and figures["gemv_vs_bf16_dequantized"] <= GEMV_TOL
+    lin = fp8.Fp8Linear(q, scale, k)
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    lin(static_x, None)  # compile outside the capture
+    with torch.cuda.graph(graph):
+        out = lin(static_x, None)
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    assert torch.equal(out, lin(static_x, None))
+    RESULTS.setdefault("fp8_gemv", {})[rows] = figures
+
+
+def forced_top1(runner, seqs: list[list[int]], prompt_len: int) -> list[list[int]]:
+    """Each sequence's first `prompt_len` tokens prefilled, then the rest fed one decode step at a time (batched):
+    the runner's top-1 token at every position after the prompt."""
+    d = Driver(runner)
+    reqs = [d.start(s[:prompt_len]) for s in seqs]
+    d.run([(r, prompt_len) for r in reqs])
+    tops = [[r.tokens[-1]] for r in reqs]
+    for pos in range(prompt_len, len(seqs[0])):
+        for r, s in zip(reqs, seqs):
+            r.tokens[-1] = s[pos]
+        d.run([(r, 1) for r in reqs], is_decode=True)
+        for r, t in zip(reqs, tops):
+            t.append(r.tokens[-1])
+    return [t[:-1] for t in tops]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    return float(np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)]))
+
+
+def sequences(seed: int, n: int = 3, length: int = 64) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 1000, (n, length), generator=gen).tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_fp8_weights_through_the_runner(kind, tmp_path):
+    """--quantization fp8 on a tiny model: FP8 linears (embedding / LM head bf16), greedy tokens with CUDA graphs
+    equal eager ones, logits within MODEL_TOL of the bf16 model and top-1 agreement with it >= TOP1."""
+    save_tiny(kind, str(tmp_path))
+    bf16 = runner_for(str(tmp_path))
+    seqs = sequences(2)
+    ref_top = forced_top1(bf16, seqs, 16)
+    ref = scenario(bf16, prompts(1))
+    del bf16
+    eager = runner_for(str(tmp_path), quantization="fp8", disable_cuda_graph=True)
+    info = eager.runtime_info()
+    assert info.weight_dtype == "float8_e4m3fn" and info.dtype == "bfloat16"
+    assert eager.model.model.layers[0].mlp.down_proj.weight.dtype == fp8.FP8
+    assert eager.model.lm_head.weight.dtype == torch.bfloat16
+    eager_reqs = scenario(eager, prompts(1))
+    del eager
+    graphs = runner_for(str(tmp_path), quantization="fp8")
+    graph_reqs = scenario(graphs, prompts(1))
+    top = forced_top1(graphs, seqs, 16)
+    assert [r.tokens for r in graph_reqs] == [r.tokens for r in eager_reqs]
+    # The first produced token of the three requests with fixed prompts: their logits compare row for row.
+    err = rel(torch.stack([r.logits[0] for r in eager_reqs[:3]]), torch.stack([r.logits[0] for r in ref[:3]]))
+    RESULTS[f"fp8_{kind}"] = {"rel_err_vs_bf16": err, "top1_vs_bf16": agreement(top, ref_top)}
+    assert err <= MODEL_TOL and agreement(top, ref_top) >= TOP1
+
+
+@pytest.mark.parametrize("layout", ["hf-block", "ct-channel", "ct-tensor"])
+def test_fp8_checkpoints_on_the_gpu(layout, tmp_path):
+    """Both checkpoint layouts load on CUDA (block scales requantized per channel) and agree with their
+    dequantized twin served in bf16."""
+    save_tiny("llama", str(tmp_path / "hf"))
+    fp8_dir, ref_dir = write_checkpoints(str(tmp_path / "hf"), layout, tmp_path)
+    seqs = sequences(3)
+    ref = forced_top1(runner_for(ref_dir), seqs, 16)
+    ours = runner_for(fp8_dir)
+    assert ours.runtime_info().weight_dtype == "float8_e4m3fn"
+    top = forced_top1(ours, seqs, 16)
+    RESULTS.setdefault("fp8_checkpoints", {})[layout] = {"top1_vs_dequantized": agreement(top, ref)}
+    assert agreement(top, ref) >= TOP1
+
+
+def test_fp8_kv_cache_against_bf16(tmp_path):
+    """--kv-cache-dtype fp8_e4m3 through FlashInfer (prefill, decode, graphs, a radix hit): half the bytes per
+    token, top-1 agreement with bf16 KV >= TOP1 teacher-forced, graph tokens equal eager ones; FP8 weights and FP8
+    KV together run too."""
+    save_tiny("qwen2", str(tmp_path))
+    bf16 = runner_for(str(tmp_path))
+    seqs = sequences(4)
+    ref = forced_top1(bf16, seqs, 16)
+    per_token = bf16.kv_bytes_per_token
+    del bf16
+    kv8 = runner_for(str(tmp_path), kv_cache_dtype="fp8_e4m3")
+    assert kv8.kv_bytes_per_token * 2 == per_token and kv8.runtime_info().kv_cache_dtype == "float8_e4m3fn"
+    top = forced_top1(kv8, seqs, 16)
+    graph_reqs = scenario(kv8, prompts(2))
+    del kv8
+    eager_reqs = scenario(runner_for(str(tmp_path), kv_cache_dtype="fp8_e4m3", disable_cuda_graph=True), prompts(2))
+    both = scenario(runner_for(str(tmp_path), kv_cache_dtype="fp8_e4m3", quantization="fp8"), prompts(2))
+    RESULTS["fp8_kv"] = {"top1_vs_bf16_kv": agreement(top, ref)}
+    assert agreement(top, ref) >= TOP1
+    assert [r.tokens for r in graph_reqs] == [r.tokens for r in eager_reqs]
+    assert all(len(r.tokens) > r.prompt_len for r in both)
+
+
+def test_a_gpu_without_fp8_fails_naming_the_option(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="--quantization fp8.*no FP8 tensor cores"):
+        fp8.check_gpu(torch.device("cuda"), "--quantization fp8")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fp8_tp2_matches_tp1(tmp_path):
+    """FP8 weights quantized at load with tp 2 (each rank's shard and its scales; row-parallel scales agreed over
+    the ranks) give tp 1's greedy tokens through the Engine."""
+    from radixserve import Engine
+
+    save_tiny("llama", str(tmp_path), seed=5)
+    batch = prompts(6)
+    params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    outs = {}
+    for tp in (1, 2):
+        with Engine(str(tmp_path), tp_size=tp, quantization="fp8", skip_tokenizer_init=True, max_total_tokens=4096,
+                    max_running_requests=8, cuda_graph_max_bs=8) as eng:
+            outs[tp] = [r["output_ids"] for r in eng.generate(input_ids=batch, sampling_params=params)]
+            assert eng.server_info()["worker"]["weight_dtype"] == "float8_e4m3fn"
+    reqs = [Req(0, p + o, prompt_len=len(p)) for p, o in zip(batch, outs[2])]
+    RESULTS["fp8_tp2"] = {"identical": outs[1] == outs[2], "tokens": sum(len(r.tokens) for r in reqs)}
+    assert outs[1] == outs[2]
