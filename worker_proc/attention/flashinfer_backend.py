@@ -12,6 +12,9 @@ of req_to_token. `prepare` plans once per step; every layer's `forward` reuses t
     passes merged by their log-sum-exp. Level 0 attends each group's queries to the group's shared prefix,
     so that KV is read once per group (per 16-row query tile: 4 queries at GQA 4), not once per request;
     level 1 attends each request to the rest of its context, its own tokens.
+An FP8 KV cache (--kv-cache-dtype fp8_e4m3) is planned with kv_data_type e4m3 and the model's dtype for q, on
+FA2's kernels; a layer's k/v scales other than 1.0 go to each run() (the fused rotary + store, which writes
+unscaled K/V, serves only layers without them).
 Layer kinds (AttentionBackend.kinds: scale, sliding window, soft cap): FlashInfer fixes `window_left`,
 `logits_soft_cap` and `sm_scale` when a wrapper is planned, so each kind has its own wrappers, all planned
 over the same pages each step (a model with sliding and global layers plans two); layer i runs its kind's.
