@@ -4,14 +4,16 @@ graphs, FP8 with tp 2. Runs only where CUDA is available; the CPU side is tests/
 
 Tolerances (relative L2 error of an output row against float32 on the dequantized weights):
   GEMV_TOL   the GEMV reads e4m3 weights and keeps x in bf16: only the bf16 output rounding and summation order;
-  MM_TOL     _scaled_mm also rounds x per token to e4m3 (3 mantissa bits: up to 2^-4 relative per element);
-  MODEL_TOL  a tiny model's logits with every linear in FP8, against the same model in bf16;
-  TOP1       the share of positions whose top-1 token is the reference's, teacher-forced.
+  MM_TOL     _scaled_mm also rounds x per token to e4m3 (3 mantissa bits: up to 2^-4 relative per element).
+A tiny random model's logits, teacher-forced, against the same model in bf16 (`compare`): the relative L2 error of
+each row, how far below the reference's best logit our top-1 token is (the gap), and the share of positions whose
+top-1 tokens agree. These models' logits are near ties (bf16 itself does not always pick float32's top-1), so
+agreement is bounded loosely and the gap carries the check; the bounds are about twice what the same FP8
+arithmetic gives emulated on the CPU on these models (docs/gpu.md, "FP8 weights and FP8 KV cache").
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 GEMV_TOL = 1e-2
 MM_TOL = 6e-2
-MODEL_TOL = 0.1
-TOP1 = 0.9
+FP8_WEIGHTS = {"rel_err": 0.35, "gap": 0.6}  # bounds of `compare`'s figures
+FP8_KV = {"rel_err": 0.2, "gap": 0.4}
+MIN_TOP1 = 0.7
 SHAPES = [(6144, 4096), (28672, 4096), (4096, 4096), (4096, 14336)]  # Llama-3.1-8B: qkv, gate_up, o, down
 
 
@@ -46,13 +49,17 @@ def test_fp8_linear_matches_the_dequantized_reference(n, k):
     errs = {}
     for rows in (1, 3, 16, 64, 300):
         x = torch.randn(rows, k, device="cuda").bfloat16()
-        x[0] = 0  # an all-zero token gets a finite scale
+        zero = rows > 1  # then the last token is all zeros: it gets a finite scale, and the bias alone
+        if zero:
+            x[-1] = 0
         y = lin(x, bias)
         ref = x.float() @ deq.T + bias.float()
         path = "gemv" if rows <= 64 and gemv.config_for(rows, n, k) is not None else "scaled_mm"
-        errs[rows] = (path, rel(y[1:], ref[1:]))
+        real = rows - zero
+        errs[rows] = (path, rel(y[:real], ref[:real]))
         assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-        torch.testing.assert_close(y[0].float(), bias.float(), atol=1e-2, rtol=0)
+        if zero:
+            torch.testing.assert_close(y[-1].float(), bias.float(), atol=1e-2, rtol=0)
         assert errs[rows][1] <= (GEMV_TOL if path == "gemv" else MM_TOL), f"rows {rows}: {errs[rows]}"
     RESULTS.setdefault("fp8_linear", {})[f"{n}x{k}"] = errs
 
@@ -84,24 +91,29 @@ def test_fp8_gemv_against_scaled_mm_and_in_a_graph(rows):
     RESULTS.setdefault("fp8_gemv", {})[rows] = figures
 
 
-def forced_top1(runner, seqs: list[list[int]], prompt_len: int) -> list[list[int]]:
+def forced(runner, seqs: list[list[int]], prompt_len: int) -> torch.Tensor:
     """Each sequence's first `prompt_len` tokens prefilled, then the rest fed one decode step at a time (batched):
-    the runner's top-1 token at every position after the prompt."""
+    the logits [B, L, V] at every position from the prompt's last on (float32, CPU)."""
     d = Driver(runner)
     reqs = [d.start(s[:prompt_len]) for s in seqs]
     d.run([(r, prompt_len) for r in reqs])
-    tops = [[r.tokens[-1]] for r in reqs]
     for pos in range(prompt_len, len(seqs[0])):
         for r, s in zip(reqs, seqs):
-            r.tokens[-1] = s[pos]
+            r.tokens[-1] = s[pos]  # the sequence's token, not the one the runner chose
         d.run([(r, 1) for r in reqs], is_decode=True)
-        for r, t in zip(reqs, tops):
-            t.append(r.tokens[-1])
-    return [t[:-1] for t in tops]
+    return torch.stack([torch.stack(r.logits) for r in reqs])
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    return float(np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)]))
+def compare(ours: torch.Tensor, ref: torch.Tensor, bounds: dict[str, float]) -> dict[str, float]:
+    """Teacher-forced logits against a reference's: the worst row's relative L2 error, the worst gap between the
+    reference's best logit and its logit of our top-1 token, the share of positions with the same top-1;
+    asserts `bounds` and MIN_TOP1."""
+    top = ours.argmax(-1, keepdim=True)
+    figures = {"rel_err": ((ours - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item(),
+               "gap": (ref.max(-1).values - ref.gather(-1, top)[..., 0]).max().item(),
+               "top1": (top[..., 0] == ref.argmax(-1)).float().mean().item()}
+    assert all(figures[k] <= bound for k, bound in bounds.items()) and figures["top1"] >= MIN_TOP1, figures
+    return figures
 
 
 def sequences(seed: int, n: int = 3, length: int = 64) -> list[list[int]]:
@@ -112,13 +124,10 @@ def sequences(seed: int, n: int = 3, length: int = 64) -> list[list[int]]:
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_fp8_weights_through_the_runner(kind, tmp_path):
     """--quantization fp8 on a tiny model: FP8 linears (embedding / LM head bf16), greedy tokens with CUDA graphs
-    equal eager ones, logits within MODEL_TOL of the bf16 model and top-1 agreement with it >= TOP1."""
+    equal eager ones, teacher-forced logits against the bf16 model within FP8_WEIGHTS."""
     save_tiny(kind, str(tmp_path))
-    bf16 = runner_for(str(tmp_path))
     seqs = sequences(2)
-    ref_top = forced_top1(bf16, seqs, 16)
-    ref = scenario(bf16, prompts(1))
-    del bf16
+    ref = forced(runner_for(str(tmp_path)), seqs, 16)
     eager = runner_for(str(tmp_path), quantization="fp8", disable_cuda_graph=True)
     info = eager.runtime_info()
     assert info.weight_dtype == "float8_e4m3fn" and info.dtype == "bfloat16"
@@ -127,49 +136,40 @@ def test_fp8_weights_through_the_runner(kind, tmp_path):
     eager_reqs = scenario(eager, prompts(1))
     del eager
     graphs = runner_for(str(tmp_path), quantization="fp8")
-    graph_reqs = scenario(graphs, prompts(1))
-    top = forced_top1(graphs, seqs, 16)
-    assert [r.tokens for r in graph_reqs] == [r.tokens for r in eager_reqs]
-    # The first produced token of the three requests with fixed prompts: their logits compare row for row.
-    err = rel(torch.stack([r.logits[0] for r in eager_reqs[:3]]), torch.stack([r.logits[0] for r in ref[:3]]))
-    RESULTS[f"fp8_{kind}"] = {"rel_err_vs_bf16": err, "top1_vs_bf16": agreement(top, ref_top)}
-    assert err <= MODEL_TOL and agreement(top, ref_top) >= TOP1
+    assert [r.tokens for r in scenario(graphs, prompts(1))] == [r.tokens for r in eager_reqs]
+    RESULTS[f"fp8_{kind}"] = compare(forced(graphs, seqs, 16), ref, FP8_WEIGHTS)
 
 
 @pytest.mark.parametrize("layout", ["hf-block", "ct-channel", "ct-tensor"])
 def test_fp8_checkpoints_on_the_gpu(layout, tmp_path):
     """Both checkpoint layouts load on CUDA (block scales requantized per channel) and agree with their
-    dequantized twin served in bf16."""
+    dequantized twin served in bf16 within FP8_WEIGHTS."""
     save_tiny("llama", str(tmp_path / "hf"))
     fp8_dir, ref_dir = write_checkpoints(str(tmp_path / "hf"), layout, tmp_path)
     seqs = sequences(3)
-    ref = forced_top1(runner_for(ref_dir), seqs, 16)
+    ref = forced(runner_for(ref_dir), seqs, 16)
     ours = runner_for(fp8_dir)
     assert ours.runtime_info().weight_dtype == "float8_e4m3fn"
-    top = forced_top1(ours, seqs, 16)
-    RESULTS.setdefault("fp8_checkpoints", {})[layout] = {"top1_vs_dequantized": agreement(top, ref)}
-    assert agreement(top, ref) >= TOP1
+    RESULTS.setdefault("fp8_checkpoints", {})[layout] = compare(forced(ours, seqs, 16), ref, FP8_WEIGHTS)
 
 
 def test_fp8_kv_cache_against_bf16(tmp_path):
     """--kv-cache-dtype fp8_e4m3 through FlashInfer (prefill, decode, graphs, a radix hit): half the bytes per
-    token, top-1 agreement with bf16 KV >= TOP1 teacher-forced, graph tokens equal eager ones; FP8 weights and FP8
+    token, teacher-forced logits against bf16 KV within FP8_KV, graph tokens equal eager ones; FP8 weights and FP8
     KV together run too."""
     save_tiny("qwen2", str(tmp_path))
     bf16 = runner_for(str(tmp_path))
     seqs = sequences(4)
-    ref = forced_top1(bf16, seqs, 16)
+    ref = forced(bf16, seqs, 16)
     per_token = bf16.kv_bytes_per_token
     del bf16
     kv8 = runner_for(str(tmp_path), kv_cache_dtype="fp8_e4m3")
     assert kv8.kv_bytes_per_token * 2 == per_token and kv8.runtime_info().kv_cache_dtype == "float8_e4m3fn"
-    top = forced_top1(kv8, seqs, 16)
+    RESULTS["fp8_kv"] = compare(forced(kv8, seqs, 16), ref, FP8_KV)
     graph_reqs = scenario(kv8, prompts(2))
     del kv8
     eager_reqs = scenario(runner_for(str(tmp_path), kv_cache_dtype="fp8_e4m3", disable_cuda_graph=True), prompts(2))
     both = scenario(runner_for(str(tmp_path), kv_cache_dtype="fp8_e4m3", quantization="fp8"), prompts(2))
-    RESULTS["fp8_kv"] = {"top1_vs_bf16_kv": agreement(top, ref)}
-    assert agreement(top, ref) >= TOP1
     assert [r.tokens for r in graph_reqs] == [r.tokens for r in eager_reqs]
     assert all(len(r.tokens) > r.prompt_len for r in both)
 
