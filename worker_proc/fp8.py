@@ -7,8 +7,8 @@ brought to that form at load: fp8_weights). The product x W^T on CUDA:
   a decode batch of a few rows (gemv.config_for's shapes): the Triton GEMV reads the e4m3 weight, widens it in
     registers and applies the row's scale to the float32 sum (x stays in bf16: weight-only, no activation
     rounding);
-  otherwise: x quantized per token (row) to e4m3 with scale amax(|x_row|) / 448, then torch._scaled_mm
-    (cuBLASLt, rowwise scales: x's per row, W's per column of W^T), bf16 out.
+  otherwise: x quantized per token (row) to e4m3 with scale amax(|x_row|) / 448 (one Triton kernel), then
+    torch._scaled_mm (cuBLASLt, rowwise scales: x's per row, W's per column of W^T), bf16 out.
 Neither syncs the host, so both run inside captured CUDA graphs. On the CPU (a pre-quantized checkpoint there:
 fp8_weights logs it) the weight is dequantized per call and multiplied in x's dtype: exactly the dequantized
 model, which the loader tests compare against.
@@ -16,10 +16,12 @@ model, which the loader tests compare against.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from worker_proc import gemv
+from worker_proc import fused, gemv
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -68,9 +70,50 @@ class Fp8Linear:
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [m, k] -> (e4m3 [m, k], float32 scale [m, 1]), one scale per row (token)."""
-    scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
+    """x [m, k] -> (e4m3 [m, k], float32 scale [m, 1]), one scale per row (token): amax(|row|) / 448. On CUDA one
+    Triton kernel (a program per row: its amax, then the row divided and rounded), with the torch ops' scales."""
+    if x.is_cuda:
+        return quantize_tokens_triton(x)
+    # A product with 1 / 448, not a quotient: the kernel's float32 division is not correctly rounded, its product is.
+    scale = (x.abs().amax(dim=1, keepdim=True).float() * (1 / FP8_MAX)).clamp(min=_MIN_SCALE)
     return to_fp8(x.float() / scale), scale
+
+
+def quantize_tokens_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_tokens' Triton kernel (x with unit stride along k)."""
+    m, k = x.shape
+    assert x.stride(1) == 1
+    q = torch.empty((m, k), dtype=FP8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        _quantize_kernel()[(m,)](x, q, scale, k, x.stride(0), FP8_MAX, 1 / FP8_MAX, _MIN_SCALE,
+                                 BLOCK=min(4096, fused.pow2(k)), num_warps=4)
+    return q, scale
+
+
+@functools.cache
+def _quantize_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_rows(x_ptr, q_ptr, s_ptr, k, stride_x, fp8_max, inv_fp8_max, min_scale, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        x_row = x_ptr + row * stride_x
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, k, BLOCK):
+            x = tl.load(x_row + k0 + cols, mask=k0 + cols < k, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, axis=0) * inv_fp8_max, min_scale)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, k, BLOCK):
+            mask = k0 + cols < k
+            x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(x / scale, -fp8_max), fp8_max)
+            tl.store(q_ptr + row * k + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+    return quantize_rows
 
 
 def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor,
