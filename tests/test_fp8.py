@@ -274,9 +274,15 @@ def check_quantize_tokens() -> None:
     print("quantize_tokens ok")
 
 
+def check_fp8_kernels() -> None:
+    """Both FP8 kernel checks in one child process (each child imports torch and triton again)."""
+    check_fp8_gemv()
+    check_quantize_tokens()
+    print("fp8_kernels ok")
+
+
 def test_fp8_kernels_interpreted():
     pytest.importorskip("triton")
     from test_fused_interpreted import run_interpreted
 
-    run_interpreted("check_fp8_gemv", module="test_fp8")
-    run_interpreted("check_quantize_tokens", module="test_fp8")
+    run_interpreted("check_fp8_kernels", module="test_fp8")
