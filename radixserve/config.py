@@ -33,6 +33,8 @@ WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 SpeculativeAlgorithm = Literal["NGRAM", "STANDALONE", "EAGLE3", "REPLAY"]
+Quantization = Literal["fp8", "int8"]
+KVCacheDtype = Literal["auto", "fp8_e4m3"]
 
 # The bounds, named for what they mean.
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -70,6 +72,12 @@ class ServerArgs:
         "weights: by the files found (auto), or random ones from config.json (dummy)")] = "auto"
     dtype: Annotated[Dtype, doc("compute dtype (auto: bfloat16 where the device has it natively)")] = "auto"
     device: Annotated[Device, doc("where the workers compute (auto: cuda if there is a GPU)")] = "auto"
+    quantization: Annotated[Quantization | None, doc(
+        "quantize the weights at load: fp8 (e4m3, per-channel scales; CUDA GPUs with FP8 tensor cores), int8 "
+        "(the CPU); an FP8 checkpoint's quantization_config is read without it (docs/gpu.md)")] = None
+    kv_cache_dtype: Annotated[KVCacheDtype, doc(
+        "KV cache dtype: auto (the model's) or fp8_e4m3 (half the bytes per token; the checkpoint's per-layer "
+        "k/v scales, else 1.0)")] = "auto"
     tp_size: Annotated[Count, doc("tensor-parallel ranks over all nodes")] = 1
     ep_size: Annotated[Count, doc(
         "expert parallelism: MoE experts are placed whole on this many groups of the TP ranks (it divides the TP "
@@ -187,6 +195,10 @@ class ServerArgs:
             raise FlagError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
         if self.enable_deterministic_inference and self.tp_size > 1:
             raise FlagError("--enable-deterministic-inference needs --tp-size 1 (the all-reduce's order is not fixed)")
+        if self.quantization == "fp8" and self.device == "cpu":
+            raise FlagError("--quantization fp8 runs on CUDA GPUs with FP8 tensor cores; the CPU's is int8")
+        if self.quantization == "fp8" and self.enable_deterministic_inference:
+            raise FlagError("--quantization fp8: --enable-deterministic-inference covers no FP8 weights yet")
         if self.dp_size > 1 and self.nnodes > 1:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
         if self.speculative_algorithm is not None and self.speculative_num_draft_tokens < 2:

@@ -51,7 +51,8 @@ def section_verify(out: Path) -> dict:
 
     from radixserve.config import ServerArgs
     from radixserve.wire import i32
-    from worker_proc.model_runner import ModelRunner, StepArrays
+    from worker_proc.model_runner import ModelRunner
+    from worker_proc.step_io import StepArrays
 
     runner = ModelRunner(ServerArgs(model_path=MODEL, load_format="dummy", context_length=4096,
                                     max_total_tokens=16384, speculative_algorithm="NGRAM"), 0, MODEL)

@@ -192,6 +192,10 @@ async def _bench(base_url: str, label: str, convs: list[Conversation], ns: argpa
         _, warm = await _request(session, api, empty(), dataclasses.replace(first, output_len=WARMUP_OUTPUT_LEN), model)
         if warm.error:
             raise SystemExit(f"{label}: the warm-up request to {base_url} failed: {warm.error}")
+        runtime = None  # the workers' RuntimeInfo (dtypes), where the server is a radixserve
+        with contextlib.suppress(aiohttp.ClientError, ValueError):
+            async with session.get("/get_server_info") as resp:
+                runtime = (await resp.json()).get("worker")
         runs = []
         for rate in ns.request_rate:
             for concurrency in ns.max_concurrency:
@@ -203,7 +207,7 @@ async def _bench(base_url: str, label: str, convs: list[Conversation], ns: argpa
                 if first_error(results):
                     print(f"{desc}: {sum(r.error is not None for r in results)} failed, e.g. {first_error(results)}",
                           file=sys.stderr)
-                runs.append(rep.record(label, results, duration, max_concurrency=concurrency,
+                runs.append(rep.record(label, results, duration, runtime, max_concurrency=concurrency,
                                        request_rate=None if math.isinf(rate) else rate))
     return runs
 
