@@ -27,6 +27,7 @@ SchedulePolicy = Literal["lpm", "fcfs"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+Quantization = Literal["fp8", "int8", "gguf"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
 WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
@@ -70,6 +71,9 @@ class ServerArgs:
         "weights: by the files found (auto), or random ones from config.json (dummy)")] = "auto"
     dtype: Annotated[Dtype, doc("compute dtype (auto: bfloat16 where the device has it natively)")] = "auto"
     device: Annotated[Device, doc("where the workers compute (auto: cuda if there is a GPU)")] = "auto"
+    quantization: Annotated[Quantization | None, doc(
+        "quantized linear layers: fp8 (CUDA GPUs), int8 (CPU: a float checkpoint quantized at load, per output "
+        "channel), gguf (CPU: a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks kept as they are; docs/quantization.md)")] = None
     tp_size: Annotated[Count, doc("tensor-parallel ranks over all nodes")] = 1
     ep_size: Annotated[Count, doc(
         "expert parallelism: MoE experts are placed whole on this many groups of the TP ranks (it divides the TP "
@@ -176,6 +180,8 @@ class ServerArgs:
             raise FlagError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
         if self.enable_deterministic_inference and self.tp_size > 1:
             raise FlagError("--enable-deterministic-inference needs --tp-size 1 (the all-reduce's order is not fixed)")
+        if self.quantization in ("int8", "gguf") and self.device == "cuda":
+            raise FlagError(f"--quantization {self.quantization} runs on the CPU; on CUDA GPUs use fp8")
         if self.dp_size > 1 and self.nnodes > 1:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
         if self.speculative_algorithm is not None and self.speculative_num_draft_tokens < 2:

@@ -82,6 +82,9 @@ def library() -> ctypes.CDLL | None:
         "rs_rotary_store_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size, ptr, size, size, size, size, ptr,
                                  ptr, ptr],
         "rs_paged_attention_bf16": [ptr, ptr, ptr, ptr, size, ptr, ptr, size, size, size, size, f32, ptr],
+        "rs_linear_quant": [ptr, size, size, ptr, size, ptr, ptr, size, size, size, ptr, ptr, size],
+        "rs_gguf_decode": [ptr, ptr, size, size, size, size, ptr, ptr, ptr],
+        "rs_pack_quant": [ptr, size, size, size, ptr, ptr, size, ptr, ptr, ptr],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
