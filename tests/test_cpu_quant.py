@@ -30,7 +30,7 @@ from worker_proc.cpu_quant import (
     quantize_int8,
     resolve_quantization,
 )
-from worker_proc.layers import ParallelLMHead
+from worker_proc.layers import ParallelLMHead, pack_cpu_linears
 from worker_proc.weights import load_model
 
 needs_cpu_kernels = pytest.mark.skipif(cpu_kernels.library() is None,
@@ -112,23 +112,37 @@ def perplexity(model: torch.nn.Module, ids: list[int]) -> float:
 
 
 @needs_cpu_kernels
+def test_gguf_rows_of_q_and_k_unpermuted():
+    """llama.cpp stores q / k rows permuted (its convert_hf_to_gguf.py's permute); `heads` undoes it."""
+    heads, n, k = 4, 32, 64
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+    permuted = w.reshape(heads, 2, n // heads // 2, k).transpose(1, 2).reshape(n, k)
+    kind = gguf.GGMLQuantizationType.Q8_0
+    got = gguf_weight(gguf.quants.quantize(permuted.numpy(), kind), "Q8_0", heads).dequantize()
+    assert torch.equal(got, torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), kind), kind)))
+
+
+@pytest.mark.long  # about 10 s of CPU time on the default model
+@needs_cpu_kernels
 @torch.inference_mode()
 def test_default_model_blocks_and_perplexity():
     """The default model's GGUF blocks, read as they are, are every linear layer of the file (the tied LM head's
     Q8_0 too), equal to its bf16 expansion once rounded; the perplexity of a fixed text with Q4_1 kept and with
-    int8 is within 2% of the bf16 expansion's (docs/quantization.md has the figures)."""
+    int8 is within 2% of the bf16 expansion's (packed as a bf16 server runs it; docs/quantization.md has the
+    figures)."""
     from transformers import AutoTokenizer
 
     model_dir = resolve_model(None)
     config = load_hf_config(model_dir)
     ids = AutoTokenizer.from_pretrained(model_dir)(TEXT.read_text())["input_ids"]
     model = load_model(model_dir, config, "auto", torch.bfloat16, "cpu")
-    ppl = {"bf16": perplexity(model, ids)}
     blocks, int8 = gguf_layer_weights(model, model_dir, config), int8_layer_weights(model)
     layers = linear_layers(model)
     assert set(blocks) == set(layers) and {qw.bits for qw in blocks.values()} == {4, 8}
     for name, qw in blocks.items():
         assert torch.equal(qw.dequantize().bfloat16(), layers[name].weight), name
+    pack_cpu_linears(model)
+    ppl = {"bf16": perplexity(model, ids)}
     install_quantized(model, int8)
     ppl["int8"] = perplexity(model, ids)
     install_quantized(model, blocks)

@@ -45,23 +45,39 @@ void rs_pack_bf16(const uint16_t *w, long n_dim, long k_dim, uint16_t *packed) {
                 }
 }
 
+/* acc[i][g] += the pair of columns 2 k2, 2 k2 + 1 of x's row i times w_g's pairs, for rows i < m. */
+static inline __attribute__((always_inline)) void dot_pair(const int m, const uint16_t *x, long ldx, long k2,
+                                                           __m512bh w0, __m512bh w1, __m512 acc[][2]) {
+    for (int i = 0; i < m; i++) {
+        int32_t pair;
+        memcpy(&pair, x + i * ldx + 2 * k2, 4);
+        __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
+    }
+}
+
+/* y's rows i < m, columns < cols (of NB) = bf16(acc[i] + bias), rounded once. */
+static inline __attribute__((always_inline)) void store_tile(const int m, __m512 acc[][2], const uint16_t *bias,
+                                                             long cols, uint16_t *y, long ldy) {
+    __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16);
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+    if (bias) b0 = load_f32(bias, m0), b1 = load_f32(bias + 16, m1);
+    for (int i = 0; i < m; i++) {
+        _mm256_mask_storeu_epi16(y + i * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][0], b0)));
+        _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][1], b1)));
+    }
+}
+
 static inline __attribute__((always_inline)) void tile(const int m, const uint16_t *x, long ldx, const uint16_t *wb,
                                                        long k_dim, const uint16_t *bias, long cols, uint16_t *y,
                                                        long ldy) {
     __m512 acc[MB][2];
     for (int i = 0; i < m; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     long k2_full = k_dim / 2;
-    for (long k2 = 0; k2 < k2_full; k2++) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB);
-        __m512bh w1 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB + 32);
-        for (int i = 0; i < m; i++) {
-            int32_t pair;
-            memcpy(&pair, x + i * ldx + 2 * k2, 4);
-            __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
-        }
-    }
+    for (long k2 = 0; k2 < k2_full; k2++)
+        dot_pair(m, x, ldx, k2, (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB),
+                 (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB + 32), acc);
     if (k_dim & 1) { /* the last column pairs with W's zero padding; x's element past the row is not read */
         long k2 = k2_full;
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB);
@@ -72,13 +88,7 @@ static inline __attribute__((always_inline)) void tile(const int m, const uint16
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
         }
     }
-    __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) b0 = load_f32(bias, m0), b1 = load_f32(bias + 16, m1);
-    for (int i = 0; i < m; i++) {
-        _mm256_mask_storeu_epi16(y + i * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][0], b0)));
-        _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][1], b1)));
-    }
+    store_tile(m, acc, bias, cols, y, ldy);
 }
 
 /* y[:m_dim, :n_dim] = x W^T (+ bias) for x [m_dim, k_dim] (row stride ldx), y with row stride ldy. */
@@ -310,13 +320,7 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
         for (long k2 = kb * bk / 2; k2 < (kb + 1) * bk / 2; k2++) {
             __m512bh w0, w1;
             unpack_codes(bits, codes + k2 * pair_bytes, &w0, &w1);
-            for (int i = 0; i < m; i++) {
-                int32_t pair;
-                memcpy(&pair, x + i * ldx + 2 * k2, 4);
-                __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-                part[i][0] = _mm512_dpbf16_ps(part[i][0], w0, xb);
-                part[i][1] = _mm512_dpbf16_ps(part[i][1], w1, xb);
-            }
+            dot_pair(m, x, ldx, k2, w0, w1, part);
         }
         __m512 s0 = _mm512_loadu_ps(scale + kb * NB), s1 = _mm512_loadu_ps(scale + kb * NB + 16);
         for (int i = 0; i < m; i++) {
@@ -332,13 +336,7 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
             }
         }
     }
-    __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) b0 = load_f32(bias, m0), b1 = load_f32(bias + 16, m1);
-    for (int i = 0; i < m; i++) {
-        _mm256_mask_storeu_epi16(y + i * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][0], b0)));
-        _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][1], b1)));
-    }
+    store_tile(m, acc, bias, cols, y, ldy);
 }
 
 #define QMB 4 /* rows of x per quantized tile: 16 accumulators */

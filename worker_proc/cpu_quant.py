@@ -167,16 +167,11 @@ class QuantLinear:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.k)
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        assert x.dtype == torch.bfloat16 and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))
-        y = torch.empty((x.shape[0], self.n), dtype=torch.bfloat16)
-        self.lib.rs_linear_quant(x.data_ptr(), x.stride(0), x.shape[0], self.codes.data_ptr(), self.bits,
+        rows, y = cpu_kernels.linear_rows(x, self.k, self.n, bias)
+        self.lib.rs_linear_quant(rows.data_ptr(), rows.stride(0), rows.shape[0], self.codes.data_ptr(), self.bits,
                                  self.scale.data_ptr(), 0 if self.offset is None else self.offset.data_ptr(), self.n,
                                  self.k, self.block, None if bias is None else bias.data_ptr(), y.data_ptr(), self.n)
-        return y.reshape(*lead, self.n)
+        return y.reshape(*x.shape[:-1], self.n)
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
