@@ -290,7 +290,10 @@ void rs_rotary_store_bf16(const uint16_t *qk, long ldt, long ldh, const uint16_t
  *   scales, offsets: float32 [blocks][k / bk][NB]. */
 static inline __attribute__((always_inline)) void unpack_codes(const int bits, const uint8_t *p, __m512bh *w0,
                                                                __m512bh *w1) {
-    if (bits == 4) {
+    if (bits == 16) { /* unpacked before (rs_linear_quant with several row tiles) */
+        *w0 = (__m512bh)_mm512_loadu_si512(p);
+        *w1 = (__m512bh)_mm512_loadu_si512(p + 64);
+    } else if (bits == 4) {
         __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
         __m512i nibble = _mm512_set1_epi16(0x000f), bias = _mm512_set1_epi16(0x4300);
         *w0 = (__m512bh)_mm512_ternarylogic_epi32(v, nibble, bias, 0xea); /* (v & nibble) | bias */
@@ -364,22 +367,44 @@ void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *cod
                     s = _mm512_add_ps(s, load_f32(x + r * ldx + c, lanes((kb + 1) * bk - c)));
                 xsum[r * kb_dim + kb] = _mm512_reduce_add_ps(s);
             }
-#pragma omp parallel for collapse(2) schedule(static)
-    for (long b = 0; b < blocks; b++)
-        for (long mb = 0; mb < m_blocks; mb++) {
-            long n0 = b * NB, i0 = mb * QMB, cols = n_dim - n0 < NB ? n_dim - n0 : NB;
-            int m = m_dim - i0 < QMB ? (int)(m_dim - i0) : QMB;
+    /* One row tile: each column block's codes are unpacked as they are read. Several: a thread unpacks a column
+     * block once into `wide` (bf16 pairs, as the registers hold them) and runs every row tile over it. */
+#pragma omp parallel
+    {
+        uint8_t *wide = m_blocks > 1 ? malloc(k_dim / 2 * NB * 2 * sizeof(uint16_t)) : 0;
+#pragma omp for schedule(static)
+        for (long b = 0; b < blocks; b++) {
+            long n0 = b * NB, cols = n_dim - n0 < NB ? n_dim - n0 : NB;
             const uint8_t *cb = codes + b * k_dim * NB * bits / 8;
             const float *sb = scale + b * kb_dim * NB, *ob = offset ? offset + b * kb_dim * NB : 0;
-            const float *xs = offset ? xsum + i0 * kb_dim : 0;
-            const uint16_t *xi = x + i0 * ldx, *bb = bias ? bias + n0 : 0;
-            uint16_t *yi = y + i0 * ldy + n0;
-            if (bits == 4) {
-                if (offset) { QTILES(4, 1) } else { QTILES(4, 0) }
-            } else {
-                if (offset) { QTILES(8, 1) } else { QTILES(8, 0) }
+            const uint16_t *bb = bias ? bias + n0 : 0;
+            if (wide) {
+                for (long k2 = 0; k2 < k_dim / 2; k2++) {
+                    __m512bh w0, w1;
+                    if (bits == 4) unpack_codes(4, cb + k2 * NB, &w0, &w1);
+                    else unpack_codes(8, cb + k2 * NB * 2, &w0, &w1);
+                    _mm512_storeu_si512(wide + k2 * 128, (__m512i)w0);
+                    _mm512_storeu_si512(wide + k2 * 128 + 64, (__m512i)w1);
+                }
+                cb = wide;
+            }
+            for (long mb = 0; mb < m_blocks; mb++) {
+                long i0 = mb * QMB;
+                int m = m_dim - i0 < QMB ? (int)(m_dim - i0) : QMB;
+                const float *xs = offset ? xsum + i0 * kb_dim : 0;
+                const uint16_t *xi = x + i0 * ldx;
+                uint16_t *yi = y + i0 * ldy + n0;
+                if (wide) {
+                    if (offset) { QTILES(16, 1) } else { QTILES(16, 0) }
+                } else if (bits == 4) {
+                    if (offset) { QTILES(4, 1) } else { QTILES(4, 0) }
+                } else {
+                    if (offset) { QTILES(8, 1) } else { QTILES(8, 0) }
+                }
             }
         }
+        free(wide);
+    }
     free(xsum);
 }
 

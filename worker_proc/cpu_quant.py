@@ -8,7 +8,7 @@ w[n, k] = scale[n, k // block] * code[n, k] + offset[n, k // block]. The forms:
   w = d * (q - 8)) and Q4_1 (4-bit codes, w = d * q + m).
 cpu_kernels.c's rs_linear_quant reads the codes (4 or 8 bits a weight) and unpacks them in registers to bf16,
 which holds them exactly, so a layer computes x times the dequantized weight up to float32 summation order.
-The embedding stays as loaded (bf16); the LM head is quantized only where the file has it in blocks (GGUF).
+The embedding stays as loaded (bf16) for its lookup; the LM head is quantized too (int8, or the GGUF's blocks).
 """
 
 from __future__ import annotations
@@ -285,13 +285,13 @@ def resolve_quantization(args: ServerArgs, device: torch.device, dtype: torch.dt
 
 
 def int8_layer_weights(model: nn.Module) -> dict[str, QuantWeight]:
-    """--quantization int8: each linear layer's weight but the LM head's (kept bf16, as SGLang keeps it)."""
+    """--quantization int8: each linear layer's weight, the LM head's too (a tied one keeps the embedding's
+    bf16 rows for the lookup): on a small model the LM head is a large part of the bytes a decode step reads."""
     weights = {}
     for name, module in linear_layers(model).items():
-        if not isinstance(module, ParallelLMHead):
-            if module.weight.shape[1] % 2:
-                raise ValueError(f"--quantization int8: {name} has an odd number of input features")
-            weights[name] = quantize_int8(module.weight)
+        if module.weight.shape[1] % 2:
+            raise ValueError(f"--quantization int8: {name} has an odd number of input features")
+        weights[name] = quantize_int8(module.weight)
     return weights
 
 
