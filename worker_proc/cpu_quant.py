@@ -48,6 +48,7 @@ class QuantWeight:
     scale: torch.Tensor  # float32 [n, k // block]
     offset: torch.Tensor | None  # float32 [n, k // block], or none (zero)
     block: int
+    kind: str  # int8, or the GGUF type (Q8_0, Q4_0, Q4_1)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [n, k] these codes stand for."""
@@ -63,7 +64,7 @@ def quantize_int8(weight: torch.Tensor) -> QuantWeight:
     w = weight.float()
     scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
     codes = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
-    return QuantWeight(codes, 8, scale, None, w.shape[1])
+    return QuantWeight(codes, 8, scale, None, w.shape[1], "int8")
 
 
 _GGUF_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
@@ -139,7 +140,7 @@ def gguf_weight(raw: np.ndarray, type_name: str, heads: int = 0) -> QuantWeight:
     cpu_kernels.library().rs_gguf_decode(raw.ctypes.data, None if order is None else order.data_ptr(), n, k, header,
                                          bits, codes.data_ptr(), scale.data_ptr(),
                                          0 if offset is None else offset.data_ptr())
-    return QuantWeight(codes, bits, scale, offset, GGUF_BLOCK)
+    return QuantWeight(codes, bits, scale, offset, GGUF_BLOCK, type_name)
 
 
 class QuantLinear:
@@ -196,8 +197,7 @@ def _local(module: nn.Module, shards: list[tuple[object, torch.Tensor]], cols: i
 def _assemble(module: nn.Module, parts: list[tuple[object, QuantWeight]]) -> QuantWeight:
     """One layer's QuantWeight from the full tensors of its shards (q, k, v; gate, up; or one)."""
     first = parts[0][1]
-    if any((qw.bits, qw.block, qw.offset is None) != (first.bits, first.block, first.offset is None)
-           for _, qw in parts):
+    if any(qw.kind != first.kind for _, qw in parts):
         raise ValueError("--quantization gguf: the tensors of one fused layer are in different GGUF types")
     in_local = module.weight.shape[1]
     if in_local % first.block:
@@ -207,7 +207,7 @@ def _assemble(module: nn.Module, parts: list[tuple[object, QuantWeight]]) -> Qua
     codes = _local(module, [(s, qw.codes) for s, qw in parts], in_local)
     scale = _local(module, [(s, qw.scale) for s, qw in parts], kb)
     offset = None if first.offset is None else _local(module, [(s, qw.offset) for s, qw in parts], kb)
-    return QuantWeight(codes, first.bits, scale, offset, first.block)
+    return QuantWeight(codes, first.bits, scale, offset, first.block, first.kind)
 
 
 def gguf_layer_weights(model: nn.Module, model_dir: str | Path, hf_config) -> dict[str, QuantWeight]:
@@ -310,12 +310,12 @@ def install_quantized(model: nn.Module, weights: dict[str, QuantWeight]) -> int:
 
 
 def quantize_cpu_linears(model: nn.Module, quantization: str, model_dir: str | Path,
-                         hf_config) -> tuple[str, int]:
-    """--quantization int8 or gguf on a loaded bf16 model; returns a line for the log and the quantized
-    weights' bytes."""
+                         hf_config) -> tuple[str, int, str]:
+    """--quantization int8 or gguf on a loaded bf16 model; returns a line for the log, the quantized weights'
+    bytes and their kinds (`int8`, `Q4_1+Q8_0`, ...)."""
     weights = int8_layer_weights(model) if quantization == "int8" else \
         gguf_layer_weights(model, model_dir, hf_config)
     nbytes = install_quantized(model, weights)
-    kinds = sorted({f"{qw.bits}-bit codes in blocks of {qw.block}" for qw in weights.values()})
-    return (f"{len(weights)} of {len(linear_layers(model))} linear layers quantized ({quantization}: "
-            f"{', '.join(kinds)}), {nbytes / 1e6:.1f} MB", nbytes)
+    kinds = "+".join(sorted({qw.kind for qw in weights.values()})) or "none"
+    return (f"{len(weights)} of {len(linear_layers(model))} linear layers quantized ({quantization}: {kinds}), "
+            f"{nbytes / 1e6:.1f} MB", nbytes, kinds)

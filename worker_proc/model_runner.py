@@ -129,7 +129,7 @@ class ModelRunner:
                            seed=self.args.random_seed)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if self.quantization in ("int8", "gguf"):
-            line, quantized_bytes = quantize_cpu_linears(model, self.quantization, model_dir, hf_config)
+            line, quantized_bytes, _ = quantize_cpu_linears(model, self.quantization, model_dir, hf_config)
             weight_bytes = quantized_bytes + sum(p.numel() * p.element_size() for p in model.parameters())
             log.info("rank %d: %s", self.rank, line)
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
