@@ -22,13 +22,13 @@ from worker_proc import cpu_kernels
 from worker_proc.cpu_quant import (
     QuantLinear,
     QuantWeight,
+    check_quantization,
     gguf_layer_weights,
     gguf_weight,
     install_quantized,
     int8_layer_weights,
     linear_layers,
     quantize_int8,
-    resolve_quantization,
 )
 from worker_proc.layers import ParallelLMHead, pack_cpu_linears
 from worker_proc.weights import load_model
@@ -158,16 +158,13 @@ def test_start_errors_name_the_flag(tiny_llama):
         ServerArgs(quantization="int8", device="cuda")
     with pytest.raises(FlagError, match="--quantization"):
         ServerArgs(quantization="int4")
-    config = load_hf_config(tiny_llama)
     cases = [({"quantization": "int8"}, torch.device("cuda"), torch.bfloat16, "--quantization int8 runs on the CPU"),
              ({"quantization": "int8", "dtype": "float32"}, CPU, torch.float32,
               "--quantization int8 computes in bfloat16"),
              ({"quantization": "gguf"}, CPU, torch.bfloat16, "--quantization gguf keeps a GGUF file's blocks")]
     for flags, device, dtype, message in cases:
         with pytest.raises(ValueError, match=message):
-            resolve_quantization(ServerArgs(**flags), device, dtype, tiny_llama, config)
-    # Without the flag, a float checkpoint stays as it is.
-    assert resolve_quantization(ServerArgs(), CPU, torch.bfloat16, tiny_llama, config) is None
+            check_quantization(ServerArgs(**flags), device, dtype, tiny_llama)
 
 
 @needs_cpu_kernels
@@ -176,3 +173,13 @@ def test_engine_start_error_names_the_flag():
     with pytest.raises(Exception, match="--quantization gguf keeps a GGUF file's blocks: --load-format dummy"):
         with Engine(quantization="gguf", load_format="dummy", max_total_tokens=1024):
             pass
+
+
+@needs_cpu_kernels
+def test_engine_serves_the_default_models_own_blocks():
+    """--quantization gguf end to end: the bundled Q4_1 file's blocks (a q / k row permutation or a name mapping
+    gone wrong would garble the answer)."""
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    with Engine(quantization="gguf", max_total_tokens=1024, max_running_requests=4) as eng:
+        out = eng.generate(question, {"temperature": 0, "max_new_tokens": 8})
+    assert "Paris" in out["text"]

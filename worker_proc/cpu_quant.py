@@ -14,7 +14,6 @@ The embedding stays as loaded (bf16) for its lookup; the LM head is quantized to
 from __future__ import annotations
 
 import json
-import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,6 @@ from radixserve.config import ServerArgs
 from radixserve.model_files import GGUF_SOURCE_FILE
 from worker_proc import cpu_kernels
 from worker_proc.layers import ParallelLMHead, RowParallelLinear, _ColumnLinear
-
-log = logging.getLogger("radixserve.worker")
 
 _NB = 32  # output columns per block, as NB in cpu_kernels.c
 GGUF_BLOCK = 32
@@ -255,20 +252,12 @@ def gguf_layer_weights(model: nn.Module, model_dir: str | Path, hf_config) -> di
 
 
 
-def resolve_quantization(args: ServerArgs, device: torch.device, dtype: torch.dtype, model_dir: str | Path,
-                         hf_config) -> str | None:
-    """--quantization; without it, a GGUF file with --dtype auto keeps its blocks (gguf) on a CPU whose kernels
-    run them, and is expanded to `dtype` elsewhere (with a warning where that is slower: no kernels, or an
-    architecture this module does not map). Start-up errors name the flag."""
+def check_quantization(args: ServerArgs, device: torch.device, dtype: torch.dtype, model_dir: str | Path) -> None:
+    """Start-up errors, naming the flag, for --quantization int8 / gguf where they cannot run. (A GGUF file
+    without the flag is expanded to --dtype: docs/quantization.md says why that is the default.)"""
     quantization = args.quantization
-    if quantization is None and args.dtype == "auto" and device.type == "cpu" and args.load_format != "dummy" \
-            and (Path(model_dir) / GGUF_SOURCE_FILE).exists():
-        if dtype == torch.bfloat16 and cpu_kernels.library() is not None and hf_config.model_type in _GGUF_ARCHS:
-            return "gguf"
-        log.warning("the GGUF file's blocks are expanded to %s: this CPU or architecture (%s) has no kernels "
-                    "for them (docs/quantization.md)", dtype, hf_config.model_type)
     if quantization not in ("int8", "gguf"):
-        return quantization
+        return
     flag = f"--quantization {quantization}"
     if device.type != "cpu":
         raise ValueError(f"{flag} runs on the CPU (cpu_kernels); on CUDA GPUs use --quantization fp8")
@@ -281,7 +270,6 @@ def resolve_quantization(args: ServerArgs, device: torch.device, dtype: torch.dt
         raise ValueError(f"{flag} keeps a GGUF file's blocks: --load-format dummy has no file")
     if quantization == "gguf" and not (Path(model_dir) / GGUF_SOURCE_FILE).exists():
         raise ValueError(f"{flag} keeps a GGUF file's blocks, and the model is not a .gguf file")
-    return quantization
 
 
 def int8_layer_weights(model: nn.Module) -> dict[str, QuantWeight]:

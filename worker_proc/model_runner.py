@@ -14,7 +14,7 @@ from radixserve.model_files import load_hf_config
 from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
-from worker_proc.cpu_quant import quantize_cpu_linears, resolve_quantization
+from worker_proc.cpu_quant import check_quantization, quantize_cpu_linears
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache, host_slots_wanted
@@ -81,7 +81,7 @@ class ModelRunner:
         if args.enable_deterministic_inference:
             batch_invariant.enable()
         self.dtype = resolve_dtype(args.dtype, self.device)
-        self.quantization = resolve_quantization(args, self.device, self.dtype, model_dir, hf_config)
+        check_quantization(args, self.device, self.dtype, model_dir)
         self.model, self.weight_bytes = self._load_model(model_dir, hf_config)
         self._choose_all_reduce()
         self.context_length = serving_context_length(args.context_length, hf_config)
@@ -128,8 +128,8 @@ class ModelRunner:
         model = load_model(model_dir, hf_config, self.args.load_format, self.dtype, self.device,
                            seed=self.args.random_seed)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if self.quantization in ("int8", "gguf"):
-            line, quantized_bytes, _ = quantize_cpu_linears(model, self.quantization, model_dir, hf_config)
+        if self.args.quantization in ("int8", "gguf"):
+            line, quantized_bytes, _ = quantize_cpu_linears(model, self.args.quantization, model_dir, hf_config)
             weight_bytes = quantized_bytes + sum(p.numel() * p.element_size() for p in model.parameters())
             log.info("rank %d: %s", self.rank, line)
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
