@@ -309,16 +309,18 @@ static inline __attribute__((always_inline)) void unpack_codes(const int bits, c
     }
 }
 
+#define QMB 4 /* rows of x per quantized tile: 16 accumulators */
+
 static inline __attribute__((always_inline)) void qtile(const int m, const int bits, const int has_offset,
                                                         const uint16_t *x, long ldx, const uint8_t *codes,
                                                         const float *scale, const float *offset, const float *xsum,
                                                         long k_dim, long bk, const uint16_t *bias, long cols,
                                                         uint16_t *y, long ldy) {
     const long pair_bytes = bits * NB * 2 / 8, kb_dim = k_dim / bk;
-    __m512 acc[MB][2];
+    __m512 acc[QMB][2];
     for (int i = 0; i < m; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (long kb = 0; kb < kb_dim; kb++) {
-        __m512 part[MB][2];
+        __m512 part[QMB][2];
         for (int i = 0; i < m; i++) part[i][0] = part[i][1] = _mm512_setzero_ps();
         for (long k2 = kb * bk / 2; k2 < (kb + 1) * bk / 2; k2++) {
             __m512bh w0, w1;
@@ -342,7 +344,6 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
     store_tile(m, acc, bias, cols, y, ldy);
 }
 
-#define QMB 4 /* rows of x per quantized tile: 16 accumulators */
 #define QTILE(M, B, O) qtile(M, B, O, xi, ldx, cb, sb, ob, xs, k_dim, bk, bb, cols, yi, ldy)
 #define QTILES(B, O)                                                                                               \
     switch (m) {                                                                                                   \
