@@ -27,13 +27,13 @@ SchedulePolicy = Literal["lpm", "fcfs"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+Quantization = Literal["fp8", "int8", "gguf"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
 WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 SpeculativeAlgorithm = Literal["NGRAM", "STANDALONE", "EAGLE3", "REPLAY"]
-Quantization = Literal["fp8", "int8"]
 KVCacheDtype = Literal["auto", "fp8_e4m3"]
 
 # The bounds, named for what they mean.
@@ -73,8 +73,10 @@ class ServerArgs:
     dtype: Annotated[Dtype, doc("compute dtype (auto: bfloat16 where the device has it natively)")] = "auto"
     device: Annotated[Device, doc("where the workers compute (auto: cuda if there is a GPU)")] = "auto"
     quantization: Annotated[Quantization | None, doc(
-        "quantize the weights at load: fp8 (e4m3, per-channel scales; CUDA GPUs with FP8 tensor cores), int8 "
-        "(the CPU); an FP8 checkpoint's quantization_config is read without it (docs/gpu.md)")] = None
+        "quantized linear layers: fp8 (CUDA GPUs with FP8 tensor cores: e4m3, per-channel scales), int8 (CPU: a "
+        "float checkpoint quantized at load, per output channel), gguf (CPU: a GGUF file's Q8_0 / Q4_0 / Q4_1 "
+        "blocks kept as they are); an FP8 checkpoint's quantization_config is read without it "
+        "(docs/quantization.md)")] = None
     kv_cache_dtype: Annotated[KVCacheDtype, doc(
         "KV cache dtype: auto (the model's) or fp8_e4m3 (half the bytes per token; the checkpoint's per-layer "
         "k/v scales, else 1.0)")] = "auto"
@@ -196,9 +198,11 @@ class ServerArgs:
         if self.enable_deterministic_inference and self.tp_size > 1:
             raise FlagError("--enable-deterministic-inference needs --tp-size 1 (the all-reduce's order is not fixed)")
         if self.quantization == "fp8" and self.device == "cpu":
-            raise FlagError("--quantization fp8 runs on CUDA GPUs with FP8 tensor cores; the CPU's is int8")
+            raise FlagError("--quantization fp8 runs on CUDA GPUs with FP8 tensor cores; the CPU's are int8 and gguf")
         if self.quantization == "fp8" and self.enable_deterministic_inference:
             raise FlagError("--quantization fp8: --enable-deterministic-inference covers no FP8 weights yet")
+        if self.quantization in ("int8", "gguf") and self.device == "cuda":
+            raise FlagError(f"--quantization {self.quantization} runs on the CPU; on CUDA GPUs use fp8")
         if self.dp_size > 1 and self.nnodes > 1:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
         if self.speculative_algorithm is not None and self.speculative_num_draft_tokens < 2:

@@ -209,7 +209,7 @@ def test_fp8_perplexity_against_bf16():
     def perplexity() -> float:
         runner = RaggedRunner(model, max_reqs=1, context_len=len(ids))
         with torch.inference_mode():
-            logits = runner.step([0], [ids], all_rows=True)[:-1]
+            logits = runner.step([0], [ids], every_token=True)[:-1]
         return torch.exp(F.cross_entropy(logits.float(), torch.tensor(ids[1:]))).item()
 
     bf16 = perplexity()

@@ -14,6 +14,7 @@ from radixserve.model_files import load_hf_config
 from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
+from worker_proc.cpu_quant import check_quantization, quantize_cpu_linears
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
 from worker_proc.draft_model import make_draft
 from worker_proc.grammar import GrammarBackend, SlotGrammars
@@ -54,6 +55,7 @@ class ModelRunner:
         if args.enable_deterministic_inference:
             batch_invariant.enable()
         self.dtype = resolve_dtype(args.dtype, self.device)
+        check_quantization(args, self.device, self.dtype, model_dir)
         self.model, self.weight_bytes = self._load_model(model_dir, hf_config)
         self._choose_all_reduce()
         self.context_length = serving_context_length(args.context_length, hf_config)
@@ -109,9 +111,14 @@ class ModelRunner:
         model = load_model(model_dir, hf_config, self.args.load_format, self.dtype, self.device,
                            seed=self.args.random_seed, quantization=self.args.quantization)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        # The dtype of the decoder's linear weights (FP8 where quantized); the embedding and LM head keep dtype.
+        # The dtype of the decoder's linear weights (FP8 or the CPU's quantized forms where quantized).
         fp8 = any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
         self.weight_dtype = _name(torch.float8_e4m3fn if fp8 else self.dtype)
+        if self.args.quantization in ("int8", "gguf"):
+            line, quantized_bytes, self.weight_dtype = quantize_cpu_linears(model, self.args.quantization, model_dir,
+                                                                            hf_config)
+            weight_bytes = quantized_bytes + sum(p.numel() * p.element_size() for p in model.parameters())
+            log.info("rank %d: %s", self.rank, line)
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             log.info("rank %d: %d linear weights in %s packed layout", self.rank, *pack_cpu_linears(model))
         log.info("rank %d loaded %s (%.2f GB, %s, linear weights %s) in %.1f s", self.rank, hf_config.architectures,
