@@ -70,6 +70,7 @@ def test_greedy_matches_hf_all_at_once(engine, hf_reference):
     engine.check_invariants()
 
 
+@pytest.mark.long  # radix on == off stays in make test: test_reliability_determinism, test_bench's no-radix baseline
 def test_greedy_matches_hf_without_radix_cache(engine_no_radix, hf_reference):
     _assert_matches([engine_no_radix.generate(p, GREEDY) for p in PROMPTS], hf_reference)
     _assert_matches(engine_no_radix.generate(PROMPTS, GREEDY), hf_reference)
@@ -78,6 +79,7 @@ def test_greedy_matches_hf_without_radix_cache(engine_no_radix, hf_reference):
     engine_no_radix.check_invariants()
 
 
+@pytest.mark.long  # overlap on == off stays in make test: test_overlap.py::test_overlap_gives_the_same_tokens
 def test_overlap_on_and_off_give_the_same_tokens(engine, hf_reference):
     """Overlap scheduling (the default, `engine`) against stepping one step at a time: greedy tokens both equal
     HF's, and seeded sampling (independent of batch composition) draws the same tokens."""

@@ -138,6 +138,7 @@ def test_two_nodes_match_one_node_and_a_killed_node_stops_both(tiny_llama, one_n
         assert nodes.wait_all_gone(2.0) == [], nodes.logs()
 
 
+@pytest.mark.long  # make test keeps a killed node (the first test) and a dead rank stopping every node
 def test_node_zero_killed_stops_node_one(tiny_llama):
     with TwoNodes(tiny_llama) as nodes:
         nodes.node0.proc.send_signal(signal.SIGKILL)  # node 0's launcher: scheduler, tokenizer, worker 0 go with it
@@ -158,6 +159,7 @@ def test_a_dead_rank_stops_every_node(tiny_llama):
         assert nodes.wait_all_gone(2.0) == [], nodes.logs()
 
 
+@pytest.mark.long
 def test_orderly_stop_of_node_zero_stops_node_one_cleanly(tiny_llama):
     with TwoNodes(tiny_llama, "--shutdown-timeout", "1") as nodes:
         code, left = nodes.node0.stop()  # SIGTERM: drain, then the scheduler's Shutdown reaches rank 1 too

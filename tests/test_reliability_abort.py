@@ -26,7 +26,7 @@ from reliability_util import (
 )
 from server_fixture import RadixServer
 
-CUTS = size(ci=160, long=1000)
+CUTS = size(ci=80, long=1000)
 MAX_RUNNING = 8
 CONCURRENCY = 16  # past MAX_RUNNING: some requests wait in the queue when they are cut
 LONG_PROMPT = "Tell me everything about the history of the Roman Empire. " * 60  # ~700 tokens: a long prefill

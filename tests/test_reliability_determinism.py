@@ -12,7 +12,7 @@ from server_fixture import RadixServer, http_request
 SHARED = "You are a careful assistant. Answer in one short paragraph, plainly and without lists. " * 3
 PROMPTS = [SHARED + f"Question {i}: what is {i} times {i + 3}?" for i in range(size(ci=4, long=24))] + [
     f"Once upon a time, in the city number {i}," for i in range(size(ci=4, long=24))]
-NEW_TOKENS = size(ci=24, long=48)
+NEW_TOKENS = size(ci=16, long=48)
 
 
 def _generate(server: RadixServer, prompt: str) -> tuple[list[int], int]:

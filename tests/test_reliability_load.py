@@ -15,7 +15,7 @@ from reliability_util import leak_problems, report, size, wait_idle
 from server_fixture import RadixServer
 
 CLIENTS = size(ci=16, long=64)
-DURATION_S = size(ci=20, long=600)
+DURATION_S = size(ci=10, long=600)
 # A request slower than this is a stall. 64 clients on 2 shared cores wait their turn for a minute or more
 # (docs/reliability.md has the latencies), so the long size allows more.
 STALL_S = float(size(ci=120, long=300))
