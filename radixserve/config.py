@@ -31,6 +31,7 @@ AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
 WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
+RouterPackage = Literal["sglang-router", "smg"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 SpeculativeAlgorithm = Literal["NGRAM"]
 
@@ -82,6 +83,9 @@ class ServerArgs:
     base_gpu_id: Annotated[Index, doc("first CUDA device of this server's ranks on a node")] = 0
     dp_size: Annotated[Count, doc("data-parallel replicas behind SGLang's router on --port")] = 1
     router_policy: Annotated[RouterPolicy, doc("the router's policy (with --dp-size > 1)")] = "cache_aware"
+    router_package: Annotated[RouterPackage, doc(
+        "the router in front of --dp-size replicas: SGLang's router (PyPI sglang-router) or its successor, the "
+        "model gateway (PyPI smg)")] = "sglang-router"
     router_dp_worker_base_port: Annotated[Port | None, doc(
         "replica i listens on this port + i (default: free ports), on 127.0.0.1")] = None
     host: Annotated[str, doc("the address HTTP listens on")] = "127.0.0.1"
