@@ -1,6 +1,6 @@
 """Ready means ready, checked from outside on a GPU: start a server with FlashInfer's JIT cache emptied, and at
 the moment it says ready send N concurrent streamed requests (sampled with every filter, some with logprobs and
-penalties, some greedy); then a second wave the same, kernels built. Prints the start time, each wave's slowest
+penalties, some greedy); then a second wave of new prompts, kernels built. Prints the start time, each wave's slowest
 first token and whether every stream completed.
 
     python scripts/cold_start.py [--model-path radixserve/model_configs/llama-3.1-8b] [--clients 128]
@@ -58,12 +58,13 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> tu
     return first, tokens
 
 
-async def wave(url: str, n: int, vocab: int, prompt_len: int, output_len: int) -> dict:
+async def wave(url: str, first: int, n: int, vocab: int, prompt_len: int, output_len: int) -> dict:
+    """Requests first .. first + n - 1 at once (the warm wave takes new prompts, so no radix hit flatters it)."""
     timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         started = time.monotonic()
         results = await asyncio.gather(*(one_stream(session, url, request_body(i, vocab, prompt_len, output_len))
-                                         for i in range(n)), return_exceptions=True)
+                                         for i in range(first, first + n)), return_exceptions=True)
     firsts = sorted(r[0] for r in results if isinstance(r, tuple) and r[0] is not None)
     complete = sum(isinstance(r, tuple) and r[1] == output_len for r in results)
     return {"streams": n, "complete": complete, "errors": [repr(r) for r in results if isinstance(r, BaseException)],
@@ -92,8 +93,9 @@ def main() -> None:
     try:
         server.wait_ready(timeout=1200)
         report = {"start_s": round(time.monotonic() - started, 1), "jit_cache_emptied": not ns.keep_jit_cache}
-        report["cold"] = asyncio.run(wave(server.url, ns.clients, config["vocab_size"], ns.prompt_len, ns.output_len))
-        report["warm"] = asyncio.run(wave(server.url, ns.clients, config["vocab_size"], ns.prompt_len, ns.output_len))
+        for name, first in (("cold", 0), ("warm", ns.clients)):
+            report[name] = asyncio.run(wave(server.url, first, ns.clients, config["vocab_size"], ns.prompt_len,
+                                            ns.output_len))
     finally:
         server.terminate(timeout=30)
         shutil.copy(server.log_path, Path(ns.out) / "cold_start_server.log")

@@ -5,6 +5,7 @@ this mode replaces are not (so the checks can fail); and without the flag nothin
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,13 +191,16 @@ def test_the_mode_needs_tp_1():
 
 @needs_gpu
 def test_gpu_matmul_rows_do_not_depend_on_the_batch():
-    """Compiled on the GPU, bf16, Llama-3.1-8B's o_proj shape: every row's bits at m = 1 .. 300 as at 300."""
+    """Compiled on the GPU, bf16, Llama-3.1-8B's o_proj and gate_up shapes (a narrow and a wide output tile):
+    every row's bits at m = 1 .. 300 as at 300."""
     torch.manual_seed(0)
-    a, w = torch.randn(300, 4096, device="cuda").bfloat16(), torch.randn(4096, 4096, device="cuda").bfloat16()
-    full = batch_invariant.matmul(a, w.t())
-    torch.testing.assert_close(full.float(), (a.float() @ w.float().t()), rtol=2e-2, atol=0.5)
-    for m in (1, 2, 7, 64, 129, 256):
-        assert torch.equal(batch_invariant.matmul(a[:m], w.t()), full[:m]), m
+    a = torch.randn(300, 4096, device="cuda").bfloat16()
+    for n in (4096, 28672):
+        w = torch.randn(n, 4096, device="cuda").bfloat16()
+        full = batch_invariant.matmul(a, w.t())
+        torch.testing.assert_close(full.float(), (a.float() @ w.float().t()), rtol=2e-2, atol=0.5)
+        for m in (1, 2, 7, 64, 129, 256):
+            assert torch.equal(batch_invariant.matmul(a[:m], w.t()), full[:m]), (n, m)
 
 
 @needs_gpu
@@ -204,7 +208,8 @@ def test_gpu_check_determinism_finds_no_mismatch_with_the_flag():
     from radixserve.bench.determinism import check
     from radixserve.config import ServerArgs
 
-    args = ServerArgs(dtype="bfloat16", max_total_tokens=16384, max_running_requests=16,
-                      enable_deterministic_inference=True)
+    config = Path(__file__).resolve().parent.parent / "radixserve/model_configs/llama-3.1-8b"
+    args = ServerArgs(model_path=str(config), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                      max_total_tokens=16384, max_running_requests=16, enable_deterministic_inference=True)
     result = check(args, num_prompts=16, batch_sizes=[1, 8, 16], max_new_tokens=16, chunk_size=32)
     assert result["mismatches"] == 0, result

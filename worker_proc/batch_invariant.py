@@ -8,8 +8,8 @@ from m >= 4); the reference attention runs decode as one padded SDPA and extends
 cuBLAS picks tiles and split-K by shape and FlashInfer splits the KV by batch size. Here each op fixes its order:
 - `linear`: cpu_kernels' bf16 kernel as it is (each output element sums K in one order in every row tile); other
   CPU linears in blocks of ROWS rows (one GEMM shape, so one blocking; a row's bits do not depend on its position
-  in the block: checked for every position); on CUDA one persistent Triton matmul with one tile config and no
-  split-K (`matmul`).
+  in the block: checked for every position); on CUDA one persistent Triton matmul with one tile config per
+  weight and no split-K (`matmul`).
 - `attention`: every query row (prefill, extend or decode alike) over its context in fixed splits of SPLIT
   tokens, each split's scores and weighted values as element-wise products summed along a contiguous axis (an
   order fixed by the axis' length), the splits merged by their maxima in split order.
@@ -104,7 +104,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req
 
 # ---- CUDA: one persistent Triton matmul (imported lazily, on the first call) ----
 
-TILE = (128, 128, 64)  # BLOCK_M, BLOCK_N, BLOCK_K: one config for every shape, so one order of summation
+BLOCK_M, BLOCK_K = 128, 64  # one config for every m, so one order of summation
+BLOCK_N_CHOICES = (128, 64, 32)  # the output tile's width, chosen per weight (see `_block_n`)
 GROUP_M = 8
 
 
@@ -151,6 +152,15 @@ def _programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+@functools.cache
+def _block_n(n: int, programs: int) -> int:
+    """The widest output tile that still gives each of the GPU's SMs a tile of a one-row batch (else the
+    narrowest): a decode step is bound by reading the weight, and without split-K only as many SMs read it as
+    there are tiles. It depends on the weight's n and the GPU alone, never on m, so a row's order of summation
+    is the same at every batch size."""
+    return next((b for b in BLOCK_N_CHOICES if -(-n // b) >= programs), BLOCK_N_CHOICES[-1])
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [m, k] @ b [k, n] -> [m, n] in a's dtype, float32 accumulation; every output element of a row sums k in
     the same order whatever m is (one tile config, no split-K)."""
@@ -159,10 +169,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if m == 0:
         return c
-    block_m, block_n, block_k = TILE
-    tiles = -(-m // block_m) * -(-n // block_n)
+    block_n = _block_n(n, _programs(a.device))
+    tiles = -(-m // BLOCK_M) * -(-n // block_n)
     programs = min(tiles, _programs(a.device))
     _matmul_kernel()[(programs,)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-                                  c.stride(1), NUM_PROGRAMS=programs, BLOCK_M=block_m, BLOCK_N=block_n,
-                                  BLOCK_K=block_k, GROUP_M=GROUP_M)
+                                  c.stride(1), NUM_PROGRAMS=programs, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+                                  BLOCK_K=BLOCK_K, GROUP_M=GROUP_M)
     return c

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,10 +34,20 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--chunk-size", type=int, default=32, help="--chunked-prefill-size of the chunked runs")
     g.add_argument("--compare", action="store_true", help="also run without --enable-deterministic-inference")
+    g.add_argument("--compare-prompts", type=int, default=0,
+                   help="the run without the flag on this many of the prompts (0: all), for a shorter contrast")
 
 
-def prompts(n: int) -> list[str]:
-    """n prompts of different lengths that share a prefix (so batches after the first hit the radix cache)."""
+Prompt = str | list[int]
+
+
+def prompts(n: int, token_ids: bool = False) -> list[Prompt]:
+    """n prompts of different lengths that share a prefix (so batches after the first hit the radix cache):
+    texts, or with `token_ids` (a server without a tokenizer, as with --skip-tokenizer-init) token ids of the
+    same shape, below 32,000 so that any vocabulary holds them."""
+    if token_ids:
+        shared = random.Random(0).sample(range(100, 32000), 20)
+        return [shared * (1 + i % 3) + random.Random(i + 1).sample(range(100, 32000), 12 + i % 5) for i in range(n)]
     return [SHARED * (1 + i % 3) + f"Question {i}: explain {TOPICS[i % len(TOPICS)]} to a child, "
             f"in {3 + i % 5} sentences." for i in range(n)]
 
@@ -48,11 +59,13 @@ def sampling(mode: str, i: int, max_new_tokens: int) -> dict:
     return {**params, "temperature": 1.0, "top_p": 0.9, "seed": 1000 + i}
 
 
-def _outputs(engine: Engine, texts: list[str], params: list[dict]) -> list[list[int]]:
+def _outputs(engine: Engine, texts: list[Prompt], params: list[dict]) -> list[list[int]]:
+    if texts and isinstance(texts[0], list):
+        return [r["output_ids"] for r in engine.generate(input_ids=texts, sampling_params=params)]
     return [r["output_ids"] for r in engine.generate(texts, params)]
 
 
-def ways(engine: Engine, texts: list[str], params: list[dict], batch_sizes: list[int]) -> dict[str, list]:
+def ways(engine: Engine, texts: list[Prompt], params: list[dict], batch_sizes: list[int]) -> dict[str, list]:
     """Every prompt's output ids served each way on one engine: alone (cold), after a radix hit, batched."""
     out: dict[str, list] = {"alone": [], "radix hit": []}
     for text, p in zip(texts, params, strict=True):
@@ -72,7 +85,7 @@ def check(args: ServerArgs, num_prompts: int, batch_sizes: list[int], max_new_to
     chunked_prefill_size=chunk_size)."""
     from radixserve import Engine
 
-    texts = prompts(num_prompts)
+    texts = prompts(num_prompts, token_ids=args.skip_tokenizer_init)
     by_way: dict[str, int] = {}
     runs = 0
     served: dict[str, dict[str, list]] = {}
@@ -80,6 +93,7 @@ def check(args: ServerArgs, num_prompts: int, batch_sizes: list[int], max_new_to
         for mode in ("greedy", "seeded"):
             params = [sampling(mode, i, max_new_tokens) for i in range(num_prompts)]
             served[mode] = ways(engine, texts, params, batch_sizes)
+            print(f"  {mode}: {', '.join(served[mode])} served", flush=True)
     with Engine(**dataclasses.asdict(args.replace(chunked_prefill_size=chunk_size))) as engine:
         for mode in ("greedy", "seeded"):
             params = [sampling(mode, i, max_new_tokens) for i in range(num_prompts)]
@@ -87,6 +101,7 @@ def check(args: ServerArgs, num_prompts: int, batch_sizes: list[int], max_new_to
             for text, p in zip(texts, params, strict=True):
                 engine.flush_cache()
                 served[mode][f"chunks of {chunk_size}"] += _outputs(engine, [text], [p])
+            print(f"  {mode}: chunks of {chunk_size} served", flush=True)
     for way_outputs in served.values():
         reference = way_outputs["alone"]
         for way, outputs in way_outputs.items():
@@ -104,7 +119,8 @@ def run(ns: argparse.Namespace) -> int:
     flags = [True, False] if ns.compare else [True]
     for on in flags:
         t0 = time.monotonic()
-        result = check(args.replace(enable_deterministic_inference=on), ns.num_prompts, ns.batch_sizes,
+        num_prompts = ns.num_prompts if on or not ns.compare_prompts else min(ns.compare_prompts, ns.num_prompts)
+        result = check(args.replace(enable_deterministic_inference=on), num_prompts, ns.batch_sizes,
                        ns.max_new_tokens, ns.chunk_size)
         result.update(deterministic=on, seconds=round(time.monotonic() - t0, 1))
         report["runs"].append(result)
