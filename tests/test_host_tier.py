@@ -10,8 +10,13 @@ import random
 import threading
 import time
 
+import numpy as np
 import pytest
+import torch
 from server_fixture import RadixServer
+
+from radixserve.wire import KVMove, i32
+from worker_proc.kv_cache import KVCache
 
 POOL = 256
 pytestmark = pytest.mark.server_flags("--enable-hierarchical-cache", "--hicache-ratio", "4",
@@ -84,3 +89,19 @@ def test_random_aborts_leak_no_device_or_host_slot(server: RadixServer, num_requ
     info = scheduler_info(server)  # idle: the walk found every device and host slot free or in one node
     assert info["num_running_reqs"] == 0 and info["kv_free_tokens"] + info["kv_evictable_tokens"] == POOL
     assert info["aborted_requests"] > 0 and info["host_stored_tokens"] > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_kv_moves_copy_every_layer_both_ways_in_order(device: str) -> None:
+    """The workers' copies (worker_proc/kv_cache.py): a move out and back lands each layer's K and V rows where the
+    scheduler said, and moves apply in order (the second reads slots the first one wrote)."""
+    cache = KVCache(3, 20, 2, 8, torch.bfloat16, device, num_host_slots=30)
+    for layer in (*cache.k, *cache.v):
+        layer.copy_(torch.randn(layer.shape))
+    before = [layer.clone() for layer in (*cache.k, *cache.v)]
+    cache.move([KVMove(to_host=True, src=i32(np.array([3, 5, 7])), dst=i32(np.array([10, 2, 29]))),
+                KVMove(to_host=False, src=i32(np.array([29, 10])), dst=i32(np.array([1, 11])))])
+    for layer, host, old in zip((*cache.k, *cache.v), (*cache.host_k, *cache.host_v), before, strict=True):
+        assert torch.equal(host[[10, 2, 29]], old[[3, 5, 7]].cpu())
+        assert torch.equal(layer[[1, 11]], old[[7, 3]]) and torch.equal(layer[[3, 5, 7]], old[[3, 5, 7]])
