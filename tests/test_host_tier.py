@@ -59,7 +59,7 @@ def test_a_prompt_back_from_the_host_tier_has_its_kv(server: RadixServer) -> Non
     assert "radixserve:cache_hit_tokens_host_total" in metrics and "radixserve:cached_tokens_host" in metrics
 
 
-@pytest.mark.parametrize("num_requests", [40, pytest.param(1000, marks=pytest.mark.long)])
+@pytest.mark.parametrize("num_requests", [40, pytest.param(1000, marks=[pytest.mark.long, pytest.mark.timeout(3600)])])
 def test_random_aborts_leak_no_device_or_host_slot(server: RadixServer, num_requests: int) -> None:
     """About 60% of the requests are aborted at a random moment (queued, prefilling, decoding): once idle, every
     device slot is free or cached and the invariant walk finds both pools partitioned (0 leaked pages)."""
@@ -73,8 +73,11 @@ def test_random_aborts_leak_no_device_or_host_slot(server: RadixServer, num_requ
         if rng.random() < 0.6:
             timer = threading.Timer(rng.random() * 0.3, lambda: server.post("/abort_request", {"rid": rid}))
             timer.start()
-        resp = server.post("/generate", {"rid": rid, "input_ids": ids,
-                                         "sampling_params": {"max_new_tokens": rng.randrange(1, 16), **GREEDY}})
+        try:
+            resp = server.post("/generate", {"rid": rid, "input_ids": ids,
+                                             "sampling_params": {"max_new_tokens": rng.randrange(1, 16), **GREEDY}})
+        except TimeoutError:  # a loaded machine: the client gives up (and the server aborts it as a disconnect)
+            return
         if resp.status_code != 200:
             failures.append(resp.text)
 
@@ -86,7 +89,11 @@ def test_random_aborts_leak_no_device_or_host_slot(server: RadixServer, num_requ
         for t in threads:
             t.join()
     assert not failures, failures
-    info = scheduler_info(server)  # idle: the walk found every device and host slot free or in one node
+    deadline = time.monotonic() + 120  # what clients gave up on finishes or is aborted
+    while (info := scheduler_info(server))["num_running_reqs"] + info["num_waiting_reqs"] and \
+            time.monotonic() < deadline:
+        time.sleep(1)
+    # idle: the walk found every device and host slot free or in one node
     assert info["num_running_reqs"] == 0 and info["kv_free_tokens"] + info["kv_evictable_tokens"] == POOL
     assert info["aborted_requests"] > 0 and info["host_stored_tokens"] > 0
 

@@ -119,8 +119,11 @@ class _DataParallel:
             if not self._until(lambda: all(_get(REPLICA_HOST, p, "/health") == 200 for p in ports)):
                 return self._stop()
             self.router.add(run_router, "router", package, router_argv(args, ports, _free_ports(1)[0]), os.getpid())
-            if not self._until(lambda: _get(REPLICA_HOST if args.host in ("0.0.0.0", "::") else args.host,
-                                            args.port, "/readiness") == 200):
+            router_host = REPLICA_HOST if args.host in ("0.0.0.0", "::") else args.host
+            # Ready once the router routes to every replica: smg answers /readiness with one worker registered
+            # and registers the others in the background, which would send the first requests to a few.
+            if not self._until(lambda: _get(router_host, args.port, "/readiness") == 200
+                               and _routed_workers(router_host, args.port) == args.dp_size):
                 return self._stop()
             url = f"http://{args.host}:{args.port}"
             print(f"radixserve is ready: {url} ({args.dp_size} replicas behind {args.router_package}, policy "
@@ -156,14 +159,33 @@ class _DataParallel:
 
 def _get(host: str, port: int, path: str) -> int | None:
     """Status of GET http://host:port/path, or None if nothing answers."""
+    return _get_body(host, port, path)[0]
+
+
+def _get_body(host: str, port: int, path: str) -> tuple[int | None, bytes]:
+    """(status, body) of GET http://host:port/path; (None, b"") if nothing answers."""
     conn = http.client.HTTPConnection(host, port, timeout=5)
     try:
         conn.request("GET", path)
-        return conn.getresponse().status
+        resp = conn.getresponse()
+        return resp.status, resp.read()
     except OSError:
-        return None
+        return None, b""
     finally:
         conn.close()
+
+
+def _routed_workers(host: str, port: int) -> int:
+    """Workers the router lists in GET /workers that it may route to (smg marks each `is_healthy`; sglang-router
+    lists the URLs it routes to)."""
+    status, body = _get_body(host, port, "/workers")
+    if status != 200:
+        return 0
+    try:
+        workers = msgspec.json.decode(body).get("workers", [])
+    except (msgspec.DecodeError, AttributeError):
+        return 0
+    return sum(1 for w in workers if isinstance(w, dict) and w.get("is_healthy", True))
 
 
 def _free_ports(n: int) -> list[int]:
