@@ -86,6 +86,10 @@ class ServerArgs:
     router_package: Annotated[RouterPackage, doc(
         "the router in front of --dp-size replicas: SGLang's router (PyPI sglang-router) or its successor, the "
         "model gateway (PyPI smg)")] = "sglang-router"
+    router_balance_abs_threshold: Annotated[Index | None, doc(
+        "with --dp-size: the router's load-imbalance threshold (its --balance-abs-threshold; default: the "
+        "router's): past it, cache_aware sends a request to the least loaded replica instead of the one holding "
+        "its prefix")] = None
     router_dp_worker_base_port: Annotated[Port | None, doc(
         "replica i listens on this port + i (default: free ports), on 127.0.0.1")] = None
     host: Annotated[str, doc("the address HTTP listens on")] = "127.0.0.1"

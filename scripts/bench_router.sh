@@ -4,20 +4,24 @@
 # /v1/completions, once per policy (cache_aware, round_robin); then checks the targets: cache_aware's hit rate
 # >= 65% (~73% is the most possible: a group's first prompt cannot hit), round_robin's <= 35%, and the router's
 # GET /get_loads (sampled every second during each run) listing every worker's load.
-#   bash scripts/bench_router.sh OUT_DIR [smg|sglang-router]
+#   bash scripts/bench_router.sh OUT_DIR [smg|sglang-router [FLAG...]]
+# FLAGs go to the bench and the launched servers, e.g. --router-balance-abs-threshold 1000000 (the results are then
+# named router-PACKAGE-flags).
 set -euo pipefail
-[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [smg|sglang-router]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [smg|sglang-router [FLAG...]]" >&2; exit 2; }
 out=$(realpath -m "$1")
 package=${2:-smg}
+shift $(( $# < 2 ? $# : 2 ))
+flags=("$@")
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
-name="router-$package"
+name="router-$package${flags[0]:+-flags}"
 cmd=(python3 -m radixserve.bench serve --launch-server --dp-size 4 --router-package "$package"
      --router-policies cache_aware round_robin --label cache_aware --backend openai --model SmolLM2-135M-Instruct
      --dataset generated-shared-prefix --gsp-num-groups 16 --gsp-prompts-per-group 4 --gsp-system-prompt-len 256
      --gsp-question-len 8 --gsp-output-len 8 --max-total-tokens 12288 --no-plot --output-dir "$out"
-     --output-name "$name")
+     --output-name "$name" "${flags[@]}")
 echo "== $name ($(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%FT%TZ)): ${cmd[*]}" \
     | tee "$out/$name.log"
 "${cmd[@]}" 2>&1 | tee -a "$out/$name.log"

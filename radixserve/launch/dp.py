@@ -61,11 +61,8 @@ def router_argv(args: ServerArgs, ports: list[int], prometheus_port: int) -> lis
             "--worker-urls", *[f"http://{REPLICA_HOST}:{p}" for p in ports],
             "--prometheus-host", REPLICA_HOST, "--prometheus-port", str(prometheus_port),
             "--log-level", ROUTER_LOG_LEVEL[args.log_level], "--shutdown-grace-period-secs", "1"]
-    if args.router_package == "smg":
-        # smg's warm-up slice diverts cache misses, and one hit in 8, to a worker for its first minute (or while
-        # its index is thin) so that a replica joining warm ones builds a cache; these replicas all start cold
-        # together, where the diversion only costs hits (docs/benchmarks.md has the 4-replica check both ways).
-        argv += ["--worker-warmup-secs", "0"]
+    if args.router_balance_abs_threshold is not None:
+        argv += ["--balance-abs-threshold", str(args.router_balance_abs_threshold)]
     return argv + (["--api-key", args.api_key] if args.api_key else [])
 
 
