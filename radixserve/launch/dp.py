@@ -122,8 +122,9 @@ class _DataParallel:
                 return self._stop()
             self.router.add(run_router, "router", package, router_argv(args, ports, _free_ports(1)[0]), os.getpid())
             router_host = REPLICA_HOST if args.host in ("0.0.0.0", "::") else args.host
-            # Ready once the router routes to every replica: smg answers /readiness with one worker registered
-            # and registers the others in the background, which would send the first requests to a few.
+            # Ready once the router routes to every replica and has read each one's load: smg answers /readiness
+            # with one worker registered and registers the others in the background (the first requests went to
+            # a few), and its load-aware policies see every replica from the first request.
             if not self._until(lambda: _get(router_host, args.port, "/readiness") == 200
                                and _routed_workers(router_host, args.port) == args.dp_size):
                 return self._stop()
@@ -178,16 +179,22 @@ def _get_body(host: str, port: int, path: str) -> tuple[int | None, bytes]:
 
 
 def _routed_workers(host: str, port: int) -> int:
-    """Workers the router lists in GET /workers that it may route to (smg marks each `is_healthy`; sglang-router
-    lists the URLs it routes to)."""
-    status, body = _get_body(host, port, "/workers")
-    if status != 200:
-        return 0
+    """Workers that the router may route to (GET /workers: smg marks each `is_healthy`, sglang-router lists those
+    it routes to) and whose load it has read (GET /get_loads: smg's `loads`, sglang-router's `workers`)."""
+    workers, loads = _get_json(host, port, "/workers"), _get_json(host, port, "/get_loads")
+    routed = {w.get("url") for w in workers.get("workers", []) if isinstance(w, dict) and w.get("is_healthy", True)}
+    loaded = {w.get("worker") for w in loads.get("loads", []) + loads.get("workers", []) if isinstance(w, dict)}
+    return len(routed & loaded)
+
+
+def _get_json(host: str, port: int, path: str) -> dict:
+    """GET http://host:port/path as a JSON object; {} if it does not answer 200 with one."""
+    status, body = _get_body(host, port, path)
     try:
-        workers = msgspec.json.decode(body).get("workers", [])
-    except (msgspec.DecodeError, AttributeError):
-        return 0
-    return sum(1 for w in workers if isinstance(w, dict) and w.get("is_healthy", True))
+        value = msgspec.json.decode(body) if status == 200 else {}
+    except msgspec.DecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _free_ports(n: int) -> list[int]:
