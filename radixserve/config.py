@@ -27,13 +27,15 @@ SchedulePolicy = Literal["lpm", "fcfs"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+Quantization = Literal["fp8", "int8", "gguf"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
 WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
 RouterPackage = Literal["sglang-router", "smg"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-SpeculativeAlgorithm = Literal["NGRAM"]
+SpeculativeAlgorithm = Literal["NGRAM", "STANDALONE", "EAGLE3", "REPLAY"]
+KVCacheDtype = Literal["auto", "fp8_e4m3"]
 
 # The bounds, named for what they mean.
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -71,6 +73,14 @@ class ServerArgs:
         "weights: by the files found (auto), or random ones from config.json (dummy)")] = "auto"
     dtype: Annotated[Dtype, doc("compute dtype (auto: bfloat16 where the device has it natively)")] = "auto"
     device: Annotated[Device, doc("where the workers compute (auto: cuda if there is a GPU)")] = "auto"
+    quantization: Annotated[Quantization | None, doc(
+        "quantized linear layers: fp8 (CUDA GPUs with FP8 tensor cores: e4m3, per-channel scales), int8 (CPU: a "
+        "float checkpoint quantized at load, per output channel), gguf (CPU: a GGUF file's Q8_0 / Q4_0 / Q4_1 "
+        "blocks kept as they are); an FP8 checkpoint's quantization_config is read without it "
+        "(docs/quantization.md)")] = None
+    kv_cache_dtype: Annotated[KVCacheDtype, doc(
+        "KV cache dtype: auto (the model's) or fp8_e4m3 (half the bytes per token; the checkpoint's per-layer "
+        "k/v scales, else 1.0)")] = "auto"
     tp_size: Annotated[Count, doc("tensor-parallel ranks over all nodes")] = 1
     ep_size: Annotated[Count, doc(
         "expert parallelism: MoE experts are placed whole on this many groups of the TP ranks (it divides the TP "
@@ -144,7 +154,18 @@ class ServerArgs:
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
     speculative_algorithm: Annotated[SpeculativeAlgorithm | None, doc(
         "speculative decoding: NGRAM drafts from the request's own prompt and output (no draft model); "
-        "each decode step verifies the drafts in one forward, exactly (docs/architecture.md)")] = None
+        "STANDALONE from a small draft model of the same vocabulary, EAGLE3 from an EAGLE-3 draft head (both named "
+        "by the draft model path); REPLAY (benchmarks only) replays recorded outputs (the replay path); each decode "
+        "step verifies the drafts in one forward, exactly (docs/architecture.md)")] = None
+    speculative_draft_model_path: Annotated[str | None, doc(
+        "STANDALONE: the draft model (a directory of the same kinds --model-path takes; same vocabulary); "
+        "EAGLE3: the draft head's directory (config.json and safetensors in the public EAGLE-3 layout)")] = None
+    speculative_draft_load_format: Annotated[LoadFormat | None, doc(
+        "STANDALONE / EAGLE3: how the draft's weights load (default: --load-format)")] = None
+    speculative_replay_path: Annotated[str | None, doc(
+        "REPLAY (benchmarks only): a JSON list of token-id lists, each a prompt followed by the output that a "
+        "first run gave it; a request whose prompt starts one drafts what followed (a draft that is always right "
+        "for greedy requests)")] = None
     speculative_num_draft_tokens: Annotated[Count, doc(
         "tokens a verify step computes per request: the last one and up to this many - 1 drafted after it")] = 8
     speculative_ngram_min_match_window_size: Annotated[Count, doc(
@@ -184,10 +205,21 @@ class ServerArgs:
             raise FlagError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
         if self.enable_deterministic_inference and self.tp_size > 1:
             raise FlagError("--enable-deterministic-inference needs --tp-size 1 (the all-reduce's order is not fixed)")
+        if self.quantization == "fp8" and self.device == "cpu":
+            raise FlagError("--quantization fp8 runs on CUDA GPUs with FP8 tensor cores; the CPU's are int8 and gguf")
+        if self.quantization == "fp8" and self.enable_deterministic_inference:
+            raise FlagError("--quantization fp8: --enable-deterministic-inference covers no FP8 weights yet")
+        if self.quantization in ("int8", "gguf") and self.device == "cuda":
+            raise FlagError(f"--quantization {self.quantization} runs on the CPU; on CUDA GPUs use fp8")
         if self.dp_size > 1 and self.nnodes > 1:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
         if self.speculative_algorithm is not None and self.speculative_num_draft_tokens < 2:
             raise FlagError("--speculative-num-draft-tokens must be at least 2 (the last token and one draft)")
+        if (self.speculative_algorithm in ("STANDALONE", "EAGLE3")) != (self.speculative_draft_model_path is not None):
+            raise FlagError("--speculative-draft-model-path goes with --speculative-algorithm STANDALONE or EAGLE3 "
+                            "(and they need one)")
+        if (self.speculative_algorithm == "REPLAY") != (self.speculative_replay_path is not None):
+            raise FlagError("--speculative-replay-path goes with --speculative-algorithm REPLAY (and it needs one)")
         if self.speculative_ngram_min_match_window_size > self.speculative_ngram_max_match_window_size:
             raise FlagError("--speculative-ngram-min-match-window-size must not exceed "
                             "--speculative-ngram-max-match-window-size")

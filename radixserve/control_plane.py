@@ -78,6 +78,8 @@ class RuntimeInfo(msgspec.Struct):
     gpu_memory_free: int = 0
     cascade_attention: bool = False  # the workers honour StepBatch.prefix_groups
     num_host_kv_slots: int = 0  # the host tier's pool (--enable-hierarchical-cache), slot 0 padding; 0: none
+    weight_dtype: str = ""  # of the decoder's linear weights: `dtype`, or float8_e4m3fn (FP8 weights)
+    kv_cache_dtype: str = ""  # of the KV cache: `dtype`, or float8_e4m3fn (--kv-cache-dtype fp8_e4m3)
 
 
 class ServerStatus(msgspec.Struct, tag=True):

@@ -15,12 +15,22 @@ step is answered before that request's next step is built. Above --speculative-b
 requests the step is plain decode, overlapped as before. A request with a grammar never drafts (its step row is a
 plain decode inside the verify step).
 
-NGRAM: the drafts are what followed the most recent earlier occurrence of the longest suffix of the request's
-own tokens (prompt + output) of --speculative-ngram-min/max-match-window-size tokens; per request its tokens live
-in a growing buffer (`Req.history`), so drafting costs O(its length) in numpy and no Python per token.
+Draft sources (`draft_source`):
+- NGRAM: the drafts are what followed the most recent earlier occurrence of the longest suffix of the request's
+  own tokens (prompt + output) of --speculative-ngram-min/max-match-window-size tokens; per request its tokens live
+  in a growing buffer (`Req.history`), so drafting costs O(its length) in numpy and no Python per token.
+- STANDALONE / EAGLE3: the workers' draft model or EAGLE-3 head drafts (worker_proc/draft_model.py,
+  worker_proc/eagle3_draft.py): the scheduler reserves the KV slots
+  of k drafts per request and sends PENDING in their place; the accepted ones come back with the verify step's
+  answer like any sampled token.
+- REPLAY (benchmarks only): what followed in a recorded sequence that starts with the request's prompt (a first
+  run's greedy output: a draft that is always right for the same greedy request).
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,7 +38,7 @@ from radixserve.config import ServerArgs
 from radixserve.wire import SpecCounts
 from scheduler_proc.block_table import BlockTable
 from scheduler_proc.counters import Counters
-from scheduler_proc.request import Req
+from scheduler_proc.request import PENDING, Req
 
 MAX_CANDIDATES = 256  # most recent occurrences of the last token examined per draft
 
@@ -77,13 +87,50 @@ def ngram_draft(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> np.ndarra
     return tokens[end + 1:min(end + 1 + k, n_tok)]
 
 
+DraftSource = Callable[[Req, int], np.ndarray]  # (request, most drafts) -> its drafts (PENDING: the workers')
+
+
+def ngram_source(args: ServerArgs) -> DraftSource:
+    min_n, max_n = args.speculative_ngram_min_match_window_size, args.speculative_ngram_max_match_window_size
+
+    def draft(req: Req, limit: int) -> np.ndarray:
+        if req.history is None:
+            req.history = TokenHistory(req.prompt_ids)
+        return ngram_draft(req.history.sync(req), limit, min_n, max_n)
+    return draft
+
+
+def replay_source(path: str) -> DraftSource:
+    """Drafts from recorded sequences (REPLAY), found by the request's prompt."""
+    with open(path) as f:
+        recorded = [np.asarray(seq, dtype=np.int32) for seq in json.load(f)]
+    by_start = {seq[:8].tobytes(): [] for seq in recorded}
+    for seq in recorded:
+        by_start[seq[:8].tobytes()].append(seq)
+
+    def draft(req: Req, limit: int) -> np.ndarray:
+        n_prompt, known = len(req.prompt_ids), len(req.prompt_ids) + len(req.output_ids)
+        for seq in by_start.get(req.prompt_ids[:8].tobytes(), ()):
+            if len(seq) > n_prompt and np.array_equal(seq[:n_prompt], req.prompt_ids):
+                return seq[known:known + limit]
+        return np.zeros(0, dtype=np.int32)
+    return draft
+
+
+def draft_source(args: ServerArgs) -> DraftSource:
+    if args.speculative_algorithm == "NGRAM":
+        return ngram_source(args)
+    if args.speculative_algorithm == "REPLAY":
+        return replay_source(args.speculative_replay_path)
+    return lambda req, limit: np.full(limit, PENDING, dtype=np.int32)  # a draft model's, in the workers
+
+
 class Speculator:
     """Drafts for a decode step's requests and their KV slots; a verify step's answer applied to each."""
 
     def __init__(self, args: ServerArgs, table: BlockTable, counters: Counters, context_length: int) -> None:
         self.k = args.speculative_num_draft_tokens - 1
-        self.min_n = args.speculative_ngram_min_match_window_size
-        self.max_n = args.speculative_ngram_max_match_window_size
+        self.source = draft_source(args)
         self.threshold = args.speculative_batch_size_threshold
         self.table = table
         self.counters = counters
@@ -110,9 +157,7 @@ class Speculator:
             d = np.zeros(0, dtype=np.int32)
             if self.drafts_for(req) and not req.pending:
                 limit = min(self.k, req.remaining_new_tokens - 1, self.context_length - req.fill_len - 1)
-                if req.history is None:
-                    req.history = TokenHistory(req.prompt_ids)
-                d = ngram_draft(req.history.sync(req), limit, self.min_n, self.max_n)
+                d = self.source(req, limit) if limit > 0 else d
                 slots = self.table.alloc(len(d)) if len(d) else None
                 if slots is None:
                     d = d[:0]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The speed issue's CPU targets on the default model (SmolLM2-135M-Instruct, --dtype auto), one command:
 #   bash scripts/bench_cpu.sh
-# serve:   16 random prompts (64 in / 32 out) through a launched server, one at a time and 16 at once.
+# serve:   16 random prompts (64 in / 32 out) through a launched server, one at a time and 16 at once, for each
+#          weight format side by side: the GGUF expanded to bf16, its own Q4_1 blocks, and int8 (docs/quantization.md).
 # offline: 16 random prompts (128 in / 64 out) through the Engine beside HF transformers `generate` in the same run
 #          (one batch of 16, the same dtype as the engine).
 # JSON, PNG and logs go to $OUT (default ./bench_cpu_out). Measure on an otherwise idle machine.
@@ -11,7 +12,8 @@ export PYTHONUNBUFFERED=1
 out="${OUT:-bench_cpu_out}"
 mkdir -p "$out"
 python3 -m radixserve.bench serve --launch-server --dataset random --num-prompts 16 --random-input-len 64 \
-    --random-output-len 32 --random-range-ratio 1 --max-concurrency 1 16 --output-dir "$out" --output-name cpu-serve \
+    --random-output-len 32 --random-range-ratio 1 --max-concurrency 1 16 --weight-dtypes bf16 gguf int8 \
+    --output-dir "$out" --output-name cpu-serve \
     2>&1 | tee "$out/cpu-serve.log"
 python3 -m radixserve.bench offline --baseline hf --hf-batch-size 16 --dataset random --num-prompts 16 \
     --random-input-len 128 --random-output-len 64 --random-range-ratio 1 --output-dir "$out" \

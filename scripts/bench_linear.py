@@ -5,6 +5,8 @@ keeps cuBLAS. Each figure is one call's share of a CUDA graph that runs the proj
 weight (as a model's layers do: nothing stays in L2), against the floor of reading the weight at the copy rate.
   python scripts/bench_linear.py [--rows 1 2 4 8 16 64] [--models llama-3.1-8b qwen2.5-7b llama-3.1-70b:2] [--sweep]
 --sweep also times every gemv launch shape of a small grid and reports the best per projection and rows.
+--fp8: the decoder's projections with e4m3 weights (worker_proc.fp8; the LM head stays bf16): the GEMV on the FP8
+weight ("gemv") against _scaled_mm with x quantized per token ("scaled_mm"), against the floor of reading n x k bytes.
 Prints a table; JSON to $OUT (default .)/bench_linear.json.
 """
 
@@ -15,6 +17,7 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from gpu_check import _sync_time, section_ceilings  # noqa: E402 (this script's folder)
 
-from worker_proc import gemv  # noqa: E402
+from worker_proc import fp8, gemv  # noqa: E402
 from worker_proc.cuda_graph import DecodeGraphs  # noqa: E402
 
 SWEEP_CUDA_CORES = [gemv.Config(*c, False) for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3))]
@@ -48,6 +51,19 @@ def graph_seconds(calls: list, replays: int = 10) -> float:
     graphs = DecodeGraphs()
     graphs.capture(0, lambda: [call() for call in calls])
     return _sync_time(lambda: graphs.replay(0), replays) / len(calls)
+
+
+def best_config(rows: int, calls_for: Callable[[gemv.Config], list]) -> tuple[float, list]:
+    """(us per call, launch shape) of the fastest gemv launch shape of the sweep's grid for `rows` rows;
+    `calls_for(config)`: the calls to time with it."""
+    timed = []
+    for c in SWEEP_TENSOR_CORES + (SWEEP_CUDA_CORES if rows == 1 else []):
+        try:
+            timed.append((graph_seconds(calls_for(c), 5), c))
+        except Exception:  # noqa: BLE001 (a launch shape past the shared memory: not a candidate)
+            continue
+    best = min(timed, key=lambda t: t[0])
+    return best[0] * 1e6, list(best[1])
 
 
 def time_projection(n: int, k: int, bias: bool, rows_list: list[int], sweep: bool, bw: float) -> dict:
@@ -74,15 +90,33 @@ def time_projection(n: int, k: int, bias: bool, rows_list: list[int], sweep: boo
             r["gemv_rel_err"] = ((got - want).norm() / want.norm()).item()
             r["gemv_us"] = graph_seconds([lambda w=w, x=x, cfg=cfg: gemv.gemv(x, w, b, cfg) for w in ws]) * 1e6
             if sweep and rows in (1, 16, 64):
-                timed = []
-                for c in SWEEP_TENSOR_CORES + (SWEEP_CUDA_CORES if rows == 1 else []):
-                    try:
-                        timed.append((graph_seconds([lambda w=w, c=c, x=x: gemv.gemv(x, w, b, c)
-                                                     for w in ws[:4]], 5), c))
-                    except Exception:  # noqa: BLE001 (a launch shape past the shared memory: not a candidate)
-                        continue
-                best = min(timed, key=lambda t: t[0])
-                r["gemv_best_us"], r["gemv_best_config"] = best[0] * 1e6, list(best[1])
+                r["gemv_best_us"], r["gemv_best_config"] = best_config(
+                    rows, lambda c, x=x, few=ws[:4]: [lambda w=w: gemv.gemv(x, w, b, c) for w in few])
+    del ws
+    torch.cuda.empty_cache()
+    return res
+
+
+def time_fp8_projection(n: int, k: int, rows_list: list[int], sweep: bool, bw: float) -> dict:
+    """An FP8 (e4m3, per-channel scales) projection: the GEMV and _scaled_mm, as time_projection times bf16."""
+    copies = max(2, -(-(1 << 31) // (n * k)))
+    ws = [fp8.quantize_rows(torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02) for _ in range(copies)]
+    res = {"n": n, "k": k, "MB": n * k / 1e6, "floor_us": n * k / bw * 1e6}
+    for rows in rows_list:
+        x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+        r = res[f"rows{rows}"] = {}
+        r["scaled_mm_us"] = graph_seconds([lambda q=q, s=s, x=x: fp8.scaled_mm(x, q, s.view(1, -1), None)
+                                           for q, s in ws]) * 1e6
+        if rows <= 64:
+            chosen = gemv.config_for(rows, n, k)
+            r["worker_uses"] = "gemv" if chosen else "scaled_mm"
+            cfg = chosen or gemv.Config(32, 256, 4, 4, True)
+            r["gemv_us"] = graph_seconds([lambda q=q, s=s, x=x, cfg=cfg: gemv.gemv(x, q, None, cfg, scale=s)
+                                          for q, s in ws]) * 1e6
+            if sweep and rows in (1, 16, 64):
+                r["gemv_best_us"], r["gemv_best_config"] = best_config(
+                    rows, lambda c, x=x, few=ws[:4]: [lambda q=q, s=s: gemv.gemv(x, q, None, c, scale=s)
+                                                      for q, s in few])
     del ws
     torch.cuda.empty_cache()
     return res
@@ -94,6 +128,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["llama-3.1-8b", "qwen2.5-7b", "llama-3.1-70b:2"],
                    help="model_configs names, each optionally :tp (one rank's shapes)")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="the projections with FP8 weights (the LM head stays bf16)")
     args = p.parse_args()
     bw = section_ceilings()["copy_TBps"] * 1e12
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "copy_TBps": bw / 1e12,
@@ -103,16 +138,20 @@ def main() -> None:
         model, _, tp = spec.partition(":")
         res = out["models"][spec] = {}
         for name, (n, k, bias) in projections(model, int(tp or 1)).items():
-            r = res[name] = time_projection(n, k, bias, args.rows, args.sweep, bw)
+            if args.fp8 and name == "lm_head":
+                continue
+            r = res[name] = time_fp8_projection(n, k, args.rows, args.sweep, bw) if args.fp8 else \
+                time_projection(n, k, bias, args.rows, args.sweep, bw)
             for rows in args.rows:
                 t = r[f"rows{rows}"]
                 cells = [f"{key.removesuffix('_us')} {t[key]:7.1f} ({r['floor_us'] / t[key] * 100:3.0f}%)"
-                         for key in ("cublas_us", "cublaslt_us", "gemv_us", "gemv_best_us") if key in t]
+                         for key in ("cublas_us", "cublaslt_us", "scaled_mm_us", "gemv_us", "gemv_best_us")
+                         if key in t]
                 extra = f" best {t['gemv_best_config']}" if "gemv_best_config" in t else ""
                 extra += f" -> worker: {t['worker_uses']}" if "worker_uses" in t else ""
                 print(f"{spec:18s} {name:8s} {n:6d}x{k:<6d} rows {rows:3d}: floor {r['floor_us']:7.1f} | "
                       + " | ".join(cells) + extra, flush=True)
-    dest = Path(os.environ.get("OUT", ".")) / "bench_linear.json"
+    dest = Path(os.environ.get("OUT", ".")) / ("bench_linear_fp8.json" if args.fp8 else "bench_linear.json")
     dest.write_text(json.dumps(out, indent=1))
     print(f"wrote {dest}")
 

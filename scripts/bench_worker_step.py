@@ -1,5 +1,6 @@
 """One worker's decode step alone (ModelRunner.launch on synthetic batches, no scheduler), on CPU or GPU:
-    python scripts/bench_worker_step.py [--model-path DIR] [--batch-sizes 1 16] [--context 100] [--profile BS]
+    python scripts/bench_worker_step.py [--model-path DIR] [--dtype D] [--quantization Q] [--batch-sizes 1 16]
+        [--context 100] [--profile BS]
 Prints the best of three runs of --steps steps per batch size; --profile prints torch.profiler's operator table
 for one batch size. Set OMP_WAIT_POLICY / GOMP_SPINCOUNT in the environment to compare OpenMP settings."""
 
@@ -24,6 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default=None, help="as the server's flag (docs/quantization.md)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=20)
@@ -32,8 +34,8 @@ def main() -> None:
                    help="KV pool in tokens (0: sized as a server sizes it)")
     ns = p.parse_args()
     model_dir = resolve_model(ns.model_path)
-    runner = ModelRunner(ServerArgs(model_path=model_dir, dtype=ns.dtype, max_total_tokens=ns.max_total_tokens or None),
-                         0, model_dir)
+    runner = ModelRunner(ServerArgs(model_path=model_dir, dtype=ns.dtype, quantization=ns.quantization,
+                                    max_total_tokens=ns.max_total_tokens or None), 0, model_dir)
     print(f"{model_dir}: {runner.dtype} on {runner.device}, {torch.get_num_threads()} threads")
     synth = Synth(runner)
     for bs in ns.batch_sizes:

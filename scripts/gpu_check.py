@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -239,8 +240,8 @@ def _step_phases(runner, synth, bs: int, ctx: int) -> dict:
     import numpy as np
     import torch
 
-    from worker_proc.model_runner import StepArrays
     from worker_proc.sampling import SampleRows
+    from worker_proc.step_io import StepArrays
 
     graph_bs = runner.graphs.padded_size(bs)
     a = StepArrays(np.arange(bs, dtype=np.int32), np.full(bs, ctx, np.int32), np.ones(bs, np.int32), synth.ids(bs),
@@ -561,6 +562,24 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_child(cmd: list[str], name: str, result: Path, timeout: float, out: Path, **popen: Any) -> dict:
+    """Run section `name` in a child process that writes its results as JSON to `result`; its output is appended
+    to out/sections.log. Returns the results, or {"error": ...} when it fails or runs past `timeout` seconds."""
+    t = time.monotonic()
+    print(f"== {name}", flush=True)
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, **popen)
+        log = proc.stdout + proc.stderr
+        res = json.loads(result.read_text()) if proc.returncode == 0 and result.exists() else \
+            {"error": f"exit {proc.returncode}: {log[-1500:]}"}
+    except subprocess.TimeoutExpired as e:
+        log = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        res = {"error": f"timed out after {e.timeout:.0f} s: {log[-1500:]}"}
+    with open(out / "sections.log", "a") as f:
+        f.write(f"\n===== {name} ({time.monotonic() - t:.0f} s)\n{log}")
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", default=list(SECTIONS), help=f"any of {list(SECTIONS)}")
@@ -583,21 +602,9 @@ def main() -> None:
         if left < 20:
             results[name] = {"error": "skipped: out of time"}
             continue
-        t = time.monotonic()
-        print(f"== {name}", flush=True)
-        try:
-            part = parts / f"{name}.json"
-            proc = subprocess.run([sys.executable, __file__, "--section", name, "--out", str(out),
-                                   "--result", str(part)],
-                                  timeout=min(SECTIONS[name], left), capture_output=True, text=True)
-            log = proc.stdout + proc.stderr
-            results[name] = json.loads(part.read_text()) if proc.returncode == 0 and part.exists() else \
-                {"error": f"exit {proc.returncode}: {log[-1500:]}"}
-        except subprocess.TimeoutExpired as e:
-            log = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-            results[name] = {"error": f"timed out after {e.timeout:.0f} s: {log[-1500:]}"}
-        with open(out / "sections.log", "a") as f:
-            f.write(f"\n===== {name} ({time.monotonic() - t:.0f} s)\n{log}")
+        part = parts / f"{name}.json"
+        results[name] = run_child([sys.executable, __file__, "--section", name, "--out", str(out), "--result",
+                                   str(part)], name, part, min(SECTIONS[name], left), out)
         print(json.dumps(results[name], default=str)[:3000], flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print("\n== summary\n" + summary(results))

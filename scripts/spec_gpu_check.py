@@ -1,46 +1,221 @@
-"""Speculative decoding on a GPU (not run by the author: no machine was lent): the Llama-3.1-8B shape with dummy
-weights through the Engine, NGRAM vs off at batch 1 (tok/s, accepted length), batch 9 equal to batch 1, sampled
-requests with penalties, bias, seeds and logprobs, and the greedy agreement in bf16 (a verify step is an extend).
-Run from the repo root on the GPU machine: `source .whl/setup.sh && python3 scripts/spec_gpu_check.py`; with
-`python3 -m pytest tests/test_speculative.py -k acceptance` for FlashInfer's chain_speculative_sampling."""
+"""Speculative decoding on one GPU, Llama-3.1-8B shape with dummy bf16 weights (about 5 minutes on an H100):
 
+  verify    ModelRunner alone: one verify step of 4 draft tokens at batch 1 against a plain decode step (the
+            decode step runs its CUDA graph; the ratio's target is <= 1.15), whole steps and forwards alone
+  engine    through the Engine: batch 1 without speculation, recording each greedy output; then REPLAY, which
+            drafts those outputs back (a draft that is always right), batch 1 again (target: >= 2.5x the tok/s
+            without); both at batch 64 (above --speculative-batch-size-threshold speculation is off: target, not
+            slower); STANDALONE with the target as its own draft (dummy weights of the same seed) and EAGLE3 with
+            a dummy head of the public layout (eagle3_config), on two of the prompts; for each, sampled requests
+            with penalties, bias, seeds and logprobs through verify steps, and the greedy agreement with the run
+            without speculation in bf16 (a verify step is an extend: a rounding can flip a near-tie)
+
+Run from the repo root on the GPU machine:
+    source .whl/setup.sh && python3 scripts/spec_gpu_check.py OUT_DIR [--sections verify engine]
+Each section writes OUT_DIR/<section>.json as it ends (a section that fails writes its error); a summary is
+printed last. `python3 -m pytest tests/test_speculative.py -k acceptance` checks FlashInfer's
+chain_speculative_sampling against the target distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
 import time
+import traceback
 from pathlib import Path
 
-from radixserve import Engine
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+MODEL = str(ROOT / "radixserve" / "model_configs" / "llama-3.1-8b")
+ENGINE = dict(load_format="dummy", skip_tokenizer_init=True, context_length=4096)
+NUM_DRAFTS = 4
+BATCH1_PROMPTS = 4
+OUTPUT_LEN = 256
+BIG_BATCH = 64
 
-MODEL = str(Path(__file__).parent.parent / "radixserve" / "model_configs" / "llama-3.1-8b")
 
-PASSAGE = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk. He polished the great lens, "
-           "trimmed the wick, and watched the ships pass through the narrow strait below.")
-PROMPTS = [list(range(1000, 1040)) * 4, list(range(500, 700)), [7, 8, 9] * 30]
-G = {"temperature": 0, "max_new_tokens": 64}
+def prompts(n: int, length: int = 128, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    vocab = json.loads((Path(MODEL) / "config.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(seed)
+    return [rng.integers(vocab // 8, vocab // 2, length).tolist() for _ in range(n)]
 
 
-def main():
-    res = {}
-    for algo in (None, "NGRAM"):
-        kw = {"speculative_algorithm": algo} if algo else {}
-        with Engine(MODEL, load_format="dummy", skip_tokenizer_init=True, context_length=4096, **kw) as eng:
-            eng.generate(input_ids=PROMPTS[0], sampling_params=G)
-            t = time.time()
-            outs = [eng.generate(input_ids=p, sampling_params=G) for p in PROMPTS]
-            dt = time.time() - t
-            res[algo] = [o["output_ids"] for o in outs]
-            n = sum(len(o["output_ids"]) for o in outs)
-            print(algo, f"{n / dt:.1f} tok/s batch 1", [o["meta_info"].get("spec_accept_length") for o in outs])
-            batch = eng.generate(input_ids=PROMPTS * 3, sampling_params=G)
-            same = [o["output_ids"] for o in batch[:3]] == res[algo]
-            print(algo, "batch 9 (above the speculation threshold: plain decode) equal to batch 1:", same)
-            sampled = [{"temperature": 0.8, "top_p": 0.9, "top_k": 50, "max_new_tokens": 32, "frequency_penalty": 0.3,
-                        "seed": i if i % 2 else None, "logit_bias": {"100": 1.0}} for i in range(6)]
-            s = eng.generate(input_ids=PROMPTS * 2, sampling_params=sampled,
-                             return_logprob=True, top_logprobs_num=2)
-            print(algo, "sampled ok", [len(o["output_ids"]) for o in s],
-                  [len(o["meta_info"]["output_token_logprobs"]) for o in s])
-    agree = sum(a == b for x, y in zip(res[None], res["NGRAM"]) for a, b in zip(x, y))
-    total = sum(len(x) for x in res[None])
-    print("greedy agreement bf16 (token positions):", agree, "/", total, "identical:", res[None] == res["NGRAM"])
+def section_verify(out: Path) -> dict:
+    """Batch 1, context 1024: a plain decode step (CUDA graph) vs a verify step of NUM_DRAFTS drafts (eager)."""
+    import torch
+    from gpu_check import Synth
+
+    from radixserve.config import ServerArgs
+    from radixserve.wire import i32
+    from worker_proc.model_runner import ModelRunner
+    from worker_proc.step_io import StepArrays
+
+    runner = ModelRunner(ServerArgs(model_path=MODEL, load_format="dummy", context_length=4096,
+                                    max_total_tokens=16384, speculative_algorithm="NGRAM"), 0, MODEL)
+    synth = Synth(runner)
+    ctx = min(1024, runner.context_length // 2)
+    runner.launch(synth.batch(False, [0], [0], [1], [synth.new_req(0, synth.slots(ctx - 1))])).result()
+
+    def batch(k: int):
+        b = synth.batch(k == 0, [0], [ctx - 1], [k + 1], offsets=[5])
+        if k:
+            b.draft_lens = i32([k])
+        return b
+
+    def sync() -> None:
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def median_time(fn, reps: int = 50) -> float:
+        times = []
+        for _ in range(reps + 10):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return sorted(times[10:])[reps // 2]
+
+    def whole(k: int) -> float:  # upload, plan, forward, acceptance, sampled ids on the host
+        return median_time(lambda: runner.launch(batch(k)).result())
+
+    def forward_only(k: int) -> float:  # the target's forward: logits of the step's rows
+        a = StepArrays.of(batch(k))
+        return median_time(lambda: runner.forward(a, k == 0, None, every_token=k > 0))
+
+    res = {"context": ctx, "num_drafts": NUM_DRAFTS, "decode_graphs": runner.graphs is not None}
+    with torch.inference_mode():
+        for name, fn in (("step", whole), ("forward", forward_only)):
+            dec, ver = fn(0), fn(NUM_DRAFTS)
+            res[name] = {"decode_ms": dec * 1e3, "verify_ms": ver * 1e3, "ratio": ver / dec}
+    res["met"] = res["forward"]["ratio"] <= 1.15
+    return res
+
+
+def _timed(eng, batch: list[list[int]], sp: dict) -> tuple[list[dict], float]:
+    t0 = time.perf_counter()
+    outs = eng.generate(input_ids=batch, sampling_params=sp)
+    return outs, time.perf_counter() - t0
+
+
+def _engine_runs(eng, ps: list[list[int]], big: list[list[int]]) -> dict:
+    """Batch 1 one prompt at a time (tok/s, accepted length), batch BIG_BATCH at once, sampled requests."""
+    g = {"temperature": 0, "max_new_tokens": OUTPUT_LEN, "ignore_eos": True}
+    eng.generate(input_ids=ps[0][:16], sampling_params={"max_new_tokens": 8})  # warm
+    outs, t1 = [], 0.0
+    for p in ps:
+        o, dt = _timed(eng, [p], g)
+        outs += o
+        t1 += dt
+    n1 = sum(len(o["output_ids"]) for o in outs)
+    g64 = dict(g, max_new_tokens=64)
+    outs64, t64 = _timed(eng, big, g64)
+    n64 = sum(len(o["output_ids"]) for o in outs64)
+    sampled = [{"temperature": 0.8, "top_p": 0.9, "top_k": 50, "max_new_tokens": 32, "frequency_penalty": 0.3,
+                "seed": i if i % 2 else None, "logit_bias": {"100": 1.0}, "ignore_eos": True}
+               for i in range(len(ps[:4]))]
+    s = eng.generate(input_ids=ps[:4], sampling_params=sampled, return_logprob=True, top_logprobs_num=2)
+    metas = [o["meta_info"] for o in outs]
+    verify = sum(m.get("spec_verify_ct", 0) for m in metas)
+    return {"batch1_tok_s": n1 / t1, "batch1_tokens": n1,
+            "accept_length": n1 / verify if verify else None,
+            f"batch{BIG_BATCH}_tok_s": n64 / t64,
+            "sampled_ok": all(len(o["output_ids"]) == 32 == len(o["meta_info"]["output_token_logprobs"]) for o in s),
+            "sampled_lengths": [(len(o["output_ids"]), len(o["meta_info"]["output_token_logprobs"])) for o in s],
+            "outputs": [o["output_ids"] for o in outs]}
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Greedy agreement in bf16: identical outputs, and tokens equal up to each output's first difference."""
+    prefix = 0
+    for x, y in zip(a, b):
+        n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        prefix += n
+    return {"identical": a == b, "agreeing_prefix_tokens": prefix, "tokens": sum(len(x) for x in a)}
+
+
+def eagle3_config(out: Path) -> Path:
+    """A dummy EAGLE-3 head for the target, in the public layout's config (weights: --speculative-draft-load-format
+    dummy): one decoder layer of the target's width, a 32000-token draft vocabulary."""
+    target = json.loads((Path(MODEL) / "config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+            "rms_norm_eps", "hidden_act", "max_position_embeddings", "rope_theta", "rope_scaling", "head_dim")
+    config = {k: target[k] for k in keys if k in target}
+    config.update(architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1,
+                  draft_vocab_size=min(32000, target["vocab_size"]), tie_word_embeddings=False)
+    path = out / "eagle3_head"
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def section_engine(out: Path) -> dict:
+    """Without speculation, then REPLAY of its outputs, STANDALONE (the target as its own draft) and EAGLE3 (a
+    dummy head): each through the Engine."""
+    from radixserve import Engine
+
+    ps, big = prompts(BATCH1_PROMPTS), prompts(BIG_BATCH, seed=1)
+    with Engine(MODEL, **ENGINE) as eng:
+        off = _engine_runs(eng, ps, big)
+    path = out / "replay_drafts.json"
+    path.write_text(json.dumps([p + o for p, o in zip(ps, off["outputs"])]))
+    draft = dict(speculative_draft_load_format="dummy", speculative_num_draft_tokens=NUM_DRAFTS + 1)
+    flags = {"REPLAY": dict(speculative_replay_path=str(path), speculative_num_draft_tokens=NUM_DRAFTS + 1),
+             "STANDALONE": dict(draft, speculative_draft_model_path=MODEL),
+             "EAGLE3": dict(draft, speculative_draft_model_path=str(eagle3_config(out)))}
+    res = {"off": off}
+    for algo, kw in flags.items():
+        try:
+            with Engine(MODEL, **ENGINE, speculative_algorithm=algo, **kw) as eng:
+                on = _engine_runs(eng, ps if algo == "REPLAY" else ps[:2], big)
+        except Exception:
+            res[algo] = {"error": traceback.format_exc()}
+            continue
+        on["agreement"] = _agreement(off["outputs"][:len(on["outputs"])], on["outputs"])
+        on["batch1_speedup"] = on["batch1_tok_s"] / off["batch1_tok_s"]
+        on[f"batch{BIG_BATCH}_ratio"] = on[f"batch{BIG_BATCH}_tok_s"] / off[f"batch{BIG_BATCH}_tok_s"]
+        res[algo] = on
+        (out / "engine.partial.json").write_text(json.dumps(res, indent=2, default=str))
+    replay = res.get("REPLAY", {})
+    res["met"] = {"REPLAY batch 1 >= 2.5x": replay.get("batch1_speedup", 0) >= 2.5,
+                  f"REPLAY batch {BIG_BATCH} (threshold: plain decode) not slower":
+                      replay.get(f"batch{BIG_BATCH}_ratio", 0) >= 0.97,
+                  "EAGLE3 greedy identical": res.get("EAGLE3", {}).get("agreement", {}).get("identical")}
+    for r in res.values():
+        if isinstance(r, dict) and "outputs" in r:
+            r["outputs"] = len(r["outputs"])
+    return res
+
+
+SECTIONS = {"verify": section_verify, "engine": section_engine}
+
+
+def main() -> None:
+    global MODEL, OUTPUT_LEN
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    p.add_argument("--model", default=MODEL, help="a config directory (dummy weights; a tiny one for a CPU smoke run)")
+    p.add_argument("--output-len", type=int, default=OUTPUT_LEN)
+    ns = p.parse_args()
+    MODEL, OUTPUT_LEN = ns.model, ns.output_len
+    ns.out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for name in ns.sections:
+        t0 = time.monotonic()
+        try:
+            res = SECTIONS[name](ns.out_dir)
+        except Exception:
+            res = {"error": traceback.format_exc()}
+        res["seconds"] = round(time.monotonic() - t0, 1)
+        (ns.out_dir / f"{name}.json").write_text(json.dumps(res, indent=2, default=str))
+        summary[name] = res
+        print(f"== {name} ({res['seconds']} s)\n{json.dumps(res, indent=2, default=str)}", flush=True)
+    (ns.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ class RaggedRunner:
         self.lens = [0] * max_reqs
         self.next_kv_slot = 1  # slot 0 is padding
 
-    def step(self, reqs: list[int], new_tokens: list[list[int]]) -> torch.Tensor:
-        """Append `new_tokens[i]` to request slot `reqs[i]`; returns each request's last-token logits [B, V]."""
+    def step(self, reqs: list[int], new_tokens: list[list[int]], every_token: bool = False) -> torch.Tensor:
+        """Append `new_tokens[i]` to request slot `reqs[i]`; returns each request's last-token logits [B, V]
+        (`every_token`: the logits of every new token, [sum of lengths, V])."""
         out_slots, positions = [], []
         for req, toks in zip(reqs, new_tokens, strict=True):
             slots = range(self.next_kv_slot, self.next_kv_slot + len(toks))
@@ -52,7 +53,7 @@ class RaggedRunner:
         self.attn.prepare(meta)
         ids = dev([t for toks in new_tokens for t in toks], torch.long)
         hidden = self.model(ids, dev(positions, torch.long), self.attn)
-        return self.model.compute_logits(hidden[indptr[1:].long() - 1])
+        return self.model.compute_logits(hidden if every_token else hidden[indptr[1:].long() - 1])
 
 
 @torch.inference_mode()

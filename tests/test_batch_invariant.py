@@ -144,7 +144,9 @@ def _served_ways(model: torch.nn.Module, prompts: list[list[int]]) -> dict[str, 
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# float32's torch-op form of the mode is a correctness mode, ~20x slower than without: its logits check is long
+# (make test keeps its end-to-end token check, test_check_determinism_finds_no_mismatch_with_the_flag[float32]).
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.long), torch.bfloat16])
 def test_model_logits_are_the_same_however_served(dtype, invariant):
     random.seed(0)
     model = _model(dtype)

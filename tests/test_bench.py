@@ -144,6 +144,8 @@ def test_offline_shared_prefix_with_both_baselines(tiny_model, tmp_path) -> None
     assert report["ratios"][-1]["baseline"] == best and report["ratios"][-1]["best_of"] == "hf-bs*"
     assert all(r["output_throughput"] > 0 for r in report["ratios"])
     assert report["engine"]["device"] == "cpu"
+    kinds = f"weights {report['engine']['dtype']}, KV {report['engine']['dtype']}"  # every run labelled
+    assert all(run["dtypes"] == kinds for (run,) in runs.values())
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from radixserve.config import ServerArgs
-from worker_proc.model_runner import ModelRunner, StepArrays
+from worker_proc.model_runner import ModelRunner
+from worker_proc.step_io import StepArrays
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -9,6 +9,7 @@ Acceptance of sampled rows is checked against the target distribution with a chi
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 
@@ -53,6 +54,12 @@ def test_bad_speculative_flags_fail_at_start_naming_the_flag() -> None:
         ServerArgs(speculative_algorithm="NGRAM", speculative_num_draft_tokens=1)
     with pytest.raises(FlagError, match="--speculative-ngram-min-match-window-size"):
         ServerArgs(speculative_ngram_min_match_window_size=5, speculative_ngram_max_match_window_size=3)
+    with pytest.raises(FlagError, match="--speculative-draft-model-path"):
+        ServerArgs(speculative_algorithm="STANDALONE")
+    with pytest.raises(FlagError, match="--speculative-replay-path"):
+        ServerArgs(speculative_algorithm="REPLAY")
+    with pytest.raises(FlagError, match="--speculative-algorithm"):
+        ServerArgs(speculative_algorithm="MEDUSA")
     with pytest.raises(FlagError, match="--speculative-algorithm"):
         ServerArgs(speculative_algorithm="MEDUSA")
 
@@ -219,6 +226,26 @@ def test_verify_steps_give_the_tokens_of_plain_decoding(pool: int, radix: bool, 
                 _check_metrics(s, spec_outs)
     assert results[True, False] == results[False, False] == results[True, True] == results[False, True]
     assert any(kind == "stop" for _, kind in results[True, True].values())
+
+
+def test_replayed_drafts_are_always_right(tmp_path) -> None:
+    """REPLAY (the benchmarks' always-right draft source): the outputs of a plain run, replayed as drafts, are
+    all accepted and give the same tokens; a request whose prompt was not recorded decodes without drafts."""
+    reqs = _workload(20, seed=3)
+    plain = _spec_scheduler(4000, spec=False)
+    for req in reqs:
+        plain.add_request(req)
+    reference = _tokens(drive(plain, VerifyingStandIn(eos_every=17), False).outs)
+    recorded = [list(req.input_ids) + reference[req.rid][0] for req in reqs[:15]]
+    (tmp_path / "replay.json").write_text(json.dumps(recorded))
+    s = _spec_scheduler(4000, spec=False, speculative_algorithm="REPLAY", speculative_num_draft_tokens=5,
+                        speculative_replay_path=str(tmp_path / "replay.json"))
+    for req in reqs:
+        s.add_request(req)
+    worker = VerifyingStandIn(eos_every=17)
+    assert _tokens(drive(s, worker, False).outs) == reference
+    assert worker.verify_steps > 0 and worker.rejected == 0
+    assert s.counters.spec_accept_length.sum > 2 * sum(s.counters.spec_accept_length.counts)
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -1,7 +1,8 @@
 """Speculative decoding (NGRAM) on the default model in float32, through the offline Engine: greedy tokens equal
 those without speculation (and HF transformers) across batch sizes, chunked prefill and radix hits; logprobs
 agree; seeded sampling draws the same distribution (chi-square over many samples); meta_info carries SGLang's
-spec_* counts."""
+spec_* counts. make test runs the greedy and the chi-square checks (the two engines are most of the time); the
+HF and logprob checks are `long`."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def test_greedy_tokens_equal_plain_decoding(spec, reference) -> None:
     assert meta["spec_accept_token_num"] <= meta["spec_draft_token_num"]
 
 
+@pytest.mark.long
 def test_greedy_tokens_equal_hf_transformers(spec) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,6 +77,7 @@ def test_greedy_tokens_equal_hf_transformers(spec) -> None:
         assert spec.generate(messages, {"temperature": 0, "max_new_tokens": 20})["output_ids"] == ref
 
 
+@pytest.mark.long
 def test_logprobs_and_limits_with_speculation(spec, plain) -> None:
     """Output logprobs match plain decoding's (a verify step is an extend: float32 rounding only); max_new_tokens
     is never passed within a verify step."""

@@ -45,23 +45,39 @@ void rs_pack_bf16(const uint16_t *w, long n_dim, long k_dim, uint16_t *packed) {
                 }
 }
 
+/* acc[i][g] += the pair of columns 2 k2, 2 k2 + 1 of x's row i times w_g's pairs, for rows i < m. */
+static inline __attribute__((always_inline)) void dot_pair(const int m, const uint16_t *x, long ldx, long k2,
+                                                           __m512bh w0, __m512bh w1, __m512 acc[][2]) {
+    for (int i = 0; i < m; i++) {
+        int32_t pair;
+        memcpy(&pair, x + i * ldx + 2 * k2, 4);
+        __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
+    }
+}
+
+/* y's rows i < m, columns < cols (of NB) = bf16(acc[i] + bias), rounded once. */
+static inline __attribute__((always_inline)) void store_tile(const int m, __m512 acc[][2], const uint16_t *bias,
+                                                             long cols, uint16_t *y, long ldy) {
+    __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16);
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+    if (bias) b0 = load_f32(bias, m0), b1 = load_f32(bias + 16, m1);
+    for (int i = 0; i < m; i++) {
+        _mm256_mask_storeu_epi16(y + i * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][0], b0)));
+        _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][1], b1)));
+    }
+}
+
 static inline __attribute__((always_inline)) void tile(const int m, const uint16_t *x, long ldx, const uint16_t *wb,
                                                        long k_dim, const uint16_t *bias, long cols, uint16_t *y,
                                                        long ldy) {
     __m512 acc[MB][2];
     for (int i = 0; i < m; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     long k2_full = k_dim / 2;
-    for (long k2 = 0; k2 < k2_full; k2++) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB);
-        __m512bh w1 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB + 32);
-        for (int i = 0; i < m; i++) {
-            int32_t pair;
-            memcpy(&pair, x + i * ldx + 2 * k2, 4);
-            __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
-        }
-    }
+    for (long k2 = 0; k2 < k2_full; k2++)
+        dot_pair(m, x, ldx, k2, (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB),
+                 (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB + 32), acc);
     if (k_dim & 1) { /* the last column pairs with W's zero padding; x's element past the row is not read */
         long k2 = k2_full;
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * NB);
@@ -72,13 +88,7 @@ static inline __attribute__((always_inline)) void tile(const int m, const uint16
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
         }
     }
-    __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) b0 = load_f32(bias, m0), b1 = load_f32(bias + 16, m1);
-    for (int i = 0; i < m; i++) {
-        _mm256_mask_storeu_epi16(y + i * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][0], b0)));
-        _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][1], b1)));
-    }
+    store_tile(m, acc, bias, cols, y, ldy);
 }
 
 /* y[:m_dim, :n_dim] = x W^T (+ bias) for x [m_dim, k_dim] (row stride ldx), y with row stride ldy. */
@@ -264,5 +274,191 @@ void rs_rotary_store_bf16(const uint16_t *qk, long ldt, long ldh, const uint16_t
         }
         for (long h = 0; h < kv_heads; h++)
             memcpy(v_cache + (slots[t] * kv_heads + h) * dim, v + t * ldvt + h * ldvh, dim * sizeof(uint16_t));
+    }
+}
+
+/* Quantized linear layers (cpu_quant.py): weight w[n][k] = scale[n][k / bk] * code[n][k] + offset[n][k / bk], codes
+ * of 4 or 8 bits kept in memory as they are and unpacked in registers to bf16, which holds them exactly, so that
+ * VDPBF16PS multiplies them by x's bf16 pairs with float32 sums: the result is x times the dequantized weight up
+ * to float32 summation order. Per block of bk columns of k, the float32 sum of code * x is scaled, and the
+ * offset times the block's sum of x added.
+ * Layout (cpu_quant.pack), per block of NB output columns and pair of k, like rs_pack_bf16's [k / 2][NB][2]:
+ *   8 bits: 64 signed bytes [NB][2];
+ *   4 bits: 32 bytes, byte e = lo | hi << 4 with lo the code of (column e / 2, k e % 2) and hi that of column
+ *           16 + e / 2; unpacked as the bf16 number 128 + code (bits 0x4300 | code), so offsets of 4-bit codes
+ *           come with -128 * scale folded in by the packer;
+ *   scales, offsets: float32 [blocks][k / bk][NB]. */
+static inline __attribute__((always_inline)) void unpack_codes(const int bits, const uint8_t *p, __m512bh *w0,
+                                                               __m512bh *w1) {
+    if (bits == 16) { /* unpacked before (rs_linear_quant with several row tiles) */
+        *w0 = (__m512bh)_mm512_loadu_si512(p);
+        *w1 = (__m512bh)_mm512_loadu_si512(p + 64);
+    } else if (bits == 4) {
+        __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+        __m512i nibble = _mm512_set1_epi16(0x000f), bias = _mm512_set1_epi16(0x4300);
+        *w0 = (__m512bh)_mm512_ternarylogic_epi32(v, nibble, bias, 0xea); /* (v & nibble) | bias */
+        *w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nibble, bias, 0xea);
+    } else {
+        __m512 lo[2], hi[2];
+        for (int g = 0; g < 2; g++) {
+            lo[g] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 32 * g))));
+            hi[g] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 32 * g + 16))));
+        }
+        *w0 = _mm512_cvtne2ps_pbh(hi[0], lo[0]); /* bf16 elements 0..15 from lo, 16..31 from hi */
+        *w1 = _mm512_cvtne2ps_pbh(hi[1], lo[1]);
+    }
+}
+
+#define QMB 4 /* rows of x per quantized tile: 16 accumulators */
+
+static inline __attribute__((always_inline)) void qtile(const int m, const int bits, const int has_offset,
+                                                        const uint16_t *x, long ldx, const uint8_t *codes,
+                                                        const float *scale, const float *offset, const float *xsum,
+                                                        long k_dim, long bk, const uint16_t *bias, long cols,
+                                                        uint16_t *y, long ldy) {
+    const long pair_bytes = bits * NB * 2 / 8, kb_dim = k_dim / bk;
+    __m512 acc[QMB][2];
+    for (int i = 0; i < m; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (long kb = 0; kb < kb_dim; kb++) {
+        __m512 part[QMB][2];
+        for (int i = 0; i < m; i++) part[i][0] = part[i][1] = _mm512_setzero_ps();
+        for (long k2 = kb * bk / 2; k2 < (kb + 1) * bk / 2; k2++) {
+            __m512bh w0, w1;
+            unpack_codes(bits, codes + k2 * pair_bytes, &w0, &w1);
+            dot_pair(m, x, ldx, k2, w0, w1, part);
+        }
+        __m512 s0 = _mm512_loadu_ps(scale + kb * NB), s1 = _mm512_loadu_ps(scale + kb * NB + 16);
+        for (int i = 0; i < m; i++) {
+            acc[i][0] = _mm512_fmadd_ps(part[i][0], s0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(part[i][1], s1, acc[i][1]);
+        }
+        if (has_offset) {
+            __m512 o0 = _mm512_loadu_ps(offset + kb * NB), o1 = _mm512_loadu_ps(offset + kb * NB + 16);
+            for (int i = 0; i < m; i++) {
+                __m512 sx = _mm512_set1_ps(xsum[i * kb_dim + kb]);
+                acc[i][0] = _mm512_fmadd_ps(o0, sx, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(o1, sx, acc[i][1]);
+            }
+        }
+    }
+    store_tile(m, acc, bias, cols, y, ldy);
+}
+
+#define QTILE(M, B, O) qtile(M, B, O, xi, ldx, cb, sb, ob, xs, k_dim, bk, bb, cols, yi, ldy)
+#define QTILES(B, O)                                                                                               \
+    switch (m) {                                                                                                   \
+        case 1: QTILE(1, B, O); break;                                                                             \
+        case 2: QTILE(2, B, O); break;                                                                             \
+        case 3: QTILE(3, B, O); break;                                                                             \
+        default: QTILE(4, B, O); break;                                                                            \
+    }
+
+/* y[:m_dim, :n_dim] = x W^T (+ bias) for the quantized W above (bits 4 or 8; offset may be NULL), x [m_dim, k_dim]
+ * bf16 with row stride ldx (k_dim a multiple of bk, bk even), y bf16 with row stride ldy. */
+void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *codes, long bits, const float *scale,
+                     const float *offset, long n_dim, long k_dim, long bk, const uint16_t *bias, uint16_t *y,
+                     long ldy) {
+    long blocks = (n_dim + NB - 1) / NB, m_blocks = (m_dim + QMB - 1) / QMB, kb_dim = k_dim / bk;
+    float *xsum = offset ? malloc(sizeof(float) * m_dim * kb_dim) : 0; /* per row and block of k: sum of x */
+    if (offset)
+        for (long r = 0; r < m_dim; r++)
+            for (long kb = 0; kb < kb_dim; kb++) {
+                __m512 s = _mm512_setzero_ps();
+                for (long c = kb * bk; c < (kb + 1) * bk; c += 16)
+                    s = _mm512_add_ps(s, load_f32(x + r * ldx + c, lanes((kb + 1) * bk - c)));
+                xsum[r * kb_dim + kb] = _mm512_reduce_add_ps(s);
+            }
+    /* One row tile: each column block's codes are unpacked as they are read. Several: a thread unpacks a column
+     * block once into `wide` (bf16 pairs, as the registers hold them) and runs every row tile over it. */
+#pragma omp parallel
+    {
+        uint8_t *wide = m_blocks > 1 ? malloc(k_dim / 2 * NB * 2 * sizeof(uint16_t)) : 0;
+#pragma omp for schedule(static)
+        for (long b = 0; b < blocks; b++) {
+            long n0 = b * NB, cols = n_dim - n0 < NB ? n_dim - n0 : NB;
+            const uint8_t *cb = codes + b * k_dim * NB * bits / 8;
+            const float *sb = scale + b * kb_dim * NB, *ob = offset ? offset + b * kb_dim * NB : 0;
+            const uint16_t *bb = bias ? bias + n0 : 0;
+            if (wide) {
+                for (long k2 = 0; k2 < k_dim / 2; k2++) {
+                    __m512bh w0, w1;
+                    if (bits == 4) unpack_codes(4, cb + k2 * NB, &w0, &w1);
+                    else unpack_codes(8, cb + k2 * NB * 2, &w0, &w1);
+                    _mm512_storeu_si512(wide + k2 * 128, (__m512i)w0);
+                    _mm512_storeu_si512(wide + k2 * 128 + 64, (__m512i)w1);
+                }
+                cb = wide;
+            }
+            for (long mb = 0; mb < m_blocks; mb++) {
+                long i0 = mb * QMB;
+                int m = m_dim - i0 < QMB ? (int)(m_dim - i0) : QMB;
+                const float *xs = offset ? xsum + i0 * kb_dim : 0;
+                const uint16_t *xi = x + i0 * ldx;
+                uint16_t *yi = y + i0 * ldy + n0;
+                if (wide) {
+                    if (offset) { QTILES(16, 1) } else { QTILES(16, 0) }
+                } else if (bits == 4) {
+                    if (offset) { QTILES(4, 1) } else { QTILES(4, 0) }
+                } else {
+                    if (offset) { QTILES(8, 1) } else { QTILES(8, 0) }
+                }
+            }
+        }
+        free(wide);
+    }
+    free(xsum);
+}
+
+/* A GGUF tensor's rows of blocks of 32 (Q8_0: fp16 d, 32 int8; Q4_0: fp16 d, 16 bytes; Q4_1: fp16 d, fp16 m,
+ * 16 bytes; byte j of a 4-bit block holds elements j and j + 16) -> one code per byte (int8, or uint8 0-15),
+ * scale[n][k / 32] and, for 4 bits, offset[n][k / 32] (Q4_0: -8 d; Q4_1: m). Row r comes from raw row
+ * order[r] (order NULL: row r). */
+void rs_gguf_decode(const uint8_t *raw, const int64_t *order, long n, long k, long header, long bits, uint8_t *codes,
+                    float *scale, float *offset) {
+    const long kb_dim = k / 32, block_bytes = header + 32 * bits / 8;
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < n; r++)
+        for (long kb = 0; kb < kb_dim; kb++) {
+            const uint8_t *blk = raw + ((order ? order[r] : r) * kb_dim + kb) * block_bytes, *qs = blk + header;
+            uint16_t h[2];
+            memcpy(h, blk, header);
+            scale[r * kb_dim + kb] = _cvtsh_ss(h[0]);
+            uint8_t *c = codes + r * k + kb * 32;
+            if (bits == 8) {
+                memcpy(c, qs, 32);
+                continue;
+            }
+            offset[r * kb_dim + kb] = header == 4 ? _cvtsh_ss(h[1]) : -8.0f * _cvtsh_ss(h[0]);
+            for (int j = 0; j < 16; j++) c[j] = qs[j] & 15, c[j + 16] = qs[j] >> 4;
+        }
+}
+
+/* codes [n][k] (one per byte), scale / offset [n][k / bk] (offset may be NULL) -> rs_linear_quant's layout
+ * (zero padded to whole blocks of NB columns; out_offset gets -128 * scale folded in for 4 bits, and must be
+ * given for 4 bits even where offset is NULL). */
+void rs_pack_quant(const uint8_t *codes, long n, long k, long bits, const float *scale, const float *offset, long bk,
+                   uint8_t *out_codes, float *out_scale, float *out_offset) {
+    const long blocks = (n + NB - 1) / NB, kb_dim = k / bk, pair_bytes = bits * NB * 2 / 8;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < blocks; b++) {
+        for (long j = 0; j < NB; j++) {
+            long r = b * NB + j;
+            for (long kb = 0; kb < kb_dim; kb++) {
+                float s = r < n ? scale[r * kb_dim + kb] : 0.0f, o = r < n && offset ? offset[r * kb_dim + kb] : 0.0f;
+                out_scale[(b * kb_dim + kb) * NB + j] = s;
+                if (bits == 4 || offset) out_offset[(b * kb_dim + kb) * NB + j] = bits == 4 ? o - 128.0f * s : o;
+            }
+        }
+        uint8_t *dst = out_codes + b * (k / 2) * pair_bytes;
+        memset(dst, 0, (k / 2) * pair_bytes);
+        for (long j = 0; j < NB && b * NB + j < n; j++)
+            for (long kk = 0; kk < k; kk++) {
+                uint8_t c = codes[(b * NB + j) * k + kk];
+                long k2 = kk / 2, e = (j % 16) * 2 + kk % 2;
+                if (bits == 8)
+                    dst[k2 * pair_bytes + j * 2 + kk % 2] = c;
+                else
+                    dst[k2 * pair_bytes + e] |= j < 16 ? c : (uint8_t)(c << 4);
+            }
     }
 }

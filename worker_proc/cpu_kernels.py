@@ -82,6 +82,9 @@ def library() -> ctypes.CDLL | None:
         "rs_rotary_store_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size, ptr, size, size, size, size, ptr,
                                  ptr, ptr],
         "rs_paged_attention_bf16": [ptr, ptr, ptr, ptr, size, ptr, ptr, size, size, size, size, f32, ptr],
+        "rs_linear_quant": [ptr, size, size, ptr, size, ptr, ptr, size, size, size, ptr, ptr, size],
+        "rs_gguf_decode": [ptr, ptr, size, size, size, size, ptr, ptr, ptr],
+        "rs_pack_quant": [ptr, size, size, size, ptr, ptr, size, ptr, ptr, ptr],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
@@ -101,15 +104,20 @@ class PackedLinear:
         lib.rs_pack_bf16(weight.data_ptr(), self.n, self.k, self.data.data_ptr())
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.k)
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        assert x.dtype == torch.bfloat16 and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))
-        y = torch.empty((x.shape[0], self.n), dtype=torch.bfloat16)
-        self.lib.rs_linear_bf16(x.data_ptr(), x.stride(0), x.shape[0], self.data.data_ptr(), self.n, self.k,
+        rows, y = linear_rows(x, self.k, self.n, bias)
+        self.lib.rs_linear_bf16(rows.data_ptr(), rows.stride(0), rows.shape[0], self.data.data_ptr(), self.n, self.k,
                                 None if bias is None else bias.data_ptr(), y.data_ptr(), self.n)
-        return y.reshape(*lead, self.n)
+        return y.reshape(*x.shape[:-1], self.n)
+
+
+def linear_rows(x: torch.Tensor, k: int, n: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear kernel's operands: x [..., k] bf16 as rows [T, k] with unit column stride, and its bf16 output
+    [T, n] (bias, if any: bf16, contiguous)."""
+    rows = x.reshape(-1, k)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    assert rows.dtype == torch.bfloat16 and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))
+    return rows, torch.empty((rows.shape[0], n), dtype=torch.bfloat16)
 
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,

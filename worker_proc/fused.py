@@ -119,7 +119,8 @@ def _kernels():  # noqa: C901 (kernel definitions)
     return add_rmsnorm, silu_and_mul, rotary, store_kv, rotary_store
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
+    """The least power of two >= n (a Triton block size)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -131,7 +132,7 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     assert x.stride(1) == 1 and (residual is None or residual.stride(1) == 1)
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else None
-    block = _pow2(n)
+    block = pow2(n)
     if rows:
         kernel[(rows,)](x, residual if residual is not None else x, weight, out,
                         res_out if res_out is not None else out,
@@ -160,7 +161,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
     if tokens:
         kernel[(tokens,)](x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0), dim // 2,
-                          BLOCK_H=_pow2(heads), BLOCK_D=_pow2(dim // 2), num_warps=4)
+                          BLOCK_H=pow2(heads), BLOCK_D=pow2(dim // 2), num_warps=4)
     return out
 
 
@@ -172,7 +173,7 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     assert k.stride(2) == 1 and v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     if tokens:
         kernel[(tokens,)](k, v, slots, k_cache, v_cache, k.stride(0), k.stride(1), v.stride(0), v.stride(1), heads, dim,
-                          BLOCK_H=_pow2(heads), BLOCK_D=_pow2(dim), num_warps=4)
+                          BLOCK_H=pow2(heads), BLOCK_D=pow2(dim), num_warps=4)
 
 
 def rotary_store(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
@@ -187,6 +188,6 @@ def rotary_store(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torc
     q = torch.empty((tokens, q_heads, dim), dtype=qk.dtype, device=qk.device)
     if tokens:
         kernel[(tokens,)](qk, v, cos, sin, slots, q, k_cache, v_cache, q_heads, kv_heads, qk.stride(0), qk.stride(1),
-                          v.stride(0), v.stride(1), cos.stride(0), dim // 2, BLOCK_H=_pow2(heads),
-                          BLOCK_D=_pow2(dim // 2), BLOCK_KV=_pow2(kv_heads), num_warps=4)
+                          v.stride(0), v.stride(1), cos.stride(0), dim // 2, BLOCK_H=pow2(heads),
+                          BLOCK_D=pow2(dim // 2), BLOCK_KV=pow2(kv_heads), num_warps=4)
     return q

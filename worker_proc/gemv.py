@@ -5,6 +5,8 @@ each, and streams the wide ones (gate_up, the LM head) below the copy rate. Here
 whole rows of W and sweeps all of K, so one kernel streams the weight once and writes the result: no partial
 sums, no second kernel. Two paths: CUDA-core dot products (one row of x) and tensor-core tiles (rows padded
 to 16). Accumulates in float32 and rounds once, as cuBLAS does (only the summation order differs).
+An FP8 weight (worker_proc.fp8) goes through the same kernel: its e4m3 values are widened in registers and its
+per-row scale multiplies the float32 sum, so the step reads one byte per weight.
 triton is imported lazily, on the first call.
 """
 
@@ -44,9 +46,9 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def gemv(x_ptr, w_ptr, b_ptr, y_ptr, rows, n, k, stride_x, stride_w, stride_y,
-             HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr):
+    def gemv(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, rows, n, k, stride_x, stride_w, stride_y,
+             HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M).to(tl.int64)  # row * stride may pass 2**31
         rk = tl.arange(0, BLOCK_K)
@@ -65,7 +67,9 @@ def _kernel():
             if BLOCK_M == 1:
                 acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
             else:
-                acc = tl.dot(x, tl.trans(w), acc)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if HAS_SCALE:  # an FP8 weight's per-row scale
+            acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -90,17 +94,21 @@ def choose(x: torch.Tensor, weight: torch.Tensor) -> Config | None:
     return cfg if cfg is not None and _measured_on(x.device) else None
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
+         scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, k] @ weight [n, k]^T (+ bias [n]) -> [rows, n] in x's dtype with launch shape `cfg` (`choose`'s
-    or `config_for`'s); rows <= 64, unit stride along k."""
+    or `config_for`'s); rows <= 64, unit stride along k. An e4m3 `weight` comes with `scale` [n, 1] (float32,
+    one per row): x (weight * scale)^T."""
     rows, k = x.shape
     n = weight.shape[0]
     assert rows <= 64 and x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == k
     assert cfg.tensor_cores or rows == 1
+    assert (scale is None) == (weight.dtype == x.dtype) and (scale is None or scale.numel() == n)
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     block_m = max(16, 1 << (rows - 1).bit_length()) if cfg.tensor_cores else 1
     _kernel()[(-(-n // cfg.block_n),)](
-        x, weight, bias if bias is not None else weight, y, rows, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        x, weight, bias if bias is not None else weight, scale if scale is not None else weight, y, rows, n, k,
+        x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y

@@ -15,11 +15,25 @@ from radixserve.config import ServerArgs
 from radixserve.wire import KVMove, from_i32
 from worker_proc import fused
 
+KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}  # --kv-cache-dtype other than auto (the model's dtype)
+FP8_MAX = 448.0
+
+
+def kv_dtype_of(flag: str, model_dtype: torch.dtype) -> torch.dtype:
+    return KV_DTYPES.get(flag, model_dtype)
+
 
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, num_host_slots: int = 0) -> None:
+                 dtype: torch.dtype, device: torch.device | str, num_host_slots: int = 0,
+                 scales: dict[int, list[float]] | None = None, compute_dtype: torch.dtype | None = None) -> None:
+        """`scales`: {layer: [k_scale, v_scale]} of an FP8 cache (layers not in it: 1.0); `compute_dtype`: the
+        model's (queries, new K/V), where the cache's differs."""
         device = torch.device(device)
+        self.compute_dtype = compute_dtype or dtype
+        self.fp8 = dtype == torch.float8_e4m3fn
+        self.scales = [tuple((scales or {}).get(i, (1.0, 1.0))) if self.fp8 else (1.0, 1.0)
+                       for i in range(num_layers)]
         shape = (num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -38,7 +52,8 @@ class KVCache:
         copy: device to host synchronously; host to device from a pinned staging tensor, asynchronously on the
         compute stream ahead of the forward that may overwrite its sources (the caching host allocator keeps the
         staging tensor until the copy is done)."""
-        pools, hosts = (*self.k, *self.v), (*self.host_k, *self.host_v)
+        pools = tuple(map(_bytes, (*self.k, *self.v)))
+        hosts = tuple(map(_bytes, (*self.host_k, *self.host_v)))
         for m in moves:
             src = torch.from_numpy(np.asarray(from_i32(m.src), dtype=np.int64))
             dst = torch.from_numpy(np.asarray(from_i32(m.dst), dtype=np.int64))
@@ -48,7 +63,7 @@ class KVCache:
                 for host_layer, layer_rows in zip(hosts, rows, strict=True):
                     host_layer.index_copy_(0, dst, layer_rows)
             else:
-                rows = torch.empty((len(hosts), len(src), *hosts[0].shape[1:]), dtype=self.dtype,
+                rows = torch.empty((len(hosts), len(src), *hosts[0].shape[1:]), dtype=hosts[0].dtype,
                                    pin_memory=self.device.type == "cuda")
                 for host_layer, layer_rows in zip(hosts, rows, strict=True):
                     torch.index_select(host_layer, 0, src, out=layer_rows)
@@ -56,18 +71,40 @@ class KVCache:
                 for layer, layer_rows in zip(pools, rows, strict=True):
                     layer.index_copy_(0, d_dst, layer_rows)
 
+    def unit_scales(self, layer_id: int) -> bool:
+        return self.scales[layer_id] == (1.0, 1.0)
+
     def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        if fused.ENABLED and k.is_cuda:
+        """K and V of new tokens into their slots (divided by an FP8 cache's scales)."""
+        if not self.unit_scales(layer_id):
+            k_scale, v_scale = self.scales[layer_id]
+            k, v = k / k_scale, v / v_scale
+        if fused.ENABLED and k.is_cuda:  # Triton's e4m3 conversion saturates
             fused.store_kv(self.k[layer_id], self.v[layer_id], slots, k, v)
             return
         # index_copy_ rather than an indexed assignment: on CPU the generic index_put_ path costs far more.
         slots = slots.long()
-        self.k[layer_id].index_copy_(0, slots, k.to(self.dtype))
-        self.v[layer_id].index_copy_(0, slots, v.to(self.dtype))
+        _bytes(self.k[layer_id]).index_copy_(0, slots, _bytes(self._cast(k)))
+        _bytes(self.v[layer_id]).index_copy_(0, slots, _bytes(self._cast(v)))
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(self.dtype) if self.fp8 else x.to(self.dtype)
+
+    def read(self, layer_id: int, which: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `slots` of layer `layer_id`'s K (which=0) or V (1) in `dtype`, scaled back."""
+        pool = (self.k, self.v)[which][layer_id]
+        rows = _bytes(pool).index_select(0, slots).view(pool.dtype).to(dtype)
+        scale = self.scales[layer_id][which]
+        return rows if scale == 1.0 else rows * scale
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as its bytes (CPU torch has no index_copy_ / index_select for float8 types)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def host_slots_wanted(args: ServerArgs, num_kv_slots: int, bytes_per_token: int) -> int:

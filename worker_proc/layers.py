@@ -65,8 +65,8 @@ class OneDnnLinear:
 def pack_cpu_linears(model: nn.Module, native: bool = True) -> tuple[int, str]:
     """Repack every bfloat16 linear weight of a CPU model once after loading: into cpu_kernels' layout where
     that library builds (and `native`), else into oneDNN's. The plain weight is freed unless another layer
-    shares it (a tied LM head keeps the embedding's). Returns (weights packed, layout); (0, "") where neither
-    is available."""
+    shares it (a tied LM head keeps the embedding's). A layer that already has a packed weight (quantized: see
+    worker_proc.cpu_quant) keeps it. Returns (weights packed, layout); (0, "") where neither is available."""
     if native and cpu_kernels.library() is not None:
         pack, layout = cpu_kernels.PackedLinear, "cpu_kernels' AVX512-BF16"
     elif torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -75,7 +75,7 @@ def pack_cpu_linears(model: nn.Module, native: bool = True) -> tuple[int, str]:
         return 0, ""
     packed = 0
     for module in model.modules():
-        if isinstance(module, (_ColumnLinear, RowParallelLinear, ParallelLMHead)) and \
+        if isinstance(module, (_ColumnLinear, RowParallelLinear, ParallelLMHead)) and module.packed is None and \
                 module.weight.device.type == "cpu" and module.weight.dtype == torch.bfloat16:
             module.packed = pack(module.weight)
             if not (isinstance(module, ParallelLMHead) and module.tied):

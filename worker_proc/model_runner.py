@@ -14,9 +14,11 @@ from radixserve.model_files import load_hf_config
 from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
+from worker_proc.cpu_quant import check_quantization, quantize_cpu_linears
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
+from worker_proc.draft_model import make_draft
 from worker_proc.grammar import GrammarBackend, SlotGrammars
-from worker_proc.kv_cache import KVCache, host_slots_wanted
+from worker_proc.kv_cache import KVCache, host_slots_wanted, kv_dtype_of
 from worker_proc.layers import pack_cpu_linears
 from worker_proc.penalties import SlotPenalties
 from worker_proc.runtime_facts import (
@@ -28,39 +30,12 @@ from worker_proc.runtime_facts import (
 )
 from worker_proc.sampling import SampleRows, SlotParams, make_sampler, top_logprobs
 from worker_proc.speculative import Verifier, launch_verify
-from worker_proc.step_io import HostStaging, PendingStep, ResultCopier
+from worker_proc.step_io import HostStaging, PendingStep, ResultCopier, StepArrays
 from worker_proc.weights import load_model
 
 log = logging.getLogger("radixserve.worker")
 
-PAD_SLOT = 0  # the KV slot that padding rows write; the scheduler never hands it out
 STEP_BUF_INTS = 1 << 20
-
-
-@dataclass
-class StepArrays:
-    """One step's per-request and per-token host arrays (int32), in batch order (see StepBatch)."""
-
-    req_slots: np.ndarray
-    cached: np.ndarray
-    extend: np.ndarray
-    input_ids: np.ndarray
-    out_slots: np.ndarray
-
-    @classmethod
-    def of(cls, b: StepBatch) -> StepArrays:
-        return cls(from_i32(b.req_slots), from_i32(b.cached_lens), from_i32(b.extend_lens), from_i32(b.input_ids),
-                   from_i32(b.out_slots))
-
-    def padded(self, bs: int, pad_row: int) -> StepArrays:
-        """A decode batch of `bs` rows: these, then rows of one token at position 0 in req row `pad_row`,
-        whose K/V go to PAD_SLOT (and which attend only to it)."""
-        n = bs - len(self.req_slots)
-        zeros = np.zeros(n, dtype=np.int32)
-        return StepArrays(np.concatenate([self.req_slots, np.full(n, pad_row, np.int32)]),
-                          np.concatenate([self.cached, zeros]), np.concatenate([self.extend, np.ones(n, np.int32)]),
-                          np.concatenate([self.input_ids, zeros]),
-                          np.concatenate([self.out_slots, np.full(n, PAD_SLOT, np.int32)]))
 
 
 @dataclass
@@ -80,6 +55,7 @@ class ModelRunner:
         if args.enable_deterministic_inference:
             batch_invariant.enable()
         self.dtype = resolve_dtype(args.dtype, self.device)
+        check_quantization(args, self.device, self.dtype, model_dir)
         self.model, self.weight_bytes = self._load_model(model_dir, hf_config)
         self._choose_all_reduce()
         self.context_length = serving_context_length(args.context_length, hf_config)
@@ -88,18 +64,26 @@ class ModelRunner:
         self._allocate_step_state()
         self._allocate_sampling_state(model_dir)
         m = self.model
-        self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
+        # STANDALONE's draft model, EAGLE3's head (draft_model.py): a KV pool with an entry per slot of the target's.
+        self.draft = make_draft(args, self.dtype, self.device, m)
+        self.kv_dtype = kv_dtype_of(args.kv_cache_dtype, self.dtype)
+        self.kv_bytes_per_token = KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim,
+                                                          self.kv_dtype)
         step_bytes = step_activation_bytes(args, hf_config, self.dtype.itemsize)
-        fit = kv_slots_that_fit(args, self.device, self.context_length, self.kv_bytes_per_token, step_bytes)
+        slot_bytes = self.kv_bytes_per_token + (self.draft.kv_bytes_per_token if self.draft is not None else 0)
+        fit = kv_slots_that_fit(args, self.device, self.context_length, slot_bytes, step_bytes)
         self.num_kv_slots = parallel.tp_min(fit) + 1  # + the padding slot 0
         host = parallel.tp_min(host_slots_wanted(args, self.num_kv_slots, self.kv_bytes_per_token))
-        self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.dtype,
-                                self.device, host)
-        log.info("rank %d KV cache: %d tokens, %.2f GB (%d bytes per token on this rank)", rank, self.num_kv_slots - 1,
-                 self.num_kv_slots * self.kv_bytes_per_token / 1e9, self.kv_bytes_per_token)
+        self.kv_cache = KVCache(m.num_layers, self.num_kv_slots, m.num_kv_heads_local, m.head_dim, self.kv_dtype,
+                                self.device, host, getattr(m, "kv_scales", None), self.dtype)
+        log.info("rank %d KV cache: %d tokens, %.2f GB, %s (%d bytes per token on this rank)", rank,
+                 self.num_kv_slots - 1, self.num_kv_slots * self.kv_bytes_per_token / 1e9, _name(self.kv_dtype),
+                 self.kv_bytes_per_token)
         self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
         self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim,
                                                          m.attention_layers)
+        if self.draft is not None:
+            self.draft.allocate(self.num_kv_slots, self.backend_name)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache or
@@ -115,21 +99,30 @@ class ModelRunner:
         tp = self.args.tp_size
         return RuntimeInfo(num_kv_slots=self.num_kv_slots, context_length=self.context_length,
                            vocab_size=self.model.vocab_size, device=str(self.device),
-                           dtype=str(self.dtype).removeprefix("torch."), attention_backend=self.backend_name,
+                           dtype=_name(self.dtype), attention_backend=self.backend_name,
                            kv_bytes_per_token=self.kv_bytes_per_token * tp, weight_bytes=self.weight_bytes * tp,
                            gpu_memory_used=gpu_used, gpu_memory_free=gpu_free, cascade_attention=self.use_cascade,
-                           num_host_kv_slots=self.kv_cache.num_host_slots)
+                           num_host_kv_slots=self.kv_cache.num_host_slots, weight_dtype=self.weight_dtype,
+                           kv_cache_dtype=_name(self.kv_dtype))
 
     def _load_model(self, model_dir: str, hf_config) -> tuple[torch.nn.Module, int]:
         """This rank's part of the model, and its weights' bytes."""
         t0 = time.monotonic()
         model = load_model(model_dir, hf_config, self.args.load_format, self.dtype, self.device,
-                           seed=self.args.random_seed)
+                           seed=self.args.random_seed, quantization=self.args.quantization)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # The dtype of the decoder's linear weights (FP8 or the CPU's quantized forms where quantized).
+        fp8 = any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
+        self.weight_dtype = _name(torch.float8_e4m3fn if fp8 else self.dtype)
+        if self.args.quantization in ("int8", "gguf"):
+            line, quantized_bytes, self.weight_dtype = quantize_cpu_linears(model, self.args.quantization, model_dir,
+                                                                            hf_config)
+            weight_bytes = quantized_bytes + sum(p.numel() * p.element_size() for p in model.parameters())
+            log.info("rank %d: %s", self.rank, line)
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             log.info("rank %d: %d linear weights in %s packed layout", self.rank, *pack_cpu_linears(model))
-        log.info("rank %d loaded %s (%.2f GB, %s) in %.1f s", self.rank, hf_config.architectures, weight_bytes / 1e9,
-                 self.dtype, time.monotonic() - t0)
+        log.info("rank %d loaded %s (%.2f GB, %s, linear weights %s) in %.1f s", self.rank, hf_config.architectures,
+                 weight_bytes / 1e9, self.dtype, self.weight_dtype, time.monotonic() - t0)
         return model, weight_bytes
 
     def _choose_all_reduce(self) -> None:
@@ -176,7 +169,8 @@ class ModelRunner:
             self.grammars = SlotGrammars(backend, self.device)
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph:
+        if (self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph
+                or self.args.speculative_algorithm == "EAGLE3"):  # its head reads hidden states graphs do not keep
             return None
         sizes = capture_sizes(min(self.args.cuda_graph_max_bs, self.args.max_running_requests))
         if not sizes:
@@ -222,11 +216,13 @@ class ModelRunner:
         return DeviceStep(meta, ids, pos, last, slots)
 
     def forward(self, a: StepArrays, is_decode: bool, prefix_groups: np.ndarray | None = None,
-                every_token: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                every_token: bool = False,
+                drafts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """float32 logits of each request's last new token [B, V] (`every_token`: of every new token), the hidden
         states of all new tokens (None when a decode graph ran), and the batch's req slots on the device.
         `prefix_groups`: decode with cascade attention (see ForwardMeta). Without a graph, `step_input_ids` keeps
-        the step's input ids on the device (placeholders replaced)."""
+        the step's input ids on the device (placeholders replaced). With a draft model, `drafts` (a verify step's
+        draft counts) are drafted into the input ids first; every other step's tokens go through it too."""
         bs = len(a.req_slots)
         cascade = prefix_groups is not None
         graph_bs = self.graphs.padded_size(bs) if is_decode and self.graphs is not None else None
@@ -234,12 +230,19 @@ class ModelRunner:
             d = self._to_device(a.padded(graph_bs, self.pad_row), is_decode=True, prefix_groups=prefix_groups)
             self.attn.prepare_graph(d.meta)
             self._mark_planned()
-            return self.graphs.replay(graph_bs, cascade)[:bs], None, d.req_slots[:bs]
+            logits = self.graphs.replay(graph_bs, cascade)[:bs]
+            if self.draft is not None:
+                self.draft.follow(a, d)
+            return logits, None, d.req_slots[:bs]
         d = self._to_device(a, is_decode, prefix_groups)
-        self.step_input_ids = d.input_ids
+        self.step_input_ids, self.device_step = d.input_ids, d
+        if self.draft is not None and drafts is not None:
+            self.draft.propose(a, drafts, d, self.req_to_token)
         self.attn.prepare(d.meta)
         self._mark_planned()
         hidden = self.model.forward(d.input_ids, d.positions, self.attn)
+        if self.draft is not None and drafts is None:
+            self.draft.follow(a, d)
         return self.model.compute_logits(hidden if every_token else hidden[d.last]), hidden, d.req_slots
 
     def _mark_planned(self) -> None:
@@ -323,6 +326,8 @@ class ModelRunner:
     def _admit(self, b: StepBatch) -> list[tuple[int, str]]:
         """Requests entering their req slots: cached-prefix rows of the block table in one upload, and their
         sampling parameters. Returns (req slot, why) of the requests whose parameters cannot be applied."""
+        if self.draft is not None:
+            self.draft.admit(np.array([nr.req_slot for nr in b.new_reqs], dtype=np.int64))
         prefixes = [from_i32(nr.prefix_slots) for nr in b.new_reqs]
         lengths = np.array([len(p) for p in prefixes], dtype=np.int32)
         if lengths.sum():
@@ -375,3 +380,7 @@ class ModelRunner:
             top = [top_logprobs(lps[j], k) for j in range(len(values))] if k > 0 else None
             out[i] = (values, top)
         return out
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -108,6 +108,13 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tp_max_(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over ranks, in place (x is returned)."""
+    if tp_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate every rank's `x` (same shape on all ranks) along `dim`, in rank order."""
     if tp_size() == 1:

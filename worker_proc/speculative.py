@@ -212,13 +212,15 @@ def launch_verify(runner, b: StepBatch, a, t0: float, admit_errors: list[tuple[i
     """ModelRunner.launch for a verify step: every row's logits, exact acceptance on rank 0, and the tokens each
     request emits (accepted drafts, then one drawn) as a flat PendingStep with its accepted counts."""
     drafts = from_i32(b.draft_lens).astype(np.int64)
-    logits, _, slots = runner.forward(a, False, None, every_token=True)
+    logits, _, slots = runner.forward(a, False, None, every_token=True, drafts=drafts)
     rows = VerifyRows.of(a.req_slots, from_i32(b.sample_offsets).astype(np.int64), drafts, slots)
-    input_ids = runner.step_input_ids
+    input_ids = runner.step_input_ids  # with a draft model, its drafts in place of the scheduler's PENDING
     final = verdict = None
     if runner.rank == 0:
         kept = np.ones(rows.num_rows, dtype=bool)
-        prior = penalty_prior(rows, a.input_ids) if runner.penalties.counted[a.req_slots].any() else None
+        prior = None
+        if runner.penalties.counted[a.req_slots].any():
+            prior = penalty_prior(rows, a.input_ids if runner.draft is None else input_ids.cpu().numpy())
         runner._process_logits(logits, rows.row_slots, rows.d_row_slots, rows.row_offsets, kept, prior)
         verdict = runner.verifier.verify(logits, rows, input_ids)
         emitted_slots = rows.row_slots[verdict.emitted_rows]
@@ -227,6 +229,10 @@ def launch_verify(runner, b: StepBatch, a, t0: float, admit_errors: list[tuple[i
         final = verdict.final
     final = parallel.tp_broadcast(final, (len(a.req_slots),), torch.int64, runner.device)
     runner.last_sampled[slots.long()] = final.to(torch.int32)
+    if runner.draft is not None:  # every rank's drafter learns the accepted counts
+        accepted = torch.from_numpy(verdict.accepted).to(runner.device) if runner.rank == 0 else None
+        accepted = parallel.tp_broadcast(accepted, (len(a.req_slots),), torch.int64, runner.device)
+        runner.draft.settle(a, drafts, accepted.cpu().numpy(), runner.device_step)
     if runner.rank != 0:
         return None
     logprobs = chosen = None

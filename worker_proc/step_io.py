@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from radixserve.wire import GrammarDone, StepResult
+from radixserve.wire import GrammarDone, StepBatch, StepResult, from_i32
 
 STAGING_BUFFERS = 4
+PAD_SLOT = 0  # the KV slot that padding rows write; the scheduler never hands it out
 
 
 class HostStaging:
@@ -118,3 +119,29 @@ class ResultCopier:
             done = torch.cuda.Event()
             done.record(self.stream)
         return host_ids, host_lps, done
+
+
+@dataclass
+class StepArrays:
+    """One step's per-request and per-token host arrays (int32), in batch order (see StepBatch)."""
+
+    req_slots: np.ndarray
+    cached: np.ndarray
+    extend: np.ndarray
+    input_ids: np.ndarray
+    out_slots: np.ndarray
+
+    @classmethod
+    def of(cls, b: StepBatch) -> StepArrays:
+        return cls(from_i32(b.req_slots), from_i32(b.cached_lens), from_i32(b.extend_lens), from_i32(b.input_ids),
+                   from_i32(b.out_slots))
+
+    def padded(self, bs: int, pad_row: int) -> StepArrays:
+        """A decode batch of `bs` rows: these, then rows of one token at position 0 in req row `pad_row`,
+        whose K/V go to PAD_SLOT (and which attend only to it)."""
+        n = bs - len(self.req_slots)
+        zeros = np.zeros(n, dtype=np.int32)
+        return StepArrays(np.concatenate([self.req_slots, np.full(n, pad_row, np.int32)]),
+                          np.concatenate([self.cached, zeros]), np.concatenate([self.extend, np.ones(n, np.int32)]),
+                          np.concatenate([self.input_ids, zeros]),
+                          np.concatenate([self.out_slots, np.full(n, PAD_SLOT, np.int32)]))

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from radixserve.model_files import GGUF_SOURCE_FILE
+from worker_proc.fp8_weights import Fp8Loading
 from worker_proc.models import build_model
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -47,20 +48,28 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 
 def load_model(model_dir: str | Path, hf_config: Any, load_format: str, dtype: torch.dtype,
-               device: torch.device | str, seed: int = 0) -> nn.Module:
+               device: torch.device | str, seed: int = 0, quantization: str | None = None) -> nn.Module:
     """Build our model for `hf_config` and fill it (`model_dir` as returned by resolve_model).
 
     'auto' and 'safetensors' read the directory's *.safetensors; 'gguf' the same, but insists the
-    directory is a converted GGUF file; 'dummy' needs only the config.
+    directory is a converted GGUF file; 'dummy' needs only the config. FP8 weights (--quantization fp8, or a
+    checkpoint's quantization_config) are worker_proc.fp8_weights'.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r}: choose from {LOAD_FORMATS}")
     model = build_model(hf_config, dtype, device)
+    fp8 = Fp8Loading.of(hf_config, quantization, load_format, torch.device(device))
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
         if load_format == "gguf" and not (Path(model_dir) / GGUF_SOURCE_FILE).exists():
             raise ValueError(f"{model_dir} is not a converted GGUF file: pass the .gguf path through resolve_model")
+        tensors = iter_safetensors(model_dir)
+        if fp8 is not None:
+            fp8.prepare(model)
+            tensors = fp8.weights(tensors)
         with torch.no_grad():
-            model.load_weights(iter_safetensors(model_dir))
+            model.load_weights(tensors)
+    if fp8 is not None:
+        fp8.finish(model)
     return model.eval()

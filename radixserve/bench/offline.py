@@ -54,7 +54,7 @@ def run(ns: argparse.Namespace) -> int:
             gen = _engine_fn(engine)
             gen([list(range(1, WARMUP_LEN + 1))], [WARMUP_LEN])
             engine.flush_cache()
-            report["runs"].append(_timed_run(label, convs, gen))
+            report["runs"].append(_timed_run(label, convs, gen, report["engine"]))
     if "hf" in ns.baseline:
         report["runs"] += _hf_runs(model_dir, args, report["engine"], convs[:ns.hf_num_prompts],
                                    ns.hf_batch_size or [args.max_running_requests])
@@ -73,7 +73,8 @@ def _hf_runs(model_dir: str, args: ServerArgs, engine_info: dict, convs: list[Co
     runs = []
     for bs in batch_sizes:
         label = "hf" if len(batch_sizes) == 1 else f"hf-bs{bs}"
-        runs.append(_timed_run(label, convs, lambda p, n, bs=bs: hf.generate(p, n, batch_size=bs)))
+        runs.append(_timed_run(label, convs, lambda p, n, bs=bs: hf.generate(p, n, batch_size=bs),
+                               {"dtype": engine_info["dtype"]}))
         runs[-1]["batch_size"] = bs
     hf.close()
     return runs
@@ -88,9 +89,9 @@ def _engine_fn(engine: Engine) -> GenerateFn:
     return generate
 
 
-def _timed_run(label: str, convs: list[Conversation], generate: GenerateFn) -> dict:
+def _timed_run(label: str, convs: list[Conversation], generate: GenerateFn, runtime: dict) -> dict:
     results, duration = run_rounds(convs, generate, rep.progress(num_requests(convs), label))
-    return rep.record(label, results, duration)
+    return rep.record(label, results, duration, runtime)
 
 
 def run_rounds(convs: list[Conversation], generate: GenerateFn,

@@ -50,8 +50,9 @@ class ModelShape:
     attn_width: int  # query heads x head_dim
     vocab_params: int  # one vocab x hidden matrix
     body_params: int  # all but the embedding and the LM head
-    elem_bytes: int
+    elem_bytes: int  # of the embedding and LM head (the model's dtype)
     kv_bytes_per_token: int
+    body_elem_bytes: int  # of the body's weights: 1 for FP8 weights (their per-row scales left out), else elem_bytes
     expert_params: int = 0  # the routed experts' parameters, all layers (part of body_params)
     num_experts: int = 0  # routed experts per MoE layer
     top_k: int = 0  # experts each token goes through
@@ -60,14 +61,15 @@ class ModelShape:
     def of(cls, hf_config: Any, worker_info: dict) -> ModelShape:
         import torch
 
-        elem = torch.empty(0, dtype=getattr(torch, worker_info["dtype"])).element_size()
-        params = worker_info["weight_bytes"] // elem
+        elem = getattr(torch, worker_info["dtype"]).itemsize
+        body_elem = getattr(torch, worker_info.get("weight_dtype") or worker_info["dtype"]).itemsize
         heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         vocab = hf_config.vocab_size * hf_config.hidden_size
-        tied = getattr(hf_config, "tie_word_embeddings", False)
-        return cls(hf_config.num_hidden_layers, heads * head_dim, vocab, params - vocab * (1 if tied else 2), elem,
-                   worker_info["kv_bytes_per_token"], *_routed_experts(hf_config))
+        vocab_bytes = vocab * elem * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2)
+        return cls(hf_config.num_hidden_layers, heads * head_dim, vocab,
+                   (worker_info["weight_bytes"] - vocab_bytes) // body_elem, elem, worker_info["kv_bytes_per_token"],
+                   body_elem, *_routed_experts(hf_config))
 
     def experts_read(self, tokens: float) -> float:
         """Expected distinct experts per MoE layer that `tokens` tokens choose (0 for a dense model)."""
@@ -81,7 +83,7 @@ class ModelShape:
         dense = self.body_params - self.expert_params
         per_expert = self.expert_params / self.num_experts if self.num_experts else 0.0
         read = dense + per_expert * self.experts_read(new_tokens)
-        weights = (read + self.vocab_params) * self.elem_bytes
+        weights = read * self.body_elem_bytes + self.vocab_params * self.elem_bytes
         kv = (kv_read + new_tokens) * self.kv_bytes_per_token
         flops = 2 * (dense + per_expert * self.top_k) * new_tokens + 2 * self.vocab_params * logits_rows \
             + 4 * self.layers * self.attn_width * attended
@@ -126,7 +128,8 @@ def run(ns: argparse.Namespace) -> int:
             prompts = np.random.default_rng(i).integers(0, vocab_size, (bs, input_len)).tolist()
             prefill = statistics.median(_time(engine, prompts, 1) for _ in range(ns.runs))
             total = statistics.median(_time(engine, prompts, ns.output_len) for _ in range(ns.runs))
-            report["runs"].append(_point(ns.label, shape, rates, bs, input_len, ns.output_len, prefill, total))
+            report["runs"].append({**_point(ns.label, shape, rates, bs, input_len, ns.output_len, prefill, total),
+                                   "dtypes": rep.dtypes(info)})
             progress.update()
         progress.close()
     _print(report)
@@ -203,6 +206,7 @@ def _print(report: dict[str, Any]) -> None:
                      ratio["prefill"], r["decode_ms"], r["decode_floor_ms"], ratio["decode"], r["prefill_tok_s"],
                      r["decode_tok_s"]])
     print(rep.table(header, rows))
+    print(f"{report['main_label']}: {rep.dtypes(report['engine'])}")
     moe = [r for r in report["runs"] if r.get("decode_experts_read") is not None]
     if moe:
         print("MoE floors count the routed experts a step reads; expected per layer at decode: " + ", ".join(

@@ -42,9 +42,20 @@ def new_report(mode: str, ns: argparse.Namespace) -> dict[str, Any]:
             "main_label": ns.label, "runs": []}
 
 
-def record(label: str, results: list[RequestResult], duration: float, **point: Any) -> dict[str, Any]:
-    """One serve / offline run: its point (concurrency, rate), figures, and TTFTs for the plot."""
-    run = {"label": label, **{k: point.get(k) for k in POINT_KEYS}, "metrics": summarize(results, duration)}
+def dtypes(runtime: dict[str, Any] | None) -> str | None:
+    """A run's weight and KV dtypes, from the workers' RuntimeInfo (None where the server did not say)."""
+    if not runtime or "dtype" not in runtime:
+        return None
+    return (f"weights {runtime.get('weight_dtype') or runtime['dtype']}, "
+            f"KV {runtime.get('kv_cache_dtype') or runtime['dtype']}")
+
+
+def record(label: str, results: list[RequestResult], duration: float, runtime: dict[str, Any] | None = None,
+           **point: Any) -> dict[str, Any]:
+    """One serve / offline run: its point (concurrency, rate), the weight and KV dtypes of what served it
+    (`runtime`: its RuntimeInfo), figures, and TTFTs for the plot."""
+    run = {"label": label, **{k: point.get(k) for k in POINT_KEYS}, "dtypes": dtypes(runtime),
+           "metrics": summarize(results, duration)}
     ttfts = [r.ttft * 1e3 for r in results if r.error is None and r.ttft is not None]
     if ttfts:
         run["ttft_ms_values"] = ttfts
@@ -155,6 +166,8 @@ def print_runs(report: dict[str, Any]) -> None:
                                                           ("tpot_ms", "p50"), ("e2e_latency_ms", "p50")))])
     print(table(header, rows))
     print("(throughputs in requests or tokens per second; latencies in ms; hit = cached / prompt tokens)")
+    for label, kinds in {r["label"]: r["dtypes"] for r in report["runs"] if r.get("dtypes")}.items():
+        print(f"{label}: {kinds}")
     for r in report["runs"]:
         if "spec_accept_length" in r["metrics"]:
             length = r["metrics"]["spec_accept_length"]
@@ -253,7 +266,7 @@ def _run_panels(report: dict[str, Any]) -> list:
 
 def _run_name(run: dict[str, Any]) -> str:
     at = [f"{k.split('_')[-1]} {run[k]}" for k in POINT_KEYS if run.get(k) is not None]
-    return run["label"] + (f" ({', '.join(at)})" if at else "")
+    return run["label"] + (f" ({', '.join(at)})" if at else "") + (f" [{run['dtypes']}]" if run.get("dtypes") else "")
 
 
 def _one_batch_panels(report: dict[str, Any]) -> list:

@@ -34,6 +34,8 @@ from radixserve.config import RouterPolicy, ServerArgs
 START_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 20.0
 WARMUP_OUTPUT_LEN = 4
+WEIGHT_DTYPES = {"bf16": {"dtype": "bfloat16", "quantization": None}, "gguf": {"quantization": "gguf"},
+                 "int8": {"quantization": "int8"}, "fp8": {"quantization": "fp8"}}
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +58,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--router-policies", nargs="+", choices=get_args(RouterPolicy), default=[],
                    help="with --launch-server --dp-size N: one server per SGLang router policy, the runs side by "
                         "side (use a text backend: the router matches prefixes on text)")
+    g.add_argument("--weight-dtypes", nargs="+", choices=tuple(WEIGHT_DTYPES), default=[],
+                   help="with --launch-server: one server per weight format, the runs side by side: bf16 (a GGUF "
+                        "file expanded: --dtype bfloat16), or --quantization gguf / int8 / fp8")
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -64,6 +69,8 @@ def run(ns: argparse.Namespace) -> int:
         raise SystemExit("--baseline needs --launch-server or --baseline-url")
     if ns.router_policies and not (ns.launch_server and args.dp_size > 1):
         raise SystemExit("--router-policies needs --launch-server and --dp-size > 1")
+    if ns.weight_dtypes and not ns.launch_server:
+        raise SystemExit("--weight-dtypes needs --launch-server")
     tokenizer, vocab_size = tokenizer_and_vocab(args)
     if ns.backend != "native" and tokenizer is None:
         raise SystemExit(f"--backend {ns.backend} sends text: it needs a tokenizer (not --skip-tokenizer-init)")
@@ -72,6 +79,8 @@ def run(ns: argparse.Namespace) -> int:
     targets = [(ns.label, None if ns.launch_server else ns.base_url, args, [])]
     if ns.router_policies:
         targets = [(policy, None, args, ["--router-policy", policy]) for policy in ns.router_policies]
+    if ns.weight_dtypes:
+        targets = [(w, None, args.replace(**WEIGHT_DTYPES[w]), []) for w in ns.weight_dtypes]
     baselines = {"no-radix": (args, ["--disable-radix-cache"]),
                  "no-spec": (args.replace(speculative_algorithm=None), []),
                  "no-hicache": (args.replace(enable_hierarchical_cache=False), [])}
@@ -193,6 +202,10 @@ async def _bench(base_url: str, label: str, convs: list[Conversation], ns: argpa
         _, warm = await _request(session, api, empty(), dataclasses.replace(first, output_len=WARMUP_OUTPUT_LEN), model)
         if warm.error:
             raise SystemExit(f"{label}: the warm-up request to {base_url} failed: {warm.error}")
+        runtime = None  # the workers' RuntimeInfo (dtypes), where the server is a radixserve
+        with contextlib.suppress(aiohttp.ClientError, ValueError):
+            async with session.get("/get_server_info") as resp:
+                runtime = (await resp.json()).get("worker")
         runs = []
         for rate in ns.request_rate:
             for concurrency in ns.max_concurrency:
@@ -208,7 +221,7 @@ async def _bench(base_url: str, label: str, convs: list[Conversation], ns: argpa
                 if first_error(results):
                     print(f"{desc}: {sum(r.error is not None for r in results)} failed, e.g. {first_error(results)}",
                           file=sys.stderr)
-                runs.append(rep.record(label, results, duration, max_concurrency=concurrency,
+                runs.append(rep.record(label, results, duration, runtime, max_concurrency=concurrency,
                                        request_rate=None if math.isinf(rate) else rate))
                 if busiest:
                     runs[-1]["router_loads"] = busiest["loads"]

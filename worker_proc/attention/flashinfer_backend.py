@@ -12,6 +12,9 @@ of req_to_token. `prepare` plans once per step; every layer's `forward` reuses t
     passes merged by their log-sum-exp. Level 0 attends each group's queries to the group's shared prefix,
     so that KV is read once per group (per 16-row query tile: 4 queries at GQA 4), not once per request;
     level 1 attends each request to the rest of its context, its own tokens.
+An FP8 KV cache (--kv-cache-dtype fp8_e4m3) is planned with kv_data_type e4m3 and the model's dtype for q, on
+FA2's kernels; a layer's k/v scales other than 1.0 go to each run() (the fused rotary + store, which writes
+unscaled K/V, serves only layers without them).
 Layer kinds (AttentionBackend.kinds: scale, sliding window, soft cap): FlashInfer fixes `window_left`,
 `logits_soft_cap` and `sm_scale` when a wrapper is planned, so each kind has its own wrappers, all planned
 over the same pages each step (a model with sliding and global layers plans two); layer i runs its kind's.
@@ -89,9 +92,9 @@ class Cascade:
     def __init__(self, flashinfer, shared, own) -> None:
         self.merge, self.shared, self.own = flashinfer.merge_state_in_place, shared, own
 
-    def run(self, q: torch.Tensor, pages: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        out, lse = self.own.run(q, pages, return_lse=True)
-        shared_out, shared_lse = self.shared.run(q, pages, return_lse=True)
+    def run(self, q: torch.Tensor, pages: tuple[torch.Tensor, torch.Tensor], **scales: float) -> torch.Tensor:
+        out, lse = self.own.run(q, pages, return_lse=True, **scales)
+        shared_out, shared_lse = self.shared.run(q, pages, return_lse=True, **scales)
         self.merge(out, lse, shared_out, shared_lse)
         return out
 
@@ -108,15 +111,21 @@ class FlashInferBackend(AttentionBackend):
         import flashinfer.prefill
 
         flashinfer.decode.max = flashinfer.prefill.max = _max
-        if kv_cache.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"the flashinfer backend needs a bf16 or fp16 KV cache, not {kv_cache.dtype} "
-                             "(use --dtype bfloat16, or --attention-backend torch)")
+        if kv_cache.compute_dtype not in (torch.bfloat16, torch.float16) or \
+                kv_cache.dtype not in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
+            raise ValueError(f"the flashinfer backend reads a bf16, fp16 or fp8_e4m3 KV cache of a bf16 or fp16 "
+                             f"model, not {kv_cache.dtype} of {kv_cache.compute_dtype} (--dtype bfloat16, "
+                             "--kv-cache-dtype auto or fp8_e4m3, or --attention-backend torch)")
         self._fi = flashinfer
         self.device = kv_cache.k[0].device
         self.num_kv_heads = kv_cache.k[0].shape[1]
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # The mode's fixed split size reaches FlashInfer 0.6's FA2 kernels only (plan() ignores it elsewhere).
-        self._wrapper_kw = {"backend": "fa2"} if batch_invariant.ENABLED else {}
+        # An FP8 cache read by bf16 / fp16 queries: FA2's kernels (they widen the e4m3 K/V as they load them).
+        self._wrapper_kw = {"backend": "fa2"} if batch_invariant.ENABLED or kv_cache.fp8 else {}
+        # Per layer, the FP8 cache's scales where they are not 1.0 (FlashInfer applies them to q.k and to the output).
+        self._scales = [{} if kv_cache.unit_scales(i) else dict(zip(("k_scale", "v_scale"), kv_cache.scales[i]))
+                        for i in range(len(layers))]
         # One eager wrapper of each sort per layer kind.
         self.prefill_wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                                 **self._wrapper_kw)
@@ -126,7 +135,7 @@ class FlashInferBackend(AttentionBackend):
                                                                               **self._wrapper_kw)
                                 for _ in self.kinds]
         self.pages = [(k.unsqueeze(1), v.unsqueeze(1)) for k, v in zip(kv_cache.k, kv_cache.v)]
-        self._plan_kw = [dict(q_data_type=kv_cache.dtype, kv_data_type=kv_cache.dtype, sm_scale=kind.scale,
+        self._plan_kw = [dict(q_data_type=kv_cache.compute_dtype, kv_data_type=kv_cache.dtype, sm_scale=kind.scale,
                               window_left=-1 if kind.window is None else kind.window - 1,
                               logits_soft_cap=kind.soft_cap) for kind in self.kinds]
         if batch_invariant.ENABLED:  # KV split by a fixed size, not by batch size, in every plan
@@ -242,11 +251,11 @@ class FlashInferBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         self.kv_cache.store(layer_id, self.meta.out_slots, k, v)
-        return self.active[self.kind_of_layer[layer_id]].run(q, self.pages[layer_id])
+        return self.active[self.kind_of_layer[layer_id]].run(q, self.pages[layer_id], **self._scales[layer_id])
 
     def forward_rotary(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        layer_id: int) -> torch.Tensor:
-        if not fused.ENABLED:
+        if not fused.ENABLED or self._scales[layer_id]:  # the fused store writes unscaled K/V
             return super().forward_rotary(qk, v, cos, sin, layer_id)
         q = fused.rotary_store(qk, v, cos, sin, self.meta.out_slots, self.kv_cache.k[layer_id],
                                self.kv_cache.v[layer_id], self.num_q_heads)

@@ -36,6 +36,9 @@ class TorchBackend(AttentionBackend):
             cache.dtype, num_q_heads, cache.shape[1], head_dim)
         if batch_invariant.ENABLED and not plain:
             raise NotImplementedError("--enable-deterministic-inference covers no sliding window or soft cap yet")
+        if batch_invariant.ENABLED and kv_cache.fp8:
+            raise ValueError("--kv-cache-dtype fp8_e4m3: the torch backend's batch-invariant attention reads the "
+                             "model's dtype only (--kv-cache-dtype auto, or --attention-backend flashinfer)")
 
     def prepare(self, meta: ForwardMeta) -> None:
         self.meta = meta
@@ -92,8 +95,9 @@ class TorchBackend(AttentionBackend):
         if meta.is_decode:
             batch, kv_heads = self.ctx_shape[0], k_cache.shape[1]
             shape = (*self.ctx_shape, *k_cache.shape[1:])
-            keys = k_cache.index_select(0, self.ctx_slots).view(shape).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-            vals = v_cache.index_select(0, self.ctx_slots).view(shape).to(q.dtype).transpose(1, 2)
+            # [B, Hkv, L, D]
+            keys = self.kv_cache.read(layer_id, 0, self.ctx_slots, q.dtype).view(shape).transpose(1, 2)
+            vals = self.kv_cache.read(layer_id, 1, self.ctx_slots, q.dtype).view(shape).transpose(1, 2)
             # The query heads that share a kv head (h // group) stand in for the query length: one attention of
             # `group` queries per kv head, several times faster on CPU than SDPA's enable_gqa with one query.
             grouped = q.view(batch, kv_heads, -1, q.shape[-1])
@@ -105,8 +109,8 @@ class TorchBackend(AttentionBackend):
             starts.append(starts[-1] + n)
         for i, slots in enumerate(self.ctx_slots_per_req):
             qi = q[starts[i]:starts[i + 1]].transpose(0, 1)  # [Hq, E, D]
-            keys = k_cache.index_select(0, slots).to(q.dtype).transpose(0, 1)  # [Hkv, L, D]
-            vals = v_cache.index_select(0, slots).to(q.dtype).transpose(0, 1)
+            keys = self.kv_cache.read(layer_id, 0, slots, q.dtype).transpose(0, 1)  # [Hkv, L, D]
+            vals = self.kv_cache.read(layer_id, 1, slots, q.dtype).transpose(0, 1)
             ext, total = qi.shape[1], keys.shape[1]
             q_pos = torch.arange(total - ext, total, device=q.device)
             k_pos = torch.arange(total, device=q.device)[None, :]

@@ -135,13 +135,23 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, arch, i, dtype, device)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        # EAGLE-3 (worker_proc/models/eagle3.py): the inputs of these layers (len(layers): the final pre-norm
+        # state) are kept in `aux` [T, n * hidden] after each forward.
+        self.capture: tuple[int, ...] = ()
+        self.aux: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         residual = None
-        for layer in self.layers:
+        kept = []
+        for i, layer in enumerate(self.layers):
+            if i in self.capture:
+                kept.append(x if residual is None else x + residual)
             x, residual = layer(x, residual, rope, attn)
+        if len(self.layers) in self.capture:
+            kept.append(x + residual)
+        self.aux = torch.cat(kept, dim=-1) if kept else None
         return self.norm(x, residual)[0]
 
 

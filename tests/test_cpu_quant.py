@@ -1,0 +1,185 @@
+"""CPU quantized linear layers (worker_proc/cpu_quant.py): the kernels and a model's greedy tokens against the
+same weights dequantized to float, the default model's GGUF blocks as the file holds them, perplexity of a fixed
+text (bf16 expanded / Q4_1 kept / int8), and start-up errors that name the flag."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from model_harness import RaggedRunner, greedy
+from test_models import prompts, random_hf_model, tiny_config
+
+from radixserve import Engine
+from radixserve.config import FlagError, ServerArgs
+from radixserve.model_files import load_hf_config, resolve_model
+from worker_proc import cpu_kernels
+from worker_proc.cpu_quant import (
+    QuantLinear,
+    QuantWeight,
+    check_quantization,
+    gguf_layer_weights,
+    gguf_weight,
+    install_quantized,
+    int8_layer_weights,
+    linear_layers,
+    quantize_int8,
+)
+from worker_proc.layers import ParallelLMHead, pack_cpu_linears
+from worker_proc.weights import load_model
+
+needs_cpu_kernels = pytest.mark.skipif(cpu_kernels.library() is None,
+                                       reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+TEXT = Path(__file__).with_name("data") / "perplexity.txt"
+CPU = torch.device("cpu")
+
+
+def quant_weight(w: torch.Tensor, form: str) -> QuantWeight:
+    """int8 as --quantization int8 makes it, or GGUF's blocks as the gguf package writes them; the GGUF codes
+    dequantize to exactly what the gguf package reads back."""
+    if form == "int8":
+        return quantize_int8(w)
+    kind = gguf.GGMLQuantizationType[form]
+    raw = gguf.quants.quantize(w.float().numpy(), kind)
+    qw = gguf_weight(raw, form)
+    assert np.array_equal(qw.dequantize().numpy(), gguf.quants.dequantize(raw, kind))
+    return qw
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("form", ["int8", "Q8_0", "Q4_0", "Q4_1"])
+def test_kernel_equals_dequantized_matmul(form):
+    """x W^T (+ bias) for the dequantized W, within one bf16 rounding: 1-9 rows (partial row tiles), 70 output
+    columns (a partial block of 32), rows of x with a stride; each row bit for bit as computed alone."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 70, 96
+    qw = quant_weight(torch.randn(n, k, generator=g) * 0.05, form)
+    linear, w = QuantLinear(qw), qw.dequantize().double()
+    bias = torch.randn(n, generator=g).bfloat16()
+    wide = torch.randn(9, k + 3, generator=g).bfloat16()
+    for m in (1, 4, 5, 9):
+        for b in (None, bias):
+            got = linear(wide[:m, :k], b)
+            want = wide[:m, :k].double() @ w.T + (0 if b is None else b.double())
+            assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+            torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-5)
+            # a row's result does not depend on the others (one row: unpacked as read; 5 or 9: unpacked once)
+            assert torch.equal(got[-1:], linear(wide[m - 1:m, :k], b))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    """A tiny random Llama (biases, a tied LM head) saved as an HF directory."""
+    path = tmp_path_factory.mktemp("llama")
+    random_hf_model(tiny_config("llama"), 0, path)
+    return str(path)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("form", ["int8", "gguf"])
+def test_greedy_equals_dequantized_reference(tiny_llama, form):
+    """A model with quantized layers gives the greedy tokens of the same model whose layers compute F.linear in
+    float32 with the dequantized weights (batch of 3, 4 tokens: as tests/test_models.py's packed-layout check,
+    since one bf16 rounding apart, a random tiny model meets near-ties within a few more), and logits within a
+    bf16 rounding. gguf: Q4_1 layers and a Q8_0 LM head, as the default model's file has them."""
+    config = load_hf_config(tiny_llama)
+    quantized = load_model(tiny_llama, config, "auto", torch.bfloat16, "cpu")
+    if form == "int8":
+        weights = int8_layer_weights(quantized)
+    else:
+        weights = {name: quant_weight(m.weight, "Q8_0" if isinstance(m, ParallelLMHead) else "Q4_1")
+                   for name, m in linear_layers(quantized).items()}
+    reference = load_model(tiny_llama, config, "auto", torch.bfloat16, "cpu")
+    for name, module in linear_layers(reference).items():
+        if name in weights:
+            w = weights[name].dequantize()
+            module.packed = lambda x, b, w=w: F.linear(x.float(), w, None if b is None else b.float()).bfloat16()
+    install_quantized(quantized, weights)
+    assert quantized.model.layers[0].mlp.down_proj.weight.numel() == 0  # the bf16 copy is freed
+    batch = prompts(3)
+    want_logits, want = greedy(reference, batch, 3)
+    got_logits, got = greedy(quantized, batch, 3)
+    assert got == want
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=want_logits.abs().max().item() / 64)
+
+
+def perplexity(model: torch.nn.Module, ids: list[int]) -> float:
+    logits = RaggedRunner(model, max_reqs=1, context_len=len(ids) + 1).step([0], [ids], every_token=True)
+    return math.exp(F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).item())
+
+
+@needs_cpu_kernels
+def test_gguf_rows_of_q_and_k_unpermuted():
+    """llama.cpp stores q / k rows permuted (its convert_hf_to_gguf.py's permute); `heads` undoes it."""
+    heads, n, k = 4, 32, 64
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+    permuted = w.reshape(heads, 2, n // heads // 2, k).transpose(1, 2).reshape(n, k)
+    kind = gguf.GGMLQuantizationType.Q8_0
+    got = gguf_weight(gguf.quants.quantize(permuted.numpy(), kind), "Q8_0", heads).dequantize()
+    assert torch.equal(got, torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), kind), kind)))
+
+
+@pytest.mark.long  # about 10 s of CPU time on the default model
+@needs_cpu_kernels
+@torch.inference_mode()
+def test_default_model_blocks_and_perplexity():
+    """The default model's GGUF blocks, read as they are, are every linear layer of the file (the tied LM head's
+    Q8_0 too), equal to its bf16 expansion once rounded; the perplexity of a fixed text with Q4_1 kept and with
+    int8 is within 2% of the bf16 expansion's (packed as a bf16 server runs it; docs/quantization.md has the
+    figures)."""
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model(None)
+    config = load_hf_config(model_dir)
+    ids = AutoTokenizer.from_pretrained(model_dir)(TEXT.read_text())["input_ids"]
+    model = load_model(model_dir, config, "auto", torch.bfloat16, "cpu")
+    blocks, int8 = gguf_layer_weights(model, model_dir, config), int8_layer_weights(model)
+    layers = linear_layers(model)
+    assert set(blocks) == set(layers) and {qw.bits for qw in blocks.values()} == {4, 8}
+    for name, qw in blocks.items():
+        assert torch.equal(qw.dequantize().bfloat16(), layers[name].weight), name
+    pack_cpu_linears(model)
+    ppl = {"bf16": perplexity(model, ids)}
+    install_quantized(model, int8)
+    ppl["int8"] = perplexity(model, ids)
+    install_quantized(model, blocks)
+    ppl["Q4_1"] = perplexity(model, ids)
+    print("perplexity", {k: round(v, 3) for k, v in ppl.items()})
+    assert ppl["Q4_1"] <= 1.02 * ppl["bf16"] and ppl["int8"] <= 1.02 * ppl["bf16"]
+
+
+def test_start_errors_name_the_flag(tiny_llama):
+    with pytest.raises(FlagError, match="--quantization int8 runs on the CPU"):
+        ServerArgs(quantization="int8", device="cuda")
+    with pytest.raises(FlagError, match="--quantization"):
+        ServerArgs(quantization="int4")
+    cases = [({"quantization": "int8"}, torch.device("cuda"), torch.bfloat16, "--quantization int8 runs on the CPU"),
+             ({"quantization": "int8", "dtype": "float32"}, CPU, torch.float32,
+              "--quantization int8 computes in bfloat16"),
+             ({"quantization": "gguf"}, CPU, torch.bfloat16, "--quantization gguf keeps a GGUF file's blocks")]
+    for flags, device, dtype, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_quantization(ServerArgs(**flags), device, dtype, tiny_llama)
+
+
+@needs_cpu_kernels
+def test_engine_start_error_names_the_flag():
+    """A real start: the worker's error reaches the caller."""
+    with pytest.raises(Exception, match="--quantization gguf keeps a GGUF file's blocks: --load-format dummy"):
+        with Engine(quantization="gguf", load_format="dummy", max_total_tokens=1024):
+            pass
+
+
+@needs_cpu_kernels
+def test_engine_serves_the_default_models_own_blocks():
+    """--quantization gguf end to end: the bundled Q4_1 file's blocks (a q / k row permutation or a name mapping
+    gone wrong would garble the answer)."""
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    with Engine(quantization="gguf", max_total_tokens=1024, max_running_requests=4) as eng:
+        out = eng.generate(question, {"temperature": 0, "max_new_tokens": 8})
+    assert "Paris" in out["text"]

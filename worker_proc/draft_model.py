@@ -1,0 +1,79 @@
+"""Drafts made in the workers: the draft model of --speculative-algorithm STANDALONE (a small model of the
+target's vocabulary, run by the same workers, with its own KV tensors), and EAGLE3's head (eagle3_draft.py), both
+behind one interface the ModelRunner calls: `admit` (requests entering req slots), `follow` (after the target's
+forward of a prefill or decode step), `propose` (a verify step's drafts, before the target's forward), `settle`
+(after the verify step's acceptance).
+
+KV ownership: the scheduler owns the block tables, the workers own KV tensors. The draft's KV pool has one entry
+per KV slot of the target's pool (`KVCache` of its own layers and heads) and is addressed through the same block
+table: the token at req_to_token[r, p] has its target KV and its draft KV at that slot. The scheduler therefore
+allocates and frees nothing for the draft, and the radix cache shares its KV with it.
+
+Invariant: wherever the target's KV is written, the draft's is written too, for the same token — every step the
+target computes, the draft computes over the same tokens (`follow`: prefill chunks, decode steps), and a verify
+step's drafting writes the draft KV of the last token and of every draft, the last draft included (`propose`
+runs one forward past the k-th draft for it). So a radix hit, a chunked prefill or an accepted draft always finds
+the draft's KV of its whole context; rejected drafts' slots go back to the allocator like the target's.
+
+Drafting is greedy (argmax of the draft's logits): the draft distribution is one-hot, which is what the verifier
+(worker_proc/speculative.py) accepts exactly, for greedy and sampled requests alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from radixserve.config import ServerArgs
+from radixserve.model_files import load_hf_config, resolve_model
+from worker_proc.attention import ForwardMeta
+from worker_proc.drafter import Drafter
+from worker_proc.eagle3_draft import Eagle3Draft
+from worker_proc.weights import load_model
+
+
+def make_draft(args: ServerArgs, dtype: torch.dtype, device: torch.device, target: torch.nn.Module) -> Drafter | None:
+    """The drafter of --speculative-algorithm (None for those that draft in the scheduler)."""
+    if args.speculative_algorithm == "STANDALONE":
+        return DraftModel(args, dtype, device, target.vocab_size)
+    if args.speculative_algorithm == "EAGLE3":
+        return Eagle3Draft(args, dtype, device, target)
+    return None
+
+
+class DraftModel(Drafter):
+    """STANDALONE: the draft model and its attention over its own KV pool."""
+
+    def __init__(self, args: ServerArgs, dtype: torch.dtype, device: torch.device, target_vocab: int) -> None:
+        path = resolve_model(args.speculative_draft_model_path, args.download_dir)
+        config = load_hf_config(path)
+        self.model = load_model(path, config, args.speculative_draft_load_format or args.load_format, dtype, device,
+                                seed=args.random_seed)
+        if self.model.vocab_size != target_vocab:
+            raise ValueError(f"--speculative-draft-model-path {args.speculative_draft_model_path}: its vocabulary "
+                             f"has {self.model.vocab_size} tokens, the target's {target_vocab} (they must be equal)")
+        self.dtype, self.device = dtype, device
+
+    def follow(self, a, d) -> None:
+        """Write the draft KV of a prefill or decode step's tokens (StepArrays a, DeviceStep d)."""
+        self.prepare(d.meta)
+        self.model.forward(d.input_ids, d.positions, self.attn)
+
+    def propose(self, a, drafts: np.ndarray, d, req_to_token: torch.Tensor) -> None:
+        """A verify step's drafts, written into d.input_ids in place: request i's rows are x_0 (its last token)
+        then drafts[i] placeholders, at positions a.cached[i]...; forward j (one token per request that still
+        drafts) reads x_j and writes x_{j+1} = argmax, and forward drafts[i] writes x_d's KV only."""
+        starts = np.cumsum(drafts + 1) - (drafts + 1)
+        ones = np.ones(len(drafts), dtype=np.int64)
+        for j in range(int(drafts.max()) + 1):
+            live = np.flatnonzero(drafts >= j)
+            meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots[live], a.cached[live] + j,
+                                                        ones[live])
+            rows = torch.from_numpy(starts[live] + j).to(self.device)
+            self.prepare(meta)
+            hidden = self.model.forward(d.input_ids[rows], positions, self.attn)
+            more = drafts[live] > j  # requests with a draft after x_j
+            if more.any():
+                sel = torch.from_numpy(np.flatnonzero(more)).to(self.device)
+                nxt = self.model.compute_logits(hidden[sel]).argmax(dim=-1)
+                d.input_ids[rows[sel] + 1] = nxt.to(d.input_ids.dtype)

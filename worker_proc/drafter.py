@@ -1,0 +1,53 @@
+"""What the workers' drafters (draft_model.py's STANDALONE model, eagle3_draft.py's EAGLE-3 head) share: a KV pool
+with an entry per KV slot of the target's, its attention backend, and the plan discipline of its steps.
+
+Invariant (FlashInfer's plan copies from a pinned host buffer asynchronously: flashinfer_backend.py): a drafter
+plans several steps within one target step, so each of its plans first waits for the copy of its previous one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from worker_proc.attention import ForwardMeta, backend_class
+from worker_proc.kv_cache import KVCache
+from worker_proc.layers import pack_cpu_linears
+
+
+class Drafter:
+    """Subclasses set `model` (num_layers, num_kv_heads_local, num_q_heads_local, head_dim, attention_layers),
+    `dtype` and `device`, and implement follow / propose (and admit / settle where they keep state)."""
+
+    model: torch.nn.Module
+    dtype: torch.dtype
+    device: torch.device
+    _planned: torch.cuda.Event | None = None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        m = self.model
+        return KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
+
+    def allocate(self, num_slots: int, backend_name: str) -> None:
+        """Its KV pool (one entry per slot of the target's) and attention backend; on a bf16 CPU its linear
+        weights in the CPU kernels' layout, as the target's."""
+        m = self.model
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            pack_cpu_linears(m)
+        self.kv_cache = KVCache(m.num_layers, num_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
+        self.attn = backend_class(backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim, m.attention_layers)
+
+    def prepare(self, meta: ForwardMeta) -> None:
+        if self._planned is not None:
+            self._planned.synchronize()
+        self.attn.prepare(meta)
+        if self.device.type == "cuda":
+            self._planned = torch.cuda.Event()
+            self._planned.record()
+
+    def admit(self, req_slots: np.ndarray) -> None:
+        """Requests entering these req slots (no state per request by default)."""
+
+    def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, d) -> None:
+        """After a verify step's acceptance (nothing by default)."""
