@@ -6,9 +6,10 @@ prefixes a server holds, in the layout of vLLM's `vllm/distributed/kv_events.py`
 tokens per reported block; the radix cache itself has pages of one token). Each message on the PUB socket is
 multipart `[topic, seq, payload]`: seq an 8-byte big-endian counter from 0, payload a msgpack `KVEventBatch`: an
 array `[ts, events, data_parallel_rank]` whose events are maps tagged `"type": <class name>`, as msgspec encodes
-vLLM's current Structs (vLLM before its map layout sent each event as an array too; routers read both). A subscriber that missed messages
-sends `start_seq` (8 bytes, big-endian) to the ROUTER replay socket from a REQ or DEALER socket (with an empty
-delimiter frame) and gets `[seq, payload]` for every buffered batch from it on, then `[END_SEQ, b""]`.
+vLLM's current Structs (vLLM before its map layout sent each event as an array too; routers read both). A
+subscriber that missed messages sends `start_seq` (8 bytes, big-endian) to the ROUTER replay socket from a REQ or
+DEALER socket (with an empty delimiter frame) and gets `[seq, payload]` for every buffered batch from it on, then
+`[END_SEQ, b""]`.
 
 Blocks: block k of a cached sequence is its tokens [k*block_size, (k+1)*block_size); its hash chains its parent's
 with its tokens (`block_hash`), so equal prefixes hash equally on every server. A block is stored once all its
