@@ -32,6 +32,7 @@ AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
 WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
 RouterPolicy = Literal["cache_aware", "round_robin", "power_of_two", "random"]
+RouterPackage = Literal["sglang-router", "smg"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 SpeculativeAlgorithm = Literal["NGRAM", "STANDALONE", "EAGLE3", "REPLAY"]
 KVCacheDtype = Literal["auto", "fp8_e4m3"]
@@ -92,6 +93,13 @@ class ServerArgs:
     base_gpu_id: Annotated[Index, doc("first CUDA device of this server's ranks on a node")] = 0
     dp_size: Annotated[Count, doc("data-parallel replicas behind SGLang's router on --port")] = 1
     router_policy: Annotated[RouterPolicy, doc("the router's policy (with --dp-size > 1)")] = "cache_aware"
+    router_package: Annotated[RouterPackage, doc(
+        "the router in front of --dp-size replicas: SGLang's router (PyPI sglang-router) or its successor, the "
+        "model gateway (PyPI smg)")] = "sglang-router"
+    router_balance_abs_threshold: Annotated[Index | None, doc(
+        "with --dp-size: the router's load-imbalance threshold (its --balance-abs-threshold; default: the "
+        "router's): past it, cache_aware sends a request to the least loaded replica instead of the one holding "
+        "its prefix")] = None
     router_dp_worker_base_port: Annotated[Port | None, doc(
         "replica i listens on this port + i (default: free ports), on 127.0.0.1")] = None
     host: Annotated[str, doc("the address HTTP listens on")] = "127.0.0.1"

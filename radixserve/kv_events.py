@@ -4,10 +4,12 @@ prefixes a server holds, in the layout of vLLM's `vllm/distributed/kv_events.py`
 `--kv-events-config` takes vLLM's / SGLang's JSON: `{"publisher": "zmq", "endpoint": "tcp://*:5557",
 "replay_endpoint": "tcp://*:5558", "topic": "", "buffer_steps": 10000, "hwm": 100000}`, plus `block_size` (the
 tokens per reported block; the radix cache itself has pages of one token). Each message on the PUB socket is
-multipart `[topic, seq, payload]`: seq an 8-byte big-endian counter from 0, payload a msgpack `KVEventBatch`
-(array-like, events tagged by class name, as msgspec encodes vLLM's Structs). A subscriber that missed messages
-sends `start_seq` (8 bytes, big-endian) to the ROUTER replay socket from a REQ or DEALER socket (with an empty
-delimiter frame) and gets `[seq, payload]` for every buffered batch from it on, then `[END_SEQ, b""]`.
+multipart `[topic, seq, payload]`: seq an 8-byte big-endian counter from 0, payload a msgpack `KVEventBatch`: an
+array `[ts, events, data_parallel_rank]` whose events are maps tagged `"type": <class name>`, as msgspec encodes
+vLLM's current Structs (vLLM before its map layout sent each event as an array too; routers read both). A
+subscriber that missed messages sends `start_seq` (8 bytes, big-endian) to the ROUTER replay socket from a REQ or
+DEALER socket (with an empty delimiter frame) and gets `[seq, payload]` for every buffered batch from it on, then
+`[END_SEQ, b""]`.
 
 Blocks: block k of a cached sequence is its tokens [k*block_size, (k+1)*block_size); its hash chains its parent's
 with its tokens (`block_hash`), so equal prefixes hash equally on every server. A block is stored once all its
@@ -75,8 +77,8 @@ class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data_parallel_rank: int | None = None
 
 
-class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
-    """A change of the cached block set (tagged by class name)."""
+class KVCacheEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
+    """A change of the cached block set: a msgpack map, its class name under "type" (vLLM's current layout)."""
 
 
 class BlockStored(KVCacheEvent):
@@ -84,8 +86,9 @@ class BlockStored(KVCacheEvent):
     parent_block_hash: int | None
     token_ids: list[int]
     block_size: int
-    lora_id: int | None
+    lora_id: int | None  # vLLM's fields without a default: always on the wire, so its typed decoder takes them
     medium: str | None
+    lora_name: str | None
 
 
 class BlockRemoved(KVCacheEvent):

@@ -63,8 +63,8 @@ class BlockEvents:
         leaf.last_block = h
         if hashes:
             self.num_blocks += len(hashes)
-            self._pending.append(BlockStored(hashes, parent_hash, key[first * b:end * b].tolist(), b, None,
-                                             DEVICE_MEDIUM))
+            self._pending.append(BlockStored(hashes, parent_hash, key[first * b:end * b].tolist(), b, lora_id=None,
+                                             medium=DEVICE_MEDIUM, lora_name=None))
 
     def split(self, upper: TreeNode, lower: TreeNode) -> None:
         """`lower` was cut below `upper` (upper.depth set): the blocks ending above the cut move up."""
@@ -87,7 +87,8 @@ class BlockEvents:
         b = self.block_size
         self._pending.append(BlockRemoved(node.blocks, HOST_MEDIUM if medium == DEVICE_MEDIUM else DEVICE_MEDIUM))
         tokens = np.concatenate([above, node.key])[:len(node.blocks) * b]
-        self._pending.append(BlockStored(node.blocks, node.parent.last_block, tokens.tolist(), b, None, medium))
+        self._pending.append(BlockStored(node.blocks, node.parent.last_block, tokens.tolist(), b, lora_id=None,
+                                         medium=medium, lora_name=None))
 
     def above(self, node: TreeNode) -> np.ndarray:
         """The tokens of the path above `node` that its first block starts in (what `moved` takes)."""

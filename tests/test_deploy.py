@@ -473,7 +473,7 @@ def test_every_import_is_declared():
             for top in {n.split(".")[0] for n in names} - OWN_PACKAGES - set(sys.stdlib_module_names):
                 if top in UNDECLARED_OK:
                     continue
-                optional = extras["gpu"] | extras["bench"] | extras["router"]  # imported lazily where used
+                optional = extras["gpu"] | extras["bench"] | extras["router"] | extras["smg"]  # imported lazily
                 if not (dists.get(top, set()) & (declared | optional)):
                     missing[top] = str(path.relative_to(REPO))
     assert missing == {}

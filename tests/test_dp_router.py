@@ -89,14 +89,27 @@ def test_router_death_stops_the_server(server):
     assert server.leftovers(3.0) == []
 
 
-def test_round_robin_uses_both_replicas_and_sigterm_stops_all():
-    srv = RadixServer("--dp-size", "2", "--router-policy", "round_robin", "--shutdown-timeout", "1")
+@pytest.mark.parametrize("package", ["sglang-router", pytest.param("smg", marks=pytest.mark.long)])
+def test_round_robin_uses_both_replicas_and_sigterm_stops_all(package):
+    """With either router (`--router-package`: smg is SGLang's model gateway, sglang-router's successor): both
+    replicas serve, the router's /get_loads lists each one's load (smg reads their /v1/loads), SIGTERM stops all."""
+    pytest.importorskip(package.replace("-", "_"))
+    srv = RadixServer("--dp-size", "2", "--router-package", package, "--router-policy", "round_robin",
+                      "--shutdown-timeout", "1")
     try:
         for _ in range(2):
             assert srv.post("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
         served = [json.loads(http_request(p, "GET", "/get_server_info").content)["scheduler"]["finished_requests"]
                   for p in replica_ports(srv)]
         assert all(n >= 1 for n in served), served
+        deadline = time.monotonic() + 30  # smg polls each worker's load every 10 s
+        while True:
+            loads = srv.get("/get_loads").json()  # smg: SGLang's load report per worker; sglang-router: a number each
+            workers = {w["worker"] for w in loads.get("loads", []) + loads.get("workers", [])}
+            if len(workers) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert len(workers) == 2, loads
         code, left = srv.stop()
         assert (code, left) == (0, []), srv.log()
     finally:
@@ -108,3 +121,4 @@ def test_bench_router_policies_need_launched_replicas():
 
     with pytest.raises(SystemExit, match="--router-policies needs"):
         main(["bench", "serve", "--router-policies", "cache_aware", "round_robin", "--dp-size", "2"])
+

@@ -48,21 +48,28 @@ class KVCache:
 
     def move(self, moves: list[KVMove]) -> None:
         """Make the step's copies between the pools, in order (a slot one frees may be the next one's destination).
-        On CUDA the copies are queued on the compute stream ahead of the forward that may overwrite their sources."""
+        Each move gathers its rows of every layer into one tensor, so it crosses between device and host in one
+        copy: device to host synchronously; host to device from a pinned staging tensor, asynchronously on the
+        compute stream ahead of the forward that may overwrite its sources (the caching host allocator keeps the
+        staging tensor until the copy is done)."""
+        pools = tuple(map(_bytes, (*self.k, *self.v)))
+        hosts = tuple(map(_bytes, (*self.host_k, *self.host_v)))
         for m in moves:
-            src, dst = np.asarray(from_i32(m.src), dtype=np.int64), np.asarray(from_i32(m.dst), dtype=np.int64)
+            src = torch.from_numpy(np.asarray(from_i32(m.src), dtype=np.int64))
+            dst = torch.from_numpy(np.asarray(from_i32(m.dst), dtype=np.int64))
             if m.to_host:
-                d_src, h_dst = torch.from_numpy(src).to(self.device), torch.from_numpy(dst)
-                for pool, host in ((self.k, self.host_k), (self.v, self.host_v)):
-                    for layer, host_layer in zip(map(_bytes, pool), map(_bytes, host), strict=True):
-                        host_layer.index_copy_(0, h_dst, layer.index_select(0, d_src).cpu())
+                d_src = src.to(self.device)
+                rows = torch.stack([layer.index_select(0, d_src) for layer in pools]).cpu()
+                for host_layer, layer_rows in zip(hosts, rows, strict=True):
+                    host_layer.index_copy_(0, dst, layer_rows)
             else:
-                h_src, d_dst = torch.from_numpy(src), torch.from_numpy(dst).to(self.device)
-                for pool, host in ((self.k, self.host_k), (self.v, self.host_v)):
-                    for layer, host_layer in zip(map(_bytes, pool), map(_bytes, host), strict=True):
-                        rows = host_layer.index_select(0, h_src)
-                        layer.index_copy_(0, d_dst, rows.pin_memory().to(self.device, non_blocking=True)
-                                          if self.device.type == "cuda" else rows)
+                rows = torch.empty((len(hosts), len(src), *hosts[0].shape[1:]), dtype=hosts[0].dtype,
+                                   pin_memory=self.device.type == "cuda")
+                for host_layer, layer_rows in zip(hosts, rows, strict=True):
+                    torch.index_select(host_layer, 0, src, out=layer_rows)
+                rows, d_dst = rows.to(self.device, non_blocking=True), dst.to(self.device)
+                for layer, layer_rows in zip(pools, rows, strict=True):
+                    layer.index_copy_(0, d_dst, layer_rows)
 
     def unit_scales(self, layer_id: int) -> bool:
         return self.scales[layer_id] == (1.0, 1.0)

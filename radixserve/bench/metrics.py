@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 PERCENTILES = (50, 90, 99)
+LATE_TURN = 3  # `ttft_ms_late_turns`: the TTFT of turn 3 and later of multi-turn conversations
 
 
 @dataclass
@@ -54,6 +55,9 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         out["ttft_ms"] = stats_ms(ttfts)
         if any(r.turn for r in ok):
             out["ttft_ms_by_turn"] = _ttft_by_turn(ok)
+        late = [r.ttft for r in ok if r.ttft is not None and r.turn >= LATE_TURN - 1]
+        if late:  # turns whose prompt holds two earlier answers: what a cache that outlives the device pool saves
+            out["ttft_ms_late_turns"] = stats_ms(late)
     itls = [x for r in ok for x in r.itl]
     if itls:
         out["itl_ms"] = stats_ms(itls)

@@ -109,6 +109,9 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
         for key in RATIO_KEYS:
             base = r["metrics"][key]
             entry[key] = m["metrics"][key] / base if base else None
+        late, base_late = m["metrics"].get("ttft_ms_late_turns"), r["metrics"].get("ttft_ms_late_turns")
+        if late and base_late:  # how many times lower the main run's TTFT p50 of turn 3 on is
+            entry["ttft_late_turns_p50_speedup"] = base_late["p50"] / late["p50"]
         out.append(entry)
     sweep = [q for q in out if q["baseline"].startswith("hf-bs")]
     if len(sweep) > 1:  # against HF's best batch size: the smallest ratio
@@ -170,6 +173,13 @@ def print_runs(report: dict[str, Any]) -> None:
             length = r["metrics"]["spec_accept_length"]
             print(f"{_run_name(r)}: mean accepted length {length:.2f} tokens per verify step")
     for r in report["runs"]:
+        if "router_loads" in r:  # smg: a load report per worker; sglang-router: a number per worker
+            loads = r["router_loads"]
+            print(f"{_run_name(r)}: the router's GET /get_loads at its busiest: " + "; ".join(
+                [f"{w['worker']}: {w.get('num_running_reqs')} running, {w.get('num_waiting_reqs')} waiting, "
+                 f"{w.get('num_used_tokens')} tokens used" for w in loads.get("loads", [])]
+                + [f"{w['worker']}: {w['load']}" for w in loads.get("workers", [])]))
+    for r in report["runs"]:
         by_turn = r["metrics"].get("ttft_ms_by_turn")
         if by_turn:
             print(f"TTFT by turn, {_run_name(r)} (last turn / first: p50 x{by_turn[-1]['p50'] / by_turn[0]['p50']:.2f},"
@@ -181,7 +191,9 @@ def print_runs(report: dict[str, Any]) -> None:
         at = ", ".join(f"{k}={q[k]}" for k in POINT_KEYS if q[k] is not None)
         best = " (HF's best batch size)" if q.get("best_of") else ""
         print(f"{report['main_label']} / {q['baseline']}{best}{f' ({at})' if at else ''}: "
-              + ", ".join(f"{k} x{q[k]:.2f}" for k in RATIO_KEYS if q[k] is not None))
+              + ", ".join(f"{k} x{q[k]:.2f}" for k in RATIO_KEYS if q[k] is not None)
+              + (f"; TTFT p50 of turn 3 on x{q['ttft_late_turns_p50_speedup']:.2f} lower"
+                 if "ttft_late_turns_p50_speedup" in q else ""))
 
 
 def progress(total: int, desc: str, unit: str = "req") -> tqdm:

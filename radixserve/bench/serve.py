@@ -4,8 +4,8 @@ routes with text), streamed, at Poisson request rates and / or fixed concurrenci
 TTFT and ITL come from the SSE stream; token counts and cached_tokens from the server's final
 meta_info (native) or `usage` (OpenAI, with stream_options.include_usage). The radix cache is flushed
 (`POST /flush_cache`, where the server has it) before each point, so each starts cold.
-`--launch-server` starts `python -m radixserve serve` itself, and again with --disable-radix-cache for
-`--baseline no-radix` unless `--baseline-url` names the baseline server.
+`--launch-server` starts `python -m radixserve serve` itself, and again for each `--baseline` (without the radix
+cache, speculative decoding or the host tier) unless `--baseline-url` names the baseline server.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="requests in flight at most (default: no limit); several: a sweep")
     g.add_argument("--launch-server", action="store_true",
                    help="start `radixserve serve` with the server flags given here, on a free port")
-    g.add_argument("--baseline", choices=("no-radix", "no-spec"), action="append", default=[],
+    g.add_argument("--baseline", choices=("no-radix", "no-spec", "no-hicache"), action="append", default=[],
                    help="no-radix: the same points against a server without the radix cache; no-spec: without "
-                        "speculative decoding")
+                        "speculative decoding; no-hicache: without the host tier (--enable-hierarchical-cache)")
     g.add_argument("--baseline-url", help="the no-radix server (default with --launch-server: launch one)")
     g.add_argument("--router-policies", nargs="+", choices=get_args(RouterPolicy), default=[],
                    help="with --launch-server --dp-size N: one server per SGLang router policy, the runs side by "
@@ -81,9 +81,10 @@ def run(ns: argparse.Namespace) -> int:
         targets = [(policy, None, args, ["--router-policy", policy]) for policy in ns.router_policies]
     if ns.weight_dtypes:
         targets = [(w, None, args.replace(**WEIGHT_DTYPES[w]), []) for w in ns.weight_dtypes]
-    for baseline in ns.baseline:
-        targets.append(("no-radix", ns.baseline_url, args, ["--disable-radix-cache"]) if baseline == "no-radix" else
-                       ("no-spec", ns.baseline_url, args.replace(speculative_algorithm=None), []))
+    baselines = {"no-radix": (args, ["--disable-radix-cache"]),
+                 "no-spec": (args.replace(speculative_algorithm=None), []),
+                 "no-hicache": (args.replace(enable_hierarchical_cache=False), [])}
+    targets += [(name, ns.baseline_url, *baselines[name]) for name in ns.baseline]
     for label, url, server_args, extra in targets:
         with contextlib.nullcontext(url) if url else _server(server_args, extra) as base_url:
             report["runs"] += asyncio.run(_bench(base_url.rstrip("/"), label, convs, ns))
@@ -211,14 +212,40 @@ async def _bench(base_url: str, label: str, convs: list[Conversation], ns: argpa
                 with contextlib.suppress(aiohttp.ClientError):
                     await (await session.post("/flush_cache")).release()
                 desc = f"{label} rate={rate} concurrency={concurrency}"
+                busiest: dict[str, Any] = {}
+                poll = asyncio.create_task(_poll_router_loads(session, busiest)) if ns.router_policies else None
                 results, duration = await _run_point(session, api, empty, model, convs, rate, concurrency,
                                                      ns.seed, desc)
+                if poll is not None:
+                    poll.cancel()
                 if first_error(results):
                     print(f"{desc}: {sum(r.error is not None for r in results)} failed, e.g. {first_error(results)}",
                           file=sys.stderr)
                 runs.append(rep.record(label, results, duration, runtime, max_concurrency=concurrency,
                                        request_rate=None if math.isinf(rate) else rate))
+                if busiest:
+                    runs[-1]["router_loads"] = busiest["loads"]
     return runs
+
+
+async def _poll_router_loads(session: Any, busiest: dict[str, Any]) -> None:
+    """Poll the router's GET /get_loads (each worker's load, as the router last read it) every second until
+    cancelled; `busiest["loads"]` keeps the answer whose loads add up highest."""
+    while True:
+        await asyncio.sleep(1.0)
+        with contextlib.suppress(OSError, asyncio.TimeoutError, ValueError):
+            async with session.get("/get_loads") as resp:
+                loads = await resp.json(content_type=None) if resp.status == 200 else None
+            total = _router_load_total(loads) if isinstance(loads, dict) else -1
+            if total >= busiest.get("total", 0):
+                busiest.update(loads=loads, total=total)
+
+
+def _router_load_total(loads: dict[str, Any]) -> int:
+    """Requests in flight over the workers of a /get_loads answer: smg's (SGLang's load report per worker and dp
+    rank, `loads`) or sglang-router's (`workers`, a number each)."""
+    return sum(int(w.get("num_total_reqs", 0)) for w in loads.get("loads", [])) + \
+        sum(int(w.get("load", 0)) for w in loads.get("workers", []))
 
 
 async def _first_model(session: Any) -> str:

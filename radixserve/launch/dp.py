@@ -1,4 +1,6 @@
-"""`radixserve serve --dp-size N`: N data-parallel replicas behind SGLang's own router (PyPI `sglang-router`).
+"""`radixserve serve --dp-size N`: N data-parallel replicas behind SGLang's own router: `--router-package`
+sglang-router (PyPI `sglang-router`, the default) or smg (PyPI `smg`, SGLang's model gateway, its successor; the
+same Rust router, the same Python entry point under another package name).
 
 Replica i is a whole radixserve server (its own gateway, tokenizers, scheduler and --tp-size workers on GPUs
 [base + i*tp, base + (i+1)*tp)) on 127.0.0.1 at --router-dp-worker-base-port + i (default: free ports); once
@@ -6,13 +8,14 @@ all of them answer /health the router starts on --host/--port with --router-poli
 as SGLang's router). Replicas and router are children of this launcher, supervised as any other: one that
 exits stops all of them with exit code 1. SIGTERM drains: each replica gets SIGTERM (its own drain, up to
 --shutdown-timeout) while the router keeps passing their answers, then the router stops; SIGINT stops the
-replicas at once. The manual form (several `radixserve serve` and `python -m sglang_router.launch_router`,
-on one machine or many) is in README.md.
+replicas at once. The manual form (several `radixserve serve` and `python -m sglang_router.launch_router` or
+`smg launch`, on one machine or many) is in README.md.
 """
 
 from __future__ import annotations
 
 import http.client
+import importlib
 import logging
 import os
 import signal
@@ -37,6 +40,7 @@ DRAIN_EXTRA_S = 15.0  # SIGTERM: past --shutdown-timeout, for the aborted reques
 ROUTER_LOG_LEVEL = {"debug": "debug", "info": "warn", "warning": "warn", "error": "error",  # its info is per step
                     "critical": "error"}
 ReplicaTarget = Callable[[bytes, int], None]
+ROUTER_MODULES = {"sglang-router": "sglang_router", "smg": "smg"}  # --router-package -> its Python package
 
 
 def serve_dp(args: ServerArgs, replica_target: ReplicaTarget) -> int:
@@ -52,16 +56,19 @@ def replica_ports(args: ServerArgs) -> list[int]:
 
 
 def router_argv(args: ServerArgs, ports: list[int], prometheus_port: int) -> list[str]:
-    """`python -m sglang_router.launch_router` flags for this server's replicas."""
+    """`python -m sglang_router.launch_router` (or `smg launch`) flags for this server's replicas."""
     argv = ["--host", args.host, "--port", str(args.port), "--policy", args.router_policy,
             "--worker-urls", *[f"http://{REPLICA_HOST}:{p}" for p in ports],
             "--prometheus-host", REPLICA_HOST, "--prometheus-port", str(prometheus_port),
             "--log-level", ROUTER_LOG_LEVEL[args.log_level], "--shutdown-grace-period-secs", "1"]
+    if args.router_balance_abs_threshold is not None:
+        argv += ["--balance-abs-threshold", str(args.router_balance_abs_threshold)]
     return argv + (["--api-key", args.api_key] if args.api_key else [])
 
 
-def run_router(argv: list[str], parent_pid: int) -> None:
-    """The router's process (a child of the launcher, so the argv, with any API key, is not on a command line).
+def run_router(package: str, argv: list[str], parent_pid: int) -> None:
+    """The router's process (a child of the launcher, so the argv, with any API key, is not on a command line);
+    `package`: --router-package's Python package.
 
     Starts the Rust router directly: `sglang_router.launch_router` also imports the Python mini load balancer,
     whose FastAPI / uvicorn stack a deployment may not have."""
@@ -69,10 +76,10 @@ def run_router(argv: list[str], parent_pid: int) -> None:
     import argparse
 
     import setproctitle
-    from sglang_router.router import Router
-    from sglang_router.router_args import RouterArgs
 
-    parser = argparse.ArgumentParser(prog="sglang_router")
+    Router = importlib.import_module(f"{package}.router").Router
+    RouterArgs = importlib.import_module(f"{package}.router_args").RouterArgs
+    parser = argparse.ArgumentParser(prog=package)
     RouterArgs.add_cli_args(parser, use_router_prefix=False)
     router_args = RouterArgs.from_cli_args(parser.parse_args(argv), use_router_prefix=False)
     router_args._validate_router_args()
@@ -92,10 +99,13 @@ class _DataParallel:
         self.signal = signum
 
     def run(self) -> int:
+        package = ROUTER_MODULES[self.args.router_package]
         try:
-            import sglang_router  # noqa: F401
+            importlib.import_module(package)
         except ImportError:
-            log.error("--dp-size needs SGLang's router: pip install 'radixserve[router]' (sglang-router)")
+            extra = "router" if package == "sglang_router" else "smg"
+            log.error("--dp-size with --router-package %s needs it installed: pip install 'radixserve[%s]'",
+                      self.args.router_package, extra)
             return 1
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
@@ -110,12 +120,16 @@ class _DataParallel:
             log.info("replicas on ports %s; the router starts once they are up", ports)
             if not self._until(lambda: all(_get(REPLICA_HOST, p, "/health") == 200 for p in ports)):
                 return self._stop()
-            self.router.add(run_router, "router", router_argv(args, ports, _free_ports(1)[0]), os.getpid())
-            if not self._until(lambda: _get(REPLICA_HOST if args.host in ("0.0.0.0", "::") else args.host,
-                                            args.port, "/readiness") == 200):
+            self.router.add(run_router, "router", package, router_argv(args, ports, _free_ports(1)[0]), os.getpid())
+            router_host = REPLICA_HOST if args.host in ("0.0.0.0", "::") else args.host
+            # Ready once the router routes to every replica and has read each one's load: smg answers /readiness
+            # with one worker registered and registers the others in the background (the first requests went to
+            # a few), and its load-aware policies see every replica from the first request.
+            if not self._until(lambda: _get(router_host, args.port, "/readiness") == 200
+                               and _routed_workers(router_host, args.port) == args.dp_size):
                 return self._stop()
             url = f"http://{args.host}:{args.port}"
-            print(f"radixserve is ready: {url} ({args.dp_size} replicas behind SGLang's router, policy "
+            print(f"radixserve is ready: {url} ({args.dp_size} replicas behind {args.router_package}, policy "
                   f"{args.router_policy}; OpenAI API at {url}/v1)", flush=True)
             sdnotify.ready(f"serving {args.dp_size} replicas at {url}")
             self._until(lambda: False)
@@ -148,14 +162,39 @@ class _DataParallel:
 
 def _get(host: str, port: int, path: str) -> int | None:
     """Status of GET http://host:port/path, or None if nothing answers."""
+    return _get_body(host, port, path)[0]
+
+
+def _get_body(host: str, port: int, path: str) -> tuple[int | None, bytes]:
+    """(status, body) of GET http://host:port/path; (None, b"") if nothing answers."""
     conn = http.client.HTTPConnection(host, port, timeout=5)
     try:
         conn.request("GET", path)
-        return conn.getresponse().status
+        resp = conn.getresponse()
+        return resp.status, resp.read()
     except OSError:
-        return None
+        return None, b""
     finally:
         conn.close()
+
+
+def _routed_workers(host: str, port: int) -> int:
+    """Workers that the router may route to (GET /workers: smg marks each `is_healthy`, sglang-router lists those
+    it routes to) and whose load it has read (GET /get_loads: smg's `loads`, sglang-router's `workers`)."""
+    workers, loads = _get_json(host, port, "/workers"), _get_json(host, port, "/get_loads")
+    routed = {w.get("url") for w in workers.get("workers", []) if isinstance(w, dict) and w.get("is_healthy", True)}
+    loaded = {w.get("worker") for w in loads.get("loads", []) + loads.get("workers", []) if isinstance(w, dict)}
+    return len(routed & loaded)
+
+
+def _get_json(host: str, port: int, path: str) -> dict:
+    """GET http://host:port/path as a JSON object; {} if it does not answer 200 with one."""
+    status, body = _get_body(host, port, path)
+    try:
+        value = msgspec.json.decode(body) if status == 200 else {}
+    except msgspec.DecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _free_ports(n: int) -> list[int]:
