@@ -494,6 +494,7 @@ def clean_tree(dest: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # make test installs the project from its tree already; the built wheel's check is long
 def test_wheel_builds_installs_and_serves(tmp_path):
     src = clean_tree(tmp_path / "src")
     dist = tmp_path / "dist"

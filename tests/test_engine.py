@@ -18,7 +18,7 @@ PROMPTS = [
     [{"role": "user", "content": "What is 17 times 3?"}],
     [{"role": "user", "content": "Give me a short tip for writing clean Python code."}],
 ]
-MAX_NEW = 64
+MAX_NEW = 32
 GREEDY = {"temperature": 0, "max_new_tokens": MAX_NEW}
 
 
