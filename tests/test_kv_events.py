@@ -76,6 +76,15 @@ def tree_blocks(cache: RadixCache) -> set[int]:
     return out
 
 
+def take_events_and_check(cache: RadixCache, sub: Subscriber, check_tree: bool) -> None:
+    """Feed the step's events to the subscriber; its block set must equal the tree's, and with `check_tree`
+    the tree's own invariants hold (every node's hashes recomputed from its path)."""
+    sub.apply(cache.events.take()[1])
+    if check_tree:
+        cache.check_invariants()
+    assert sub.blocks == tree_blocks(cache) and len(sub.blocks) == cache.events.num_blocks
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_subscriber_rebuilds_the_trees_block_set(block_size: int) -> None:
     rng = random.Random(block_size)
@@ -106,10 +115,7 @@ def test_subscriber_rebuilds_the_trees_block_set(block_size: int) -> None:
             cache.reset()
         else:
             cache.evict(rng.randrange(1, 60))
-        sub.apply(cache.events.take()[1])
-        if step % 50 == 0:
-            cache.check_invariants()  # every node's hashes recomputed from its path
-        assert sub.blocks == tree_blocks(cache) and len(sub.blocks) == cache.events.num_blocks
+        take_events_and_check(cache, sub, check_tree=step % 50 == 0)
 
 
 def test_host_tier_keeps_kv_and_events_exact() -> None:
@@ -173,10 +179,7 @@ def test_host_tier_keeps_kv_and_events_exact() -> None:
         else:
             cache.evict(rng.randrange(1, 40))
             run_moves()
-        sub.apply(cache.events.take()[1])
-        if step % 20 == 0:
-            cache.check_invariants()
-        assert sub.blocks == tree_blocks(cache) and len(sub.blocks) == cache.events.num_blocks
+        take_events_and_check(cache, sub, check_tree=step % 20 == 0)
     assert host.loaded_tokens > 100 and host.stored_tokens > 100 and host.evicted_tokens > 0
 
 
