@@ -4,10 +4,11 @@ and not) and SGLang's native routes; greedy text over HTTP equals the offline En
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
-from server_fixture import MODEL, SMALL_LIMITS, RadixServer
+from server_fixture import MODEL, SMALL_LIMITS, RadixServer, process_title
 
 GREEDY = {"temperature": 0}
 PROMPT = "The capital of France is"
@@ -179,3 +180,15 @@ def test_info_routes(server: RadixServer) -> None:
     assert sinfo["max_running_requests"] == 16 and sinfo["scheduler"]["invariants"] == "ok"
     assert server.post("/flush_cache", {}).status_code == 200
     assert server.get("/health").status_code == 200
+
+
+def test_torch_is_the_workers_alone(server: RadixServer) -> None:
+    """The launcher and the tokenizer process never load torch: its import is seconds of CPU at every start."""
+    def loads_torch(pid: int) -> bool:
+        return b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes()
+
+    titles = {pid: process_title(pid) for pid in server.child_pids}
+    tokenizers = [pid for pid, title in titles.items() if b"tokenizer-" in title]
+    workers = [pid for pid, title in titles.items() if b"worker-" in title]
+    assert len(tokenizers) == len(workers) == 1 and loads_torch(workers[0])
+    assert not loads_torch(server.proc.pid) and not loads_torch(tokenizers[0])

@@ -7,14 +7,20 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from tokenizer_proc.chat_tools import tool_call_format
 from tokenizer_proc.detokenizer import MAX_PENDING, PROMPT_CONTEXT
 from tokenizer_proc.text import (
+    OWN_TOKENIZER_MODEL_TYPES,
+    ChatOptions,
     IncrementalDetokenizer,
     RequestText,
     StopMatcher,
@@ -159,6 +165,63 @@ def test_eos_token_ids(smol, smol_dir: str | None, tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 9, "bos_token_id": 1}))
     assert eos_token_ids(smol, str(tmp_path)) == [7, 2, 9]
     assert eos_token_ids(smol, None) == [2]
+
+
+# ---------------------------------------------------------------- load_tokenizer
+
+
+def _tokenizer_dir(src: str, root, tokenizer_class: str, model_type: str) -> str:
+    """A copy of `src`'s tokenizer files declaring `tokenizer_class`, beside a config.json of `model_type`."""
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        (root / name).write_bytes(Path(src, name).read_bytes())
+    declared = json.loads(Path(src, "tokenizer_config.json").read_text()) | {"tokenizer_class": tokenizer_class}
+    (root / "tokenizer_config.json").write_text(json.dumps(declared))
+    (root / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return str(root)
+
+
+@pytest.mark.parametrize(("tokenizer_class", "model_type"), [
+    ("TokenizersBackend", "llama"), ("PreTrainedTokenizerFast", "mistral"), ("TokenizersBackend", "qwen2"),
+    ("GPT2Tokenizer", "llama")])
+def test_load_tokenizer_picks_autotokenizers_class(smol_dir, tmp_path, tokenizer_class, model_type) -> None:
+    path = _tokenizer_dir(smol_dir, tmp_path, tokenizer_class, model_type)
+    ours, auto = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    assert type(ours) is type(auto)
+    assert ours.encode(MULTIBYTE + "<|im_end|>") == auto.encode(MULTIBYTE + "<|im_end|>")
+
+
+def test_generic_tokenizers_set_aside_the_model_types_autotokenizer_does() -> None:
+    from transformers.models.auto.tokenization_auto import (
+        MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS,
+        TOKENIZER_MAPPING_NAMES,
+    )
+
+    generic = {"TokenizersBackend", "PythonBackend", "PreTrainedTokenizer", "MistralCommonBackend"}
+    own = {t for t in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+           if (TOKENIZER_MAPPING_NAMES.get(t) or "TokenizersBackend").removesuffix("Fast") not in generic}
+    assert own == OWN_TOKENIZER_MODEL_TYPES
+
+
+def test_the_default_tokenizer_loads_without_torch(smol_dir) -> None:
+    """The tokenizer process' work on the default model (chat with tools, special tokens, detokenization)
+    imports no torch, and equals AutoTokenizer's."""
+    script = f"""if True:
+        import json, sys
+        from tokenizer_proc.frontend import TokenizerCore
+        from tokenizer_proc.text import ChatOptions, encode_prompt
+        core = TokenizerCore({smol_dir!r}, {smol_dir!r})
+        tools = [{{"type": "function", "function": {{"name": "f", "parameters": {{"type": "object"}}}}}}]
+        ids = encode_prompt(core.tokenizer, messages=[{{"role": "user", "content": "hi"}}], chat=ChatOptions(tools))
+        text = core.tokenizer.decode(ids + core.eos_ids, skip_special_tokens=True)
+        print(json.dumps([ids, text, core.eos_ids, core.tool_call_format, "torch" in sys.modules]))
+    """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    ids, text, eos, tool_format, torch_imported = json.loads(done.stdout.splitlines()[-1])
+    auto = AutoTokenizer.from_pretrained(smol_dir)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert ids == encode_prompt(auto, messages=[{"role": "user", "content": "hi"}], chat=ChatOptions(tools))
+    assert text == auto.decode(ids + eos, skip_special_tokens=True) and eos == eos_token_ids(auto, smol_dir)
+    assert tool_format == tool_call_format(auto) and not torch_imported
 
 
 # ---------------------------------------------------------------- incremental detokenizer

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
-from transformers import AutoTokenizer
 
 from tokenizer_proc.chat_tools import describe_tools, renders_tools, tool_calls_of
 from tokenizer_proc.detokenizer import IncrementalDetokenizer
@@ -27,9 +26,43 @@ __all__ = ["IncrementalDetokenizer", "RequestText", "StopMatcher", "encode_promp
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
+# tokenizer_config.json's names of transformers' generic tokenizer.json class (one class in transformers 5).
+GENERIC_TOKENIZER_CLASSES = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
+# config.json model types whose generic-declared tokenizer AutoTokenizer replaces with the type's own class
+# (transformers' MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS that map to a class of their own; tests/test_text.py
+# keeps this equal to transformers').
+OWN_TOKENIZER_MODEL_TYPES = frozenset({"hyperclovax_vision_v2", "qwen2", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text",
+                                       "qwen4_exp", "siglip2"})
+
+
 def load_tokenizer(path: str, skip: bool = False) -> Any | None:
-    """The HF (fast) tokenizer of an HF model directory; None with `skip` (--skip-tokenizer-init)."""
-    return None if skip else AutoTokenizer.from_pretrained(path)
+    """The HF (fast) tokenizer of an HF model directory, the class AutoTokenizer picks; None with `skip`
+    (--skip-tokenizer-init).
+
+    AutoTokenizer's module imports torch (through transformers' config classes): seconds of CPU in every
+    tokenizer process and in the launcher that spawns them. So a tokenizer.json declared as the generic class,
+    where AutoTokenizer also ends up (no custom code, no Mistral tekken.json, not a model type with a class of
+    its own), is loaded by that class directly; any other goes through AutoTokenizer.
+    """
+    if skip:
+        return None
+    if _generic_tokenizer(Path(path)):
+        from transformers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _generic_tokenizer(model_dir: Path) -> bool:
+    declared, config = model_dir / "tokenizer_config.json", model_dir / "config.json"
+    if not (declared.is_file() and (model_dir / "tokenizer.json").is_file()) or (model_dir / "tekken.json").exists():
+        return False
+    tokenizer_config = json.loads(declared.read_text())
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return (tokenizer_config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES and "auto_map" not in tokenizer_config
+            and model_type not in OWN_TOKENIZER_MODEL_TYPES)
 
 
 def eos_token_ids(tokenizer: Any, model_dir: str | None) -> list[int]:

@@ -71,10 +71,16 @@ def start_backend(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_di
     start_workers(group, args, ipc, model_dir)
 
 
+def run_worker(*args) -> None:
+    """A TP worker's body (worker_proc.main.run_worker), imported in the worker only: spawn pickles the target
+    by name, and worker_proc.main imports torch, seconds of CPU the launcher would spend for nothing."""
+    from worker_proc.main import run_worker as worker_main
+
+    worker_main(*args)
+
+
 def start_workers(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_dir: str) -> None:
     """Spawn this node's TP workers (`--node-rank`'s share of `--tp-size`)."""
-    from worker_proc.main import run_worker
-
     args_json = msgspec.json.encode(args)
     # A CPU worker's OpenMP threads wait for each other between operators: a short spin (libgomp's
     # GOMP_SPINCOUNT, then sleep) saves the wake-up per operator on an otherwise idle machine, where sleeping
