@@ -1,9 +1,12 @@
 """Fixtures shared by the test modules.
 
-`server`: one real server per module (tests/server_fixture.py), stopped at the module's end with the check that
-it exits 0 and leaves no process. A module picks its flags with a marker,
-`pytestmark = pytest.mark.server_flags("--max-running-requests", "8", api_key="sk-...")`; without one it gets
-the test defaults. A module that needs another kind of server defines its own `server` fixture.
+`server`: a real server (tests/server_fixture.py), stopped with the check that it exits 0 and leaves no
+process. A module picks its flags with a marker,
+`pytestmark = pytest.mark.server_flags("--max-running-requests", "8", api_key="sk-...")`, and gets a server of
+its own for its tests. Modules without one share one server with the test defaults for the whole session (a
+start is seconds of CPU on the 2-core CI machine): each must leave it as it found it, so at its end the server
+is idle with nothing held (reliability_util.leak_problems) and its cache is flushed for the next module. A
+module that needs another kind of server defines its own `server` fixture.
 
 `@pytest.mark.long`: a check too heavy for `make test`'s budget on the 2-core CI machine (a second
 configuration of a check that `make test` keeps one fast instance of, or a soak). It runs where
@@ -15,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from reliability_util import LONG
+from reliability_util import LONG, flush_empties_pool, leak_problems, wait_idle
 from server_fixture import RadixServer
 
 
@@ -28,9 +31,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def default_server() -> Iterator[RadixServer]:
+    srv = RadixServer()
+    yield srv
+    srv.stop_cleanly()
+
+
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest) -> Iterator[RadixServer]:
     marker = request.node.get_closest_marker("server_flags")
-    srv = RadixServer(*marker.args, **marker.kwargs) if marker else RadixServer()
+    if marker is None:
+        srv = request.getfixturevalue("default_server")
+        yield srv
+        problems = leak_problems(wait_idle(srv, timeout=60))
+        assert not problems, f"{request.node.name} left the shared server with {problems}"
+        flush_empties_pool(srv)
+        return
+    srv = RadixServer(*marker.args, **marker.kwargs)
     yield srv
     srv.stop_cleanly()
