@@ -29,18 +29,22 @@ def _all_at_once(server: RadixServer) -> list[tuple[list[int], int]]:
         return list(pool.map(lambda p: _generate(server, p), PROMPTS))
 
 
-def _run(*flags: str, one_at_a_time: bool = False) -> dict:
-    """Outputs of one server: (one at a time,) all at once, and all at once again (from the cache)."""
+def _outputs(server: RadixServer, one_at_a_time: bool = False) -> dict:
+    """Outputs of `server`: (one at a time,) all at once, and all at once again (from the cache)."""
+    runs = {"one at a time": [_generate(server, p) for p in PROMPTS]} if one_at_a_time else {}
+    runs["all at once"] = _all_at_once(server)
+    runs["again"] = _all_at_once(server)
+    info = wait_idle(server)
+    assert not leak_problems(info), info
+    return {"ids": {name: [ids for ids, _ in outs] for name, outs in runs.items()},
+            "cached": sum(c for _, c in runs["again"]), "stats": info["scheduler"]}
+
+
+def _run(*flags: str) -> dict:
+    """The outputs of a server of its own, started with `flags`."""
     server = RadixServer(*flags)
     try:
-        runs = {"one at a time": [_generate(server, p) for p in PROMPTS]} if one_at_a_time else {}
-        runs["all at once"] = _all_at_once(server)
-        runs["again"] = _all_at_once(server)
-        info = wait_idle(server)
-        assert not leak_problems(info), info
-        stats = info["scheduler"]
-        return {"ids": {name: [ids for ids, _ in outs] for name, outs in runs.items()},
-                "cached": sum(c for _, c in runs["again"]), "stats": stats}
+        return _outputs(server)
     finally:
         code, left = server.stop()
         assert code == 0 and not left, server.log()
@@ -50,8 +54,8 @@ def _mismatches(reference: list[list[int]], other: list[list[int]]) -> int:
     return sum(a != b for a, b in zip(reference, other, strict=True))
 
 
-def test_greedy_tokens_identical_under_pressure() -> None:
-    default = _run(one_at_a_time=True)
+def test_greedy_tokens_identical_under_pressure(server: RadixServer) -> None:
+    default = _outputs(server, one_at_a_time=True)  # the shared server with the test defaults (tests/conftest.py)
     reference = default["ids"]["one at a time"]
     assert all(len(ids) == NEW_TOKENS for ids in reference)
     assert default["cached"] > 0, "the second round was not served from the cache"
