@@ -19,8 +19,6 @@ DOC = ("The Rhine rises in the Swiss Alps, flows through Lake Constance, forms p
        "in the Netherlands. Barges carry coal, grain and containers along most of its length.")
 
 
-pytestmark = pytest.mark.server_flags("--max-running-requests", "8")
-
 
 @pytest.fixture(scope="module")
 def client(server: RadixServer) -> Iterator[Client]:

@@ -30,7 +30,7 @@ class Client(threading.Thread):
         super().__init__(daemon=True)
         self.port, self.stream = port, i % 3 != 0
         self.body = json.dumps({"text": f"Story {i}:", "stream": self.stream,
-                                "sampling_params": {"max_new_tokens": 48, "ignore_eos": True}}).encode()
+                                "sampling_params": {"max_new_tokens": 24, "ignore_eos": True}}).encode()
         self.started = threading.Event()  # the request is in (its first event came, or it was sent)
         self.outcome = "hang"
 
