@@ -11,11 +11,21 @@ module that needs another kind of server defines its own `server` fixture.
 `@pytest.mark.long`: a check too heavy for `make test`'s budget on the 2-core CI machine (a second
 configuration of a check that `make test` keeps one fast instance of, or a soak). It runs where
 RADIXSERVE_LONG=1, as `make reliability-long` sets; elsewhere it is skipped with that reason.
+
+The tests' own torch work (HF references, models run in this process) waits between operators as a server's
+worker does (launch/supervisor.py, docs/deploy.md): a short OpenMP spin, set here before anything loads libgomp.
+libgomp's long default spin made HF's greedy decode ~5x slower where the servers the tests start share the
+two cores.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+from radixserve.launch.supervisor import short_spin_env
+
+os.environ.update(short_spin_env())
 
 import pytest
 from reliability_util import LONG, flush_empties_pool, leak_problems, wait_idle

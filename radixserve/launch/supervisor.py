@@ -71,6 +71,12 @@ def start_backend(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_di
     start_workers(group, args, ipc, model_dir)
 
 
+def short_spin_env() -> dict[str, str]:
+    """GOMP_SPINCOUNT=3000 (a short OpenMP spin, see start_workers) unless the environment names a wait policy or
+    a spin count."""
+    return {} if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys() else {"GOMP_SPINCOUNT": CPU_SPIN_COUNT}
+
+
 def run_worker(*args) -> None:
     """A TP worker's body (worker_proc.main.run_worker), imported in the worker only: spawn pickles the target
     by name, and worker_proc.main imports torch, seconds of CPU the launcher would spend for nothing."""
@@ -87,6 +93,6 @@ def start_workers(group: ProcessGroup, args: ServerArgs, ipc: IpcPaths, model_di
     # at once (OMP_WAIT_POLICY=PASSIVE) makes decode slower; libgomp's long default spin makes it slower still
     # where other busy processes share the cores (docs/deploy.md has the measurements). Read by libgomp at
     # import; either variable set in the environment wins.
-    spin = {} if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys() else {"GOMP_SPINCOUNT": CPU_SPIN_COUNT}
+    spin = short_spin_env()
     for rank in NodeLayout.of(args).local_ranks:
         group.add(run_worker, f"worker-{rank}", args_json, ipc.root, rank, model_dir, os.getpid(), env=spin)
