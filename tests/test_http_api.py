@@ -183,12 +183,13 @@ def test_info_routes(server: RadixServer) -> None:
 
 
 def test_torch_is_the_workers_alone(server: RadixServer) -> None:
-    """The launcher and the tokenizer process never load torch: its import is seconds of CPU at every start."""
+    """The launcher, the tokenizer and the scheduler never load torch (docs/architecture.md): its import is
+    seconds of CPU at every start."""
     def loads_torch(pid: int) -> bool:
         return b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes()
 
     titles = {pid: process_title(pid) for pid in server.child_pids}
-    tokenizers = [pid for pid, title in titles.items() if b"tokenizer-" in title]
+    others = [pid for pid, title in titles.items() if b"tokenizer-" in title or b"scheduler" in title]
     workers = [pid for pid, title in titles.items() if b"worker-" in title]
-    assert len(tokenizers) == len(workers) == 1 and loads_torch(workers[0])
-    assert not loads_torch(server.proc.pid) and not loads_torch(tokenizers[0])
+    assert len(others) == 2 and len(workers) == 1 and loads_torch(workers[0])
+    assert not [pid for pid in [server.proc.pid, *others] if loads_torch(pid)], titles
