@@ -53,6 +53,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[RadixServer]:
     marker = request.node.get_closest_marker("server_flags")
     if marker is None:
         srv = request.getfixturevalue("default_server")
+        assert srv.proc.poll() is None, f"the shared server exited with code {srv.proc.returncode}:\n{srv.log()}"
         yield srv
         problems = leak_problems(wait_idle(srv, timeout=60))
         assert not problems, f"{request.node.name} left the shared server with {problems}"
