@@ -462,3 +462,69 @@ void rs_pack_quant(const uint8_t *codes, long n, long k, long bits, const float 
             }
     }
 }
+
+/* One linear layer of the decoder stack: bf16 in rs_pack_bf16's layout (bits 16), or quantized codes in
+ * rs_pack_quant's (bits 4 or 8, with scale / offset per block of bk columns); bias may be NULL. */
+typedef struct {
+    const void *weight;
+    const float *scale, *offset;
+    const uint16_t *bias;
+    long bits, n, k, bk;
+} rs_linear;
+
+/* A Llama-family decoder layer (cpu_stack.py builds these): norms' weights, linears, this layer's KV caches. */
+typedef struct {
+    const uint16_t *input_norm, *post_norm;
+    rs_linear qkv, o, gate_up, down;
+    uint16_t *k_cache, *v_cache;
+} rs_layer;
+
+static void run_linear(const rs_linear *l, const uint16_t *x, long m, uint16_t *y) {
+    if (l->bits == 16)
+        rs_linear_bf16(x, l->k, m, l->weight, l->n, l->k, l->bias, y, l->n);
+    else
+        rs_linear_quant(x, l->k, m, l->weight, l->bits, l->scale, l->offset, l->n, l->k, l->bk, l->bias, y, l->n);
+}
+
+/* The whole decoder stack of a step in one call, each layer as LlamaDecoderLayer.forward runs it through the
+ * kernels above (the same kernels in the same order, so the same numbers): x [tokens, hidden] the embeddings;
+ * out [tokens, hidden] = the final norm of the last hidden state. Rows of attention as rs_paged_attention_bf16's
+ * (row_slots, row_lens); slots: each token's KV slot; cos / sin [tokens, dim / 2] (row stride ldc). Returns 0, or
+ * -1 where scratch memory could not be had (nothing written to out). */
+long rs_decoder_stack(const rs_layer *layers, long n_layers, const uint16_t *x, long tokens, long hidden,
+                      long q_heads, long kv_heads, long dim, float eps, float scale, const uint16_t *cos,
+                      const uint16_t *sin, long ldc, const int64_t *slots, const int32_t *req_to_token,
+                      long rtt_stride, const int32_t *row_slots, const int32_t *row_lens,
+                      const uint16_t *final_norm, uint16_t *out) {
+    const long qkv_n = (q_heads + 2 * kv_heads) * dim, q_n = q_heads * dim;
+    long widest = qkv_n > q_n ? qkv_n : q_n;
+    for (long i = 0; i < n_layers; i++)
+        widest = layers[i].gate_up.n > widest ? layers[i].gate_up.n : widest;
+    /* h: a layer's output; res: the residual stream; normed: a norm's output; wide, q: the layer's scratch */
+    uint16_t *h = malloc(sizeof(uint16_t) * tokens * hidden), *res = malloc(sizeof(uint16_t) * tokens * hidden);
+    uint16_t *normed = malloc(sizeof(uint16_t) * tokens * hidden), *wide = malloc(sizeof(uint16_t) * tokens * widest);
+    uint16_t *q = malloc(sizeof(uint16_t) * tokens * widest), *attn = malloc(sizeof(uint16_t) * tokens * q_n);
+    long ok = h && res && normed && wide && q && attn;
+    for (long i = 0; ok && i < n_layers; i++) {
+        const rs_layer *l = layers + i;
+        if (i == 0) {
+            rs_add_rmsnorm_bf16(x, hidden, 0, 0, l->input_norm, tokens, hidden, eps, normed, 0);
+            memcpy(res, x, sizeof(uint16_t) * tokens * hidden);
+        } else {
+            rs_add_rmsnorm_bf16(h, hidden, res, hidden, l->input_norm, tokens, hidden, eps, normed, res);
+        }
+        run_linear(&l->qkv, normed, tokens, wide);
+        rs_rotary_store_bf16(wide, qkv_n, dim, wide + (q_heads + kv_heads) * dim, qkv_n, dim, cos, sin, ldc, slots,
+                             tokens, q_heads, kv_heads, dim, q, l->k_cache, l->v_cache);
+        rs_paged_attention_bf16(q, l->k_cache, l->v_cache, req_to_token, rtt_stride, row_slots, row_lens, tokens,
+                                q_heads, kv_heads, dim, scale, attn);
+        run_linear(&l->o, attn, tokens, h);
+        rs_add_rmsnorm_bf16(h, hidden, res, hidden, l->post_norm, tokens, hidden, eps, normed, res);
+        run_linear(&l->gate_up, normed, tokens, wide);
+        rs_silu_and_mul_bf16(wide, l->gate_up.n, tokens, l->gate_up.n / 2, q);
+        run_linear(&l->down, q, tokens, h);
+    }
+    if (ok) rs_add_rmsnorm_bf16(h, hidden, res, hidden, final_norm, tokens, hidden, eps, out, res);
+    free(h), free(res), free(normed), free(wide), free(q), free(attn);
+    return ok ? 0 : -1;
+}

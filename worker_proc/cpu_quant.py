@@ -164,6 +164,10 @@ class QuantLinear:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
 
+    def stack_fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
+        """(weight, scale, offset, bits, block) as cpu_stack describes a layer to rs_decoder_stack."""
+        return self.codes, self.scale, self.offset, self.bits, self.block
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, y = cpu_kernels.linear_rows(x, self.k, self.n, bias)
         self.lib.rs_linear_quant(rows.data_ptr(), rows.stride(0), rows.shape[0], self.codes.data_ptr(), self.bits,
