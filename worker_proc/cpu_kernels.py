@@ -82,9 +82,9 @@ def library() -> ctypes.CDLL | None:
         "rs_rotary_store_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size, ptr, size, size, size, size, ptr,
                                  ptr, ptr],
         "rs_paged_attention_bf16": [ptr, ptr, ptr, ptr, size, ptr, ptr, size, size, size, size, f32, ptr],
-        "rs_linear_quant": [ptr, size, size, ptr, size, ptr, ptr, size, size, size, ptr, ptr, size],
+        "rs_linear_quant": [ptr, size, size, ptr, size, ptr, ptr, size, size, size, size, ptr, ptr, size],
         "rs_gguf_decode": [ptr, ptr, size, size, size, size, ptr, ptr, ptr],
-        "rs_pack_quant": [ptr, size, size, size, ptr, ptr, size, ptr, ptr, ptr],
+        "rs_pack_quant": [ptr, size, size, size, ptr, ptr, size, size, ptr, ptr, ptr],
         "rs_decoder_stack": [ptr, size, ptr, size, size, size, size, size, f32, f32, ptr, ptr, size, ptr, ptr, size,
                              ptr, ptr, ptr, ptr],
     }
@@ -106,9 +106,9 @@ class PackedLinear:
         self.data = torch.empty(-(-self.n // _NB) * -(-self.k // 2) * _NB * 2, dtype=torch.bfloat16)
         lib.rs_pack_bf16(weight.data_ptr(), self.n, self.k, self.data.data_ptr())
 
-    def stack_fields(self) -> tuple[torch.Tensor, None, None, int, int]:
-        """(weight, scale, offset, bits, block) as cpu_stack describes a layer to rs_decoder_stack."""
-        return self.data, None, None, 16, 0
+    def stack_fields(self) -> tuple[torch.Tensor, None, None, int, int, bool]:
+        """(weight, scale, offset, bits, block, fp16 scales) as cpu_stack describes a layer to rs_decoder_stack."""
+        return self.data, None, None, 16, 0, False
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, y = linear_rows(x, self.k, self.n, bias)

@@ -25,10 +25,11 @@ _ptr, _long = ctypes.c_void_p, ctypes.c_long
 
 
 class _Linear(ctypes.Structure):
-    """rs_linear: a linear layer's packed weight (bits 16: bf16; 4 or 8: codes, scale, offset) and bias."""
+    """rs_linear: a linear layer's packed weight (bits 16: bf16; 4 or 8: codes, scale, offset, fp16 where half)
+    and bias."""
 
     _fields_ = [("weight", _ptr), ("scale", _ptr), ("offset", _ptr), ("bias", _ptr), ("bits", _long), ("n", _long),
-                ("k", _long), ("bk", _long)]
+                ("k", _long), ("bk", _long), ("half", _long)]
 
 
 class _Layer(ctypes.Structure):
@@ -43,9 +44,9 @@ def _ptr_of(t: torch.Tensor | None) -> int | None:
 
 
 def _linear(module: Any) -> _Linear:
-    weight, scale, offset, bits, block = module.packed.stack_fields()
+    weight, scale, offset, bits, block, half = module.packed.stack_fields()
     return _Linear(_ptr_of(weight), _ptr_of(scale), _ptr_of(offset), _ptr_of(module.bias), bits,
-                   module.packed.n, module.packed.k, block)
+                   module.packed.n, module.packed.k, block, half)
 
 
 class DecoderStack:
