@@ -285,8 +285,8 @@ void rs_rotary_store_bf16(const uint16_t *qk, long ldt, long ldh, const uint16_t
  * Layout (cpu_quant.pack), per block of NB output columns and pair of k, like rs_pack_bf16's [k / 2][NB][2]:
  *   8 bits: 64 signed bytes [NB][2];
  *   4 bits: 32 bytes, byte e = lo | hi << 4 with lo the code of (column e / 2, k e % 2) and hi that of column
- *           16 + e / 2; unpacked as the bf16 number 128 + code (bits 0x4300 | code), so a block's sum of
- *           (128 + code) * x less 128 times the block's sum of x is its sum of code * x;
+ *           16 + e / 2; unpacked as the bf16 number 128 + code (bits 0x4300 | code), so the kernel adds
+ *           (offset - 128 scale) times the block's sum of x;
  *   scales, offsets: [blocks][k / bk][NB], float32, or fp16 (`half`: GGUF's own, exact in fp16). */
 static inline __attribute__((always_inline)) void unpack_codes(const int bits, const uint8_t *p, __m512bh *w0,
                                                                __m512bh *w1) {
@@ -316,9 +316,9 @@ static inline __m512 load_scales(const void *p, long i, int half) {
 }
 
 /* Rows of x per quantized tile: with one block of k (per-channel scales) 8 (16 accumulators); with several
- * blocks 6 (12 accumulators of the block's sums, 12 of the scaled total). */
+ * blocks 4 (8 accumulators of the block's sums, 8 of the scaled total: 5 or 6 rows spill registers). */
 #define QMB_ONE 8
-#define QMB_BLOCKS 6
+#define QMB_BLOCKS 4
 
 /* What a tile needs besides its rows: the quantized layer's column block and the rows' sums of x per block. */
 typedef struct {
@@ -342,20 +342,20 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
             unpack_codes(bits, q->codes + k2 * pair_bytes, &w0, &w1);
             dot_pair(m, x, ldx, k2, w0, w1, part);
         }
-        if (q->biased)
-            for (int i = 0; i < m; i++) {
-                __m512 biased_sum = _mm512_set1_ps(128.0f * q->xsum[i * kb_dim + kb]);
-                part[i][0] = _mm512_sub_ps(part[i][0], biased_sum);
-                part[i][1] = _mm512_sub_ps(part[i][1], biased_sum);
-            }
         /* acc + part * scale: with one block, acc is 0 and this is part * scale, rounded once */
         __m512 s0 = load_scales(q->scale, kb * NB, q->half), s1 = load_scales(q->scale, kb * NB + 16, q->half);
         for (int i = 0; i < m; i++) {
             acc[i][0] = one_block ? _mm512_mul_ps(part[i][0], s0) : _mm512_fmadd_ps(part[i][0], s0, acc[i][0]);
             acc[i][1] = one_block ? _mm512_mul_ps(part[i][1], s1) : _mm512_fmadd_ps(part[i][1], s1, acc[i][1]);
         }
-        if (q->offset) {
-            __m512 o0 = load_scales(q->offset, kb * NB, q->half), o1 = load_scales(q->offset, kb * NB + 16, q->half);
+        if (q->offset || q->biased) {
+            __m512 o0 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps();
+            if (q->offset)
+                o0 = load_scales(q->offset, kb * NB, q->half), o1 = load_scales(q->offset, kb * NB + 16, q->half);
+            if (q->biased) { /* codes read as 128 + code: the offset less 128 scales (128 s is exact) */
+                o0 = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), s0, o0);
+                o1 = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), s1, o1);
+            }
             for (int i = 0; i < m; i++) {
                 __m512 sx = _mm512_set1_ps(q->xsum[i * kb_dim + kb]);
                 acc[i][0] = _mm512_fmadd_ps(o0, sx, acc[i][0]);
@@ -384,9 +384,7 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
             case 1: QTILE(1, B, 0); break;                                                                         \
             case 2: QTILE(2, B, 0); break;                                                                         \
             case 3: QTILE(3, B, 0); break;                                                                         \
-            case 4: QTILE(4, B, 0); break;                                                                         \
-            case 5: QTILE(5, B, 0); break;                                                                         \
-            default: QTILE(6, B, 0); break;                                                                        \
+            default: QTILE(4, B, 0); break;                                                                        \
         }                                                                                                          \
     }
 
@@ -421,8 +419,13 @@ void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *cod
                          bits == 4};
             const uint16_t *bb = bias ? bias + n0 : 0;
             if (wide) {
+                /* the next column block's codes are fetched meanwhile: this thread's tiles of this block run
+                 * from cache while they arrive (else reading them would stall the unpacking, not overlap it) */
+                const char *next = (const char *)(qb.codes + k_dim * NB * bits / 8);
+                const long pair_bytes = bits * NB * 2 / 8, has_next = b + 1 < blocks;
                 for (long k2 = 0; k2 < k_dim / 2; k2++) {
                     __m512bh w0, w1;
+                    if (has_next && (k2 * pair_bytes) % 64 == 0) _mm_prefetch(next + k2 * pair_bytes, _MM_HINT_T1);
                     if (bits == 4) unpack_codes(4, qb.codes + k2 * NB, &w0, &w1);
                     else unpack_codes(8, qb.codes + k2 * NB * 2, &w0, &w1);
                     _mm512_storeu_si512(wide + k2 * 128, (__m512i)w0);
