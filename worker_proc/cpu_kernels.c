@@ -317,6 +317,9 @@ static inline __m512 load_scales(const void *p, long i, int half) {
 
 /* Rows of x per quantized tile: with one block of k (per-channel scales) 8 (16 accumulators); with several
  * blocks 4 (8 accumulators of the block's sums, 8 of the scaled total: 5 or 6 rows spill registers). */
+/* Bytes ahead of the codes being read that a tile asks for (a prefetch per 64-byte line): the hardware
+ * prefetcher alone left one row's 4-bit tile at about 2/3 of the memory bandwidth. */
+#define PF_DIST 4096
 #define QMB_ONE 8
 #define QMB_BLOCKS 4
 
@@ -339,6 +342,8 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
         for (int i = 0; i < m; i++) part[i][0] = part[i][1] = _mm512_setzero_ps();
         for (long k2 = kb * bk / 2; k2 < (kb + 1) * bk / 2; k2++) {
             __m512bh w0, w1;
+            if (bits != 16 && (k2 * pair_bytes) % 64 == 0)
+                _mm_prefetch((const char *)q->codes + k2 * pair_bytes + PF_DIST, _MM_HINT_T0);
             unpack_codes(bits, q->codes + k2 * pair_bytes, &w0, &w1);
             dot_pair(m, x, ldx, k2, w0, w1, part);
         }
