@@ -329,6 +329,8 @@ typedef struct {
     const void *scale, *offset; /* offset may be NULL */
     const float *xsum;          /* [rows][k / bk], where biased or offset */
     long k_dim, bk, half, biased; /* biased: codes unpacked as 128 + code (4 bits) */
+    const char *next;             /* where unpacked before (bits 16): the next column block's codes, to prefetch */
+    long next_pair_bytes;
 } qblock;
 
 static inline __attribute__((always_inline)) void qtile(const int m, const int bits, const int one_block,
@@ -344,6 +346,8 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
             __m512bh w0, w1;
             if (bits != 16 && (k2 * pair_bytes) % 64 == 0)
                 _mm_prefetch((const char *)q->codes + k2 * pair_bytes + PF_DIST, _MM_HINT_T0);
+            if (bits == 16 && q->next && (k2 * q->next_pair_bytes) % 64 == 0)
+                _mm_prefetch(q->next + k2 * q->next_pair_bytes, _MM_HINT_T1);
             unpack_codes(bits, q->codes + k2 * pair_bytes, &w0, &w1);
             dot_pair(m, x, ldx, k2, w0, w1, part);
         }
@@ -424,13 +428,12 @@ void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *cod
                          bits == 4};
             const uint16_t *bb = bias ? bias + n0 : 0;
             if (wide) {
-                /* the next column block's codes are fetched meanwhile: this thread's tiles of this block run
-                 * from cache while they arrive (else reading them would stall the unpacking, not overlap it) */
-                const char *next = (const char *)(qb.codes + k_dim * NB * bits / 8);
-                const long pair_bytes = bits * NB * 2 / 8, has_next = b + 1 < blocks;
+                /* the first row tile fetches the next column block's codes as it goes: the tiles of this block
+                 * run from cache while they arrive (else reading them would stall the unpacking) */
+                qb.next = b + 1 < blocks ? (const char *)(qb.codes + k_dim * NB * bits / 8) : 0;
+                qb.next_pair_bytes = bits * NB * 2 / 8;
                 for (long k2 = 0; k2 < k_dim / 2; k2++) {
                     __m512bh w0, w1;
-                    if (has_next && (k2 * pair_bytes) % 64 == 0) _mm_prefetch(next + k2 * pair_bytes, _MM_HINT_T1);
                     if (bits == 4) unpack_codes(4, qb.codes + k2 * NB, &w0, &w1);
                     else unpack_codes(8, qb.codes + k2 * NB * 2, &w0, &w1);
                     _mm512_storeu_si512(wide + k2 * 128, (__m512i)w0);
@@ -442,6 +445,7 @@ void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *cod
                 long i0 = mb * tile_rows;
                 int m = m_dim - i0 < tile_rows ? (int)(m_dim - i0) : (int)tile_rows;
                 qb.xsum = sums ? xsum + i0 * kb_dim : 0;
+                qb.next = mb == 0 ? qb.next : 0;
                 const uint16_t *xi = x + i0 * ldx;
                 uint16_t *yi = y + i0 * ldy + n0;
                 if (wide) {
