@@ -78,7 +78,7 @@ class Scheduler:
         # The host tier (--enable-hierarchical-cache): the workers' host pool has num_host_kv_slots (RuntimeInfo).
         self.cache = RadixCache(self.allocator,
                                 BlockEvents(events.block_size) if events is not None and events.enabled else None,
-                                HostTier(num_host_kv_slots) if num_host_kv_slots else None)
+                                HostTier(num_host_kv_slots, args.hicache_write_policy) if num_host_kv_slots else None)
         self.use_cache = not args.disable_radix_cache
         # Prefix groups only for workers that use them (`cascade_attention`: RuntimeInfo); without the radix
         # cache no two requests share KV, so there is nothing to group.
