@@ -28,7 +28,8 @@ from worker_proc.model_runner import ModelRunner
 
 POOL = 256
 pytestmark = pytest.mark.server_flags("--enable-hierarchical-cache", "--hicache-ratio", "4",
-                                      "--max-total-tokens", str(POOL), "--context-length", "128")
+                                      "--hicache-write-policy", "write_through", "--max-total-tokens", str(POOL),
+                                      "--context-length", "128")
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
