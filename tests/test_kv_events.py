@@ -2,10 +2,10 @@
 
 The radix tree's own block set against the set a subscriber rebuilds from the events alone, after random
 inserts, matches (splits), locks, evictions and flushes; the wire bytes against vLLM's Struct layout; and a real
-server with the host tier publishing over ZeroMQ: the subscriber's set equals the server's block count after random
-requests with evictions, moves between the tiers and a flush, and after a subscriber restart the replay socket
-fills the gap with no sequence number missing. The server check runs on 120 requests in make test and on 10,000
-(the issue's size) as a `long` check.
+server with the host tier (write_through: blocks in both tiers) publishing over ZeroMQ: the subscriber's set equals
+the server's block count after random requests with evictions, moves between the tiers and a flush, and after a
+subscriber restart the replay socket fills the gap with no sequence number missing. The server check runs on 120
+requests in make test and on 10,000 (the issue's size) as a `long` check.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ CONFIG = msgspec.json.encode({"publisher": "zmq", "endpoint": f"tcp://*:{PUB_POR
                               "block_size": BLOCK}).decode()
 POOL = 320  # KV tokens: a few dozen requests overflow it, and the host tier's 640
 pytestmark = pytest.mark.server_flags("--kv-events-config", CONFIG, "--max-total-tokens", str(POOL),
-                                      "--context-length", "128", "--enable-hierarchical-cache", "--hicache-ratio", "2")
+                                      "--context-length", "128", "--enable-hierarchical-cache", "--hicache-ratio", "2",
+                                      "--hicache-write-policy", "write_through")
 
 
 class Subscriber:
