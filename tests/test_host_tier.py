@@ -31,6 +31,8 @@ pytestmark = pytest.mark.server_flags("--enable-hierarchical-cache", "--hicache-
                                       "--hicache-write-policy", "write_through", "--max-total-tokens", str(POOL),
                                       "--context-length", "128")
 GREEDY = {"temperature": 0, "ignore_eos": True}
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the side streams of worker_proc/kv_host.py)")])
 
 
 def generate(server: RadixServer, ids: list[int], max_new: int = 8, rid: str | None = None) -> dict:
@@ -107,8 +109,7 @@ def test_random_aborts_leak_no_device_or_host_slot(server: RadixServer, num_requ
     assert info["aborted_requests"] > 0 and info["host_stored_tokens"] > 0
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (the side streams of worker_proc/kv_host.py)")])])
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_kv_moves_copy_every_layer_both_ways_in_order(device: str) -> None:
     """The workers' copies (worker_proc/kv_host.py): a move out and back lands each layer's K and V rows where the
     scheduler said, moves apply in order (the second reads host slots the first one wrote), a store is not disturbed
@@ -134,9 +135,10 @@ def test_kv_moves_copy_every_layer_both_ways_in_order(device: str) -> None:
         assert torch.equal(got, old[[int(out[-1]), int(out[0])]])
 
 
-@pytest.fixture(scope="module")
-def tiny_runner(tmp_path_factory) -> ModelRunner:
-    """A random 2-layer Llama's ModelRunner with a 192-token device pool and a host pool 4 times that."""
+@pytest.fixture(scope="module", params=["cpu", CUDA])
+def tiny_runner(request: pytest.FixtureRequest, tmp_path_factory) -> ModelRunner:
+    """A random 2-layer Llama's ModelRunner with a 192-token device pool and a host pool 4 times that; on CUDA in
+    float32 with the torch attention backend, so that batching changes no greedy token."""
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
     torch.manual_seed(0)
@@ -144,7 +146,7 @@ def tiny_runner(tmp_path_factory) -> ModelRunner:
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     args = ServerArgs(model_path=str(path), dtype="float32", max_total_tokens=192, max_running_requests=4,
                       grammar_backend="none", skip_tokenizer_init=True, enable_hierarchical_cache=True,
-                      hicache_ratio=4)
+                      hicache_ratio=4, device=request.param, attention_backend="torch", disable_cuda_graph=True)
     return ModelRunner(args, 0, str(path))
 
 
