@@ -198,3 +198,38 @@ def test_each_write_policy_gives_the_tokens_of_no_tier(tiny_runner: ModelRunner)
         assert s.counters.cached_tokens > plain.counters.cached_tokens, policy
         assert s.flush_cache() and s.allocator.num_free == s.allocator.capacity
         assert host.allocator.num_free == host.allocator.capacity and host.size == 0
+
+
+class CopyInFlight:
+    """A store's copy that is done only once waited for (a CUDA event's query / synchronize)."""
+
+    def __init__(self, waited: list[int], n: int) -> None:
+        self.waited, self.n, self.finished = waited, n, False
+
+    def query(self) -> bool:
+        return self.finished
+
+    def synchronize(self) -> None:
+        self.finished = True
+        self.waited.append(self.n)
+
+
+def test_a_load_waits_only_for_the_stores_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order of worker_proc/kv_host.py's stores with copies still in flight, on the CPU: a load lands the stores
+    up to the last one that wrote a host slot it reads (the older ones too, so the last store to a slot wins) and
+    leaves later ones in flight; what it loads is what was stored last."""
+    cache = KVCache(2, 10, 1, 4, torch.float32, "cpu", num_host_slots=10)
+    waited: list[int] = []
+    stores = iter(range(100))
+    monkeypatch.setattr(cache.host, "_to_host", lambda rows: (CopyInFlight(waited, next(stores)), rows))
+    for layer in (*cache.k, *cache.v):
+        layer.copy_(torch.arange(10, dtype=torch.float32)[:, None, None].expand(layer.shape))
+    moves = [KVMove(to_host=True, src=i32(np.array([1, 2])), dst=i32(np.array([5, 6]))),  # store 0
+             KVMove(to_host=True, src=i32(np.array([3])), dst=i32(np.array([5]))),  # store 1: slot 5 again
+             KVMove(to_host=True, src=i32(np.array([4])), dst=i32(np.array([7]))),  # store 2: not read below
+             KVMove(to_host=False, src=i32(np.array([5, 6])), dst=i32(np.array([8, 9])))]
+    cache.move(moves)
+    assert waited == [0, 1]  # store 2 is still in flight
+    assert [int(x) for x in cache.k[0][[8, 9], 0, 0]] == [3, 2]  # slot 5 holds store 1's row
+    cache.host.finish_stores()
+    assert waited == [0, 1, 2] and int(cache.host.v[1][7, 0, 0]) == 4

@@ -8,10 +8,11 @@ between device and host in one copy:
   forward that overwrites those slots, which the scheduler may hand out at once), cross to a pinned staging tensor
   on the store stream, which waits for that gather only, and land in the host pool once that copy is done
   (`finish_stores`, in order, so the last store to a host slot wins).
-- host to device: every store still pending lands first (the host rows it reads are then written), then the rows
-  are gathered on the CPU into a pinned staging tensor, cross on the load stream, and are scattered into the device
+- host to device: the pending stores up to the last one that writes a host slot it reads land first (waiting for
+  their copies if need be; older ones too, so the last store to a slot still wins), then the rows are gathered on
+  the CPU into a pinned staging tensor, cross on the load stream, and are scattered into the device
   pool on the compute stream, which waits for that crossing: the forward that reads them waits for their copy, and
-  nothing waits for a store.
+  nothing waits for a store but a load of what it wrote.
 On the CPU the same steps run in order, each copy complete when it returns (no streams or events).
 """
 
@@ -50,7 +51,8 @@ class HostPool:
                 rows = torch.stack([layer.index_select(0, d_src) for layer in pools])
                 self._stores.append((*self._to_host(rows), dst))
             else:
-                self.finish_stores()
+                needed = [i for i, (_, _, stored) in enumerate(self._stores) if torch.isin(stored, src).any()]
+                self.finish_stores(needed[-1] + 1 if needed else 0)
                 host_rows = torch.empty((len(self._rows), len(src), *self._rows[0].shape[1:]),
                                         dtype=self._rows[0].dtype, pin_memory=self._load_stream is not None)
                 for pool, out in zip(self._rows, host_rows, strict=True):
@@ -58,16 +60,19 @@ class HostPool:
                 rows, d_dst = self._to_device(host_rows), dst.to(self.device)
                 for layer, layer_rows in zip(pools, rows, strict=True):
                     layer.index_copy_(0, d_dst, layer_rows)
-        self.finish_stores(wait=False)
+        self.finish_stores(0)
 
-    def finish_stores(self, wait: bool = True) -> None:
-        """Write the stores whose copies are done into the pool, oldest first; with `wait`, all of them."""
+    def finish_stores(self, first: int | None = None) -> None:
+        """Write stores into the pool, oldest first: the `first` ones (all if None), waiting for their copies, then
+        those whose copies are done."""
+        left = len(self._stores) if first is None else first
         while self._stores:
             done, rows, dst = self._stores[0]
             if done is not None and not done.query():
-                if not wait:
+                if left <= 0:
                     return
                 done.synchronize()
+            left -= 1
             self._stores.popleft()
             for pool, layer_rows in zip(self._rows, rows, strict=True):
                 pool.index_copy_(0, dst, layer_rows)
