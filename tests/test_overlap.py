@@ -239,6 +239,28 @@ def check_no_kv_held(s: Scheduler) -> None:
         assert s.cache.host.allocator.num_free + s.cache.host.size == s.cache.host.allocator.capacity
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize(("prompt", "new_tokens"), [(40, 30), (68, 2)])
+def test_session_pins_give_way_to_a_request_that_needs_their_kv(overlap, prompt, new_tokens) -> None:
+    """A session's finished turn pins 24 of the pool's 77 tokens; then a request alone needs 70 to finish, or a
+    prompt of 68 (prefilled in chunks of 8) does. Each runs to its max_new_tokens: the pin is dropped rather than
+    the request ended early or stalled for good."""
+    s = _scheduler(78, chunk=8, session_kv_budget=40)
+    never_eos = wire.SamplingParams(max_new_tokens=15, min_new_tokens=15)
+    drive(s, StandInWorker(), overlap, {0: [
+        control(wire.OpenSession(call_id="open", session_id="s0")),
+        lambda s, rec: s.submit(wire.GenerateTokens(rid="turn", input_ids=list(range(3, 13)), eos_token_ids=[EOS],
+                                                    session=wire.SessionParams(id="s0"), sampling=never_eos))]})
+    assert s.sessions.pinned_tokens == 24  # the turn's prompt and output, less its last token (never computed)
+    sp = wire.SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    rec = drive(s, StandInWorker(), overlap, {0: [lambda s, rec: s.submit(wire.GenerateTokens(
+        rid="r", input_ids=[20 + i % 50 for i in range(prompt)], eos_token_ids=[EOS], sampling=sp))]})
+    ids, finish = _tokens(rec.outs)["r"]
+    assert (len(ids), finish) == (new_tokens, "length")
+    assert s.sessions.pinned_tokens == 0 and s.counters.retracted_requests == 0
+    s.check_invariants()
+
+
 @pytest.mark.parametrize(("overlap", "policy"), [(False, None), (True, None), (True, "write_back"),
                                                 (True, "write_through"), (True, "write_through_selective")])
 @settings(max_examples=60, deadline=None)
