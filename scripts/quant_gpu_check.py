@@ -1,7 +1,7 @@
 """FP8 weights and FP8 KV on one GPU, side by side in one run (about 5 minutes on an H100), on the Llama-3.1-8B
 shape with dummy weights (radixserve/model_configs/llama-3.1-8b; FP8 ones quantized per channel on the GPU):
 
-    python scripts/quant_gpu_check.py OUT_DIR
+    python scripts/quant_gpu_check.py OUT_DIR [--sections graph-bf16 ...]
 
 Sections, each in its own process (each starts on an empty GPU) under a time limit:
   graph-bf16, graph-fp8   ModelRunner (--cuda-graph-max-bs 2): GPU time of one replay of the batch-1 decode graph
@@ -115,6 +115,7 @@ def summary(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="directory for results.json, the benches' JSON and sections.log")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--section", help=argparse.SUPPRESS)  # internal: one section in this process, its
     parser.add_argument("--result", help=argparse.SUPPRESS)  # results to this file
     a = parser.parse_args()
@@ -127,7 +128,8 @@ def main() -> None:
         [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "commit": os.environ.get("GIT_COMMIT", "?")}
-    for name, limit in SECTIONS.items():
+    for name in a.sections:
+        limit = SECTIONS[name]
         part = out / f"{name}.result.json"
         results[name] = run_child([sys.executable, __file__, str(out), "--section", name, "--result", str(part)],
                                   name, part, limit, out, env=env, cwd=ROOT)

@@ -172,8 +172,8 @@ def test_without_the_flag_no_code_of_the_mode_runs_and_rows_depend_on_the_batch(
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_check_determinism_finds_no_mismatch_with_the_flag(dtype):
     """`radixserve bench check-determinism`'s check on the default model: 4 prompts (2 in float32) alone (cold),
-    after a radix hit, in batches of 1 / 2 / 4 (2), and prefilled in 32-token chunks, greedy and seeded:
-    every output the same (the bench's defaults run more prompts and batch sizes)."""
+    in batches of 1 / 2 / 4 (2), batched as radix hits, and batched with 32-token prefill chunks, greedy and
+    seeded: every output the same (the bench's defaults run more prompts and batch sizes)."""
     from radixserve.bench.determinism import check
     from radixserve.config import ServerArgs
 

@@ -88,6 +88,7 @@ class ModelRunner:
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache or
                                                                 args.enable_deterministic_inference)
+        self._graph_aux: dict[tuple[int, bool], torch.Tensor | None] = {}  # (batch size, cascade) -> EAGLE3's states
         self.graphs = self._capture_graphs()
 
     def runtime_info(self) -> RuntimeInfo:
@@ -169,8 +170,7 @@ class ModelRunner:
             self.grammars = SlotGrammars(backend, self.device)
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        if (self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph
-                or self.args.speculative_algorithm == "EAGLE3"):  # its head reads hidden states graphs do not keep
+        if self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph:
             return None
         sizes = capture_sizes(min(self.args.cuda_graph_max_bs, self.args.max_running_requests))
         if not sizes:
@@ -187,6 +187,8 @@ class ModelRunner:
                     self.attn.prepare_graph(d.meta)
                     graphs.capture(bs, lambda d=d: self.model.compute_logits(
                         self.model.forward(d.input_ids, d.positions, self.attn)), cascade=cascade)
+                    # EAGLE3's captured target states: the graph rewrites this tensor (its pool) at each replay
+                    self._graph_aux[bs, cascade] = getattr(self.model.model, "aux", None)
         log.info("rank %d captured decode CUDA graphs for batch sizes %s in %.1f s", self.rank, sizes,
                  time.monotonic() - t0)
         return graphs
@@ -231,6 +233,8 @@ class ModelRunner:
             self.attn.prepare_graph(d.meta)
             self._mark_planned()
             logits = self.graphs.replay(graph_bs, cascade)[:bs]
+            if self._graph_aux[graph_bs, cascade] is not None:
+                self.model.model.aux = self._graph_aux[graph_bs, cascade][:bs]
             if self.draft is not None:
                 self.draft.follow(a, d)
             return logits, None, d.req_slots[:bs]
