@@ -182,8 +182,8 @@ class ServerArgs:
         "the host pool's size in device pools (when no size in GB is given)")] = 2.0
     hicache_size: Annotated[Index, doc("the host pool's size in GB per rank (0: by the ratio)")] = 0
     hicache_write_policy: Annotated[WritePolicy, doc(
-        "when KV is written to the host pool: write_back, as a node leaves the device pool (the only one "
-        "supported)")] = "write_back"
+        "when KV is copied to the host pool: write_through, as it is cached; write_through_selective, once two "
+        "requests used it; write_back, as it leaves the device pool (docs/kv_cache.md)")] = "write_through"
     kv_events_config: Annotated[str | None, doc(
         "publish KV cache events over ZeroMQ for routers: vLLM's / SGLang's JSON, e.g. '{\"publisher\": \"zmq\", "
         "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\", \"topic\": \"\", "
@@ -227,9 +227,6 @@ class ServerArgs:
             raise FlagError("--router-dp-worker-base-port + --dp-size - 1 must be a port (<= 65535)")
         if self.enable_hierarchical_cache and self.disable_radix_cache:
             raise FlagError("--enable-hierarchical-cache needs the radix cache (not --disable-radix-cache)")
-        if self.hicache_write_policy != "write_back":
-            raise FlagError(f"--hicache-write-policy {self.hicache_write_policy}: only write_back is supported "
-                            "(the host copy is written as a node leaves the device pool)")
         if self.kv_events_config is not None:
             try:
                 KVEventsConfig.parse(self.kv_events_config)

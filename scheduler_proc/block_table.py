@@ -74,7 +74,7 @@ class BlockTable:
         key = req.token_slice(0, req.cached_len)
         if self.cache.peek_prefix_len(key) != req.prefix_len:
             return  # another request cached part of it meanwhile: ours is freed as duplicates at release
-        self.cache.insert(key, self.req_to_token[req.req_slot, :req.cached_len])
+        self.cache.insert(key, self.req_to_token[req.req_slot, :req.cached_len], computed=False)
         node = self.cache.match_prefix(key).node
         self.cache.lock(node)
         self.cache.unlock(req.prefix_node)

@@ -1,13 +1,24 @@
-"""The host tier of the radix cache (`--enable-hierarchical-cache`): slots of the workers' host KV pool, the
-host-resident nodes that hold them, and the copies between the pools that the workers are yet to make.
+"""The host tier of the radix cache (`--enable-hierarchical-cache`): slots of the workers' host KV pool, the nodes
+that hold them, when a node gets its host copy (`--hicache-write-policy`), and the copies between the pools that the
+workers are yet to make.
 
-Every tree node lives in exactly one tier: its KV is in device slots (`node.value`) or in host slots
-(`node.host_value`, `node.value` None). A node moves to the host when the device pool evicts it (only a node with
-no device-resident child, so on every path the device-resident nodes come first) and back when a match reaches it
-(radix_cache.py). Host-resident leaves are evicted from the host pool least recently used first, through a heap
-with lazy invalidation as the device pool's. Each move is recorded in order (`moves`) and sent with the next step
-(wire.StepBatch.kv_moves): the workers make the copies before that step's forward, in order, since a slot freed
-by one move may be the destination of the next.
+A node's KV is in device slots (`node.value`), in host slots (`node.host_value`), or in both. Device-resident nodes
+(value set) come first on every path (a device-resident node's parent is device-resident); a host-only node
+(value None) is moved back when a match reaches it (radix_cache.py). When a node gets its host copy:
+- write_back: as the device pool evicts it; a node is never in both tiers (a load frees the host copy).
+- write_through: as its KV is cached by a finished request (BlockTable.release), so a later device eviction frees
+  its device slots with no copy; a load keeps the host copy.
+- write_through_selective: the same, once `node.hits` (the requests whose prompt matched it, counting the one that
+  cached it) reaches WRITE_THROUGH_SELECTIVE_HITS, so only reused prefixes cost a copy.
+Under the write-through policies a device eviction drops a node with no host copy (as under write_back when the
+host pool is full), unless it has host-only children, which need it: then it is copied as under write_back.
+Host-only leaves are evicted from the host pool least recently used first, through a heap with lazy invalidation
+as the device pool's; a host copy of a device-resident node is never evicted from the host (it becomes evictable
+once the device pool evicts the node), so a device-resident node keeps its host copy until then or a flush.
+Each copy is recorded in order (`moves`) and sent with the next step (wire.StepBatch.kv_moves): the workers make them
+in order after the forwards already sent and before that step's forward (a slot freed by one may be the next one's
+destination), so a host copy reads KV that the forwards of earlier steps computed (`copy_to_host` is called only for
+such KV, never for the step being built).
 """
 
 from __future__ import annotations
@@ -17,29 +28,42 @@ from typing import Any
 
 import numpy as np
 
+from radixserve.kv_events import HOST_MEDIUM
 from radixserve.wire import KVMove, i32
+from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
+
+WRITE_THROUGH_SELECTIVE_HITS = 2  # SGLang's write_through_threshold for write_through_selective
+_HITS_FOR_A_COPY = {"write_through": 1, "write_through_selective": WRITE_THROUGH_SELECTIVE_HITS, "write_back": None}
 
 
 class HostTier:
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, write_policy: str = "write_back") -> None:
         self.allocator = KVSlotAllocator(num_slots)
-        self.size = 0  # tokens in host-resident nodes
-        self.heap: list[tuple[int, int, Any]] = []  # (access time, id, node): host-resident leaves
+        self.write_policy = write_policy
+        # Hits after which a device-resident node gets its host copy (None: only as the device pool evicts it).
+        self.hits_for_a_copy: int | None = _HITS_FOR_A_COPY[write_policy]
+        self.events: BlockEvents | None = None  # the tree's block set (set by RadixCache)
+        self.size = 0  # tokens in host slots (host-only nodes and host copies of device-resident ones)
+        self.heap: list[tuple[int, int, Any]] = []  # (access time, id, node): host-only leaves
         self.moves: list[KVMove] = []
         self.loaded_tokens = 0  # moved back to the device by matches (host hits), since start
-        self.stored_tokens = 0  # moved to the host by device evictions, since start
+        self.stored_tokens = 0  # copied to the host (device evictions under write_back, write-throughs), since start
         self.evicted_tokens = 0  # dropped from the host pool, since start
 
+    @property
+    def write_through(self) -> bool:
+        return self.hits_for_a_copy is not None
+
     def push_if_leaf(self, node: Any) -> None:
-        """Track `node` if it is an evictable host-resident leaf."""
+        """Track `node` if it is an evictable host-only leaf."""
         if node.value is None and not node.children and node.lock_ref == 0 and node.parent is not None \
                 and not node.in_host_heap:
             node.in_host_heap = True
             heapq.heappush(self.heap, (node.last_access, node.id, node))
 
     def pop_victim(self) -> Any | None:
-        """The least recently used evictable host-resident leaf, taken out of the heap; None if there is none."""
+        """The least recently used evictable host-only leaf, taken out of the heap; None if there is none."""
         while self.heap:
             stamp, _, node = heapq.heappop(self.heap)
             node.in_host_heap = False
@@ -51,21 +75,58 @@ class HostTier:
             return node
         return None
 
-    def to_host(self, device_slots: np.ndarray, host_slots: np.ndarray) -> None:
-        self.moves.append(KVMove(to_host=True, src=i32(device_slots), dst=i32(host_slots)))
-        self.stored_tokens += len(host_slots)
+    def alloc(self, n: int) -> np.ndarray | None:
+        """n host slots, evicting host-only leaves (least recently used first) to make room; None if they cannot be
+        had."""
+        while self.allocator.num_free < n and (victim := self.pop_victim()) is not None:
+            parent = victim.parent
+            del parent.children[int(victim.key[0])]
+            if self.events is not None:
+                self.events.removed(victim, HOST_MEDIUM)
+            victim.parent = None
+            self.free(victim)
+            self.evicted_tokens += len(victim.key)
+            self.push_if_leaf(parent)
+        return self.allocator.alloc(n)
+
+    def free(self, node: Any) -> None:
+        """Free `node`'s host copy."""
+        self.allocator.free(node.host_value)
+        self.size -= len(node.host_value)
+        node.host_value = None
+
+    def copy_to_host(self, node: Any) -> bool:
+        """Give device-resident `node` a host copy of its KV (computed by a step already sent); False if the host
+        pool has no room for it."""
+        slots = self.alloc(len(node.value))
+        if slots is None:
+            return False
+        self.moves.append(KVMove(to_host=True, src=i32(node.value), dst=i32(slots)))
+        self.stored_tokens += len(slots)
+        self.size += len(slots)
+        node.host_value = slots
+        return True
+
+    def write_through_path(self, nodes: list[Any]) -> None:
+        """Under a write-through policy, give the device-resident `nodes` hit often enough their host copies."""
+        if self.hits_for_a_copy is None:
+            return
+        for node in nodes:
+            if node.host_value is None and node.value is not None and node.hits >= self.hits_for_a_copy:
+                self.copy_to_host(node)
 
     def to_device(self, host_slots: np.ndarray, device_slots: np.ndarray) -> None:
         self.moves.append(KVMove(to_host=False, src=i32(host_slots), dst=i32(device_slots)))
+        self.loaded_tokens += len(host_slots)
 
     def take_moves(self) -> list[KVMove]:
         moves, self.moves = self.moves, []
         return moves
 
     def check(self, host_slots: list[np.ndarray], host_leaves: set[int]) -> None:
-        """The host slots of every host-resident node (`host_slots`) and the free ones partition the pool."""
+        """The host slots of every node that has them (`host_slots`) and the free ones partition the pool."""
         held = np.concatenate(host_slots) if host_slots else np.empty(0, dtype=np.int32)
-        assert len(held) == self.size, f"host nodes hold {len(held)} slots, the tier counts {self.size}"
+        assert len(held) == self.size, f"nodes hold {len(held)} host slots, the tier counts {self.size}"
         parts = np.concatenate([held, self.allocator.free_slots()])
         assert len(parts) == self.allocator.capacity, f"host slots: {len(parts)} != {self.allocator.capacity}"
         counts = np.bincount(parts, minlength=self.allocator.num_slots)

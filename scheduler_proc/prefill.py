@@ -171,6 +171,8 @@ class PrefillPlanner:
             self.counters.cached_tokens_host += loaded
             self.counters.cache_queries += 1
             self.counters.cache_hits += len(prefix) > 0
+            if node is not None:
+                self.cache.hit(node)  # once per request: write_through_selective copies prefixes hit often
             self.counters.queue_time.observe(time.monotonic() - req.queued_at)
         self.waiting.remove(req)
         self.running.add(req)

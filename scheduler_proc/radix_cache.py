@@ -8,9 +8,10 @@ and locking it is a no-op.
 Access times come from a monotonic counter and never decrease from a child to its parent.
 `depth` of a node is the length of the sequence from the root to its end (its parent's depth + len(key)).
 With KV events on, each node also holds the hashes of the blocks that end in it (scheduler_proc/kv_blocks.py).
-With the host tier (scheduler_proc/host_tier.py) a node's KV is in device slots (`value`) or, once the device pool
-evicted it, in host slots (`host_value`, `value` None); a host-resident node has only host-resident children, and
-`device_children` counts a node's device-resident ones. The sizes below count device-resident tokens only.
+With the host tier (scheduler_proc/host_tier.py) a node's KV is in device slots (`value`), in host slots
+(`host_value`), or in both (write-through policies); a host-only node (`value` None) has only host-only children,
+`device_children` counts a node's device-resident ones, and `hits` the requests that matched it (for
+write_through_selective). The sizes below count device-resident tokens only.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ _node_ids = itertools.count()
 
 class TreeNode:
     __slots__ = ("key", "value", "parent", "children", "lock_ref", "held", "last_access",
-                 "in_heap", "id", "depth", "blocks", "last_block", "host_value", "device_children", "in_host_heap")
+                 "in_heap", "id", "depth", "blocks", "last_block", "host_value", "device_children", "in_host_heap",
+                 "hits")
 
     def __init__(self, key: np.ndarray, value: np.ndarray, parent: TreeNode | None,
                  last_access: int) -> None:
@@ -45,7 +47,8 @@ class TreeNode:
         self.depth = (parent.depth if parent is not None else 0) + len(key)
         self.blocks: list[int] = []  # hashes of the blocks ending in this node (KV events only)
         self.last_block: int | None = None  # hash of the last block ending at or above this node's end
-        self.host_value: np.ndarray | None = None  # host slots, while the KV is in the host tier (value None)
+        self.host_value: np.ndarray | None = None  # host slots, while the KV (also) is in the host tier
+        self.hits = 1  # the request that cached it, then each one whose prompt matched it (RadixCache.hit)
         self.device_children = 0  # children whose KV is in device slots
         self.in_host_heap = False
         self.children: dict[int, TreeNode] = {}
@@ -93,6 +96,8 @@ class RadixCache:
         self._allocator = allocator
         self.events = events  # the block set KV events report, kept beside the tree (None: no events)
         self.host = host  # the host tier (None: an evicted node is dropped)
+        if host is not None:
+            host.events = events
         self._clock = 0
         self._root = TreeNode(_EMPTY, _EMPTY, None, 0)  # one root for life: callers may hold it
         self._clear()
@@ -147,12 +152,12 @@ class RadixCache:
         on_device = node.value is not None
         upper = TreeNode(node.key[:at].copy(), node.value[:at].copy() if on_device else None, parent,
                          node.last_access)
-        upper.lock_ref = node.lock_ref
+        upper.lock_ref, upper.hits = node.lock_ref, node.hits
         upper.device_children = int(on_device)
         node.key = node.key[at:].copy()
         if on_device:
             node.value = node.value[at:].copy()
-        else:
+        if node.host_value is not None:
             upper.host_value, node.host_value = node.host_value[:at].copy(), node.host_value[at:].copy()
         node.parent = upper
         upper.children[int(node.key[0])] = node
@@ -220,19 +225,19 @@ class RadixCache:
             for node in nodes:
                 self._to_device(node, slots[at:at + len(node.key)], key, copy=True)
                 at += len(node.key)
-            self.host.loaded_tokens += n
         self.unlock(nodes[-1])
         return slots is not None
 
     def _to_device(self, node: TreeNode, slots: np.ndarray, key: np.ndarray, copy: bool) -> None:
-        """Give host-resident `node` the device slots `slots` (its KV copied there with `copy`; else they hold it
-        already) and free its host slots (`key`: a sequence from the root through node, for the events)."""
+        """Give host-only `node` the device slots `slots` (its KV copied there with `copy`; else they hold it
+        already); its host copy is kept under a write-through policy, else freed (`key`: a sequence from the root
+        through node, for the events)."""
         assert self.host is not None and node.value is None and node.host_value is not None
         if copy:
             self.host.to_device(node.host_value, slots)
-        self.host.allocator.free(node.host_value)
-        self.host.size -= len(node.key)
-        node.value, node.host_value = slots.copy(), None
+        if not self.host.write_through:
+            self.host.free(node)
+        node.value = slots.copy()
         if node.lock_ref:
             self._protected_size += len(node.key)
         else:
@@ -277,11 +282,13 @@ class RadixCache:
                 self._push_if_evictable_leaf(node)
             node = node.parent
 
-    def insert(self, tokens: Sequence[int] | np.ndarray, slots: np.ndarray) -> int:
+    def insert(self, tokens: Sequence[int] | np.ndarray, slots: np.ndarray, computed: bool = True) -> int:
         """Insert tokens with their KV slots; returns how many leading tokens were already cached on the device.
 
-        The tree takes ownership of slots[returned:] (copied); the caller still owns the rest. Host-resident
-        nodes on the way take the caller's device slots (their host copies are freed).
+        The tree takes ownership of slots[returned:] (copied); the caller still owns the rest. Host-only nodes on
+        the way take the caller's device slots (their host copies kept as a load keeps them). `computed`: the KV
+        was computed by steps already sent, so a write-through policy may copy the path to the host now (not for a
+        prompt part that the step being built computes: BlockTable.cache_computed).
         """
         key = _as_tokens(tokens)
         value = np.asarray(slots, dtype=np.int32)
@@ -301,11 +308,28 @@ class RadixCache:
             self._push_if_evictable_leaf(leaf)
             if self.events is not None:
                 self.events.stored(leaf, key, pos)
+            path.append(leaf)
+        if computed and self.host is not None:
+            self.host.write_through_path(path)
         return cached
+
+    def hit(self, node: TreeNode) -> None:
+        """A request's prompt matched the path to `node`: count the hit on each of its nodes (O(depth)) and, under a
+        write-through policy, copy those hit often enough to the host."""
+        if self.host is None or not self.host.write_through:
+            return
+        path = []
+        while node is not self._root:
+            node.hits += 1
+            path.append(node)
+            node = node.parent
+        self.host.write_through_path(path)
 
     def evict(self, num_tokens: int) -> int:
         """Free at least num_tokens device slots from unlocked nodes with no device-resident child, least recently
-        used first: into the host tier if there is one and it has room (made by its own LRU), else dropped.
+        used first. A node with a host copy keeps it (no copy now); one without is copied to the host under
+        write_back, or if host-only children need it, when the host pool has room (made by its own LRU); else it is
+        dropped.
 
         Returns the number freed: less only if nothing evictable is left.
         """
@@ -321,11 +345,10 @@ class RadixCache:
                 self._push_if_evictable_leaf(node)
                 continue
             parent = node.parent
-            host_slots = self._host_slots(len(node.key)) if self.host is not None else None
-            if host_slots is not None:
-                self.host.to_host(node.value, host_slots)
-                self.host.size += len(node.key)
-                node.host_value = host_slots
+            host = self.host
+            if host is not None and node.host_value is None and (not host.write_through or node.children):
+                host.copy_to_host(node)
+            if node.host_value is not None:
                 if self.events is not None:
                     self.events.moved(node, self.events.above(node), HOST_MEDIUM)
             else:
@@ -345,23 +368,6 @@ class RadixCache:
             self._allocator.free(np.concatenate(freed))
         return num_freed
 
-    def _host_slots(self, n: int) -> np.ndarray | None:
-        """n host slots, evicting host-resident leaves (least recently used first) to make room; None if they
-        cannot be had."""
-        host = self.host
-        assert host is not None
-        while host.allocator.num_free < n and (victim := host.pop_victim()) is not None:
-            parent = victim.parent
-            del parent.children[int(victim.key[0])]
-            if self.events is not None:
-                self.events.removed(victim, HOST_MEDIUM)
-            victim.parent = None
-            host.allocator.free(victim.host_value)
-            host.size -= len(victim.key)
-            host.evicted_tokens += len(victim.key)
-            self._push_if_evictable_leaf(parent)
-        return host.allocator.alloc(n)
-
     def reset(self) -> None:
         """Drop every cached entry and free its slots (both tiers); raises if anything is locked."""
         if self._protected_size:
@@ -374,7 +380,7 @@ class RadixCache:
             node.parent = None
             if node.value is not None:
                 freed.append(node.value)
-            else:
+            if node.host_value is not None:
                 freed_host.append(node.host_value)
         if freed:
             self._allocator.free(np.concatenate(freed))

@@ -17,7 +17,7 @@ _EMPTY = np.empty(0, dtype=np.int32)
 def check_tree(root: Any, heap: list, allocator: KVSlotAllocator, evictable_size: int, protected_size: int,
                events: BlockEvents | None, host: HostTier | None) -> np.ndarray:
     """Assert the tree's consistency (its docstring's rules, the sizes, the heaps, the blocks of KV events, the
-    host tier's slots) and return every device slot it holds."""
+    host tier's slots: each node's host copy, if any, in slots of its own) and return every device slot it holds."""
     assert root.parent is None and len(root.key) == 0 and len(root.value) == 0
     assert root.lock_ref == 0 and not root.in_heap
     evictable = protected = 0
@@ -49,14 +49,15 @@ def check_tree(root: Any, heap: list, allocator: KVSlotAllocator, evictable_size
             continue
         assert node.held >= 0 and node.lock_ref == node.held + child_locks, (
             f"{node} lock_ref {node.lock_ref} != held {node.held} + below {child_locks}")
-        if node.value is None:  # in the host tier
-            assert host is not None and node.host_value is not None and not node.in_heap
-            assert node.host_value.dtype == np.int32 and len(node.host_value) == len(node.key)
+        if node.host_value is not None:
+            assert host is not None and node.host_value.dtype == np.int32 and len(node.host_value) == len(node.key)
             host_pieces.append(node.host_value)
+        if node.value is None:  # only in the host tier
+            assert node.host_value is not None and not node.in_heap, f"{node} is in no tier"
             if not node.children and not node.lock_ref:
                 host_leaves.add(node.id)
             continue
-        assert node.host_value is None, f"{node} is in both tiers"
+        assert node.host_value is None or host.write_through, f"{node} is in both tiers under write_back"
         assert node.key.dtype == np.int32 and node.value.dtype == np.int32
         assert len(node.key) == len(node.value), f"{node} key/value lengths differ"
         if node.lock_ref:

@@ -78,7 +78,7 @@ class Scheduler:
         # The host tier (--enable-hierarchical-cache): the workers' host pool has num_host_kv_slots (RuntimeInfo).
         self.cache = RadixCache(self.allocator,
                                 BlockEvents(events.block_size) if events is not None and events.enabled else None,
-                                HostTier(num_host_kv_slots) if num_host_kv_slots else None)
+                                HostTier(num_host_kv_slots, args.hicache_write_policy) if num_host_kv_slots else None)
         self.use_cache = not args.disable_radix_cache
         # Prefix groups only for workers that use them (`cascade_attention`: RuntimeInfo); without the radix
         # cache no two requests share KV, so there is nothing to group.
@@ -201,6 +201,8 @@ class Scheduler:
         if not entries:
             decoding, stuck = self.decode.plan()
             if stuck is not None and not stuck.pending:  # alone and out of KV: it can never grow, so it ends here
+                if self.sessions.give_way():  # unless session pins hold KV it could have
+                    return self.schedule()
                 self.lifecycle.end(stuck, FinishReason(type="length", length=stuck.num_outputs), outcome)
             drafts = self.spec.draft(decoding) if self.spec is not None and decoding else None
             entries = [(req, 1 + (len(drafts[j]) if drafts else 0)) for j, req in enumerate(decoding)]
@@ -209,6 +211,9 @@ class Scheduler:
                 entries, new_reqs = self.prefill.plan()
                 is_decode = False
         if not entries:
+            # Nothing in flight to free KV, requests that need some, and session pins hold some: pins give way.
+            if not self.inflight and (self.running or self.waiting) and self.sessions.give_way():
+                return self.schedule()
             if not self.grammars.busy:
                 return outcome
             # Only requests waiting for a grammar: a step of no requests carries new compile jobs, and its answer

@@ -4,7 +4,9 @@ A session is a tree of turns: a request with `session_params.rid = R` continues 
 prompt becomes R's prompt + R's output + the new input); several continuations of R fork.
 Beyond SGLang, an open session pins its latest finished turn in the radix cache (a lock on
 that path), so unrelated traffic cannot evict it; all pins together stay within
-`session_kv_budget` tokens, the least recently used session giving way first.
+`session_kv_budget` tokens, the least recently used session giving way first. A pin saves recomputation and
+never holds a request back: when pinned KV is all that stands between the requests and the KV they need, pins
+give way too (`give_way`, least recently used first).
 """
 
 from __future__ import annotations
@@ -139,6 +141,14 @@ class SessionTable:
     def unpin_all(self) -> None:
         for session in self.sessions.values():
             self._unpin(session)
+
+    def give_way(self) -> bool:
+        """Unpin the least recently used pinned session; False when none is pinned."""
+        pinned = [s for s in self.sessions.values() if s.pinned_node is not None]
+        if not pinned:
+            return False
+        self._unpin(min(pinned, key=lambda s: s.last_used))
+        return True
 
     def _fit_budget(self, keep: Session) -> None:
         """Unpin the least recently used sessions but `keep` until the pins fit the budget (a turn's end costs

@@ -10,7 +10,8 @@
 #           turn, $FITS_ROUNDS times (default 3), so a loaded machine's drift hits both alike; prints each round's
 #           throughput ratio and their median (target: within 3%).
 # cpu: the default model (SmolLM2-135M-Instruct). gpu: the Llama-3.1-8B shape, dummy bf16 weights, one GPU.
-# JSON and logs go to OUT_DIR; the JSON's commit is $GIT_COMMIT if set, else the checkout's.
+# The tier's --hicache-write-policy is $HICACHE_WRITE_POLICY (default write_through, the flag's default); the output
+# names carry it. JSON and logs go to OUT_DIR; the JSON's commit is $GIT_COMMIT if set, else the checkout's.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [cpu|gpu] [overflow] [fits]" >&2; exit 2; }
 out=$(realpath -m "$1")
@@ -41,23 +42,25 @@ else
     fits_server=(--max-total-tokens 20000 --hicache-ratio 2)
 fi
 cpu=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | xargs)
+policy=${HICACHE_WRITE_POLICY:-write_through}
+tier=(--enable-hierarchical-cache --hicache-write-policy "$policy")
 bench=(python3 -m radixserve.bench serve --dataset multi-turn --label hicache --baseline no-hicache --no-plot
        --output-dir "$out")
 
 overflow() {  # the two servers launched in turn by the bench
-    local name="hicache-overflow-$target"
-    local cmd=("${bench[@]}" --launch-server --enable-hierarchical-cache --output-name "$name" "${overflow[@]}"
+    local name="hicache-overflow-$target-$policy"
+    local cmd=("${bench[@]}" --launch-server "${tier[@]}" --output-name "$name" "${overflow[@]}"
                "${overflow_server[@]}" "${model[@]}")
     echo "== $name ($cpu, $(date -u +%FT%TZ)): ${cmd[*]}" | tee "$out/$name.log"
     "${cmd[@]}" 2>&1 | tee -a "$out/$name.log"
 }
 
 fits() {  # both servers up at once, the bench against each in turn, $FITS_ROUNDS rounds
-    local name="hicache-fits-$target" rounds=${FITS_ROUNDS:-3} ports pids=()
+    local name="hicache-fits-$target-$policy" rounds=${FITS_ROUNDS:-3} ports pids=()
     read -r -a ports <<< "$(python3 -c 'from radixserve.bench.server_process import free_port as f; print(f(), f())')"
     echo "== $name ($cpu, $(date -u +%FT%TZ)): servers ${fits_server[*]} ${model[*]} on ports ${ports[*]}" \
         | tee "$out/$name.log"
-    python3 -m radixserve serve --port "${ports[0]}" --enable-hierarchical-cache "${fits_server[@]}" "${model[@]}" \
+    python3 -m radixserve serve --port "${ports[0]}" "${tier[@]}" "${fits_server[@]}" "${model[@]}" \
         > "$out/$name-server-hicache.log" 2>&1 &
     pids+=($!)
     python3 -m radixserve serve --port "${ports[1]}" "${fits_server[@]}" "${model[@]}" \

@@ -1,13 +1,18 @@
 """One worker's decode step alone (ModelRunner.launch on synthetic batches, no scheduler), on CPU or GPU:
-    python scripts/bench_worker_step.py [--model-path DIR] [--dtype D] [--quantization Q] [--batch-sizes 1 16]
-        [--context 100] [--profile BS]
-Prints the best of three runs of --steps steps per batch size; --profile prints torch.profiler's operator table
-for one batch size. Set OMP_WAIT_POLICY / GOMP_SPINCOUNT in the environment to compare OpenMP settings."""
+    python scripts/bench_worker_step.py [--model-path DIR] [--dtype D] [--quantization none gguf int8]
+        [--batch-sizes 1 16] [--context 100] [--prefill 64] [--rounds 5] [--profile BS]
+With several --quantization forms (`none`: the model's dtype) each gets its own runner in this process and the
+forms are timed in turn, round after round, so that a shared machine's changing load falls on all of them alike;
+each figure is the best round's median step (the spread: the rounds' median and worst). --prefill N
+also times a prefill of N new tokens of one request. --profile prints torch.profiler's operator table for one batch
+size of the first form. Set OMP_WAIT_POLICY / GOMP_SPINCOUNT in the environment to compare OpenMP settings."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,31 +26,60 @@ from radixserve.model_files import resolve_model  # noqa: E402
 from worker_proc.model_runner import ModelRunner  # noqa: E402
 
 
+def prefill_time(synth: Synth, tokens: int) -> float:
+    """Seconds of one step that prefills `tokens` new tokens of one request (no cached prefix)."""
+    new = synth.new_req(0, synth.np.zeros(0, synth.np.int32))
+    t0 = time.perf_counter()
+    synth.runner.launch(synth.batch(False, [0], [0], [tokens], [new])).result()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default=None, help="as the server's flag (docs/quantization.md)")
+    p.add_argument("--quantization", nargs="+", default=["none"], help="as the server's flag (docs/quantization.md); "
+                   "several: side by side")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prefill", type=int, default=0, metavar="N")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", type=int, default=None, metavar="BS")
     p.add_argument("--max-total-tokens", type=int, default=20000,
                    help="KV pool in tokens (0: sized as a server sizes it)")
     ns = p.parse_args()
     model_dir = resolve_model(ns.model_path)
-    runner = ModelRunner(ServerArgs(model_path=model_dir, dtype=ns.dtype, quantization=ns.quantization,
-                                    max_total_tokens=ns.max_total_tokens or None), 0, model_dir)
-    print(f"{model_dir}: {runner.dtype} on {runner.device}, {torch.get_num_threads()} threads")
-    synth = Synth(runner)
-    for bs in ns.batch_sizes:
-        best = min(synth.decode_loop(bs, ns.context, ns.steps) for _ in range(3))
-        print(f"batch {bs:4d}, context {ns.context}: {best * 1e3:.1f} ms/step ({bs / best:.1f} tok/s)")
+    synths = {}
+    for form in ns.quantization:
+        runner = ModelRunner(ServerArgs(model_path=model_dir, dtype=ns.dtype,
+                                        quantization=None if form == "none" else form,
+                                        max_total_tokens=ns.max_total_tokens or None), 0, model_dir)
+        print(f"{model_dir} ({form}): {runner.dtype} on {runner.device}, {torch.get_num_threads()} threads")
+        synths[form] = Synth(runner)
+    cases = [f"batch {bs}" for bs in ns.batch_sizes] + ([f"prefill {ns.prefill}"] if ns.prefill else [])
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(ns.rounds):
+        for case in cases:
+            for form, synth in synths.items():
+                kind, n = case.split()
+                t = synth.decode_loop(int(n), ns.context, ns.steps) if kind == "batch" else \
+                    statistics.median(prefill_time(synth, int(n)) for _ in range(5))
+                times.setdefault((case, form), []).append(t)
+    for case in cases:
+        first = min(times[(case, ns.quantization[0])])
+        for form in ns.quantization:
+            run = times[(case, form)]
+            best = min(run)
+            per_s = f" ({int(case.split()[1]) / best:.1f} tok/s)" if case.startswith("batch") else ""
+            print(f"{case:>12}, context {ns.context}, {form:>5}: {best * 1e3:6.2f} ms/step{per_s}, rounds' median "
+                  f"{statistics.median(run) * 1e3:.2f}, worst {max(run) * 1e3:.2f}; "
+                  f"{first / best:.2f}x {ns.quantization[0]}")
     if ns.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            synth.decode_loop(ns.profile, ns.context, 5, warmup=1)
+            synths[ns.quantization[0]].decode_loop(ns.profile, ns.context, 5, warmup=1)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 

@@ -1,7 +1,9 @@
 """The host tier (--enable-hierarchical-cache) on a real server with a small device pool: a prompt pushed out to
 the host pool comes back with the very KV it had (the same greedy tokens as a device hit), the statistics count
 each tier, and random aborts leave no device or host slot behind (the scheduler's invariant walk partitions both
-pools). Scheduler-level random traffic with the tier: tests/test_overlap.py; the tree and the copies' order:
+pools). The real ModelRunner and Scheduler in this process (the loop of scheduler_proc/main.py, overlapped, without
+its sockets) give the same greedy tokens under each write policy as without the tier, with evictions and host hits.
+Scheduler-level random traffic with the tier: tests/test_overlap.py; the tree and the copies' order:
 tests/test_kv_events.py."""
 
 from __future__ import annotations
@@ -9,19 +11,28 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 
 import numpy as np
 import pytest
 import torch
 from server_fixture import RadixServer
+from transformers import AutoModelForCausalLM, LlamaConfig
 
+from radixserve import wire
+from radixserve.config import ServerArgs
 from radixserve.wire import KVMove, i32
+from scheduler_proc.scheduler import Scheduler
 from worker_proc.kv_cache import KVCache
+from worker_proc.model_runner import ModelRunner
 
 POOL = 256
 pytestmark = pytest.mark.server_flags("--enable-hierarchical-cache", "--hicache-ratio", "4",
-                                      "--max-total-tokens", str(POOL), "--context-length", "128")
+                                      "--hicache-write-policy", "write_through", "--max-total-tokens", str(POOL),
+                                      "--context-length", "128")
 GREEDY = {"temperature": 0, "ignore_eos": True}
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the side streams of worker_proc/kv_host.py)")])
 
 
 def generate(server: RadixServer, ids: list[int], max_new: int = 8, rid: str | None = None) -> dict:
@@ -98,17 +109,127 @@ def test_random_aborts_leak_no_device_or_host_slot(server: RadixServer, num_requ
     assert info["aborted_requests"] > 0 and info["host_stored_tokens"] > 0
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_kv_moves_copy_every_layer_both_ways_in_order(device: str) -> None:
-    """The workers' copies (worker_proc/kv_cache.py): a move out and back lands each layer's K and V rows where the
-    scheduler said, and moves apply in order (the second reads slots the first one wrote)."""
-    cache = KVCache(3, 20, 2, 8, torch.bfloat16, device, num_host_slots=30)
+    """The workers' copies (worker_proc/kv_host.py): a move out and back lands each layer's K and V rows where the
+    scheduler said, moves apply in order (the second reads host slots the first one wrote), a store is not disturbed
+    by a forward that overwrites its device slots right after (the scheduler hands them out at once), and a load is
+    in place for the compute stream's next read. On CUDA the pools are large enough for the copies to take a while,
+    so a missing wait shows."""
+    slots = 20 if device == "cpu" else 200_000
+    cache = KVCache(3, slots, 2, 64, torch.bfloat16, device, num_host_slots=slots + 10)
     for layer in (*cache.k, *cache.v):
         layer.copy_(torch.randn(layer.shape))
     before = [layer.clone() for layer in (*cache.k, *cache.v)]
-    cache.move([KVMove(to_host=True, src=i32(np.array([3, 5, 7])), dst=i32(np.array([10, 2, 29]))),
-                KVMove(to_host=False, src=i32(np.array([29, 10])), dst=i32(np.array([1, 11])))])
-    for layer, host, old in zip((*cache.k, *cache.v), (*cache.host_k, *cache.host_v), before, strict=True):
-        assert torch.equal(host[[10, 2, 29]], old[[3, 5, 7]].cpu())
-        assert torch.equal(layer[[1, 11]], old[[7, 3]]) and torch.equal(layer[[3, 5, 7]], old[[3, 5, 7]])
+    out = np.arange(1, slots - 1, 3) if device == "cuda" else np.array([3, 5, 7])  # device slots stored
+    host_dst = out[::-1] + 9  # stored to these host slots, in reverse
+    back = np.array([int(host_dst[-1]), int(host_dst[0])])  # loaded back from the host: what out[-1], out[0] held
+    cache.move([KVMove(to_host=True, src=i32(out), dst=i32(host_dst)),
+                KVMove(to_host=False, src=i32(back), dst=i32(np.array([1, slots - 1])))])
+    loaded = [layer[[1, slots - 1]].clone() for layer in (*cache.k, *cache.v)]  # the compute stream's next read
+    for layer in (*cache.k, *cache.v):  # a forward reuses the stored slots at once
+        layer.index_fill_(0, torch.from_numpy(out).to(layer.device), 0.0)
+    cache.host.finish_stores()
+    for host, old, got in zip((*cache.host.k, *cache.host.v), before, loaded, strict=True):
+        assert torch.equal(host[torch.from_numpy(host_dst.copy())], old[torch.from_numpy(out).to(old.device)].cpu())
+        assert torch.equal(got, old[[int(out[-1]), int(out[0])]])
+
+
+@pytest.fixture(scope="module", params=["cpu", CUDA])
+def tiny_runner(request: pytest.FixtureRequest, tmp_path_factory) -> ModelRunner:
+    """A random 2-layer Llama's ModelRunner with a 192-token device pool and a host pool 4 times that; on CUDA in
+    float32 with the torch attention backend, so that batching changes no greedy token."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    args = ServerArgs(model_path=str(path), dtype="float32", max_total_tokens=192, max_running_requests=4,
+                      grammar_backend="none", skip_tokenizer_init=True, enable_hierarchical_cache=True,
+                      hicache_ratio=4, device=request.param, attention_backend="torch", disable_cuda_graph=True)
+    return ModelRunner(args, 0, str(path))
+
+
+def conversations(runner: ModelRunner, policy: str | None) -> tuple[dict[str, list[int]], Scheduler]:
+    """Two turns of 6 conversations (a shared 16-token system prompt, ~40 tokens each turn; the first turn of
+    half of them asked twice, so write_through_selective copies it) through the runner, overlapped as
+    scheduler_proc/main.py runs it, with the host tier under `policy` (None: without it); the output ids by rid.
+    The second turns' prefixes were pushed out of the 192-token device pool by the others."""
+    args = ServerArgs(dtype="float32", max_running_requests=4, chunked_prefill_size=64,
+                      enable_hierarchical_cache=policy is not None, hicache_write_policy=policy or "write_back")
+    s = Scheduler(args, runner.num_kv_slots, runner.context_length, 128,
+                  num_host_kv_slots=runner.kv_cache.num_host_slots if policy else 0)
+    rng = random.Random(5)
+    system = [rng.randrange(3, 128) for _ in range(16)]
+    turns = {f"c{i}": system + [rng.randrange(3, 128) for _ in range(rng.randrange(16, 30))] for i in range(6)}
+    outputs: dict[str, list[int]] = {}
+    for turn in (1, 2):
+        for i, (rid, ids) in enumerate(turns.items()):
+            for again in ("", "+")[:1 + (turn == 1 and i % 2)]:
+                s.add_request(wire.GenerateTokens(rid=f"{rid}.{turn}{again}", input_ids=ids,
+                                                  sampling=wire.SamplingParams(max_new_tokens=8, temperature=0.0,
+                                                                               ignore_eos=True)))
+        pending: deque = deque()
+        while True:
+            batch = s.schedule().batch
+            if batch is not None:
+                pending.append(runner.launch(batch))
+            if len(pending) > (1 if batch is not None else 0):
+                for _, out in s.process_result(pending.popleft().result()).outs:
+                    outputs[out.rid] = outputs.get(out.rid, []) + list(out.new_ids)
+            if batch is None and not pending and not s.has_work:
+                break
+        turns = {rid: ids + outputs[f"{rid}.1"] + [rng.randrange(3, 128) for _ in range(6)]
+                 for rid, ids in turns.items()}
+    s.check_invariants()
+    return outputs, s
+
+
+def test_each_write_policy_gives_the_tokens_of_no_tier(tiny_runner: ModelRunner) -> None:
+    """The KV copied to the host (as it is cached, once reused, or as it is evicted) and back is the KV computed:
+    the same greedy tokens as without the tier, which recomputes. Every slot of both pools is free after a flush."""
+    reference, plain = conversations(tiny_runner, None)
+    assert plain.counters.evicted_tokens > 0 and plain.counters.cached_tokens > 0
+    for policy in ("write_back", "write_through", "write_through_selective"):
+        outputs, s = conversations(tiny_runner, policy)
+        assert outputs == reference, policy
+        host = s.cache.host
+        assert host.loaded_tokens > 0 and s.counters.cached_tokens_host > 0, policy  # host hits
+        assert s.counters.cached_tokens > plain.counters.cached_tokens, policy
+        assert s.flush_cache() and s.allocator.num_free == s.allocator.capacity
+        assert host.allocator.num_free == host.allocator.capacity and host.size == 0
+
+
+class CopyInFlight:
+    """A store's copy that is done only once waited for (a CUDA event's query / synchronize)."""
+
+    def __init__(self, waited: list[int], n: int) -> None:
+        self.waited, self.n, self.finished = waited, n, False
+
+    def query(self) -> bool:
+        return self.finished
+
+    def synchronize(self) -> None:
+        self.finished = True
+        self.waited.append(self.n)
+
+
+def test_a_load_waits_only_for_the_stores_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order of worker_proc/kv_host.py's stores with copies still in flight, on the CPU: a load lands the stores
+    up to the last one that wrote a host slot it reads (the older ones too, so the last store to a slot wins) and
+    leaves later ones in flight; what it loads is what was stored last."""
+    cache = KVCache(2, 10, 1, 4, torch.float32, "cpu", num_host_slots=10)
+    waited: list[int] = []
+    stores = iter(range(100))
+    monkeypatch.setattr(cache.host, "_to_host", lambda rows: (CopyInFlight(waited, next(stores)), rows))
+    for layer in (*cache.k, *cache.v):
+        layer.copy_(torch.arange(10, dtype=torch.float32)[:, None, None].expand(layer.shape))
+    moves = [KVMove(to_host=True, src=i32(np.array([1, 2])), dst=i32(np.array([5, 6]))),  # store 0
+             KVMove(to_host=True, src=i32(np.array([3])), dst=i32(np.array([5]))),  # store 1: slot 5 again
+             KVMove(to_host=True, src=i32(np.array([4])), dst=i32(np.array([7]))),  # store 2: not read below
+             KVMove(to_host=False, src=i32(np.array([5, 6])), dst=i32(np.array([8, 9])))]
+    cache.move(moves)
+    assert waited == [0, 1]  # store 2 is still in flight
+    assert [int(x) for x in cache.k[0][[8, 9], 0, 0]] == [3, 2]  # slot 5 holds store 1's row
+    cache.host.finish_stores()
+    assert waited == [0, 1, 2] and int(cache.host.v[1][7, 0, 0]) == 4

@@ -151,19 +151,23 @@ def _tokens(outs: dict[str, list[wire.ReqOut]]) -> dict[str, tuple[list[int], st
     return {rid: ([t for o in seq for t in o.new_ids], seq[-1].finish.type) for rid, seq in outs.items()}
 
 
-@pytest.mark.parametrize(("pool", "radix", "host"), [(4000, True, 0), (4000, False, 0), (300, True, 0),
-                                                     (300, True, 900)])  # 300: retraction; 900: the host tier
-def test_overlap_gives_the_same_tokens(pool: int, radix: bool, host: int) -> None:
+@pytest.mark.parametrize(("pool", "radix", "host", "policy"), [
+    (4000, True, 0, "write_back"), (4000, False, 0, "write_back"), (300, True, 0, "write_back"),
+    (300, True, 900, "write_back"), (300, True, 900, "write_through"), (300, True, 900, "write_through_selective"),
+])  # 300: retraction; 900: the host tier
+def test_overlap_gives_the_same_tokens(pool: int, radix: bool, host: int, policy: str) -> None:
     results = {}
     for overlap in (False, True):
-        s = _scheduler(pool, host=host, disable_radix_cache=not radix)
+        s = _scheduler(pool, host=host, disable_radix_cache=not radix, hicache_write_policy=policy)
         for req in _workload(40, seed=1):
             s.add_request(req)
         worker = StandInWorker(eos_every=13)
         outs = drive(s, worker, overlap).outs
         assert (worker.placeholders > 0) == overlap  # decode inputs still in flight travel as -1
         assert s.counters.retracted_requests > 0 or pool > 300
-        assert not host or s.cache.host.loaded_tokens > 0  # prompts found in the host tier came back
+        if host:  # prompts found in the host tier came back (selective: only a reused prefix goes there)
+            moved = s.cache.host.stored_tokens if policy == "write_through_selective" else s.cache.host.loaded_tokens
+            assert moved > 0
         s.check_invariants()
         assert s.allocator.num_free + s.cache.evictable_size == s.allocator.capacity
         results[overlap] = _tokens(outs)
@@ -236,19 +240,47 @@ def check_no_kv_held(s: Scheduler) -> None:
 
 
 @pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize(("prompt", "new_tokens"), [(40, 30), (68, 2)])
+def test_session_pins_give_way_to_a_request_that_needs_their_kv(overlap, prompt, new_tokens) -> None:
+    """A session's finished turn pins 24 of the pool's 77 tokens; then a request alone needs 70 to finish, or a
+    prompt of 68 (prefilled in chunks of 8) does. Each runs to its max_new_tokens: the pin is dropped rather than
+    the request ended early or stalled for good."""
+    s = _scheduler(78, chunk=8, session_kv_budget=40)
+    never_eos = wire.SamplingParams(max_new_tokens=15, min_new_tokens=15)
+    drive(s, StandInWorker(), overlap, {0: [
+        control(wire.OpenSession(call_id="open", session_id="s0")),
+        lambda s, rec: s.submit(wire.GenerateTokens(rid="turn", input_ids=list(range(3, 13)), eos_token_ids=[EOS],
+                                                    session=wire.SessionParams(id="s0"), sampling=never_eos))]})
+    assert s.sessions.pinned_tokens == 24  # the turn's prompt and output, less its last token (never computed)
+    sp = wire.SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    rec = drive(s, StandInWorker(), overlap, {0: [lambda s, rec: s.submit(wire.GenerateTokens(
+        rid="r", input_ids=[20 + i % 50 for i in range(prompt)], eos_token_ids=[EOS], sampling=sp))]})
+    ids, finish = _tokens(rec.outs)["r"]
+    assert (len(ids), finish) == (new_tokens, "length")
+    assert s.sessions.pinned_tokens == 0 and s.counters.retracted_requests == 0
+    s.check_invariants()
+
+
+@pytest.mark.parametrize(("overlap", "policy"), [(False, None), (True, None), (True, "write_back"),
+                                                (True, "write_through"), (True, "write_through_selective")])
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 10_000), st.integers(60, 600), st.integers(4, 64), st.data())
-def test_random_traffic_ends_every_request_once(overlap, seed, pool, chunk, data) -> None:
+def test_random_traffic_ends_every_request_once(overlap, policy, seed, pool, chunk, data) -> None:
     """Random traffic that ends requests every way there is — EOS, max_new_tokens, the context, a stop string
     (an Abort with a finish), an abort, a disconnect, an invalid grammar, the workers unable to admit, alone and
     out of KV (prompts near the pool's size), the server shutting down — with sessions closed (and reopened
     under the same id) while their turns run, and retraction in small pools. Checked after each run: one final
-    message and one end per request (a second end is an AssertionError in Lifecycle.end), and 0 leaked slots."""
+    message and one end per request (a second end is an AssertionError in Lifecycle.end), and 0 leaked slots,
+    without the host tier (`policy` None) and with it under each write policy, a flush tried at a random moment
+    (refused while requests run) and one at the end that empties both pools."""
     def draw(strategy, label: str):
         return data.draw(strategy, label=label)
 
-    s = _scheduler(pool, chunk, session_kv_budget=pool // 3)
+    s = _scheduler(pool, chunk, host=2 * pool if policy else 0, session_kv_budget=pool // 3,
+                   hicache_write_policy=policy or "write_back")
     events: dict[int, list[Event]] = defaultdict(list)
+    events[draw(st.integers(0, 80), "flush at")].append(
+        lambda s, rec: handle_control(s, RUNTIME, wire.FlushCache(call_id="flush")))
     rids: list[str] = []
     refused: set[str] = set()
 
@@ -290,6 +322,10 @@ def test_random_traffic_ends_every_request_once(overlap, seed, pool, chunk, data
     rec = drive(s, StandInWorker(eos_every=11), overlap, events)
     check_one_end_each(s, rec, rids, refused)
     check_no_kv_held(s)
+    control(wire.FlushCache(call_id="flush"))(s, rec)
+    s.check_invariants()
+    assert s.allocator.num_free == s.allocator.capacity
+    assert s.cache.host is None or s.cache.host.allocator.num_free == s.cache.host.allocator.capacity
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -345,11 +381,13 @@ def test_every_way_of_ending_goes_through_the_one_end(overlap: bool) -> None:
     check_no_kv_held(s)
 
 
-@pytest.mark.parametrize("host", [0, 2400])
-def test_a_thousand_random_aborts_leak_no_kv(host: int) -> None:
-    """0 leaked device or host slots after 1,000 random aborts (with the host tier: its pool too)."""
+@pytest.mark.parametrize(("host", "policy"), [(0, "write_back"), (2400, "write_back"), (2400, "write_through"),
+                                              (2400, "write_through_selective")])
+def test_a_thousand_random_aborts_leak_no_kv(host: int, policy: str) -> None:
+    """0 leaked device or host slots after 1,000 random aborts (with the host tier, under each write policy: its
+    pool too)."""
     rng = random.Random(7)
-    s = _scheduler(1200, chunk=48, host=host)
+    s = _scheduler(1200, chunk=48, host=host, hicache_write_policy=policy)
     worker = StandInWorker(eos_every=0)
     reqs = _workload(1000, seed=3)
     aborts: dict[int, list[str]] = defaultdict(list)

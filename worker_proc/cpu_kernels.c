@@ -285,9 +285,9 @@ void rs_rotary_store_bf16(const uint16_t *qk, long ldt, long ldh, const uint16_t
  * Layout (cpu_quant.pack), per block of NB output columns and pair of k, like rs_pack_bf16's [k / 2][NB][2]:
  *   8 bits: 64 signed bytes [NB][2];
  *   4 bits: 32 bytes, byte e = lo | hi << 4 with lo the code of (column e / 2, k e % 2) and hi that of column
- *           16 + e / 2; unpacked as the bf16 number 128 + code (bits 0x4300 | code), so offsets of 4-bit codes
- *           come with -128 * scale folded in by the packer;
- *   scales, offsets: float32 [blocks][k / bk][NB]. */
+ *           16 + e / 2; unpacked as the bf16 number 128 + code (bits 0x4300 | code), so the kernel adds
+ *           (offset - 128 scale) times the block's sum of x;
+ *   scales, offsets: [blocks][k / bk][NB], float32, or fp16 (`half`: GGUF's own, exact in fp16). */
 static inline __attribute__((always_inline)) void unpack_codes(const int bits, const uint8_t *p, __m512bh *w0,
                                                                __m512bh *w1) {
     if (bits == 16) { /* unpacked before (rs_linear_quant with several row tiles) */
@@ -309,33 +309,64 @@ static inline __attribute__((always_inline)) void unpack_codes(const int bits, c
     }
 }
 
-#define QMB 4 /* rows of x per quantized tile: 16 accumulators */
+/* 16 scales or offsets from element i of p (float32, or fp16 where half). */
+static inline __m512 load_scales(const void *p, long i, int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)))
+                : _mm512_loadu_ps((const float *)p + i);
+}
 
-static inline __attribute__((always_inline)) void qtile(const int m, const int bits, const int has_offset,
-                                                        const uint16_t *x, long ldx, const uint8_t *codes,
-                                                        const float *scale, const float *offset, const float *xsum,
-                                                        long k_dim, long bk, const uint16_t *bias, long cols,
-                                                        uint16_t *y, long ldy) {
-    const long pair_bytes = bits * NB * 2 / 8, kb_dim = k_dim / bk;
-    __m512 acc[QMB][2];
+/* Rows of x per quantized tile: with one block of k (per-channel scales) 8 (16 accumulators); with several
+ * blocks 4 (8 accumulators of the block's sums, 8 of the scaled total: 5 or 6 rows spill registers). */
+/* Bytes ahead of the codes being read that a tile asks for (a prefetch per 64-byte line): the hardware
+ * prefetcher alone left one row's 4-bit tile at about 2/3 of the memory bandwidth. */
+#define PF_DIST 4096
+#define QMB_ONE 8
+#define QMB_BLOCKS 4
+
+/* What a tile needs besides its rows: the quantized layer's column block and the rows' sums of x per block. */
+typedef struct {
+    const uint8_t *codes;
+    const void *scale, *offset; /* offset may be NULL */
+    const float *xsum;          /* [rows][k / bk], where biased or offset */
+    long k_dim, bk, half, biased; /* biased: codes unpacked as 128 + code (4 bits) */
+    const char *next;             /* where unpacked before (bits 16): the next column block's codes, to prefetch */
+    long next_pair_bytes;
+} qblock;
+
+static inline __attribute__((always_inline)) void qtile(const int m, const int bits, const int one_block,
+                                                        const qblock *q, const uint16_t *x, long ldx,
+                                                        const uint16_t *bias, long cols, uint16_t *y, long ldy) {
+    const long pair_bytes = bits * NB * 2 / 8, kb_dim = q->k_dim / q->bk, bk = q->bk;
+    __m512 acc[QMB_ONE][2];
     for (int i = 0; i < m; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (long kb = 0; kb < kb_dim; kb++) {
-        __m512 part[QMB][2];
+        __m512 part[QMB_ONE][2];
         for (int i = 0; i < m; i++) part[i][0] = part[i][1] = _mm512_setzero_ps();
         for (long k2 = kb * bk / 2; k2 < (kb + 1) * bk / 2; k2++) {
             __m512bh w0, w1;
-            unpack_codes(bits, codes + k2 * pair_bytes, &w0, &w1);
+            if (bits != 16 && (k2 * pair_bytes) % 64 == 0)
+                _mm_prefetch((const char *)q->codes + k2 * pair_bytes + PF_DIST, _MM_HINT_T0);
+            if (bits == 16 && q->next && (k2 * q->next_pair_bytes) % 64 == 0)
+                _mm_prefetch(q->next + k2 * q->next_pair_bytes, _MM_HINT_T1);
+            unpack_codes(bits, q->codes + k2 * pair_bytes, &w0, &w1);
             dot_pair(m, x, ldx, k2, w0, w1, part);
         }
-        __m512 s0 = _mm512_loadu_ps(scale + kb * NB), s1 = _mm512_loadu_ps(scale + kb * NB + 16);
+        /* acc + part * scale: with one block, acc is 0 and this is part * scale, rounded once */
+        __m512 s0 = load_scales(q->scale, kb * NB, q->half), s1 = load_scales(q->scale, kb * NB + 16, q->half);
         for (int i = 0; i < m; i++) {
-            acc[i][0] = _mm512_fmadd_ps(part[i][0], s0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(part[i][1], s1, acc[i][1]);
+            acc[i][0] = one_block ? _mm512_mul_ps(part[i][0], s0) : _mm512_fmadd_ps(part[i][0], s0, acc[i][0]);
+            acc[i][1] = one_block ? _mm512_mul_ps(part[i][1], s1) : _mm512_fmadd_ps(part[i][1], s1, acc[i][1]);
         }
-        if (has_offset) {
-            __m512 o0 = _mm512_loadu_ps(offset + kb * NB), o1 = _mm512_loadu_ps(offset + kb * NB + 16);
+        if (q->offset || q->biased) {
+            __m512 o0 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps();
+            if (q->offset)
+                o0 = load_scales(q->offset, kb * NB, q->half), o1 = load_scales(q->offset, kb * NB + 16, q->half);
+            if (q->biased) { /* codes read as 128 + code: the offset less 128 scales (128 s is exact) */
+                o0 = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), s0, o0);
+                o1 = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), s1, o1);
+            }
             for (int i = 0; i < m; i++) {
-                __m512 sx = _mm512_set1_ps(xsum[i * kb_dim + kb]);
+                __m512 sx = _mm512_set1_ps(q->xsum[i * kb_dim + kb]);
                 acc[i][0] = _mm512_fmadd_ps(o0, sx, acc[i][0]);
                 acc[i][1] = _mm512_fmadd_ps(o1, sx, acc[i][1]);
             }
@@ -344,23 +375,39 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
     store_tile(m, acc, bias, cols, y, ldy);
 }
 
-#define QTILE(M, B, O) qtile(M, B, O, xi, ldx, cb, sb, ob, xs, k_dim, bk, bb, cols, yi, ldy)
-#define QTILES(B, O)                                                                                               \
-    switch (m) {                                                                                                   \
-        case 1: QTILE(1, B, O); break;                                                                             \
-        case 2: QTILE(2, B, O); break;                                                                             \
-        case 3: QTILE(3, B, O); break;                                                                             \
-        default: QTILE(4, B, O); break;                                                                            \
+#define QTILE(M, B, ONE) qtile(M, B, ONE, &qb, xi, ldx, bb, cols, yi, ldy)
+#define QTILES(B)                                                                                                  \
+    if (kb_dim == 1) {                                                                                             \
+        switch (m) {                                                                                               \
+            case 1: QTILE(1, B, 1); break;                                                                         \
+            case 2: QTILE(2, B, 1); break;                                                                         \
+            case 3: QTILE(3, B, 1); break;                                                                         \
+            case 4: QTILE(4, B, 1); break;                                                                         \
+            case 5: QTILE(5, B, 1); break;                                                                         \
+            case 6: QTILE(6, B, 1); break;                                                                         \
+            case 7: QTILE(7, B, 1); break;                                                                         \
+            default: QTILE(8, B, 1); break;                                                                        \
+        }                                                                                                          \
+    } else {                                                                                                       \
+        switch (m) {                                                                                               \
+            case 1: QTILE(1, B, 0); break;                                                                         \
+            case 2: QTILE(2, B, 0); break;                                                                         \
+            case 3: QTILE(3, B, 0); break;                                                                         \
+            default: QTILE(4, B, 0); break;                                                                        \
+        }                                                                                                          \
     }
 
-/* y[:m_dim, :n_dim] = x W^T (+ bias) for the quantized W above (bits 4 or 8; offset may be NULL), x [m_dim, k_dim]
- * bf16 with row stride ldx (k_dim a multiple of bk, bk even), y bf16 with row stride ldy. */
-void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *codes, long bits, const float *scale,
-                     const float *offset, long n_dim, long k_dim, long bk, const uint16_t *bias, uint16_t *y,
-                     long ldy) {
-    long blocks = (n_dim + NB - 1) / NB, m_blocks = (m_dim + QMB - 1) / QMB, kb_dim = k_dim / bk;
-    float *xsum = offset ? malloc(sizeof(float) * m_dim * kb_dim) : 0; /* per row and block of k: sum of x */
-    if (offset)
+/* y[:m_dim, :n_dim] = x W^T (+ bias) for the quantized W above (bits 4 or 8; offset may be NULL; scale and
+ * offset fp16 where half), x [m_dim, k_dim] bf16 with row stride ldx (k_dim a multiple of bk, bk even), y bf16
+ * with row stride ldy. */
+void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *codes, long bits, const void *scale,
+                     const void *offset, long half, long n_dim, long k_dim, long bk, const uint16_t *bias,
+                     uint16_t *y, long ldy) {
+    long kb_dim = k_dim / bk, tile_rows = kb_dim == 1 ? QMB_ONE : QMB_BLOCKS, scale_bytes = half ? 2 : 4;
+    long blocks = (n_dim + NB - 1) / NB, m_blocks = (m_dim + tile_rows - 1) / tile_rows;
+    const int sums = offset || bits == 4;
+    float *xsum = sums ? malloc(sizeof(float) * m_dim * kb_dim) : 0; /* per row and block of k: sum of x */
+    if (sums)
         for (long r = 0; r < m_dim; r++)
             for (long kb = 0; kb < kb_dim; kb++) {
                 __m512 s = _mm512_setzero_ps();
@@ -376,31 +423,37 @@ void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *cod
 #pragma omp for schedule(static)
         for (long b = 0; b < blocks; b++) {
             long n0 = b * NB, cols = n_dim - n0 < NB ? n_dim - n0 : NB;
-            const uint8_t *cb = codes + b * k_dim * NB * bits / 8;
-            const float *sb = scale + b * kb_dim * NB, *ob = offset ? offset + b * kb_dim * NB : 0;
+            qblock qb = {codes + b * k_dim * NB * bits / 8, (const uint8_t *)scale + b * kb_dim * NB * scale_bytes,
+                         offset ? (const uint8_t *)offset + b * kb_dim * NB * scale_bytes : 0, 0, k_dim, bk, half,
+                         bits == 4};
             const uint16_t *bb = bias ? bias + n0 : 0;
             if (wide) {
+                /* the first row tile fetches the next column block's codes as it goes: the tiles of this block
+                 * run from cache while they arrive (else reading them would stall the unpacking) */
+                qb.next = b + 1 < blocks ? (const char *)(qb.codes + k_dim * NB * bits / 8) : 0;
+                qb.next_pair_bytes = bits * NB * 2 / 8;
                 for (long k2 = 0; k2 < k_dim / 2; k2++) {
                     __m512bh w0, w1;
-                    if (bits == 4) unpack_codes(4, cb + k2 * NB, &w0, &w1);
-                    else unpack_codes(8, cb + k2 * NB * 2, &w0, &w1);
+                    if (bits == 4) unpack_codes(4, qb.codes + k2 * NB, &w0, &w1);
+                    else unpack_codes(8, qb.codes + k2 * NB * 2, &w0, &w1);
                     _mm512_storeu_si512(wide + k2 * 128, (__m512i)w0);
                     _mm512_storeu_si512(wide + k2 * 128 + 64, (__m512i)w1);
                 }
-                cb = wide;
+                qb.codes = wide;
             }
             for (long mb = 0; mb < m_blocks; mb++) {
-                long i0 = mb * QMB;
-                int m = m_dim - i0 < QMB ? (int)(m_dim - i0) : QMB;
-                const float *xs = offset ? xsum + i0 * kb_dim : 0;
+                long i0 = mb * tile_rows;
+                int m = m_dim - i0 < tile_rows ? (int)(m_dim - i0) : (int)tile_rows;
+                qb.xsum = sums ? xsum + i0 * kb_dim : 0;
+                qb.next = mb == 0 ? qb.next : 0;
                 const uint16_t *xi = x + i0 * ldx;
                 uint16_t *yi = y + i0 * ldy + n0;
                 if (wide) {
-                    if (offset) { QTILES(16, 1) } else { QTILES(16, 0) }
+                    QTILES(16)
                 } else if (bits == 4) {
-                    if (offset) { QTILES(4, 1) } else { QTILES(4, 0) }
+                    QTILES(4)
                 } else {
-                    if (offset) { QTILES(8, 1) } else { QTILES(8, 0) }
+                    QTILES(8)
                 }
             }
         }
@@ -433,11 +486,11 @@ void rs_gguf_decode(const uint8_t *raw, const int64_t *order, long n, long k, lo
         }
 }
 
-/* codes [n][k] (one per byte), scale / offset [n][k / bk] (offset may be NULL) -> rs_linear_quant's layout
- * (zero padded to whole blocks of NB columns; out_offset gets -128 * scale folded in for 4 bits, and must be
- * given for 4 bits even where offset is NULL). */
+/* codes [n][k] (one per byte), scale / offset [n][k / bk] float32 (offset may be NULL) -> rs_linear_quant's
+ * layout, zero padded to whole blocks of NB columns; out_scale / out_offset fp16 where half (the caller checks
+ * that fp16 holds them exactly), else float32. */
 void rs_pack_quant(const uint8_t *codes, long n, long k, long bits, const float *scale, const float *offset, long bk,
-                   uint8_t *out_codes, float *out_scale, float *out_offset) {
+                   long half, uint8_t *out_codes, void *out_scale, void *out_offset) {
     const long blocks = (n + NB - 1) / NB, kb_dim = k / bk, pair_bytes = bits * NB * 2 / 8;
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < blocks; b++) {
@@ -445,8 +498,14 @@ void rs_pack_quant(const uint8_t *codes, long n, long k, long bits, const float 
             long r = b * NB + j;
             for (long kb = 0; kb < kb_dim; kb++) {
                 float s = r < n ? scale[r * kb_dim + kb] : 0.0f, o = r < n && offset ? offset[r * kb_dim + kb] : 0.0f;
-                out_scale[(b * kb_dim + kb) * NB + j] = s;
-                if (bits == 4 || offset) out_offset[(b * kb_dim + kb) * NB + j] = bits == 4 ? o - 128.0f * s : o;
+                long at = (b * kb_dim + kb) * NB + j;
+                if (half) {
+                    ((uint16_t *)out_scale)[at] = _cvtss_sh(s, 0);
+                    if (offset) ((uint16_t *)out_offset)[at] = _cvtss_sh(o, 0);
+                } else {
+                    ((float *)out_scale)[at] = s;
+                    if (offset) ((float *)out_offset)[at] = o;
+                }
             }
         }
         uint8_t *dst = out_codes + b * (k / 2) * pair_bytes;
@@ -461,4 +520,70 @@ void rs_pack_quant(const uint8_t *codes, long n, long k, long bits, const float 
                     dst[k2 * pair_bytes + e] |= j < 16 ? c : (uint8_t)(c << 4);
             }
     }
+}
+
+/* One linear layer of the decoder stack: bf16 in rs_pack_bf16's layout (bits 16), or quantized codes in
+ * rs_pack_quant's (bits 4 or 8, with scale / offset per block of bk columns, fp16 where half); bias may be NULL. */
+typedef struct {
+    const void *weight, *scale, *offset;
+    const uint16_t *bias;
+    long bits, n, k, bk, half;
+} rs_linear;
+
+/* A Llama-family decoder layer (cpu_stack.py builds these): norms' weights, linears, this layer's KV caches. */
+typedef struct {
+    const uint16_t *input_norm, *post_norm;
+    rs_linear qkv, o, gate_up, down;
+    uint16_t *k_cache, *v_cache;
+} rs_layer;
+
+static void run_linear(const rs_linear *l, const uint16_t *x, long m, uint16_t *y) {
+    if (l->bits == 16)
+        rs_linear_bf16(x, l->k, m, l->weight, l->n, l->k, l->bias, y, l->n);
+    else
+        rs_linear_quant(x, l->k, m, l->weight, l->bits, l->scale, l->offset, l->half, l->n, l->k, l->bk, l->bias, y,
+                        l->n);
+}
+
+/* The whole decoder stack of a step in one call, each layer as LlamaDecoderLayer.forward runs it through the
+ * kernels above (the same kernels in the same order, so the same numbers): x [tokens, hidden] the embeddings;
+ * out [tokens, hidden] = the final norm of the last hidden state. Rows of attention as rs_paged_attention_bf16's
+ * (row_slots, row_lens); slots: each token's KV slot; cos / sin [tokens, dim / 2] (row stride ldc). Returns 0, or
+ * -1 where scratch memory could not be had (nothing written to out). */
+long rs_decoder_stack(const rs_layer *layers, long n_layers, const uint16_t *x, long tokens, long hidden,
+                      long q_heads, long kv_heads, long dim, float eps, float scale, const uint16_t *cos,
+                      const uint16_t *sin, long ldc, const int64_t *slots, const int32_t *req_to_token,
+                      long rtt_stride, const int32_t *row_slots, const int32_t *row_lens,
+                      const uint16_t *final_norm, uint16_t *out) {
+    const long qkv_n = (q_heads + 2 * kv_heads) * dim, q_n = q_heads * dim;
+    long widest = qkv_n > q_n ? qkv_n : q_n;
+    for (long i = 0; i < n_layers; i++)
+        widest = layers[i].gate_up.n > widest ? layers[i].gate_up.n : widest;
+    /* h: a layer's output; res: the residual stream; normed: a norm's output; wide, q: the layer's scratch */
+    uint16_t *h = malloc(sizeof(uint16_t) * tokens * hidden), *res = malloc(sizeof(uint16_t) * tokens * hidden);
+    uint16_t *normed = malloc(sizeof(uint16_t) * tokens * hidden), *wide = malloc(sizeof(uint16_t) * tokens * widest);
+    uint16_t *q = malloc(sizeof(uint16_t) * tokens * widest), *attn = malloc(sizeof(uint16_t) * tokens * q_n);
+    long ok = h && res && normed && wide && q && attn;
+    for (long i = 0; ok && i < n_layers; i++) {
+        const rs_layer *l = layers + i;
+        if (i == 0) {
+            rs_add_rmsnorm_bf16(x, hidden, 0, 0, l->input_norm, tokens, hidden, eps, normed, 0);
+            memcpy(res, x, sizeof(uint16_t) * tokens * hidden);
+        } else {
+            rs_add_rmsnorm_bf16(h, hidden, res, hidden, l->input_norm, tokens, hidden, eps, normed, res);
+        }
+        run_linear(&l->qkv, normed, tokens, wide);
+        rs_rotary_store_bf16(wide, qkv_n, dim, wide + (q_heads + kv_heads) * dim, qkv_n, dim, cos, sin, ldc, slots,
+                             tokens, q_heads, kv_heads, dim, q, l->k_cache, l->v_cache);
+        rs_paged_attention_bf16(q, l->k_cache, l->v_cache, req_to_token, rtt_stride, row_slots, row_lens, tokens,
+                                q_heads, kv_heads, dim, scale, attn);
+        run_linear(&l->o, attn, tokens, h);
+        rs_add_rmsnorm_bf16(h, hidden, res, hidden, l->post_norm, tokens, hidden, eps, normed, res);
+        run_linear(&l->gate_up, normed, tokens, wide);
+        rs_silu_and_mul_bf16(wide, l->gate_up.n, tokens, l->gate_up.n / 2, q);
+        run_linear(&l->down, q, tokens, h);
+    }
+    if (ok) rs_add_rmsnorm_bf16(h, hidden, res, hidden, final_norm, tokens, hidden, eps, out, res);
+    free(h), free(res), free(normed), free(wide), free(q), free(attn);
+    return ok ? 0 : -1;
 }

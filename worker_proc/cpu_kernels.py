@@ -82,12 +82,15 @@ def library() -> ctypes.CDLL | None:
         "rs_rotary_store_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size, ptr, size, size, size, size, ptr,
                                  ptr, ptr],
         "rs_paged_attention_bf16": [ptr, ptr, ptr, ptr, size, ptr, ptr, size, size, size, size, f32, ptr],
-        "rs_linear_quant": [ptr, size, size, ptr, size, ptr, ptr, size, size, size, ptr, ptr, size],
+        "rs_linear_quant": [ptr, size, size, ptr, size, ptr, ptr, size, size, size, size, ptr, ptr, size],
         "rs_gguf_decode": [ptr, ptr, size, size, size, size, ptr, ptr, ptr],
-        "rs_pack_quant": [ptr, size, size, size, ptr, ptr, size, ptr, ptr, ptr],
+        "rs_pack_quant": [ptr, size, size, size, ptr, ptr, size, size, ptr, ptr, ptr],
+        "rs_decoder_stack": [ptr, size, ptr, size, size, size, size, size, f32, f32, ptr, ptr, size, ptr, ptr, size,
+                             ptr, ptr, ptr, ptr],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+    lib.rs_decoder_stack.restype = size  # 0, or -1: no scratch memory
     return lib
 
 
@@ -102,6 +105,10 @@ class PackedLinear:
         self.n, self.k = weight.shape
         self.data = torch.empty(-(-self.n // _NB) * -(-self.k // 2) * _NB * 2, dtype=torch.bfloat16)
         lib.rs_pack_bf16(weight.data_ptr(), self.n, self.k, self.data.data_ptr())
+
+    def stack_fields(self) -> tuple[torch.Tensor, None, None, int, int, bool]:
+        """(weight, scale, offset, bits, block, fp16 scales) as cpu_stack describes a layer to rs_decoder_stack."""
+        return self.data, None, None, 16, 0, False
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, y = linear_rows(x, self.k, self.n, bias)

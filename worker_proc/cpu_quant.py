@@ -142,7 +142,9 @@ def gguf_weight(raw: np.ndarray, type_name: str, heads: int = 0) -> QuantWeight:
 
 class QuantLinear:
     """A QuantWeight in rs_linear_quant's layout; `packed(x, bias)` is F.linear(x, dequantized weight, bias) for
-    bf16 x, up to float32 summation order, rounded to bf16 once."""
+    bf16 x, up to float32 summation order, rounded to bf16 once. Scales and offsets are kept as fp16 where that
+    holds them exactly (GGUF's are fp16 in the file: a Q4_1 weight then takes 5 bits, as in the file), else as
+    float32 (int8's per-channel scales)."""
 
     def __init__(self, qw: QuantWeight) -> None:
         self.lib = cpu_kernels.library()
@@ -150,25 +152,31 @@ class QuantLinear:
         assert self.lib is not None and k % qw.block == 0 and qw.block % 2 == 0 and k % 2 == 0
         self.n, self.k, self.bits, self.block = n, k, qw.bits, qw.block
         blocks, kb = -(-n // _NB), k // qw.block
-        self.codes = torch.empty(blocks * k * _NB * qw.bits // 8, dtype=torch.uint8)
-        self.scale = torch.empty((blocks, kb, _NB))
-        # 4-bit codes are read as the bf16 number 128 + code: their offset takes -128 * scale
-        self.offset = torch.empty_like(self.scale) if qw.bits == 4 or qw.offset is not None else None
         codes, scale = qw.codes.contiguous(), qw.scale.float().contiguous()
         offset = None if qw.offset is None else qw.offset.float().contiguous()
+        self.half = all(torch.equal(t.half().float(), t) for t in (scale, offset) if t is not None)
+        dtype = torch.float16 if self.half else torch.float32
+        self.codes = torch.empty(blocks * k * _NB * qw.bits // 8, dtype=torch.uint8)
+        self.scale = torch.empty((blocks, kb, _NB), dtype=dtype)
+        self.offset = None if offset is None else torch.empty_like(self.scale)
         self.lib.rs_pack_quant(codes.data_ptr(), n, k, qw.bits, scale.data_ptr(),
-                               0 if offset is None else offset.data_ptr(), qw.block, self.codes.data_ptr(),
+                               0 if offset is None else offset.data_ptr(), qw.block, self.half, self.codes.data_ptr(),
                                self.scale.data_ptr(), 0 if self.offset is None else self.offset.data_ptr())
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
 
+    def stack_fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, bool]:
+        """(weight, scale, offset, bits, block, fp16 scales) as cpu_stack describes a layer to rs_decoder_stack."""
+        return self.codes, self.scale, self.offset, self.bits, self.block, self.half
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, y = cpu_kernels.linear_rows(x, self.k, self.n, bias)
         self.lib.rs_linear_quant(rows.data_ptr(), rows.stride(0), rows.shape[0], self.codes.data_ptr(), self.bits,
-                                 self.scale.data_ptr(), 0 if self.offset is None else self.offset.data_ptr(), self.n,
-                                 self.k, self.block, None if bias is None else bias.data_ptr(), y.data_ptr(), self.n)
+                                 self.scale.data_ptr(), 0 if self.offset is None else self.offset.data_ptr(),
+                                 self.half, self.n, self.k, self.block, None if bias is None else bias.data_ptr(),
+                                 y.data_ptr(), self.n)
         return y.reshape(*x.shape[:-1], self.n)
 
 

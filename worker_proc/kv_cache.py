@@ -3,17 +3,17 @@
 Slot 0 is a padding slot that the scheduler never hands out (padded batches write there).
 With the host tier (--enable-hierarchical-cache) a second pool of the same layout lives in host memory (pinned
 on CUDA), and each step's `kv_moves` copy slots between the two, in order, before its forward
-(scheduler_proc/host_tier.py decides them; every TP rank copies its own shard).
+(worker_proc/kv_host.py; scheduler_proc/host_tier.py decides them; every TP rank copies its own shard).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from radixserve.config import ServerArgs
-from radixserve.wire import KVMove, from_i32
+from radixserve.wire import KVMove
 from worker_proc import fused
+from worker_proc.kv_host import HostPool
 
 KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}  # --kv-cache-dtype other than auto (the model's dtype)
 FP8_MAX = 448.0
@@ -41,35 +41,13 @@ class KVCache:
         self.dtype = dtype
         self.device = device
         self.num_host_slots = num_host_slots  # 0: no host tier
-        host = (num_host_slots, num_kv_heads, head_dim)
-        pin = device.type == "cuda"
-        self.host_k = [torch.zeros(host, dtype=dtype, pin_memory=pin) for _ in range(num_layers if host[0] else 0)]
-        self.host_v = [torch.zeros(host, dtype=dtype, pin_memory=pin) for _ in range(num_layers if host[0] else 0)]
+        self.host = (HostPool(num_layers, num_host_slots, num_kv_heads, head_dim, _bytes(self.k[0]).dtype, device)
+                     if num_host_slots else None)
 
     def move(self, moves: list[KVMove]) -> None:
-        """Make the step's copies between the pools, in order (a slot one frees may be the next one's destination).
-        Each move gathers its rows of every layer into one tensor, so it crosses between device and host in one
-        copy: device to host synchronously; host to device from a pinned staging tensor, asynchronously on the
-        compute stream ahead of the forward that may overwrite its sources (the caching host allocator keeps the
-        staging tensor until the copy is done)."""
-        pools = tuple(map(_bytes, (*self.k, *self.v)))
-        hosts = tuple(map(_bytes, (*self.host_k, *self.host_v)))
-        for m in moves:
-            src = torch.from_numpy(np.asarray(from_i32(m.src), dtype=np.int64))
-            dst = torch.from_numpy(np.asarray(from_i32(m.dst), dtype=np.int64))
-            if m.to_host:
-                d_src = src.to(self.device)
-                rows = torch.stack([layer.index_select(0, d_src) for layer in pools]).cpu()
-                for host_layer, layer_rows in zip(hosts, rows, strict=True):
-                    host_layer.index_copy_(0, dst, layer_rows)
-            else:
-                rows = torch.empty((len(hosts), len(src), *hosts[0].shape[1:]), dtype=hosts[0].dtype,
-                                   pin_memory=self.device.type == "cuda")
-                for host_layer, layer_rows in zip(hosts, rows, strict=True):
-                    torch.index_select(host_layer, 0, src, out=layer_rows)
-                rows, d_dst = rows.to(self.device, non_blocking=True), dst.to(self.device)
-                for layer, layer_rows in zip(pools, rows, strict=True):
-                    layer.index_copy_(0, d_dst, layer_rows)
+        """Make the step's copies between the pools, in order, ahead of its forward (worker_proc/kv_host.py)."""
+        assert self.host is not None, "KV moves without a host pool"
+        self.host.move(tuple(map(_bytes, (*self.k, *self.v))), moves)
 
     def unit_scales(self, layer_id: int) -> bool:
         return self.scales[layer_id] == (1.0, 1.0)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker_proc import cpu_stack
 from worker_proc.attention.base import AttentionBackend, LayerAttention
 from worker_proc.layers import (
     MergedColumnParallelLinear,
@@ -135,6 +136,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, arch, i, dtype, device)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        # Every layer is LlamaDecoderLayer with LlamaMLP and no q/k norms: cpu_stack can run the stack in one call.
+        self.plain = arch.mlp is None and not arch.qk_norm
         # EAGLE-3 (worker_proc/models/eagle3.py): the inputs of these layers (len(layers): the final pre-norm
         # state) are kept in `aux` [T, n * hidden] after each forward.
         self.capture: tuple[int, ...] = ()
@@ -143,6 +146,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
+        stack = cpu_stack.stack_for(self, x, attn) if x.device.type == "cpu" else None
+        if stack is not None:
+            return stack(x, rope, attn)
         residual = None
         kept = []
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,102 @@
+"""The host tier's KV pool of one TP rank (--enable-hierarchical-cache) and the copies between it and the device
+pool, in the order each step's `kv_moves` lists them (scheduler_proc/host_tier.py decides them), before its forward.
+
+The pool has the device pool's layout, per layer K and V rows [num_slots, kv_heads_local, head_dim] (an FP8 cache as
+its bytes), in host memory, pinned on CUDA. Each move gathers its rows of every layer into one tensor, so it crosses
+between device and host in one copy:
+- device to host: the rows are gathered on the compute stream (after the forwards that wrote them, before any later
+  forward that overwrites those slots, which the scheduler may hand out at once), cross to a pinned staging tensor
+  on the store stream, which waits for that gather only, and land in the host pool once that copy is done
+  (`finish_stores`, in order, so the last store to a host slot wins).
+- host to device: the pending stores up to the last one that writes a host slot it reads land first (waiting for
+  their copies if need be; older ones too, so the last store to a slot still wins), then the rows are gathered on
+  the CPU into a pinned staging tensor, cross on the load stream, and are scattered into the device
+  pool on the compute stream, which waits for that crossing: the forward that reads them waits for their copy, and
+  nothing waits for a store but a load of what it wrote.
+On the CPU the same steps run in order, each copy complete when it returns (no streams or events).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+
+from radixserve.wire import KVMove, from_i32
+
+
+class HostPool:
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        """`dtype`: the device pool's rows as moved (an FP8 cache's bytes: uint8)."""
+        self.device = device
+        cuda = device.type == "cuda"
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, pin_memory=cuda) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, pin_memory=cuda) for _ in range(num_layers)]
+        self._rows = (*self.k, *self.v)
+        self._store_stream = torch.cuda.Stream(device) if cuda else None
+        self._load_stream = torch.cuda.Stream(device) if cuda else None
+        # Stores on their way, oldest first: (their copy done, None on the CPU; the rows in host memory; host slots).
+        self._stores: deque[tuple[torch.cuda.Event | None, torch.Tensor, torch.Tensor]] = deque()
+
+    def move(self, pools: tuple[torch.Tensor, ...], moves: list[KVMove]) -> None:
+        """Make `moves` between the device pool's rows `pools` (every layer's K, then V) and this pool, in order."""
+        for m in moves:
+            src = torch.from_numpy(np.asarray(from_i32(m.src), dtype=np.int64))
+            dst = torch.from_numpy(np.asarray(from_i32(m.dst), dtype=np.int64))
+            if m.to_host:
+                d_src = src.to(self.device)
+                rows = torch.stack([layer.index_select(0, d_src) for layer in pools])
+                self._stores.append((*self._to_host(rows), dst))
+            else:
+                needed = [i for i, (_, _, stored) in enumerate(self._stores) if torch.isin(stored, src).any()]
+                self.finish_stores(needed[-1] + 1 if needed else 0)
+                host_rows = torch.empty((len(self._rows), len(src), *self._rows[0].shape[1:]),
+                                        dtype=self._rows[0].dtype, pin_memory=self._load_stream is not None)
+                for pool, out in zip(self._rows, host_rows, strict=True):
+                    torch.index_select(pool, 0, src, out=out)
+                rows, d_dst = self._to_device(host_rows), dst.to(self.device)
+                for layer, layer_rows in zip(pools, rows, strict=True):
+                    layer.index_copy_(0, d_dst, layer_rows)
+        self.finish_stores(0)
+
+    def finish_stores(self, first: int | None = None) -> None:
+        """Write stores into the pool, oldest first: the `first` ones (all if None), waiting for their copies, then
+        those whose copies are done."""
+        left = len(self._stores) if first is None else first
+        while self._stores:
+            done, rows, dst = self._stores[0]
+            if done is not None and not done.query():
+                if left <= 0:
+                    return
+                done.synchronize()
+            left -= 1
+            self._stores.popleft()
+            for pool, layer_rows in zip(self._rows, rows, strict=True):
+                pool.index_copy_(0, dst, layer_rows)
+
+    def _to_host(self, rows: torch.Tensor) -> tuple[torch.cuda.Event | None, torch.Tensor]:
+        """Start `rows` (gathered on the compute stream) on their way to host memory: (copy done, host tensor)."""
+        if self._store_stream is None:
+            return None, rows
+        self._store_stream.wait_stream(torch.cuda.current_stream(self.device))  # the gather
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        with torch.cuda.stream(self._store_stream):
+            host.copy_(rows, non_blocking=True)
+        rows.record_stream(self._store_stream)  # the allocator keeps `rows` until the copy has read them
+        done = torch.cuda.Event()
+        done.record(self._store_stream)
+        return done, host
+
+    def _to_device(self, host_rows: torch.Tensor) -> torch.Tensor:
+        """`host_rows` (pinned) on the device, for the compute stream (which waits for the copy)."""
+        if self._load_stream is None:
+            return host_rows
+        with torch.cuda.stream(self._load_stream):
+            rows = host_rows.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._load_stream)
+        rows.record_stream(compute)
+        return rows
