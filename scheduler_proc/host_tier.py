@@ -40,7 +40,6 @@ _HITS_FOR_A_COPY = {"write_through": 1, "write_through_selective": WRITE_THROUGH
 class HostTier:
     def __init__(self, num_slots: int, write_policy: str = "write_back") -> None:
         self.allocator = KVSlotAllocator(num_slots)
-        self.write_policy = write_policy
         # Hits after which a device-resident node gets its host copy (None: only as the device pool evicts it).
         self.hits_for_a_copy: int | None = _HITS_FOR_A_COPY[write_policy]
         self.events: BlockEvents | None = None  # the tree's block set (set by RadixCache)
