@@ -17,9 +17,7 @@ write_through_selective). The sizes below count device-resident tokens only.
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,58 +26,7 @@ from scheduler_proc.host_tier import HostTier
 from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.radix_check import check_tree
-
-_EMPTY = np.empty(0, dtype=np.int32)
-_EMPTY.flags.writeable = False
-_node_ids = itertools.count()
-
-
-class TreeNode:
-    __slots__ = ("key", "value", "parent", "children", "lock_ref", "held", "last_access",
-                 "in_heap", "id", "depth", "blocks", "last_block", "host_value", "device_children", "in_host_heap",
-                 "hits")
-
-    def __init__(self, key: np.ndarray, value: np.ndarray, parent: TreeNode | None,
-                 last_access: int) -> None:
-        self.key = key
-        self.value = value
-        self.parent = parent  # None for the root and for nodes removed from the tree
-        self.depth = (parent.depth if parent is not None else 0) + len(key)
-        self.blocks: list[int] = []  # hashes of the blocks ending in this node (KV events only)
-        self.last_block: int | None = None  # hash of the last block ending at or above this node's end
-        self.host_value: np.ndarray | None = None  # host slots, while the KV (also) is in the host tier
-        self.hits = 1  # the request that cached it, then each one whose prompt matched it (RadixCache.hit)
-        self.device_children = 0  # children whose KV is in device slots
-        self.in_host_heap = False
-        self.children: dict[int, TreeNode] = {}
-        self.lock_ref = 0  # locks held on this node or below it
-        self.held = 0  # locks held on this node itself
-        self.last_access = last_access
-        self.in_heap = False  # True iff exactly one entry for this node sits in the eviction heap
-        self.id = next(_node_ids)  # heap tie-break, so equal access times order deterministically
-
-    def __repr__(self) -> str:
-        return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref})"
-
-
-@dataclass(frozen=True, slots=True)
-class MatchResult:
-    slots: np.ndarray  # int32 KV slots of the longest cached prefix (a fresh copy)
-    node: TreeNode  # deepest node covering the match, ending exactly at it (root if no match)
-    loaded: int = 0  # of those tokens, moved back from the host tier for this match
-
-
-def _as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-    arr = np.asarray(tokens, dtype=np.int32)
-    if arr.ndim != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {arr.shape}")
-    return arr
-
-
-def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if diff.size else n
+from scheduler_proc.radix_node import EMPTY, MatchResult, TreeNode, as_tokens, common_prefix_len
 
 
 class RadixCache:
@@ -99,7 +46,7 @@ class RadixCache:
         if host is not None:
             host.events = events
         self._clock = 0
-        self._root = TreeNode(_EMPTY, _EMPTY, None, 0)  # one root for life: callers may hold it
+        self._root = TreeNode(EMPTY, EMPTY, None, 0)  # one root for life: callers may hold it
         self._clear()
 
     def _clear(self) -> None:
@@ -200,7 +147,7 @@ class RadixCache:
     def match_prefix(self, tokens: Sequence[int] | np.ndarray) -> MatchResult:
         """Longest cached prefix of tokens; splits the last node so the match ends on a node. A part in the host
         tier is moved back to device slots (evicting others) if they can be had; else the match ends above it."""
-        key = _as_tokens(tokens)
+        key = as_tokens(tokens)
         node, _, path = self._walk(key)
         on_host = [n for n in path if n.value is None]  # after the device-resident ones
         loaded = 0
@@ -209,7 +156,7 @@ class RadixCache:
             path = path[:len(path) - len(on_host)]
         elif on_host:
             loaded = sum(len(n.key) for n in on_host)
-        slots = np.concatenate([n.value for n in path]) if path else _EMPTY.copy()
+        slots = np.concatenate([n.value for n in path]) if path else EMPTY.copy()
         return MatchResult(slots, node, loaded)
 
     def _load(self, nodes: list[TreeNode], key: np.ndarray) -> bool:
@@ -250,7 +197,7 @@ class RadixCache:
 
     def peek_prefix_len(self, tokens: Sequence[int] | np.ndarray) -> int:
         """Length match_prefix would return, without splitting or touching access times."""
-        return self._walk(_as_tokens(tokens), touch=False)[1]
+        return self._walk(as_tokens(tokens), touch=False)[1]
 
     def lock(self, node: TreeNode) -> None:
         """Protect node and its ancestors from eviction until the matching unlock."""
@@ -290,7 +237,7 @@ class RadixCache:
         was computed by steps already sent, so a write-through policy may copy the path to the host now (not for a
         prompt part that the step being built computes: BlockTable.cache_computed).
         """
-        key = _as_tokens(tokens)
+        key = as_tokens(tokens)
         value = np.asarray(slots, dtype=np.int32)
         if value.shape != key.shape:
             raise ValueError(f"{len(key)} tokens but {len(value)} slots")
