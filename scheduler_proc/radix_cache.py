@@ -11,7 +11,8 @@ With KV events on, each node also holds the hashes of the blocks that end in it 
 With the host tier (scheduler_proc/host_tier.py) a node's KV is in device slots (`value`), in host slots
 (`host_value`), or in both (write-through policies); a host-only node (`value` None) has only host-only children,
 `device_children` counts a node's device-resident ones, and `hits` the requests that matched it (for
-write_through_selective). The sizes below count device-resident tokens only.
+write_through_selective). The sizes below count device-resident tokens only. A node moved back from the host tier
+is `loading` (its device slots still being written) until its load is done, locked by that load meanwhile.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class RadixCache:
         return self._protected_size
 
     @property
+    def loads_in_flight(self) -> bool:
+        return self.host is not None and bool(self.host.loading)
+
+    @property
     def total_size(self) -> int:
         return self._evictable_size + self._protected_size
 
@@ -99,7 +104,7 @@ class RadixCache:
         on_device = node.value is not None
         upper = TreeNode(node.key[:at].copy(), node.value[:at].copy() if on_device else None, parent,
                          node.last_access)
-        upper.lock_ref, upper.hits = node.lock_ref, node.hits
+        upper.lock_ref, upper.hits, upper.loading = node.lock_ref, node.hits, node.loading
         upper.device_children = int(on_device)
         node.key = node.key[at:].copy()
         if on_device:
@@ -146,7 +151,8 @@ class RadixCache:
 
     def match_prefix(self, tokens: Sequence[int] | np.ndarray) -> MatchResult:
         """Longest cached prefix of tokens; splits the last node so the match ends on a node. A part in the host
-        tier is moved back to device slots (evicting others) if they can be had; else the match ends above it."""
+        tier is moved back to device slots (evicting others) if they can be had, else the match ends above it; the
+        match is `loading` while any of its nodes is (this load or an earlier one in flight: host_tier.py)."""
         key = as_tokens(tokens)
         node, _, path = self._walk(key)
         on_host = [n for n in path if n.value is None]  # after the device-resident ones
@@ -157,31 +163,45 @@ class RadixCache:
         elif on_host:
             loaded = sum(len(n.key) for n in on_host)
         slots = np.concatenate([n.value for n in path]) if path else EMPTY.copy()
-        return MatchResult(slots, node, loaded)
+        loading = self.host is not None and bool(self.host.loading) and any(n.loading in self.host.loading
+                                                                             for n in path)
+        return MatchResult(slots, node, loaded, loading)
 
     def _load(self, nodes: list[TreeNode], key: np.ndarray) -> bool:
-        """Move host-resident `nodes` (a path's tail, top down) back to device slots; False if too few can be had."""
+        """Start moving host-resident `nodes` (a path's tail, top down) back to device slots, as one load that locks
+        them until it is done (finish_loads); False if too few slots can be had."""
         assert self.host is not None
         n = sum(len(node.key) for node in nodes)
         self.lock(nodes[-1])  # neither pool evicts the path meanwhile
         if self._allocator.num_free < n:
             self.evict(n - self._allocator.num_free)
         slots = self._allocator.alloc(n)
-        if slots is not None:
-            at = 0
-            for node in nodes:
-                self._to_device(node, slots[at:at + len(node.key)], key, copy=True)
-                at += len(node.key)
-        self.unlock(nodes[-1])
-        return slots is not None
+        if slots is None:
+            self.unlock(nodes[-1])
+            return False
+        load = self.host.load(np.concatenate([node.host_value for node in nodes]), slots, nodes[-1])
+        at = 0
+        for node in nodes:
+            node.loading = load
+            self._to_device(node, slots[at:at + len(node.key)], key)
+            at += len(node.key)
+        return True
 
-    def _to_device(self, node: TreeNode, slots: np.ndarray, key: np.ndarray, copy: bool) -> None:
-        """Give host-only `node` the device slots `slots` (its KV copied there with `copy`; else they hold it
-        already); its host copy is kept under a write-through policy, else freed (`key`: a sequence from the root
-        through node, for the events)."""
+    def finish_loads(self, loads: Sequence[int] | np.ndarray) -> None:
+        """The workers found these loads done (StepResult.loads_done): their paths may be read from the next step on
+        (which waits for them on every rank: HostTier.load_waits) and evicted. An id no longer in flight (reported
+        again, or cancelled by a flush) is skipped."""
+        for load in map(int, loads):
+            node = self.host.loading.pop(load, None)
+            if node is not None:
+                self.host.load_waits.append(load)
+                self.unlock(node)
+
+    def _to_device(self, node: TreeNode, slots: np.ndarray, key: np.ndarray) -> None:
+        """Give host-only `node` the device slots `slots` (which hold its KV, or will once its load is done); its
+        host copy is kept under a write-through policy, else freed (`key`: a sequence from the root through node,
+        for the events)."""
         assert self.host is not None and node.value is None and node.host_value is not None
-        if copy:
-            self.host.to_device(node.host_value, slots)
         if not self.host.write_through:
             self.host.free(node)
         node.value = slots.copy()
@@ -245,7 +265,7 @@ class RadixCache:
         on_host = [n for n in path if n.value is None]
         cached = on_host[0].depth - len(on_host[0].key) if on_host else pos
         for n in on_host:  # the caller computed their KV again: keep its copy
-            self._to_device(n, value[n.depth - len(n.key):n.depth], key, copy=False)
+            self._to_device(n, value[n.depth - len(n.key):n.depth], key)
         if pos < len(key):
             # The new leaf shares the walk's access time with the path above it.
             leaf = TreeNode(key[pos:].copy(), value[pos:].copy(), node, self._clock)
@@ -316,7 +336,13 @@ class RadixCache:
         return num_freed
 
     def reset(self) -> None:
-        """Drop every cached entry and free its slots (both tiers); raises if anything is locked."""
+        """Drop every cached entry and free its slots (both tiers); raises if anything but a load in flight is locked.
+        Loads in flight are cancelled: the next step waits for their copies before any forward reuses the slots."""
+        if self.host is not None:
+            for node in self.host.loading.values():
+                self.unlock(node)
+            self.host.load_waits.extend(self.host.loading)
+            self.host.loading = {}
         if self._protected_size:
             raise RuntimeError(f"reset with {self._protected_size} locked tokens")
         freed, freed_host = [], []

@@ -16,7 +16,7 @@ _node_ids = itertools.count()
 class TreeNode:
     __slots__ = ("key", "value", "parent", "children", "lock_ref", "held", "last_access",
                  "in_heap", "id", "depth", "blocks", "last_block", "host_value", "device_children", "in_host_heap",
-                 "hits")
+                 "hits", "loading")
 
     def __init__(self, key: np.ndarray, value: np.ndarray, parent: TreeNode | None,
                  last_access: int) -> None:
@@ -30,6 +30,7 @@ class TreeNode:
         self.hits = 1  # the request that cached it, then each one whose prompt matched it (RadixCache.hit)
         self.device_children = 0  # children whose KV is in device slots
         self.in_host_heap = False
+        self.loading = 0  # the load that moved it back from the host tier (in flight while HostTier.loading has it)
         self.children: dict[int, TreeNode] = {}
         self.lock_ref = 0  # locks held on this node or below it
         self.held = 0  # locks held on this node itself
@@ -46,6 +47,7 @@ class MatchResult:
     slots: np.ndarray  # int32 KV slots of the longest cached prefix (a fresh copy)
     node: TreeNode  # deepest node covering the match, ending exactly at it (root if no match)
     loaded: int = 0  # of those tokens, moved back from the host tier for this match
+    loading: bool = False  # some of them are on their way from the host tier: not to be read yet
 
 
 def as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:

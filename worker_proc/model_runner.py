@@ -259,11 +259,18 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, b: StepBatch) -> PendingStep | None:
         """Run a step up to its sampled tokens without waiting for the device; rank 0 returns the pending
-        result (its tokens reach the host on a copy stream). Every rank records the sampled tokens in
-        `last_sampled`, where the next step's placeholder input ids find them."""
+        result (its tokens reach the host on a copy stream, and it reports the host tier's loads found done).
+        Every rank records the sampled tokens in `last_sampled`, where the next step's placeholder input ids find
+        them."""
         t0 = time.perf_counter()
-        if b.kv_moves:
-            self.kv_cache.move(b.kv_moves)
+        if b.kv_moves or b.load_waits:
+            self.kv_cache.move(b.kv_moves, from_i32(b.load_waits))
+        pending = self._launch(b, t0)
+        if pending is not None and self.kv_cache.host is not None:
+            pending.loads = self.kv_cache.host.loads_in_flight()
+        return pending
+
+    def _launch(self, b: StepBatch, t0: float) -> PendingStep | None:
         if self.grammars is not None and b.grammars:
             self.grammars.backend.start(b.grammars)
         if not b.req_slots:  # a step of no requests: it only waits for grammars to compile
@@ -325,7 +332,7 @@ class ModelRunner:
             return None
         done = self.grammars.backend.done(wait=True) if self.grammars is not None else []
         empty = torch.zeros(0, dtype=torch.int32)
-        return PendingStep(b.step, t0, empty, None, None, grammars_done=done)
+        return PendingStep(b.step, t0, empty, None, None, grammars_done=done, wait_loads=True)
 
     def _admit(self, b: StepBatch) -> list[tuple[int, str]]:
         """Requests entering their req slots: cached-prefix rows of the block table in one upload, and their

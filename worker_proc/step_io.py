@@ -71,6 +71,8 @@ class PendingStep:
     grammars_done: list[GrammarDone] = field(default_factory=list)
     admit_errors: list[tuple[int, str]] = field(default_factory=list)
     accept_lens: np.ndarray | None = None  # a verify step's accepted drafts per request (int32)
+    loads: list[tuple[int, torch.cuda.Event | None]] = field(default_factory=list)  # the host tier's, in flight
+    wait_loads: bool = False  # a step of no requests: its answer waits for the loads (so the scheduler need not spin)
 
     def result(self) -> StepResult:
         """Wait for the copy (not for later steps) and build the answer to the scheduler."""
@@ -90,6 +92,12 @@ class PendingStep:
         result.admit_errors = self.admit_errors
         if self.accept_lens is not None:
             result.accept_lens = self.accept_lens.tobytes()
+        if self.wait_loads:
+            for _, done in self.loads:
+                if done is not None:
+                    done.synchronize()
+        loads_done = [load for load, done in self.loads if done is None or done.query()]
+        result.loads_done = np.asarray(loads_done, dtype=np.int32).tobytes() if loads_done else b""
         return result
 
 
