@@ -190,7 +190,8 @@ class Scheduler:
         is_decode, drafts = False, None
         if not entries:
             decoding, stuck = self.decode.plan()
-            if stuck is not None and not stuck.pending:  # alone and out of KV: it can never grow, so it ends here
+            # Alone and out of KV: it can never grow, so it ends here (not while a load in flight holds KV it may get).
+            if stuck is not None and not stuck.pending and not self.cache.loads_in_flight:
                 if self.sessions.give_way():  # unless session pins hold KV it could have
                     return self.schedule()
                 self.lifecycle.end(stuck, FinishReason(type="length", length=stuck.num_outputs), outcome)

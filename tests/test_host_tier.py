@@ -140,6 +140,28 @@ def test_kv_moves_copy_every_layer_both_ways_in_order(device: str) -> None:
         assert torch.equal(got, old[[int(out[-1]), int(out[0])]])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a load stream)")
+def test_a_load_runs_beside_the_compute_stream() -> None:
+    """A large load (about 300 MB from pinned memory: milliseconds) is still in flight once the compute stream has
+    drained, so that stream did not wait for it; after `wait` (the step that first reads the slots) the compute
+    stream reads the loaded rows."""
+    slots = 200_000
+    cache = KVCache(3, slots, 2, 64, torch.bfloat16, "cuda", num_host_slots=slots)
+    for layer in (*cache.host.k, *cache.host.v):
+        layer.copy_(torch.randn(layer.shape))
+    src = np.arange(1, slots)
+    dst = src[::-1].copy()
+    cache.move([KVMove(to_host=False, src=i32(src), dst=i32(dst), load=3)])
+    torch.cuda.current_stream().synchronize()
+    ((load, done),) = cache.host.loads_in_flight()
+    assert load == 3 and not done.query(), "the compute stream waited for the load"
+    cache.move([], [3])
+    d_dst = torch.from_numpy(dst).cuda()
+    for layer, host in zip((*cache.k, *cache.v), (*cache.host.k, *cache.host.v), strict=True):
+        assert torch.equal(layer[d_dst].cpu(), host[torch.from_numpy(src)])
+
+
 @pytest.fixture(scope="module", params=["cpu", CUDA])
 def tiny_runner(request: pytest.FixtureRequest, tmp_path_factory) -> ModelRunner:
     """A random 2-layer Llama's ModelRunner with a 192-token device pool and a host pool 4 times that; on CUDA in
