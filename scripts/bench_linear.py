@@ -33,10 +33,10 @@ from worker_proc.cuda_graph import DecodeGraphs  # noqa: E402
 SWEEP_CUDA_CORES = [gemv.Config(*c, False) for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3))]
 SWEEP_TENSOR_CORES = [gemv.Config(*c, True) for c in itertools.product((16, 32, 64), (64, 128, 256), (4,), (2, 3, 4))]
 # An e4m3 weight carries half the bytes per column: the FP8 grid reaches twice as deep along K.
-SWEEP_FP8_CUDA_CORES = [gemv.Config(*c, False)
-                        for c in itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (2, 3, 4))]
+SWEEP_FP8_CUDA_CORES = [gemv.Config(*c[:4], False, c[4])
+                        for c in itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (2, 3), (False, True))]
 SWEEP_FP8_TENSOR_CORES = [gemv.Config(*c, True)
-                          for c in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4))]
+                          for c in itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 4))]
 
 
 def projections(model: str, tp: int) -> dict[str, tuple[int, int, bool]]:
