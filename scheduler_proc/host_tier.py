@@ -137,6 +137,15 @@ class HostTier:
         moves, self.moves = self.moves, []
         return moves
 
+    def cancel_loads(self) -> list[Any]:
+        """A flush: forget the loads in flight; the nodes their locks hold, for the caller to unlock. A load not sent
+        yet is never made; the next step waits for the copies of the others (their slots may be handed out at once)."""
+        unsent = {m.load for m in self.moves if m.load in self.loading}
+        self.moves = [m for m in self.moves if m.load not in unsent]
+        self.load_waits.extend(load for load in self.loading if load not in unsent)
+        nodes, self.loading = list(self.loading.values()), {}
+        return nodes
+
     def take_load_waits(self) -> bytes:
         waits, self.load_waits = self.load_waits, []
         return i32(waits) if waits else b""

@@ -338,11 +338,8 @@ class RadixCache:
     def reset(self) -> None:
         """Drop every cached entry and free its slots (both tiers); raises if anything but a load in flight is locked.
         Loads in flight are cancelled: the next step waits for their copies before any forward reuses the slots."""
-        if self.host is not None:
-            for node in self.host.loading.values():
-                self.unlock(node)
-            self.host.load_waits.extend(self.host.loading)
-            self.host.loading = {}
+        for node in self.host.cancel_loads() if self.host is not None else []:
+            self.unlock(node)
         if self._protected_size:
             raise RuntimeError(f"reset with {self._protected_size} locked tokens")
         freed, freed_host = [], []

@@ -426,7 +426,8 @@ def test_a_load_in_flight_through_an_abort_and_a_flush() -> None:
     """The host tier's load of a request's prefix, reported done a step later by the stand-in (which checks that no
     step reads or reuses its slots before a step waits for it): meanwhile the request waits and the invariant walk
     sees the load's lock on its nodes; an abort of the request leaves them to the load until it is done; a flush while
-    a load is in flight cancels it (the next step waits for the copy, the late report is ignored). No slot leaks."""
+    a load is in flight cancels it (the next step waits for the copy, the late report is ignored; a load not sent yet
+    is dropped). No slot leaks."""
     s, worker, rng = _scheduler(120, chunk=64, host=480), StandInWorker(), random.Random(3)
     prompt = [rng.randrange(3, 90) for _ in range(50)]
 
@@ -469,5 +470,14 @@ def test_a_load_in_flight_through_an_abort_and_a_flush() -> None:
     assert not s.cache.loads_in_flight and s.allocator.num_free == s.allocator.capacity
     s.process_result(worker.results.popleft())  # reports the cancelled load done: nothing to do
     assert load in wire.from_i32(step().load_waits).tolist()
+    drive(s, worker, overlap=False)
+    check_no_kv_held(s)
+
+    push_prompt_to_host(3)
+    s.cache.match_prefix(prompt)  # a load decided between steps, not sent yet when the flush cancels it
+    assert s.cache.loads_in_flight and s.flush_cache()
+    submit("after", prompt, 2)
+    batch = step()
+    assert not any(not m.to_host for m in batch.kv_moves) and not batch.load_waits  # never made, nothing to wait for
     drive(s, worker, overlap=False)
     check_no_kv_held(s)
