@@ -206,11 +206,11 @@ class Scheduler:
             loading = self.cache.loads_in_flight
             if not self.inflight and not loading and (self.running or self.waiting) and self.sessions.give_way():
                 return self.schedule()
-            if not self.grammars.busy and not loading:
+            if not self.grammars.busy and (self.inflight or not loading):
                 return outcome
-            # Only requests waiting for a grammar or a load: a step of no requests carries new compile jobs (and
-            # loads), and its answer comes when the loads and a compile are done (or after a short wait), so this
-            # loop does not spin.
+            # Only requests waiting for a grammar, or for a load that no step in flight may report done: a step of no
+            # requests carries new compile jobs (and the loads), and its answer comes when the loads and a compile
+            # are done (or after a short wait), so this loop does not spin.
             self.step_id += 1
             self.inflight.append(InFlight(self.step_id, [], np.zeros(0, np.int32), []))
             outcome.batch = StepBatch(step=self.step_id, is_decode=True, req_slots=b"", input_ids=b"",
