@@ -104,3 +104,27 @@ def test_verify_graphs_give_the_tokens_of_eager_verify_steps(model_dir, algorith
     stats = lockstep(eager, graph, monkeypatch, source, VOCAB, REL_TOL)
     if algorithm == "NGRAM":
         assert 0 < stats["accepted"] < stats["drafted"], stats
+
+
+def test_deterministic_bf16_ngram_tokens_equal_plain_decoding(model_dir) -> None:
+    """--enable-deterministic-inference in bf16 through the Engine (FlashInfer with a fixed split size, decode
+    and verify graphs): NGRAM's greedy tokens equal plain decoding's, three at once and one at a time, with verify
+    steps run (prompts that repeat a phrase, which n-gram lookup drafts from)."""
+    from radixserve import Engine
+
+    batch = [p[:12] * 4 for p in prompts(VOCAB)[:2]] + [prompts(VOCAB)[2] * 6]
+    params = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
+    flags = dict(skip_tokenizer_init=True, max_total_tokens=4096, max_running_requests=8, cuda_graph_max_bs=8,
+                 enable_deterministic_inference=True)
+    with Engine(model_dir, **flags) as eng:
+        plain = [o["output_ids"] for o in eng.generate(input_ids=batch, sampling_params=params)]
+    with Engine(model_dir, **flags, speculative_algorithm="NGRAM", speculative_num_draft_tokens=WIDTH,
+                speculative_batch_size_threshold=THRESHOLD) as eng:
+        together = eng.generate(input_ids=batch, sampling_params=params)
+        alone = [eng.generate(input_ids=p, sampling_params=params) for p in batch]
+    metas = [o["meta_info"] for o in together + alone]
+    print("verify steps", sum(m.get("spec_verify_ct", 0) for m in metas),
+          "accepted", sum(m.get("spec_accept_token_num", 0) for m in metas))
+    assert [o["output_ids"] for o in together] == plain
+    assert [o["output_ids"] for o in alone] == plain
+    assert sum(m.get("spec_verify_ct", 0) for m in metas) > 0
