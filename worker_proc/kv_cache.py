@@ -49,6 +49,8 @@ class KVCache:
     def move(self, moves: list[KVMove], load_waits: Sequence[int] = ()) -> None:
         """Ahead of a step's forward: wait for the loads it names, then start its copies between the pools, in order
         (worker_proc/kv_host.py)."""
+        if not moves and not len(load_waits):
+            return
         assert self.host is not None, "KV moves without a host pool"
         self.host.wait(load_waits)
         self.host.move(tuple(map(_bytes, (*self.k, *self.v))), moves)

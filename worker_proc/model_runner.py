@@ -263,13 +263,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, b: StepBatch) -> PendingStep | None:
-        """Run a step up to its sampled tokens without waiting for the device; rank 0 returns the pending
-        result (its tokens reach the host on a copy stream, and it reports the host tier's loads found done).
-        Every rank records the sampled tokens in `last_sampled`, where the next step's placeholder input ids find
-        them."""
+        """Run a step up to its sampled tokens without waiting for the device; rank 0 returns the pending result
+        (its tokens reach the host on a copy stream; it reports the host tier's loads found done). Every rank records
+        the sampled tokens in `last_sampled`, where the next step's placeholder input ids find them."""
         t0 = time.perf_counter()
-        if b.kv_moves or b.load_waits:
-            self.kv_cache.move(b.kv_moves, from_i32(b.load_waits))
+        self.kv_cache.move(b.kv_moves, from_i32(b.load_waits))
         pending = self._launch(b, t0)
         if pending is not None and self.kv_cache.host is not None:
             pending.loads = self.kv_cache.host.loads_in_flight()
