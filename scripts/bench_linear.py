@@ -33,8 +33,8 @@ from worker_proc.cuda_graph import DecodeGraphs  # noqa: E402
 SWEEP_CUDA_CORES = [gemv.Config(*c, False) for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3))]
 SWEEP_TENSOR_CORES = [gemv.Config(*c, True) for c in itertools.product((16, 32, 64), (64, 128, 256), (4,), (2, 3, 4))]
 # An e4m3 weight carries half the bytes per column: the FP8 grid reaches twice as deep along K.
-SWEEP_FP8_CUDA_CORES = [gemv.Config(*c[:4], False, c[4])
-                        for c in itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (2, 3), (False, True))]
+SWEEP_FP8_CUDA_CORES = [gemv.Config(*c, False)
+                        for c in itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (2, 3, 4))]
 SWEEP_FP8_TENSOR_CORES = [gemv.Config(*c, True)
                           for c in itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 4))]
 
@@ -115,7 +115,7 @@ def time_fp8_projection(n: int, k: int, rows_list: list[int], sweep: bool, bw: f
         r["scaled_mm_us"] = graph_seconds([lambda q=q, s=s, x=x: fp8.scaled_mm(x, q, s.view(1, -1), None)
                                            for q, s in ws]) * 1e6
         if rows <= 64:
-            chosen = gemv.config_for(rows, n, k)
+            chosen = gemv.config_for(rows, n, k, fp8=True)
             r["worker_uses"] = "gemv" if chosen else "scaled_mm"
             cfg = chosen or gemv.Config(32, 256, 4, 4, True)
             r["gemv_us"] = graph_seconds([lambda q=q, s=s, x=x, cfg=cfg: gemv.gemv(x, q, None, cfg, scale=s)

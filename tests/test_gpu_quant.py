@@ -55,7 +55,7 @@ def test_fp8_linear_matches_the_dequantized_reference(n, k):
             x[-1] = 0
         y = lin(x, bias)
         ref = x.float() @ deq.T + bias.float()
-        path = "gemv" if rows <= 64 and gemv.config_for(rows, n, k) is not None else "scaled_mm"
+        path = "gemv" if rows <= 64 and gemv.config_for(rows, n, k, fp8=True) is not None else "scaled_mm"
         real = rows - zero
         errs[rows] = (path, rel(y[:real], ref[:real]))
         assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
@@ -88,7 +88,7 @@ def test_fp8_gemv_against_scaled_mm_and_in_a_graph(rows):
     n, k = 4096, 14336
     q, scale = fp8.quantize_rows((0.02 * torch.randn(n, k, device="cuda")).bfloat16())
     x = torch.randn(rows, k, device="cuda").bfloat16()
-    cfg = gemv.config_for(rows, n, k)
+    cfg = gemv.config_for(rows, n, k, fp8=True)
     assert cfg is not None
     y = gemv.gemv(x, q, None, cfg, scale=scale)
     mm = fp8.scaled_mm(x, q, scale.view(1, -1), None)

@@ -63,7 +63,7 @@ class Fp8Linear:
             return F.linear(x, dequantize(self.weight, self.scale, self.group).to(x.dtype), bias)
         n, k = self.weight.shape
         if x.dim() == 2 and x.stride(1) == 1 and 0 < x.shape[0] <= 64:
-            cfg = gemv.config_for(x.shape[0], n, k)
+            cfg = gemv.config_for(x.shape[0], n, k, fp8=True)
             if cfg is not None:
                 return gemv.gemv(x, self.weight, bias, cfg, scale=self.scale)
         return scaled_mm(x, self.weight, self.scale_row, bias)
