@@ -415,29 +415,26 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
 #define Q8_ROWS 2 /* rs_linear_quant takes this path from this many rows of x */
 #endif
 
-/* xq [m][k] = q, xs [m][k / QK] = xs and xsq [m][k / bk] = the sum over the blocks of QK within each block of bk
- * of xs * sum(q), for rows x [m][k] bf16 (row stride ldx). */
-static void quantize_rows(const uint16_t *x, long ldx, long m, long k, long bk, int8_t *xq, float *xs, float *xsq) {
+/* Row r of xq [m][k] = q, xs [m][k / QK] = xs and xsq [m][k / bk] = the sum over the blocks of QK within each
+ * block of bk of xs * sum(q), for rows x [m][k] bf16 (row stride ldx). */
+static void quantize_row(const uint16_t *x, long ldx, long r, long k, long bk, int8_t *xq, float *xs, float *xsq) {
     const long ab_dim = k / QK, kb_dim = k / bk;
-#pragma omp parallel for schedule(static) if (m > 8)
-    for (long r = 0; r < m; r++) {
-        for (long kb = 0; kb < kb_dim; kb++) xsq[r * kb_dim + kb] = 0.0f;
-        for (long a = 0; a < ab_dim; a++) {
-            const uint16_t *p = x + r * ldx + a * QK;
-            __m512 v0 = load_f32(p, 0xffff), v1 = load_f32(p + 16, 0xffff);
-            float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.0f;
-            __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
-            if (d > 0.0f) { /* x / xs (not x * (1 / xs)): the quotient torch's reference rounds */
-                __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-                __m512 dv = _mm512_set1_ps(d);
-                q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(v0, dv)), lo), hi);
-                q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(v1, dv)), lo), hi);
-            }
-            _mm_storeu_si128((__m128i *)(xq + r * k + a * QK), _mm512_cvtepi32_epi8(q0));
-            _mm_storeu_si128((__m128i *)(xq + r * k + a * QK + 16), _mm512_cvtepi32_epi8(q1));
-            xs[r * ab_dim + a] = d;
-            xsq[r * kb_dim + a * QK / bk] += d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    for (long kb = 0; kb < kb_dim; kb++) xsq[r * kb_dim + kb] = 0.0f;
+    for (long a = 0; a < ab_dim; a++) {
+        const uint16_t *p = x + r * ldx + a * QK;
+        __m512 v0 = load_f32(p, 0xffff), v1 = load_f32(p + 16, 0xffff);
+        float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.0f;
+        __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
+        if (d > 0.0f) { /* x / xs (not x * (1 / xs)): the quotient torch's reference rounds */
+            __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+            __m512 dv = _mm512_set1_ps(d);
+            q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(v0, dv)), lo), hi);
+            q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(v1, dv)), lo), hi);
         }
+        _mm_storeu_si128((__m128i *)(xq + r * k + a * QK), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + r * k + a * QK + 16), _mm512_cvtepi32_epi8(q1));
+        xs[r * ab_dim + a] = d;
+        xsq[r * kb_dim + a * QK / bk] += d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     }
 }
 
@@ -557,7 +554,6 @@ static void linear_q8(const uint16_t *x, long ldx, long m_dim, const uint8_t *co
     int8_t *xq = malloc(m_dim * k_dim);
     float *xs = malloc(sizeof(float) * m_dim * ab_dim), *xsq = malloc(sizeof(float) * m_dim * kb_dim);
     if (!xq || !xs || !xsq) abort(); /* out of memory: stop the worker loudly rather than return garbage */
-    quantize_rows(x, ldx, m_dim, k_dim, bk, xq, xs, xsq);
     /* One row tile: each column block's codes are unpacked as they are read. Several: a thread unpacks a column
      * block once into `wide` and runs every row tile over it. */
 #pragma omp parallel
@@ -566,6 +562,8 @@ static void linear_q8(const uint16_t *x, long ldx, long m_dim, const uint8_t *co
         if (m_blocks > 1 && !wide) abort();
         const __m512i idx[3] = {_mm512_loadu_si512(QUAD_IDX[0]), _mm512_loadu_si512(QUAD_IDX[1]),
                                 _mm512_loadu_si512(QUAD_IDX[2])};
+#pragma omp for schedule(static) /* its barrier: every row quantized before the tiles read them */
+        for (long r = 0; r < m_dim; r++) quantize_row(x, ldx, r, k_dim, bk, xq, xs, xsq);
 #pragma omp for schedule(static)
         for (long b = 0; b < blocks; b++) {
             const long n0 = b * NB, cols = n_dim - n0 < NB ? n_dim - n0 : NB;
