@@ -1,4 +1,5 @@
-/* bfloat16 kernels of the CPU worker for CPUs with AVX512-BF16 (built and loaded by cpu_kernels.py).
+/* bfloat16 kernels of the CPU worker for CPUs with AVX512-BF16 (built and loaded by cpu_kernels.py); quantized
+ * linear layers on several rows also use AVX512-VNNI where the CPU has it (built in where __AVX512VNNI__).
  *
  * Linear layers: weights are repacked once into blocks of NB output columns, pairs of input columns
  * interleaved: packed[block][k / 2][column][k % 2]. A block is read as one contiguous stream; one VDPBF16PS
@@ -277,10 +278,11 @@ void rs_rotary_store_bf16(const uint16_t *qk, long ldt, long ldh, const uint16_t
     }
 }
 
-/* Quantized linear layers (cpu_quant.py): weight w[n][k] = scale[n][k / bk] * code[n][k] + offset[n][k / bk], codes
- * of 4 or 8 bits kept in memory as they are and unpacked in registers to bf16, which holds them exactly, so that
- * VDPBF16PS multiplies them by x's bf16 pairs with float32 sums: the result is x times the dequantized weight up
- * to float32 summation order. Per block of bk columns of k, the float32 sum of code * x is scaled, and the
+/* Quantized linear layers (cpu_quant.py) with x in bf16 (one row; several too where built without AVX512-VNNI,
+ * else linear_q8 below): weight w[n][k] = scale[n][k / bk] * code[n][k] + offset[n][k / bk], codes of 4 or 8 bits
+ * kept in memory as they are and unpacked in registers to bf16, which holds them exactly, so that VDPBF16PS
+ * multiplies them by x's bf16 pairs with float32 sums: the result is x times the dequantized weight up to float32
+ * summation order. Per block of bk columns of k, the float32 sum of code * x is scaled, and the
  * offset times the block's sum of x added.
  * Layout (cpu_quant.pack), per block of NB output columns and pair of k, like rs_pack_bf16's [k / 2][NB][2]:
  *   8 bits: 64 signed bytes [NB][2];
@@ -612,7 +614,8 @@ long rs_q8_rows(void) { return Q8_ROWS; }
 
 /* y[:m_dim, :n_dim] = x W^T (+ bias) for the quantized W above (bits 4 or 8; offset may be NULL; scale and
  * offset fp16 where half), x [m_dim, k_dim] bf16 with row stride ldx (k_dim a multiple of bk, bk even), y bf16
- * with row stride ldy. */
+ * with row stride ldy. From Q8_ROWS rows (built with AVX512-VNNI; k_dim a multiple of QK; bk QK or k_dim): x
+ * quantized per row, linear_q8; else x in bf16. */
 void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *codes, long bits, const void *scale,
                      const void *offset, long half, long n_dim, long k_dim, long bk, const uint16_t *bias,
                      uint16_t *y, long ldy) {
