@@ -29,6 +29,7 @@ from worker_proc.cpu_quant import (
     install_quantized,
     int8_layer_weights,
     linear_layers,
+    quantize_cpu_linears,
     quantize_int8,
 )
 from worker_proc.layers import ParallelLMHead, pack_cpu_linears
@@ -171,6 +172,21 @@ def test_default_model_blocks_and_perplexity():
     ppl["Q4_1"] = perplexity(model, ids)
     print("perplexity", {k: round(v, 3) for k, v in ppl.items()})
     assert ppl["Q4_1"] <= 1.02 * ppl["bf16"] and ppl["int8"] <= 1.02 * ppl["bf16"]
+
+
+@needs_cpu_kernels
+def test_log_names_the_activation_path(tiny_llama, caplog, monkeypatch):
+    """The start log says from how many rows activations are quantized, or warns that they never are (a CPU
+    without AVX512-VNNI: nothing falls back to the slower path without a line in the log)."""
+    config = load_hf_config(tiny_llama)
+    line, _, _ = quantize_cpu_linears(load_model(tiny_llama, config, "auto", torch.bfloat16, "cpu"), "int8",
+                                      tiny_llama, config)
+    assert ("quantized per row to int8" in line) == bool(cpu_kernels.q8_rows())
+    monkeypatch.setattr(cpu_kernels, "q8_rows", lambda: 0)
+    with caplog.at_level("WARNING", logger="radixserve.worker"):
+        line, _, _ = quantize_cpu_linears(load_model(tiny_llama, config, "auto", torch.bfloat16, "cpu"), "int8",
+                                          tiny_llama, config)
+    assert "lacks AVX512-VNNI" in caplog.text and "quantized per row" not in line
 
 
 def test_start_errors_name_the_flag(tiny_llama):
