@@ -232,11 +232,14 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True):
 
 class KVMove(msgspec.Struct, array_like=True):
     """A copy between the device KV pool and the host tier's (--enable-hierarchical-cache): KV slots `src` (int32)
-    to `dst` (int32), of the device pool if not `to_host`, else the host pool's (scheduler_proc/host_tier.py)."""
+    to `dst` (int32), of the device pool if not `to_host`, else the host pool's (scheduler_proc/host_tier.py).
+    A load (not `to_host`) has its id `load` (> 0): it lands while later forwards run, and the first step that
+    reads its slots names it in StepBatch.load_waits (worker_proc/kv_host.py)."""
 
     to_host: bool
     src: bytes
     dst: bytes
+    load: int = 0
 
 
 class StepBatch(msgspec.Struct, tag=True, array_like=True):
@@ -247,7 +250,8 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     offsets). `sample_offsets[i]` is the output-token index of the token it samples (seeding), or -1 when
     the step's sample of request i is thrown away (a chunk of a longer prompt, or max_new_tokens 0): per-request
     state that follows the output (penalty counts, grammar matchers) advances only on rows >= 0.
-    A step with no requests only carries `grammars` (and is answered when a compile finishes).
+    A step with no requests only carries `grammars` and the host tier's copies (and is answered when a compile
+    finishes and its loads are done).
     `draft_lens` (a verify step; else empty): int32 d_i per request, the drafts after its last token (extend_lens[i]
     = 1 + d_i), each position sampled (output index sample_offsets[i] + j) and accepted exactly (speculative.py).
     `prefix_groups` (decode only, may be empty): int32 (size, shared_len) pairs covering the batch in order,
@@ -266,7 +270,8 @@ class StepBatch(msgspec.Struct, tag=True, array_like=True):
     prefix_groups: bytes = b""
     grammars: list[CompileGrammar] = []  # compile these (off the step path): requests wait for them
     draft_lens: bytes = b""
-    kv_moves: list[KVMove] = []  # copies between the KV pools, made in order before this step's forward
+    kv_moves: list[KVMove] = []  # copies between the KV pools, started in order before this step's forward
+    load_waits: bytes = b""  # int32 ids of loads (KVMove.load) this step's forward waits for: it may read their slots
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
@@ -291,6 +296,8 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     grammars_done: list[GrammarDone] = []  # compiles that finished since the previous result
     admit_errors: list[tuple[int, str]] = []  # (req slot, why) of this step's new requests that cannot run
     accept_lens: bytes = b""
+    loads_done: bytes = b""  # int32 ids of loads (KVMove.load) whose copy rank 0 found done (a step of no requests
+    # waits for them); an id may be reported again until a step's load_waits names it
 
 
 class WorkerError(msgspec.Struct, tag=True, array_like=True):

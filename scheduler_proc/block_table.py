@@ -14,7 +14,8 @@ import numpy as np
 
 from scheduler_proc.counters import Counters
 from scheduler_proc.kv_slots import KVSlotAllocator
-from scheduler_proc.radix_cache import RadixCache, TreeNode
+from scheduler_proc.radix_cache import RadixCache
+from scheduler_proc.radix_node import TreeNode
 from scheduler_proc.request import Req
 
 

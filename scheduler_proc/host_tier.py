@@ -15,10 +15,17 @@ host pool is full), unless it has host-only children, which need it: then it is 
 Host-only leaves are evicted from the host pool least recently used first, through a heap with lazy invalidation
 as the device pool's; a host copy of a device-resident node is never evicted from the host (it becomes evictable
 once the device pool evicts the node), so a device-resident node keeps its host copy until then or a flush.
-Each copy is recorded in order (`moves`) and sent with the next step (wire.StepBatch.kv_moves): the workers make them
+Each copy is recorded in order (`moves`) and sent with the next step (wire.StepBatch.kv_moves): the workers start them
 in order after the forwards already sent and before that step's forward (a slot freed by one may be the next one's
 destination), so a host copy reads KV that the forwards of earlier steps computed (`copy_to_host` is called only for
 such KV, never for the step being built).
+A copy back to the device (`load`) is a load in flight until rank 0 reports it done (StepResult.loads_done): it runs
+beside the forwards of the steps in between, its nodes are `loading` (a match reaching them waits: the request that
+asked for them is admitted once they are in place, and no other request waits for them) and locked by the load
+itself (`loading`: id -> the deepest node loaded), so that neither an abort of that request nor an eviction frees a
+slot the copy still writes. Once it is done (RadixCache.finish_loads) or cancelled by a flush, its id goes to the
+next step's `load_waits`: every rank's forward waits for its own copy there, before any forward may read or reuse
+those slots.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ class HostTier:
         self.size = 0  # tokens in host slots (host-only nodes and host copies of device-resident ones)
         self.heap: list[tuple[int, int, Any]] = []  # (access time, id, node): host-only leaves
         self.moves: list[KVMove] = []
+        self.loading: dict[int, Any] = {}  # loads in flight: id -> the deepest node loaded, which the load locks
+        self.load_waits: list[int] = []  # loads done or cancelled, for the next step's load_waits
+        self._last_load = 0
         self.loaded_tokens = 0  # moved back to the device by matches (host hits), since start
         self.stored_tokens = 0  # copied to the host (device evictions under write_back, write-throughs), since start
         self.evicted_tokens = 0  # dropped from the host pool, since start
@@ -114,13 +124,31 @@ class HostTier:
             if node.host_value is None and node.value is not None and node.hits >= self.hits_for_a_copy:
                 self.copy_to_host(node)
 
-    def to_device(self, host_slots: np.ndarray, device_slots: np.ndarray) -> None:
-        self.moves.append(KVMove(to_host=False, src=i32(host_slots), dst=i32(device_slots)))
+    def load(self, host_slots: np.ndarray, device_slots: np.ndarray, node: Any) -> int:
+        """Record the copy of `host_slots` to `device_slots` (the path down to `node`, which the caller locked for
+        the load); the load's id."""
+        self._last_load += 1
+        self.moves.append(KVMove(to_host=False, src=i32(host_slots), dst=i32(device_slots), load=self._last_load))
+        self.loading[self._last_load] = node
         self.loaded_tokens += len(host_slots)
+        return self._last_load
 
     def take_moves(self) -> list[KVMove]:
         moves, self.moves = self.moves, []
         return moves
+
+    def cancel_loads(self) -> list[Any]:
+        """A flush: forget the loads in flight; the nodes their locks hold, for the caller to unlock. A load not sent
+        yet is never made; the next step waits for the copies of the others (their slots may be handed out at once)."""
+        unsent = {m.load for m in self.moves if m.load in self.loading}
+        self.moves = [m for m in self.moves if m.load not in unsent]
+        self.load_waits.extend(load for load in self.loading if load not in unsent)
+        nodes, self.loading = list(self.loading.values()), {}
+        return nodes
+
+    def take_load_waits(self) -> bytes:
+        waits, self.load_waits = self.load_waits, []
+        return i32(waits) if waits else b""
 
     def check(self, host_slots: list[np.ndarray], host_leaves: set[int]) -> None:
         """The host slots of every node that has them (`host_slots`) and the free ones partition the pool."""
@@ -132,6 +160,10 @@ class HostTier:
         assert counts.max(initial=0) <= 1 and counts[0] == 0, "a host slot is held twice"
         in_heap = {node.id for _, _, node in self.heap}
         assert host_leaves <= in_heap, "an evictable host leaf is missing from the host heap"
+        for load, node in self.loading.items():  # a load in flight holds a lock on the device-resident path it loads
+            assert node.parent is not None and node.held > 0 and node.value is not None and node.loading == load, (
+                f"load {load} lost {node}")
+            assert load not in self.load_waits, f"load {load} is in flight and done"
 
 
 def host_stats(host: HostTier | None) -> dict[str, int]:

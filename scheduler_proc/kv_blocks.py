@@ -28,7 +28,7 @@ from radixserve.kv_events import (
 
 
 class TreeNode(Protocol):
-    """What this module reads and writes of radix_cache.TreeNode."""
+    """What this module reads and writes of radix_node.TreeNode."""
 
     key: np.ndarray
     parent: Any  # a TreeNode (the root's children: the root)

@@ -113,6 +113,8 @@ class PrefillPlanner:
                 break
             new_req, n = admitted
             reserved += self.future_need(req)
+            if new_req is None:  # its prefix is on its way from the host tier: its KV is reserved, not computed yet
+                continue
             if self.use_cache:
                 computing.add(req.fill_ids())
             new_reqs.append(new_req)
@@ -146,29 +148,37 @@ class PrefillPlanner:
         end = self.cache.peek_prefix_len(key) + DEFER_MIN_SHARED
         return len(key) >= end and computing.shares(key[:end])
 
-    def _admit(self, req: Req, budget: int, reserved: int) -> tuple[NewReq, int] | None:
+    def _admit(self, req: Req, budget: int, reserved: int) -> tuple[NewReq | None, int] | None:
         """Move `req` from waiting to running if its KV fits beside what running requests still need
-        (`reserved`), holding its cached prefix; its first chunk gets KV slots."""
+        (`reserved`), holding its cached prefix; its first chunk gets KV slots. None if it does not fit. A request
+        whose match is still loading from the host tier (the load this match started goes with the step being
+        built, beside the requests it runs) stays waiting, (None, n): it is admitted by a step after the load is
+        done, and nothing else waits for it."""
         if self.use_cache:
             match = self.cache.match_prefix(match_key(req))
-            prefix, node, loaded = match.slots, match.node, match.loaded
+            prefix, node = match.slots, match.node
             self.cache.lock(node)
         else:
-            prefix, node, loaded = np.zeros(0, dtype=np.int32), None, 0
+            match, prefix, node = None, np.zeros(0, dtype=np.int32), None
         n = min(req.fill_len - len(prefix), budget)
         need = req.fill_len - len(prefix) + math.ceil(req.remaining_new_tokens * self.args.new_token_ratio)
         available = self.table.available()
-        if need > available - reserved and (self.running or n > available):
+        fits = need <= available - reserved or not self.running and n <= available
+        if not fits or match is not None and match.loading:
             if node is not None:
                 self.cache.unlock(node)
-            return None
+            if not fits:
+                return None
+            if not req.output_ids:  # reported at its first admission
+                req.cached_tokens_host += match.loaded
+            return None, n
         self.table.bind(req, prefix, node)
         if not req.output_ids:  # its first admission (a retracted request comes back with output)
             req.cached_tokens = len(prefix)
             self.counters.prompt_tokens += len(req.prompt_ids)
             self.counters.cached_tokens += len(prefix)
-            req.cached_tokens_host = loaded
-            self.counters.cached_tokens_host += loaded
+            req.cached_tokens_host = min(req.cached_tokens_host, len(prefix))  # loaded for it (evicted since: less)
+            self.counters.cached_tokens_host += req.cached_tokens_host
             self.counters.cache_queries += 1
             self.counters.cache_hits += len(prefix) > 0
             if node is not None:

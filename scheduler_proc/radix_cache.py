@@ -11,15 +11,14 @@ With KV events on, each node also holds the hashes of the blocks that end in it 
 With the host tier (scheduler_proc/host_tier.py) a node's KV is in device slots (`value`), in host slots
 (`host_value`), or in both (write-through policies); a host-only node (`value` None) has only host-only children,
 `device_children` counts a node's device-resident ones, and `hits` the requests that matched it (for
-write_through_selective). The sizes below count device-resident tokens only.
+write_through_selective). The sizes below count device-resident tokens only. A node moved back from the host tier
+is `loading` (its device slots still being written) until its load is done, locked by that load meanwhile.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,58 +27,7 @@ from scheduler_proc.host_tier import HostTier
 from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.radix_check import check_tree
-
-_EMPTY = np.empty(0, dtype=np.int32)
-_EMPTY.flags.writeable = False
-_node_ids = itertools.count()
-
-
-class TreeNode:
-    __slots__ = ("key", "value", "parent", "children", "lock_ref", "held", "last_access",
-                 "in_heap", "id", "depth", "blocks", "last_block", "host_value", "device_children", "in_host_heap",
-                 "hits")
-
-    def __init__(self, key: np.ndarray, value: np.ndarray, parent: TreeNode | None,
-                 last_access: int) -> None:
-        self.key = key
-        self.value = value
-        self.parent = parent  # None for the root and for nodes removed from the tree
-        self.depth = (parent.depth if parent is not None else 0) + len(key)
-        self.blocks: list[int] = []  # hashes of the blocks ending in this node (KV events only)
-        self.last_block: int | None = None  # hash of the last block ending at or above this node's end
-        self.host_value: np.ndarray | None = None  # host slots, while the KV (also) is in the host tier
-        self.hits = 1  # the request that cached it, then each one whose prompt matched it (RadixCache.hit)
-        self.device_children = 0  # children whose KV is in device slots
-        self.in_host_heap = False
-        self.children: dict[int, TreeNode] = {}
-        self.lock_ref = 0  # locks held on this node or below it
-        self.held = 0  # locks held on this node itself
-        self.last_access = last_access
-        self.in_heap = False  # True iff exactly one entry for this node sits in the eviction heap
-        self.id = next(_node_ids)  # heap tie-break, so equal access times order deterministically
-
-    def __repr__(self) -> str:
-        return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref})"
-
-
-@dataclass(frozen=True, slots=True)
-class MatchResult:
-    slots: np.ndarray  # int32 KV slots of the longest cached prefix (a fresh copy)
-    node: TreeNode  # deepest node covering the match, ending exactly at it (root if no match)
-    loaded: int = 0  # of those tokens, moved back from the host tier for this match
-
-
-def _as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-    arr = np.asarray(tokens, dtype=np.int32)
-    if arr.ndim != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {arr.shape}")
-    return arr
-
-
-def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if diff.size else n
+from scheduler_proc.radix_node import EMPTY, MatchResult, TreeNode, as_tokens, common_prefix_len
 
 
 class RadixCache:
@@ -99,7 +47,7 @@ class RadixCache:
         if host is not None:
             host.events = events
         self._clock = 0
-        self._root = TreeNode(_EMPTY, _EMPTY, None, 0)  # one root for life: callers may hold it
+        self._root = TreeNode(EMPTY, EMPTY, None, 0)  # one root for life: callers may hold it
         self._clear()
 
     def _clear(self) -> None:
@@ -120,6 +68,10 @@ class RadixCache:
     @property
     def protected_size(self) -> int:
         return self._protected_size
+
+    @property
+    def loads_in_flight(self) -> bool:
+        return self.host is not None and bool(self.host.loading)
 
     @property
     def total_size(self) -> int:
@@ -152,7 +104,7 @@ class RadixCache:
         on_device = node.value is not None
         upper = TreeNode(node.key[:at].copy(), node.value[:at].copy() if on_device else None, parent,
                          node.last_access)
-        upper.lock_ref, upper.hits = node.lock_ref, node.hits
+        upper.lock_ref, upper.hits, upper.loading = node.lock_ref, node.hits, node.loading
         upper.device_children = int(on_device)
         node.key = node.key[at:].copy()
         if on_device:
@@ -199,8 +151,9 @@ class RadixCache:
 
     def match_prefix(self, tokens: Sequence[int] | np.ndarray) -> MatchResult:
         """Longest cached prefix of tokens; splits the last node so the match ends on a node. A part in the host
-        tier is moved back to device slots (evicting others) if they can be had; else the match ends above it."""
-        key = _as_tokens(tokens)
+        tier is moved back to device slots (evicting others) if they can be had, else the match ends above it; the
+        match is `loading` while any of its nodes is (this load or an earlier one in flight: host_tier.py)."""
+        key = as_tokens(tokens)
         node, _, path = self._walk(key)
         on_host = [n for n in path if n.value is None]  # after the device-resident ones
         loaded = 0
@@ -209,32 +162,46 @@ class RadixCache:
             path = path[:len(path) - len(on_host)]
         elif on_host:
             loaded = sum(len(n.key) for n in on_host)
-        slots = np.concatenate([n.value for n in path]) if path else _EMPTY.copy()
-        return MatchResult(slots, node, loaded)
+        slots = np.concatenate([n.value for n in path]) if path else EMPTY.copy()
+        loading = self.host is not None and bool(self.host.loading) and any(n.loading in self.host.loading
+                                                                             for n in path)
+        return MatchResult(slots, node, loaded, loading)
 
     def _load(self, nodes: list[TreeNode], key: np.ndarray) -> bool:
-        """Move host-resident `nodes` (a path's tail, top down) back to device slots; False if too few can be had."""
+        """Start moving host-resident `nodes` (a path's tail, top down) back to device slots, as one load that locks
+        them until it is done (finish_loads); False if too few slots can be had."""
         assert self.host is not None
         n = sum(len(node.key) for node in nodes)
         self.lock(nodes[-1])  # neither pool evicts the path meanwhile
         if self._allocator.num_free < n:
             self.evict(n - self._allocator.num_free)
         slots = self._allocator.alloc(n)
-        if slots is not None:
-            at = 0
-            for node in nodes:
-                self._to_device(node, slots[at:at + len(node.key)], key, copy=True)
-                at += len(node.key)
-        self.unlock(nodes[-1])
-        return slots is not None
+        if slots is None:
+            self.unlock(nodes[-1])
+            return False
+        load = self.host.load(np.concatenate([node.host_value for node in nodes]), slots, nodes[-1])
+        at = 0
+        for node in nodes:
+            node.loading = load
+            self._to_device(node, slots[at:at + len(node.key)], key)
+            at += len(node.key)
+        return True
 
-    def _to_device(self, node: TreeNode, slots: np.ndarray, key: np.ndarray, copy: bool) -> None:
-        """Give host-only `node` the device slots `slots` (its KV copied there with `copy`; else they hold it
-        already); its host copy is kept under a write-through policy, else freed (`key`: a sequence from the root
-        through node, for the events)."""
+    def finish_loads(self, loads: Sequence[int] | np.ndarray) -> None:
+        """The workers found these loads done (StepResult.loads_done): their paths may be read from the next step on
+        (which waits for them on every rank: HostTier.load_waits) and evicted. An id no longer in flight (reported
+        again, or cancelled by a flush) is skipped."""
+        for load in map(int, loads):
+            node = self.host.loading.pop(load, None)
+            if node is not None:
+                self.host.load_waits.append(load)
+                self.unlock(node)
+
+    def _to_device(self, node: TreeNode, slots: np.ndarray, key: np.ndarray) -> None:
+        """Give host-only `node` the device slots `slots` (which hold its KV, or will once its load is done); its
+        host copy is kept under a write-through policy, else freed (`key`: a sequence from the root through node,
+        for the events)."""
         assert self.host is not None and node.value is None and node.host_value is not None
-        if copy:
-            self.host.to_device(node.host_value, slots)
         if not self.host.write_through:
             self.host.free(node)
         node.value = slots.copy()
@@ -250,7 +217,7 @@ class RadixCache:
 
     def peek_prefix_len(self, tokens: Sequence[int] | np.ndarray) -> int:
         """Length match_prefix would return, without splitting or touching access times."""
-        return self._walk(_as_tokens(tokens), touch=False)[1]
+        return self._walk(as_tokens(tokens), touch=False)[1]
 
     def lock(self, node: TreeNode) -> None:
         """Protect node and its ancestors from eviction until the matching unlock."""
@@ -290,7 +257,7 @@ class RadixCache:
         was computed by steps already sent, so a write-through policy may copy the path to the host now (not for a
         prompt part that the step being built computes: BlockTable.cache_computed).
         """
-        key = _as_tokens(tokens)
+        key = as_tokens(tokens)
         value = np.asarray(slots, dtype=np.int32)
         if value.shape != key.shape:
             raise ValueError(f"{len(key)} tokens but {len(value)} slots")
@@ -298,7 +265,7 @@ class RadixCache:
         on_host = [n for n in path if n.value is None]
         cached = on_host[0].depth - len(on_host[0].key) if on_host else pos
         for n in on_host:  # the caller computed their KV again: keep its copy
-            self._to_device(n, value[n.depth - len(n.key):n.depth], key, copy=False)
+            self._to_device(n, value[n.depth - len(n.key):n.depth], key)
         if pos < len(key):
             # The new leaf shares the walk's access time with the path above it.
             leaf = TreeNode(key[pos:].copy(), value[pos:].copy(), node, self._clock)
@@ -369,7 +336,10 @@ class RadixCache:
         return num_freed
 
     def reset(self) -> None:
-        """Drop every cached entry and free its slots (both tiers); raises if anything is locked."""
+        """Drop every cached entry and free its slots (both tiers); raises if anything but a load in flight is locked.
+        Loads in flight are cancelled: the next step waits for their copies before any forward reuses the slots."""
+        for node in self.host.cancel_loads() if self.host is not None else []:
+            self.unlock(node)
         if self._protected_size:
             raise RuntimeError(f"reset with {self._protected_size} locked tokens")
         freed, freed_host = [], []

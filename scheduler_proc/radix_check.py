@@ -17,7 +17,8 @@ _EMPTY = np.empty(0, dtype=np.int32)
 def check_tree(root: Any, heap: list, allocator: KVSlotAllocator, evictable_size: int, protected_size: int,
                events: BlockEvents | None, host: HostTier | None) -> np.ndarray:
     """Assert the tree's consistency (its docstring's rules, the sizes, the heaps, the blocks of KV events, the
-    host tier's slots: each node's host copy, if any, in slots of its own) and return every device slot it holds."""
+    host tier's slots: each node's host copy, if any, in slots of its own; a node whose load is in flight locked on the
+    device) and return every device slot it holds."""
     assert root.parent is None and len(root.key) == 0 and len(root.value) == 0
     assert root.lock_ref == 0 and not root.in_heap
     evictable = protected = 0
@@ -49,6 +50,8 @@ def check_tree(root: Any, heap: list, allocator: KVSlotAllocator, evictable_size
             continue
         assert node.held >= 0 and node.lock_ref == node.held + child_locks, (
             f"{node} lock_ref {node.lock_ref} != held {node.held} + below {child_locks}")
+        if host is not None and node.loading in host.loading:  # its KV on its way from the host tier
+            assert node.value is not None and node.lock_ref > 0, f"{node} is loading, unlocked or not on the device"
         if node.host_value is not None:
             assert host is not None and node.host_value.dtype == np.int32 and len(node.host_value) == len(node.key)
             host_pieces.append(node.host_value)

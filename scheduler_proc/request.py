@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from radixserve.wire import FinishReason, Grammar, LogprobRequest, Penalties, SamplingParams, SpecCounts
-from scheduler_proc.radix_cache import TreeNode
+from scheduler_proc.radix_node import TreeNode
 
 PENDING = -1  # an output token sampled by a step in flight (the StepBatch input id that stands for it)
 

@@ -23,12 +23,11 @@ from radixserve.wire import (
     FinishReason,
     GenerateTokens,
     KVMove,
-    Penalties,
     Rejected,
-    SamplingParams,
     SchedulerStats,
     StepBatch,
     StepResult,
+    from_i32,
     i32,
 )
 from scheduler_proc.block_table import BlockTable
@@ -45,7 +44,7 @@ from scheduler_proc.prefix_groups import PrefixGrouper
 from scheduler_proc.queues import RunningSet, WaitingQueue
 from scheduler_proc.radix_cache import RadixCache
 from scheduler_proc.request import PENDING, Req, Stage
-from scheduler_proc.request_checks import RequestError, token_array
+from scheduler_proc.request_checks import RequestError, penalties_of, token_array
 from scheduler_proc.sessions import SessionError, SessionTable
 from scheduler_proc.speculative import Speculator
 
@@ -125,7 +124,7 @@ class Scheduler:
             raise RequestError("the prompt is empty")
         prompt = token_array(msg.input_ids, self.vocab_size)
         token_array(sp.stop_token_ids, self.vocab_size)
-        grammar, penalties = sp.grammar(), self._penalties(sp)
+        grammar, penalties = sp.grammar(), penalties_of(sp, self.vocab_size)
         if grammar is not None and self.args.grammar_backend == "none":
             raise RequestError(f"{grammar.kind} needs structured output, which this server runs without "
                                "(--grammar-backend none)")
@@ -150,15 +149,6 @@ class Scheduler:
                   grammar=grammar, penalties=penalties, queued_at=time.monotonic())
         self.arrivals += 1
         self.lifecycle.begin(req)
-
-    def _penalties(self, sp: SamplingParams) -> Penalties | None:
-        """The request's penalties and logit bias for the workers (None without any); bias ids range-checked."""
-        if not sp.penalized:
-            return None
-        ids = token_array([int(k) for k in sp.logit_bias], self.vocab_size)
-        values = np.array(list(sp.logit_bias.values()), dtype=np.float32)
-        return Penalties(sp.frequency_penalty, sp.presence_penalty, sp.repetition_penalty, ids.tobytes(),
-                         values.tobytes())
 
     def _check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
         if n_prompt + max_new_tokens > self.context_length:
@@ -188,7 +178,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.grammars.busy)
+        return bool(self.waiting or self.running or self.grammars.busy or self.cache.loads_in_flight)
 
     def schedule(self) -> Outcome:
         """Pick the next step (Outcome.batch; None when there is nothing to run): prefill (new or chunked) first,
@@ -200,7 +190,8 @@ class Scheduler:
         is_decode, drafts = False, None
         if not entries:
             decoding, stuck = self.decode.plan()
-            if stuck is not None and not stuck.pending:  # alone and out of KV: it can never grow, so it ends here
+            # Alone and out of KV: it can never grow, so it ends here (not while a load in flight holds KV it may get).
+            if stuck is not None and not stuck.pending and not self.cache.loads_in_flight:
                 if self.sessions.give_way():  # unless session pins hold KV it could have
                     return self.schedule()
                 self.lifecycle.end(stuck, FinishReason(type="length", length=stuck.num_outputs), outcome)
@@ -212,17 +203,19 @@ class Scheduler:
                 is_decode = False
         if not entries:
             # Nothing in flight to free KV, requests that need some, and session pins hold some: pins give way.
-            if not self.inflight and (self.running or self.waiting) and self.sessions.give_way():
+            loading = self.cache.loads_in_flight
+            if not self.inflight and not loading and (self.running or self.waiting) and self.sessions.give_way():
                 return self.schedule()
-            if not self.grammars.busy:
+            if not self.grammars.busy and (self.inflight or not loading):
                 return outcome
-            # Only requests waiting for a grammar: a step of no requests carries new compile jobs, and its answer
-            # comes when a compile is done (or after a short wait), so this loop does not spin.
+            # Only requests waiting for a grammar, or for a load that no step in flight may report done: a step of no
+            # requests carries new compile jobs (and the loads), and its answer comes when the loads and a compile
+            # are done (or after a short wait), so this loop does not spin.
             self.step_id += 1
             self.inflight.append(InFlight(self.step_id, [], np.zeros(0, np.int32), []))
             outcome.batch = StepBatch(step=self.step_id, is_decode=True, req_slots=b"", input_ids=b"",
                                       cached_lens=b"", extend_lens=b"", out_slots=b"", sample_offsets=b"",
-                                      new_reqs=[], grammars=self.grammars.take_jobs(), kv_moves=self._kv_moves())
+                                      new_reqs=[], grammars=self.grammars.take_jobs(), **self._tier_io())
             return outcome
         self.step_id += 1
         reqs = [req for req, _ in entries]
@@ -247,13 +240,15 @@ class Scheduler:
             input_ids=ids.astype(np.int32).tobytes(), cached_lens=cached.tobytes(), extend_lens=extend.tobytes(),
             out_slots=out_slots.tobytes(), sample_offsets=i32([max(k, -1) for k in sampled]), new_reqs=new_reqs,
             prefix_groups=b"" if groups is None else groups.tobytes(), grammars=self.grammars.take_jobs(),
-            draft_lens=b"" if drafts is None else i32([len(d) for d in drafts]), kv_moves=self._kv_moves())
+            draft_lens=b"" if drafts is None else i32([len(d) for d in drafts]), **self._tier_io())
         self.inflight.append(InFlight(self.step_id, entries, req_slots, sampled))
         return outcome
 
-    def _kv_moves(self) -> list[KVMove]:
-        """The copies between the KV pools decided since the last step sent (they precede its forward)."""
-        return self.cache.host.take_moves() if self.cache.host is not None else []
+    def _tier_io(self) -> dict[str, list[KVMove] | bytes]:
+        """The host tier's part of the step being sent: the copies decided since the last step (started before its
+        forward) and the loads done since, which its forward waits for (host_tier.py)."""
+        host = self.cache.host
+        return {} if host is None else {"kv_moves": host.take_moves(), "load_waits": host.take_load_waits()}
 
     def _commit(self, req: Req, n: int, drafts: np.ndarray | None = None) -> int:
         """Advance `req` past its part of a step being sent; the output index it samples, or NO_SAMPLE. A verify
@@ -284,6 +279,8 @@ class Scheduler:
         flight = self.inflight.popleft()
         assert result.step == flight.step, "worker answered a different step"
         outcome = Outcome()
+        if result.loads_done:  # their requests are admitted from the next step on
+            self.cache.finish_loads(from_i32(result.loads_done))
         if result.grammars_done:
             self._grammars_done(result, outcome)
         if not flight.entries:

@@ -32,6 +32,11 @@ from worker_proc.cuda_graph import DecodeGraphs  # noqa: E402
 
 SWEEP_CUDA_CORES = [gemv.Config(*c, False) for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3))]
 SWEEP_TENSOR_CORES = [gemv.Config(*c, True) for c in itertools.product((16, 32, 64), (64, 128, 256), (4,), (2, 3, 4))]
+# An e4m3 weight carries half the bytes per column: the FP8 grid reaches twice as deep along K.
+SWEEP_FP8_CUDA_CORES = [gemv.Config(*c[:4], False, c[4])
+                        for c in itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (2, 3), (False, True))]
+SWEEP_FP8_TENSOR_CORES = [gemv.Config(*c, True)
+                          for c in itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 4))]
 
 
 def projections(model: str, tp: int) -> dict[str, tuple[int, int, bool]]:
@@ -53,11 +58,13 @@ def graph_seconds(calls: list, replays: int = 10) -> float:
     return _sync_time(lambda: graphs.replay(0), replays) / len(calls)
 
 
-def best_config(rows: int, calls_for: Callable[[gemv.Config], list]) -> tuple[float, list]:
-    """(us per call, launch shape) of the fastest gemv launch shape of the sweep's grid for `rows` rows;
-    `calls_for(config)`: the calls to time with it."""
+def best_config(rows: int, calls_for: Callable[[gemv.Config], list], fp8: bool = False) -> tuple[float, list]:
+    """(us per call, launch shape) of the fastest gemv launch shape of the sweep's grid (the FP8 grid with `fp8`)
+    for `rows` rows; `calls_for(config)`: the calls to time with it."""
+    tensor_cores, cuda_cores = (SWEEP_FP8_TENSOR_CORES, SWEEP_FP8_CUDA_CORES) if fp8 else \
+        (SWEEP_TENSOR_CORES, SWEEP_CUDA_CORES)
     timed = []
-    for c in SWEEP_TENSOR_CORES + (SWEEP_CUDA_CORES if rows == 1 else []):
+    for c in tensor_cores + (cuda_cores if rows == 1 else []):
         try:
             timed.append((graph_seconds(calls_for(c), 5), c))
         except Exception:  # noqa: BLE001 (a launch shape past the shared memory: not a candidate)
@@ -116,7 +123,7 @@ def time_fp8_projection(n: int, k: int, rows_list: list[int], sweep: bool, bw: f
             if sweep and rows in (1, 16, 64):
                 r["gemv_best_us"], r["gemv_best_config"] = best_config(
                     rows, lambda c, x=x, few=ws[:4]: [lambda q=q, s=s: gemv.gemv(x, q, None, c, scale=s)
-                                                      for q, s in few])
+                                                      for q, s in few], fp8=True)
     del ws
     torch.cuda.empty_cache()
     return res

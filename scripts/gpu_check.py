@@ -258,7 +258,7 @@ def _step_phases(runner, synth, bs: int, ctx: int) -> dict:
         runner.attn.prepare_graph(d.meta)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        logits = runner.graphs.replay(graph_bs)[:bs]
+        logits = runner.graphs.replay(graph_bs)[0][:bs]
         torch.cuda.synchronize()
         t3 = time.perf_counter()
         ids, _ = runner.sampler.sample(logits, SampleRows(a.req_slots, d.req_slots[:bs], np.zeros(bs, np.int32)))

@@ -1,7 +1,8 @@
 """Speculative decoding on one GPU, Llama-3.1-8B shape with dummy bf16 weights (about 5 minutes on an H100):
 
-  verify    ModelRunner alone: one verify step of 4 draft tokens at batch 1 against a plain decode step (the
-            decode step runs its CUDA graph; the ratio's target is <= 1.15), whole steps and forwards alone
+  verify    ModelRunner alone: one verify step of 4 draft tokens at batch 1 against a plain decode step, both
+            through their CUDA graphs (the ratio's target is <= 1.15), whole steps and forwards alone; the verify
+            forward run eagerly too, for contrast
   engine    through the Engine: batch 1 without speculation, recording each greedy output; then REPLAY, which
             drafts those outputs back (a draft that is always right), batch 1 again (target: >= 2.5x the tok/s
             without); both at batch 64 (above --speculative-batch-size-threshold speculation is off: target, not
@@ -45,7 +46,9 @@ def prompts(n: int, length: int = 128, seed: int = 0) -> list[list[int]]:
 
 
 def section_verify(out: Path) -> dict:
-    """Batch 1, context 1024: a plain decode step (CUDA graph) vs a verify step of NUM_DRAFTS drafts (eager)."""
+    """Batch 1, context 1024: a plain decode step vs a verify step of NUM_DRAFTS drafts, both through their CUDA
+    graphs (the verify forward also eagerly)."""
+    import numpy as np
     import torch
     from gpu_check import Synth
 
@@ -53,9 +56,11 @@ def section_verify(out: Path) -> dict:
     from radixserve.wire import i32
     from worker_proc.model_runner import ModelRunner
     from worker_proc.step_io import StepArrays
+    from worker_proc.verify_graphs import graph_verify
 
     runner = ModelRunner(ServerArgs(model_path=MODEL, load_format="dummy", context_length=4096,
-                                    max_total_tokens=16384, speculative_algorithm="NGRAM"), 0, MODEL)
+                                    max_total_tokens=16384, speculative_algorithm="NGRAM",
+                                    speculative_num_draft_tokens=NUM_DRAFTS + 1), 0, MODEL)
     synth = Synth(runner)
     ctx = min(1024, runner.context_length // 2)
     runner.launch(synth.batch(False, [0], [0], [1], [synth.new_req(0, synth.slots(ctx - 1))])).result()
@@ -83,15 +88,25 @@ def section_verify(out: Path) -> dict:
     def whole(k: int) -> float:  # upload, plan, forward, acceptance, sampled ids on the host
         return median_time(lambda: runner.launch(batch(k)).result())
 
-    def forward_only(k: int) -> float:  # the target's forward: logits of the step's rows
+    def forward_only(k: int) -> float:  # the target's forward: logits of the step's rows (as launch runs it)
         a = StepArrays.of(batch(k))
-        return median_time(lambda: runner.forward(a, k == 0, None, every_token=k > 0))
+        if k == 0:
+            return median_time(lambda: runner.forward(a, True))
+        drafts = np.full(1, k, dtype=np.int64)
+        return median_time(lambda: graph_verify(runner, a, drafts) or runner.forward(a, False, None, True))
 
-    res = {"context": ctx, "num_drafts": NUM_DRAFTS, "decode_graphs": runner.graphs is not None}
+    def eager_verify() -> float:
+        a = StepArrays.of(batch(NUM_DRAFTS))
+        return median_time(lambda: runner.forward(a, False, None, every_token=True))
+
+    graphs = runner.graphs
+    res = {"context": ctx, "num_drafts": NUM_DRAFTS, "decode_graphs": graphs is not None,
+           "verify_graphs": graphs.sizes_of(NUM_DRAFTS + 1) if graphs is not None else []}
     with torch.inference_mode():
         for name, fn in (("step", whole), ("forward", forward_only)):
             dec, ver = fn(0), fn(NUM_DRAFTS)
             res[name] = {"decode_ms": dec * 1e3, "verify_ms": ver * 1e3, "ratio": ver / dec}
+        res["forward"]["verify_eager_ms"] = eager_verify() * 1e3
     res["met"] = res["forward"]["ratio"] <= 1.15
     return res
 

@@ -46,15 +46,18 @@ def check_rotary_store() -> None:
 
 
 def check_gemv() -> None:
-    """gemv == x W^T (+ bias) in float32, rounded once: one row on CUDA cores, 1 and 3 rows on tensor cores
-    (padded to 16), a ragged n, k both a multiple of BLOCK_K and not, a strided x, with and without bias.
+    """gemv == x W^T (+ bias) in float32, rounded once: one row on CUDA cores (summed per K block and deferred),
+    1 and 3 rows on tensor cores (padded to 16), a ragged n, k both a multiple of BLOCK_K and not, a strided x,
+    with and without bias.
     The tensor-core path runs in float16 here: the interpreter's tl.dot misreads bfloat16 (the GPU check runs
     it in bfloat16)."""
     from worker_proc import gemv
 
     torch.manual_seed(0)
     cuda_cores, tensor_cores = gemv.Config(16, 32, 4, 1, False), gemv.Config(32, 64, 4, 2, True)
+    deferred = gemv.Config(8, 32, 4, 1, False, True)
     for rows, n, k, bias, cfg in ((1, 50, 64, False, cuda_cores), (1, 37, 72, True, cuda_cores),
+                                  (1, 50, 64, False, deferred), (1, 37, 72, True, deferred),
                                   (1, 37, 72, True, tensor_cores), (3, 40, 96, True, tensor_cores),
                                   (3, 33, 64, False, tensor_cores)):
         dtype = torch.float16 if cfg.tensor_cores else torch.bfloat16

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from radixserve import wire
 from radixserve.config import ServerArgs
 from radixserve.wire import KVMove, i32
+from scheduler_proc.request import Stage
 from scheduler_proc.scheduler import Scheduler
 from worker_proc.kv_cache import KVCache
 from worker_proc.model_runner import ModelRunner
@@ -100,9 +101,9 @@ def test_random_aborts_leak_no_device_or_host_slot(server: RadixServer, num_requ
         for t in threads:
             t.join()
     assert not failures, failures
-    deadline = time.monotonic() + 120  # what clients gave up on finishes or is aborted
-    while (info := scheduler_info(server))["num_running_reqs"] + info["num_waiting_reqs"] and \
-            time.monotonic() < deadline:
+    deadline = time.monotonic() + 120  # what clients gave up on finishes or is aborted (and a load in flight lands)
+    while ((info := scheduler_info(server))["num_running_reqs"] + info["num_waiting_reqs"] or
+           info["kv_free_tokens"] + info["kv_evictable_tokens"] < POOL) and time.monotonic() < deadline:
         time.sleep(1)
     # idle: the walk found every device and host slot free or in one node
     assert info["num_running_reqs"] == 0 and info["kv_free_tokens"] + info["kv_evictable_tokens"] == POOL
@@ -113,9 +114,10 @@ def test_random_aborts_leak_no_device_or_host_slot(server: RadixServer, num_requ
 def test_kv_moves_copy_every_layer_both_ways_in_order(device: str) -> None:
     """The workers' copies (worker_proc/kv_host.py): a move out and back lands each layer's K and V rows where the
     scheduler said, moves apply in order (the second reads host slots the first one wrote), a store is not disturbed
-    by a forward that overwrites its device slots right after (the scheduler hands them out at once), and a load is
-    in place for the compute stream's next read. On CUDA the pools are large enough for the copies to take a while,
-    so a missing wait shows."""
+    by a forward that overwrites its device slots right after (the scheduler hands them out at once), and a load,
+    in flight until a step waits for it (the compute stream does not wait before), is in place for the compute
+    stream's read after that wait. On CUDA the pools are large enough for the copies to take a while, so a missing
+    wait shows."""
     slots = 20 if device == "cpu" else 200_000
     cache = KVCache(3, slots, 2, 64, torch.bfloat16, device, num_host_slots=slots + 10)
     for layer in (*cache.k, *cache.v):
@@ -125,7 +127,10 @@ def test_kv_moves_copy_every_layer_both_ways_in_order(device: str) -> None:
     host_dst = out[::-1] + 9  # stored to these host slots, in reverse
     back = np.array([int(host_dst[-1]), int(host_dst[0])])  # loaded back from the host: what out[-1], out[0] held
     cache.move([KVMove(to_host=True, src=i32(out), dst=i32(host_dst)),
-                KVMove(to_host=False, src=i32(back), dst=i32(np.array([1, slots - 1])))])
+                KVMove(to_host=False, src=i32(back), dst=i32(np.array([1, slots - 1])), load=7)])
+    assert [load for load, _ in cache.host.loads_in_flight()] == [7]
+    cache.move([], [7])  # the step that first reads them waits for the load
+    assert not cache.host.loads_in_flight()
     loaded = [layer[[1, slots - 1]].clone() for layer in (*cache.k, *cache.v)]  # the compute stream's next read
     for layer in (*cache.k, *cache.v):  # a forward reuses the stored slots at once
         layer.index_fill_(0, torch.from_numpy(out).to(layer.device), 0.0)
@@ -133,6 +138,28 @@ def test_kv_moves_copy_every_layer_both_ways_in_order(device: str) -> None:
     for host, old, got in zip((*cache.host.k, *cache.host.v), before, loaded, strict=True):
         assert torch.equal(host[torch.from_numpy(host_dst.copy())], old[torch.from_numpy(out).to(old.device)].cpu())
         assert torch.equal(got, old[[int(out[-1]), int(out[0])]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a load stream)")
+def test_a_load_runs_beside_the_compute_stream() -> None:
+    """A large load (about 300 MB from pinned memory: milliseconds) is still in flight once the compute stream has
+    drained, so that stream did not wait for it; after `wait` (the step that first reads the slots) the compute
+    stream reads the loaded rows."""
+    slots = 200_000
+    cache = KVCache(3, slots, 2, 64, torch.bfloat16, "cuda", num_host_slots=slots)
+    for layer in (*cache.host.k, *cache.host.v):
+        layer.copy_(torch.randn(layer.shape))
+    src = np.arange(1, slots)
+    dst = src[::-1].copy()
+    cache.move([KVMove(to_host=False, src=i32(src), dst=i32(dst), load=3)])
+    torch.cuda.current_stream().synchronize()
+    ((load, done),) = cache.host.loads_in_flight()
+    assert load == 3 and not done.query(), "the compute stream waited for the load"
+    cache.move([], [3])
+    d_dst = torch.from_numpy(dst).cuda()
+    for layer, host in zip((*cache.k, *cache.v), (*cache.host.k, *cache.host.v), strict=True):
+        assert torch.equal(layer[d_dst].cpu(), host[torch.from_numpy(src)])
 
 
 @pytest.fixture(scope="module", params=["cpu", CUDA])
@@ -150,6 +177,40 @@ def tiny_runner(request: pytest.FixtureRequest, tmp_path_factory) -> ModelRunner
     return ModelRunner(args, 0, str(path))
 
 
+class Loop:
+    """The loop of scheduler_proc/main.py over the runner, overlapped, without its sockets: the batches sent, the
+    output ids by rid, and which requests each step gave a token."""
+
+    def __init__(self, s: Scheduler, runner: ModelRunner) -> None:
+        self.s, self.runner = s, runner
+        self.pending: deque = deque()
+        self.batches: list[wire.StepBatch] = []
+        self.outputs: dict[str, list[int]] = {}
+        self.emitted: dict[int, set[str]] = {}  # step -> rids
+
+    def submit(self, rid: str, ids: list[int], max_new: int) -> None:
+        self.s.add_request(wire.GenerateTokens(rid=rid, input_ids=ids, sampling=wire.SamplingParams(
+            max_new_tokens=max_new, temperature=0.0, ignore_eos=True)))
+
+    def step(self) -> wire.StepBatch | None:
+        batch = self.s.schedule().batch
+        if batch is not None:
+            self.batches.append(batch)
+            self.pending.append(self.runner.launch(batch))
+        if len(self.pending) > (1 if batch is not None else 0):
+            result = self.pending.popleft().result()
+            for _, out in self.s.process_result(result).outs:
+                self.outputs[out.rid] = self.outputs.get(out.rid, []) + list(out.new_ids)
+                if len(out.new_ids):
+                    self.emitted.setdefault(result.step, set()).add(out.rid)
+        return batch
+
+    def run(self) -> None:
+        """Until the scheduler is idle."""
+        while self.step() is not None or self.pending or self.s.has_work:
+            pass
+
+
 def conversations(runner: ModelRunner, policy: str | None) -> tuple[dict[str, list[int]], Scheduler]:
     """Two turns of 6 conversations (a shared 16-token system prompt, ~40 tokens each turn; the first turn of
     half of them asked twice, so write_through_selective copies it) through the runner, overlapped as
@@ -162,27 +223,16 @@ def conversations(runner: ModelRunner, policy: str | None) -> tuple[dict[str, li
     rng = random.Random(5)
     system = [rng.randrange(3, 128) for _ in range(16)]
     turns = {f"c{i}": system + [rng.randrange(3, 128) for _ in range(rng.randrange(16, 30))] for i in range(6)}
-    outputs: dict[str, list[int]] = {}
+    loop = Loop(s, runner)
     for turn in (1, 2):
         for i, (rid, ids) in enumerate(turns.items()):
             for again in ("", "+")[:1 + (turn == 1 and i % 2)]:
-                s.add_request(wire.GenerateTokens(rid=f"{rid}.{turn}{again}", input_ids=ids,
-                                                  sampling=wire.SamplingParams(max_new_tokens=8, temperature=0.0,
-                                                                               ignore_eos=True)))
-        pending: deque = deque()
-        while True:
-            batch = s.schedule().batch
-            if batch is not None:
-                pending.append(runner.launch(batch))
-            if len(pending) > (1 if batch is not None else 0):
-                for _, out in s.process_result(pending.popleft().result()).outs:
-                    outputs[out.rid] = outputs.get(out.rid, []) + list(out.new_ids)
-            if batch is None and not pending and not s.has_work:
-                break
-        turns = {rid: ids + outputs[f"{rid}.1"] + [rng.randrange(3, 128) for _ in range(6)]
+                loop.submit(f"{rid}.{turn}{again}", ids, 8)
+        loop.run()
+        turns = {rid: ids + loop.outputs[f"{rid}.1"] + [rng.randrange(3, 128) for _ in range(6)]
                  for rid, ids in turns.items()}
     s.check_invariants()
-    return outputs, s
+    return loop.outputs, s
 
 
 def test_each_write_policy_gives_the_tokens_of_no_tier(tiny_runner: ModelRunner) -> None:
@@ -198,6 +248,68 @@ def test_each_write_policy_gives_the_tokens_of_no_tier(tiny_runner: ModelRunner)
         assert s.counters.cached_tokens > plain.counters.cached_tokens, policy
         assert s.flush_cache() and s.allocator.num_free == s.allocator.capacity
         assert host.allocator.num_free == host.allocator.capacity and host.size == 0
+
+
+def host_hit_beside_a_decode(runner: ModelRunner) -> tuple[Loop, list[int], wire.StepBatch]:
+    """A 48-token prompt computed ("first"), pushed to the host tier by 3 others, then asked again ("again") while
+    "long" decodes: the loop after the step that carries its load (returned)."""
+    args = ServerArgs(dtype="float32", max_running_requests=4, chunked_prefill_size=64, enable_hierarchical_cache=True)
+    s = Scheduler(args, runner.num_kv_slots, runner.context_length, 128,
+                  num_host_kv_slots=runner.kv_cache.num_host_slots)
+    loop, rng = Loop(s, runner), random.Random(7)
+    prompt = [rng.randrange(3, 128) for _ in range(48)]
+    loop.submit("first", prompt, 6)
+    loop.run()
+    for i in range(3):  # 3 x 62 tokens beside its 53 in a 192-token pool: its KV goes to the host
+        loop.submit(f"fill{i}", [rng.randrange(3, 128) for _ in range(60)], 2)
+    loop.run()
+    loop.submit("long", [rng.randrange(3, 128) for _ in range(20)], 40)
+    while len(loop.outputs.get("long", [])) < 2:
+        loop.step()
+    loop.submit("again", prompt, 6)
+    for _ in range(10):
+        batch = loop.step()
+        if any(not m.to_host for m in batch.kv_moves):
+            return loop, prompt, batch
+    raise AssertionError("no load of the prompt's KV")
+
+
+def test_a_load_rides_beside_the_running_batch(tiny_runner: ModelRunner) -> None:
+    """A request whose prefix is in the host tier waits for its own pages only: the step that carries its load runs
+    the decoding request, which gets a token from it, without the loading one; the steps until the load is done run
+    without waiting for it; the step that admits it is the one step whose forward waits for the load. Its tokens are
+    those computed from scratch."""
+    loop, prompt, carrier = host_hit_beside_a_decode(tiny_runner)
+    s, (load,) = loop.s, [m for m in carrier.kv_moves if not m.to_host]
+    again = s.lifecycle.reqs["again"]
+    assert again.stage == Stage.WAITING and again.req_slot < 0  # not in the step that carries its load
+    assert s.lifecycle.reqs["long"].req_slot in i32_list(carrier.req_slots)
+    loop.run()
+    assert "long" in loop.emitted[carrier.step]  # the running request's token came from that step
+    waiting = [b for b in loop.batches if load.load in i32_list(b.load_waits)]
+    admitting = [b for b in loop.batches if any(set(i32_list(nr.prefix_slots)) >= set(i32_list(load.dst))
+                                                for nr in b.new_reqs)]
+    assert len(waiting) == 1 and admitting[0] is waiting[0] and waiting[0].step > carrier.step
+    assert loop.outputs["again"] == loop.outputs["first"]
+    assert s.counters.cached_tokens_host == len(prompt) - 1  # its whole match came back from the host tier
+    s.check_invariants()
+
+
+def test_an_abort_while_loading_leaks_nothing(tiny_runner: ModelRunner) -> None:
+    """The request is aborted while its load is in flight: its pages stay cached, locked by the load until it is
+    done, and then both pools are whole again (the invariant walk, a flush)."""
+    loop, _, _ = host_hit_beside_a_decode(tiny_runner)
+    loop.s.abort("again")
+    loop.run()
+    s = loop.s
+    assert "again" not in loop.outputs and not s.cache.loads_in_flight
+    s.check_invariants()
+    assert s.flush_cache() and s.allocator.num_free == s.allocator.capacity
+    assert s.cache.host.allocator.num_free == s.cache.host.allocator.capacity
+
+
+def i32_list(buf: bytes) -> list[int]:
+    return wire.from_i32(buf).tolist()
 
 
 class CopyInFlight:
@@ -227,8 +339,9 @@ def test_a_load_waits_only_for_the_stores_it_reads(monkeypatch: pytest.MonkeyPat
     moves = [KVMove(to_host=True, src=i32(np.array([1, 2])), dst=i32(np.array([5, 6]))),  # store 0
              KVMove(to_host=True, src=i32(np.array([3])), dst=i32(np.array([5]))),  # store 1: slot 5 again
              KVMove(to_host=True, src=i32(np.array([4])), dst=i32(np.array([7]))),  # store 2: not read below
-             KVMove(to_host=False, src=i32(np.array([5, 6])), dst=i32(np.array([8, 9])))]
+             KVMove(to_host=False, src=i32(np.array([5, 6])), dst=i32(np.array([8, 9])), load=1)]
     cache.move(moves)
+    assert cache.host.loads_in_flight() == [(1, None)]  # on the CPU a load is done as it returns
     assert waited == [0, 1]  # store 2 is still in flight
     assert [int(x) for x in cache.k[0][[8, 9], 0, 0]] == [3, 2]  # slot 5 holds store 1's row
     cache.host.finish_stores()

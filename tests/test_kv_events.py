@@ -138,13 +138,14 @@ def test_host_tier_keeps_kv_and_events_exact(policy: str) -> None:
     def content(tokens: list[int]) -> np.ndarray:  # each position's KV: a function of the prefix up to it
         return np.cumsum(np.asarray(tokens, dtype=np.int64) * 7919 + 1) % 1_000_003
 
-    def run_moves() -> None:
+    def run_moves() -> None:  # the workers' copies, in order; each load done with them
         for move in host.take_moves():
             src, dst = from_i32(move.src), from_i32(move.dst)
             if move.to_host:
                 host_kv[dst] = device_kv[src]
             else:
                 device_kv[dst] = host_kv[src]
+                cache.finish_loads([move.load])
 
     prefixes = [[rng.randrange(30) for _ in range(rng.randrange(5, 30))] for _ in range(10)]
     for step in range(2000):

@@ -22,6 +22,7 @@ from radixserve import wire
 from radixserve.config import ServerArgs
 from scheduler_proc.control import handle_control
 from scheduler_proc.lifecycle import Outcome
+from scheduler_proc.request import Stage
 from scheduler_proc.scheduler import Scheduler
 
 EOS = 2
@@ -38,8 +39,22 @@ class StandInWorker:
         self.placeholders = 0
         self.eos_every = eos_every
         self.compiling: list[wire.CompileGrammar] = []  # answered with the next step, as a compile takes time
+        # The host tier's loads: each one's device slots until a step waits for it; those reported done with the
+        # next step's answer (a step of no requests waits for its own).
+        self.landing: dict[int, set[int]] = {}
+        self.copying: list[int] = []
 
     def launch(self, batch: wire.StepBatch) -> None:
+        for load in wire.from_i32(batch.load_waits).tolist():
+            del self.landing[load]  # a KeyError: waited for twice, or never started
+        landing = set().union(*self.landing.values())
+        touched = [wire.from_i32(batch.out_slots)] + [wire.from_i32(nr.prefix_slots) for nr in batch.new_reqs] + \
+            [wire.from_i32(m.src if m.to_host else m.dst) for m in batch.kv_moves]
+        assert not landing & set(np.concatenate(touched).tolist()), "a step reads or reuses slots of a load in flight"
+        loads = {m.load: set(wire.from_i32(m.dst).tolist()) for m in batch.kv_moves if not m.to_host}
+        self.landing.update(loads)
+        loads_done = self.copying + ([] if batch.req_slots else list(loads))
+        self.copying = list(loads) if batch.req_slots else []
         slots, ids = wire.from_i32(batch.req_slots), wire.from_i32(batch.input_ids).copy()
         cached, extend = wire.from_i32(batch.cached_lens), wire.from_i32(batch.extend_lens)
         rows = np.repeat(slots, extend)
@@ -58,7 +73,8 @@ class StandInWorker:
         cannot_admit = [(nr.req_slot, "cannot admit it") for nr in batch.new_reqs if nr.seed == NO_ADMIT_SEED]
         self.results.append(wire.StepResult(step=batch.step, next_ids=wire.i32(tokens),
                                             next_logprobs=np.zeros(len(tokens), np.float32).tobytes(),
-                                            grammars_done=done, admit_errors=cannot_admit))
+                                            grammars_done=done, admit_errors=cannot_admit,
+                                            loads_done=wire.i32(loads_done)))
 
     def _next(self, token: int, position: int) -> int:
         value = (token * 31 + position * 7) % 97
@@ -404,3 +420,64 @@ def test_a_thousand_random_aborts_leak_no_kv(host: int, policy: str) -> None:
     assert not host or (s.cache.host.stored_tokens > 0 and s.cache.host.loaded_tokens > 0)
     finished = {rid: seq[-1].finish.type for rid, seq in (outs | outs2).items()}
     assert len(finished) == 1000 and sum(kind == "abort" for kind in finished.values()) > 500
+
+
+def test_a_load_in_flight_through_an_abort_and_a_flush() -> None:
+    """The host tier's load of a request's prefix, reported done a step later by the stand-in (which checks that no
+    step reads or reuses its slots before a step waits for it): meanwhile the request waits and the invariant walk
+    sees the load's lock on its nodes; an abort of the request leaves them to the load until it is done; a flush while
+    a load is in flight cancels it (the next step waits for the copy, the late report is ignored; a load not sent yet
+    is dropped). No slot leaks."""
+    s, worker, rng = _scheduler(120, chunk=64, host=480), StandInWorker(), random.Random(3)
+    prompt = [rng.randrange(3, 90) for _ in range(50)]
+
+    def submit(rid: str, ids: list[int], n: int) -> None:
+        s.add_request(wire.GenerateTokens(rid=rid, input_ids=ids, sampling=wire.SamplingParams(max_new_tokens=n)))
+
+    def step() -> wire.StepBatch:
+        batch = s.schedule().batch
+        worker.launch(batch)
+        s.process_result(worker.results.popleft())
+        return batch
+
+    def push_prompt_to_host(turn: int) -> None:
+        for i in range(2):  # 2 x 52 tokens beside its 52 in a 120-token pool
+            submit(f"fill{turn}.{i}", [rng.randrange(3, 90) for _ in range(50)], 2)
+        drive(s, worker, overlap=False)
+
+    submit("first", prompt, 2)
+    drive(s, worker, overlap=False)
+    push_prompt_to_host(1)
+    submit("long", [rng.randrange(3, 90) for _ in range(10)], 30)
+    step()
+    submit("again", prompt, 2)
+    carrier = step()
+    assert any(not m.to_host for m in carrier.kv_moves) and s.cache.loads_in_flight
+    assert s.lifecycle.reqs["again"].stage == Stage.WAITING
+    s.check_invariants()  # the loading nodes: on the device, locked by their load
+    s.abort("again")
+    s.check_invariants()
+    assert s.cache.loads_in_flight and s.cache.protected_size >= len(prompt) - 1
+    drive(s, worker, overlap=False)
+    check_no_kv_held(s)
+
+    push_prompt_to_host(2)
+    submit("again2", prompt, 2)
+    batch = s.schedule().batch  # a step of no requests that carries the load
+    (load,) = [m.load for m in batch.kv_moves if not m.to_host]
+    worker.launch(batch)
+    assert s.flush_cache()  # nothing runs: the load in flight is cancelled
+    assert not s.cache.loads_in_flight and s.allocator.num_free == s.allocator.capacity
+    s.process_result(worker.results.popleft())  # reports the cancelled load done: nothing to do
+    assert load in wire.from_i32(step().load_waits).tolist()
+    drive(s, worker, overlap=False)
+    check_no_kv_held(s)
+
+    push_prompt_to_host(3)
+    s.cache.match_prefix(prompt)  # a load decided between steps, not sent yet when the flush cancels it
+    assert s.cache.loads_in_flight and s.flush_cache()
+    submit("after", prompt, 2)
+    batch = step()
+    assert not any(not m.to_host for m in batch.kv_moves) and not batch.load_waits  # never made, nothing to wait for
+    drive(s, worker, overlap=False)
+    check_no_kv_held(s)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from scheduler_proc.kv_slots import KVSlotAllocator
-from scheduler_proc.radix_cache import MatchResult, RadixCache, TreeNode
+from scheduler_proc.radix_cache import RadixCache
+from scheduler_proc.radix_node import MatchResult, TreeNode
 
 
 def make(num_slots: int = 64) -> tuple[KVSlotAllocator, RadixCache]:

@@ -1,8 +1,9 @@
 """Speculative decoding (NGRAM) on the default model in float32, through the offline Engine: greedy tokens equal
 those without speculation (and HF transformers) across batch sizes, chunked prefill and radix hits; logprobs
 agree; seeded sampling draws the same distribution (chi-square over many samples); meta_info carries SGLang's
-spec_* counts. make test runs the greedy and the chi-square checks (the two engines are most of the time); the
-HF and logprob checks are `long`."""
+spec_* counts. In bf16 with --enable-deterministic-inference, too, the greedy tokens equal plain decoding's.
+make test runs the greedy and the chi-square checks (the engines are most of the time); the HF and logprob checks
+are `long`."""
 
 from __future__ import annotations
 
@@ -60,6 +61,25 @@ def test_greedy_tokens_equal_plain_decoding(spec, reference) -> None:
     assert meta["spec_verify_ct"] > 0 and meta["spec_accept_token_num"] > 0
     assert meta["spec_accept_length"] > 2.0  # a copy: most drafts right
     assert meta["spec_accept_token_num"] <= meta["spec_draft_token_num"]
+
+
+def test_bf16_greedy_tokens_equal_plain_decoding_with_deterministic_inference() -> None:
+    """bf16 with --enable-deterministic-inference (issue 28's mode, where a verify step's extend rounds as the
+    decode steps it stands for): NGRAM's tokens equal plain decoding's all at once, one at a time and as radix
+    hits, while drafts are accepted."""
+    flags = {**ENGINE, "dtype": "bfloat16", "enable_deterministic_inference": True}
+    params = {"temperature": 0, "max_new_tokens": 48}
+    with Engine(**flags) as eng:
+        reference = [o["output_ids"] for o in eng.generate(PROMPTS, params)]
+    with Engine(**flags, speculative_algorithm="NGRAM", speculative_num_draft_tokens=6,
+                speculative_batch_size_threshold=8) as eng:
+        together = eng.generate(PROMPTS, params)
+        alone = [eng.generate(PROMPTS[i], params) for i in (0, 3)]
+        again = eng.generate(PROMPTS[:2], params)
+    assert [o["output_ids"] for o in together] == reference
+    assert [o["output_ids"] for o in alone] == [reference[0], reference[3]]
+    assert [o["output_ids"] for o in again] == reference[:2]
+    assert sum(o["meta_info"]["spec_accept_token_num"] for o in together + alone + again) > 48
 
 
 @pytest.mark.long

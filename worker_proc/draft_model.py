@@ -59,8 +59,8 @@ class DraftModel(Drafter):
         self.prepare(d.meta)
         self.model.forward(d.input_ids, d.positions, self.attn)
 
-    def propose(self, a, drafts: np.ndarray, d, req_to_token: torch.Tensor) -> None:
-        """A verify step's drafts, written into d.input_ids in place: request i's rows are x_0 (its last token)
+    def propose(self, a, drafts: np.ndarray, input_ids: torch.Tensor, req_to_token: torch.Tensor) -> None:
+        """A verify step's drafts, written into its `input_ids` in place: request i's rows are x_0 (its last token)
         then drafts[i] placeholders, at positions a.cached[i]...; forward j (one token per request that still
         drafts) reads x_j and writes x_{j+1} = argmax, and forward drafts[i] writes x_d's KV only."""
         starts = np.cumsum(drafts + 1) - (drafts + 1)
@@ -71,9 +71,9 @@ class DraftModel(Drafter):
                                                         ones[live])
             rows = torch.from_numpy(starts[live] + j).to(self.device)
             self.prepare(meta)
-            hidden = self.model.forward(d.input_ids[rows], positions, self.attn)
+            hidden = self.model.forward(input_ids[rows], positions, self.attn)
             more = drafts[live] > j  # requests with a draft after x_j
             if more.any():
                 sel = torch.from_numpy(np.flatnonzero(more)).to(self.device)
                 nxt = self.model.compute_logits(hidden[sel]).argmax(dim=-1)
-                d.input_ids[rows[sel] + 1] = nxt.to(d.input_ids.dtype)
+                input_ids[rows[sel] + 1] = nxt.to(input_ids.dtype)

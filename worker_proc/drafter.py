@@ -49,5 +49,7 @@ class Drafter:
     def admit(self, req_slots: np.ndarray) -> None:
         """Requests entering these req slots (no state per request by default)."""
 
-    def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, d) -> None:
-        """After a verify step's acceptance (nothing by default)."""
+    def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, input_ids: torch.Tensor,
+               req_to_token: torch.Tensor) -> None:
+        """After a verify step's acceptance (nothing by default); `input_ids` are its rows' (x_0, the drafts, per
+        request)."""

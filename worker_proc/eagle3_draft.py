@@ -106,8 +106,8 @@ class Eagle3Draft(Drafter):
             aux[torch.from_numpy(rows).to(self.device)]
         self.has_pend[req_slots] = True
 
-    def propose(self, a, drafts: np.ndarray, d, req_to_token: torch.Tensor) -> None:
-        """A verify step's drafts into d.input_ids (rows: x_0, then drafts[i] placeholders)."""
+    def propose(self, a, drafts: np.ndarray, input_ids: torch.Tensor, req_to_token: torch.Tensor) -> None:
+        """A verify step's drafts into its `input_ids` (rows: x_0, then drafts[i] placeholders)."""
         assert self.has_pend[a.req_slots].all(), "a decoding request has its last state"
         starts = np.cumsum(drafts + 1) - (drafts + 1)
         cached = a.cached.astype(np.int64)
@@ -120,18 +120,19 @@ class Eagle3Draft(Drafter):
                                                         ones[live])
             rows = torch.from_numpy(starts[live] + j).to(self.device)
             self.prepare(meta)
-            normed, nxt_hidden = self.model(d.input_ids[rows], positions, hidden, self.attn, self.embed, from_target)
+            normed, nxt_hidden = self.model(input_ids[rows], positions, hidden, self.attn, self.embed, from_target)
             more = np.flatnonzero(drafts[live] > j)  # requests with a draft x_{j+1}
             sel = torch.from_numpy(more).to(self.device)
-            d.input_ids[rows[sel] + 1] = self.model.draft_tokens(normed[sel]).to(d.input_ids.dtype)
+            input_ids[rows[sel] + 1] = self.model.draft_tokens(normed[sel]).to(input_ids.dtype)
             live, hidden, from_target = live[more], nxt_hidden[sel], False
         if not drafts.any():  # no forward ran: entry c - 1 is written now (settle needs it before its own)
             meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots, cached - 1, ones)
             self.prepare(meta)
-            self.model(d.input_ids[torch.from_numpy(starts).to(self.device)], positions, hidden, self.attn, self.embed,
-                      True)
+            self.model(input_ids[torch.from_numpy(starts).to(self.device)], positions, hidden, self.attn, self.embed,
+                       True)
 
-    def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, d) -> None:
+    def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, input_ids: torch.Tensor,
+               req_to_token: torch.Tensor) -> None:
         """After acceptance: entries c .. c + a - 1 from the target's states (tokens x_1 .. x_a); the row of the
         token drawn after them is the new pend."""
         aux = self.decoder.aux
@@ -139,6 +140,6 @@ class Eagle3Draft(Drafter):
         within, req = self._flat(accepted)
         token_rows = starts[req] + within + 1
         hidden_rows = starts[req] + within
-        self._entries(a.req_slots, a.cached.astype(np.int64), accepted, d.input_ids, token_rows, aux, hidden_rows,
-                      d.meta.req_to_token)
+        self._entries(a.req_slots, a.cached.astype(np.int64), accepted, input_ids, token_rows, aux, hidden_rows,
+                      req_to_token)
         self._keep_pend(a.req_slots, aux, starts + accepted)

@@ -27,6 +27,7 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     tensor_cores: bool  # False: CUDA-core dot products, one row of x only
+    defer_sum: bool = False  # CUDA cores: keep [block_n, block_k] partial products, reduce once after the K loop
 
 
 def config_for(rows: int, n: int, k: int) -> Config | None:
@@ -48,7 +49,7 @@ def _kernel():
     @triton.jit
     def gemv(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, rows, n, k, stride_x, stride_w, stride_y,
              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEFER_SUM: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M).to(tl.int64)  # row * stride may pass 2**31
         rk = tl.arange(0, BLOCK_K)
@@ -56,6 +57,7 @@ def _kernel():
         w_rows = w_ptr + tl.minimum(rn, n - 1).to(tl.int64)[:, None] * stride_w  # rows past n: masked at the store
         x_rows = x_ptr + rm[:, None] * stride_x
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        partial = tl.zeros((BLOCK_N, BLOCK_K) if DEFER_SUM else (1, 1), dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):
             cols = k0 + rk
             if EVEN_K:
@@ -64,10 +66,14 @@ def _kernel():
             else:
                 w = tl.load(w_rows + cols[None, :], mask=cols[None, :] < k, other=0.0)
                 x = tl.load(x_rows + cols[None, :], mask=(rm[:, None] < rows) & (cols[None, :] < k), other=0.0)
-            if BLOCK_M == 1:
+            if DEFER_SUM:
+                partial += w.to(tl.float32) * x.to(tl.float32)
+            elif BLOCK_M == 1:
                 acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
             else:
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if DEFER_SUM:
+            acc += tl.sum(partial, axis=1)[None, :]
         if HAS_SCALE:  # an FP8 weight's per-row scale
             acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
         if HAS_BIAS:
@@ -103,12 +109,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: 
     n = weight.shape[0]
     assert rows <= 64 and x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == k
     assert cfg.tensor_cores or rows == 1
+    assert not (cfg.defer_sum and cfg.tensor_cores)
     assert (scale is None) == (weight.dtype == x.dtype) and (scale is None or scale.numel() == n)
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     block_m = max(16, 1 << (rows - 1).bit_length()) if cfg.tensor_cores else 1
     _kernel()[(-(-n // cfg.block_n),)](
         x, weight, bias if bias is not None else weight, scale if scale is not None else weight, y, rows, n, k,
         x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DEFER_SUM=cfg.defer_sum,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y

@@ -2,11 +2,13 @@
 
 Slot 0 is a padding slot that the scheduler never hands out (padded batches write there).
 With the host tier (--enable-hierarchical-cache) a second pool of the same layout lives in host memory (pinned
-on CUDA), and each step's `kv_moves` copy slots between the two, in order, before its forward
+on CUDA), and each step's `kv_moves` copy slots between the two, started in order before its forward
 (worker_proc/kv_host.py; scheduler_proc/host_tier.py decides them; every TP rank copies its own shard).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -44,9 +46,13 @@ class KVCache:
         self.host = (HostPool(num_layers, num_host_slots, num_kv_heads, head_dim, _bytes(self.k[0]).dtype, device)
                      if num_host_slots else None)
 
-    def move(self, moves: list[KVMove]) -> None:
-        """Make the step's copies between the pools, in order, ahead of its forward (worker_proc/kv_host.py)."""
+    def move(self, moves: list[KVMove], load_waits: Sequence[int] = ()) -> None:
+        """Ahead of a step's forward: wait for the loads it names, then start its copies between the pools, in order
+        (worker_proc/kv_host.py)."""
+        if not moves and not len(load_waits):
+            return
         assert self.host is not None, "KV moves without a host pool"
+        self.host.wait(load_waits)
         self.host.move(tuple(map(_bytes, (*self.k, *self.v))), moves)
 
     def unit_scales(self, layer_id: int) -> bool:

@@ -1,5 +1,6 @@
 """The host tier's KV pool of one TP rank (--enable-hierarchical-cache) and the copies between it and the device
-pool, in the order each step's `kv_moves` lists them (scheduler_proc/host_tier.py decides them), before its forward.
+pool, started in the order each step's `kv_moves` lists them (scheduler_proc/host_tier.py decides them), before its
+forward.
 
 The pool has the device pool's layout, per layer K and V rows [num_slots, kv_heads_local, head_dim] (an FP8 cache as
 its bytes), in host memory, pinned on CUDA. Each move gathers its rows of every layer into one tensor, so it crosses
@@ -8,17 +9,20 @@ between device and host in one copy:
   forward that overwrites those slots, which the scheduler may hand out at once), cross to a pinned staging tensor
   on the store stream, which waits for that gather only, and land in the host pool once that copy is done
   (`finish_stores`, in order, so the last store to a host slot wins).
-- host to device: the pending stores up to the last one that writes a host slot it reads land first (waiting for
-  their copies if need be; older ones too, so the last store to a slot still wins), then the rows are gathered on
-  the CPU into a pinned staging tensor, cross on the load stream, and are scattered into the device
-  pool on the compute stream, which waits for that crossing: the forward that reads them waits for their copy, and
-  nothing waits for a store but a load of what it wrote.
-On the CPU the same steps run in order, each copy complete when it returns (no streams or events).
+- host to device (a load): the pending stores up to the last one that writes a host slot it reads land first
+  (waiting for their copies if need be; older ones too, so the last store to a slot still wins), then the rows are
+  gathered on the CPU into a pinned staging tensor, cross on the load stream and are scattered into the device pool
+  there, after the forwards already launched (a slot it fills may have been theirs) and beside the later ones: the
+  compute stream waits for the load (`wait`) only in the step that names it in `load_waits`, the first that may read
+  or reuse its slots (the scheduler admits the request that asked for them once rank 0 reported the load done:
+  `loads_in_flight`, PendingStep.loads). Nothing waits for a store but a load of what it wrote.
+On the CPU the same steps run in order, each copy complete when it returns (no streams; a load's event is None).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,6 +44,7 @@ class HostPool:
         self._load_stream = torch.cuda.Stream(device) if cuda else None
         # Stores on their way, oldest first: (their copy done, None on the CPU; the rows in host memory; host slots).
         self._stores: deque[tuple[torch.cuda.Event | None, torch.Tensor, torch.Tensor]] = deque()
+        self._loads: dict[int, torch.cuda.Event | None] = {}  # load id -> its copy done (None: done), until waited
 
     def move(self, pools: tuple[torch.Tensor, ...], moves: list[KVMove]) -> None:
         """Make `moves` between the device pool's rows `pools` (every layer's K, then V) and this pool, in order."""
@@ -57,10 +62,19 @@ class HostPool:
                                         dtype=self._rows[0].dtype, pin_memory=self._load_stream is not None)
                 for pool, out in zip(self._rows, host_rows, strict=True):
                     torch.index_select(pool, 0, src, out=out)
-                rows, d_dst = self._to_device(host_rows), dst.to(self.device)
-                for layer, layer_rows in zip(pools, rows, strict=True):
-                    layer.index_copy_(0, d_dst, layer_rows)
+                self._loads[m.load] = self._load(pools, host_rows, dst)
         self.finish_stores(0)
+
+    def wait(self, loads: Sequence[int]) -> None:
+        """The compute stream waits for these loads' copies (the step that may first read or reuse their slots)."""
+        for load in loads:
+            done = self._loads.pop(load)
+            if done is not None:
+                torch.cuda.current_stream(self.device).wait_event(done)
+
+    def loads_in_flight(self) -> list[tuple[int, torch.cuda.Event | None]]:
+        """The loads not waited for yet, with their copies' events, for rank 0 to report those done."""
+        return list(self._loads.items())
 
     def finish_stores(self, first: int | None = None) -> None:
         """Write stores into the pool, oldest first: the `first` ones (all if None), waiting for their copies, then
@@ -90,13 +104,19 @@ class HostPool:
         done.record(self._store_stream)
         return done, host
 
-    def _to_device(self, host_rows: torch.Tensor) -> torch.Tensor:
-        """`host_rows` (pinned) on the device, for the compute stream (which waits for the copy)."""
+    def _load(self, pools: tuple[torch.Tensor, ...], host_rows: torch.Tensor, dst: torch.Tensor
+              ) -> torch.cuda.Event | None:
+        """Scatter `host_rows` (pinned on CUDA) into the device pool's slots `dst`, on the load stream after what the
+        compute stream has launched so far; the copy's event (None on the CPU, where it is done)."""
         if self._load_stream is None:
-            return host_rows
-        with torch.cuda.stream(self._load_stream):
-            rows = host_rows.to(self.device, non_blocking=True)
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(self._load_stream)
-        rows.record_stream(compute)
-        return rows
+            for layer, layer_rows in zip(pools, host_rows, strict=True):
+                layer.index_copy_(0, dst, layer_rows)
+            return None
+        self._load_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._load_stream):  # the rows and indices live on this stream only
+            rows, d_dst = host_rows.to(self.device, non_blocking=True), dst.to(self.device, non_blocking=True)
+            for layer, layer_rows in zip(pools, rows, strict=True):
+                layer.index_copy_(0, d_dst, layer_rows)
+        done = torch.cuda.Event()
+        done.record(self._load_stream)
+        return done

@@ -15,7 +15,7 @@ from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cpu_quant import check_quantization, quantize_cpu_linears
-from worker_proc.cuda_graph import DecodeGraphs, capture_sizes
+from worker_proc.cuda_graph import DecodeGraphs, capture_sizes, graph_keys
 from worker_proc.draft_model import make_draft
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache, host_slots_wanted, kv_dtype_of
@@ -88,7 +88,6 @@ class ModelRunner:
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache or
                                                                 args.enable_deterministic_inference)
-        self._graph_aux: dict[tuple[int, bool], torch.Tensor | None] = {}  # (batch size, cascade) -> EAGLE3's states
         self.graphs = self._capture_graphs()
 
     def runtime_info(self) -> RuntimeInfo:
@@ -170,28 +169,34 @@ class ModelRunner:
             self.grammars = SlotGrammars(backend, self.device)
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or self.args.disable_cuda_graph or not self.attn.supports_cuda_graph:
+        args = self.args
+        if self.device.type != "cuda" or args.disable_cuda_graph or not self.attn.supports_cuda_graph:
             return None
-        sizes = capture_sizes(min(self.args.cuda_graph_max_bs, self.args.max_running_requests))
+        sizes = capture_sizes(min(args.cuda_graph_max_bs, args.max_running_requests))
         if not sizes:
             return None
         t0 = time.monotonic()
         self.attn.init_graphs(sizes[-1], sizes[-1] * self.context_length)
+        spec = args.speculative_algorithm is not None
+        keys = graph_keys(sizes, self.use_cascade, args.speculative_num_draft_tokens if spec else None,
+                          args.speculative_batch_size_threshold)
         graphs = DecodeGraphs()
         empty = StepArrays(*(np.zeros(0, np.int32) for _ in range(5)))
         with torch.inference_mode():
-            for bs in reversed(sizes):
-                for cascade in (False, True) if self.use_cascade else (False,):
-                    groups = np.zeros((0, 2), np.int32) if cascade else None
-                    d = self._to_device(empty.padded(bs, self.pad_row), is_decode=True, prefix_groups=groups)
-                    self.attn.prepare_graph(d.meta)
-                    graphs.capture(bs, lambda d=d: self.model.compute_logits(
-                        self.model.forward(d.input_ids, d.positions, self.attn)), cascade=cascade)
-                    # EAGLE3's captured target states: the graph rewrites this tensor (its pool) at each replay
-                    self._graph_aux[bs, cascade] = getattr(self.model.model, "aux", None)
-        log.info("rank %d captured decode CUDA graphs for batch sizes %s in %.1f s", self.rank, sizes,
-                 time.monotonic() - t0)
+            for bs, width, cascade in keys:
+                groups = np.zeros((0, 2), np.int32) if cascade else None
+                d = self._to_device(empty.padded(bs, self.pad_row, width), is_decode=width == 1, prefix_groups=groups)
+                self.attn.prepare_graph(d.meta)
+                graphs.capture(bs, lambda d=d: self._graph_forward(d), cascade=cascade, width=width)
+        log.info("rank %d captured decode CUDA graphs for batch sizes %s, verify graphs at %s, in %.1f s", self.rank,
+                 sizes, sorted(bs for bs, width, _ in keys if width > 1), time.monotonic() - t0)
         return graphs
+
+    def _graph_forward(self, d: DeviceStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a graph captures: the logits of every row, and EAGLE3's captured target states (the tensor, in the
+        graphs' pool, that each replay rewrites; None without EAGLE3)."""
+        logits = self.model.compute_logits(self.model.forward(d.input_ids, d.positions, self.attn))
+        return logits, getattr(self.model.model, "aux", None)
 
     def _upload(self, host: np.ndarray) -> torch.Tensor:
         """One host-to-device copy of an int32 array into the step buffer (stream-ordered after the previous
@@ -232,16 +237,16 @@ class ModelRunner:
             d = self._to_device(a.padded(graph_bs, self.pad_row), is_decode=True, prefix_groups=prefix_groups)
             self.attn.prepare_graph(d.meta)
             self._mark_planned()
-            logits = self.graphs.replay(graph_bs, cascade)[:bs]
-            if self._graph_aux[graph_bs, cascade] is not None:
-                self.model.model.aux = self._graph_aux[graph_bs, cascade][:bs]
+            logits, aux = self.graphs.replay(graph_bs, cascade)
+            if aux is not None:
+                self.model.model.aux = aux[:bs]
             if self.draft is not None:
                 self.draft.follow(a, d)
-            return logits, None, d.req_slots[:bs]
+            return logits[:bs], None, d.req_slots[:bs]
         d = self._to_device(a, is_decode, prefix_groups)
-        self.step_input_ids, self.device_step = d.input_ids, d
+        self.step_input_ids = d.input_ids
         if self.draft is not None and drafts is not None:
-            self.draft.propose(a, drafts, d, self.req_to_token)
+            self.draft.propose(a, drafts, d.input_ids, self.req_to_token)
         self.attn.prepare(d.meta)
         self._mark_planned()
         hidden = self.model.forward(d.input_ids, d.positions, self.attn)
@@ -258,12 +263,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, b: StepBatch) -> PendingStep | None:
-        """Run a step up to its sampled tokens without waiting for the device; rank 0 returns the pending
-        result (its tokens reach the host on a copy stream). Every rank records the sampled tokens in
-        `last_sampled`, where the next step's placeholder input ids find them."""
+        """Run a step up to its sampled tokens without waiting for the device; rank 0 returns the pending result
+        (its tokens reach the host on a copy stream; it reports the host tier's loads found done). Every rank records
+        the sampled tokens in `last_sampled`, where the next step's placeholder input ids find them."""
         t0 = time.perf_counter()
-        if b.kv_moves:
-            self.kv_cache.move(b.kv_moves)
+        self.kv_cache.move(b.kv_moves, from_i32(b.load_waits))
+        pending = self._launch(b, t0)
+        if pending is not None and self.kv_cache.host is not None:
+            pending.loads = self.kv_cache.host.loads_in_flight()
+        return pending
+
+    def _launch(self, b: StepBatch, t0: float) -> PendingStep | None:
         if self.grammars is not None and b.grammars:
             self.grammars.backend.start(b.grammars)
         if not b.req_slots:  # a step of no requests: it only waits for grammars to compile
@@ -325,7 +335,7 @@ class ModelRunner:
             return None
         done = self.grammars.backend.done(wait=True) if self.grammars is not None else []
         empty = torch.zeros(0, dtype=torch.int32)
-        return PendingStep(b.step, t0, empty, None, None, grammars_done=done)
+        return PendingStep(b.step, t0, empty, None, None, grammars_done=done, wait_loads=True)
 
     def _admit(self, b: StepBatch) -> list[tuple[int, str]]:
         """Requests entering their req slots: cached-prefix rows of the block table in one upload, and their

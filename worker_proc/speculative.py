@@ -30,6 +30,7 @@ from radixserve.wire import StepBatch, from_i32
 from worker_proc import parallel
 from worker_proc.sampling import GREEDY_EPS, Sampler, _mix
 from worker_proc.step_io import PendingStep
+from worker_proc.verify_graphs import graph_verify
 
 
 @dataclass
@@ -212,7 +213,11 @@ def launch_verify(runner, b: StepBatch, a, t0: float, admit_errors: list[tuple[i
     """ModelRunner.launch for a verify step: every row's logits, exact acceptance on rank 0, and the tokens each
     request emits (accepted drafts, then one drawn) as a flat PendingStep with its accepted counts."""
     drafts = from_i32(b.draft_lens).astype(np.int64)
-    logits, _, slots = runner.forward(a, False, None, every_token=True, drafts=drafts)
+    verified = graph_verify(runner, a, drafts)  # None: no verify graph takes this step
+    if verified is None:
+        logits, _, slots = runner.forward(a, False, None, every_token=True, drafts=drafts)
+    else:
+        logits, slots = verified
     rows = VerifyRows.of(a.req_slots, from_i32(b.sample_offsets).astype(np.int64), drafts, slots)
     input_ids = runner.step_input_ids  # with a draft model, its drafts in place of the scheduler's PENDING
     final = verdict = None
@@ -232,7 +237,7 @@ def launch_verify(runner, b: StepBatch, a, t0: float, admit_errors: list[tuple[i
     if runner.draft is not None:  # every rank's drafter learns the accepted counts
         accepted = torch.from_numpy(verdict.accepted).to(runner.device) if runner.rank == 0 else None
         accepted = parallel.tp_broadcast(accepted, (len(a.req_slots),), torch.int64, runner.device)
-        runner.draft.settle(a, drafts, accepted.cpu().numpy(), runner.device_step)
+        runner.draft.settle(a, drafts, accepted.cpu().numpy(), input_ids, runner.req_to_token)
     if runner.rank != 0:
         return None
     logprobs = chosen = None

@@ -71,6 +71,8 @@ class PendingStep:
     grammars_done: list[GrammarDone] = field(default_factory=list)
     admit_errors: list[tuple[int, str]] = field(default_factory=list)
     accept_lens: np.ndarray | None = None  # a verify step's accepted drafts per request (int32)
+    loads: list[tuple[int, torch.cuda.Event | None]] = field(default_factory=list)  # the host tier's, in flight
+    wait_loads: bool = False  # a step of no requests: its answer waits for the loads (so the scheduler need not spin)
 
     def result(self) -> StepResult:
         """Wait for the copy (not for later steps) and build the answer to the scheduler."""
@@ -90,6 +92,12 @@ class PendingStep:
         result.admit_errors = self.admit_errors
         if self.accept_lens is not None:
             result.accept_lens = self.accept_lens.tobytes()
+        if self.wait_loads:
+            for _, done in self.loads:
+                if done is not None:
+                    done.synchronize()
+        loads_done = [load for load, done in self.loads if done is None or done.query()]
+        result.loads_done = np.asarray(loads_done, dtype=np.int32).tobytes() if loads_done else b""
         return result
 
 
@@ -136,12 +144,25 @@ class StepArrays:
         return cls(from_i32(b.req_slots), from_i32(b.cached_lens), from_i32(b.extend_lens), from_i32(b.input_ids),
                    from_i32(b.out_slots))
 
-    def padded(self, bs: int, pad_row: int) -> StepArrays:
-        """A decode batch of `bs` rows: these, then rows of one token at position 0 in req row `pad_row`,
-        whose K/V go to PAD_SLOT (and which attend only to it)."""
+    def padded(self, bs: int, pad_row: int, width: int = 1) -> StepArrays:
+        """A batch of `bs` requests of `width` tokens each (a decode step: 1; a verify step of up to D drafts per
+        request: D + 1), for a graph of that shape: each request's extend[i] <= width tokens, then width - extend[i]
+        padding tokens (input id 0, K/V to PAD_SLOT) at the positions after them; then padding requests of `width`
+        tokens from position 0 in req row `pad_row`, whose K/V go to PAD_SLOT (and which attend only to it)."""
         n = bs - len(self.req_slots)
-        zeros = np.zeros(n, dtype=np.int32)
+        rows = padded_rows(self.extend, width)
+        input_ids = np.zeros(bs * width, dtype=np.int32)
+        input_ids[rows] = self.input_ids
+        out_slots = np.full(bs * width, PAD_SLOT, dtype=np.int32)
+        out_slots[rows] = self.out_slots
         return StepArrays(np.concatenate([self.req_slots, np.full(n, pad_row, np.int32)]),
-                          np.concatenate([self.cached, zeros]), np.concatenate([self.extend, np.ones(n, np.int32)]),
-                          np.concatenate([self.input_ids, zeros]),
-                          np.concatenate([self.out_slots, np.full(n, PAD_SLOT, np.int32)]))
+                          np.concatenate([self.cached, np.zeros(n, np.int32)]), np.full(bs, width, np.int32),
+                          input_ids, out_slots)
+
+
+def padded_rows(extend: np.ndarray, width: int) -> np.ndarray:
+    """The row of each token of requests of extend[i] <= width tokens once every request is padded to `width`
+    tokens (request i's tokens at rows i * width ...), int64 [sum(extend)]."""
+    extend = extend.astype(np.int64)
+    starts = np.cumsum(extend) - extend
+    return np.repeat(np.arange(len(extend), dtype=np.int64) * width - starts, extend) + np.arange(int(extend.sum()))

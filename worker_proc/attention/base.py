@@ -74,9 +74,10 @@ class ForwardMeta:
 class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and attends over each request's context.
 
-    A backend with `supports_cuda_graph` can run inside a captured decode graph: `init_graphs` once, then
-    `prepare_graph(meta)` (instead of `prepare`) before each capture or replay of a batch of that size,
-    where every device tensor of `meta` is a view at the same address as when the graph was captured.
+    A backend with `supports_cuda_graph` can run inside a captured decode or verify graph: `init_graphs` once, then
+    `prepare_graph(meta)` (instead of `prepare`) before each capture or replay of a batch of that shape (a decode
+    step, or a verify step whose requests all have the same number of tokens), where every device tensor of `meta`
+    is a view at the same address as when the graph was captured.
     A backend with `supports_cascade` captures a second graph per size for decode steps with prefix groups.
     """
 

@@ -21,9 +21,11 @@ over the same pages each step (a model with sliding and global layers plans two)
 A window of W positions is FlashInfer's window_left = W - 1 (the query's own position plus W - 1 before
 it). Cascade decode runs only for models of one kind without a window (its two levels split the context
 at the shared prefix, which a window's left edge does not respect); others attend over whole contexts.
-For CUDA graphs, `prepare_graph` plans a graph-mode decode wrapper per captured batch size; all of them
-share one set of index buffers (only one graph replays at a time, each right after its plan; the kinds of one
-batch size plan the same pages into them). Cascade graphs have their own wrappers and buffers; their level 0
+For CUDA graphs, `prepare_graph` plans a graph-mode decode wrapper per captured batch size, and for verify steps
+(every request `width` tokens, verify_graphs.py) a graph-mode prefill wrapper per (batch size, width), causal, on
+FA2's kernels (those of the tensor-core decode; on page-size-1 KV they read faster than the sm90 default); all of
+them share one set of index buffers (only one graph replays at a time, each right after its plan; the kinds of one
+graph plan the same pages into them). Cascade graphs have their own wrappers and buffers; their level 0
 always has one entry per row of the padded batch: the real groups, then the padding rows as one group
 attending to the padding slot, then groups of no rows.
 
@@ -142,7 +144,7 @@ class FlashInferBackend(AttentionBackend):
             for kw in self._plan_kw:
                 kw["fixed_split_size"] = batch_invariant.FLASHINFER_SPLIT
         self.cascade = self._cascade() if self.supports_cascade else None
-        self.graph_wrappers: dict[int, list[Any]] = {}  # batch size -> one graph-mode decode wrapper per kind
+        self.graph_wrappers: dict[tuple[int, int], list[Any]] = {}  # (batch size, width) -> a wrapper per kind
         self.cascade_graphs: dict[int, Cascade] = {}
         self.active: list[Any] = []  # per layer kind, the wrapper planned for this step
         self.meta: ForwardMeta | None = None
@@ -199,25 +201,28 @@ class FlashInferBackend(AttentionBackend):
         if meta.is_decode and meta.prefix_groups is not None:
             self._plan_cascade(self.cascade, meta, graph=False)
             return
+        self._plan(self.decode_wrappers if meta.is_decode else self.prefill_wrappers, meta)
+
+    def _plan(self, wrappers: list[Any], meta: ForwardMeta) -> None:
+        """Plan each layer kind's wrapper (decode or prefill ones, as `meta` is) over the step's pages."""
         kv_indptr, indices, last_len = self._pages(meta)
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE)
-        if meta.is_decode:
-            for wrapper, kw in zip(self.decode_wrappers, self._plan_kw):
+        qo_indptr = None if meta.is_decode else indptr(np.asarray(meta.extend_lens_cpu, dtype=np.int32))
+        for wrapper, kw in zip(wrappers, self._plan_kw):
+            if qo_indptr is None:
                 wrapper.plan(kv_indptr, indices, last_len, *heads, **kw)
-            self.active = self.decode_wrappers
-        else:
-            qo_indptr = indptr(np.asarray(meta.extend_lens_cpu, dtype=np.int32))
-            for wrapper, kw in zip(self.prefill_wrappers, self._plan_kw):
+            else:
                 wrapper.plan(qo_indptr, kv_indptr, indices, last_len, *heads, causal=True, **kw)
-            self.active = self.prefill_wrappers
+        self.active = wrappers
         self.meta = meta
 
-    # ------------------------------------------------------------ CUDA graphs (decode)
+    # ------------------------------------------------------------ CUDA graphs (decode, verify)
 
     def init_graphs(self, max_bs: int, max_kv_tokens: int) -> None:
         """Index buffers shared by the graph-mode wrappers: up to `max_bs` requests, `max_kv_tokens` pages."""
         self.graph_wrappers = {}
         self._g_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
+        self._g_qo_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)  # verify graphs'
         self._g_indices = torch.zeros(max_kv_tokens, dtype=torch.int32, device=self.device)
         self._g_last_len = torch.ones(max_bs, dtype=torch.int32, device=self.device)
         self.cascade_graphs = {}
@@ -226,26 +231,30 @@ class FlashInferBackend(AttentionBackend):
                          torch.zeros(max_kv_tokens, dtype=torch.int32, device=self.device)) for _ in range(2)]
 
     def prepare_graph(self, meta: ForwardMeta) -> None:
-        """Plan the graph-mode decode wrapper of exactly this (padded) batch size; capture or replay follows."""
+        """Plan the graph-mode wrappers of exactly this (padded) batch: its size and, for a verify step (not
+        decode), its requests' common number of tokens; capture or replay follows."""
         bs = meta.batch_size
         if meta.prefix_groups is not None:
             if bs not in self.cascade_graphs:
                 self.cascade_graphs[bs] = self._cascade(bs)
             self._plan_cascade(self.cascade_graphs[bs], meta, graph=True)
             return
-        wrappers = self.graph_wrappers.get(bs)
-        if wrappers is None:
-            wrappers = [self._fi.BatchDecodeWithPagedKVCacheWrapper(
+        key = (bs, 1 if meta.is_decode else meta.extend_lens_cpu[0])  # a graph's requests all have `width` tokens
+        if key not in self.graph_wrappers:
+            self.graph_wrappers[key] = [self._graph_wrapper(bs, meta.is_decode) for _ in self.kinds]
+        self._plan(self.graph_wrappers[key], meta)
+
+    def _graph_wrapper(self, bs: int, decode: bool) -> Any:
+        """A graph-mode decode wrapper, or (verify steps) a prefill one, over the shared index buffers."""
+        if decode:
+            return self._fi.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
                 paged_kv_indptr_buffer=self._g_indptr[:bs + 1], paged_kv_indices_buffer=self._g_indices,
-                paged_kv_last_page_len_buffer=self._g_last_len[:bs], **self._wrapper_kw) for _ in self.kinds]
-            self.graph_wrappers[bs] = wrappers
-        kv_indptr, indices, last_len = self._pages(meta)
-        for wrapper, kw in zip(wrappers, self._plan_kw):
-            wrapper.plan(kv_indptr, indices, last_len, self.num_q_heads, self.num_kv_heads, self.head_dim, PAGE_SIZE,
-                         **kw)
-        self.active = wrappers
-        self.meta = meta
+                paged_kv_last_page_len_buffer=self._g_last_len[:bs], **self._wrapper_kw)
+        return self._fi.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self._g_qo_indptr[:bs + 1],
+            paged_kv_indptr_buf=self._g_indptr[:bs + 1], paged_kv_indices_buf=self._g_indices,
+            paged_kv_last_page_len_buf=self._g_last_len[:bs], backend="fa2")
 
     # ------------------------------------------------------------ per layer
 
