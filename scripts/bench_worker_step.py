@@ -1,11 +1,13 @@
 """One worker's decode step alone (ModelRunner.launch on synthetic batches, no scheduler), on CPU or GPU:
     python scripts/bench_worker_step.py [--model-path DIR] [--dtype D] [--quantization none gguf int8]
-        [--batch-sizes 1 16] [--context 100] [--prefill 64] [--rounds 5] [--profile BS]
+        [--batch-sizes 1 16] [--context 100] [--prefill 64] [--rounds 5] [--profile BS] [--cpu-time]
 With several --quantization forms (`none`: the model's dtype) each gets its own runner in this process and the
 forms are timed in turn, round after round, so that a shared machine's changing load falls on all of them alike;
 each figure is the best round's median step (the spread: the rounds' median and worst). --prefill N
 also times a prefill of N new tokens of one request. --profile prints torch.profiler's operator table for one batch
-size of the first form. Set OMP_WAIT_POLICY / GOMP_SPINCOUNT in the environment to compare OpenMP settings."""
+size of the first form. --cpu-time (CPU only): one thread, timed by the process's CPU time, which other work on a
+shared machine disturbs far less than wall time (it time-slices a parallel step). Set OMP_WAIT_POLICY /
+GOMP_SPINCOUNT in the environment to compare OpenMP settings."""
 
 from __future__ import annotations
 
@@ -26,12 +28,12 @@ from radixserve.model_files import resolve_model  # noqa: E402
 from worker_proc.model_runner import ModelRunner  # noqa: E402
 
 
-def prefill_time(synth: Synth, tokens: int) -> float:
+def prefill_time(synth: Synth, tokens: int, clock) -> float:
     """Seconds of one step that prefills `tokens` new tokens of one request (no cached prefix)."""
     new = synth.new_req(0, synth.np.zeros(0, synth.np.int32))
-    t0 = time.perf_counter()
+    t0 = clock()
     synth.runner.launch(synth.batch(False, [0], [0], [tokens], [new])).result()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def main() -> None:
@@ -46,10 +48,14 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=0, metavar="N")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", type=int, default=None, metavar="BS")
+    p.add_argument("--cpu-time", action="store_true", help="one thread, timed by process CPU time (CPU only)")
     p.add_argument("--max-total-tokens", type=int, default=20000,
                    help="KV pool in tokens (0: sized as a server sizes it)")
     ns = p.parse_args()
     model_dir = resolve_model(ns.model_path)
+    clock = time.process_time if ns.cpu_time else time.perf_counter
+    if ns.cpu_time:
+        torch.set_num_threads(1)
     synths = {}
     for form in ns.quantization:
         runner = ModelRunner(ServerArgs(model_path=model_dir, dtype=ns.dtype,
@@ -63,8 +69,8 @@ def main() -> None:
         for case in cases:
             for form, synth in synths.items():
                 kind, n = case.split()
-                t = synth.decode_loop(int(n), ns.context, ns.steps) if kind == "batch" else \
-                    statistics.median(prefill_time(synth, int(n)) for _ in range(5))
+                t = synth.decode_loop(int(n), ns.context, ns.steps, clock=clock) if kind == "batch" else \
+                    statistics.median(prefill_time(synth, int(n), clock) for _ in range(5))
                 times.setdefault((case, form), []).append(t)
     for case in cases:
         first = min(times[(case, ns.quantization[0])])

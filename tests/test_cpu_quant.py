@@ -1,6 +1,7 @@
 """CPU quantized linear layers (worker_proc/cpu_quant.py): the kernels and a model's greedy tokens against the
-same weights dequantized to float, the default model's GGUF blocks as the file holds them, perplexity of a fixed
-text (bf16 expanded / Q4_1 kept / int8), and start-up errors that name the flag."""
+same weights dequantized to float (and from cpu_kernels.q8_rows() rows, x quantized per row and block of 32 to
+int8 and back, as the kernels quantize it), the default model's GGUF blocks as the file holds them, perplexity of
+a fixed text (bf16 expanded / Q4_1 kept / int8), and start-up errors that name the flag."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from worker_proc.cpu_quant import (
     install_quantized,
     int8_layer_weights,
     linear_layers,
+    quantize_cpu_linears,
     quantize_int8,
 )
 from worker_proc.layers import ParallelLMHead, pack_cpu_linears
@@ -51,25 +53,42 @@ def quant_weight(w: torch.Tensor, form: str) -> QuantWeight:
     return qw
 
 
+def kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, k] in float32 as the quantized kernels multiply it: as it is for fewer than q8_rows() rows (or
+    none), else each row quantized per block of 32 columns to int8, q = round(x / s) with s = max |x| / 127 (a
+    block of zeros: 0), and back to q * s."""
+    x = x.float()
+    rows, k = x.shape
+    if not cpu_kernels.q8_rows() or rows < cpu_kernels.q8_rows() or k % 32:
+        return x
+    blocks = x.view(rows, k // 32, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(blocks / scale).clamp(-127, 127), 0)
+    return (q * scale).view(rows, k)
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("form", ["int8", "Q8_0", "Q4_0", "Q4_1"])
 def test_kernel_equals_dequantized_matmul(form):
-    """x W^T (+ bias) for the dequantized W, within one bf16 rounding: 1-9 rows (partial row tiles), 70 output
-    columns (a partial block of 32), rows of x with a stride; each row bit for bit as computed alone."""
+    """x W^T (+ bias) for the dequantized W and x as the kernel reads it (kernel_input), within one bf16
+    rounding (against x unquantized, 60-400 times this tolerance off): 1-9 rows (partial row tiles), 70 output columns
+    (a partial block of 32), rows of x with a stride; each row bit for bit whatever the other rows are."""
     g = torch.Generator().manual_seed(0)
     n, k = 70, 96
     qw = quant_weight(torch.randn(n, k, generator=g) * 0.05, form)
     linear, w = QuantLinear(qw), qw.dequantize().double()
     bias = torch.randn(n, generator=g).bfloat16()
     wide = torch.randn(9, k + 3, generator=g).bfloat16()
-    for m in (1, 4, 5, 9):
+    other = torch.randn(9, k, generator=g).bfloat16()
+    for m in (1, 2, 4, 5, 9):
         for b in (None, bias):
             got = linear(wide[:m, :k], b)
-            want = wide[:m, :k].double() @ w.T + (0 if b is None else b.double())
+            want = kernel_input(wide[:m, :k]).double() @ w.T + (0 if b is None else b.double())
             assert got.dtype == torch.bfloat16 and got.shape == (m, n)
             torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-5)
-            # a row's result does not depend on the others (one row: unpacked as read; 5 or 9: unpacked once)
-            assert torch.equal(got[-1:], linear(wide[m - 1:m, :k], b))
+            # a row's result does not depend on the others (one row tile: unpacked as read; several: unpacked once)
+            others = torch.cat([other[:m - 1], wide[m - 1:m, :k]])
+            assert torch.equal(got[-1:], linear(others, b)[-1:])
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +103,10 @@ def tiny_llama(tmp_path_factory) -> str:
 @pytest.mark.parametrize("form", ["int8", "gguf"])
 def test_greedy_equals_dequantized_reference(tiny_llama, form):
     """A model with quantized layers gives the greedy tokens of the same model whose layers compute F.linear in
-    float32 with the dequantized weights (batch of 3, 4 tokens: as tests/test_models.py's packed-layout check,
-    since one bf16 rounding apart, a random tiny model meets near-ties within a few more), and logits within a
-    bf16 rounding. gguf: Q4_1 layers and a Q8_0 LM head, as the default model's file has them."""
+    float32 with the dequantized weights and x as the kernels read it (kernel_input; without that the int8 tokens
+    differ), batch of 3, 4 tokens (as tests/test_models.py's packed-layout check, since one bf16 rounding apart, a
+    random tiny model meets near-ties within a few more), and logits within a bf16 rounding. gguf: Q4_1 layers
+    and a Q8_0 LM head, as the default model's file has them."""
     config = load_hf_config(tiny_llama)
     quantized = load_model(tiny_llama, config, "auto", torch.bfloat16, "cpu")
     if form == "int8":
@@ -98,7 +118,8 @@ def test_greedy_equals_dequantized_reference(tiny_llama, form):
     for name, module in linear_layers(reference).items():
         if name in weights:
             w = weights[name].dequantize()
-            module.packed = lambda x, b, w=w: F.linear(x.float(), w, None if b is None else b.float()).bfloat16()
+            module.packed = lambda x, b, w=w: F.linear(kernel_input(x.reshape(-1, x.shape[-1])), w, None if b is None
+                                                       else b.float()).bfloat16().reshape(*x.shape[:-1], -1)
     install_quantized(quantized, weights)
     assert quantized.model.layers[0].mlp.down_proj.weight.numel() == 0  # the bf16 copy is freed
     batch = prompts(3)
@@ -151,6 +172,21 @@ def test_default_model_blocks_and_perplexity():
     ppl["Q4_1"] = perplexity(model, ids)
     print("perplexity", {k: round(v, 3) for k, v in ppl.items()})
     assert ppl["Q4_1"] <= 1.02 * ppl["bf16"] and ppl["int8"] <= 1.02 * ppl["bf16"]
+
+
+@needs_cpu_kernels
+def test_log_names_the_activation_path(tiny_llama, caplog, monkeypatch):
+    """The start log says from how many rows activations are quantized, or warns that they never are (a CPU
+    without AVX512-VNNI: nothing falls back to the slower path without a line in the log)."""
+    config = load_hf_config(tiny_llama)
+    line, _, _ = quantize_cpu_linears(load_model(tiny_llama, config, "auto", torch.bfloat16, "cpu"), "int8",
+                                      tiny_llama, config)
+    assert ("quantized per row to int8" in line) == bool(cpu_kernels.q8_rows())
+    monkeypatch.setattr(cpu_kernels, "q8_rows", lambda: 0)
+    with caplog.at_level("WARNING", logger="radixserve.worker"):
+        line, _, _ = quantize_cpu_linears(load_model(tiny_llama, config, "auto", torch.bfloat16, "cpu"), "int8",
+                                          tiny_llama, config)
+    assert "lacks AVX512-VNNI" in caplog.text and "quantized per row" not in line
 
 
 def test_start_errors_name_the_flag(tiny_llama):

@@ -1,4 +1,5 @@
-/* bfloat16 kernels of the CPU worker for CPUs with AVX512-BF16 (built and loaded by cpu_kernels.py).
+/* bfloat16 kernels of the CPU worker for CPUs with AVX512-BF16 (built and loaded by cpu_kernels.py); quantized
+ * linear layers on several rows also use AVX512-VNNI where the CPU has it (built in where __AVX512VNNI__).
  *
  * Linear layers: weights are repacked once into blocks of NB output columns, pairs of input columns
  * interleaved: packed[block][k / 2][column][k % 2]. A block is read as one contiguous stream; one VDPBF16PS
@@ -277,10 +278,11 @@ void rs_rotary_store_bf16(const uint16_t *qk, long ldt, long ldh, const uint16_t
     }
 }
 
-/* Quantized linear layers (cpu_quant.py): weight w[n][k] = scale[n][k / bk] * code[n][k] + offset[n][k / bk], codes
- * of 4 or 8 bits kept in memory as they are and unpacked in registers to bf16, which holds them exactly, so that
- * VDPBF16PS multiplies them by x's bf16 pairs with float32 sums: the result is x times the dequantized weight up
- * to float32 summation order. Per block of bk columns of k, the float32 sum of code * x is scaled, and the
+/* Quantized linear layers (cpu_quant.py) with x in bf16 (one row; several too where built without AVX512-VNNI,
+ * else linear_q8 below): weight w[n][k] = scale[n][k / bk] * code[n][k] + offset[n][k / bk], codes of 4 or 8 bits
+ * kept in memory as they are and unpacked in registers to bf16, which holds them exactly, so that VDPBF16PS
+ * multiplies them by x's bf16 pairs with float32 sums: the result is x times the dequantized weight up to float32
+ * summation order. Per block of bk columns of k, the float32 sum of code * x is scaled, and the
  * offset times the block's sum of x added.
  * Layout (cpu_quant.pack), per block of NB output columns and pair of k, like rs_pack_bf16's [k / 2][NB][2]:
  *   8 bits: 64 signed bytes [NB][2];
@@ -397,12 +399,233 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
         }                                                                                                          \
     }
 
+/* Quantized layers on several rows, activations quantized too (CPUs with AVX512-VNNI; as llama.cpp's Q8_1 dot
+ * products): each row of x is quantized per block of QK = 32 columns to int8, q = round(x / xs) (half to even) with
+ * xs = max |x| / 127 (a block of zeros: xs = 0, q = 0), and VPDPBUSD multiplies 4 weight codes (unsigned bytes) by
+ * 4 of q (signed) into int32 lanes, exactly. 4-bit codes are 0..15 as they are; 8-bit codes are read as 128 + code
+ * (the sign bit flipped), the 128 taken back with the offset: per block of 32 columns of x and output column,
+ *     y += scale * xs * dot(code', q) + (offset - 128 scale where 8 bits) * xs * sum(q),
+ * so a row computes the dequantized weight times its dequantized x (xs * q) up to float32 summation order: an
+ * integer multiply-add takes 4 products an instruction where VDPBF16PS takes 2, and no unpacking to bf16.
+ * Weight blocks: bk = 32 (GGUF's), or one per row (int8's per-channel scale: the float32 sums of xs * dot are
+ * scaled once at the end). A thread unpacks a block of NB output columns once into `wide`, 4 codes of a column
+ * per 32-bit lane as VPDPBUSD reads them ([k / 4][NB][4] bytes), and runs every row tile over it. */
+#ifdef __AVX512VNNI__
+#define QK 32     /* columns of x per activation block */
+#define NEAREST (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) /* half to even, as torch.round */
+#define Q8_MB 4   /* rows per tile: 8 int32 sums and 8 float32 accumulators (6 rows measured no faster) */
+#ifndef Q8_ROWS
+#define Q8_ROWS 2 /* rs_linear_quant takes this path from this many rows of x */
+#endif
+
+/* Row r of xq [m][k] = q, xs [m][k / QK] = xs and xsq [m][k / bk] = the sum over the blocks of QK within each
+ * block of bk of xs * sum(q), for rows x [m][k] bf16 (row stride ldx). */
+static void quantize_row(const uint16_t *x, long ldx, long r, long k, long bk, int8_t *xq, float *xs, float *xsq) {
+    const long ab_dim = k / QK, kb_dim = k / bk;
+    for (long kb = 0; kb < kb_dim; kb++) xsq[r * kb_dim + kb] = 0.0f;
+    for (long a = 0; a < ab_dim; a++) {
+        const uint16_t *p = x + r * ldx + a * QK;
+        __m512 v0 = load_f32(p, 0xffff), v1 = load_f32(p + 16, 0xffff);
+        float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.0f;
+        __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
+        if (d > 0.0f) { /* x / xs (not x * (1 / xs)): the quotient torch's reference rounds */
+            __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+            __m512 dv = _mm512_set1_ps(d);
+            q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvt_roundps_epi32(_mm512_div_ps(v0, dv), NEAREST), lo), hi);
+            q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvt_roundps_epi32(_mm512_div_ps(v1, dv), NEAREST), lo), hi);
+        }
+        _mm_storeu_si128((__m128i *)(xq + r * k + a * QK), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + r * k + a * QK + 16), _mm512_cvtepi32_epi8(q1));
+        xs[r * ab_dim + a] = d;
+        xsq[r * kb_dim + a * QK / bk] += d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
+/* 4 codes of k of each of a column block's NB columns, from rs_pack_quant's layout at `p` (two pairs of k), as
+ * VPDPBUSD reads them: w0 for columns 0-15, w1 for 16-31, a column's 4 codes (unsigned bytes) per 32-bit lane.
+ * 4 bits: the pairs (32 bytes each) interleave by 16-bit lanes, low nibbles columns 0-15, high 16-31; 8 bits: the
+ * pairs (64 bytes each) interleave likewise, the sign bit flipped (code + 128). */
+static const uint16_t QUAD_IDX[3][32] = {
+    {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15,
+     31},
+    {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15,
+     47},
+    {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61,
+     30, 62, 31, 63}};
+
+static inline __attribute__((always_inline)) void load_quads(const int bits, const uint8_t *p, const __m512i idx[3],
+                                                             __m512i *w0, __m512i *w1) {
+    if (bits == 0) { /* unpacked before (linear_q8 with several row tiles) */
+        *w0 = _mm512_loadu_si512(p);
+        *w1 = _mm512_loadu_si512(p + 64);
+    } else if (bits == 4) {
+        __m512i v = _mm512_permutexvar_epi16(idx[0], _mm512_loadu_si512(p)), nibble = _mm512_set1_epi8(0x0f);
+        *w0 = _mm512_and_si512(v, nibble);
+        *w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    } else {
+        __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64), sign = _mm512_set1_epi8(-128);
+        *w0 = _mm512_xor_si512(_mm512_permutex2var_epi16(a, idx[1], b), sign);
+        *w1 = _mm512_xor_si512(_mm512_permutex2var_epi16(a, idx[2], b), sign);
+    }
+}
+
+/* The scales and offsets of block kb, 16 columns each (offset less 128 scale where biased). */
+static inline __attribute__((always_inline)) void block_terms(const void *scale, const void *offset, long kb,
+                                                              long half, int biased, __m512 s[2], __m512 o[2]) {
+    for (int g = 0; g < 2; g++) {
+        s[g] = load_scales(scale, kb * NB + 16 * g, half);
+        o[g] = offset ? load_scales(offset, kb * NB + 16 * g, half) : _mm512_setzero_ps();
+        if (biased) o[g] = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), s[g], o[g]);
+    }
+}
+
+/* Rows [m] of x quantized times a column block's codes (bits 4 or 8), unpacked as they are read with a software
+ * prefetch PF_DIST ahead; or (bits 0) unpacked before into [k / 4][NB][4] bytes, fetching the next column block's
+ * codes (`next`, of next_quad_bytes per 4 columns of k) as it goes. */
+static inline __attribute__((always_inline)) void q8tile(const int m, const int bits, const int one_block,
+                                                         const uint8_t *codes, const char *next, long next_quad_bytes,
+                                                         long k_dim, const int8_t *xq, const float *xs,
+                                                         const float *xsq, const void *scale, const void *offset,
+                                                         long half, int biased, const uint16_t *bias, long cols,
+                                                         uint16_t *y, long ldy) {
+    const long ab_dim = k_dim / QK, kb_dim = one_block ? 1 : ab_dim, quad_bytes = bits ? bits * NB * 4 / 8 : 128;
+    const __m512i idx[3] = {_mm512_loadu_si512(QUAD_IDX[0]), _mm512_loadu_si512(QUAD_IDX[1]),
+                            _mm512_loadu_si512(QUAD_IDX[2])};
+    __m512 acc[Q8_MB][2], s[2], o[2];
+    for (int i = 0; i < m; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (long a = 0; a < ab_dim; a++) {
+        __m512i dot[Q8_MB][2];
+        for (int i = 0; i < m; i++) dot[i][0] = dot[i][1] = _mm512_setzero_si512();
+        for (long k4 = a * QK / 4; k4 < (a + 1) * QK / 4; k4++) {
+            __m512i w0, w1;
+            for (long line = 0; bits && line < quad_bytes; line += 64)
+                _mm_prefetch((const char *)codes + k4 * quad_bytes + line + PF_DIST, _MM_HINT_T0);
+            for (long line = 0; next && line < next_quad_bytes; line += 64)
+                _mm_prefetch(next + k4 * next_quad_bytes + line, _MM_HINT_T0);
+            load_quads(bits, codes + k4 * quad_bytes, idx, &w0, &w1);
+            for (int i = 0; i < m; i++) {
+                int32_t quad;
+                memcpy(&quad, xq + i * k_dim + 4 * k4, 4);
+                __m512i xb = _mm512_set1_epi32(quad);
+                dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w0, xb);
+                dot[i][1] = _mm512_dpbusd_epi32(dot[i][1], w1, xb);
+            }
+        }
+        if (one_block) {
+            for (int i = 0; i < m; i++) {
+                __m512 xv = _mm512_set1_ps(xs[i * ab_dim + a]);
+                acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][0]), xv, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][1]), xv, acc[i][1]);
+            }
+        } else {
+            block_terms(scale, offset, a, half, biased, s, o);
+            for (int i = 0; i < m; i++) {
+                __m512 xv = _mm512_set1_ps(xs[i * ab_dim + a]), sq = _mm512_set1_ps(xsq[i * kb_dim + a]);
+                for (int g = 0; g < 2; g++) {
+                    __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][g]), xv);
+                    acc[i][g] = _mm512_fmadd_ps(o[g], sq, _mm512_fmadd_ps(scaled, s[g], acc[i][g]));
+                }
+            }
+        }
+    }
+    if (one_block) {
+        block_terms(scale, offset, 0, half, biased, s, o);
+        for (int i = 0; i < m; i++)
+            for (int g = 0; g < 2; g++)
+                acc[i][g] = _mm512_fmadd_ps(o[g], _mm512_set1_ps(xsq[i]), _mm512_mul_ps(acc[i][g], s[g]));
+    }
+    store_tile(m, acc, bias, cols, y, ldy);
+}
+
+#define Q8TILE(M, B, ONE)                                                                                          \
+    q8tile(M, B, ONE, B ? block_codes : wide, B || mb ? 0 : next, quad_bytes, k_dim, xq + i0 * k_dim,             \
+           xs + i0 * ab_dim, xsq + i0 * kb_dim, sb, ob, half, bits == 8, bb, cols, y + i0 * ldy + n0, ldy)
+#define Q8TILES(B, ONE)                                                                                            \
+    switch (m) {                                                                                                   \
+        case 1: Q8TILE(1, B, ONE); break;                                                                          \
+        case 2: Q8TILE(2, B, ONE); break;                                                                          \
+        case 3: Q8TILE(3, B, ONE); break;                                                                          \
+        default: Q8TILE(4, B, ONE); break;                                                                         \
+    }
+
+/* rs_linear_quant's operands; k_dim a multiple of QK and bk == QK or bk == k_dim. */
+static void linear_q8(const uint16_t *x, long ldx, long m_dim, const uint8_t *codes, long bits, const void *scale,
+                      const void *offset, long half, long n_dim, long k_dim, long bk, const uint16_t *bias,
+                      uint16_t *y, long ldy) {
+    const long ab_dim = k_dim / QK, kb_dim = k_dim / bk, scale_bytes = half ? 2 : 4;
+    const long blocks = (n_dim + NB - 1) / NB, m_blocks = (m_dim + Q8_MB - 1) / Q8_MB, quad_bytes = bits * NB * 4 / 8;
+    int8_t *xq = malloc(m_dim * k_dim);
+    float *xs = malloc(sizeof(float) * m_dim * ab_dim), *xsq = malloc(sizeof(float) * m_dim * kb_dim);
+    if (!xq || !xs || !xsq) abort(); /* out of memory: stop the worker loudly rather than return garbage */
+    /* One row tile: each column block's codes are unpacked as they are read. Several: a thread unpacks a column
+     * block once into `wide` and runs every row tile over it. */
+#pragma omp parallel
+    {
+        uint8_t *wide = m_blocks > 1 ? malloc(k_dim * NB) : 0;
+        if (m_blocks > 1 && !wide) abort();
+        const __m512i idx[3] = {_mm512_loadu_si512(QUAD_IDX[0]), _mm512_loadu_si512(QUAD_IDX[1]),
+                                _mm512_loadu_si512(QUAD_IDX[2])};
+#pragma omp for schedule(static) /* its barrier: every row quantized before the tiles read them */
+        for (long r = 0; r < m_dim; r++) quantize_row(x, ldx, r, k_dim, bk, xq, xs, xsq);
+#pragma omp for schedule(static)
+        for (long b = 0; b < blocks; b++) {
+            const long n0 = b * NB, cols = n_dim - n0 < NB ? n_dim - n0 : NB;
+            const uint8_t *block_codes = codes + b * k_dim * quad_bytes / 4;
+            const char *next = b + 1 < blocks ? (const char *)block_codes + k_dim * quad_bytes / 4 : 0;
+            const void *sb = (const uint8_t *)scale + b * kb_dim * NB * scale_bytes;
+            const void *ob = offset ? (const uint8_t *)offset + b * kb_dim * NB * scale_bytes : 0;
+            const uint16_t *bb = bias ? bias + n0 : 0;
+            for (long k4 = 0; wide && k4 < k_dim / 4; k4++) {
+                __m512i w0, w1;
+                for (long line = 0; line < quad_bytes; line += 64)
+                    _mm_prefetch((const char *)block_codes + k4 * quad_bytes + line + PF_DIST, _MM_HINT_T0);
+                if (bits == 4) load_quads(4, block_codes + k4 * quad_bytes, idx, &w0, &w1);
+                else load_quads(8, block_codes + k4 * quad_bytes, idx, &w0, &w1);
+                _mm512_storeu_si512(wide + k4 * 128, w0);
+                _mm512_storeu_si512(wide + k4 * 128 + 64, w1);
+            }
+            for (long mb = 0; mb < m_blocks; mb++) {
+                const long i0 = mb * Q8_MB;
+                const int m = m_dim - i0 < Q8_MB ? (int)(m_dim - i0) : Q8_MB;
+                if (wide && kb_dim == 1) {
+                    Q8TILES(0, 1)
+                } else if (wide) {
+                    Q8TILES(0, 0)
+                } else if (bits == 4 && kb_dim == 1) {
+                    Q8TILES(4, 1)
+                } else if (bits == 4) {
+                    Q8TILES(4, 0)
+                } else if (kb_dim == 1) {
+                    Q8TILES(8, 1)
+                } else {
+                    Q8TILES(8, 0)
+                }
+            }
+        }
+        free(wide);
+    }
+    free(xq), free(xs), free(xsq);
+}
+#else
+#define Q8_ROWS 0 /* built without AVX512-VNNI: rs_linear_quant never takes that path */
+#endif
+
+/* The least rows of x from which rs_linear_quant quantizes them (0: never, the CPU lacks AVX512-VNNI). */
+long rs_q8_rows(void) { return Q8_ROWS; }
+
 /* y[:m_dim, :n_dim] = x W^T (+ bias) for the quantized W above (bits 4 or 8; offset may be NULL; scale and
  * offset fp16 where half), x [m_dim, k_dim] bf16 with row stride ldx (k_dim a multiple of bk, bk even), y bf16
- * with row stride ldy. */
+ * with row stride ldy. From Q8_ROWS rows (built with AVX512-VNNI; k_dim a multiple of QK; bk QK or k_dim): x
+ * quantized per row, linear_q8; else x in bf16. */
 void rs_linear_quant(const uint16_t *x, long ldx, long m_dim, const uint8_t *codes, long bits, const void *scale,
                      const void *offset, long half, long n_dim, long k_dim, long bk, const uint16_t *bias,
                      uint16_t *y, long ldy) {
+#ifdef __AVX512VNNI__
+    if (m_dim >= Q8_ROWS && k_dim % QK == 0 && (bk == QK || bk == k_dim)) {
+        linear_q8(x, ldx, m_dim, codes, bits, scale, offset, half, n_dim, k_dim, bk, bias, y, ldy);
+        return;
+    }
+#endif
     long kb_dim = k_dim / bk, tile_rows = kb_dim == 1 ? QMB_ONE : QMB_BLOCKS, scale_bytes = half ? 2 : 4;
     long blocks = (n_dim + NB - 1) / NB, m_blocks = (m_dim + tile_rows - 1) / tile_rows;
     const int sums = offset || bits == 4;

@@ -91,7 +91,15 @@ def library() -> ctypes.CDLL | None:
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     lib.rs_decoder_stack.restype = size  # 0, or -1: no scratch memory
+    lib.rs_q8_rows.argtypes, lib.rs_q8_rows.restype = [], size
     return lib
+
+
+def q8_rows() -> int:
+    """The least rows of x from which the quantized linear kernels quantize x per row to int8 (VPDPBUSD); 0 where
+    they never do (built without AVX512-VNNI, or no library)."""
+    lib = library()
+    return lib.rs_q8_rows() if lib is not None else 0
 
 
 class PackedLinear:

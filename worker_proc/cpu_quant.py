@@ -6,14 +6,18 @@ w[n, k] = scale[n, k // block] * code[n, k] + offset[n, k // block]. The forms:
   [-127, 127], scale = max |w| / 127 of the row, no offset;
 - GGUF's own blocks of 32, read from the file as they are: Q8_0 (int8 codes, fp16 scale), Q4_0 (4-bit codes,
   w = d * (q - 8)) and Q4_1 (4-bit codes, w = d * q + m).
-cpu_kernels.c's rs_linear_quant reads the codes (4 or 8 bits a weight) and unpacks them in registers to bf16,
-which holds them exactly, so a layer computes x times the dequantized weight up to float32 summation order.
+cpu_kernels.c's rs_linear_quant reads the codes (4 or 8 bits a weight) in registers. One row of x: unpacked to
+bf16, which holds them exactly, so the layer computes x times the dequantized weight up to float32 summation
+order. From `cpu_kernels.q8_rows()` rows (CPUs with AVX512-VNNI; input features a multiple of 32): each row of x is
+quantized too, per block of 32 to int8 with a scale (as llama.cpp's Q8_1), and the layer computes that
+dequantized x times the dequantized weight, the products summed in integers (docs/quantization.md).
 The embedding stays as loaded (bf16) for its lookup; the LM head is quantized too (int8, or the GGUF's blocks).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,8 @@ from radixserve.config import ServerArgs
 from radixserve.model_files import GGUF_SOURCE_FILE
 from worker_proc import cpu_kernels
 from worker_proc.layers import ParallelLMHead, RowParallelLinear, _ColumnLinear
+
+log = logging.getLogger("radixserve.worker")
 
 _NB = 32  # output columns per block, as NB in cpu_kernels.c
 GGUF_BLOCK = 32
@@ -313,5 +319,15 @@ def quantize_cpu_linears(model: nn.Module, quantization: str, model_dir: str | P
         gguf_layer_weights(model, model_dir, hf_config)
     nbytes = install_quantized(model, weights)
     kinds = "+".join(sorted({qw.kind for qw in weights.values()})) or "none"
-    return (f"{len(weights)} of {len(linear_layers(model))} linear layers quantized ({quantization}: {kinds}), "
-            f"{nbytes / 1e6:.1f} MB", nbytes, kinds)
+    line = (f"{len(weights)} of {len(linear_layers(model))} linear layers quantized ({quantization}: {kinds}), "
+            f"{nbytes / 1e6:.1f} MB")
+    rows = cpu_kernels.q8_rows()
+    if not rows:
+        log.warning("this CPU lacks AVX512-VNNI: the quantized layers keep bf16 activations at every batch size, "
+                    "slower than bf16 weights at 16 rows and more (docs/quantization.md)")
+        return line, nbytes, kinds
+    bf16_only = sum(qw.codes.shape[1] % GGUF_BLOCK != 0 for qw in weights.values())
+    line += f"; activations of {rows}+ rows quantized per row to int8 (AVX512-VNNI)"
+    if bf16_only:
+        line += f", except in {bf16_only} layers whose input features are not a multiple of {GGUF_BLOCK}"
+    return line, nbytes, kinds
