@@ -107,7 +107,7 @@ def test_verify_graphs_give_the_tokens_of_eager_verify_steps(model_dir, algorith
 
 
 def test_deterministic_bf16_ngram_tokens_equal_plain_decoding(model_dir) -> None:
-    """--enable-deterministic-inference in bf16 through the Engine (FlashInfer with a fixed split size, decode
+    """--enable-deterministic-inference in bf16 through the Engine (the batch-invariant Triton attention, decode
     and verify graphs): NGRAM's greedy tokens equal plain decoding's, three at once and one at a time, with verify
     steps run (prompts that repeat a phrase, which n-gram lookup drafts from)."""
     from radixserve import Engine

@@ -5,14 +5,15 @@ Floating-point sums depend on their order, and library kernels pick their order 
 float32 F.linear (MKL) runs one row through a matrix-vector kernel and several rows through blocked GEMMs that
 sum K differently (measured: row 0 of x[:1] differs from row 0 of x[:m] for every m >= 2 tried, and m = 2..3
 from m >= 4); the reference attention runs decode as one padded SDPA and extends as one SDPA per request. On CUDA
-cuBLAS picks tiles and split-K by shape and FlashInfer splits the KV by batch size. Here each op fixes its order:
+cuBLAS picks tiles and split-K by shape and FlashInfer its tiles and KV splits. Here each op fixes its order:
 - `linear`: cpu_kernels' bf16 kernel as it is (each output element sums K in one order in every row tile); other
   CPU linears in blocks of ROWS rows (one GEMM shape, so one blocking; a row's bits do not depend on its position
   in the block: checked for every position); on CUDA one persistent Triton matmul with one tile config per
   weight and no split-K (`matmul`).
-- `attention`: every query row (prefill, extend or decode alike) over its context in fixed splits of SPLIT
-  tokens, each split's scores and weighted values as element-wise products summed along a contiguous axis (an
-  order fixed by the axis' length), the splits merged by their maxima in split order.
+- `attention` (CPU; on CUDA worker_proc/attention/invariant_backend.py): every query row (prefill, extend or
+  decode alike) over its context in fixed splits of SPLIT tokens, each split's scores and weighted values as
+  element-wise products summed along a contiguous axis (an order fixed by the axis' length), the splits merged by
+  their maxima in split order.
 - RMSNorm, rotary and the fused element-wise ops are already per row (cpu_kernels, worker_proc.fused: one program
   per row; F.rms_norm reduces each row alone), and torch's element-wise exp gives the same bits at any offset
   and length (checked), so they run as they are.
@@ -30,7 +31,6 @@ import torch.nn.functional as F
 ENABLED = False
 ROWS = 16  # the row block of CPU linears
 SPLIT = 64  # KV tokens per attention split (CPU)
-FLASHINFER_SPLIT = 2048  # KV tokens per split of FlashInfer's plans (prefill, extend and decode alike)
 
 
 def enable() -> None:

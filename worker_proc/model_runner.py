@@ -79,7 +79,7 @@ class ModelRunner:
         log.info("rank %d KV cache: %d tokens, %.2f GB, %s (%d bytes per token on this rank)", rank,
                  self.num_kv_slots - 1, self.num_kv_slots * self.kv_bytes_per_token / 1e9, _name(self.kv_dtype),
                  self.kv_bytes_per_token)
-        self.backend_name = resolve_backend_name(args.attention_backend, self.device.type)
+        self.backend_name = resolve_backend_name(args, self.device.type)
         self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim,
                                                          m.attention_layers)
         if self.draft is not None:

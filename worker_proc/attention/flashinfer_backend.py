@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker_proc import batch_invariant, fused
+from worker_proc import fused
 from worker_proc.attention.base import AttentionBackend, ForwardMeta, LayerAttention
 from worker_proc.kv_cache import KVCache
 
@@ -122,9 +122,8 @@ class FlashInferBackend(AttentionBackend):
         self.device = kv_cache.k[0].device
         self.num_kv_heads = kv_cache.k[0].shape[1]
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        # The mode's fixed split size reaches FlashInfer 0.6's FA2 kernels only (plan() ignores it elsewhere).
         # An FP8 cache read by bf16 / fp16 queries: FA2's kernels (they widen the e4m3 K/V as they load them).
-        self._wrapper_kw = {"backend": "fa2"} if batch_invariant.ENABLED or kv_cache.fp8 else {}
+        self._wrapper_kw = {"backend": "fa2"} if kv_cache.fp8 else {}
         # Per layer, the FP8 cache's scales where they are not 1.0 (FlashInfer applies them to q.k and to the output).
         self._scales = [{} if kv_cache.unit_scales(i) else dict(zip(("k_scale", "v_scale"), kv_cache.scales[i]))
                         for i in range(len(layers))]
@@ -140,9 +139,6 @@ class FlashInferBackend(AttentionBackend):
         self._plan_kw = [dict(q_data_type=kv_cache.compute_dtype, kv_data_type=kv_cache.dtype, sm_scale=kind.scale,
                               window_left=-1 if kind.window is None else kind.window - 1,
                               logits_soft_cap=kind.soft_cap) for kind in self.kinds]
-        if batch_invariant.ENABLED:  # KV split by a fixed size, not by batch size, in every plan
-            for kw in self._plan_kw:
-                kw["fixed_split_size"] = batch_invariant.FLASHINFER_SPLIT
         self.cascade = self._cascade() if self.supports_cascade else None
         self.graph_wrappers: dict[tuple[int, int], list[Any]] = {}  # (batch size, width) -> a wrapper per kind
         self.cascade_graphs: dict[int, Cascade] = {}

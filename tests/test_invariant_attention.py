@@ -1,0 +1,68 @@
+"""The batch-invariant CUDA attention (worker_proc/attention/invariant_backend.py) through Triton's interpreter on
+CPU tensors (float16: the interpreter's tl.dot misreads bfloat16): each row against float32 softmax attention, and
+a row's bits the same whether its token is decoded alone, verified in a short extend beside other requests, or
+prefilled in one long extend. The compiled kernel runs in tests/test_gpu_spec.py's deterministic Engine test and
+`bench check-determinism` on the GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_fused_interpreted import run_interpreted
+
+pytest.importorskip("triton")
+
+Q_HEADS, KV_HEADS, DIM, SLOTS = 8, 2, 32, 400
+
+
+def check_invariant_attention() -> None:
+    from worker_proc.attention.base import ForwardMeta, LayerAttention
+    from worker_proc.attention.invariant_backend import InvariantBackend
+    from worker_proc.kv_cache import KVCache
+
+    torch.manual_seed(0)
+    cache = KVCache(1, SLOTS, KV_HEADS, DIM, torch.float16, "cpu")
+    cache.k[0].copy_(torch.randn(SLOTS, KV_HEADS, DIM).half())
+    cache.v[0].copy_(torch.randn(SLOTS, KV_HEADS, DIM).half())
+    scale = DIM ** -0.5
+    backend = InvariantBackend(cache, Q_HEADS, DIM, [LayerAttention(scale)])
+    lengths = {0: 150, 1: 70, 2: 9}  # each request's whole context
+    table = torch.zeros(3, 160, dtype=torch.int32)
+    perm = torch.randperm(SLOTS - 1) + 1
+    used = 0
+    for r, n in lengths.items():
+        table[r, :n] = perm[used:used + n].int()
+        used += n
+    queries = {r: torch.randn(n, Q_HEADS, DIM).half() for r, n in lengths.items()}  # one per position
+
+    def step(parts: list[tuple[int, int, int]]) -> dict[tuple[int, int], torch.Tensor]:
+        """(request, cached, new tokens) per request: each new token's output rows, keyed (request, position)."""
+        slots, cached, extend = (np.array(col, dtype=np.int32) for col in zip(*parts, strict=True))
+        meta, _ = ForwardMeta.for_positions(table, slots, cached, extend)
+        backend.prepare(meta)
+        q = torch.cat([queries[r][c:c + e] for r, c, e in parts])
+        out = backend._attend(q, 0)
+        keys = [(r, p) for r, c, e in parts for p in range(c, c + e)]
+        return dict(zip(keys, out, strict=True))
+
+    whole = step([(0, 0, 150), (1, 0, 70), (2, 0, 9)])  # cold prefills (tiles of 16 tokens, ragged ends)
+    for (r, p), row in whole.items():
+        ctx = table[r, :p + 1].long()
+        k, v = cache.k[0][ctx].float(), cache.v[0][ctx].float()  # [p + 1, KV_HEADS, D]
+        group = Q_HEADS // KV_HEADS
+        q = queries[r][p].float().view(KV_HEADS, group, DIM)
+        probs = torch.softmax(torch.einsum("hgd,phd->hgp", q, k) * scale, dim=-1)
+        ref = torch.einsum("hgp,phd->hgd", probs, v).reshape(Q_HEADS, DIM)
+        torch.testing.assert_close(row.float(), ref, rtol=2e-2, atol=2e-2)
+    ways = [step([(0, 149, 1)]),  # a decode step alone
+            step([(2, 5, 4), (0, 145, 5), (1, 69, 1)]),  # a verify-sized extend beside others
+            step([(1, 60, 10), (0, 130, 20)])]  # a chunk of a chunked prefill
+    for got in ways:
+        for key, row in got.items():
+            assert torch.equal(row, whole[key]), f"{key}: differs from the cold prefill's row"
+    print("invariant_attention ok")
+
+
+def test_a_row_has_the_same_bits_decoded_verified_chunked_or_prefilled():
+    run_interpreted("check_invariant_attention", module="test_invariant_attention")
