@@ -2,8 +2,8 @@
 those without speculation (and HF transformers) across batch sizes, chunked prefill and radix hits; logprobs
 agree; seeded sampling draws the same distribution (chi-square over many samples); meta_info carries SGLang's
 spec_* counts. In bf16 with --enable-deterministic-inference, too, the greedy tokens equal plain decoding's.
-make test runs the greedy and the chi-square checks (the engines are most of the time); the HF and logprob checks
-are `long`."""
+make test runs the greedy and the chi-square checks (the engines are most of the time); the HF, logprob and bf16
+checks are `long`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def test_greedy_tokens_equal_plain_decoding(spec, reference) -> None:
     assert meta["spec_accept_token_num"] <= meta["spec_draft_token_num"]
 
 
+@pytest.mark.long
 def test_bf16_greedy_tokens_equal_plain_decoding_with_deterministic_inference() -> None:
     """bf16 with --enable-deterministic-inference (issue 28's mode, where a verify step's extend rounds as the
     decode steps it stands for): NGRAM's tokens equal plain decoding's all at once, one at a time and as radix
