@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ from worker_proc.runtime_facts import (
     serving_context_length,
     step_activation_bytes,
 )
-from worker_proc.sampling import SampleRows, SlotParams, make_sampler, top_logprobs
+from worker_proc.sampling import SampleRows, SlotParams, make_sampler, prompt_logprobs
 from worker_proc.speculative import Verifier, launch_verify
 from worker_proc.step_io import HostStaging, PendingStep, ResultCopier, StepArrays
 from worker_proc.weights import load_model
@@ -234,15 +235,10 @@ class ModelRunner:
         cascade = prefix_groups is not None
         graph_bs = self.graphs.padded_size(bs) if is_decode and self.graphs is not None else None
         if graph_bs is not None and self.graphs.has(graph_bs, cascade):
-            d = self._to_device(a.padded(graph_bs, self.pad_row), is_decode=True, prefix_groups=prefix_groups)
-            self.attn.prepare_graph(d.meta)
-            self._mark_planned()
-            logits, aux = self.graphs.replay(graph_bs, cascade)
-            if aux is not None:
-                self.model.model.aux = aux[:bs]
+            d, logits = self.replay_graph(a, graph_bs, slice(bs), prefix_groups=prefix_groups)
             if self.draft is not None:
                 self.draft.follow(a, d)
-            return logits[:bs], None, d.req_slots[:bs]
+            return logits, None, d.req_slots[:bs]
         d = self._to_device(a, is_decode, prefix_groups)
         self.step_input_ids = d.input_ids
         if self.draft is not None and drafts is not None:
@@ -253,6 +249,23 @@ class ModelRunner:
         if self.draft is not None and drafts is None:
             self.draft.follow(a, d)
         return self.model.compute_logits(hidden if every_token else hidden[d.last]), hidden, d.req_slots
+
+    def replay_graph(self, a: StepArrays, graph_bs: int, rows: slice | torch.Tensor, width: int = 1,
+                     prefix_groups: np.ndarray | None = None,
+                     fill: Callable[[DeviceStep], None] | None = None) -> tuple[DeviceStep, torch.Tensor]:
+        """Step `a` through the captured graph of `graph_bs` requests of `width` tokens each (1: decode; more: a
+        verify step, verify_graphs.py): pad and upload it, `fill` the uploaded step (a verify step's drafts into its
+        input ids), plan attention outside the graph, replay. Returns the uploaded step and the float32 logits of
+        the real rows `rows`; EAGLE3's captured target states of those rows go to its head."""
+        d = self._to_device(a.padded(graph_bs, self.pad_row, width), is_decode=width == 1, prefix_groups=prefix_groups)
+        if fill is not None:
+            fill(d)
+        self.attn.prepare_graph(d.meta)
+        self._mark_planned()
+        logits, aux = self.graphs.replay(graph_bs, prefix_groups is not None, width)
+        if aux is not None:
+            self.model.model.aux = aux[rows]
+        return d, logits[rows]
 
     def _mark_planned(self) -> None:
         """FlashInfer's plan copies its host buffers to the device asynchronously; the next step may rewrite
@@ -287,7 +300,7 @@ class ModelRunner:
         groups = from_i32(b.prefix_groups).reshape(-1, 2) if b.prefix_groups and self.use_cascade else None
         logits, hidden, slots = self.forward(a, b.is_decode, groups)
         # Decode steps compute no prompt tokens, so they have no input logprobs.
-        input_lps = {} if hidden is None or b.is_decode else self._input_logprobs(hidden, a)
+        input_lps = {} if hidden is None or b.is_decode else prompt_logprobs(self.model, self.slot_params, hidden, a)
         next_ids = logprobs = None
         if self.rank == 0:
             offsets = from_i32(b.sample_offsets)
@@ -367,33 +380,6 @@ class ModelRunner:
             self.penalties.set(nr.req_slot, nr.penalties, nr.output_ids)
         if self.grammars is not None:
             self.grammars.set(nr.req_slot, nr.grammar, from_i32(nr.stop_ids), nr.output_ids)
-
-    def _input_logprobs(self, hidden: torch.Tensor, a: StepArrays) -> dict[int, tuple[list, list | None]]:
-        """Logprobs of prompt tokens computed in this step, for requests that asked for them.
-
-        The logprob of prompt token t comes from the hidden state at position t - 1.
-        """
-        out = {}
-        sp = self.slot_params
-        starts = np.cumsum(a.extend) - a.extend  # first row of each request in `hidden`
-        for i, s in enumerate(a.req_slots):
-            prompt = sp.prompt_ids[s]
-            if prompt is None:
-                continue
-            cached, extend = int(a.cached[i]), int(a.extend[i])
-            first = max(cached + 1, int(sp.logprob_start[s]), 1)
-            last = min(cached + extend, len(prompt) - 1)  # inclusive target index
-            if first > last:
-                out[i] = ([], None)
-                continue
-            rows = torch.arange(first - 1, last, device=self.device) - cached + int(starts[i])
-            lps = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
-            targets = torch.from_numpy(prompt[first:last + 1].astype(np.int64)).to(self.device)
-            values = lps.gather(1, targets[:, None]).squeeze(1).tolist()
-            k = int(sp.top_logprobs_num[s])
-            top = [top_logprobs(lps[j], k) for j in range(len(values))] if k > 0 else None
-            out[i] = (values, top)
-        return out
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from radixserve.wire import NewReq, from_i32
+from worker_proc.step_io import StepArrays
 
 GREEDY_EPS = 1e-5
 
@@ -213,3 +214,28 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
     """The k most likely (token id, logprob) of one row (a host sync: only for rows that ask)."""
     values, ids = logprobs.topk(k)
     return list(zip(ids.tolist(), values.tolist()))
+
+
+def prompt_logprobs(model, params: SlotParams, hidden: torch.Tensor,
+                    a: StepArrays) -> dict[int, tuple[list, list | None]]:
+    """Logprobs of the prompt tokens step `a` computed (`hidden`: their hidden states), of each request that asked
+    for them (by its row in the step). The logprob of prompt token t comes from the hidden state at position t - 1."""
+    out = {}
+    starts = np.cumsum(a.extend) - a.extend  # first row of each request in `hidden`
+    for i, s in enumerate(a.req_slots):
+        prompt = params.prompt_ids[s]
+        if prompt is None:
+            continue
+        cached, extend = int(a.cached[i]), int(a.extend[i])
+        first = max(cached + 1, int(params.logprob_start[s]), 1)
+        last = min(cached + extend, len(prompt) - 1)  # inclusive target index
+        if first > last:
+            out[i] = ([], None)
+            continue
+        rows = torch.arange(first - 1, last, device=hidden.device) - cached + int(starts[i])
+        lps = torch.log_softmax(model.compute_logits(hidden[rows]), dim=-1)
+        targets = torch.from_numpy(prompt[first:last + 1].astype(np.int64)).to(hidden.device)
+        values = lps.gather(1, targets[:, None]).squeeze(1).tolist()
+        k = int(params.top_logprobs_num[s])
+        out[i] = (values, [top_logprobs(lps[j], k) for j in range(len(values))] if k > 0 else None)
+    return out

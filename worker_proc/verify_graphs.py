@@ -39,16 +39,13 @@ def graph_verify(runner, a: StepArrays, drafts: np.ndarray) -> tuple[torch.Tenso
     graph_bs = graphs.padded_size(bs, width) if graphs is not None else None
     if graph_bs is None or int(a.extend.max()) > width or int(a.cached.max()) + width > runner.context_length:
         return None
-    d = runner._to_device(a.padded(graph_bs, runner.pad_row, width), is_decode=False)
-    rows = runner.staging.upload(padded_rows(a.extend, width)).long()
-    input_ids = d.input_ids[rows]  # the real rows, request after request (as an eager step's)
-    if runner.draft is not None:
+    rows = runner.staging.upload(padded_rows(a.extend, width)).long()  # the real rows, request after request
+
+    def draft_into(d) -> None:  # a draft model's drafts into the graph's input rows
+        input_ids = d.input_ids[rows]
         runner.draft.propose(a, drafts, input_ids, runner.req_to_token)
         d.input_ids[rows] = input_ids
-    runner.attn.prepare_graph(d.meta)
-    runner._mark_planned()
-    logits, aux = graphs.replay(graph_bs, width=width)
-    if aux is not None:  # EAGLE3's captured target states, of the real rows for its settle
-        runner.model.model.aux = aux[rows]
-    runner.step_input_ids = input_ids
-    return logits[rows], d.req_slots[:bs]
+
+    d, logits = runner.replay_graph(a, graph_bs, rows, width, fill=draft_into if runner.draft is not None else None)
+    runner.step_input_ids = d.input_ids[rows]
+    return logits, d.req_slots[:bs]
