@@ -25,6 +25,7 @@ from radixserve.wire import KVMove, i32
 from scheduler_proc.request import Stage
 from scheduler_proc.scheduler import Scheduler
 from worker_proc.kv_cache import KVCache
+from worker_proc.kv_host import MIN_RUN, copy_rows
 from worker_proc.model_runner import ModelRunner
 
 POOL = 256
@@ -138,6 +139,28 @@ def test_kv_moves_copy_every_layer_both_ways_in_order(device: str) -> None:
     for host, old, got in zip((*cache.host.k, *cache.host.v), before, loaded, strict=True):
         assert torch.equal(host[torch.from_numpy(host_dst.copy())], old[torch.from_numpy(out).to(old.device)].cpu())
         assert torch.equal(got, old[[int(out[-1]), int(out[0])]])
+
+
+def test_copy_rows_copies_runs_and_scattered_rows_alike() -> None:
+    """The CPU's copy between the pools (kv_host.copy_rows): runs of consecutive slots long enough to go as slices,
+    runs one row short of that, runs consecutive on one side only, and scattered rows all land where an indexed
+    assignment puts them, in every layer, and nothing else is written."""
+    rng = np.random.default_rng(0)
+    src = np.concatenate([np.arange(100, 100 + MIN_RUN), np.arange(300, 300 + MIN_RUN - 1),  # a run, one short of one
+                          np.arange(500, 500 + 2 * MIN_RUN), rng.choice(np.arange(600, 1000), 20, replace=False),
+                          np.arange(40, 40 + 3 * MIN_RUN)])
+    dst = np.concatenate([np.arange(10, 10 + 2 * MIN_RUN - 1),  # consecutive across the first two source runs
+                          np.arange(2 * MIN_RUN, 0, -1)[:2 * MIN_RUN] + 900,  # counts down: not a run
+                          rng.choice(np.arange(1000, 1500), 20, replace=False), np.arange(1600, 1600 + 3 * MIN_RUN)])
+    assert len(src) == len(dst) == len(np.unique(dst))
+    layers_a = [torch.randn(1000, 2, 4) for _ in range(3)]
+    layers_b = [torch.randn(1700, 2, 4) for _ in range(3)]
+    want = [b.clone() for b in layers_b]
+    for a, b in zip(layers_a, want, strict=True):
+        b[torch.from_numpy(dst)] = a[torch.from_numpy(src)]
+    copy_rows(layers_a, torch.from_numpy(src), layers_b, torch.from_numpy(dst))
+    for got, expected in zip(layers_b, want, strict=True):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.gpu
@@ -333,7 +356,13 @@ def test_a_load_waits_only_for_the_stores_it_reads(monkeypatch: pytest.MonkeyPat
     cache = KVCache(2, 10, 1, 4, torch.float32, "cpu", num_host_slots=10)
     waited: list[int] = []
     stores = iter(range(100))
-    monkeypatch.setattr(cache.host, "_to_host", lambda rows: (CopyInFlight(waited, next(stores)), rows))
+
+    def store_in_flight(pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor) -> None:
+        """CUDA's store (HostPool._store): the rows gathered now, landing once their copy is done."""
+        rows = torch.stack([layer.index_select(0, src) for layer in pools])
+        cache.host._stores.append((CopyInFlight(waited, next(stores)), rows, dst))
+
+    monkeypatch.setattr(cache.host, "_store", store_in_flight)
     for layer in (*cache.k, *cache.v):
         layer.copy_(torch.arange(10, dtype=torch.float32)[:, None, None].expand(layer.shape))
     moves = [KVMove(to_host=True, src=i32(np.array([1, 2])), dst=i32(np.array([5, 6]))),  # store 0

@@ -16,7 +16,9 @@ between device and host in one copy:
   compute stream waits for the load (`wait`) only in the step that names it in `load_waits`, the first that may read
   or reuse its slots (the scheduler admits the request that asked for them once rank 0 reported the load done:
   `loads_in_flight`, PendingStep.loads). Nothing waits for a store but a load of what it wrote.
-On the CPU the same steps run in order, each copy complete when it returns (no streams; a load's event is None).
+On the CPU both pools are in host memory and a copy is done as it returns (no streams; a load's event is None): each
+move goes straight from one pool to the other, layer by layer (`copy_rows`), with no staging tensor, since on the CPU
+a copy costs its passes over memory (a finished request's write-through store is tens of MB at 8B-model sizes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import numpy as np
 import torch
 
 from radixserve.wire import KVMove, from_i32
+
+MIN_RUN = 16  # rows: a shorter run of consecutive slots goes with the scattered rows' indexed copy
 
 
 class HostPool:
@@ -52,17 +56,11 @@ class HostPool:
             src = torch.from_numpy(np.asarray(from_i32(m.src), dtype=np.int64))
             dst = torch.from_numpy(np.asarray(from_i32(m.dst), dtype=np.int64))
             if m.to_host:
-                d_src = src.to(self.device)
-                rows = torch.stack([layer.index_select(0, d_src) for layer in pools])
-                self._stores.append((*self._to_host(rows), dst))
+                self._store(pools, src, dst)
             else:
                 needed = [i for i, (_, _, stored) in enumerate(self._stores) if torch.isin(stored, src).any()]
                 self.finish_stores(needed[-1] + 1 if needed else 0)
-                host_rows = torch.empty((len(self._rows), len(src), *self._rows[0].shape[1:]),
-                                        dtype=self._rows[0].dtype, pin_memory=self._load_stream is not None)
-                for pool, out in zip(self._rows, host_rows, strict=True):
-                    torch.index_select(pool, 0, src, out=out)
-                self._loads[m.load] = self._load(pools, host_rows, dst)
+                self._loads[m.load] = self._load(pools, src, dst)
         self.finish_stores(0)
 
     def wait(self, loads: Sequence[int]) -> None:
@@ -91,10 +89,15 @@ class HostPool:
             for pool, layer_rows in zip(self._rows, rows, strict=True):
                 pool.index_copy_(0, dst, layer_rows)
 
-    def _to_host(self, rows: torch.Tensor) -> tuple[torch.cuda.Event | None, torch.Tensor]:
-        """Start `rows` (gathered on the compute stream) on their way to host memory: (copy done, host tensor)."""
+    def _store(self, pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Start copying device slots `src` of every layer to host slots `dst`: on the CPU done as it returns; on CUDA
+        the rows, gathered on the compute stream, cross to a pinned tensor on the store stream and join the stores on
+        their way (`finish_stores` lands them)."""
         if self._store_stream is None:
-            return None, rows
+            copy_rows(pools, src, self._rows, dst)
+            return
+        d_src = src.to(self.device)
+        rows = torch.stack([layer.index_select(0, d_src) for layer in pools])
         self._store_stream.wait_stream(torch.cuda.current_stream(self.device))  # the gather
         host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
         with torch.cuda.stream(self._store_stream):
@@ -102,16 +105,19 @@ class HostPool:
         rows.record_stream(self._store_stream)  # the allocator keeps `rows` until the copy has read them
         done = torch.cuda.Event()
         done.record(self._store_stream)
-        return done, host
+        self._stores.append((done, host, dst))
 
-    def _load(self, pools: tuple[torch.Tensor, ...], host_rows: torch.Tensor, dst: torch.Tensor
-              ) -> torch.cuda.Event | None:
-        """Scatter `host_rows` (pinned on CUDA) into the device pool's slots `dst`, on the load stream after what the
-        compute stream has launched so far; the copy's event (None on the CPU, where it is done)."""
+    def _load(self, pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor) -> torch.cuda.Event | None:
+        """Copy host slots `src` of every layer to the device pool's slots `dst`: on the CPU done as it returns (None);
+        on CUDA gathered into a pinned tensor and scattered on the load stream after what the compute stream has
+        launched so far (the copy's event)."""
         if self._load_stream is None:
-            for layer, layer_rows in zip(pools, host_rows, strict=True):
-                layer.index_copy_(0, dst, layer_rows)
+            copy_rows(self._rows, src, pools, dst)
             return None
+        host_rows = torch.empty((len(self._rows), len(src), *self._rows[0].shape[1:]), dtype=self._rows[0].dtype,
+                                pin_memory=True)
+        for pool, out in zip(self._rows, host_rows, strict=True):
+            torch.index_select(pool, 0, src, out=out)
         self._load_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._load_stream):  # the rows and indices live on this stream only
             rows, d_dst = host_rows.to(self.device, non_blocking=True), dst.to(self.device, non_blocking=True)
@@ -120,3 +126,23 @@ class HostPool:
         done = torch.cuda.Event()
         done.record(self._load_stream)
         return done
+
+
+def copy_rows(src_layers: Sequence[torch.Tensor], src: torch.Tensor, dst_layers: Sequence[torch.Tensor],
+              dst: torch.Tensor) -> None:
+    """`dst_layers[i][dst] = src_layers[i][src]` for every layer i, in host memory (`dst` holds distinct slots). The
+    runs of at least MIN_RUN rows where both slot lists count up by one (a prompt's KV, allocated together) are copied
+    as slices, a memcpy each; the other rows (decode tokens, allocated one per step) by one indexed copy per layer.
+    No staging tensor: each byte is read once and written once. O(layers x runs) calls, runs <= len(src) / MIN_RUN."""
+    s, d = src.numpy(), dst.numpy()
+    starts = np.flatnonzero(np.concatenate(([True], (np.diff(s) != 1) | (np.diff(d) != 1))))
+    lengths = np.diff(starts, append=len(s))
+    long = lengths >= MIN_RUN
+    runs = list(zip(s[starts[long]].tolist(), d[starts[long]].tolist(), lengths[long].tolist(), strict=True))
+    rest = torch.from_numpy(np.repeat(~long, lengths))
+    rest_src, rest_dst = src[rest], dst[rest]
+    for a, b in zip(src_layers, dst_layers, strict=True):
+        for s0, d0, n in runs:
+            b[d0:d0 + n].copy_(a[s0:s0 + n])
+        if len(rest_src):
+            b.index_copy_(0, rest_dst, a.index_select(0, rest_src))
