@@ -7,8 +7,9 @@
 #           was evicted before it comes back; one server each, launched in turn; prints the TTFT p50 of turn 3 and
 #           later, tier vs none (target: >= 2.5x lower).
 # fits:     a workload that the device pool holds whole: both servers up at once and the bench run against each in
-#           turn, $FITS_ROUNDS times (default 3), so a loaded machine's drift hits both alike; prints each round's
-#           throughput ratio and their median (target: within 3%).
+#           turn, the order alternating, $FITS_ROUNDS times (default 6), so a loaded machine's drift hits both alike;
+#           prints each round's throughput ratio, the CPU time of each server's processes per output token, and their
+#           medians (target: throughput within 3%; scripts/bench_hicache_fits.py).
 # cpu: the default model (SmolLM2-135M-Instruct). gpu: the Llama-3.1-8B shape, dummy bf16 weights, one GPU.
 # The tier's --hicache-write-policy is $HICACHE_WRITE_POLICY (default write_through, the flag's default); the output
 # names carry it. JSON and logs go to OUT_DIR; the JSON's commit is $GIT_COMMIT if set, else the checkout's.
@@ -55,40 +56,13 @@ overflow() {  # the two servers launched in turn by the bench
     "${cmd[@]}" 2>&1 | tee -a "$out/$name.log"
 }
 
-fits() {  # both servers up at once, the bench against each in turn, $FITS_ROUNDS rounds
-    local name="hicache-fits-$target-$policy" rounds=${FITS_ROUNDS:-3} ports pids=()
-    read -r -a ports <<< "$(python3 -c 'from radixserve.bench.server_process import free_port as f; print(f(), f())')"
-    echo "== $name ($cpu, $(date -u +%FT%TZ)): servers ${fits_server[*]} ${model[*]} on ports ${ports[*]}" \
-        | tee "$out/$name.log"
-    python3 -m radixserve serve --port "${ports[0]}" "${tier[@]}" "${fits_server[@]}" "${model[@]}" \
-        > "$out/$name-server-hicache.log" 2>&1 &
-    pids+=($!)
-    python3 -m radixserve serve --port "${ports[1]}" "${fits_server[@]}" "${model[@]}" \
-        > "$out/$name-server-none.log" 2>&1 &
-    pids+=($!)
-    trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-    for port in "${ports[@]}"; do
-        until curl -sf "http://127.0.0.1:$port/health_generate" > /dev/null; do
-            kill -0 "${pids[@]}" || { echo "a server exited; see $out/$name-server-*.log" >&2; exit 1; }
-            sleep 2
-        done
-    done
-    for round in $(seq "$rounds"); do
-        local cmd=("${bench[@]}" --base-url "http://127.0.0.1:${ports[0]}"
-                   --baseline-url "http://127.0.0.1:${ports[1]}" --output-name "$name-$round" "${fits[@]}"
-                   "${model[@]}")
-        echo "== round $round ($(date -u +%FT%TZ)): ${cmd[*]}" | tee -a "$out/$name.log"
-        "${cmd[@]}" 2>&1 | tee -a "$out/$name.log"
-    done
-    kill "${pids[@]}"
-    wait "${pids[@]}" 2>/dev/null || true
-    trap - EXIT
-    python3 -c '
-import json, statistics, sys
-out, name, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-ratios = [json.load(open(f"{out}/{name}-{r}.json"))["ratios"][0]["total_throughput"] for r in range(1, rounds + 1)]
-print("tier / no tier, total throughput per round: " + ", ".join(f"x{x:.3f}" for x in ratios)
-      + f"; median x{statistics.median(ratios):.3f}")' "$out" "$name" "$rounds" | tee -a "$out/$name.log"
+fits() {  # both servers up at once, the bench against each in turn (alternating), $FITS_ROUNDS rounds
+    local name="hicache-fits-$target-$policy"
+    echo "== $name ($cpu, $(date -u +%FT%TZ), commit ${GIT_COMMIT:-$(git rev-parse --short HEAD)}):" \
+        "servers ${fits_server[*]} ${model[*]}, tier ${tier[*]}, bench ${fits[*]}" | tee "$out/$name.log"
+    python3 scripts/bench_hicache_fits.py --out "$out" --name "$name" --rounds "${FITS_ROUNDS:-6}" \
+        --server-flags="${fits_server[*]} ${model[*]}" --tier-flags="${tier[*]}" \
+        --bench-flags="--dataset multi-turn ${fits[*]} ${model[*]}" 2>&1 | tee -a "$out/$name.log"
 }
 
 for section in "${sections[@]}"; do
