@@ -17,8 +17,8 @@ between device and host in one copy:
   or reuse its slots (the scheduler admits the request that asked for them once rank 0 reported the load done:
   `loads_in_flight`, PendingStep.loads). Nothing waits for a store but a load of what it wrote.
 On the CPU both pools are in host memory and a copy is done as it returns (no streams; a load's event is None): each
-move goes straight from one pool to the other, layer by layer (`copy_rows`), with no staging tensor, since on the CPU
-a copy costs its passes over memory (a finished request's write-through store is tens of MB at 8B-model sizes).
+move goes straight from one pool to the other, layer by layer (`copy_rows`), with no staging tensor, since there a
+copy costs what its passes over memory cost, on the step path.
 """
 
 from __future__ import annotations
