@@ -13,6 +13,8 @@ a directory at the final path is always complete.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -22,6 +24,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +128,21 @@ def _converted_gguf(gguf: Path) -> Path:
     return final
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses the GGUF file three times (config, tokenizer, tensors: most of it the tokenizer's
+    arrays) and builds gguf's tensor-name map once per module of the model; within this block each is built once
+    (both are pure functions of their arguments, looked up in the `gguf` module when called)."""
+    import gguf
+
+    originals = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = (functools.cache(f) for f in originals)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = originals
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize `gguf` through transformers and save config, tokenizer and float32 safetensors into `out`."""
     import torch
@@ -132,9 +150,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.monotonic()
-    logger.info("converting %s into %s (once; about 25 s for the default model)", gguf, out)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    logger.info("converting %s into %s (once)", gguf, out)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
     # A GGUF-loaded model calls itself quantized and refuses save_pretrained: save its tensors directly.
     if hasattr(config, "quantization_config"):

@@ -7,6 +7,9 @@ weight (as a model's layers do: nothing stays in L2), against the floor of readi
 --sweep also times every gemv launch shape of a small grid and reports the best per projection and rows.
 --fp8: the decoder's projections with e4m3 weights (worker_proc.fp8; the LM head stays bf16): the GEMV on the FP8
 weight ("gemv") against _scaled_mm with x quantized per token ("scaled_mm"), against the floor of reading n x k bytes.
+--deterministic: worker_proc.batch_invariant's matmul (--enable-deterministic-inference) against cuBLAS at each
+--rows; with --sweep, every launch shape of a small grid (each checked to give row 0 the same bits at 1 row and
+at the most rows), the best per rows, and the one with the least summed ratio to the best over all rows.
 Prints a table; JSON to $OUT (default .)/bench_linear.json.
 """
 
@@ -27,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from gpu_check import _sync_time, section_ceilings  # noqa: E402 (this script's folder)
 
-from worker_proc import fp8, gemv  # noqa: E402
+from worker_proc import batch_invariant, fp8, gemv  # noqa: E402
 from worker_proc.cuda_graph import DecodeGraphs  # noqa: E402
 
 SWEEP_CUDA_CORES = [gemv.Config(*c, False) for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3))]
@@ -37,6 +40,8 @@ SWEEP_FP8_CUDA_CORES = [gemv.Config(*c, False)
                         for c in itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (2, 3, 4))]
 SWEEP_FP8_TENSOR_CORES = [gemv.Config(*c, True)
                           for c in itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 4))]
+
+SWEEP_INVARIANT = [batch_invariant.Tiles(*c) for c in itertools.product((64, 128), (64, 128, 256), (3, 4, 5), (4, 8))]
 
 
 def projections(model: str, tp: int) -> dict[str, tuple[int, int, bool]]:
@@ -129,6 +134,41 @@ def time_fp8_projection(n: int, k: int, rows_list: list[int], sweep: bool, bw: f
     return res
 
 
+def time_invariant_projection(n: int, k: int, rows_list: list[int], sweep: bool, bw: float) -> dict:
+    """batch_invariant.matmul at each row count against cuBLAS (time_projection's timing); with `sweep`, each
+    launch shape of SWEEP_INVARIANT that keeps row 0's bits across row counts."""
+    copies = max(2, -(-(1 << 31) // (n * k * 2)))
+    ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+    res = {"n": n, "k": k, "MB": n * k * 2 / 1e6, "floor_us": n * k * 2 / bw * 1e6}
+    xs = {rows: torch.randn(rows, k, dtype=torch.bfloat16, device="cuda") for rows in rows_list}
+    x_most = xs[max(rows_list)]
+    for rows, x in xs.items():
+        r = res[f"rows{rows}"] = {}
+        r["cublas_us"] = graph_seconds([lambda w=w, x=x: F.linear(x, w) for w in ws]) * 1e6
+        r["invariant_us"] = graph_seconds([lambda w=w, x=x: batch_invariant.matmul(x, w.t()) for w in ws]) * 1e6
+    if sweep:
+        shapes = {}
+        for tiles in SWEEP_INVARIANT:
+            try:
+                one = batch_invariant.matmul(x_most[:1], ws[0].t(), tiles)
+                if not torch.equal(one, batch_invariant.matmul(x_most, ws[0].t(), tiles)[:1]):
+                    shapes[str(tiles)] = "row 0 differs"
+                    continue
+                shapes[str(tiles)] = {rows: graph_seconds([lambda w=w, x=x, t=tiles: batch_invariant.matmul(x, w.t(), t)
+                                                           for w in ws[:4]], 5) * 1e6 for rows, x in xs.items()}
+            except Exception as e:  # noqa: BLE001 (past the shared memory: not a candidate)
+                shapes[str(tiles)] = f"{type(e).__name__}"
+        timed = {t: v for t, v in shapes.items() if isinstance(v, dict)}
+        for rows in rows_list:
+            best = min(timed, key=lambda t: timed[t][rows])
+            res[f"rows{rows}"].update(best_us=timed[best][rows], best=best)
+        res["best_overall"] = min(timed, key=lambda t: sum(timed[t][r] / res[f"rows{r}"]["best_us"] for r in rows_list))
+        res["sweep"] = shapes
+    del ws
+    torch.cuda.empty_cache()
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
@@ -136,6 +176,7 @@ def main() -> None:
                    help="model_configs names, each optionally :tp (one rank's shapes)")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--fp8", action="store_true", help="the projections with FP8 weights (the LM head stays bf16)")
+    p.add_argument("--deterministic", action="store_true", help="batch_invariant.matmul against cuBLAS")
     args = p.parse_args()
     bw = section_ceilings()["copy_TBps"] * 1e12
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "copy_TBps": bw / 1e12,
@@ -147,18 +188,27 @@ def main() -> None:
         for name, (n, k, bias) in projections(model, int(tp or 1)).items():
             if args.fp8 and name == "lm_head":
                 continue
-            r = res[name] = time_fp8_projection(n, k, args.rows, args.sweep, bw) if args.fp8 else \
-                time_projection(n, k, bias, args.rows, args.sweep, bw)
+            if args.deterministic:
+                r = res[name] = time_invariant_projection(n, k, args.rows, args.sweep, bw)
+            elif args.fp8:
+                r = res[name] = time_fp8_projection(n, k, args.rows, args.sweep, bw)
+            else:
+                r = res[name] = time_projection(n, k, bias, args.rows, args.sweep, bw)
             for rows in args.rows:
                 t = r[f"rows{rows}"]
                 cells = [f"{key.removesuffix('_us')} {t[key]:7.1f} ({r['floor_us'] / t[key] * 100:3.0f}%)"
-                         for key in ("cublas_us", "cublaslt_us", "scaled_mm_us", "gemv_us", "gemv_best_us")
+                         for key in ("cublas_us", "cublaslt_us", "scaled_mm_us", "gemv_us", "gemv_best_us",
+                                     "invariant_us", "best_us")
                          if key in t]
                 extra = f" best {t['gemv_best_config']}" if "gemv_best_config" in t else ""
+                extra += f" best {t['best']}" if "best" in t else ""
                 extra += f" -> worker: {t['worker_uses']}" if "worker_uses" in t else ""
                 print(f"{spec:18s} {name:8s} {n:6d}x{k:<6d} rows {rows:3d}: floor {r['floor_us']:7.1f} | "
                       + " | ".join(cells) + extra, flush=True)
-    dest = Path(os.environ.get("OUT", ".")) / ("bench_linear_fp8.json" if args.fp8 else "bench_linear.json")
+            if "best_overall" in r:
+                print(f"{spec:18s} {name:8s} best over all rows: {r['best_overall']}", flush=True)
+    kind = "_fp8" if args.fp8 else "_deterministic" if args.deterministic else ""
+    dest = Path(os.environ.get("OUT", ".")) / f"bench_linear{kind}.json"
     dest.write_text(json.dumps(out, indent=1))
     print(f"wrote {dest}")
 

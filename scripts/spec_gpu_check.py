@@ -10,9 +10,11 @@
             a dummy head of the public layout (eagle3_config), on two of the prompts; for each, sampled requests
             with penalties, bias, seeds and logprobs through verify steps, and the greedy agreement with the run
             without speculation in bf16 (a verify step is an extend: a rounding can flip a near-tie)
+  eagle3-det  EAGLE3 (dummy head) against no speculation at batch 1, both with --enable-deterministic-inference:
+            greedy tokens identical
 
 Run from the repo root on the GPU machine:
-    source .whl/setup.sh && python3 scripts/spec_gpu_check.py OUT_DIR [--sections verify engine]
+    source .whl/setup.sh && python3 scripts/spec_gpu_check.py OUT_DIR [--sections verify engine eagle3-det]
 Each section writes OUT_DIR/<section>.json as it ends (a section that fails writes its error); a summary is
 printed last. `python3 -m pytest tests/test_speculative.py -k acceptance` checks FlashInfer's
 chain_speculative_sampling against the target distribution.
@@ -206,7 +208,28 @@ def section_engine(out: Path) -> dict:
     return res
 
 
-SECTIONS = {"verify": section_verify, "engine": section_engine}
+def section_eagle3_deterministic(out: Path) -> dict:
+    """EAGLE3 (a dummy head) against plain decoding, both with --enable-deterministic-inference, batch 1: the
+    greedy tokens must be identical (in plain bf16 a verify step, an extend, can round a near tie apart)."""
+    from radixserve import Engine
+
+    g = {"temperature": 0, "max_new_tokens": OUTPUT_LEN, "ignore_eos": True}
+    eagle3 = dict(speculative_algorithm="EAGLE3", speculative_draft_load_format="dummy",
+                  speculative_num_draft_tokens=NUM_DRAFTS + 1, speculative_draft_model_path=str(eagle3_config(out)))
+    res = {}
+    for name, kw in (("off", {}), ("EAGLE3", eagle3)):
+        with Engine(MODEL, **ENGINE, enable_deterministic_inference=True, **kw) as eng:
+            timed = [_timed(eng, [p], g) for p in prompts(2)]
+        res[name] = {"outputs": [o[0]["output_ids"] for o, _ in timed],
+                     "tok_s": sum(len(o[0]["output_ids"]) for o, _ in timed) / sum(dt for _, dt in timed)}
+    res["agreement"] = _agreement(res["off"]["outputs"], res["EAGLE3"]["outputs"])
+    res["met"] = {"EAGLE3 greedy identical (deterministic mode)": res["agreement"]["identical"]}
+    for r in (res["off"], res["EAGLE3"]):
+        r["outputs"] = len(r["outputs"])
+    return res
+
+
+SECTIONS = {"verify": section_verify, "engine": section_engine, "eagle3-det": section_eagle3_deterministic}
 
 
 def main() -> None:

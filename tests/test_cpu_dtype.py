@@ -7,6 +7,7 @@ import os
 import pytest
 
 from radixserve import Engine
+from radixserve.launch.supervisor import short_spin_env
 from worker_proc.runtime_facts import cpu_has_native_bf16
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -19,28 +20,30 @@ def test_auto_dtype_follows_the_cpu() -> None:
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (auto stays float32 here)")
 def test_default_serves_in_bf16_and_answers() -> None:
-    """The default engine runs in bf16 on this CPU and still answers correctly; float32 stays available by flag."""
-    greedy = {"temperature": 0, "max_new_tokens": 8}
+    """The default engine runs in bf16 on this CPU and still answers correctly (every other test server runs in
+    float32 by flag)."""
     with Engine(max_total_tokens=1024, max_running_requests=4) as eng:
         assert eng.runtime.dtype == "bfloat16"
-        bf16 = eng.generate(QUESTION, greedy)
+        assert "Paris" in eng.generate(QUESTION, {"temperature": 0, "max_new_tokens": 8})["text"]
         eng.check_invariants()
-    assert "Paris" in bf16["text"]
-    with Engine(max_total_tokens=1024, max_running_requests=4, dtype="float32") as eng:
-        assert eng.runtime.dtype == "float32"
-        assert "Paris" in eng.generate(QUESTION, greedy)["text"]
 
 
 @pytest.mark.parametrize("given", [{}, {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}])
-def test_cpu_worker_spins_briefly_unless_told(monkeypatch, capfd, given: dict[str, str]) -> None:
-    """The worker starts with GOMP_SPINCOUNT=3000 (a short OpenMP spin, docs/deploy.md) unless the environment
-    names a wait policy or a spin count, which it then keeps; the launching process' environment is untouched."""
+def test_a_named_wait_policy_or_spin_count_is_kept(monkeypatch, given: dict[str, str]) -> None:
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in given.items():
         monkeypatch.setenv(name, value)
+    assert short_spin_env() == ({} if given else {"GOMP_SPINCOUNT": "3000"})
+
+
+def test_cpu_worker_spins_briefly_unless_told(monkeypatch, capfd) -> None:
+    """The worker starts with GOMP_SPINCOUNT=3000 (a short OpenMP spin, docs/deploy.md) where the environment
+    names no wait policy or spin count (else it keeps those: the test above); the launching process' environment
+    is untouched."""
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
     with Engine(max_total_tokens=1024, max_running_requests=4, dtype="float32", log_level="info"):
         pass
-    expected = " ".join(f"{k}={v}" for k, v in given.items()) or "GOMP_SPINCOUNT=3000"
-    assert f"OpenMP waits: {expected}\n" in capfd.readouterr().err
-    assert {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ} == given
+    assert "OpenMP waits: GOMP_SPINCOUNT=3000\n" in capfd.readouterr().err
+    assert not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys()

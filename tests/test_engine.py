@@ -23,19 +23,29 @@ GREEDY = {"temperature": 0, "max_new_tokens": MAX_NEW}
 
 
 @pytest.fixture(scope="module")
-def hf_reference():
-    """Greedy continuations from HF transformers on the same (converted) weights, one prompt at a time."""
+def hf_model():
+    """HF transformers' model and tokenizer on the same (converted) weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = resolve_model(None)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return (AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(model_dir))
+
+
+def _hf_greedy(model, input_ids: torch.Tensor, max_new_tokens: int, **inputs) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, **inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(hf_model):
+    """Greedy continuations from HF, one prompt at a time."""
+    model, tok = hf_model
     refs = []
     for messages in PROMPTS:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=MAX_NEW, do_sample=False)
-        refs.append(out[0, ids["input_ids"].shape[1]:].tolist())
+        refs.append(_hf_greedy(model, **ids, max_new_tokens=MAX_NEW))
     return refs
 
 
@@ -108,14 +118,12 @@ def test_shared_prefix_is_reused(engine):
     assert info["num_running_reqs"] == 0
 
 
-def test_chunked_prefill_matches_unchunked(engine):
+def test_chunked_prefill_matches_hf(engine, hf_model):
     long_prompt = list(range(300, 1100))  # 800 tokens over chunks of 256
     engine.flush_cache()
-    chunked = engine.generate(input_ids=long_prompt, sampling_params={"temperature": 0, "max_new_tokens": 8})
-    with Engine(dtype="float32", max_total_tokens=4096, chunked_prefill_size=4096,
-                disable_radix_cache=True) as whole:
-        unchunked = whole.generate(input_ids=long_prompt, sampling_params={"temperature": 0, "max_new_tokens": 8})
-    assert chunked["output_ids"] == unchunked["output_ids"]
+    chunked = engine.generate(input_ids=long_prompt, sampling_params={"temperature": 0, "max_new_tokens": 8,
+                                                                      "ignore_eos": True})
+    assert chunked["output_ids"] == _hf_greedy(hf_model[0], torch.tensor([long_prompt]), 8, eos_token_id=None)
 
 
 def test_stop_strings_and_tokens(engine):

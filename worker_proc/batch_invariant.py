@@ -24,6 +24,7 @@ its usual path.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,17 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req
 
 # ---- CUDA: one persistent Triton matmul (imported lazily, on the first call) ----
 
-BLOCK_M, BLOCK_K = 128, 64  # one config for every m, so one order of summation
+@dataclass(frozen=True)
+class Tiles:
+    """The matmul's launch shape, one for every m (so one order of summation): rows and K per step of an output
+    tile, software-pipeline stages, warps. (Its width is chosen per weight: `_block_n`.)"""
+    block_m: int = 128
+    block_k: int = 64
+    stages: int = 3
+    warps: int = 4
+
+
+TILES = Tiles()
 BLOCK_N_CHOICES = (128, 64, 32)  # the output tile's width, chosen per weight (see `_block_n`)
 GROUP_M = 8
 
@@ -161,18 +172,19 @@ def _block_n(n: int, programs: int) -> int:
     return next((b for b in BLOCK_N_CHOICES if -(-n // b) >= programs), BLOCK_N_CHOICES[-1])
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul(a: torch.Tensor, b: torch.Tensor, tiles: Tiles = TILES) -> torch.Tensor:
     """a [m, k] @ b [k, n] -> [m, n] in a's dtype, float32 accumulation; every output element of a row sums k in
-    the same order whatever m is (one tile config, no split-K)."""
+    the same order whatever m is (one tile config, no split-K). `tiles`: the launch shape (scripts/bench_linear.py
+    --deterministic times others)."""
     m, k = a.shape
     n = b.shape[1]
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if m == 0:
         return c
     block_n = _block_n(n, _programs(a.device))
-    tiles = -(-m // BLOCK_M) * -(-n // block_n)
-    programs = min(tiles, _programs(a.device))
+    programs = min(-(-m // tiles.block_m) * -(-n // block_n), _programs(a.device))
     _matmul_kernel()[(programs,)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-                                  c.stride(1), NUM_PROGRAMS=programs, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-                                  BLOCK_K=BLOCK_K, GROUP_M=GROUP_M)
+                                  c.stride(1), NUM_PROGRAMS=programs, BLOCK_M=tiles.block_m, BLOCK_N=block_n,
+                                  BLOCK_K=tiles.block_k, GROUP_M=GROUP_M, num_stages=tiles.stages,
+                                  num_warps=tiles.warps)
     return c
