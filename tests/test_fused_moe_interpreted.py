@@ -1,6 +1,7 @@
-"""worker_proc.fused_moe's alignment and Triton grouped GEMMs through Triton's interpreter on CPU tensors, against
-worker_proc.moe.grouped_experts (the CPU path): decode and prefill block sizes, an expert with no tokens, pairs
-of another rank's experts (expert parallelism), float32 and float16 (the interpreter's tl.dot misreads bfloat16)."""
+"""worker_proc.fused_moe's alignment and Triton grouped GEMMs, and worker_proc.moe_pairs's per-pair kernels, through
+Triton's interpreter on CPU tensors, against worker_proc.moe.grouped_experts (the CPU path): decode and prefill
+block sizes, an expert with no tokens, pairs of another rank's experts (expert parallelism), float32 and float16
+(the interpreter's tl.dot misreads bfloat16)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def check_align() -> None:
 
 
 def check_fused_moe() -> None:
-    from worker_proc.fused_moe import fused_experts
+    from worker_proc.fused_moe import aligned_experts
     from worker_proc.layers import SiluAndMul
     from worker_proc.moe import Routing, grouped_experts, route
 
@@ -53,7 +54,7 @@ def check_fused_moe() -> None:
         logits[:, 3] -= 100  # expert 3 gets no tokens
         weights, ids = route(logits, Routing(experts + offset, top_k, renormalize=True, round_weights=False))
         local = ids - offset  # offset > 0: ids below `offset` belong to another rank
-        got = fused_experts(x, w13, w2, weights, local)
+        got = aligned_experts(x, w13, w2, weights, local)
         want = grouped_experts(x.float(), w13.float(), w2.float(), weights, local, SiluAndMul())
         assert got.shape == x.shape and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -68,3 +69,56 @@ def test_align_groups_pairs_by_expert():
 
 def test_fused_moe_equals_grouped_reference():
     run_interpreted("check_fused_moe", "test_fused_moe_interpreted")
+
+
+def check_pair_experts() -> None:
+    """pair_experts == grouped_experts at T = 1, 2, 3 with top_k 2 .. 8, renormalised routing weights or not, some
+    ids on another rank (below or above this rank's range), small blocks that split hidden and intermediate into
+    several K steps (the last partial) and a partial N block, and the default blocks; and at moe_pairs.serves's
+    threshold fused_experts (the per-pair path) equals the aligned path, and one token past it takes that path."""
+    from worker_proc import moe_pairs
+    from worker_proc.fused_moe import aligned_experts, fused_experts
+    from worker_proc.layers import SiluAndMul
+    from worker_proc.moe import Routing, grouped_experts, route
+
+    g = torch.Generator().manual_seed(2)
+    hidden, inter, experts = 44, 28, 8
+    small = moe_pairs.Blocks(8, 16, 8, 16)
+    cases = ((1, 2, 0, True, torch.float32), (1, 8, 4, False, torch.float32), (2, 4, 3, True, torch.float16),
+             (3, 3, 0, False, torch.float32), (3, 5, 2, True, torch.float16), (2, 8, 0, True, torch.float16))
+    for tokens, top_k, offset, renormalize, dtype in cases:
+        x = torch.randn(tokens, hidden, generator=g).to(dtype)
+        w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
+        w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
+        total = experts + 2 * offset  # this rank holds [offset, offset + experts): ids on both sides are others'
+        weights, ids = route(torch.randn(tokens, total, generator=g), Routing(total, top_k, renormalize, False))
+        local = ids - offset
+        got = moe_pairs.pair_experts(x, w13, w2, weights, local, small)
+        want = grouped_experts(x.float(), w13.float(), w2.float(), weights, local, SiluAndMul())
+        assert got.shape == x.shape and got.dtype == dtype and want.abs().max() > 0.1
+        if offset:
+            assert ((local < 0) | (local >= experts)).any()  # some pairs are another rank's
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+        if renormalize:  # the default blocks: one partial K step, one partial N block
+            torch.testing.assert_close(moe_pairs.pair_experts(x, w13, w2, weights, local).float(), want,
+                                       atol=tol, rtol=tol)
+
+    top_k = 2
+    limit = max(t for t in range(1, 9) if moe_pairs.serves(t, top_k, experts))
+    assert limit == experts // 2 // top_k and not moe_pairs.serves(limit + 1, top_k, experts)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).half()
+    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).half()
+    for tokens in (limit, limit + 1):
+        x = torch.randn(tokens, hidden, generator=g).half()
+        weights, ids = route(torch.randn(tokens, experts, generator=g), Routing(experts, top_k, True, False))
+        aligned = aligned_experts(x, w13, w2, weights, ids)
+        per_pair = moe_pairs.pair_experts(x, w13, w2, weights, ids)
+        torch.testing.assert_close(per_pair.float(), aligned.float(), atol=2e-2, rtol=2e-2)
+        want = per_pair if tokens == limit else aligned
+        assert torch.equal(fused_experts(x, w13, w2, weights, ids, experts), want)
+    print("pair_experts ok")
+
+
+def test_pair_experts_equals_grouped_reference():
+    run_interpreted("check_pair_experts", "test_fused_moe_interpreted")

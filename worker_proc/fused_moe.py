@@ -1,4 +1,5 @@
-"""The experts of a MoE layer on CUDA in Triton (the maths of worker_proc.moe.grouped_experts), as SGLang's fused MoE:
+"""The experts of a MoE layer on CUDA in Triton (the maths of worker_proc.moe.grouped_experts). Decode-sized
+batches go one (token, expert) pair at a time (worker_proc.moe_pairs); larger ones as SGLang's fused MoE:
 
 1. `align`: the T x top_k (token, expert) pairs, numbered p = t * top_k + k, sorted by expert; each expert's run
    padded to a multiple of BLOCK_M with the sentinel T * top_k, so every block of BLOCK_M sorted pairs belongs to
@@ -19,7 +20,7 @@ import functools
 
 import torch
 
-from worker_proc import fused
+from worker_proc import fused, moe_pairs
 
 
 @functools.cache
@@ -111,8 +112,20 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_pairs: torch.Tensor, b
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  local_ids: torch.Tensor) -> torch.Tensor:
-    """worker_proc.moe.grouped_experts's result for x [T, H] (unit stride along H), through the kernels."""
+                  local_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """worker_proc.moe.grouped_experts's result for x [T, H] (unit stride along H) routed among `num_experts`
+    (all ranks'): a decode-sized batch one pair at a time (worker_proc.moe_pairs, where `moe_pairs.serves`),
+    larger ones through the aligned grouped GEMMs. The choice depends on the shapes alone (CUDA graphs)."""
+    tokens, top_k = local_ids.shape
+    if moe_pairs.serves(tokens, top_k, num_experts):
+        return moe_pairs.pair_experts(x, w13, w2, weights, local_ids)
+    return aligned_experts(x, w13, w2, weights, local_ids)
+
+
+def aligned_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                    local_ids: torch.Tensor) -> torch.Tensor:
+    """worker_proc.moe.grouped_experts's result for x [T, H] (unit stride along H), through the steps of the module
+    docstring."""
     tokens, top_k = local_ids.shape
     n_pairs = tokens * top_k
     block_m = block_m_for(tokens)

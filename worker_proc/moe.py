@@ -10,8 +10,10 @@ computes its part for every token and the all-reduce after down sums the parts, 
 Two ways to run the experts, the same maths:
   CPU (and torch on CUDA): `grouped_experts`: (token, expert) pairs sorted by expert, one matmul per expert that
   has tokens.
-  CUDA: `worker_proc.fused_moe`'s Triton kernels: pairs aligned into per-expert blocks, one grouped GEMM for
-  gate_up, SiLU-and-mul, one grouped GEMM for down with the routing weight; static shapes (CUDA graphs).
+  CUDA: `worker_proc.fused_moe`'s Triton kernels: for decode-sized batches one GEMV kernel per (token, expert)
+  pair for gate_up with SiLU-and-mul and one for down with the routing weight and the sum (worker_proc.moe_pairs);
+  for larger ones pairs aligned into per-expert blocks, one grouped GEMM for gate_up, SiLU-and-mul, one grouped
+  GEMM for down with the routing weight; static shapes (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class FusedExperts(nn.Module):
         if num_experts % ep or intermediate % moe_tp:
             raise ValueError(f"{num_experts} experts of intermediate size {intermediate} do not split over "
                              f"--ep-size {ep} x {moe_tp} tensor-parallel ranks per expert")
-        self.num_local, self.inter_local = num_experts // ep, intermediate // moe_tp
+        self.num_experts, self.num_local, self.inter_local = num_experts, num_experts // ep, intermediate // moe_tp
         self.first_expert = (tp_rank() // moe_tp) * self.num_local
         self.inter_start = (tp_rank() % moe_tp) * self.inter_local
         gate_up: dict[ShardId, tuple[int, ...]] = {(e, i): (intermediate, hidden)
@@ -112,11 +114,11 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This rank's part of the experts' weighted sum (the caller all-reduces it)."""
-        local_ids = ids - self.first_expert
+        local_ids = ids - self.first_expert if self.first_expert else ids
         if x.is_cuda and fused.ENABLED:
             from worker_proc import fused_moe
 
-            return fused_moe.fused_experts(x, self.w13, self.w2, weights, local_ids)
+            return fused_moe.fused_experts(x, self.w13, self.w2, weights, local_ids, self.num_experts)
         return grouped_experts(x, self.w13, self.w2, weights, local_ids, self.act)
 
 
