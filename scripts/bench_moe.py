@@ -1,8 +1,10 @@
-"""Times one MoE layer's experts on CUDA at a model's shape, bf16: worker_proc.fused_moe's Triton kernels against
-the grouped torch path (worker_proc.moe.grouped_experts), each at several token counts; prints microseconds and
-the bandwidth of the expert weights the tokens touch (what decode is bound by).
+"""Times one MoE layer's experts on CUDA at a model's shape, bf16, each replayed in a CUDA graph (as decode runs):
+worker_proc.moe_pairs's per-pair kernels against worker_proc.fused_moe's aligned grouped GEMMs at several token
+counts, marking which one fused_experts picks (moe_pairs.serves), beside the grouped torch path (eager, for
+reference); prints microseconds, the bandwidth of the expert weights the tokens touch (what decode is bound by) and
+each path's relative error against the grouped path. With --sweep, times moe_pairs's block shapes at 1 and 8 tokens.
 
-    python scripts/bench_moe.py [model_configs name, default qwen3-30b-a3b]
+    python scripts/bench_moe.py [model_configs name, default qwen3-30b-a3b] [--sweep]
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from worker_proc.fused_moe import fused_experts  # noqa: E402
+from worker_proc import moe_pairs  # noqa: E402
+from worker_proc.fused_moe import aligned_experts  # noqa: E402
 from worker_proc.layers import SiluAndMul  # noqa: E402
 from worker_proc.moe import Routing, grouped_experts, route  # noqa: E402
 
+TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024)
+SWEEP = (moe_pairs.Blocks(), moe_pairs.Blocks(4, 1024, 8, 256), moe_pairs.Blocks(16, 256, 16, 256),
+         moe_pairs.Blocks(8, 256, 4, 512), moe_pairs.Blocks(4, 512, 4, 256), moe_pairs.Blocks(16, 512, 8, 128))
 
-def time_us(fn, reps: int = 50) -> float:
-    for _ in range(3):
-        fn()
+
+def eager_us(fn, reps: int = 10) -> float:
+    fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -34,27 +40,67 @@ def time_us(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) * 1e3 / reps
 
 
+def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
+    """Microseconds per call of `fn` captured `calls` times in one CUDA graph (launch gaps as in decode)."""
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager_us(graph.replay, replays) / calls
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 def main() -> None:
-    name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-30b-a3b"
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    name = args[0] if args else "qwen3-30b-a3b"
     c = json.loads((ROOT / "radixserve" / "model_configs" / name / "config.json").read_text())
     experts = c.get("num_experts") or c["num_local_experts"]
     top_k, hidden = c["num_experts_per_tok"], c["hidden_size"]
     inter = c.get("moe_intermediate_size") or c["intermediate_size"]
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda").bfloat16() / hidden**0.5
     w2 = torch.randn(experts, hidden, inter, device="cuda").bfloat16() / inter**0.5
+    expert_bytes = 3 * hidden * inter * 2
     print(f"{name}: {experts} experts, top {top_k}, hidden {hidden}, intermediate {inter}, "
           f"{torch.cuda.get_device_name()}")
-    print(f"{'tokens':>7} {'experts hit':>11} {'fused us':>9} {'GB/s':>7} {'grouped us':>10} {'rel err':>8}")
-    for tokens in (1, 8, 32, 64, 256, 1024, 4096):
-        x = torch.randn(tokens, hidden, device="cuda").bfloat16()
-        weights, ids = route(torch.randn(tokens, experts, device="cuda"), Routing(experts, top_k, True, False))
+
+    def case(tokens: int):
+        g = torch.Generator(device="cuda").manual_seed(tokens)
+        x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16()
+        logits = torch.randn(tokens, experts, device="cuda", generator=g)
+        return x, *route(logits, Routing(experts, top_k, True, False))
+
+    if "--sweep" in sys.argv:
+        print(f"{'blocks (gate_up n, k, down n, k)':>34} {'tokens':>7} {'per-pair us':>11} {'GB/s':>7}")
+        for tokens in (1, 8):
+            x, weights, ids = case(tokens)
+            hit = ids.unique().numel()
+            for blocks in SWEEP:
+                us = graph_us(lambda: moe_pairs.pair_experts(x, w13, w2, weights, ids, blocks))  # noqa: B023
+                print(f"{str(tuple(blocks)):>34} {tokens:>7} {us:>11.1f} {hit * expert_bytes / us / 1e3:>7.0f}")
+        return
+
+    print(f"{'tokens':>7} {'hit':>4} {'per-pair us':>11} {'GB/s':>6} {'aligned us':>10} {'GB/s':>6} {'picks':>8} "
+          f"{'grouped us':>10} {'pair err':>8} {'align err':>9}")
+    for tokens in TOKENS:
+        x, weights, ids = case(tokens)
         hit = ids.unique().numel()
-        fused_us = time_us(lambda: fused_experts(x, w13, w2, weights, ids))  # noqa: B023
-        grouped_us = time_us(lambda: grouped_experts(x, w13, w2, weights, ids, SiluAndMul()), reps=10)  # noqa: B023
-        got, want = fused_experts(x, w13, w2, weights, ids), grouped_experts(x, w13, w2, weights, ids, SiluAndMul())
-        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        gbps = hit * 3 * hidden * inter * 2 / (fused_us * 1e-6) / 1e9
-        print(f"{tokens:>7} {hit:>11} {fused_us:>9.1f} {gbps:>7.0f} {grouped_us:>10.1f} {err:>8.1e}")
+        want = grouped_experts(x, w13, w2, weights, ids, SiluAndMul())
+        pair_us = graph_us(lambda: moe_pairs.pair_experts(x, w13, w2, weights, ids))  # noqa: B023
+        aligned_us = graph_us(lambda: aligned_experts(x, w13, w2, weights, ids))  # noqa: B023
+        grouped_us = eager_us(lambda: grouped_experts(x, w13, w2, weights, ids, SiluAndMul()))  # noqa: B023
+        picks = "per-pair" if moe_pairs.serves(tokens, top_k, experts) else "aligned"
+        pair_err = rel_err(moe_pairs.pair_experts(x, w13, w2, weights, ids), want)
+        align_err = rel_err(aligned_experts(x, w13, w2, weights, ids), want)
+        gb = hit * expert_bytes / 1e3  # bytes / us / 1e3 = GB/s
+        print(f"{tokens:>7} {hit:>4} {pair_us:>11.1f} {gb / pair_us:>6.0f} {aligned_us:>10.1f} {gb / aligned_us:>6.0f} "
+              f"{picks:>8} {grouped_us:>10.1f} {pair_err:>8.1e} {align_err:>9.1e}")
 
 
 if __name__ == "__main__":

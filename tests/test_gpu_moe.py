@@ -1,5 +1,6 @@
-"""The MoE path on CUDA: worker_proc.fused_moe's compiled Triton kernels against the grouped torch path, inside a
-CUDA graph, and the tiny MoE models in bf16 against HF transformers. Skipped without a CUDA GPU.
+"""The MoE path on CUDA: worker_proc.fused_moe's compiled Triton kernels (the aligned grouped GEMMs and
+worker_proc.moe_pairs's per-pair kernels) against the grouped torch path, inside a CUDA graph, and the tiny MoE
+models in bf16 against HF transformers. Skipped without a CUDA GPU.
 
 Tolerance, bf16 (as tests/test_gpu.py): relative L2 error of the experts' output, and of our logits against HF
 in float32 on the same bf16-rounded weights, at most REL_TOL."""
@@ -33,30 +34,46 @@ def experts_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
 @pytest.mark.parametrize("offset", [0, 3], ids=["all-local", "ep"])
 def test_fused_moe_matches_grouped(tokens, offset):
-    from worker_proc.fused_moe import fused_experts
+    from worker_proc.fused_moe import aligned_experts
 
     x, w13, w2, weights, local = experts_case(tokens, 16, 4, 256, 192, offset)
-    got = fused_experts(x, w13, w2, weights, local)
+    got = aligned_experts(x, w13, w2, weights, local)
     want = grouped_experts(x.float(), w13.float(), w2.float(), weights, local, SiluAndMul())
     assert got.dtype == torch.bfloat16 and rel_err(got, want) < REL_TOL / 3
 
 
-def test_fused_moe_replays_in_a_cuda_graph():
-    """Captured once at a batch of 8, replayed on new tokens and new routing: equals the eager call."""
+@pytest.mark.parametrize("tokens", [1, 2, 8, 16])
+@pytest.mark.parametrize("offset", [0, 3], ids=["all-local", "ep"])
+def test_pair_experts_matches_grouped(tokens, offset):
+    """The per-pair kernels at the Qwen3-30B-A3B expert shape (128 experts, top 8, hidden 2048, intermediate 768)
+    and a ragged one; two calls give the same bits (a fixed order of summation)."""
+    from worker_proc.moe_pairs import pair_experts
+
+    for experts, top_k, hidden, inter in ((128, 8, 2048, 768), (16, 4, 264, 200)):
+        x, w13, w2, weights, local = experts_case(tokens, experts, top_k, hidden, inter, offset)
+        got = pair_experts(x, w13, w2, weights, local)
+        want = grouped_experts(x.float(), w13.float(), w2.float(), weights, local, SiluAndMul())
+        assert got.dtype == torch.bfloat16 and rel_err(got, want) < REL_TOL / 3
+        assert torch.equal(got, pair_experts(x, w13, w2, weights, local))
+
+
+@pytest.mark.parametrize("tokens", [1, 8])  # 16 experts, top 4: the per-pair path at 1, the aligned one at 8
+def test_fused_moe_replays_in_a_cuda_graph(tokens):
+    """Captured once, replayed on new tokens and new routing: equals the eager call."""
     from worker_proc.fused_moe import fused_experts
 
-    x, w13, w2, weights, local = experts_case(8, 16, 4, 256, 192, 0)
+    x, w13, w2, weights, local = experts_case(tokens, 16, 4, 256, 192, 0)
     static = [x.clone(), weights.clone(), local.clone()]
-    fused_experts(static[0], w13, w2, static[1], static[2])  # compile outside the capture
+    fused_experts(static[0], w13, w2, static[1], static[2], 16)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_experts(static[0], w13, w2, static[1], static[2])
-    x2, _, _, weights2, local2 = experts_case(8, 16, 4, 256, 192, 0, seed=1)
+        out = fused_experts(static[0], w13, w2, static[1], static[2], 16)
+    x2, _, _, weights2, local2 = experts_case(tokens, 16, 4, 256, 192, 0, seed=1)
     for dst, src in zip(static, (x2, weights2, local2), strict=True):
         dst.copy_(src)
     graph.replay()
-    torch.testing.assert_close(out, fused_experts(x2, w13, w2, weights2, local2), atol=0, rtol=0)
+    torch.testing.assert_close(out, fused_experts(x2, w13, w2, weights2, local2, 16), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral"])
