@@ -2,7 +2,9 @@
 worker_proc.moe_pairs's per-pair kernels against worker_proc.fused_moe's aligned grouped GEMMs at several token
 counts, marking which one fused_experts picks (moe_pairs.serves), beside the grouped torch path (eager, for
 reference); prints microseconds, the bandwidth of the expert weights the tokens touch (what decode is bound by) and
-each path's relative error against the grouped path. With --sweep, times moe_pairs's block shapes at 1 and 8 tokens.
+each path's relative error against the grouped path; then the aligned path's alignment alone, one Triton program
+against the torch operators (fused_moe.ALIGN_KERNEL_PAIRS picks between them). With --sweep, times moe_pairs's
+block shapes at 1 and 8 tokens.
 
     python scripts/bench_moe.py [model_configs name, default qwen3-30b-a3b] [--sweep]
 """
@@ -19,7 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
 from worker_proc import moe_pairs  # noqa: E402
-from worker_proc.fused_moe import aligned_experts  # noqa: E402
+from worker_proc.fused_moe import (  # noqa: E402
+    ALIGN_KERNEL_PAIRS,
+    align_one_program,
+    align_torch,
+    aligned_experts,
+    block_m_for,
+    padded_length,
+)
 from worker_proc.layers import SiluAndMul  # noqa: E402
 from worker_proc.moe import Routing, grouped_experts, route  # noqa: E402
 
@@ -101,6 +110,17 @@ def main() -> None:
         gb = hit * expert_bytes / 1e3  # bytes / us / 1e3 = GB/s
         print(f"{tokens:>7} {hit:>4} {pair_us:>11.1f} {gb / pair_us:>6.0f} {aligned_us:>10.1f} {gb / aligned_us:>6.0f} "
               f"{picks:>8} {grouped_us:>10.1f} {pair_err:>8.1e} {align_err:>9.1e}")
+
+    print(f"\n{'tokens':>7} {'pairs':>6} {'align: one program us':>21} {'torch us':>8} {'picks':>11}")
+    for tokens in (8, 16, 64, 128, 256, 512):
+        _, _, ids = case(tokens)
+        flat, block_m = ids.flatten(), block_m_for(tokens)
+        n = flat.numel()
+        padded = padded_length(n, experts, block_m)
+        one_us = graph_us(lambda: align_one_program(flat, experts, block_m, padded))  # noqa: B023
+        torch_us = graph_us(lambda: align_torch(flat, experts, block_m, padded))  # noqa: B023
+        picks = "one program" if n <= ALIGN_KERNEL_PAIRS else "torch"
+        print(f"{tokens:>7} {n:>6} {one_us:>21.1f} {torch_us:>8.1f} {picks:>11}")
 
 
 if __name__ == "__main__":

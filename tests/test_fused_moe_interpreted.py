@@ -14,16 +14,24 @@ pytest.importorskip("triton")
 
 def check_align() -> None:
     """Every pair of a local expert appears once, in a block of its expert, in its original order; blocks
-    past the end are -1; padding is the sentinel T * top_k; the sizes depend on T alone."""
-    from worker_proc.fused_moe import align
+    past the end are -1; padding is the sentinel T * top_k; the sizes depend on T alone; the one-program Triton
+    alignment gives the torch one's bits (one chunk of pairs and several, 6 to 128 experts)."""
+    from worker_proc.fused_moe import ALIGN_KERNEL_PAIRS, align, align_one_program, align_torch, padded_length
 
     g = torch.Generator().manual_seed(1)
-    for tokens, top_k, experts, block in ((1, 2, 4, 16), (9, 3, 6, 4), (40, 2, 8, 16)):
+    for tokens, top_k, experts, block in ((1, 2, 4, 16), (9, 3, 6, 4), (40, 2, 8, 16), (70, 8, 128, 16), (3, 2, 6, 4)):
         ids = torch.randint(-2, experts + 2, (tokens, top_k), generator=g)  # some ids on other ranks
         ids[0, 0] = 1
+        if experts == tokens * top_k:  # every pair its own expert: the padding's worst case, every slot used
+            ids = torch.randperm(experts, generator=g).view(tokens, top_k)
         pairs, block_experts = align(ids, experts, block)
         n = tokens * top_k
-        assert pairs.numel() == -(-(n + experts * (block - 1)) // block) * block
+        assert n <= ALIGN_KERNEL_PAIRS
+        assert pairs.numel() == padded_length(n, experts, block)
+        by_torch = align_torch(ids.flatten(), experts, block, pairs.numel())
+        by_kernel = align_one_program(ids.flatten(), experts, block, pairs.numel())
+        assert all(torch.equal(a, b) for a, b in zip(by_kernel, by_torch, strict=True))
+        assert torch.equal(pairs, by_kernel[0]) and torch.equal(block_experts, by_kernel[1])
         assert block_experts.numel() == pairs.numel() // block
         flat = ids.flatten()
         mine = [p for p in range(n) if 0 <= flat[p] < experts]

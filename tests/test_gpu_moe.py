@@ -57,6 +57,21 @@ def test_pair_experts_matches_grouped(tokens, offset):
         assert torch.equal(got, pair_experts(x, w13, w2, weights, local))
 
 
+@pytest.mark.parametrize("tokens", [1, 16, 64, 128])
+@pytest.mark.parametrize("offset", [0, 40], ids=["all-local", "ep"])
+def test_align_one_program_equals_torch(tokens, offset):
+    """The compiled one-program alignment gives the torch operators' bits at the Qwen3-30B-A3B routing (128
+    experts, top 8; with `offset`, 88 local experts and some pairs on other ranks), up to ALIGN_KERNEL_PAIRS."""
+    from worker_proc.fused_moe import align_one_program, align_torch, block_m_for, padded_length
+
+    _, _, _, _, local = experts_case(tokens, 128 - offset, 8, 64, 64, offset)
+    flat, block_m = local.flatten(), block_m_for(tokens)
+    padded = padded_length(flat.numel(), 128 - offset, block_m)
+    got = align_one_program(flat, 128 - offset, block_m, padded)
+    want = align_torch(flat, 128 - offset, block_m, padded)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 @pytest.mark.parametrize("tokens", [1, 8])  # 16 experts, top 4: the per-pair path at 1, the aligned one at 8
 def test_fused_moe_replays_in_a_cuda_graph(tokens):
     """Captured once, replayed on new tokens and new routing: equals the eager call."""
