@@ -130,3 +130,27 @@ def check_pair_experts() -> None:
 
 def test_pair_experts_equals_grouped_reference():
     run_interpreted("check_pair_experts", "test_fused_moe_interpreted")
+
+
+def check_router() -> None:
+    """moe_router.route == moe.route: the same expert ids in the same order, weights to float32 rounding, at 128
+    experts top 8 and at expert counts that leave padding lanes (6 top 2, 60 top 4), renormalised or not, rounded
+    to the logits' dtype or not, float32 and float16 logits on a strided view."""
+    from worker_proc import moe_router
+    from worker_proc.moe import Routing, route
+
+    g = torch.Generator().manual_seed(3)
+    for experts, top_k, renormalize, round_weights, dtype in ((128, 8, True, True, torch.float16),
+                                                                (128, 8, False, False, torch.float32),
+                                                                (6, 2, True, False, torch.float32),
+                                                                (60, 4, False, True, torch.float16)):
+        logits = torch.randn(5, experts + 3, generator=g).to(dtype)[:, :experts]
+        want_w, want_ids = route(logits, Routing(experts, top_k, renormalize, round_weights))
+        got_w, got_ids = moe_router.route(logits, top_k, renormalize, round_weights)
+        assert torch.equal(got_ids, want_ids) and got_w.dtype == torch.float32
+        torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-6)
+    print("router ok")
+
+
+def test_router_equals_torch_route():
+    run_interpreted("check_router", "test_fused_moe_interpreted")

@@ -72,6 +72,23 @@ def test_align_one_program_equals_torch(tokens, offset):
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_kernel_matches_route(dtype):
+    """moe_router.route against moe.route (torch) at the Qwen3-30B-A3B router (128 experts, top 8) and Mixtral's
+    (8, top 2), renormalised and rounded as each: the same weights; the same ids where no two probabilities tie
+    (float32 logits; bf16 logits may tie, and torch.topk leaves the order of ties unspecified)."""
+    from worker_proc import moe_router
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for routing in (Routing(128, 8, True, True), Routing(8, 2, True, False), Routing(128, 8, False, False)):
+        logits = torch.randn(300, routing.num_experts, device="cuda", generator=g).to(dtype)
+        want_w, want_ids = route(logits, routing)
+        got_w, got_ids = moe_router.route(logits, routing.top_k, routing.renormalize, routing.round_weights)
+        torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-5)
+        if dtype == torch.float32:
+            assert torch.equal(got_ids, want_ids)
+
+
 @pytest.mark.parametrize("tokens", [1, 8])  # 16 experts, top 4: the per-pair path at 1, the aligned one at 8
 def test_fused_moe_replays_in_a_cuda_graph(tokens):
     """Captured once, replayed on new tokens and new routing: equals the eager call."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker_proc import fused
-from worker_proc.layers import ShardId, SiluAndMul, load_replicated, make_param
+from worker_proc.layers import ShardId, SiluAndMul, linear, load_replicated, make_param
 from worker_proc.parallel import ep_size, tp_all_reduce, tp_rank, tp_size
 
 
@@ -123,10 +123,11 @@ class FusedExperts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (`gate`, replicated) -> experts -> all-reduce; with `shared` a dense MLP every token also goes
-    through, scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE). `shared` returns its rank's partial sum (a
-    LlamaMLP with reduce=False): the gate is the same on every rank, so gated partial sums meet in the experts'
-    one all-reduce."""
+    """Router (`gate`, replicated; `route`, on CUDA in one kernel: worker_proc.moe_router) -> experts -> all-reduce;
+    with `shared` a dense MLP every token also goes through, scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE).
+    `shared` returns its rank's partial sum (a LlamaMLP with reduce=False): the gate is the same on every rank, so
+    gated partial sums meet in the experts' one all-reduce. The gates' projections go through layers.linear (the
+    decode GEMV; batch-invariant under --enable-deterministic-inference)."""
 
     def __init__(self, hidden: int, intermediate: int, routing: Routing, shared: nn.Module | None,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -140,10 +141,18 @@ class SparseMoeBlock(nn.Module):
                                                          {None: (1, hidden)})) if shared is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(F.linear(x, self.gate.weight), self.routing)
+        logits = linear(x, self.gate.weight, None, None)
+        if logits.is_cuda and fused.ENABLED:
+            from worker_proc import moe_router
+
+            r = self.routing
+            weights, ids = moe_router.route(logits, r.top_k, r.renormalize, r.round_weights)
+        else:
+            weights, ids = route(logits, self.routing)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
+            gate = linear(x, self.shared_expert_gate.weight, None, None)
+            out = out + torch.sigmoid(gate) * self.shared_expert(x)
         return tp_all_reduce(out)
 
 
