@@ -33,8 +33,8 @@ from worker_proc.layers import SiluAndMul  # noqa: E402
 from worker_proc.moe import Routing, grouped_experts, route  # noqa: E402
 
 TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024)
-SWEEP = (moe_pairs.Blocks(), moe_pairs.Blocks(4, 1024, 8, 256), moe_pairs.Blocks(16, 256, 16, 256),
-         moe_pairs.Blocks(8, 256, 4, 512), moe_pairs.Blocks(4, 512, 4, 256), moe_pairs.Blocks(16, 512, 8, 128))
+SWEEP = (moe_pairs.Blocks(), moe_pairs.Blocks(4, 1024, 8, 128), moe_pairs.Blocks(16, 256, 4, 256),
+         moe_pairs.Blocks(8, 512, 16, 64), moe_pairs.Blocks(4, 512, 4, 256), moe_pairs.Blocks(8, 1024, 8, 256))
 
 
 def eager_us(fn, reps: int = 10) -> float:

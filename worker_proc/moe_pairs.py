@@ -5,9 +5,9 @@ worker_proc.moe.grouped_experts in two kernels, no sorting, no padding.
    of its expert e = ids[t, k] that give gate and up, takes both dot products with x[t] on CUDA cores, and writes
    SiLU(gate) * up (rounded as worker_proc.fused.silu_and_mul rounds) to act[p]. A pair of an expert another rank
    holds (e outside [0, E_local)) returns at once and leaves act[p] unwritten.
-2. `down_sum`: one program per (token t, block of BLOCK_N hidden columns) takes, for k = 0 .. top_k - 1 in that
-   order, act[t * top_k + k] @ W2[e]^T, rounds it to the activations' dtype (the grouped path's expert output),
-   and adds it times the routing weight to a float32 sum in registers; pairs of other ranks' experts are masked
+2. `down_sum`: one program per (token t, block of BLOCK_N hidden columns) takes, for its top_k pairs side by
+   side, act[t * top_k + k] @ W2[e]^T, rounds each to the activations' dtype (the grouped path's expert output),
+   and sums them times their routing weights in float32 in registers; pairs of other ranks' experts are masked
    out (their act rows are never read). One store per output element: no separate sum, no atomics, and the
    order of the sum is fixed (deterministic).
 So a step reads each pair's expert rows once and launches two kernels whose sizes depend on T alone (CUDA graphs).
@@ -34,8 +34,8 @@ class Blocks(NamedTuple):
 
     gate_up_n: int = 8  # 8 gate and 8 up rows, as worker_proc.gemv's one-row GEMV
     gate_up_k: int = 512
-    down_n: int = 8
-    down_k: int = 256
+    down_n: int = 8  # times the top_k experts side by side
+    down_k: int = 128
 
 
 def serves(tokens: int, top_k: int, num_experts: int) -> bool:
@@ -78,28 +78,32 @@ def _kernels():
 
     @triton.jit
     def down_sum(act_ptr, w_ptr, ids_ptr, route_ptr, out_ptr, num_local, hidden, inter, stride_we, stride_wn,
-                 stride_out, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 stride_out, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+        """Tiles [K_PAD, BLOCK_N, BLOCK_K]: the token's top_k experts' rows side by side, so each step of K
+        loads all of them at once."""
         token = tl.program_id(0).to(tl.int64)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rn < hidden
         rk = tl.arange(0, BLOCK_K)
+        slot = tl.arange(0, K_PAD)
+        pairs = token * TOP_K + slot
+        expert = tl.load(ids_ptr + pairs, mask=slot < TOP_K, other=-1).to(tl.int64)
+        mine = (slot < TOP_K) & (expert >= 0) & (expert < num_local)
+        width = tl.where(mine, inter, 0)[:, None, None]  # another rank's expert (or a padding slot): loads masked
+        mask_n = (rn < hidden)[None, :, None]
+        rows = (w_ptr + tl.where(mine, expert, 0)[:, None, None] * stride_we
+                + rn.to(tl.int64)[None, :, None] * stride_wn + rk[None, None, :])
+        act_rows = act_ptr + pairs[:, None, None] * inter + rk[None, None, :]
+        acc = tl.zeros((K_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            mask_k = rk[None, None, :] < width - k0
+            a = tl.load(act_rows + k0, mask=mask_k, other=0.0).to(tl.float32)
+            acc += tl.load(rows + k0, mask=mask_k & mask_n, other=0.0).to(tl.float32) * a
         dtype = out_ptr.dtype.element_ty
-        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k in tl.static_range(TOP_K):
-            pair = token * TOP_K + k
-            expert = tl.load(ids_ptr + pair).to(tl.int64)
-            mine = (expert >= 0) & (expert < num_local)
-            rows = w_ptr + tl.where(mine, expert, 0) * stride_we + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-            act_row = act_ptr + pair * inter + rk
-            width = tl.where(mine, inter, 0)  # another rank's expert: every load masked off
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, inter, BLOCK_K):
-                mask_k = rk < width - k0
-                a = tl.load(act_row + k0, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-                acc += tl.load(rows + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32) * a
-            y = tl.sum(acc, axis=1).to(dtype).to(tl.float32)  # the expert's output, rounded as the grouped path's
-            total += y * tl.load(route_ptr + pair)
-        tl.store(out_ptr + token * stride_out + rn, total.to(dtype), mask=mask_n)
+        y = tl.sum(acc, axis=2).to(dtype).to(tl.float32)  # each expert's output, rounded as the grouped path's
+        route_w = tl.load(route_ptr + pairs, mask=mine, other=0.0)
+        total = tl.sum(y * route_w[:, None], axis=0)  # a fixed reduction tree over the top_k
+        tl.store(out_ptr + token * stride_out + rn, total.to(dtype), mask=rn < hidden)
 
     return gate_up_act, down_sum
 
@@ -124,5 +128,5 @@ def pair_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: 
         TOP_K=top_k, BLOCK_N=gate_up_n, BLOCK_K=gate_up_k, num_warps=4)
     down_sum[(tokens, -(-hidden // down_n))](
         act, w2, ids, route_w, out, num_local, hidden, inter, w2.stride(0), w2.stride(1), out.stride(0),
-        TOP_K=top_k, BLOCK_N=down_n, BLOCK_K=down_k, num_warps=4)
+        TOP_K=top_k, K_PAD=max(2, 1 << (top_k - 1).bit_length()), BLOCK_N=down_n, BLOCK_K=down_k, num_warps=4)
     return out
