@@ -1,10 +1,11 @@
-"""The experts of a MoE layer on CUDA in Triton (the maths of worker_proc.moe.grouped_experts), as SGLang's fused MoE:
+"""The experts of a MoE layer on CUDA in Triton (the maths of worker_proc.moe.grouped_experts). Decode-sized
+batches go one (token, expert) pair at a time (worker_proc.moe_pairs); larger ones as SGLang's fused MoE:
 
 1. `align`: the T x top_k (token, expert) pairs, numbered p = t * top_k + k, sorted by expert; each expert's run
    padded to a multiple of BLOCK_M with the sentinel T * top_k, so every block of BLOCK_M sorted pairs belongs to
    one expert (`block_experts`, -1 for blocks past the end). Pairs of experts another rank holds (ids outside
-   [0, E_local)) are left out. Torch operators only, no host sync, and every size a function of T alone: the
-   padded length is T * top_k + E_local * (BLOCK_M - 1) rounded up, the worst case.
+   [0, E_local)) are left out. One Triton program for decode-sized batches, torch operators beyond; no host
+   sync, and every size a function of T alone: the padded length is the worst case (`padded_length`).
 2. `grouped_gemm` over x: row p of the output is x[p // top_k] @ W[expert]^T (gate_up, [T * top_k, 2I]).
 3. SiLU-and-mul (worker_proc.fused), then `grouped_gemm` over that: row p is h[p] @ W2[expert]^T times the
    pair's routing weight ([T * top_k, H]; pairs of other ranks' experts stay zero).
@@ -19,11 +20,11 @@ import functools
 
 import torch
 
-from worker_proc import fused
+from worker_proc import fused, moe_pairs
 
 
 @functools.cache
-def _kernel():
+def _kernels():
     import triton
     import triton.language as tl
 
@@ -57,7 +58,39 @@ def _kernel():
         tl.store(c_ptr + pair[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
 
-    return grouped_gemm
+    @triton.jit
+    def align_pairs(ids_ptr, sorted_ptr, block_expert_ptr, n, num_local, padded_len, BLOCK_M: tl.constexpr,
+                    E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+        """One program: count each local expert's pairs, lay the experts' runs out padded to BLOCK_M, write each
+        block's expert, fill with the sentinel n, then scatter every pair p to its expert's next slot (in the
+        order of p: a pair's slot is its expert's start plus the number of earlier pairs of that expert)."""
+        experts = tl.arange(0, E_PAD)
+        lanes = tl.arange(0, CHUNK)
+        counts = tl.zeros((E_PAD,), dtype=tl.int32)
+        for p0 in range(0, n, CHUNK):  # ids outside [0, num_local) and lanes past n (-1) match no expert
+            key = tl.load(ids_ptr + p0 + lanes, mask=p0 + lanes < n, other=-1)
+            counts += tl.sum(((key[:, None] == experts[None, :]) & (experts[None, :] < num_local)).to(tl.int32), 0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        padded_end = tl.cumsum(padded, axis=0)
+        ends = tl.where(experts < num_local, padded_end, 2**30)
+        num_blocks = padded_len // BLOCK_M
+        for b0 in range(0, num_blocks, CHUNK):  # a block's expert: how many runs end at or before its start
+            blocks = b0 + lanes
+            e = tl.sum((ends[None, :] <= (blocks * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + blocks, tl.where(e < num_local, e, -1), mask=blocks < num_blocks)
+        for i0 in range(0, padded_len, CHUNK):
+            tl.store(sorted_ptr + i0 + lanes, tl.zeros((CHUNK,), dtype=tl.int32) + n, mask=i0 + lanes < padded_len)
+        tl.debug_barrier()  # the sentinel stores land before the pairs' stores over them
+        cursor = padded_end - padded  # each expert's next free slot
+        for p0 in range(0, n, CHUNK):
+            pairs = p0 + lanes
+            key = tl.load(ids_ptr + pairs, mask=pairs < n, other=-1)
+            hit = ((key[:, None] == experts[None, :]) & (experts[None, :] < num_local)).to(tl.int32)
+            slot = tl.cumsum(hit, axis=0) - hit + cursor[None, :]
+            tl.store(sorted_ptr + tl.sum(hit * slot, axis=1), pairs, mask=tl.sum(hit, axis=1) > 0)
+            cursor += tl.sum(hit, axis=0)
+
+    return grouped_gemm, align_pairs
 
 
 def block_m_for(tokens: int) -> int:
@@ -65,12 +98,44 @@ def block_m_for(tokens: int) -> int:
     return 16 if tokens <= 64 else 64
 
 
+ALIGN_KERNEL_PAIRS = 1024
+"""`align` runs one Triton program up to this many pairs (decode batches: one launch instead of ~35 small torch
+kernels); beyond, where one program's sequential sweeps would take longer than the torch kernels, torch's."""
+
+
+def padded_length(n: int, num_local: int, block_m: int) -> int:
+    """The aligned length of n pairs: n + min(n, E_local) * (block_m - 1) rounded up to block_m; at most
+    min(n, E_local) experts have pairs, and each run is padded by less than block_m."""
+    return -(-(n + min(n, num_local) * (block_m - 1)) // block_m) * block_m
+
+
 def align(local_ids: torch.Tensor, num_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted pairs [P], expert of each block of block_m [P / block_m]) for ids [T, top_k]; see the module
+    """(sorted pairs [padded_length], expert of each block of block_m) for ids [T, top_k]; see the module
     docstring. Within an expert the pairs keep their order p."""
     flat = local_ids.flatten()
     n = flat.numel()
-    padded_len = -(-(n + num_local * (block_m - 1)) // block_m) * block_m
+    padded_len = padded_length(n, num_local, block_m)
+    if n <= ALIGN_KERNEL_PAIRS:
+        return align_one_program(flat, num_local, block_m, padded_len)
+    return align_torch(flat, num_local, block_m, padded_len)
+
+
+def align_one_program(flat: torch.Tensor, num_local: int, block_m: int,
+                      padded_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`align` in one Triton program (`_kernels`'s align_pairs), bit for bit as align_torch."""
+    sorted_pairs = torch.empty(padded_len, dtype=torch.int32, device=flat.device)
+    block_experts = torch.empty(padded_len // block_m, dtype=torch.int32, device=flat.device)
+    if padded_len:
+        e_pad = max(16, 1 << (num_local - 1).bit_length())
+        _kernels()[1][(1,)](flat.contiguous(), sorted_pairs, block_experts, flat.numel(), num_local, padded_len,
+                            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=min(128, max(16, 8192 // e_pad)), num_warps=8)
+    return sorted_pairs, block_experts
+
+
+def align_torch(flat: torch.Tensor, num_local: int, block_m: int,
+                padded_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`align` in torch operators (any number of pairs)."""
+    n = flat.numel()
     key = torch.where((flat >= 0) & (flat < num_local), flat, num_local)  # num_local: another rank's expert
     counts = torch.zeros(num_local + 1, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, key, torch.ones_like(key))
@@ -94,7 +159,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_pairs: torch.Tensor, b
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """out[p] = a[p // a_div] @ w[expert(p)]^T (times route_weights[p]) for every sorted pair; rows of pairs
     not in `sorted_pairs` are left as they were in `out` (new rows: uninitialised)."""
-    kernel = _kernel()
+    kernel = _kernels()[0]
     n, k = w.shape[1], w.shape[2]
     assert a.stride(1) == 1 and w.is_contiguous()
     if out is None:
@@ -111,8 +176,20 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_pairs: torch.Tensor, b
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  local_ids: torch.Tensor) -> torch.Tensor:
-    """worker_proc.moe.grouped_experts's result for x [T, H] (unit stride along H), through the kernels."""
+                  local_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """worker_proc.moe.grouped_experts's result for x [T, H] (unit stride along H) routed among `num_experts`
+    (all ranks'): a decode-sized batch one pair at a time (worker_proc.moe_pairs, where `moe_pairs.serves`),
+    larger ones through the aligned grouped GEMMs. The choice depends on the shapes alone (CUDA graphs)."""
+    tokens, top_k = local_ids.shape
+    if moe_pairs.serves(tokens, top_k, num_experts):
+        return moe_pairs.pair_experts(x, w13, w2, weights, local_ids)
+    return aligned_experts(x, w13, w2, weights, local_ids)
+
+
+def aligned_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                    local_ids: torch.Tensor) -> torch.Tensor:
+    """worker_proc.moe.grouped_experts's result for x [T, H] (unit stride along H), through the steps of the module
+    docstring."""
     tokens, top_k = local_ids.shape
     n_pairs = tokens * top_k
     block_m = block_m_for(tokens)

@@ -10,8 +10,10 @@ computes its part for every token and the all-reduce after down sums the parts, 
 Two ways to run the experts, the same maths:
   CPU (and torch on CUDA): `grouped_experts`: (token, expert) pairs sorted by expert, one matmul per expert that
   has tokens.
-  CUDA: `worker_proc.fused_moe`'s Triton kernels: pairs aligned into per-expert blocks, one grouped GEMM for
-  gate_up, SiLU-and-mul, one grouped GEMM for down with the routing weight; static shapes (CUDA graphs).
+  CUDA: `worker_proc.fused_moe`'s Triton kernels: for decode-sized batches one GEMV kernel per (token, expert)
+  pair for gate_up with SiLU-and-mul and one for down with the routing weight and the sum (worker_proc.moe_pairs);
+  for larger ones pairs aligned into per-expert blocks, one grouped GEMM for gate_up, SiLU-and-mul, one grouped
+  GEMM for down with the routing weight; static shapes (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker_proc import fused
-from worker_proc.layers import ShardId, SiluAndMul, load_replicated, make_param
+from worker_proc.layers import ShardId, SiluAndMul, linear, load_replicated, make_param
 from worker_proc.parallel import ep_size, tp_all_reduce, tp_rank, tp_size
 
 
@@ -88,7 +90,7 @@ class FusedExperts(nn.Module):
         if num_experts % ep or intermediate % moe_tp:
             raise ValueError(f"{num_experts} experts of intermediate size {intermediate} do not split over "
                              f"--ep-size {ep} x {moe_tp} tensor-parallel ranks per expert")
-        self.num_local, self.inter_local = num_experts // ep, intermediate // moe_tp
+        self.num_experts, self.num_local, self.inter_local = num_experts, num_experts // ep, intermediate // moe_tp
         self.first_expert = (tp_rank() // moe_tp) * self.num_local
         self.inter_start = (tp_rank() % moe_tp) * self.inter_local
         gate_up: dict[ShardId, tuple[int, ...]] = {(e, i): (intermediate, hidden)
@@ -112,19 +114,20 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This rank's part of the experts' weighted sum (the caller all-reduces it)."""
-        local_ids = ids - self.first_expert
+        local_ids = ids - self.first_expert if self.first_expert else ids
         if x.is_cuda and fused.ENABLED:
             from worker_proc import fused_moe
 
-            return fused_moe.fused_experts(x, self.w13, self.w2, weights, local_ids)
+            return fused_moe.fused_experts(x, self.w13, self.w2, weights, local_ids, self.num_experts)
         return grouped_experts(x, self.w13, self.w2, weights, local_ids, self.act)
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (`gate`, replicated) -> experts -> all-reduce; with `shared` a dense MLP every token also goes
-    through, scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE). `shared` returns its rank's partial sum (a
-    LlamaMLP with reduce=False): the gate is the same on every rank, so gated partial sums meet in the experts'
-    one all-reduce."""
+    """Router (`gate`, replicated; `route`, on CUDA in one kernel: worker_proc.moe_router) -> experts -> all-reduce;
+    with `shared` a dense MLP every token also goes through, scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE).
+    `shared` returns its rank's partial sum (a LlamaMLP with reduce=False): the gate is the same on every rank, so
+    gated partial sums meet in the experts' one all-reduce. The gates' projections go through layers.linear (the
+    decode GEMV; batch-invariant under --enable-deterministic-inference)."""
 
     def __init__(self, hidden: int, intermediate: int, routing: Routing, shared: nn.Module | None,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -138,10 +141,18 @@ class SparseMoeBlock(nn.Module):
                                                          {None: (1, hidden)})) if shared is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(F.linear(x, self.gate.weight), self.routing)
+        logits = linear(x, self.gate.weight, None, None)
+        if logits.is_cuda and fused.ENABLED:
+            from worker_proc import moe_router
+
+            r = self.routing
+            weights, ids = moe_router.route(logits, r.top_k, r.renormalize, r.round_weights)
+        else:
+            weights, ids = route(logits, self.routing)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
+            gate = linear(x, self.shared_expert_gate.weight, None, None)
+            out = out + torch.sigmoid(gate) * self.shared_expert(x)
         return tp_all_reduce(out)
 
 
