@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import functools
 import logging
 import multiprocessing as mp
@@ -59,9 +60,11 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def child_init(name: str, parent_pid: int, log_level: str) -> None:
-    """First lines of every child's entry point."""
+    """First lines of every child's entry point. `kill -USR1 PID` then writes every thread's Python stack to the
+    child's stderr (the server's log) and the child carries on: what a hung or slow process is doing."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops us in order
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     setup_logging(log_level)
     try:
         import setproctitle  # optional nicety: the whole command line

@@ -4,6 +4,9 @@ and not) and SGLang's native routes; greedy text over HTTP equals the offline En
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import openai
@@ -193,3 +196,18 @@ def test_torch_is_the_workers_alone(server: RadixServer) -> None:
     workers = [pid for pid, title in titles.items() if b"worker-" in title]
     assert len(others) == 2 and len(workers) == 1 and loads_torch(workers[0])
     assert not [pid for pid in [server.proc.pid, *others] if loads_torch(pid)], titles
+
+
+def test_sigusr1_writes_each_childs_stacks_to_the_log_and_it_carries_on(server: RadixServer) -> None:
+    """`kill -USR1` on a child (procutil.child_init) writes every thread's Python stack to the server's log, for a
+    hung or slow process (docs/deploy.md); the server keeps serving."""
+    processes = server.get("/get_server_info").json()["processes"]
+    for name in ("scheduler", "worker-0"):
+        before = server.log().count("Thread 0x")
+        os.kill(processes[name], signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while server.log().count("Thread 0x") == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.log().count("Thread 0x") > before, name
+    out = server.post("/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 2}})
+    assert out.status_code == 200, out.text
