@@ -9,7 +9,8 @@ weight (as a model's layers do: nothing stays in L2), against the floor of readi
 weight ("gemv") against _scaled_mm with x quantized per token ("scaled_mm"), against the floor of reading n x k bytes.
 --deterministic: worker_proc.batch_invariant's matmul (--enable-deterministic-inference) against cuBLAS at each
 --rows; with --sweep, every launch shape of a small grid (each checked to give row 0 the same bits at 1 row and
-at the most rows), the best per rows, and the one with the least summed ratio to the best over all rows.
+at the most rows, and whether its bits equal the default shape's: if so, two shapes could serve different batch
+sizes), the best per rows, and the one with the least summed ratio to the best over all rows.
 Prints a table; JSON to $OUT (default .)/bench_linear.json.
 """
 
@@ -156,6 +157,8 @@ def time_invariant_projection(n: int, k: int, rows_list: list[int], sweep: bool,
                     continue
                 shapes[str(tiles)] = {rows: graph_seconds([lambda w=w, x=x, t=tiles: batch_invariant.matmul(x, w.t(), t)
                                                            for w in ws[:4]], 5) * 1e6 for rows, x in xs.items()}
+                # whether two launch shapes could serve different batch sizes: the same bits as the default's
+                shapes[str(tiles)]["bits_of_default"] = torch.equal(one, batch_invariant.matmul(x_most[:1], ws[0].t()))
             except Exception as e:  # noqa: BLE001 (past the shared memory: not a candidate)
                 shapes[str(tiles)] = f"{type(e).__name__}"
         timed = {t: v for t, v in shapes.items() if isinstance(v, dict)}
