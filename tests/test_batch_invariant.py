@@ -5,6 +5,8 @@ this mode replaces are not (so the checks can fail); and without the flag nothin
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,10 +29,13 @@ def invariant(monkeypatch):
 
 
 def test_float32_linear_depends_on_the_batch_without_the_mode():
-    """Why the mode exists on the CPU: MKL's float32 GEMM sums row 0 differently at 1 row and at many."""
+    """Why the mode exists on the CPU: MKL's float32 GEMM sums row 0 differently at 1 row and at many. The check
+    that picks CUDA's linear at start (rows_invariant) sees it, and passes the mode's own linear."""
     torch.manual_seed(0)
     w, x = torch.randn(1536, 576), torch.randn(40, 576)
     assert not all(torch.equal(F.linear(x[:m], w)[:1], F.linear(x[:1], w)) for m in (2, 4, 8, 17, 40))
+    assert not batch_invariant.rows_invariant(F.linear, w)
+    assert batch_invariant.rows_invariant(lambda rows, weight: batch_invariant.linear(rows, weight, None, None), w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -203,6 +208,30 @@ def test_gpu_matmul_rows_do_not_depend_on_the_batch():
         torch.testing.assert_close(full.float(), (a.float() @ w.float().t()), rtol=2e-2, atol=0.5)
         for m in (1, 2, 7, 64, 129, 256):
             assert torch.equal(batch_invariant.matmul(a[:m], w.t()), full[:m]), (n, m)
+
+
+@needs_gpu
+def test_gpu_linear_of_the_mode_gives_rows_the_same_bits_at_every_batch_size():
+    """In a process of its own (cuBLAS reads its workspace settings once, when it first runs): the linear the mode
+    chooses at start (cuBLAS without split-K, or the persistent matmul), at Llama-3.1-8B's projection shapes, gives
+    every row at m = 1 .. 300 the bits it has at 300."""
+    code = """
+import torch
+from worker_proc import batch_invariant as bi
+bi.enable(torch.device("cuda"))
+shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+ws = [torch.randn(n, k, device="cuda").bfloat16() for n, k in shapes]
+print(bi.choose_cuda_linear(ws))
+for w in ws:
+    x = torch.randn(300, w.shape[1], device="cuda").bfloat16()
+    full = bi.linear(x, w, None, None)
+    for m in (1, 2, 3, 7, 9, 64, 129, 200, 256):
+        assert torch.equal(bi.linear(x[:m], w, None, None), full[:m]), (tuple(w.shape), m)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parent.parent)
+    print(out.stdout)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 @needs_gpu

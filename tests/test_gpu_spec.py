@@ -144,6 +144,7 @@ def test_eagle3_verify_graphs_equal_eager_ones_in_deterministic_mode(model_dir, 
     (batch-invariant matmuls and attention, whatever the padding), so EAGLE3's steps agree exactly, where in plain
     bf16 the two runners' kernels (padded shapes, FA2 in the graph) may flip a near tie of this random model."""
     monkeypatch.setattr(batch_invariant, "ENABLED", False)  # the runners enable the mode; put back after the test
+    monkeypatch.setattr(batch_invariant, "CUBLAS", False)
     flags = eagle3_flags(model_dir, tmp_path)
     eager, graph = (spec_runner(model_dir, g, "EAGLE3", enable_deterministic_inference=True, **flags)
                     for g in (False, True))

@@ -8,8 +8,12 @@ from m >= 4); the reference attention runs decode as one padded SDPA and extends
 cuBLAS picks tiles and split-K by shape and FlashInfer its tiles and KV splits. Here each op fixes its order:
 - `linear`: cpu_kernels' bf16 kernel as it is (each output element sums K in one order in every row tile); other
   CPU linears in blocks of ROWS rows (one GEMM shape, so one blocking; a row's bits do not depend on its position
-  in the block: checked for every position); on CUDA one persistent Triton matmul with one tile config per
-  weight and no split-K (`matmul`).
+  in the block: checked for every position). On CUDA, cuBLAS with split-K off (its workspace pinned, reduced-
+  precision reductions off), where a check at start finds every row of the model's weight shapes the same at
+  CHECK_ROWS batch sizes (`choose_cuda_linear`; vLLM's batch-invariant mode relies on this on Hopper: with one
+  float32 accumulator per output element walking K in order, the tile shape cuBLAS picks by batch size does not
+  change a row's sum); else one persistent Triton matmul with one tile config per weight and no split-K
+  (`matmul`).
 - `attention` (CPU; on CUDA worker_proc/attention/invariant_backend.py): every query row (prefill, extend or
   decode alike) over its context in fixed splits of SPLIT tokens, each split's scores and weighted values as
   element-wise products summed along a contiguous axis (an order fixed by the axis' length), the splits merged by
@@ -24,19 +28,49 @@ its usual path.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 ENABLED = False
+CUBLAS = False  # CUDA linears through cuBLAS without split-K (`choose_cuda_linear`), else `matmul`
 ROWS = 16  # the row block of CPU linears
 SPLIT = 64  # KV tokens per attention split (CPU)
+CUBLAS_NO_SPLIT_K = {"CUBLAS_WORKSPACE_CONFIG": ":16:8", "CUBLASLT_WORKSPACE_SIZE": "1"}
+CHECK_ROWS = (1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 255, 256, 257, 512)
 
 
-def enable() -> None:
+def enable(device: torch.device) -> None:
+    """The mode on, before this process' first matmul: on CUDA cuBLAS then creates its handles with the workspace
+    that leaves it no split-K (each variable is read once, when cuBLAS first runs)."""
     global ENABLED
     ENABLED = True
+    if device.type == "cuda":
+        os.environ.update(CUBLAS_NO_SPLIT_K)
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+
+def rows_invariant(fn, weight: torch.Tensor, rows: tuple[int, ...] = CHECK_ROWS) -> bool:
+    """Whether fn(x[:m], weight) has the bits of the first m rows of fn(x, weight) for every m of `rows`."""
+    x = torch.randn(max(rows), weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    full = fn(x, weight)
+    return all(torch.equal(fn(x[:m], weight), full[:m]) for m in rows)
+
+
+def cublas_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
+
+
+def choose_cuda_linear(weights: list[torch.Tensor]) -> str:
+    """Linears through cuBLAS (split-K off by `enable`) if it gives every row of each weight shape and dtype the
+    same bits at every CHECK_ROWS batch size, else through `matmul`; says which (for the log)."""
+    global CUBLAS
+    distinct = {(tuple(w.shape), w.dtype): w for w in weights}
+    CUBLAS = all(rows_invariant(cublas_linear, w) for w in distinct.values())
+    return "cuBLAS without split-K" if CUBLAS else "the persistent Triton matmul (cuBLAS rows varied with the batch)"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed) -> torch.Tensor:
@@ -48,7 +82,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
     lead, k = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, k)
     if x.is_cuda:
-        y = matmul(x, weight.t())
+        y = cublas_linear(x, weight) if CUBLAS else matmul(x, weight.t())
         if bias is not None:
             y += bias
         return y.reshape(*lead, -1)

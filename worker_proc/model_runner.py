@@ -15,7 +15,7 @@ from radixserve.model_files import load_hf_config
 from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
-from worker_proc.cpu_quant import check_quantization, quantize_cpu_linears
+from worker_proc.cpu_quant import check_quantization, linear_layers, quantize_cpu_linears
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes, graph_keys
 from worker_proc.draft_model import make_draft
 from worker_proc.grammar import GrammarBackend, SlotGrammars
@@ -54,10 +54,14 @@ class ModelRunner:
         self.device = resolve_device(args, rank)
         hf_config = load_hf_config(model_dir)
         if args.enable_deterministic_inference:
-            batch_invariant.enable()
+            batch_invariant.enable(self.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
         check_quantization(args, self.device, self.dtype, model_dir)
         self.model, self.weight_bytes = self._load_model(model_dir, hf_config)
+        if args.enable_deterministic_inference and self.device.type == "cuda":
+            weights = [m.weight for m in linear_layers(self.model).values()
+                       if m.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)]
+            log.info("rank %d deterministic linears: %s", rank, batch_invariant.choose_cuda_linear(weights))
         self._choose_all_reduce()
         self.context_length = serving_context_length(args.context_length, hf_config)
         # Everything else that lives on the device is allocated before the KV pool is sized, so that
