@@ -126,7 +126,7 @@ def align_one_program(flat: torch.Tensor, num_local: int, block_m: int,
     sorted_pairs = torch.empty(padded_len, dtype=torch.int32, device=flat.device)
     block_experts = torch.empty(padded_len // block_m, dtype=torch.int32, device=flat.device)
     if padded_len:
-        e_pad = max(16, 1 << (num_local - 1).bit_length())
+        e_pad = max(16, fused.pow2(num_local))
         _kernels()[1][(1,)](flat.contiguous(), sorted_pairs, block_experts, flat.numel(), num_local, padded_len,
                             BLOCK_M=block_m, E_PAD=e_pad, CHUNK=min(128, max(16, 8192 // e_pad)), num_warps=8)
     return sorted_pairs, block_experts

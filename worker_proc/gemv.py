@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from worker_proc import fused
+
 ENABLED = True
 """layers.linear uses these kernels where `choose` says so while True; False keeps F.linear (for comparisons)."""
 
@@ -111,7 +113,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: 
     assert cfg.tensor_cores or rows == 1
     assert (scale is None) == (weight.dtype == x.dtype) and (scale is None or scale.numel() == n)
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    block_m = max(16, 1 << (rows - 1).bit_length()) if cfg.tensor_cores else 1
+    block_m = max(16, fused.pow2(rows)) if cfg.tensor_cores else 1
     _kernel()[(-(-n // cfg.block_n),)](
         x, weight, bias if bias is not None else weight, scale if scale is not None else weight, y, rows, n, k,
         x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from worker_proc import fused
+
 
 class Blocks(NamedTuple):
     """Each kernel's (BLOCK_N, BLOCK_K): rows of the expert's weight per program, and columns per step of K."""
@@ -128,5 +130,5 @@ def pair_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: 
         TOP_K=top_k, BLOCK_N=gate_up_n, BLOCK_K=gate_up_k, num_warps=4)
     down_sum[(tokens, -(-hidden // down_n))](
         act, w2, ids, route_w, out, num_local, hidden, inter, w2.stride(0), w2.stride(1), out.stride(0),
-        TOP_K=top_k, K_PAD=max(2, 1 << (top_k - 1).bit_length()), BLOCK_N=down_n, BLOCK_K=down_k, num_warps=4)
+        TOP_K=top_k, K_PAD=max(2, fused.pow2(top_k)), BLOCK_N=down_n, BLOCK_K=down_k, num_warps=4)
     return out

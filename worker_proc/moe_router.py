@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from worker_proc import fused
+
 
 @functools.cache
 def _kernel():
@@ -59,6 +61,6 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool, round_weights: bo
     ids = torch.empty((tokens, top_k), dtype=torch.int64, device=logits.device)
     if tokens:
         _kernel()[(tokens,)](logits, weights, ids, experts, logits.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
-                             ROUND=round_weights, E_PAD=max(16, 1 << (experts - 1).bit_length()),
-                             K_PAD=max(2, 1 << (top_k - 1).bit_length()), num_warps=4)
+                             ROUND=round_weights, E_PAD=max(16, fused.pow2(experts)),
+                             K_PAD=max(2, fused.pow2(top_k)), num_warps=4)
     return weights, ids

@@ -116,9 +116,9 @@ class InvariantBackend(AttentionBackend):
                              "dtype only (--kv-cache-dtype auto)")
         num_kv_heads = kv_cache.k[0].shape[1]
         self.group = num_q_heads // num_kv_heads
-        self.group_pad = 1 << (self.group - 1).bit_length()
+        self.group_pad = fused.pow2(self.group)
         self.block_t = max(1, ROWS // self.group_pad)
-        self.d_pad = max(16, 1 << (head_dim - 1).bit_length())
+        self.d_pad = max(16, fused.pow2(head_dim))
         self.num_kv_heads = num_kv_heads
         self.meta: ForwardMeta | None = None
         self.tiles: torch.Tensor | None = None
