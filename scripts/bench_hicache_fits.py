@@ -27,35 +27,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from radixserve.bench.server_process import ServerProcess  # noqa: E402
+from radixserve.bench.server_process import ServerProcess, descendants  # noqa: E402
 
 START_TIMEOUT_S = 900.0
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (a scan of /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of each process of the server launched as `pid`, by process name (the
     launcher, which serves HTTP, is `python`)."""
     out: dict[str, float] = {}
-    for p in process_tree(pid):
+    for p in [pid, *descendants(pid)]:
         try:
             text = Path(f"/proc/{p}/stat").read_text()
         except OSError:

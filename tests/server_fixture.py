@@ -17,7 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from radixserve.bench.server_process import ServerProcess, free_port  # noqa: F401 (free_port: for the tests)
+from radixserve.bench.server_process import (  # noqa: F401 (free_port: for the tests)
+    ServerProcess,
+    descendants,
+    free_port,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_LIMITS = ["--max-total-tokens", "4096", "--max-running-requests", "16", "--context-length", "2048"]
@@ -27,21 +31,6 @@ SMALL_LIMITS = ["--max-total-tokens", "4096", "--max-running-requests", "16", "-
 DEBUG_FLAGS = ["--enable-invariant-checks", "--dtype", "float32"]
 START_TIMEOUT_S = 240.0
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid`, from /proc (children of every thread)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
 
 
 def alive(pid: int) -> bool:

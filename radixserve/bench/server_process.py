@@ -20,6 +20,21 @@ POLL_S = 0.25
 LOG_TAIL_CHARS = 4000  # of a server that failed to start, in the error
 
 
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid`, from /proc (children of every thread)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
 def free_port() -> int:
     """A port nothing listens on now (the kernel's pick of an ephemeral one)."""
     with socket.socket() as s:
