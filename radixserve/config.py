@@ -27,7 +27,7 @@ SchedulePolicy = Literal["lpm", "fcfs"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
-Quantization = Literal["fp8", "int8", "gguf"]
+Quantization = Literal["none", "fp8", "int8", "gguf"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 GrammarBackend = Literal["xgrammar", "none"]
 WritePolicy = Literal["write_through", "write_through_selective", "write_back"]
@@ -76,7 +76,9 @@ class ServerArgs:
     quantization: Annotated[Quantization | None, doc(
         "quantized linear layers: fp8 (CUDA GPUs with FP8 tensor cores: e4m3, per-channel scales), int8 (CPU: a "
         "float checkpoint quantized at load, per output channel), gguf (CPU: a GGUF file's Q8_0 / Q4_0 / Q4_1 "
-        "blocks kept as they are); an FP8 checkpoint's quantization_config is read without it "
+        "blocks kept as they are), none (no quantized layers: a GGUF file expanded to --dtype). Default: gguf for "
+        "a GGUF file where the CPU's kernels run it, outside --enable-deterministic-inference, else none (the log "
+        "says which and why); an FP8 checkpoint's quantization_config is read without it "
         "(docs/quantization.md)")] = None
     kv_cache_dtype: Annotated[KVCacheDtype, doc(
         "KV cache dtype: auto (the model's) or fp8_e4m3 (half the bytes per token; the checkpoint's per-layer "

@@ -1,9 +1,9 @@
 """One worker's decode step alone (ModelRunner.launch on synthetic batches, no scheduler), on CPU or GPU:
     python scripts/bench_worker_step.py [--model-path DIR] [--dtype D] [--quantization none gguf int8]
         [--batch-sizes 1 16] [--context 100] [--prefill 64] [--rounds 5] [--profile BS] [--cpu-time]
-With several --quantization forms (`none`: the model's dtype) each gets its own runner in this process and the
-forms are timed in turn, round after round, so that a shared machine's changing load falls on all of them alike;
-each figure is the best round's median step (the spread: the rounds' median and worst). --prefill N
+With several --quantization forms (`none`: the model's dtype, a GGUF file expanded) each gets its own runner in this
+process and the forms are timed in turn, round after round, so that a shared machine's changing load falls on all of
+them alike; each figure is the best round's median step (the spread: the rounds' median and worst). --prefill N
 also times a prefill of N new tokens of one request. --profile prints torch.profiler's operator table for one batch
 size of the first form. --cpu-time (CPU only): one thread, timed by the process's CPU time, which other work on a
 shared machine disturbs far less than wall time (it time-slices a parallel step). Set OMP_WAIT_POLICY /
@@ -59,7 +59,7 @@ def main() -> None:
     synths = {}
     for form in ns.quantization:
         runner = ModelRunner(ServerArgs(model_path=model_dir, dtype=ns.dtype,
-                                        quantization=None if form == "none" else form,
+                                        quantization=form,
                                         max_total_tokens=ns.max_total_tokens or None), 0, model_dir)
         print(f"{model_dir} ({form}): {runner.dtype} on {runner.device}, {torch.get_num_threads()} threads")
         synths[form] = Synth(runner)

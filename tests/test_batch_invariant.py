@@ -58,6 +58,25 @@ def test_packed_linear_rows_do_not_depend_on_the_batch():
         assert torch.equal(batch_invariant.linear(x[lo:hi], w, None, packed), alone[lo:hi])
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("form", ["int8", "Q4_1"])
+def test_quantized_linear_rows_do_not_depend_on_the_batch(form):
+    """--quantization int8 / gguf in the mode: every call runs blocks of 16 rows, so a row alone takes the path of
+    many (activations quantized per row, where the CPU has AVX512-VNNI) and keeps its bits in any batch; why an
+    explicit --quantization int8 / gguf is allowed with the flag (the default for a GGUF file expands in it)."""
+    from test_cpu_quant import quant_weight
+
+    from worker_proc.cpu_quant import QuantLinear
+
+    torch.manual_seed(0)
+    packed = QuantLinear(quant_weight(torch.randn(1000, 576) * 0.05, form))
+    x, empty = torch.randn(40, 576).bfloat16(), torch.empty(0, dtype=torch.bfloat16)
+    alone = torch.cat([batch_invariant.linear(x[i:i + 1], empty, None, packed) for i in range(40)])
+    for lo, hi in ((0, 9), (3, 40), (0, 40)):
+        assert torch.equal(batch_invariant.linear(x[lo:hi], empty, None, packed), alone[lo:hi])
+    assert not torch.equal(packed(x[:1], None), alone[:1]) or not cpu_kernels.q8_rows()  # one row, as the mode is off
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_rows_do_not_depend_on_the_batch_and_match_sdpa(dtype):
     """Rows of different requests and lengths (across several splits), alone or together, in any order."""
@@ -187,6 +206,20 @@ def test_check_determinism_finds_no_mismatch_with_the_flag(dtype):
     args = ServerArgs(dtype=dtype, max_total_tokens=4096, max_running_requests=4, enable_deterministic_inference=True)
     result = check(args, num_prompts=prompts, batch_sizes=batch_sizes, max_new_tokens=3, chunk_size=32)
     assert result["runs"] == 2 * prompts * (len(batch_sizes) + 2) and result["mismatches"] == 0, result
+
+
+@pytest.mark.long  # two more engine starts and runs of the check, about 25 s
+@needs_cpu_kernels
+@pytest.mark.parametrize("quantization", ["gguf", "int8"])
+def test_check_determinism_finds_no_mismatch_with_quantized_weights(quantization):
+    """An explicit --quantization gguf / int8 with the flag: as batch-invariant as bf16 (16-row blocks)."""
+    from radixserve.bench.determinism import check
+    from radixserve.config import ServerArgs
+
+    args = ServerArgs(quantization=quantization, max_total_tokens=4096, max_running_requests=4,
+                      enable_deterministic_inference=True)
+    result = check(args, num_prompts=4, batch_sizes=[1, 2, 4], max_new_tokens=3, chunk_size=32)
+    assert result["runs"] == 2 * 4 * 5 and result["mismatches"] == 0, result
 
 
 def test_the_mode_needs_tp_1():

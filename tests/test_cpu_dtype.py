@@ -19,11 +19,12 @@ def test_auto_dtype_follows_the_cpu() -> None:
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (auto stays float32 here)")
-def test_default_serves_in_bf16_and_answers() -> None:
-    """The default engine runs in bf16 on this CPU and still answers correctly (every other test server runs in
-    float32 by flag)."""
-    with Engine(max_total_tokens=1024, max_running_requests=4) as eng:
-        assert eng.runtime.dtype == "bfloat16"
+def test_auto_dtype_serves_in_bf16_and_answers() -> None:
+    """--dtype auto runs in bf16 on this CPU and still answers correctly (every other test server runs in float32
+    by flag), with the bundled GGUF file expanded to bf16 by --quantization none (without the flag its blocks are
+    kept where the CPU runs them: tests/test_cpu_quant.py)."""
+    with Engine(max_total_tokens=1024, max_running_requests=4, quantization="none") as eng:
+        assert (eng.runtime.dtype, eng.runtime.weight_dtype) == ("bfloat16", "bfloat16")
         assert "Paris" in eng.generate(QUESTION, {"temperature": 0, "max_new_tokens": 8})["text"]
         eng.check_invariants()
 

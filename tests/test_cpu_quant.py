@@ -1,12 +1,14 @@
 """CPU quantized linear layers (worker_proc/cpu_quant.py): the kernels and a model's greedy tokens against the
 same weights dequantized to float (and from cpu_kernels.q8_rows() rows, x quantized per row and block of 32 to
 int8 and back, as the kernels quantize it), the default model's GGUF blocks as the file holds them, perplexity of
-a fixed text (bf16 expanded / Q4_1 kept / int8), and start-up errors that name the flag."""
+a fixed text (bf16 expanded / Q4_1 kept / int8), start-up errors that name the flag, and the default for a GGUF
+file (its blocks kept where `--quantization gguf` runs, else expanded)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -17,13 +19,13 @@ from model_harness import RaggedRunner, greedy
 from test_models import prompts, random_hf_model, tiny_config
 
 from radixserve import Engine
+from radixserve.bench.serve import WEIGHT_DTYPES
 from radixserve.config import FlagError, ServerArgs
 from radixserve.model_files import load_hf_config, resolve_model
 from worker_proc import cpu_kernels
 from worker_proc.cpu_quant import (
     QuantLinear,
     QuantWeight,
-    check_quantization,
     gguf_layer_weights,
     gguf_weight,
     install_quantized,
@@ -31,12 +33,15 @@ from worker_proc.cpu_quant import (
     linear_layers,
     quantize_cpu_linears,
     quantize_int8,
+    resolve_quantization,
 )
 from worker_proc.layers import ParallelLMHead, pack_cpu_linears
 from worker_proc.weights import load_model
 
 needs_cpu_kernels = pytest.mark.skipif(cpu_kernels.library() is None,
                                        reason="cpu_kernels needs AVX512-BF16 and a C compiler")
+# Where a GGUF file keeps its blocks without --quantization (resolve_quantization).
+BLOCKS_BY_DEFAULT = cpu_kernels.library() is not None and cpu_kernels.q8_rows() > 0
 TEXT = Path(__file__).with_name("data") / "perplexity.txt"
 CPU = torch.device("cpu")
 
@@ -194,13 +199,51 @@ def test_start_errors_name_the_flag(tiny_llama):
         ServerArgs(quantization="int8", device="cuda")
     with pytest.raises(FlagError, match="--quantization"):
         ServerArgs(quantization="int4")
+    config = load_hf_config(tiny_llama)
     cases = [({"quantization": "int8"}, torch.device("cuda"), torch.bfloat16, "--quantization int8 runs on the CPU"),
              ({"quantization": "int8", "dtype": "float32"}, CPU, torch.float32,
               "--quantization int8 computes in bfloat16"),
              ({"quantization": "gguf"}, CPU, torch.bfloat16, "--quantization gguf keeps a GGUF file's blocks")]
     for flags, device, dtype, message in cases:
         with pytest.raises(ValueError, match=message):
-            check_quantization(ServerArgs(**flags), device, dtype, tiny_llama)
+            resolve_quantization(ServerArgs(**flags), device, dtype, tiny_llama, config)
+    assert resolve_quantization(ServerArgs(), CPU, torch.bfloat16, tiny_llama, config) is None  # not a GGUF file
+
+
+# A config whose row-parallel layers' inputs (6 x 16 = 96 attention columns) split into 48 per rank at tp 2.
+SPLITS_BLOCKS_AT_TP2 = SimpleNamespace(num_attention_heads=6, head_dim=16, hidden_size=96, intermediate_size=256)
+
+
+def test_default_model_without_the_flag(caplog):
+    """The bundled GGUF file without --quantization: its blocks kept where the CPU's kernels run them (AVX512-BF16,
+    a C compiler, AVX512-VNNI), else expanded; expanded for --quantization none (bench serve's bf16 baseline),
+    --enable-deterministic-inference, --dtype float32, a CUDA device, or a --tp-size that splits the blocks (where
+    an explicit --quantization gguf fails, naming the flag). One log line says which and why."""
+    model_dir = resolve_model(None)
+    config = load_hf_config(model_dir)
+
+    def resolve(flags: dict, device: torch.device = CPU, dtype: torch.dtype = torch.bfloat16, hf_config=config):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="radixserve.worker"):
+            got = resolve_quantization(ServerArgs(**flags), device, dtype, model_dir, hf_config)
+        assert len(caplog.records) == (0 if "quantization" in flags else 1)
+        return got, caplog.text
+
+    got, line = resolve({})
+    assert got == ("gguf" if BLOCKS_BY_DEFAULT else "none")
+    assert ("blocks are kept" if BLOCKS_BY_DEFAULT else "expanded to bfloat16") in line
+    assert resolve(WEIGHT_DTYPES["bf16"]) == ("none", "")
+    for flags, device, dtype, hf_config, why in (
+            ({"enable_deterministic_inference": True}, CPU, torch.bfloat16, config, "--enable-deterministic-inference"),
+            ({"dtype": "float32"}, CPU, torch.float32, config, "--quantization gguf computes in bfloat16"),
+            ({}, torch.device("cuda"), torch.bfloat16, config, "--quantization gguf runs on the CPU"),
+            ({"tp_size": 2}, CPU, torch.bfloat16, SPLITS_BLOCKS_AT_TP2, "48 input columns")):
+        got, line = resolve(flags, device, dtype, hf_config)
+        assert got == "none" and "expanded" in line, flags
+        assert why in line or not BLOCKS_BY_DEFAULT, (flags, line)
+    if cpu_kernels.library() is not None:
+        with pytest.raises(ValueError, match="--quantization gguf: a rank's 48 input columns .* --tp-size"):
+            resolve({"quantization": "gguf", "tp_size": 2}, hf_config=SPLITS_BLOCKS_AT_TP2)
 
 
 @needs_cpu_kernels
@@ -211,11 +254,14 @@ def test_engine_start_error_names_the_flag():
             pass
 
 
-@needs_cpu_kernels
-def test_engine_serves_the_default_models_own_blocks():
-    """--quantization gguf end to end: the bundled Q4_1 file's blocks (a q / k row permutation or a name mapping
-    gone wrong would garble the answer)."""
+@pytest.mark.skipif(not BLOCKS_BY_DEFAULT, reason="this CPU keeps no GGUF blocks by default (it needs AVX512-BF16, "
+                    "AVX512-VNNI and a C compiler): the file is expanded")
+def test_engine_serves_the_default_models_own_blocks_by_default():
+    """No flag: the bundled Q4_1 file's blocks, as /get_server_info's worker section says (a q / k row permutation
+    or a name mapping gone wrong would garble the answer)."""
     question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-    with Engine(quantization="gguf", max_total_tokens=1024, max_running_requests=4) as eng:
+    with Engine(max_total_tokens=1024, max_running_requests=4) as eng:
         out = eng.generate(question, {"temperature": 0, "max_new_tokens": 8})
+        worker = eng.server_info()["worker"]
+    assert (worker["dtype"], worker["weight_dtype"]) == ("bfloat16", "Q4_1+Q8_0")
     assert "Paris" in out["text"]

@@ -208,12 +208,8 @@ def _local(module: nn.Module, shards: list[tuple[object, torch.Tensor]], cols: i
 def _assemble(module: nn.Module, parts: list[tuple[object, QuantWeight]]) -> QuantWeight:
     """One layer's QuantWeight from the full tensors of its shards (q, k, v; gate, up; or one)."""
     first = parts[0][1]
-    if any(qw.kind != first.kind for _, qw in parts):
-        raise ValueError("--quantization gguf: the tensors of one fused layer are in different GGUF types")
     in_local = module.weight.shape[1]
-    if in_local % first.block:
-        raise ValueError(f"--quantization gguf: a rank's {in_local} input columns split GGUF's blocks of "
-                         f"{first.block} (choose another --tp-size)")
+    assert in_local % first.block == 0, "resolve_quantization refuses a --tp-size that splits GGUF's blocks"
     kb = in_local // first.block
     codes = _local(module, [(s, qw.codes) for s, qw in parts], in_local)
     scale = _local(module, [(s, qw.scale) for s, qw in parts], kb)
@@ -221,17 +217,20 @@ def _assemble(module: nn.Module, parts: list[tuple[object, QuantWeight]]) -> Qua
     return QuantWeight(codes, first.bits, scale, offset, first.block, first.kind)
 
 
+def gguf_file(model_dir: str | Path) -> str:
+    """The GGUF file that `model_dir` was converted from (radixserve.model_files)."""
+    return json.loads((Path(model_dir) / GGUF_SOURCE_FILE).read_text())["gguf"]
+
+
 def gguf_layer_weights(model: nn.Module, model_dir: str | Path, hf_config) -> dict[str, QuantWeight]:
     """This rank's QuantWeight of each linear layer (by module name) whose tensors the GGUF file that `model_dir`
-    was converted from keeps in blocks (Q8_0, Q4_0, Q4_1); layers stored otherwise (F32, F16) are left out."""
+    was converted from keeps in blocks (Q8_0, Q4_0, Q4_1), all of one type; layers stored otherwise (F32, F16, or
+    a fused q / k / v or gate / up whose tensors differ in type) are left out (they compute in bf16)."""
     import gguf  # the tensor names of each architecture
     from safetensors import safe_open
 
-    fields, tensors = read_gguf(json.loads((Path(model_dir) / GGUF_SOURCE_FILE).read_text())["gguf"])
-    arch = str(fields["general.architecture"])
-    if arch not in _GGUF_ARCHS:
-        raise ValueError(f"--quantization gguf: GGUF architecture {arch!r} is not supported (supported: "
-                         f"{sorted(_GGUF_ARCHS)}); --dtype bfloat16 expands the file instead")
+    fields, tensors = read_gguf(gguf_file(model_dir))
+    arch = str(fields["general.architecture"])  # one of _GGUF_ARCHS: resolve_quantization checked it
     names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
                                      hf_config.num_hidden_layers)
     modules = linear_layers(model)
@@ -253,7 +252,7 @@ def gguf_layer_weights(model: nn.Module, model_dir: str | Path, hf_config) -> di
     out = {}
     for name, parts in sources.items():
         tensors_of = [tensors[f"{gguf_name}.weight"] for _, gguf_name in parts]
-        if any(kind not in GGUF_TYPES for kind, _ in tensors_of):
+        if tensors_of[0][0] not in GGUF_TYPES or any(kind != tensors_of[0][0] for kind, _ in tensors_of):
             continue
         weights = []
         for (shard_id, gguf_name), (kind, raw) in zip(parts, tensors_of):
@@ -266,24 +265,63 @@ def gguf_layer_weights(model: nn.Module, model_dir: str | Path, hf_config) -> di
 
 
 
-def check_quantization(args: ServerArgs, device: torch.device, dtype: torch.dtype, model_dir: str | Path) -> None:
-    """Start-up errors, naming the flag, for --quantization int8 / gguf where they cannot run. (A GGUF file
-    without the flag is expanded to --dtype: docs/quantization.md says why that is the default.)"""
-    quantization = args.quantization
+def resolve_quantization(args: ServerArgs, device: torch.device, dtype: torch.dtype, model_dir: str | Path,
+                         hf_config) -> str | None:
+    """The --quantization a worker runs, decided here alone (docs/quantization.md, "Defaults, and why"). As given,
+    where int8 / gguf can run (else a start-up error naming the flag). Without the flag, for a GGUF file: gguf where
+    its blocks can be kept exactly as `--quantization gguf` keeps them, on a CPU with AVX512-VNNI (the measured gain
+    from 16 rows is the quantized activations') and outside --enable-deterministic-inference (which runs quantized
+    layers in blocks of 16 rows, one row too); else none (the file expanded to --dtype). The log says which, and why."""
+    if args.quantization is not None:
+        problem = _cannot_run(args.quantization, args, device, dtype, model_dir, hf_config)
+        if problem:
+            raise ValueError(problem)
+        return args.quantization
+    if args.load_format == "dummy" or not (Path(model_dir) / GGUF_SOURCE_FILE).exists():
+        return None
+    problem = _cannot_run("gguf", args, device, dtype, model_dir, hf_config)
+    if problem is None and args.enable_deterministic_inference:
+        problem = "--enable-deterministic-inference runs quantized layers in blocks of 16 rows, one row too"
+    if problem is None and not cpu_kernels.q8_rows():
+        problem = "this CPU lacks AVX512-VNNI: kept blocks would be slower than bf16 weights from 16 rows"
+    if problem is None:
+        log.info("the GGUF file's blocks are kept (the default where this CPU's kernels run them: --quantization "
+                 "gguf; --quantization none expands the file)")
+        return "gguf"
+    log.info("the GGUF file is expanded to %s (default here: --quantization none), since %s",
+             str(dtype).removeprefix("torch."), problem)
+    return "none"
+
+
+def _cannot_run(quantization: str, args: ServerArgs, device: torch.device, dtype: torch.dtype,
+                model_dir: str | Path, hf_config) -> str | None:
+    """Why --quantization int8 / gguf cannot run here (a sentence naming the flag), or None."""
     if quantization not in ("int8", "gguf"):
-        return
+        return None
     flag = f"--quantization {quantization}"
     if device.type != "cpu":
-        raise ValueError(f"{flag} runs on the CPU (cpu_kernels); on CUDA GPUs use --quantization fp8")
+        return f"{flag} runs on the CPU (cpu_kernels); on CUDA GPUs use --quantization fp8"
     if dtype != torch.bfloat16:
-        raise ValueError(f"{flag} computes in bfloat16: leave --dtype at auto or bfloat16 (not {dtype})")
+        return f"{flag} computes in bfloat16: leave --dtype at auto or bfloat16 (not {dtype})"
     if cpu_kernels.library() is None:
         has = "has" if "avx512_bf16" in cpu_kernels.cpu_flags() else "lacks"
-        raise ValueError(f"{flag} needs cpu_kernels: a CPU with AVX512-BF16 (this one {has} it) and a C compiler")
-    if quantization == "gguf" and args.load_format == "dummy":
-        raise ValueError(f"{flag} keeps a GGUF file's blocks: --load-format dummy has no file")
-    if quantization == "gguf" and not (Path(model_dir) / GGUF_SOURCE_FILE).exists():
-        raise ValueError(f"{flag} keeps a GGUF file's blocks, and the model is not a .gguf file")
+        return f"{flag} needs cpu_kernels: a CPU with AVX512-BF16 (this one {has} it) and a C compiler"
+    if quantization == "int8":
+        return None
+    if args.load_format == "dummy":
+        return f"{flag} keeps a GGUF file's blocks: --load-format dummy has no file"
+    if not (Path(model_dir) / GGUF_SOURCE_FILE).exists():
+        return f"{flag} keeps a GGUF file's blocks, and the model is not a .gguf file"
+    arch = str(read_gguf(gguf_file(model_dir))[0]["general.architecture"])
+    if arch not in _GGUF_ARCHS:
+        return f"{flag}: GGUF architecture {arch!r} is not supported (supported: {sorted(_GGUF_ARCHS)})"
+    # A row-parallel layer's (o_proj, down_proj) input columns are split over the ranks.
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    for width in (hf_config.num_attention_heads * head_dim, hf_config.intermediate_size):
+        if width // args.tp_size % GGUF_BLOCK:
+            return (f"{flag}: a rank's {width // args.tp_size} input columns of a row-parallel layer split GGUF's "
+                    f"blocks of {GGUF_BLOCK} (choose another --tp-size)")
+    return None
 
 
 def int8_layer_weights(model: nn.Module) -> dict[str, QuantWeight]:

@@ -15,7 +15,7 @@ from radixserve.model_files import load_hf_config
 from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
-from worker_proc.cpu_quant import check_quantization, linear_layers, quantize_cpu_linears
+from worker_proc.cpu_quant import linear_layers, quantize_cpu_linears, resolve_quantization
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes, graph_keys
 from worker_proc.draft_model import make_draft
 from worker_proc.grammar import GrammarBackend, SlotGrammars
@@ -56,7 +56,9 @@ class ModelRunner:
         if args.enable_deterministic_inference:
             batch_invariant.enable(self.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
-        check_quantization(args, self.device, self.dtype, model_dir)
+        # From here on args.quantization is what this worker runs (without the flag: gguf or none for a GGUF file).
+        self.args = args = args.replace(quantization=resolve_quantization(args, self.device, self.dtype, model_dir,
+                                                                          hf_config))
         self.model, self.weight_bytes = self._load_model(model_dir, hf_config)
         if args.enable_deterministic_inference and self.device.type == "cuda":
             weights = [m.weight for m in linear_layers(self.model).values()

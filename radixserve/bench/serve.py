@@ -34,7 +34,7 @@ from radixserve.config import RouterPolicy, ServerArgs
 START_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 20.0
 WARMUP_OUTPUT_LEN = 4
-WEIGHT_DTYPES = {"bf16": {"dtype": "bfloat16", "quantization": None}, "gguf": {"quantization": "gguf"},
+WEIGHT_DTYPES = {"bf16": {"dtype": "bfloat16", "quantization": "none"}, "gguf": {"quantization": "gguf"},
                  "int8": {"quantization": "int8"}, "fp8": {"quantization": "fp8"}}
 
 
@@ -60,7 +60,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "side (use a text backend: the router matches prefixes on text)")
     g.add_argument("--weight-dtypes", nargs="+", choices=tuple(WEIGHT_DTYPES), default=[],
                    help="with --launch-server: one server per weight format, the runs side by side: bf16 (a GGUF "
-                        "file expanded: --dtype bfloat16), or --quantization gguf / int8 / fp8")
+                        "file expanded: --dtype bfloat16 --quantization none), or --quantization gguf / int8 / fp8")
 
 
 def run(ns: argparse.Namespace) -> int:
