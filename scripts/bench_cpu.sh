@@ -4,7 +4,7 @@
 # serve:   16 random prompts (64 in / 32 out) through a launched server, one at a time and 16 at once, for each
 #          weight format side by side: the GGUF expanded to bf16, its own Q4_1 blocks, and int8 (docs/quantization.md).
 # offline: 16 random prompts (128 in / 64 out) through the Engine beside HF transformers `generate` in the same run
-#          (one batch of 16, the same dtype as the engine).
+#          (one batch of 16, the same dtype as the engine; the GGUF expanded, --quantization none, as HF runs it).
 # JSON, PNG and logs go to $OUT (default ./bench_cpu_out). Measure on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,6 @@ python3 -m radixserve.bench serve --launch-server --dataset random --num-prompts
     --random-output-len 32 --random-range-ratio 1 --max-concurrency 1 16 --weight-dtypes bf16 gguf int8 \
     --output-dir "$out" --output-name cpu-serve \
     2>&1 | tee "$out/cpu-serve.log"
-python3 -m radixserve.bench offline --baseline hf --hf-batch-size 16 --dataset random --num-prompts 16 \
-    --random-input-len 128 --random-output-len 64 --random-range-ratio 1 --output-dir "$out" \
+python3 -m radixserve.bench offline --quantization none --baseline hf --hf-batch-size 16 --dataset random \
+    --num-prompts 16 --random-input-len 128 --random-output-len 64 --random-range-ratio 1 --output-dir "$out" \
     --output-name cpu-offline 2>&1 | tee "$out/cpu-offline.log"
