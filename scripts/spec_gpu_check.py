@@ -10,11 +10,14 @@
             a dummy head of the public layout (eagle3_config), on two of the prompts; for each, sampled requests
             with penalties, bias, seeds and logprobs through verify steps, and the greedy agreement with the run
             without speculation in bf16 (a verify step is an extend: a rounding can flip a near-tie)
+  engine-det  off and REPLAY as in engine, both with --enable-deterministic-inference: there a verify step
+            computes a token with the bits a decode step gives it, so the replayed draft is always right (in plain
+            bf16 it parts at the first near tie the two round apart, and is wrong from there on)
   eagle3-det  EAGLE3 (dummy head) against no speculation at batch 1, both with --enable-deterministic-inference:
             greedy tokens identical
 
 Run from the repo root on the GPU machine:
-    source .whl/setup.sh && python3 scripts/spec_gpu_check.py OUT_DIR [--sections verify engine eagle3-det]
+    source .whl/setup.sh && python3 scripts/spec_gpu_check.py OUT_DIR [--sections verify engine engine-det eagle3-det]
 Each section writes OUT_DIR/<section>.json as it ends (a section that fails writes its error); a summary is
 printed last. `python3 -m pytest tests/test_speculative.py -k acceptance` checks FlashInfer's
 chain_speculative_sampling against the target distribution.
@@ -23,6 +26,7 @@ chain_speculative_sampling against the target distribution.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -170,24 +174,28 @@ def eagle3_config(out: Path) -> Path:
     return path
 
 
-def section_engine(out: Path) -> dict:
+def section_engine(out: Path, deterministic: bool = False) -> dict:
     """Without speculation, then REPLAY of its outputs, STANDALONE (the target as its own draft) and EAGLE3 (a
-    dummy head): each through the Engine."""
+    dummy head): each through the Engine. `deterministic`: off and REPLAY alone, both in that mode, where the
+    replayed draft is always right (in plain bf16 it is right only until a near tie rounds apart)."""
     from radixserve import Engine
 
+    engine = dict(ENGINE, enable_deterministic_inference=deterministic)
     ps, big = prompts(BATCH1_PROMPTS), prompts(BIG_BATCH, seed=1)
-    with Engine(MODEL, **ENGINE) as eng:
+    with Engine(MODEL, **engine) as eng:
         off = _engine_runs(eng, ps, big)
-    path = out / "replay_drafts.json"
+    path = out / f"replay_drafts{'_det' if deterministic else ''}.json"
     path.write_text(json.dumps([p + o for p, o in zip(ps, off["outputs"])]))
     draft = dict(speculative_draft_load_format="dummy", speculative_num_draft_tokens=NUM_DRAFTS + 1)
     flags = {"REPLAY": dict(speculative_replay_path=str(path), speculative_num_draft_tokens=NUM_DRAFTS + 1),
              "STANDALONE": dict(draft, speculative_draft_model_path=MODEL),
              "EAGLE3": dict(draft, speculative_draft_model_path=str(eagle3_config(out)))}
+    if deterministic:
+        flags = {"REPLAY": flags["REPLAY"]}
     res = {"off": off}
     for algo, kw in flags.items():
         try:
-            with Engine(MODEL, **ENGINE, speculative_algorithm=algo, **kw) as eng:
+            with Engine(MODEL, **engine, speculative_algorithm=algo, **kw) as eng:
                 on = _engine_runs(eng, ps if algo == "REPLAY" else ps[:2], big)
         except Exception:
             res[algo] = {"error": traceback.format_exc()}
@@ -200,8 +208,11 @@ def section_engine(out: Path) -> dict:
     replay = res.get("REPLAY", {})
     res["met"] = {"REPLAY batch 1 >= 2.5x": replay.get("batch1_speedup", 0) >= 2.5,
                   f"REPLAY batch {BIG_BATCH} (threshold: plain decode) not slower":
-                      replay.get(f"batch{BIG_BATCH}_ratio", 0) >= 0.97,
-                  "EAGLE3 greedy identical": res.get("EAGLE3", {}).get("agreement", {}).get("identical")}
+                      replay.get(f"batch{BIG_BATCH}_ratio", 0) >= 0.97}
+    if deterministic:
+        res["met"]["REPLAY greedy identical (its draft always right)"] = replay.get("agreement", {}).get("identical")
+    else:
+        res["met"]["EAGLE3 greedy identical"] = res.get("EAGLE3", {}).get("agreement", {}).get("identical")
     for r in res.values():
         if isinstance(r, dict) and "outputs" in r:
             r["outputs"] = len(r["outputs"])
@@ -229,7 +240,9 @@ def section_eagle3_deterministic(out: Path) -> dict:
     return res
 
 
-SECTIONS = {"verify": section_verify, "engine": section_engine, "eagle3-det": section_eagle3_deterministic}
+SECTIONS = {"verify": section_verify, "engine": section_engine,
+            "engine-det": functools.partial(section_engine, deterministic=True),
+            "eagle3-det": section_eagle3_deterministic}
 
 
 def main() -> None:
