@@ -10,6 +10,8 @@
             a dummy head of the public layout (eagle3_config), on two of the prompts; for each, sampled requests
             with penalties, bias, seeds and logprobs through verify steps, and the greedy agreement with the run
             without speculation in bf16 (a verify step is an extend: a rounding can flip a near-tie)
+  verify-eagle3  the same with EAGLE3's head (dummy) drafting in the verify step; a profile of those steps
+            to OUT_DIR/verify-EAGLE3.prof
   engine-det  off and REPLAY as in engine, both with --enable-deterministic-inference: there a verify step
             computes a token with the bits a decode step gives it, so the replayed draft is always right (in plain
             bf16 it parts at the first near tie the two round apart, and is wrong from there on)
@@ -17,7 +19,8 @@
             greedy tokens identical
 
 Run from the repo root on the GPU machine:
-    source .whl/setup.sh && python3 scripts/spec_gpu_check.py OUT_DIR [--sections verify engine engine-det eagle3-det]
+    source .whl/setup.sh && python3 scripts/spec_gpu_check.py OUT_DIR \
+        [--sections verify verify-eagle3 engine engine-det eagle3-det]
 Each section writes OUT_DIR/<section>.json as it ends (a section that fails writes its error); a summary is
 printed last. `python3 -m pytest tests/test_speculative.py -k acceptance` checks FlashInfer's
 chain_speculative_sampling against the target distribution.
@@ -51,9 +54,10 @@ def prompts(n: int, length: int = 128, seed: int = 0) -> list[list[int]]:
     return [rng.integers(vocab // 8, vocab // 2, length).tolist() for _ in range(n)]
 
 
-def section_verify(out: Path) -> dict:
+def section_verify(out: Path, algorithm: str = "NGRAM") -> dict:
     """Batch 1, context 1024: a plain decode step vs a verify step of NUM_DRAFTS drafts, both through their CUDA
-    graphs (the verify forward also eagerly)."""
+    graphs (the verify forward also eagerly). `algorithm` EAGLE3: the head (dummy) drafts in the verify step and
+    follows each step; a profile of its verify steps (top kernels and host calls) goes to OUT/verify-EAGLE3.prof."""
     import numpy as np
     import torch
     from gpu_check import Synth
@@ -64,9 +68,11 @@ def section_verify(out: Path) -> dict:
     from worker_proc.step_io import StepArrays
     from worker_proc.verify_graphs import graph_verify
 
+    head = dict(speculative_draft_model_path=str(eagle3_config(out)), speculative_draft_load_format="dummy")
     runner = ModelRunner(ServerArgs(model_path=MODEL, load_format="dummy", context_length=4096,
-                                    max_total_tokens=16384, speculative_algorithm="NGRAM",
-                                    speculative_num_draft_tokens=NUM_DRAFTS + 1), 0, MODEL)
+                                    max_total_tokens=16384, speculative_algorithm=algorithm,
+                                    speculative_num_draft_tokens=NUM_DRAFTS + 1,
+                                    **(head if algorithm == "EAGLE3" else {})), 0, MODEL)
     synth = Synth(runner)
     ctx = min(1024, runner.context_length // 2)
     runner.launch(synth.batch(False, [0], [0], [1], [synth.new_req(0, synth.slots(ctx - 1))])).result()
@@ -113,8 +119,23 @@ def section_verify(out: Path) -> dict:
             dec, ver = fn(0), fn(NUM_DRAFTS)
             res[name] = {"decode_ms": dec * 1e3, "verify_ms": ver * 1e3, "ratio": ver / dec}
         res["forward"]["verify_eager_ms"] = eager_verify() * 1e3
+        if algorithm == "EAGLE3":
+            (out / "verify-EAGLE3.prof").write_text(_profile(lambda: whole(NUM_DRAFTS), runner.device.type))
     res["met"] = res["forward"]["ratio"] <= 1.15
     return res
+
+
+def _profile(step, device_type: str) -> str:
+    """torch.profiler's tables (by device time, by host time) over 5 calls of `step`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+    table = prof.key_averages()
+    by_device = table.table(sort_by="self_cuda_time_total", row_limit=30) if device_type == "cuda" else ""
+    return by_device + "\n" + table.table(sort_by="cpu_time_total", row_limit=40)
 
 
 def _timed(eng, batch: list[list[int]], sp: dict) -> tuple[list[dict], float]:
@@ -240,7 +261,8 @@ def section_eagle3_deterministic(out: Path) -> dict:
     return res
 
 
-SECTIONS = {"verify": section_verify, "engine": section_engine,
+SECTIONS = {"verify": section_verify, "verify-eagle3": functools.partial(section_verify, algorithm="EAGLE3"),
+            "engine": section_engine,
             "engine-det": functools.partial(section_engine, deterministic=True),
             "eagle3-det": section_eagle3_deterministic}
 
