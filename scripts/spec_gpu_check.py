@@ -11,7 +11,7 @@
             with penalties, bias, seeds and logprobs through verify steps, and the greedy agreement with the run
             without speculation in bf16 (a verify step is an extend: a rounding can flip a near-tie)
   verify-eagle3  the same with EAGLE3's head (dummy) drafting in the verify step; a profile of those steps
-            to OUT_DIR/verify-EAGLE3.prof
+            to OUT_DIR/verify-EAGLE3.prof; a decode step at batch 64 with the head following it and without
   engine-det  off and REPLAY as in engine, both with --enable-deterministic-inference: there a verify step
             computes a token with the bits a decode step gives it, so the replayed draft is always right (in plain
             bf16 it parts at the first near tie the two round apart, and is wrong from there on)
@@ -57,7 +57,8 @@ def prompts(n: int, length: int = 128, seed: int = 0) -> list[list[int]]:
 def section_verify(out: Path, algorithm: str = "NGRAM") -> dict:
     """Batch 1, context 1024: a plain decode step vs a verify step of NUM_DRAFTS drafts, both through their CUDA
     graphs (the verify forward also eagerly). `algorithm` EAGLE3: the head (dummy) drafts in the verify step and
-    follows each step; a profile of its verify steps (top kernels and host calls) goes to OUT/verify-EAGLE3.prof."""
+    follows each step; a profile of its verify steps (top kernels and host calls) goes to OUT/verify-EAGLE3.prof,
+    and a pipelined decode step of BIG_BATCH requests is timed with the head following it and without."""
     import numpy as np
     import torch
     from gpu_check import Synth
@@ -121,6 +122,12 @@ def section_verify(out: Path, algorithm: str = "NGRAM") -> dict:
         res["forward"]["verify_eager_ms"] = eager_verify() * 1e3
         if algorithm == "EAGLE3":
             (out / "verify-EAGLE3.prof").write_text(_profile(lambda: whole(NUM_DRAFTS), runner.device.type))
+            # Above the batch threshold a step is plain decode, but the head still follows its tokens
+            ms = {}
+            for name, drafter in (("with_head_ms", runner.draft), ("without_ms", None)):
+                runner.draft = drafter
+                ms[name] = Synth(runner, seed=1).decode_loop(BIG_BATCH, ctx, 20, overlap=True) * 1e3
+            res[f"decode_batch{BIG_BATCH}"] = dict(ms, ratio=ms["with_head_ms"] / ms["without_ms"])
     res["met"] = res["forward"]["ratio"] <= 1.15
     return res
 
