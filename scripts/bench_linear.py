@@ -8,9 +8,10 @@ weight (as a model's layers do: nothing stays in L2), against the floor of readi
 --fp8: the decoder's projections with e4m3 weights (worker_proc.fp8; the LM head stays bf16): the GEMV on the FP8
 weight ("gemv") against _scaled_mm with x quantized per token ("scaled_mm"), against the floor of reading n x k bytes.
 --deterministic: worker_proc.batch_invariant's matmul (--enable-deterministic-inference) against cuBLAS at each
---rows; with --sweep, every launch shape of a small grid (each checked to give row 0 the same bits at 1 row and
-at the most rows, and whether its bits equal the default shape's: if so, two shapes could serve different batch
-sizes), the best per rows, and the one with the least summed ratio to the best over all rows.
+--rows, with its default launch shape ("invariant") and with the one the worker keeps up to SMALL_M rows
+(choose_small_tiles: "worker"); with --sweep, every launch shape of a small grid (each checked to give row 0 the
+same bits at 1 row and at the most rows, and whether its bits equal the default shape's: if so, two shapes could
+serve different batch sizes), the best per rows, and the one with the least summed ratio to the best over all rows.
 Prints a table; JSON to $OUT (default .)/bench_linear.json.
 """
 
@@ -42,7 +43,9 @@ SWEEP_FP8_CUDA_CORES = [gemv.Config(*c, False)
 SWEEP_FP8_TENSOR_CORES = [gemv.Config(*c, True)
                           for c in itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 4))]
 
-SWEEP_INVARIANT = [batch_invariant.Tiles(*c) for c in itertools.product((64, 128), (64, 128, 256), (3, 4, 5), (4, 8))]
+# rows, K step, stages, warps, output tile width (0: the per-weight default)
+SWEEP_INVARIANT = [batch_invariant.Tiles(*c)
+                   for c in itertools.product((16, 64, 128), (64, 128, 256), (3, 4), (4,), (0, 16))]
 
 
 def projections(model: str, tp: int) -> dict[str, tuple[int, int, bool]]:
@@ -143,10 +146,17 @@ def time_invariant_projection(n: int, k: int, rows_list: list[int], sweep: bool,
     res = {"n": n, "k": k, "MB": n * k * 2 / 1e6, "floor_us": n * k * 2 / bw * 1e6}
     xs = {rows: torch.randn(rows, k, dtype=torch.bfloat16, device="cuda") for rows in rows_list}
     x_most = xs[max(rows_list)]
+    batch_invariant.PLANS.clear()
     for rows, x in xs.items():
         r = res[f"rows{rows}"] = {}
         r["cublas_us"] = graph_seconds([lambda w=w, x=x: F.linear(x, w) for w in ws]) * 1e6
         r["invariant_us"] = graph_seconds([lambda w=w, x=x: batch_invariant.matmul(x, w.t()) for w in ws]) * 1e6
+    # what the worker runs: the launch shape choose_small_tiles keeps up to SMALL_M rows
+    res["worker_tiles"] = str(batch_invariant.choose_small_tiles(ws, batch_invariant._gpu_seconds)[n, k])
+    for rows, x in xs.items():
+        res[f"rows{rows}"]["worker_us"] = graph_seconds([lambda w=w, x=x: batch_invariant.matmul(x, w.t())
+                                                         for w in ws]) * 1e6
+    batch_invariant.PLANS.clear()
     if sweep:
         shapes = {}
         for tiles in SWEEP_INVARIANT:
@@ -201,11 +211,13 @@ def main() -> None:
                 t = r[f"rows{rows}"]
                 cells = [f"{key.removesuffix('_us')} {t[key]:7.1f} ({r['floor_us'] / t[key] * 100:3.0f}%)"
                          for key in ("cublas_us", "cublaslt_us", "scaled_mm_us", "gemv_us", "gemv_best_us",
-                                     "invariant_us", "best_us")
+                                     "invariant_us", "worker_us", "best_us")
                          if key in t]
                 extra = f" best {t['gemv_best_config']}" if "gemv_best_config" in t else ""
                 extra += f" best {t['best']}" if "best" in t else ""
                 extra += f" -> worker: {t['worker_uses']}" if "worker_uses" in t else ""
+                if "worker_tiles" in r:
+                    extra += f" (worker up to {batch_invariant.SMALL_M} rows: {r['worker_tiles']})"
                 print(f"{spec:18s} {name:8s} {n:6d}x{k:<6d} rows {rows:3d}: floor {r['floor_us']:7.1f} | "
                       + " | ".join(cells) + extra, flush=True)
             if "best_overall" in r:

@@ -10,11 +10,17 @@
             a dummy head of the public layout (eagle3_config), on two of the prompts; for each, sampled requests
             with penalties, bias, seeds and logprobs through verify steps, and the greedy agreement with the run
             without speculation in bf16 (a verify step is an extend: a rounding can flip a near-tie)
+  verify-eagle3  the same with EAGLE3's head (dummy) drafting in the verify step; a profile of those steps
+            to OUT_DIR/verify-EAGLE3.prof; a decode step at batch 64 with the head following it and without
+  engine-det  off and REPLAY as in engine, both with --enable-deterministic-inference: there a verify step
+            computes a token with the bits a decode step gives it, so the replayed draft is always right (in plain
+            bf16 it parts at the first near tie the two round apart, and is wrong from there on)
   eagle3-det  EAGLE3 (dummy head) against no speculation at batch 1, both with --enable-deterministic-inference:
             greedy tokens identical
 
 Run from the repo root on the GPU machine:
-    source .whl/setup.sh && python3 scripts/spec_gpu_check.py OUT_DIR [--sections verify engine eagle3-det]
+    source .whl/setup.sh && python3 scripts/spec_gpu_check.py OUT_DIR \
+        [--sections verify verify-eagle3 engine engine-det eagle3-det]
 Each section writes OUT_DIR/<section>.json as it ends (a section that fails writes its error); a summary is
 printed last. `python3 -m pytest tests/test_speculative.py -k acceptance` checks FlashInfer's
 chain_speculative_sampling against the target distribution.
@@ -23,6 +29,7 @@ chain_speculative_sampling against the target distribution.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -47,9 +54,11 @@ def prompts(n: int, length: int = 128, seed: int = 0) -> list[list[int]]:
     return [rng.integers(vocab // 8, vocab // 2, length).tolist() for _ in range(n)]
 
 
-def section_verify(out: Path) -> dict:
+def section_verify(out: Path, algorithm: str = "NGRAM") -> dict:
     """Batch 1, context 1024: a plain decode step vs a verify step of NUM_DRAFTS drafts, both through their CUDA
-    graphs (the verify forward also eagerly)."""
+    graphs (the verify forward also eagerly). `algorithm` EAGLE3: the head (dummy) drafts in the verify step and
+    follows each step; a profile of its verify steps (top kernels and host calls) goes to OUT/verify-EAGLE3.prof,
+    and a pipelined decode step of BIG_BATCH requests is timed with the head following it and without."""
     import numpy as np
     import torch
     from gpu_check import Synth
@@ -60,9 +69,11 @@ def section_verify(out: Path) -> dict:
     from worker_proc.step_io import StepArrays
     from worker_proc.verify_graphs import graph_verify
 
+    head = dict(speculative_draft_model_path=str(eagle3_config(out)), speculative_draft_load_format="dummy")
     runner = ModelRunner(ServerArgs(model_path=MODEL, load_format="dummy", context_length=4096,
-                                    max_total_tokens=16384, speculative_algorithm="NGRAM",
-                                    speculative_num_draft_tokens=NUM_DRAFTS + 1), 0, MODEL)
+                                    max_total_tokens=16384, speculative_algorithm=algorithm,
+                                    speculative_num_draft_tokens=NUM_DRAFTS + 1,
+                                    **(head if algorithm == "EAGLE3" else {})), 0, MODEL)
     synth = Synth(runner)
     ctx = min(1024, runner.context_length // 2)
     runner.launch(synth.batch(False, [0], [0], [1], [synth.new_req(0, synth.slots(ctx - 1))])).result()
@@ -109,8 +120,29 @@ def section_verify(out: Path) -> dict:
             dec, ver = fn(0), fn(NUM_DRAFTS)
             res[name] = {"decode_ms": dec * 1e3, "verify_ms": ver * 1e3, "ratio": ver / dec}
         res["forward"]["verify_eager_ms"] = eager_verify() * 1e3
+        if algorithm == "EAGLE3":
+            (out / "verify-EAGLE3.prof").write_text(_profile(lambda: whole(NUM_DRAFTS), runner.device.type))
+            # Above the batch threshold a step is plain decode, but the head still follows its tokens
+            ms = {}
+            for name, drafter in (("with_head_ms", runner.draft), ("without_ms", None)):
+                runner.draft = drafter
+                ms[name] = Synth(runner, seed=1).decode_loop(BIG_BATCH, ctx, 20, overlap=True) * 1e3
+            res[f"decode_batch{BIG_BATCH}"] = dict(ms, ratio=ms["with_head_ms"] / ms["without_ms"])
     res["met"] = res["forward"]["ratio"] <= 1.15
     return res
+
+
+def _profile(step, device_type: str) -> str:
+    """torch.profiler's tables (by device time, by host time) over 5 calls of `step`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+    table = prof.key_averages()
+    by_device = table.table(sort_by="self_cuda_time_total", row_limit=30) if device_type == "cuda" else ""
+    return by_device + "\n" + table.table(sort_by="cpu_time_total", row_limit=40)
 
 
 def _timed(eng, batch: list[list[int]], sp: dict) -> tuple[list[dict], float]:
@@ -170,24 +202,28 @@ def eagle3_config(out: Path) -> Path:
     return path
 
 
-def section_engine(out: Path) -> dict:
+def section_engine(out: Path, deterministic: bool = False) -> dict:
     """Without speculation, then REPLAY of its outputs, STANDALONE (the target as its own draft) and EAGLE3 (a
-    dummy head): each through the Engine."""
+    dummy head): each through the Engine. `deterministic`: off and REPLAY alone, both in that mode, where the
+    replayed draft is always right (in plain bf16 it is right only until a near tie rounds apart)."""
     from radixserve import Engine
 
+    engine = dict(ENGINE, enable_deterministic_inference=deterministic)
     ps, big = prompts(BATCH1_PROMPTS), prompts(BIG_BATCH, seed=1)
-    with Engine(MODEL, **ENGINE) as eng:
+    with Engine(MODEL, **engine) as eng:
         off = _engine_runs(eng, ps, big)
-    path = out / "replay_drafts.json"
+    path = out / f"replay_drafts{'_det' if deterministic else ''}.json"
     path.write_text(json.dumps([p + o for p, o in zip(ps, off["outputs"])]))
     draft = dict(speculative_draft_load_format="dummy", speculative_num_draft_tokens=NUM_DRAFTS + 1)
     flags = {"REPLAY": dict(speculative_replay_path=str(path), speculative_num_draft_tokens=NUM_DRAFTS + 1),
              "STANDALONE": dict(draft, speculative_draft_model_path=MODEL),
              "EAGLE3": dict(draft, speculative_draft_model_path=str(eagle3_config(out)))}
+    if deterministic:
+        flags = {"REPLAY": flags["REPLAY"]}
     res = {"off": off}
     for algo, kw in flags.items():
         try:
-            with Engine(MODEL, **ENGINE, speculative_algorithm=algo, **kw) as eng:
+            with Engine(MODEL, **engine, speculative_algorithm=algo, **kw) as eng:
                 on = _engine_runs(eng, ps if algo == "REPLAY" else ps[:2], big)
         except Exception:
             res[algo] = {"error": traceback.format_exc()}
@@ -200,8 +236,11 @@ def section_engine(out: Path) -> dict:
     replay = res.get("REPLAY", {})
     res["met"] = {"REPLAY batch 1 >= 2.5x": replay.get("batch1_speedup", 0) >= 2.5,
                   f"REPLAY batch {BIG_BATCH} (threshold: plain decode) not slower":
-                      replay.get(f"batch{BIG_BATCH}_ratio", 0) >= 0.97,
-                  "EAGLE3 greedy identical": res.get("EAGLE3", {}).get("agreement", {}).get("identical")}
+                      replay.get(f"batch{BIG_BATCH}_ratio", 0) >= 0.97}
+    if deterministic:
+        res["met"]["REPLAY greedy identical (its draft always right)"] = replay.get("agreement", {}).get("identical")
+    else:
+        res["met"]["EAGLE3 greedy identical"] = res.get("EAGLE3", {}).get("agreement", {}).get("identical")
     for r in res.values():
         if isinstance(r, dict) and "outputs" in r:
             r["outputs"] = len(r["outputs"])
@@ -229,7 +268,10 @@ def section_eagle3_deterministic(out: Path) -> dict:
     return res
 
 
-SECTIONS = {"verify": section_verify, "engine": section_engine, "eagle3-det": section_eagle3_deterministic}
+SECTIONS = {"verify": section_verify, "verify-eagle3": functools.partial(section_verify, algorithm="EAGLE3"),
+            "engine": section_engine,
+            "engine-det": functools.partial(section_engine, deterministic=True),
+            "eagle3-det": section_eagle3_deterministic}
 
 
 def main() -> None:

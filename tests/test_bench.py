@@ -216,6 +216,15 @@ def test_one_batch_dummy_weights(tiny_model, tmp_path) -> None:
     assert "no physical floor" in report["device"]["note"]
 
 
+def test_one_batch_refuses_a_batch_the_kv_pool_cannot_hold() -> None:
+    from radixserve.bench.one_batch import _check_points_fit
+
+    _check_points_fit([(64, 1024)], 32, 64 * 1056)  # exactly fits
+    fits_not = r"64 x \(1024 \+ 32\) tokens do not fit .* 67583 slots.*--mem-fraction-static"
+    with pytest.raises(SystemExit, match=fits_not):
+        _check_points_fit([(1, 1024), (64, 1024)], 32, 64 * 1056 - 1)
+
+
 def test_module_entry_point_help() -> None:
     out = subprocess.run([sys.executable, "-m", "radixserve.bench", "--help"], capture_output=True, text=True,
                          timeout=60)

@@ -83,6 +83,29 @@ def check_batch_invariant_matmul() -> None:
     print("batch_invariant_matmul ok")
 
 
+def check_small_tiles_choice() -> None:
+    """choose_small_tiles keeps a decode launch shape only if every row has the default shape's bits: one that
+    walks K in other steps is refused even when timed fastest; one that only narrows the output tile is kept (the
+    interpreter sums each tile's products alike); rows then have the default's bits at every batch size."""
+    from worker_proc import batch_invariant as bi
+
+    torch.manual_seed(0)
+    bi.CHECK_ROWS, bi.SMALL_M = (1, 3, 16, 17, 40), 16
+    other_k, narrow = bi.Tiles(16, 32, 2, 4), bi.Tiles(16, 64, 2, 4, 16)
+    bi.SMALL_CANDIDATES = (other_k, narrow)
+    weights = [torch.randn(n, 96).half() for n in (40, 40, 72)]
+    # timed: other_k fastest, then narrow, then the default (shape 40's candidates all time as the default)
+    timed = {other_k: 0.0, narrow: 1.0}
+    chosen = bi.choose_small_tiles(weights, lambda calls: timed.get(bi.PLANS.get((72, 96)), 2.0))
+    assert chosen == {(40, 96): bi.TILES, (72, 96): narrow}, chosen
+    x = torch.randn(40, 96).half()
+    for w in weights:
+        for m in (1, 7, 16, 17):
+            assert torch.equal(bi.matmul(x[:m], w.t()), bi.matmul(x[:m], w.t(), bi.TILES)), (w.shape, m)
+    assert not torch.equal(bi.matmul(x, weights[2].t(), other_k), bi.matmul(x, weights[2].t(), bi.TILES))
+    print("small_tiles_choice ok")
+
+
 def run_interpreted(check: str, module: str = "test_fused_interpreted") -> None:
     """Run tests/`module`.py's `check` in a child with TRITON_INTERPRET=1; it must print "<name> ok"."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -164,3 +187,7 @@ def test_offsets_past_2_31_elements():
 
 def test_batch_invariant_matmul_rows_do_not_depend_on_the_batch():
     run_interpreted("check_batch_invariant_matmul")
+
+
+def test_decode_launch_shapes_are_kept_only_where_rows_sum_alike():
+    run_interpreted("check_small_tiles_choice")

@@ -12,8 +12,9 @@ cuBLAS picks tiles and split-K by shape and FlashInfer its tiles and KV splits. 
   precision reductions off), where a check at start finds every row of the model's weight shapes the same at
   CHECK_ROWS batch sizes (`choose_cuda_linear`; vLLM's batch-invariant mode relies on this on Hopper: with one
   float32 accumulator per output element walking K in order, the tile shape cuBLAS picks by batch size does not
-  change a row's sum); else one persistent Triton matmul with one tile config per weight and no split-K
-  (`matmul`).
+  change a row's sum); else one persistent Triton matmul with no split-K (`matmul`), whose batches of up to
+  SMALL_M rows may take launch shapes of their own where a check at start finds them giving every row the bits
+  of the default shape (`choose_small_tiles`: the fastest such shape per weight).
 - `attention` (CPU; on CUDA worker_proc/attention/invariant_backend.py): every query row (prefill, extend or
   decode alike) over its context in fixed splits of SPLIT tokens, each split's scores and weighted values as
   element-wise products summed along a contiguous axis (an order fixed by the axis' length), the splits merged by
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +68,18 @@ def cublas_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def choose_cuda_linear(weights: list[torch.Tensor]) -> str:
     """Linears through cuBLAS (split-K off by `enable`) if it gives every row of each weight shape and dtype the
-    same bits at every CHECK_ROWS batch size, else through `matmul`; says which (for the log)."""
+    same bits at every CHECK_ROWS batch size, else through `matmul` with `choose_small_tiles`; says which (for the
+    log)."""
     global CUBLAS
     distinct = {(tuple(w.shape), w.dtype): w for w in weights}
     CUBLAS = all(rows_invariant(cublas_linear, w) for w in distinct.values())
-    return "cuBLAS without split-K" if CUBLAS else "the persistent Triton matmul (cuBLAS rows varied with the batch)"
+    if CUBLAS:
+        return "cuBLAS without split-K"
+    t0 = time.perf_counter()
+    chosen = choose_small_tiles(weights, _gpu_seconds)
+    return (f"the persistent Triton matmul (cuBLAS rows varied with the batch); up to {SMALL_M} rows: "
+            + ", ".join(f"{n}x{k} {tiles}" for (n, k), tiles in chosen.items())
+            + f" (chosen in {time.perf_counter() - t0:.1f} s)")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed) -> torch.Tensor:
@@ -141,15 +150,22 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req
 
 @dataclass(frozen=True)
 class Tiles:
-    """The matmul's launch shape, one for every m (so one order of summation): rows and K per step of an output
-    tile, software-pipeline stages, warps. (Its width is chosen per weight: `_block_n`.)"""
+    """The matmul's launch shape: rows and K per step of an output tile, software-pipeline stages, warps, and the
+    tile's width (0: chosen per weight, `_block_n`)."""
     block_m: int = 128
     block_k: int = 64
     stages: int = 3
     warps: int = 4
+    block_n: int = 0
 
 
-TILES = Tiles()
+TILES = Tiles()  # every batch's launch shape, and the order of summation the others must reproduce
+SMALL_M = 64  # batches of up to this many rows (decode) may take a launch shape of their own: PLANS
+# Candidates for them: deeper K steps and narrower tiles keep more of the weight in flight on more SMs when
+# one row's arithmetic is nothing; tensor-core shapes that walk K in the same order as TILES may sum alike.
+SMALL_CANDIDATES = (Tiles(64, 128, 4, 4), Tiles(64, 256, 3, 4), Tiles(64, 128, 4, 4, 16), Tiles(64, 256, 4, 4, 16),
+                    Tiles(16, 256, 4, 4))
+PLANS: dict[tuple[int, int], Tiles] = {}  # (n, k) of a weight -> its launch shape up to SMALL_M rows
 BLOCK_N_CHOICES = (128, 64, 32)  # the output tile's width, chosen per weight (see `_block_n`)
 GROUP_M = 8
 
@@ -206,19 +222,62 @@ def _block_n(n: int, programs: int) -> int:
     return next((b for b in BLOCK_N_CHOICES if -(-n // b) >= programs), BLOCK_N_CHOICES[-1])
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, tiles: Tiles = TILES) -> torch.Tensor:
+def matmul(a: torch.Tensor, b: torch.Tensor, tiles: Tiles | None = None) -> torch.Tensor:
     """a [m, k] @ b [k, n] -> [m, n] in a's dtype, float32 accumulation; every output element of a row sums k in
-    the same order whatever m is (one tile config, no split-K). `tiles`: the launch shape (scripts/bench_linear.py
-    --deterministic times others)."""
+    the same order whatever m is (no split-K; TILES, or up to SMALL_M rows the weight's PLANS entry, which was
+    checked to sum alike). `tiles`: a launch shape to use instead (scripts/bench_linear.py --deterministic)."""
     m, k = a.shape
     n = b.shape[1]
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if m == 0:
         return c
-    block_n = _block_n(n, _programs(a.device))
+    if tiles is None:
+        tiles = PLANS.get((n, k), TILES) if m <= SMALL_M else TILES
+    block_n = tiles.block_n or _block_n(n, _programs(a.device))
     programs = min(-(-m // tiles.block_m) * -(-n // block_n), _programs(a.device))
     _matmul_kernel()[(programs,)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
                                   c.stride(1), NUM_PROGRAMS=programs, BLOCK_M=tiles.block_m, BLOCK_N=block_n,
                                   BLOCK_K=tiles.block_k, GROUP_M=GROUP_M, num_stages=tiles.stages,
                                   num_warps=tiles.warps)
     return c
+
+
+def choose_small_tiles(weights: list[torch.Tensor], seconds) -> dict[tuple[int, int], Tiles]:
+    """For each weight shape, the fastest launch shape for batches of up to SMALL_M rows among TILES and those
+    SMALL_CANDIDATES that give every row at every CHECK_ROWS batch size the bits TILES gives it (a candidate
+    that sums in another order, or that does not fit the GPU's shared memory, is never used); sets PLANS.
+    `seconds(calls)`: the time of a list of calls (the weights of one shape, at 1 and at SMALL_M rows)."""
+    from triton.runtime.errors import OutOfResources
+
+    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for w in weights:
+        by_shape.setdefault(tuple(w.shape), []).append(w)
+    for (n, k), ws in by_shape.items():
+        xs = [torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(ws[0]) for m in (1, SMALL_M)]
+        calls = [lambda x=x, w=w: matmul(x, w.t()) for x in xs for w in ws]
+        PLANS.pop((n, k), None)
+        best, best_s = TILES, seconds(calls)
+        for tiles in SMALL_CANDIDATES:
+            PLANS[n, k] = tiles
+            try:
+                if rows_invariant(lambda x, w: matmul(x, w.t()), ws[0], CHECK_ROWS) and (s := seconds(calls)) < best_s:
+                    best, best_s = tiles, s
+            except OutOfResources:
+                pass
+        PLANS[n, k] = best
+    return {shape: PLANS[shape] for shape in by_shape}
+
+
+def _gpu_seconds(calls) -> float:
+    """GPU time of `calls` (after one untimed round, which compiles): queued behind a sleep on the device, so
+    their launches from Python overlap it and the events time the kernels alone."""
+    for call in calls:
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(50_000_000)
+    start.record()
+    for call in calls:
+        call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3

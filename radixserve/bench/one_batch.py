@@ -121,8 +121,9 @@ def run(ns: argparse.Namespace) -> int:
         report["device"] = device or {"note": "CPU: no physical floor is given"}
         rates = (device["copy_GBps"] * 1e9 * args.tp_size, device["matmul_TFLOPs"] * 1e12 * args.tp_size) \
             if device else None  # the TP ranks' together
-        _time(engine, [[1] * 16], 4)  # warm-up
         points = list(itertools.product(ns.batch_size, ns.input_len))
+        _check_points_fit(points, ns.output_len, engine.runtime.num_kv_slots - 1)
+        _time(engine, [[1] * 16], 4)  # warm-up
         progress = rep.progress(len(points), "one-batch", unit="point")
         for i, (bs, input_len) in enumerate(points):
             prompts = np.random.default_rng(i).integers(0, vocab_size, (bs, input_len)).tolist()
@@ -135,6 +136,16 @@ def run(ns: argparse.Namespace) -> int:
     _print(report)
     rep.finish(report, ns)
     return 0
+
+
+def _check_points_fit(points: list[tuple[int, int]], output_len: int, kv_slots: int) -> None:
+    """A static batch must fit in the KV pool whole: a batch that does not is prefilled in parts or retracted
+    midway, and its step times are no longer those of one batch of that size."""
+    over = [f"{bs} x ({input_len} + {output_len})" for bs, input_len in points
+            if bs * (input_len + output_len) > kv_slots]
+    if over:
+        raise SystemExit(f"one-batch: {', '.join(over)} tokens do not fit the KV pool's {kv_slots} slots; "
+                         "raise --mem-fraction-static or lower --batch-size / --input-len")
 
 
 def _time(engine: Engine, prompts: list[list[int]], output_len: int) -> float:
