@@ -216,6 +216,25 @@ def test_one_batch_dummy_weights(tiny_model, tmp_path) -> None:
     assert "no physical floor" in report["device"]["note"]
 
 
+def test_one_batch_counts_the_bytes_of_weights_kept_quantized() -> None:
+    """A CPU's quantized weights (here Q4_1 blocks, ~0.6 bytes per weight; the weight kinds are no torch dtype):
+    the body's bytes per weight come from the worker's parameter count and stored bytes."""
+    from types import SimpleNamespace
+
+    from radixserve.bench.one_batch import ModelShape
+
+    config = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, vocab_size=100,
+                             tie_word_embeddings=True)
+    body, vocab = 50_000, 6_400
+    shape = ModelShape.of(config, {"dtype": "bfloat16", "weight_dtype": "Q4_1+Q8_0", "kv_bytes_per_token": 512,
+                                   "num_params": body + vocab, "weight_bytes": int(body * 0.625) + 2 * vocab})
+    assert (shape.body_params, shape.vocab_params) == (body, vocab)
+    assert shape.body_elem_bytes == pytest.approx(0.625, rel=1e-4)
+    nbytes, flops = shape.step(1, 1, 10, 10)
+    assert nbytes == pytest.approx(body * 0.625 + 2 * vocab + 11 * 512, rel=1e-4)
+    assert flops == 2 * body + 2 * vocab + 4 * 2 * 64 * 10
+
+
 def test_one_batch_refuses_a_batch_the_kv_pool_cannot_hold() -> None:
     from radixserve.bench.one_batch import _check_points_fit
 

@@ -142,7 +142,8 @@ def test_shipped_configs_build_and_floor_counts_experts_read(name, params, activ
         model = build_model(config, torch.bfloat16, "meta")
     total = sum(p.numel() for p in model.parameters())
     assert total == pytest.approx(params, rel=1e-3)
-    shape = ModelShape.of(config, {"dtype": "bfloat16", "weight_bytes": 2 * total, "kv_bytes_per_token": 0})
+    shape = ModelShape.of(config, {"dtype": "bfloat16", "weight_bytes": 2 * total, "num_params": total,
+                                   "kv_bytes_per_token": 0})
     vocab = 2 * shape.vocab_params
     dense = shape.body_params - shape.expert_params
     routed = sum(m.experts.w13.numel() + m.experts.w2.numel() for m in model.modules() if hasattr(m, "experts"))

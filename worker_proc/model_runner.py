@@ -110,6 +110,7 @@ class ModelRunner:
                            kv_bytes_per_token=self.kv_bytes_per_token * tp, weight_bytes=self.weight_bytes * tp,
                            gpu_memory_used=gpu_used, gpu_memory_free=gpu_free, cascade_attention=self.use_cascade,
                            num_host_kv_slots=self.kv_cache.num_host_slots, weight_dtype=self.weight_dtype,
+                           num_params=self.num_params * tp,
                            kv_cache_dtype=_name(self.kv_dtype))
 
     def _load_model(self, model_dir: str, hf_config) -> tuple[torch.nn.Module, int]:
@@ -118,6 +119,7 @@ class ModelRunner:
         model = load_model(model_dir, hf_config, self.args.load_format, self.dtype, self.device,
                            seed=self.args.random_seed, quantization=self.args.quantization)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.num_params = sum(p.numel() for p in model.parameters())  # before quantize_cpu_linears replaces weights
         # The dtype of the decoder's linear weights (FP8 or the CPU's quantized forms where quantized).
         fp8 = any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
         self.weight_dtype = _name(torch.float8_e4m3fn if fp8 else self.dtype)

@@ -52,24 +52,26 @@ class ModelShape:
     body_params: int  # all but the embedding and the LM head
     elem_bytes: int  # of the embedding and LM head (the model's dtype)
     kv_bytes_per_token: int
-    body_elem_bytes: int  # of the body's weights: 1 for FP8 weights (their per-row scales left out), else elem_bytes
+    body_elem_bytes: float  # bytes per body weight as stored: 2 for bf16, ~1 for FP8 (with its scales), ~0.6 for Q4_1
     expert_params: int = 0  # the routed experts' parameters, all layers (part of body_params)
     num_experts: int = 0  # routed experts per MoE layer
     top_k: int = 0  # experts each token goes through
 
     @classmethod
     def of(cls, hf_config: Any, worker_info: dict) -> ModelShape:
+        """From the worker's facts: its parameter count and their bytes as stored (quantized forms included; the
+        embedding and LM head counted at the model's dtype)."""
         import torch
 
         elem = getattr(torch, worker_info["dtype"]).itemsize
-        body_elem = getattr(torch, worker_info.get("weight_dtype") or worker_info["dtype"]).itemsize
         heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         vocab = hf_config.vocab_size * hf_config.hidden_size
-        vocab_bytes = vocab * elem * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2)
-        return cls(hf_config.num_hidden_layers, heads * head_dim, vocab,
-                   (worker_info["weight_bytes"] - vocab_bytes) // body_elem, elem, worker_info["kv_bytes_per_token"],
-                   body_elem, *_routed_experts(hf_config))
+        vocab_count = vocab * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2)
+        body_params = worker_info["num_params"] - vocab_count
+        body_elem = (worker_info["weight_bytes"] - vocab_count * elem) / body_params
+        return cls(hf_config.num_hidden_layers, heads * head_dim, vocab, body_params, elem,
+                   worker_info["kv_bytes_per_token"], body_elem, *_routed_experts(hf_config))
 
     def experts_read(self, tokens: float) -> float:
         """Expected distinct experts per MoE layer that `tokens` tokens choose (0 for a dense model)."""
