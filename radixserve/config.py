@@ -53,6 +53,9 @@ def doc(text: str) -> Meta:
     return Meta(description=text)
 
 
+DEFAULT_NUM_DRAFT_TOKENS = 8  # --speculative-num-draft-tokens, unless --speculative-num-steps sets it
+
+
 class FlagError(ValueError):
     """A value or a combination of values that ServerArgs does not take; the message names the flags."""
 
@@ -169,7 +172,14 @@ class ServerArgs:
         "first run gave it; a request whose prompt starts one drafts what followed (a draft that is always right "
         "for greedy requests)")] = None
     speculative_num_draft_tokens: Annotated[Count, doc(
-        "tokens a verify step computes per request: the last one and up to this many - 1 drafted after it")] = 8
+        "tokens a verify step computes per request: the last one and up to this many - 1 drafted after it "
+        "(with --speculative-num-steps: that + 1)")] = DEFAULT_NUM_DRAFT_TOKENS
+    speculative_num_steps: Annotated[Count | None, doc(
+        "SGLang's name for the depth of a chain of drafts: with it a verify step computes the last token and this "
+        "many drafts (--speculative-num-draft-tokens is this + 1, as SGLang sets it for --speculative-eagle-topk 1)"
+        )] = None
+    speculative_eagle_topk: Annotated[Count, doc(
+        "drafts branching from each draft (SGLang's name): 1, a chain (tree drafts are not built)")] = 1
     speculative_ngram_min_match_window_size: Annotated[Count, doc(
         "NGRAM: the shortest suffix of the request's tokens that must match earlier tokens to draft")] = 1
     speculative_ngram_max_match_window_size: Annotated[Count, doc(
@@ -215,6 +225,16 @@ class ServerArgs:
             raise FlagError(f"--quantization {self.quantization} runs on the CPU; on CUDA GPUs use fp8")
         if self.dp_size > 1 and self.nnodes > 1:
             raise FlagError("--dp-size > 1 runs on one node (README: the router over several multi-node servers)")
+        if self.speculative_eagle_topk != 1:
+            raise FlagError(f"--speculative-eagle-topk {self.speculative_eagle_topk}: only 1 is supported (a chain "
+                            "of drafts; tree drafts are not built)")
+        if self.speculative_num_steps is not None:
+            chain = self.speculative_num_steps + 1
+            if self.speculative_num_draft_tokens not in (chain, DEFAULT_NUM_DRAFT_TOKENS):
+                raise FlagError(f"--speculative-num-draft-tokens {self.speculative_num_draft_tokens} with "
+                                f"--speculative-num-steps {self.speculative_num_steps}: a chain of that many drafts "
+                                f"verifies {chain} tokens (give one of the two, or {chain})")
+            self.speculative_num_draft_tokens = chain
         if self.speculative_algorithm is not None and self.speculative_num_draft_tokens < 2:
             raise FlagError("--speculative-num-draft-tokens must be at least 2 (the last token and one draft)")
         if (self.speculative_algorithm in ("STANDALONE", "EAGLE3")) != (self.speculative_draft_model_path is not None):

@@ -60,8 +60,25 @@ def test_bad_speculative_flags_fail_at_start_naming_the_flag() -> None:
         ServerArgs(speculative_algorithm="REPLAY")
     with pytest.raises(FlagError, match="--speculative-algorithm"):
         ServerArgs(speculative_algorithm="MEDUSA")
-    with pytest.raises(FlagError, match="--speculative-algorithm"):
-        ServerArgs(speculative_algorithm="MEDUSA")
+    with pytest.raises(FlagError, match="--speculative-eagle-topk 4: only 1"):
+        ServerArgs(speculative_algorithm="NGRAM", speculative_eagle_topk=4)
+    with pytest.raises(FlagError, match="--speculative-num-draft-tokens 6 with --speculative-num-steps 3"):
+        ServerArgs(speculative_algorithm="NGRAM", speculative_num_steps=3, speculative_num_draft_tokens=6)
+
+
+def test_sglang_chain_flags_set_the_verify_width() -> None:
+    """SGLang's EAGLE command line (a chain: --speculative-eagle-topk 1) parses, and --speculative-num-steps sets
+    the tokens a verify step computes (num-steps + 1) where --speculative-num-draft-tokens is not given otherwise."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    line = ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "head", "--speculative-num-steps",
+            "3", "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
+    args = ServerArgs.from_cli_args(parser.parse_args(line))
+    assert (args.speculative_num_steps, args.speculative_eagle_topk, args.speculative_num_draft_tokens) == (3, 1, 4)
+    assert ServerArgs(speculative_algorithm="NGRAM", speculative_num_steps=5).speculative_num_draft_tokens == 6
+    assert ServerArgs(speculative_algorithm="NGRAM").speculative_num_draft_tokens == 8
 
 
 # ---------------------------------------------------------------- exact acceptance
