@@ -30,6 +30,7 @@ from radixserve.config import ServerArgs
 from radixserve.model_files import GGUF_SOURCE_FILE
 from worker_proc import cpu_kernels
 from worker_proc.layers import ParallelLMHead, RowParallelLinear, _ColumnLinear
+from worker_proc.models.llama import head_dim_of
 
 log = logging.getLogger("radixserve.worker")
 
@@ -316,8 +317,7 @@ def _cannot_run(quantization: str, args: ServerArgs, device: torch.device, dtype
     if arch not in _GGUF_ARCHS:
         return f"{flag}: GGUF architecture {arch!r} is not supported (supported: {sorted(_GGUF_ARCHS)})"
     # A row-parallel layer's (o_proj, down_proj) input columns are split over the ranks.
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    for width in (hf_config.num_attention_heads * head_dim, hf_config.intermediate_size):
+    for width in (hf_config.num_attention_heads * head_dim_of(hf_config), hf_config.intermediate_size):
         if width // args.tp_size % GGUF_BLOCK:
             return (f"{flag}: a rank's {width // args.tp_size} input columns of a row-parallel layer split GGUF's "
                     f"blocks of {GGUF_BLOCK} (choose another --tp-size)")
