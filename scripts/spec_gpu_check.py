@@ -69,11 +69,10 @@ def section_verify(out: Path, algorithm: str = "NGRAM") -> dict:
     from worker_proc.step_io import StepArrays
     from worker_proc.verify_graphs import graph_verify
 
-    head = dict(speculative_draft_model_path=str(eagle3_config(out)), speculative_draft_load_format="dummy")
+    spec = draft_flags(algorithm, eagle3_config(out)) if algorithm == "EAGLE3" else dict(
+        speculative_algorithm=algorithm, speculative_num_draft_tokens=NUM_DRAFTS + 1)
     runner = ModelRunner(ServerArgs(model_path=MODEL, load_format="dummy", context_length=4096,
-                                    max_total_tokens=16384, speculative_algorithm=algorithm,
-                                    speculative_num_draft_tokens=NUM_DRAFTS + 1,
-                                    **(head if algorithm == "EAGLE3" else {})), 0, MODEL)
+                                    max_total_tokens=16384, **spec), 0, MODEL)
     synth = Synth(runner)
     ctx = min(1024, runner.context_length // 2)
     runner.launch(synth.batch(False, [0], [0], [1], [synth.new_req(0, synth.slots(ctx - 1))])).result()
@@ -187,6 +186,13 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     return {"identical": a == b, "agreeing_prefix_tokens": prefix, "tokens": sum(len(x) for x in a)}
 
 
+def draft_flags(algorithm: str, draft: Path | str) -> dict:
+    """The Engine's / ServerArgs' flags of a drafter with dummy weights (STANDALONE: a model; EAGLE3: a head,
+    eagle3_config) and NUM_DRAFTS drafts."""
+    return dict(speculative_algorithm=algorithm, speculative_draft_model_path=str(draft),
+                speculative_draft_load_format="dummy", speculative_num_draft_tokens=NUM_DRAFTS + 1)
+
+
 def eagle3_config(out: Path) -> Path:
     """A dummy EAGLE-3 head for the target, in the public layout's config (weights: --speculative-draft-load-format
     dummy): one decoder layer of the target's width, a 32000-token draft vocabulary."""
@@ -214,16 +220,14 @@ def section_engine(out: Path, deterministic: bool = False) -> dict:
         off = _engine_runs(eng, ps, big)
     path = out / f"replay_drafts{'_det' if deterministic else ''}.json"
     path.write_text(json.dumps([p + o for p, o in zip(ps, off["outputs"])]))
-    draft = dict(speculative_draft_load_format="dummy", speculative_num_draft_tokens=NUM_DRAFTS + 1)
-    flags = {"REPLAY": dict(speculative_replay_path=str(path), speculative_num_draft_tokens=NUM_DRAFTS + 1),
-             "STANDALONE": dict(draft, speculative_draft_model_path=MODEL),
-             "EAGLE3": dict(draft, speculative_draft_model_path=str(eagle3_config(out)))}
-    if deterministic:
-        flags = {"REPLAY": flags["REPLAY"]}
+    flags = {"REPLAY": dict(speculative_algorithm="REPLAY", speculative_replay_path=str(path),
+                            speculative_num_draft_tokens=NUM_DRAFTS + 1)}
+    if not deterministic:
+        flags.update(STANDALONE=draft_flags("STANDALONE", MODEL), EAGLE3=draft_flags("EAGLE3", eagle3_config(out)))
     res = {"off": off}
     for algo, kw in flags.items():
         try:
-            with Engine(MODEL, **engine, speculative_algorithm=algo, **kw) as eng:
+            with Engine(MODEL, **engine, **kw) as eng:
                 on = _engine_runs(eng, ps if algo == "REPLAY" else ps[:2], big)
         except Exception:
             res[algo] = {"error": traceback.format_exc()}
@@ -253,10 +257,8 @@ def section_eagle3_deterministic(out: Path) -> dict:
     from radixserve import Engine
 
     g = {"temperature": 0, "max_new_tokens": OUTPUT_LEN, "ignore_eos": True}
-    eagle3 = dict(speculative_algorithm="EAGLE3", speculative_draft_load_format="dummy",
-                  speculative_num_draft_tokens=NUM_DRAFTS + 1, speculative_draft_model_path=str(eagle3_config(out)))
     res = {}
-    for name, kw in (("off", {}), ("EAGLE3", eagle3)):
+    for name, kw in (("off", {}), ("EAGLE3", draft_flags("EAGLE3", eagle3_config(out)))):
         with Engine(MODEL, **ENGINE, enable_deterministic_inference=True, **kw) as eng:
             timed = [_timed(eng, [p], g) for p in prompts(2)]
         res[name] = {"outputs": [o[0]["output_ids"] for o, _ in timed],
