@@ -58,16 +58,24 @@ static inline __attribute__((always_inline)) void dot_pair(const int m, const ui
     }
 }
 
+/* y's rows i < m, the columns of groups g0 .. g0 + ng - 1 (16 each) below cols (of NB) = bf16(acc[i][g - g0] + bias),
+ * rounded once. */
+static inline __attribute__((always_inline)) void store_groups(const int m, const int g0, const int ng,
+                                                               __m512 acc[][2], const uint16_t *bias, long cols,
+                                                               uint16_t *y, long ldy) {
+    for (int g = g0; g < g0 + ng; g++) {
+        __mmask16 mask = lanes(cols - 16 * g);
+        __m512 b = bias ? load_f32(bias + 16 * g, mask) : _mm512_setzero_ps();
+        for (int i = 0; i < m; i++)
+            _mm256_mask_storeu_epi16(y + i * ldy + 16 * g, mask,
+                                     (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][g - g0], b)));
+    }
+}
+
 /* y's rows i < m, columns < cols (of NB) = bf16(acc[i] + bias), rounded once. */
 static inline __attribute__((always_inline)) void store_tile(const int m, __m512 acc[][2], const uint16_t *bias,
                                                              long cols, uint16_t *y, long ldy) {
-    __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) b0 = load_f32(bias, m0), b1 = load_f32(bias + 16, m1);
-    for (int i = 0; i < m; i++) {
-        _mm256_mask_storeu_epi16(y + i * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][0], b0)));
-        _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][1], b1)));
-    }
+    store_groups(m, 0, 2, acc, bias, cols, y, ldy);
 }
 
 static inline __attribute__((always_inline)) void tile(const int m, const uint16_t *x, long ldx, const uint16_t *wb,
@@ -413,7 +421,7 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
 #ifdef __AVX512VNNI__
 #define QK 32     /* columns of x per activation block */
 #define NEAREST (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) /* half to even, as torch.round */
-#define Q8_MB 4   /* rows per tile: 8 int32 sums and 8 float32 accumulators (6 rows measured no faster) */
+#define Q8_MB 8   /* rows per tile (q8tile: both column groups up to 4 rows, one a pass beyond) */
 #ifndef Q8_ROWS
 #define Q8_ROWS 2 /* rs_linear_quant takes this path from this many rows of x */
 #endif
@@ -481,13 +489,15 @@ static inline __attribute__((always_inline)) void block_terms(const void *scale,
 
 /* Rows [m] of x quantized times a column block's codes (bits 4 or 8), unpacked as they are read with a software
  * prefetch PF_DIST ahead; or (bits 0) unpacked before into [k / 4][NB][4] bytes, fetching the next column block's
- * codes (`next`, of next_quad_bytes per 4 columns of k) as it goes. */
-static inline __attribute__((always_inline)) void q8tile(const int m, const int bits, const int one_block,
-                                                         const uint8_t *codes, const char *next, long next_quad_bytes,
-                                                         long k_dim, const int8_t *xq, const float *xs,
-                                                         const float *xsq, const void *scale, const void *offset,
-                                                         long half, int biased, const uint16_t *bias, long cols,
-                                                         uint16_t *y, long ldy) {
+ * codes (`next`, of next_quad_bytes per 4 columns of k) as it goes. The tile's columns: groups g0 .. g0 + ng - 1
+ * of 16: up to 4 rows both groups at once (16 accumulators); 5-8 rows one group a pass (16 accumulators, the
+ * second pass reading the block's codes from L1, where the first left them). */
+static inline __attribute__((always_inline)) void q8tile(const int m, const int g0, const int ng, const int bits,
+                                                         const int one_block, const uint8_t *codes, const char *next,
+                                                         long next_quad_bytes, long k_dim, const int8_t *xq,
+                                                         const float *xs, const float *xsq, const void *scale,
+                                                         const void *offset, long half, int biased,
+                                                         const uint16_t *bias, long cols, uint16_t *y, long ldy) {
     const long ab_dim = k_dim / QK, kb_dim = one_block ? 1 : ab_dim, quad_bytes = bits ? bits * NB * 4 / 8 : 128;
     const __m512i idx[3] = {_mm512_loadu_si512(QUAD_IDX[0]), _mm512_loadu_si512(QUAD_IDX[1]),
                             _mm512_loadu_si512(QUAD_IDX[2])};
@@ -497,33 +507,32 @@ static inline __attribute__((always_inline)) void q8tile(const int m, const int 
         __m512i dot[Q8_MB][2];
         for (int i = 0; i < m; i++) dot[i][0] = dot[i][1] = _mm512_setzero_si512();
         for (long k4 = a * QK / 4; k4 < (a + 1) * QK / 4; k4++) {
-            __m512i w0, w1;
-            for (long line = 0; bits && line < quad_bytes; line += 64)
+            __m512i w[2];
+            for (long line = 0; bits && g0 == 0 && line < quad_bytes; line += 64)
                 _mm_prefetch((const char *)codes + k4 * quad_bytes + line + PF_DIST, _MM_HINT_T0);
             for (long line = 0; next && line < next_quad_bytes; line += 64)
                 _mm_prefetch(next + k4 * next_quad_bytes + line, _MM_HINT_T0);
-            load_quads(bits, codes + k4 * quad_bytes, idx, &w0, &w1);
+            load_quads(bits, codes + k4 * quad_bytes, idx, &w[0], &w[1]);
             for (int i = 0; i < m; i++) {
                 int32_t quad;
                 memcpy(&quad, xq + i * k_dim + 4 * k4, 4);
                 __m512i xb = _mm512_set1_epi32(quad);
-                dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w0, xb);
-                dot[i][1] = _mm512_dpbusd_epi32(dot[i][1], w1, xb);
+                for (int g = 0; g < ng; g++) dot[i][g] = _mm512_dpbusd_epi32(dot[i][g], w[g0 + g], xb);
             }
         }
         if (one_block) {
             for (int i = 0; i < m; i++) {
                 __m512 xv = _mm512_set1_ps(xs[i * ab_dim + a]);
-                acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][0]), xv, acc[i][0]);
-                acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][1]), xv, acc[i][1]);
+                for (int g = 0; g < ng; g++)
+                    acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][g]), xv, acc[i][g]);
             }
         } else {
             block_terms(scale, offset, a, half, biased, s, o);
             for (int i = 0; i < m; i++) {
                 __m512 xv = _mm512_set1_ps(xs[i * ab_dim + a]), sq = _mm512_set1_ps(xsq[i * kb_dim + a]);
-                for (int g = 0; g < 2; g++) {
+                for (int g = 0; g < ng; g++) {
                     __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][g]), xv);
-                    acc[i][g] = _mm512_fmadd_ps(o[g], sq, _mm512_fmadd_ps(scaled, s[g], acc[i][g]));
+                    acc[i][g] = _mm512_fmadd_ps(o[g0 + g], sq, _mm512_fmadd_ps(scaled, s[g0 + g], acc[i][g]));
                 }
             }
         }
@@ -531,21 +540,27 @@ static inline __attribute__((always_inline)) void q8tile(const int m, const int 
     if (one_block) {
         block_terms(scale, offset, 0, half, biased, s, o);
         for (int i = 0; i < m; i++)
-            for (int g = 0; g < 2; g++)
-                acc[i][g] = _mm512_fmadd_ps(o[g], _mm512_set1_ps(xsq[i]), _mm512_mul_ps(acc[i][g], s[g]));
+            for (int g = 0; g < ng; g++)
+                acc[i][g] = _mm512_fmadd_ps(o[g0 + g], _mm512_set1_ps(xsq[i]), _mm512_mul_ps(acc[i][g], s[g0 + g]));
     }
-    store_tile(m, acc, bias, cols, y, ldy);
+    store_groups(m, g0, ng, acc, bias, cols, y, ldy);
 }
 
-#define Q8TILE(M, B, ONE)                                                                                          \
-    q8tile(M, B, ONE, B ? block_codes : wide, B || mb ? 0 : next, quad_bytes, k_dim, xq + i0 * k_dim,             \
-           xs + i0 * ab_dim, xsq + i0 * kb_dim, sb, ob, half, bits == 8, bb, cols, y + i0 * ldy + n0, ldy)
+#define Q8TILE(M, G0, NG, B, ONE)                                                                                  \
+    q8tile(M, G0, NG, B, ONE, B ? block_codes : wide, B || mb || G0 ? 0 : next, quad_bytes, k_dim,                \
+           xq + i0 * k_dim, xs + i0 * ab_dim, xsq + i0 * kb_dim, sb, ob, half, bits == 8, bb, cols,               \
+           y + i0 * ldy + n0, ldy)
+#define Q8PASSES(M, B, ONE) Q8TILE(M, 0, 1, B, ONE); Q8TILE(M, 1, 1, B, ONE)
 #define Q8TILES(B, ONE)                                                                                            \
     switch (m) {                                                                                                   \
-        case 1: Q8TILE(1, B, ONE); break;                                                                          \
-        case 2: Q8TILE(2, B, ONE); break;                                                                          \
-        case 3: Q8TILE(3, B, ONE); break;                                                                          \
-        default: Q8TILE(4, B, ONE); break;                                                                         \
+        case 1: Q8TILE(1, 0, 2, B, ONE); break;                                                                    \
+        case 2: Q8TILE(2, 0, 2, B, ONE); break;                                                                    \
+        case 3: Q8TILE(3, 0, 2, B, ONE); break;                                                                    \
+        case 4: Q8TILE(4, 0, 2, B, ONE); break;                                                                    \
+        case 5: Q8PASSES(5, B, ONE); break;                                                                        \
+        case 6: Q8PASSES(6, B, ONE); break;                                                                        \
+        case 7: Q8PASSES(7, B, ONE); break;                                                                        \
+        default: Q8PASSES(8, B, ONE); break;                                                                       \
     }
 
 /* rs_linear_quant's operands; k_dim a multiple of QK and bk == QK or bk == k_dim. */
