@@ -234,15 +234,16 @@ def test_model_attributes(tiny_models):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("hq,hkv,dim", [(9, 3, 64), (8, 8, 128), (16, 1, 32)])
+@pytest.mark.parametrize("hq,hkv,dim", [(9, 3, 64), (8, 8, 128), (16, 1, 32), (4, 2, 80)])
 def test_cpu_kernels_paged_attention_matches_sdpa(hq, hkv, dim):
     """Paged attention rows (context read in place through req_to_token, scattered slots, lengths 0 to 300,
-    req slots out of order) against float32 SDPA over the gathered context."""
+    req slots out of order, and six consecutive rows of one request as a verify or prefill step has them: the
+    kernel's tasks take up to four such rows together) against float32 SDPA over the gathered context."""
     g = torch.Generator().manual_seed(hq * 100 + dim)
-    slots, lens, req_slots = 2000, [1, 300, 17, 0, 64], [3, 0, 4, 1, 2]
+    slots, lens, req_slots = 2000, [1, 300, 17, 0, 64, *range(30, 36)], [3, 0, 4, 1, 2, *[5] * 6]
     k_cache = torch.randn(slots, hkv, dim, generator=g).bfloat16()
     v_cache = torch.randn(slots, hkv, dim, generator=g).bfloat16()
-    req_to_token = torch.zeros(5, 320, dtype=torch.int32)
+    req_to_token = torch.zeros(6, 320, dtype=torch.int32)
     for slot, n in zip(req_slots, lens):
         req_to_token[slot, :n] = torch.randperm(slots - 1, generator=g)[:n].int() + 1
     q = torch.randn(len(lens), hq, dim, generator=g).bfloat16()

@@ -172,73 +172,149 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* r[0..15] (16 dwords each) transposed in place: lane j of r[i] <- lane i of r[j]. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+/* Rows of one request per attention task: their queries share each key's load and transpose. */
+#define ATT_ROWS 4
+/* Queries per pass of the P V product (8 float32 accumulators of 16 dims). */
+#define ATT_PV 8
+
+/* acc[i] = sum over keys j < len of p[i][j] V_j's 16 dims at d (p [n][ld], float32), for n <= ATT_PV queries. */
+static inline __attribute__((always_inline)) void pv_pass(const int n, const float *p, long ld, long len,
+                                                          const uint16_t *v_cache, const int32_t *slots, long hkv,
+                                                          long h, long dim, long d, int fetch, __m512 acc[]) {
+    for (int i = 0; i < n; i++) acc[i] = _mm512_setzero_ps();
+    for (long j = 0; j < len; j++) {
+        if (fetch && j + 8 < len) _mm_prefetch((const char *)(v_cache + ((long)slots[j + 8] * hkv + h) * dim), _MM_HINT_T0);
+        __m512 vv = load_f32(v_cache + ((long)slots[j] * hkv + h) * dim + d, 0xffff);
+        for (int i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i * ld + j]), vv, acc[i]);
+    }
+}
+
 /* Attention over the paged KV cache, one query token per row: row t attends to the first lens[t] slots of its
  * request's row of req_to_token, req_to_token[req_slots[t], :lens[t]] (a decode row: the whole context; a
- * prefill row: the causal prefix up to its own token). out[t, h] = softmax(scale * q[t, h] K^T) V with kv head
- * h / (hq / hkv). q and out [rows, hq, dim] contiguous, caches [slots, hkv, dim]; dim % 16 == 0, dim <= 256,
- * hq / hkv <= 16. Slots are the scheduler's (not bound-checked here). Scores and sums in float32, the output
- * rounded to bf16 once. */
+ * prefill or verify row: the causal prefix up to its own token). out[t, h] = softmax(scale * q[t, h] K^T) V with
+ * kv head h / (hq / hkv). q and out [rows, hq, dim] contiguous, caches [slots, hkv, dim]; dim % 16 == 0,
+ * dim <= 256, hq / hkv <= 16. Slots are the scheduler's (not bound-checked here).
+ * A task: up to ATT_ROWS consecutive rows of one request and one kv head (its queries: those rows' query heads
+ * of that kv head). Scores 16 keys at a time: the keys' bf16 pairs transposed to one key per lane, then
+ * VDPBF16PS per pair of dims, q's pair broadcast (products exact, float32 sums), times the scale; softmax and
+ * P V in float32, the output rounded to bf16 once. */
 void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                              const int32_t *req_to_token, long rtt_stride, const int32_t *req_slots,
                              const int32_t *seq_lens, long batch, long hq, long hkv, long dim, float scale,
                              uint16_t *out) {
-    const long group = hq / hkv, vecs = dim / 16;
+    const long group = hq / hkv, pairs = dim / 2;
+    long *starts = malloc(sizeof(long) * (batch + 1)), runs = 0;
+    if (!starts) abort(); /* out of memory: stop the worker loudly rather than return garbage */
+    for (long t = 0; t < batch; t++)
+        if (t == 0 || req_slots[t] != req_slots[t - 1] || t - starts[runs - 1] == ATT_ROWS) starts[runs++] = t;
+    starts[runs] = batch;
 #pragma omp parallel for collapse(2) schedule(dynamic)
-    for (long b = 0; b < batch; b++)
+    for (long r = 0; r < runs; r++)
         for (long h = 0; h < hkv; h++) {
-            const long len = seq_lens[b];
-            const int32_t *slots = req_to_token + (long)req_slots[b] * rtt_stride;
-            float *scores = malloc(sizeof(float) * group * (len ? len : 1));
-            if (!scores) abort(); /* out of memory: stop the worker loudly rather than return garbage */
-            __m512 qv[16][16], acc[16][16];
-            float top[16], sum[16];
-            for (long g = 0; g < group; g++) {
-                top[g] = -INFINITY, sum[g] = 0.0f;
-                for (long v = 0; v < vecs; v++) {
-                    qv[g][v] = _mm512_mul_ps(load_f32(q + ((b * hq) + h * group + g) * dim + v * 16, 0xffff),
-                                             _mm512_set1_ps(scale));
-                    acc[g][v] = _mm512_setzero_ps();
+            const long t0 = starts[r], rows = starts[r + 1] - t0, nq = rows * group;
+            const int32_t *slots = req_to_token + (long)req_slots[t0] * rtt_stride;
+            long most = 0;
+            for (long t = t0; t < t0 + rows; t++) most = seq_lens[t] > most ? seq_lens[t] : most;
+            const long ld = (most + 15) / 16 * 16 + 16;
+            float *p = malloc(sizeof(float) * nq * ld);
+            if (!p) abort();
+            /* query i: row t0 + i / group, head h * group + i % group */
+#define QROW(i) (q + (((t0 + (i) / group) * hq) + h * group + (i) % group) * dim)
+            for (long j0 = 0; j0 < most; j0 += 16) {
+                const long keys = most - j0 < 16 ? most - j0 : 16;
+                for (long c = 0; c < pairs; c += 16) {
+                    const __mmask16 in_chunk = lanes(pairs - c);
+                    __m512i kt[16];
+                    for (long j = 0; j < 16; j++) {
+                        const uint16_t *kr = k_cache + ((long)slots[j0 + (j < keys ? j : 0)] * hkv + h) * dim;
+                        if (c == 0 && j0 + 16 + j < most)
+                            _mm_prefetch((const char *)(k_cache + ((long)slots[j0 + 16 + j] * hkv + h) * dim),
+                                         _MM_HINT_T0);
+                        kt[j] = j < keys ? _mm512_maskz_loadu_epi32(in_chunk, kr + 2 * c) : _mm512_setzero_si512();
+                    }
+                    transpose16(kt); /* kt[e]: pair c + e of each key, key j in lane j */
+                    const long e_dim = pairs - c < 16 ? pairs - c : 16;
+                    for (long i = 0; i < nq; i++) {
+                        const int32_t *qp = (const int32_t *)QROW(i) + c;
+                        __m512 s0 = c ? _mm512_loadu_ps(p + i * ld + j0) : _mm512_setzero_ps();
+                        __m512 s1 = _mm512_setzero_ps();
+                        for (long e = 0; e + 1 < e_dim; e += 2) {
+                            s0 = _mm512_dpbf16_ps(s0, (__m512bh)kt[e], (__m512bh)_mm512_set1_epi32(qp[e]));
+                            s1 = _mm512_dpbf16_ps(s1, (__m512bh)kt[e + 1], (__m512bh)_mm512_set1_epi32(qp[e + 1]));
+                        }
+                        if (e_dim & 1)
+                            s0 = _mm512_dpbf16_ps(s0, (__m512bh)kt[e_dim - 1],
+                                                  (__m512bh)_mm512_set1_epi32(qp[e_dim - 1]));
+                        _mm512_storeu_ps(p + i * ld + j0, _mm512_add_ps(s0, s1));
+                    }
                 }
             }
-            for (long j = 0; j < len; j++) {
-                const uint16_t *kr = k_cache + ((long)slots[j] * hkv + h) * dim;
-                __m512 kv[16];
-                for (long v = 0; v < vecs; v++) kv[v] = load_f32(kr + v * 16, 0xffff);
-                for (long g = 0; g < group; g++) {
-                    __m512 dot = _mm512_mul_ps(qv[g][0], kv[0]);
-                    for (long v = 1; v < vecs; v++) dot = _mm512_fmadd_ps(qv[g][v], kv[v], dot);
-                    float s = _mm512_reduce_add_ps(dot);
-                    scores[g * len + j] = s;
-                    top[g] = s > top[g] ? s : top[g];
-                }
-            }
-            for (long g = 0; g < group; g++) {
-                __m512 total = _mm512_setzero_ps();
-                for (long j = 0; j < len; j += 16) {
+            float *sum = malloc(sizeof(float) * nq);
+            if (!sum) abort();
+            for (long i = 0; i < nq; i++) { /* p[i][j] = e^(scale (s_j - max)) for j < len, 0 up to ld */
+                const long len = seq_lens[t0 + i / group];
+                float *row = p + i * ld;
+                __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+                for (long j = 0; j < len; j += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, lanes(len - j), row + j));
+                const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top)), sv = _mm512_set1_ps(scale);
+                for (long j = 0; j < ld; j += 16) {
                     __mmask16 mask = lanes(len - j);
-                    __m512 s = _mm512_maskz_loadu_ps(mask, scores + g * len + j);
-                    __m512 p = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(top[g]))));
-                    _mm512_mask_storeu_ps(scores + g * len + j, mask, p);
-                    total = _mm512_add_ps(total, p);
+                    __m512 e = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift), sv)));
+                    _mm512_storeu_ps(row + j, e);
+                    total = _mm512_add_ps(total, e);
                 }
-                sum[g] = _mm512_reduce_add_ps(total);
+                sum[i] = _mm512_reduce_add_ps(total);
             }
-            for (long j = 0; j < len; j++) {
-                const uint16_t *vr = v_cache + ((long)slots[j] * hkv + h) * dim;
-                for (long v = 0; v < vecs; v++) {
-                    __m512 vv = load_f32(vr + v * 16, 0xffff);
-                    for (long g = 0; g < group; g++)
-                        acc[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + j]), vv, acc[g][v]);
+            for (long d = 0; d < dim; d += 16)
+                for (long i0 = 0; i0 < nq; i0 += ATT_PV) {
+                    const int n = nq - i0 < ATT_PV ? (int)(nq - i0) : ATT_PV, fetch = d == 0 && i0 == 0;
+                    __m512 acc[ATT_PV];
+                    switch (n) {
+                        case 1: pv_pass(1, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
+                        case 2: pv_pass(2, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
+                        case 3: pv_pass(3, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
+                        case 4: pv_pass(4, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
+                        case 5: pv_pass(5, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
+                        case 6: pv_pass(6, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
+                        case 7: pv_pass(7, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
+                        default: pv_pass(8, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
+                    }
+                    for (int k = 0; k < n; k++) {
+                        const long i = i0 + k;
+                        __m512 inv = _mm512_set1_ps(sum[i] > 0.0f ? 1.0f / sum[i] : 0.0f);
+                        _mm256_storeu_si256((__m256i *)(QROW(i) - q + out + d),
+                                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[k], inv)));
+                    }
                 }
-            }
-            for (long g = 0; g < group; g++) {
-                __m512 inv = _mm512_set1_ps(sum[g] > 0.0f ? 1.0f / sum[g] : 0.0f);
-                for (long v = 0; v < vecs; v++)
-                    _mm256_storeu_si256((__m256i *)(out + ((b * hq) + h * group + g) * dim + v * 16),
-                                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][v], inv)));
-            }
-            free(scores);
+#undef QROW
+            free(sum), free(p);
         }
+    free(starts);
 }
 
 /* out[r] = bf16(bf16(silu(gate)) * up) for x[r] = gate | up ([rows, 2n], row stride ldx; out [rows, n]). */
@@ -426,6 +502,14 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
 #define Q8_ROWS 2 /* rs_linear_quant takes this path from this many rows of x */
 #endif
 
+/* acc + VPDPBUSD(w unsigned, x's 4 bytes at p signed, broadcast). In assembly: GCC 12 copies the accumulator
+ * out and back around each _mm512_dpbusd_epi32 of a tile (two moves an instruction); the broadcast is the
+ * instruction's own memory operand. */
+static inline __attribute__((always_inline)) __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)p));
+    return acc;
+}
+
 /* Row r of xq [m][k] = q, xs [m][k / QK] = xs and xsq [m][k / bk] = the sum over the blocks of QK within each
  * block of bk of xs * sum(q), for rows x [m][k] bf16 (row stride ldx). */
 static void quantize_row(const uint16_t *x, long ldx, long r, long k, long bk, int8_t *xq, float *xs, float *xsq) {
@@ -513,12 +597,8 @@ static inline __attribute__((always_inline)) void q8tile(const int m, const int 
             for (long line = 0; next && line < next_quad_bytes; line += 64)
                 _mm_prefetch(next + k4 * next_quad_bytes + line, _MM_HINT_T0);
             load_quads(bits, codes + k4 * quad_bytes, idx, &w[0], &w[1]);
-            for (int i = 0; i < m; i++) {
-                int32_t quad;
-                memcpy(&quad, xq + i * k_dim + 4 * k4, 4);
-                __m512i xb = _mm512_set1_epi32(quad);
-                for (int g = 0; g < ng; g++) dot[i][g] = _mm512_dpbusd_epi32(dot[i][g], w[g0 + g], xb);
-            }
+            for (int i = 0; i < m; i++)
+                for (int g = 0; g < ng; g++) dot[i][g] = dpbusd_bcast(dot[i][g], w[g0 + g], xq + i * k_dim + 4 * k4);
         }
         if (one_block) {
             for (int i = 0; i < m; i++) {
