@@ -78,7 +78,7 @@ class RuntimeInfo(msgspec.Struct):
     gpu_memory_free: int = 0
     cascade_attention: bool = False  # the workers honour StepBatch.prefix_groups
     num_host_kv_slots: int = 0  # the host tier's pool (--enable-hierarchical-cache), slot 0 padding; 0: none
-    weight_dtype: str = ""  # of the decoder's linear weights: `dtype`, float8_e4m3fn or the CPU's kinds (Q4_1+Q8_0, int8)
+    weight_dtype: str = ""  # of the decoder's linear weights: `dtype`, float8_e4m3fn or the CPU's (Q4_1+Q8_0, int8)
     num_params: int = 0  # the model's parameters, quantized layers counted by their float shape (weight_bytes' count)
     kv_cache_dtype: str = ""  # of the KV cache: `dtype`, or float8_e4m3fn (--kv-cache-dtype fp8_e4m3)
 

@@ -36,7 +36,8 @@ class SchedulerProcess:
         self.runtime = self._wait_worker_ready()
         rt = self.runtime
         self.sched = Scheduler(args, rt.num_kv_slots, rt.context_length, rt.vocab_size,
-                               cascade_attention=rt.cascade_attention, num_host_kv_slots=rt.num_host_kv_slots)
+                               cascade_attention=rt.cascade_attention, num_host_kv_slots=rt.num_host_kv_slots,
+                               device=rt.device)
         # The scheduler owns the radix cache, so it publishes the cache's events: after every call that changed it.
         self.kv_events = (KVEventPublisher(KVEventsConfig.parse(args.kv_events_config))
                           if self.sched.cache.events is not None else None)

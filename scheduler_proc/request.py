@@ -67,6 +67,7 @@ class Req:
     # one PENDING token), its tokens for n-gram drafting, its counts (reported on its last message).
     verifying: bool = False
     history: object = None  # speculative.TokenHistory, made at its first draft
+    draft_cap: int = 1 << 30  # the most drafts it proposes next (Speculator.settle adapts it where drafts cost)
     spec: SpecCounts | None = None
 
     @property

@@ -68,7 +68,7 @@ class Scheduler:
     """One scheduler's state, and the calls the process loop makes between and around steps."""
 
     def __init__(self, args: ServerArgs, num_kv_slots: int, context_length: int, vocab_size: int = 1 << 31,
-                 cascade_attention: bool = True, num_host_kv_slots: int = 0) -> None:
+                 cascade_attention: bool = True, num_host_kv_slots: int = 0, device: str = "cpu") -> None:
         self.args = args
         self.context_length = context_length
         self.vocab_size = vocab_size
@@ -93,7 +93,7 @@ class Scheduler:
         self.lifecycle = Lifecycle(self.table, self.running, self.waiting, self.grammars, self.sessions,
                                    self.counters)
         self.prefill = PrefillPlanner(args, self.table, self.running, self.waiting, self.counters)
-        self.spec = (Speculator(args, self.table, self.counters, context_length)
+        self.spec = (Speculator(args, self.table, self.counters, context_length, device)
                      if args.speculative_algorithm is not None else None)
         self.decode = DecodePlanner(self.table, self.running, self.lifecycle, self.spec)
         self.arrivals = 0

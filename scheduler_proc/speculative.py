@@ -41,6 +41,12 @@ from scheduler_proc.counters import Counters
 from scheduler_proc.request import PENDING, Req
 
 MAX_CANDIDATES = 256  # most recent occurrences of the last token examined per draft
+# Draft lengths that follow acceptance (Speculator.settle), where the drafts come from tokens (NGRAM, REPLAY) and
+# the workers run on the CPU: there a verify row costs a good part of a decode step (its GEMMs are compute-bound
+# from a few rows), so after a step that rejected a draft a request proposes at most accepted + 1 drafts (at least
+# MIN_DRAFTS), and after a step that accepted all its d drafts at most d + GROW, up to k. On a GPU the rows of a small
+# batch cost about nothing beside the weights' read and every request proposes k.
+MIN_DRAFTS, GROW = 3, 4
 
 
 class TokenHistory:
@@ -128,9 +134,11 @@ def draft_source(args: ServerArgs) -> DraftSource:
 class Speculator:
     """Drafts for a decode step's requests and their KV slots; a verify step's answer applied to each."""
 
-    def __init__(self, args: ServerArgs, table: BlockTable, counters: Counters, context_length: int) -> None:
+    def __init__(self, args: ServerArgs, table: BlockTable, counters: Counters, context_length: int,
+                 device: str = "cpu") -> None:
         self.k = args.speculative_num_draft_tokens - 1
         self.source = draft_source(args)
+        self.adapts = device == "cpu" and args.speculative_algorithm in ("NGRAM", "REPLAY")
         self.threshold = args.speculative_batch_size_threshold
         self.table = table
         self.counters = counters
@@ -156,7 +164,7 @@ class Speculator:
         for req in reqs:
             d = np.zeros(0, dtype=np.int32)
             if self.drafts_for(req) and not req.pending:
-                limit = min(self.k, req.remaining_new_tokens - 1, self.context_length - req.fill_len - 1)
+                limit = min(self.k, req.draft_cap, req.remaining_new_tokens - 1, self.context_length - req.fill_len - 1)
                 d = self.source(req, limit) if limit > 0 else d
                 slots = self.table.alloc(len(d)) if len(d) else None
                 if slots is None:
@@ -177,6 +185,8 @@ class Speculator:
             req.cached_len -= rejected
             self.table.allocator.free(self.table.req_to_token[req.req_slot, req.cached_len:end].copy())
         req.verifying = False
+        if self.adapts and drafted:
+            req.draft_cap = min(self.k, drafted + GROW) if accepted == drafted else max(MIN_DRAFTS, accepted + 1)
         if req.spec is None:
             req.spec = SpecCounts()
         req.spec.spec_verify_ct += 1

@@ -32,7 +32,7 @@ from test_overlap import (
 from radixserve import wire
 from radixserve.config import FlagError, ServerArgs
 from scheduler_proc.scheduler import Scheduler
-from scheduler_proc.speculative import ngram_draft
+from scheduler_proc.speculative import GROW, MIN_DRAFTS, ngram_draft
 from worker_proc.sampling import SlotParams, make_sampler
 from worker_proc.speculative import Verifier, VerifyRows
 
@@ -179,6 +179,7 @@ class VerifyingStandIn(StandInWorker):
     def __init__(self, eos_every: int = 0) -> None:
         super().__init__(eos_every)
         self.verify_steps = self.rejected = 0
+        self.verdicts: dict[int, list[tuple[int, int, int]]] = {}  # slot -> (cached, drafted, accepted) per step
 
     def launch(self, batch: wire.StepBatch) -> None:
         if not batch.draft_lens:
@@ -197,6 +198,7 @@ class VerifyingStandIn(StandInWorker):
             while a < d and self._next(int(ids[start + a]), c + a) == int(ids[start + a + 1]):
                 a += 1
             self.rejected += a < d
+            self.verdicts.setdefault(slot, []).append((c, d, a))
             emitted = [int(t) for t in ids[start + 1:start + 1 + a]] + [self._next(int(ids[start + a]), c + a)]
             tokens += emitted
             accepted.append(a)
@@ -243,6 +245,29 @@ def test_verify_steps_give_the_tokens_of_plain_decoding(pool: int, radix: bool, 
                 _check_metrics(s, spec_outs)
     assert results[True, False] == results[False, False] == results[True, True] == results[False, True]
     assert any(kind == "stop" for _, kind in results[True, True].values())
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_draft_lengths_follow_acceptance_on_the_cpu(device: str) -> None:
+    """On the CPU a request that had a draft rejected proposes at most accepted + 1 drafts next (at least
+    MIN_DRAFTS), and after a step that accepted all its d drafts at most d + GROW; on a GPU every request may
+    propose k each step."""
+    s = Scheduler(ServerArgs(max_running_requests=8, speculative_algorithm="NGRAM", speculative_num_draft_tokens=8),
+                  num_kv_slots=4000, context_length=256, device=device)
+    for req in _workload(30, seed=2):
+        s.add_request(req)
+    worker = VerifyingStandIn(eos_every=17)
+    drive(s, worker, False)
+    # consecutive verify steps of one request (a req slot's next request starts with a shorter context), the
+    # first with drafts (a step without leaves the cap as it was)
+    pairs = [(prev[1:], now[1:]) for steps in worker.verdicts.values() for prev, now in zip(steps, steps[1:])
+             if now[0] > prev[0] and prev[1]]
+    longest_after_miss = max(now[0] - max(MIN_DRAFTS, prev[1] + 1) for prev, now in pairs if prev[1] < prev[0])
+    longest_after_hit = max(now[0] - min(7, prev[0] + GROW) for prev, now in pairs if prev[1] == prev[0])
+    if device == "cpu":
+        assert longest_after_miss == 0 and longest_after_hit == 0  # the caps, and reached
+    else:
+        assert longest_after_miss > 0  # drafts past the CPU's cap follow misses
 
 
 def test_replayed_drafts_are_always_right(tmp_path) -> None:
