@@ -208,7 +208,8 @@ static inline __attribute__((always_inline)) void pv_pass(const int n, const flo
                                                           long h, long dim, long d, int fetch, __m512 acc[]) {
     for (int i = 0; i < n; i++) acc[i] = _mm512_setzero_ps();
     for (long j = 0; j < len; j++) {
-        if (fetch && j + 8 < len) _mm_prefetch((const char *)(v_cache + ((long)slots[j + 8] * hkv + h) * dim), _MM_HINT_T0);
+        if (fetch && j + 8 < len)
+            _mm_prefetch((const char *)(v_cache + ((long)slots[j + 8] * hkv + h) * dim), _MM_HINT_T0);
         __m512 vv = load_f32(v_cache + ((long)slots[j] * hkv + h) * dim + d, 0xffff);
         for (int i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i * ld + j]), vv, acc[i]);
     }
@@ -243,8 +244,8 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
             const long ld = (most + 15) / 16 * 16 + 16;
             float *p = malloc(sizeof(float) * nq * ld);
             if (!p) abort();
-            /* query i: row t0 + i / group, head h * group + i % group */
-#define QROW(i) (q + (((t0 + (i) / group) * hq) + h * group + (i) % group) * dim)
+            /* query i: row t0 + i / group, head h * group + i % group; its q and out at QUERY(i) */
+#define QUERY(i) ((((t0 + (i) / group) * hq) + h * group + (i) % group) * dim)
             for (long j0 = 0; j0 < most; j0 += 16) {
                 const long keys = most - j0 < 16 ? most - j0 : 16;
                 for (long c = 0; c < pairs; c += 16) {
@@ -260,7 +261,7 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
                     transpose16(kt); /* kt[e]: pair c + e of each key, key j in lane j */
                     const long e_dim = pairs - c < 16 ? pairs - c : 16;
                     for (long i = 0; i < nq; i++) {
-                        const int32_t *qp = (const int32_t *)QROW(i) + c;
+                        const int32_t *qp = (const int32_t *)(q + QUERY(i)) + c;
                         __m512 s0 = c ? _mm512_loadu_ps(p + i * ld + j0) : _mm512_setzero_ps();
                         __m512 s1 = _mm512_setzero_ps();
                         for (long e = 0; e + 1 < e_dim; e += 2) {
@@ -280,11 +281,12 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
                 const long len = seq_lens[t0 + i / group];
                 float *row = p + i * ld;
                 __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
-                for (long j = 0; j < len; j += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, lanes(len - j), row + j));
+                for (long j = 0; j < len; j += 16)
+                    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, lanes(len - j), row + j));
                 const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top)), sv = _mm512_set1_ps(scale);
                 for (long j = 0; j < ld; j += 16) {
-                    __mmask16 mask = lanes(len - j);
-                    __m512 e = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift), sv)));
+                    __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift), sv);
+                    __m512 e = _mm512_maskz_mov_ps(lanes(len - j), exp_ps(x));
                     _mm512_storeu_ps(row + j, e);
                     total = _mm512_add_ps(total, e);
                 }
@@ -307,11 +309,11 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
                     for (int k = 0; k < n; k++) {
                         const long i = i0 + k;
                         __m512 inv = _mm512_set1_ps(sum[i] > 0.0f ? 1.0f / sum[i] : 0.0f);
-                        _mm256_storeu_si256((__m256i *)(QROW(i) - q + out + d),
+                        _mm256_storeu_si256((__m256i *)(out + QUERY(i) + d),
                                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[k], inv)));
                     }
                 }
-#undef QROW
+#undef QUERY
             free(sum), free(p);
         }
     free(starts);
