@@ -499,15 +499,16 @@ static inline __attribute__((always_inline)) void qtile(const int m, const int b
 #ifdef __AVX512VNNI__
 #define QK 32     /* columns of x per activation block */
 #define NEAREST (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) /* half to even, as torch.round */
-#define Q8_MB 8   /* rows per tile (q8tile: both column groups up to 4 rows, one a pass beyond) */
+#define Q8_MB 8      /* most rows per tile (q8tile: both column groups up to 4 rows, one a pass beyond) */
+#define Q8_WIDE_MB 4 /* rows per tile over an unpacked column block (both groups a pass: measured faster there) */
 #ifndef Q8_ROWS
 #define Q8_ROWS 2 /* rs_linear_quant takes this path from this many rows of x */
 #endif
 
-/* acc + VPDPBUSD(w unsigned, x's 4 bytes at p signed, broadcast). In assembly: GCC 12 copies the accumulator
- * out and back around each _mm512_dpbusd_epi32 of a tile (two moves an instruction); the broadcast is the
- * instruction's own memory operand. */
-static inline __attribute__((always_inline)) __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t *p) {
+/* acc + VPDPBUSD(w unsigned, x's 4 bytes at p signed, broadcast by the instruction's own memory operand), in
+ * assembly: GCC 12 copies the accumulator out and back around each _mm512_dpbusd_epi32 of a one-group tile (two
+ * moves an instruction, measured slower). */
+static inline __attribute__((always_inline)) __m512i dpbusd_at(__m512i acc, __m512i w, const int8_t *p) {
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)p));
     return acc;
 }
@@ -599,8 +600,18 @@ static inline __attribute__((always_inline)) void q8tile(const int m, const int 
             for (long line = 0; next && line < next_quad_bytes; line += 64)
                 _mm_prefetch(next + k4 * next_quad_bytes + line, _MM_HINT_T0);
             load_quads(bits, codes + k4 * quad_bytes, idx, &w[0], &w[1]);
-            for (int i = 0; i < m; i++)
-                for (int g = 0; g < ng; g++) dot[i][g] = dpbusd_bcast(dot[i][g], w[g0 + g], xq + i * k_dim + 4 * k4);
+            for (int i = 0; i < m; i++) {
+                const int8_t *xi = xq + i * k_dim + 4 * k4;
+                if (ng == 1) {
+                    dot[i][0] = dpbusd_at(dot[i][0], w[g0], xi);
+                } else {
+                    int32_t quad;
+                    memcpy(&quad, xi, 4);
+                    const __m512i xb = _mm512_set1_epi32(quad);
+                    dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w[0], xb);
+                    dot[i][1] = _mm512_dpbusd_epi32(dot[i][1], w[1], xb);
+                }
+            }
         }
         if (one_block) {
             for (int i = 0; i < m; i++) {
@@ -650,12 +661,13 @@ static void linear_q8(const uint16_t *x, long ldx, long m_dim, const uint8_t *co
                       const void *offset, long half, long n_dim, long k_dim, long bk, const uint16_t *bias,
                       uint16_t *y, long ldy) {
     const long ab_dim = k_dim / QK, kb_dim = k_dim / bk, scale_bytes = half ? 2 : 4;
-    const long blocks = (n_dim + NB - 1) / NB, m_blocks = (m_dim + Q8_MB - 1) / Q8_MB, quad_bytes = bits * NB * 4 / 8;
+    const long tile_rows = m_dim <= Q8_MB ? Q8_MB : Q8_WIDE_MB, m_blocks = (m_dim + tile_rows - 1) / tile_rows;
+    const long blocks = (n_dim + NB - 1) / NB, quad_bytes = bits * NB * 4 / 8;
     int8_t *xq = malloc(m_dim * k_dim);
     float *xs = malloc(sizeof(float) * m_dim * ab_dim), *xsq = malloc(sizeof(float) * m_dim * kb_dim);
     if (!xq || !xs || !xsq) abort(); /* out of memory: stop the worker loudly rather than return garbage */
-    /* One row tile: each column block's codes are unpacked as they are read. Several: a thread unpacks a column
-     * block once into `wide` and runs every row tile over it. */
+    /* Up to Q8_MB rows, one row tile: each column block's codes are unpacked as they are read. More: a thread
+     * unpacks a column block once into `wide` and runs every row tile (Q8_WIDE_MB rows) over it. */
 #pragma omp parallel
     {
         uint8_t *wide = m_blocks > 1 ? malloc(k_dim * NB) : 0;
@@ -682,8 +694,8 @@ static void linear_q8(const uint16_t *x, long ldx, long m_dim, const uint8_t *co
                 _mm512_storeu_si512(wide + k4 * 128 + 64, w1);
             }
             for (long mb = 0; mb < m_blocks; mb++) {
-                const long i0 = mb * Q8_MB;
-                const int m = m_dim - i0 < Q8_MB ? (int)(m_dim - i0) : Q8_MB;
+                const long i0 = mb * tile_rows;
+                const int m = m_dim - i0 < tile_rows ? (int)(m_dim - i0) : (int)tile_rows;
                 if (wide && kb_dim == 1) {
                     Q8TILES(0, 1)
                 } else if (wide) {
