@@ -51,13 +51,17 @@ def cpu_flags() -> set[str]:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    if "avx512_bf16" not in cpu_flags():
-        return None
+    return build(_SOURCE) if "avx512_bf16" in cpu_flags() else None
+
+
+def build(source_path: Path) -> ctypes.CDLL | None:
+    """The library compiled from `source_path` (cpu_kernels.c, or another version of it: benchmarks compare
+    builds), or None where no compiler works."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         log.warning("no C compiler (cc, gcc or $CC): the bf16 CPU path runs oneDNN and torch, about half as fast")
         return None
-    source = _SOURCE.read_bytes()
+    source = source_path.read_bytes()
     build = [source, cc.encode(), " ".join(_FLAGS).encode(), cpu_description().encode()]
     key = hashlib.sha256(b"\0".join(build)).hexdigest()[:16]
     path = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
@@ -65,11 +69,11 @@ def library() -> ctypes.CDLL | None:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache falls back like a failed build
-            subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SOURCE), "-lm"], check=True, capture_output=True,
+            subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(source_path), "-lm"], check=True, capture_output=True,
                            text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("building %s failed (%s): the bf16 CPU path runs oneDNN and torch instead\n%s",
-                        _SOURCE.name, exc, getattr(exc, "stderr", "") or "")
+                        source_path.name, exc, getattr(exc, "stderr", "") or "")
             return None
         os.replace(tmp, path)  # atomic: workers starting together may build it twice, never load half a file
     lib = ctypes.CDLL(str(path))
