@@ -3,19 +3,22 @@ pool, started in the order each step's `kv_moves` lists them (scheduler_proc/hos
 forward.
 
 The pool has the device pool's layout, per layer K and V rows [num_slots, kv_heads_local, head_dim] (an FP8 cache as
-its bytes), in host memory, pinned on CUDA. Each move gathers its rows of every layer into one tensor, so it crosses
-between device and host in one copy:
+its bytes), in host memory, pinned on CUDA. A move's host slots come in runs of consecutive slots (a request's KV,
+allocated together) and scattered ones: a run of at least MIN_RUN slots crosses between device and host straight
+from or into its slice of the pinned pool, one copy per layer and no pass of the CPU over its bytes; the scattered
+rows go through a pinned staging tensor that the CPU gathers or scatters.
 - device to host: the rows are gathered on the compute stream (after the forwards that wrote them, before any later
-  forward that overwrites those slots, which the scheduler may hand out at once), cross to a pinned staging tensor
-  on the store stream, which waits for that gather only, and land in the host pool once that copy is done
-  (`finish_stores`, in order, so the last store to a host slot wins).
-- host to device (a load): the pending stores up to the last one that writes a host slot it reads land first
-  (waiting for their copies if need be; older ones too, so the last store to a slot still wins), then the rows are
-  gathered on the CPU into a pinned staging tensor, cross on the load stream and are scattered into the device pool
-  there, after the forwards already launched (a slot it fills may have been theirs) and beside the later ones: the
-  compute stream waits for the load (`wait`) only in the step that names it in `load_waits`, the first that may read
-  or reuse its slots (the scheduler admits the request that asked for them once rank 0 reported the load done:
-  `loads_in_flight`, PendingStep.loads). Nothing waits for a store but a load of what it wrote.
+  forward that overwrites those slots, which the scheduler may hand out at once) and cross on the store stream,
+  which waits for that gather only. A run lands in the pool with its copy; scattered rows land once their copy is
+  done (`finish_stores`, in order). The last store to a host slot wins: stores still on their way to any of a new
+  store's host slots land before it starts.
+- host to device (a load): the load stream waits for the store stream (a run's copy into the pool is done before a
+  load reads it) and for what the compute stream has launched so far (a slot it fills may have been theirs); its
+  scattered rows are first gathered by the CPU, after the stores that write them landed (waiting for their copies if
+  need be); the rows cross on the load stream and are scattered into the device pool there, beside the later
+  forwards: the compute stream waits for the load (`wait`) only in the step that names it in `load_waits`, the first
+  that may read or reuse its slots (the scheduler admits the request that asked for them once rank 0 reported the
+  load done: `loads_in_flight`, PendingStep.loads). Nothing waits for a store but a load of what it wrote.
 On the CPU both pools are in host memory and a copy is done as it returns (no streams; a load's event is None): each
 move goes straight from one pool to the other, layer by layer (`copy_rows`), with no staging tensor, since there a
 copy costs what its passes over memory cost, on the step path.
@@ -46,8 +49,9 @@ class HostPool:
         self._rows = (*self.k, *self.v)
         self._store_stream = torch.cuda.Stream(device) if cuda else None
         self._load_stream = torch.cuda.Stream(device) if cuda else None
-        # Stores on their way, oldest first: (their copy done, None on the CPU; the rows in host memory; host slots).
-        self._stores: deque[tuple[torch.cuda.Event | None, torch.Tensor, torch.Tensor]] = deque()
+        # Stores on their way, oldest first: (their copies done; their scattered rows in host memory, None where all
+        # went straight into the pool; those rows' host slots; all the host slots they write).
+        self._stores: deque[tuple[torch.cuda.Event, torch.Tensor | None, torch.Tensor, torch.Tensor]] = deque()
         self._loads: dict[int, torch.cuda.Event | None] = {}  # load id -> its copy done (None: done), until waited
 
     def move(self, pools: tuple[torch.Tensor, ...], moves: list[KVMove]) -> None:
@@ -56,12 +60,19 @@ class HostPool:
             src = torch.from_numpy(np.asarray(from_i32(m.src), dtype=np.int64))
             dst = torch.from_numpy(np.asarray(from_i32(m.dst), dtype=np.int64))
             if m.to_host:
+                self._land_stores_to(dst, staged_only=True)  # (the store stream orders the runs' copies)
                 self._store(pools, src, dst)
             else:
-                needed = [i for i, (_, _, stored) in enumerate(self._stores) if torch.isin(stored, src).any()]
-                self.finish_stores(needed[-1] + 1 if needed else 0)
+                self._land_stores_to(src, staged_only=True)  # (the load stream waits for the runs' copies)
                 self._loads[m.load] = self._load(pools, src, dst)
         self.finish_stores(0)
+
+    def _land_stores_to(self, slots: torch.Tensor, staged_only: bool = False) -> None:
+        """The stores on their way that write any of these host slots (`staged_only`: through their staging
+        tensors) land, and the older ones (in order)."""
+        needed = [i for i, (_, _, staged, stored) in enumerate(self._stores)
+                  if torch.isin(staged if staged_only else stored, slots).any()]
+        self.finish_stores(needed[-1] + 1 if needed else 0)
 
     def wait(self, loads: Sequence[int]) -> None:
         """The compute stream waits for these loads' copies (the step that may first read or reuse their slots)."""
@@ -79,53 +90,89 @@ class HostPool:
         those whose copies are done."""
         left = len(self._stores) if first is None else first
         while self._stores:
-            done, rows, dst = self._stores[0]
-            if done is not None and not done.query():
+            done, rows, scattered, _ = self._stores[0]
+            if not done.query():
                 if left <= 0:
                     return
                 done.synchronize()
             left -= 1
             self._stores.popleft()
-            for pool, layer_rows in zip(self._rows, rows, strict=True):
-                pool.index_copy_(0, dst, layer_rows)
+            if rows is not None:
+                for pool, layer_rows in zip(self._rows, rows, strict=True):
+                    pool.index_copy_(0, scattered, layer_rows)
 
     def _store(self, pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor) -> None:
         """Start copying device slots `src` of every layer to host slots `dst`: on the CPU done as it returns; on CUDA
-        the rows, gathered on the compute stream, cross to a pinned tensor on the store stream and join the stores on
-        their way (`finish_stores` lands them)."""
+        the rows, gathered on the compute stream, cross on the store stream, a run of host slots into its slice of
+        the pool, the scattered rows into a pinned tensor, and join the stores on their way (`finish_stores`)."""
         if self._store_stream is None:
             copy_rows(pools, src, self._rows, dst)
             return
-        d_src = src.to(self.device)
-        rows = torch.stack([layer.index_select(0, d_src) for layer in pools])
+        rows = torch.stack([layer.index_select(0, src.to(self.device)) for layer in pools])
         self._store_stream.wait_stream(torch.cuda.current_stream(self.device))  # the gather
-        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        runs, rest = runs_of(dst)
+        scattered = None
         with torch.cuda.stream(self._store_stream):
-            host.copy_(rows, non_blocking=True)
-        rows.record_stream(self._store_stream)  # the allocator keeps `rows` until the copy has read them
+            for first, n in runs:
+                start = int(dst[first])
+                for pool, layer_rows in zip(self._rows, rows, strict=True):
+                    pool[start:start + n].copy_(layer_rows[first:first + n], non_blocking=True)
+            if len(rest):
+                picked = rows.index_select(1, torch.from_numpy(rest).to(self.device, non_blocking=True))
+                scattered = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+                scattered.copy_(picked, non_blocking=True)
+        rows.record_stream(self._store_stream)  # the allocator keeps `rows` until the copies have read them
         done = torch.cuda.Event()
         done.record(self._store_stream)
-        self._stores.append((done, host, dst))
+        self._stores.append((done, scattered, dst[rest], dst))
 
     def _load(self, pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor) -> torch.cuda.Event | None:
         """Copy host slots `src` of every layer to the device pool's slots `dst`: on the CPU done as it returns (None);
-        on CUDA gathered into a pinned tensor and scattered on the load stream after what the compute stream has
-        launched so far (the copy's event)."""
+        on CUDA on the load stream, after the stores and what the compute stream has launched so far, a run of host
+        slots straight from its slice of the pool, the scattered rows gathered into a pinned tensor first; the rows
+        are scattered into the device pool there (the copy's event)."""
         if self._load_stream is None:
             copy_rows(self._rows, src, pools, dst)
             return None
-        host_rows = torch.empty((len(self._rows), len(src), *self._rows[0].shape[1:]), dtype=self._rows[0].dtype,
-                                pin_memory=True)
-        for pool, out in zip(self._rows, host_rows, strict=True):
-            torch.index_select(pool, 0, src, out=out)
+        runs, rest = runs_of(src)
+        if len(rest):  # the CPU reads these rows: the runs' copies that wrote them are done first
+            self._land_stores_to(src[rest])
+            gathered = torch.empty((len(self._rows), len(rest), *self._rows[0].shape[1:]), dtype=self._rows[0].dtype,
+                                   pin_memory=True)
+            for pool, out in zip(self._rows, gathered, strict=True):
+                torch.index_select(pool, 0, src[rest], out=out)
+        self._load_stream.wait_stream(self._store_stream)  # the runs' stores are in the pool
         self._load_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._load_stream):  # the rows and indices live on this stream only
-            rows, d_dst = host_rows.to(self.device, non_blocking=True), dst.to(self.device, non_blocking=True)
+            rows = torch.empty((len(self._rows), len(src), *self._rows[0].shape[1:]), dtype=self._rows[0].dtype,
+                               device=self.device)
+            for first, n in runs:
+                start = int(src[first])
+                for pool, out in zip(self._rows, rows, strict=True):
+                    out[first:first + n].copy_(pool[start:start + n], non_blocking=True)
+            if len(rest):
+                rows.index_copy_(1, torch.from_numpy(rest).to(self.device, non_blocking=True),
+                                 gathered.to(self.device, non_blocking=True))
+            d_dst = dst.to(self.device, non_blocking=True)
             for layer, layer_rows in zip(pools, rows, strict=True):
                 layer.index_copy_(0, d_dst, layer_rows)
         done = torch.cuda.Event()
         done.record(self._load_stream)
         return done
+
+
+def runs_of(*slot_lists: torch.Tensor) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The runs of at least MIN_RUN positions where every one of `slot_lists` counts up by one ((first position,
+    length) each), and the positions outside them (int64, ascending)."""
+    lists = [t.numpy() for t in slot_lists]
+    breaks = np.zeros(len(lists[0]) - 1, dtype=bool) if len(lists[0]) else np.zeros(0, dtype=bool)
+    for s in lists:
+        breaks |= np.diff(s) != 1
+    starts = np.flatnonzero(np.concatenate(([True], breaks))) if len(lists[0]) else np.zeros(0, dtype=np.int64)
+    lengths = np.diff(starts, append=len(lists[0]))
+    long = lengths >= MIN_RUN
+    rest = np.flatnonzero(np.repeat(~long, lengths))
+    return list(zip(starts[long].tolist(), lengths[long].tolist(), strict=True)), rest
 
 
 def copy_rows(src_layers: Sequence[torch.Tensor], src: torch.Tensor, dst_layers: Sequence[torch.Tensor],
@@ -134,15 +181,11 @@ def copy_rows(src_layers: Sequence[torch.Tensor], src: torch.Tensor, dst_layers:
     runs of at least MIN_RUN rows where both slot lists count up by one (a prompt's KV, allocated together) are copied
     as slices, a memcpy each; the other rows (decode tokens, allocated one per step) by one indexed copy per layer.
     No staging tensor: each byte is read once and written once. O(layers x runs) calls, runs <= len(src) / MIN_RUN."""
-    s, d = src.numpy(), dst.numpy()
-    starts = np.flatnonzero(np.concatenate(([True], (np.diff(s) != 1) | (np.diff(d) != 1))))
-    lengths = np.diff(starts, append=len(s))
-    long = lengths >= MIN_RUN
-    runs = list(zip(s[starts[long]].tolist(), d[starts[long]].tolist(), lengths[long].tolist(), strict=True))
-    rest = torch.from_numpy(np.repeat(~long, lengths))
+    runs, rest = runs_of(src, dst)
     rest_src, rest_dst = src[rest], dst[rest]
     for a, b in zip(src_layers, dst_layers, strict=True):
-        for s0, d0, n in runs:
+        for first, n in runs:
+            s0, d0 = int(src[first]), int(dst[first])
             b[d0:d0 + n].copy_(a[s0:s0 + n])
         if len(rest_src):
             b.index_copy_(0, rest_dst, a.index_select(0, rest_src))
