@@ -202,16 +202,31 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
 /* Queries per pass of the P V product (8 float32 accumulators of 16 dims). */
 #define ATT_PV 8
 
-/* acc[i] = sum over keys j < len of p[i][j] V_j's 16 dims at d (p [n][ld], float32), for n <= ATT_PV queries. */
-static inline __attribute__((always_inline)) void pv_pass(const int n, const float *p, long ld, long len,
+/* Elements 0-15 and 16-31 of a vector interleaved: e, 16 + e for e = 0 .. 15. */
+static const uint16_t INTERLEAVE16[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+/* acc[i] = sum over keys j < len of p[i][j] V_j's 16 dims at d, for n <= ATT_PV queries; p [n][ld] in bf16 (0 from
+ * len up to an even count), two keys a VDPBF16PS: V_j's and V_j+1's dims interleaved, times (p_j, p_j+1). */
+static inline __attribute__((always_inline)) void pv_pass(const int n, const uint16_t *p, long ld, long len,
                                                           const uint16_t *v_cache, const int32_t *slots, long hkv,
                                                           long h, long dim, long d, int fetch, __m512 acc[]) {
+    const __m512i interleave = _mm512_loadu_si512(INTERLEAVE16);
     for (int i = 0; i < n; i++) acc[i] = _mm512_setzero_ps();
-    for (long j = 0; j < len; j++) {
-        if (fetch && j + 8 < len)
-            _mm_prefetch((const char *)(v_cache + ((long)slots[j + 8] * hkv + h) * dim), _MM_HINT_T0);
-        __m512 vv = load_f32(v_cache + ((long)slots[j] * hkv + h) * dim + d, 0xffff);
-        for (int i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i * ld + j]), vv, acc[i]);
+    for (long j = 0; j < len; j += 2) {
+        for (long f = j + 8; fetch && f < j + 10 && f < len; f++)
+            _mm_prefetch((const char *)(v_cache + ((long)slots[f] * hkv + h) * dim), _MM_HINT_T0);
+        __m256i a = _mm256_loadu_si256((const __m256i *)(v_cache + ((long)slots[j] * hkv + h) * dim + d));
+        __m256i b = j + 1 < len
+                        ? _mm256_loadu_si256((const __m256i *)(v_cache + ((long)slots[j + 1] * hkv + h) * dim + d))
+                        : _mm256_setzero_si256();
+        __m512bh vv = (__m512bh)_mm512_permutexvar_epi16(interleave,
+                                                          _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+        for (int i = 0; i < n; i++) {
+            int32_t pair;
+            memcpy(&pair, p + i * ld + j, 4);
+            acc[i] = _mm512_dpbf16_ps(acc[i], vv, (__m512bh)_mm512_set1_epi32(pair));
+        }
     }
 }
 
@@ -222,8 +237,9 @@ static inline __attribute__((always_inline)) void pv_pass(const int n, const flo
  * dim <= 256, hq / hkv <= 16. Slots are the scheduler's (not bound-checked here).
  * A task: up to ATT_ROWS consecutive rows of one request and one kv head (its queries: those rows' query heads
  * of that kv head). Scores 16 keys at a time: the keys' bf16 pairs transposed to one key per lane, then
- * VDPBF16PS per pair of dims, q's pair broadcast (products exact, float32 sums), times the scale; softmax and
- * P V in float32, the output rounded to bf16 once. */
+ * VDPBF16PS per pair of dims, q's pair broadcast (products exact, float32 sums), times the scale; softmax in
+ * float32; P V as HF's bf16 attention computes it, P rounded to bf16 (before its sum divides, here after) and the
+ * products summed in float32, by VDPBF16PS over pairs of keys; the output rounded to bf16 once. */
 void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                              const int32_t *req_to_token, long rtt_stride, const int32_t *req_slots,
                              const int32_t *seq_lens, long batch, long hq, long hkv, long dim, float scale,
@@ -241,7 +257,7 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
             const int32_t *slots = req_to_token + (long)req_slots[t0] * rtt_stride;
             long most = 0;
             for (long t = t0; t < t0 + rows; t++) most = seq_lens[t] > most ? seq_lens[t] : most;
-            const long ld = (most + 15) / 16 * 16 + 16;
+            const long ld = most > 32 ? (most + 31) / 32 * 32 : 32; /* p's row: float32, then bf16 in place */
             float *p = malloc(sizeof(float) * nq * ld);
             if (!p) abort();
             /* query i: row t0 + i / group, head h * group + i % group; its q and out at QUERY(i) */
@@ -291,21 +307,27 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
                     total = _mm512_add_ps(total, e);
                 }
                 sum[i] = _mm512_reduce_add_ps(total);
+                for (long j = 0; j < ld; j += 32) /* bf16 at element j of the row's own start: behind what is read */
+                    _mm512_storeu_si512((uint16_t *)row + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + j + 16),
+                                                                                        _mm512_loadu_ps(row + j)));
             }
             for (long d = 0; d < dim; d += 16)
                 for (long i0 = 0; i0 < nq; i0 += ATT_PV) {
                     const int n = nq - i0 < ATT_PV ? (int)(nq - i0) : ATT_PV, fetch = d == 0 && i0 == 0;
                     __m512 acc[ATT_PV];
+                    const uint16_t *pb = (const uint16_t *)p + i0 * 2 * ld; /* rows of 2 ld bf16, ld used */
+#define PV(N) pv_pass(N, pb, 2 * ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc)
                     switch (n) {
-                        case 1: pv_pass(1, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
-                        case 2: pv_pass(2, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
-                        case 3: pv_pass(3, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
-                        case 4: pv_pass(4, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
-                        case 5: pv_pass(5, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
-                        case 6: pv_pass(6, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
-                        case 7: pv_pass(7, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
-                        default: pv_pass(8, p + i0 * ld, ld, most, v_cache, slots, hkv, h, dim, d, fetch, acc); break;
+                        case 1: PV(1); break;
+                        case 2: PV(2); break;
+                        case 3: PV(3); break;
+                        case 4: PV(4); break;
+                        case 5: PV(5); break;
+                        case 6: PV(6); break;
+                        case 7: PV(7); break;
+                        default: PV(8); break;
                     }
+#undef PV
                     for (int k = 0; k < n; k++) {
                         const long i = i0 + k;
                         __m512 inv = _mm512_set1_ps(sum[i] > 0.0f ? 1.0f / sum[i] : 0.0f);
