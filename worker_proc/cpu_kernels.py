@@ -62,8 +62,8 @@ def build(source_path: Path) -> ctypes.CDLL | None:
         log.warning("no C compiler (cc, gcc or $CC): the bf16 CPU path runs oneDNN and torch, about half as fast")
         return None
     source = source_path.read_bytes()
-    build = [source, cc.encode(), " ".join(_FLAGS).encode(), cpu_description().encode()]
-    key = hashlib.sha256(b"\0".join(build)).hexdigest()[:16]
+    inputs = [source, cc.encode(), " ".join(_FLAGS).encode(), cpu_description().encode()]
+    key = hashlib.sha256(b"\0".join(inputs)).hexdigest()[:16]
     path = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if not path.exists():
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
