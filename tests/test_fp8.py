@@ -160,9 +160,12 @@ def test_kv_scales_and_input_scales_of_a_checkpoint(checkpoints, tmp_path):
 
 
 def test_fp8_kv_cache_agrees_with_the_model_dtype(checkpoints):
-    """A tiny bf16 model on the torch backend, teacher-forced over one sequence: the top-1 token of every position
-    with K/V stored in e4m3 equals the one with bf16 K/V at >= 95% of positions, with scales 1.0 and with
-    per-layer scales (K / scale written, read back times scale)."""
+    """A tiny bf16 model on the torch backend, teacher-forced over one sequence: the top-1 token with K/V stored in
+    e4m3 equals the one with bf16 K/V at >= 95% of the positions whose bf16 top-1 leads by more than a twentieth
+    of the logits' spread (a random model's near ties flip with any rounding: over four sequences the raw agreement
+    ran 0.91-0.98, the kept positions' 0.98-1.0), those being >= 3/4 of all; with scales 1.0 and with per-layer
+    scales (K / scale written, read back times scale). Both through the backend's torch attention (the CPU kernels
+    read only a bf16 cache: on the bf16 side they would add their own rounding to a comparison of the dtypes)."""
     model_dir = checkpoints["hf"]
     model = load_model(model_dir, load_hf_config(model_dir), "safetensors", torch.bfloat16, "cpu")
     seq = torch.randint(0, 251, (72,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -173,13 +176,17 @@ def test_fp8_kv_cache_agrees_with_the_model_dtype(checkpoints):
         runner.kv = KVCache(model.num_layers, 81, model.num_kv_heads_local, model.head_dim, dtype, "cpu",
                             scales=scales, compute_dtype=torch.bfloat16)
         runner.attn = TorchBackend(runner.kv, model.num_q_heads_local, model.head_dim, model.attention_layers)
+        runner.attn.has_kernels = False
         with torch.inference_mode():
             runner.step([0], [seq[:8]])
-            tops[name] = torch.tensor([runner.step([0], [[t]]).argmax().item() for t in seq[8:]])
+            tops[name] = torch.stack([runner.step([0], [[t]]).float().flatten() for t in seq[8:]])
     assert runner.kv.k[0].dtype == fp8.FP8 and runner.kv.k[0][1:73].float().abs().sum() > 0
+    lead = tops["bf16"].topk(2, dim=-1).values
+    clear = lead[:, 0] - lead[:, 1] > 0.05 * tops["bf16"].std(-1)
+    assert clear.float().mean() >= 0.75
     for name in ("fp8", "fp8-scaled"):
-        agree = (tops[name] == tops["bf16"]).float().mean().item()
-        assert agree >= 0.95, f"{name}: top-1 agreement {agree:.2f}"
+        agree = (tops[name].argmax(-1) == tops["bf16"].argmax(-1))[clear].float().mean().item()
+        assert agree >= 0.95, f"{name}: top-1 agreement {agree:.2f} where bf16's top-1 leads clearly"
 
 
 MAX_PERPLEXITY_LOSS = 1.08  # FP8 / bf16 perplexity of SmolLM2-135M on PASSAGE: a bound, not the +2% target
