@@ -113,10 +113,7 @@ class HostPool:
         runs, rest = runs_of(dst)
         scattered = None
         with torch.cuda.stream(self._store_stream):
-            for first, n in runs:
-                start = int(dst[first])
-                for pool, layer_rows in zip(self._rows, rows, strict=True):
-                    pool[start:start + n].copy_(layer_rows[first:first + n], non_blocking=True)
+            copy_runs(rows, torch.arange(len(dst)), self._rows, dst, runs, non_blocking=True)
             if len(rest):
                 picked = rows.index_select(1, torch.from_numpy(rest).to(self.device, non_blocking=True))
                 scattered = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
@@ -146,10 +143,7 @@ class HostPool:
         with torch.cuda.stream(self._load_stream):  # the rows and indices live on this stream only
             rows = torch.empty((len(self._rows), len(src), *self._rows[0].shape[1:]), dtype=self._rows[0].dtype,
                                device=self.device)
-            for first, n in runs:
-                start = int(src[first])
-                for pool, out in zip(self._rows, rows, strict=True):
-                    out[first:first + n].copy_(pool[start:start + n], non_blocking=True)
+            copy_runs(self._rows, src, rows, torch.arange(len(src)), runs, non_blocking=True)
             if len(rest):
                 rows.index_copy_(1, torch.from_numpy(rest).to(self.device, non_blocking=True),
                                  gathered.to(self.device, non_blocking=True))
@@ -183,9 +177,17 @@ def copy_rows(src_layers: Sequence[torch.Tensor], src: torch.Tensor, dst_layers:
     No staging tensor: each byte is read once and written once. O(layers x runs) calls, runs <= len(src) / MIN_RUN."""
     runs, rest = runs_of(src, dst)
     rest_src, rest_dst = src[rest], dst[rest]
-    for a, b in zip(src_layers, dst_layers, strict=True):
-        for first, n in runs:
-            s0, d0 = int(src[first]), int(dst[first])
-            b[d0:d0 + n].copy_(a[s0:s0 + n])
-        if len(rest_src):
+    copy_runs(src_layers, src, dst_layers, dst, runs)
+    if len(rest_src):
+        for a, b in zip(src_layers, dst_layers, strict=True):
             b.index_copy_(0, rest_dst, a.index_select(0, rest_src))
+
+
+def copy_runs(src_layers: Sequence[torch.Tensor], src: torch.Tensor, dst_layers: Sequence[torch.Tensor],
+              dst: torch.Tensor, runs: list[tuple[int, int]], non_blocking: bool = False) -> None:
+    """For each run (first, n) of `runs_of(src, dst)`, every layer's rows src[first] .. + n - 1 to its rows
+    dst[first] .. + n - 1, a slice copy each (`non_blocking` between pinned host memory and a device)."""
+    for first, n in runs:
+        s0, d0 = int(src[first]), int(dst[first])
+        for a, b in zip(src_layers, dst_layers, strict=True):
+            b[d0:d0 + n].copy_(a[s0:s0 + n], non_blocking=non_blocking)
