@@ -179,6 +179,28 @@ def test_the_target_as_its_own_draft_is_always_right(models) -> None:
         assert meta["spec_accept_token_num"] == meta["spec_draft_token_num"] > 0, meta
 
 
+@pytest.mark.parametrize("algorithm", ["STANDALONE", "EAGLE3"])
+def test_drafters_skip_decode_steps_above_the_threshold(algorithm, models, reference, tmp_path) -> None:
+    """Above --speculative-batch-size-threshold the drafter does not compute the plain decode steps (drafter.py):
+    with the target as its own draft, drafts made after such steps read stale draft KV and some are rejected
+    (with every step followed, all are accepted: the test above); the tokens stay those of plain decoding."""
+    draft = models[0]
+    if algorithm == "EAGLE3":
+        tokens = [t for out in reference for t in out]
+        eagle3_head(draft := tmp_path / "head", max(set(tokens), key=tokens.count))
+    with Engine(model_path=str(models[0]), **ENGINE, speculative_algorithm=algorithm, speculative_num_draft_tokens=4,
+                speculative_draft_model_path=str(draft), speculative_batch_size_threshold=2) as eng:
+        # three requests end after 8 tokens: the other two go on at the threshold and speculate
+        lengths = [40, 40, 8, 8, 8]
+        outs = eng.generate(input_ids=PROMPTS, sampling_params=[{**GREEDY, "max_new_tokens": n} for n in lengths])
+    assert [o["output_ids"] for o in outs] == [ref[:n] for ref, n in zip(reference, lengths)]
+    accepted = sum(o["meta_info"].get("spec_accept_token_num", 0) for o in outs)  # absent: never verified
+    drafted = sum(o["meta_info"].get("spec_draft_token_num", 0) for o in outs)
+    assert drafted > 0
+    if algorithm == "STANDALONE":
+        assert accepted < drafted, (accepted, drafted)
+
+
 def test_an_eagle3_head_for_another_hidden_size_fails_at_start(models, tmp_path) -> None:
     from radixserve.model_files import load_hf_config
     from worker_proc.eagle3_draft import Eagle3Draft

@@ -13,7 +13,9 @@ Invariant: wherever the target's KV is written, the draft's is written too, for 
 target computes, the draft computes over the same tokens (`follow`: prefill chunks, decode steps), and a verify
 step's drafting writes the draft KV of the last token and of every draft, the last draft included (`propose`
 runs one forward past the k-th draft for it). So a radix hit, a chunked prefill or an accepted draft always finds
-the draft's KV of its whole context; rejected drafts' slots go back to the allocator like the target's.
+the draft's KV of its whole context; rejected drafts' slots go back to the allocator like the target's. The one
+exception: decode steps above the batch threshold, which draft nothing and which the draft skips (drafter.py); the
+draft's KV of their tokens is stale, which costs acceptance only.
 
 Drafting is greedy (argmax of the draft's logits): the draft distribution is one-hot, which is what the verifier
 (worker_proc/speculative.py) accepts exactly, for greedy and sampled requests alike.

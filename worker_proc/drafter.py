@@ -3,6 +3,11 @@ with an entry per KV slot of the target's, its attention backend, and the plan d
 
 Invariant (FlashInfer's plan copies from a pinned host buffer asynchronously: flashinfer_backend.py): a drafter
 plans several steps within one target step, so each of its plans first waits for the copy of its previous one.
+
+Above the batch threshold (--speculative-batch-size-threshold) every step is plain decode and drafts nothing, so a
+drafter does not compute those steps' tokens (`pass_over`, not `follow`): at batch 64 its forward would cost a step
+a share that no draft repays. Its KV entries of those tokens stay as they were (stale): should a request speculate
+again once the batch shrinks, its drafts read them and are accepted less often; verification keeps the tokens exact.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ class Drafter:
 
     def admit(self, req_slots: np.ndarray) -> None:
         """Requests entering these req slots (no state per request by default)."""
+
+    def pass_over(self, a, d) -> None:
+        """A plain decode step above the batch threshold, which the drafter does not compute (nothing by default:
+        its KV of the step's tokens stays stale)."""
 
     def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, input_ids: torch.Tensor,
                req_to_token: torch.Tensor) -> None:

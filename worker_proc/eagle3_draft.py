@@ -101,6 +101,12 @@ class Eagle3Draft(Drafter):
         self._entries(a.req_slots, first, count, d.input_ids, token_rows, hidden, hidden_rows, d.meta.req_to_token)
         self._keep_pend(a.req_slots, aux, starts + extend - 1)
 
+    def pass_over(self, a, d) -> None:
+        """A decode step above the batch threshold: only the new pend (the step's target states, one row per
+        request), so that the next entry the head writes reads the right state; entries c - 1 stay stale."""
+        self.pend[d.req_slots[:len(a.req_slots)].long()] = self.decoder.aux
+        self.has_pend[a.req_slots] = True
+
     def _keep_pend(self, req_slots: np.ndarray, aux: torch.Tensor, rows: np.ndarray) -> None:
         self.pend[torch.from_numpy(req_slots.astype(np.int64)).to(self.device)] = \
             aux[torch.from_numpy(rows).to(self.device)]

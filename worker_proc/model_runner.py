@@ -244,8 +244,7 @@ class ModelRunner:
         graph_bs = self.graphs.padded_size(bs) if is_decode and self.graphs is not None else None
         if graph_bs is not None and self.graphs.has(graph_bs, cascade):
             d, logits = self.replay_graph(a, graph_bs, slice(bs), prefix_groups=prefix_groups)
-            if self.draft is not None:
-                self.draft.follow(a, d)
+            self._draft_follow(a, d, is_decode)
             return logits, None, d.req_slots[:bs]
         d = self._to_device(a, is_decode, prefix_groups)
         self.step_input_ids = d.input_ids
@@ -254,9 +253,19 @@ class ModelRunner:
         self.attn.prepare(d.meta)
         self._mark_planned()
         hidden = self.model.forward(d.input_ids, d.positions, self.attn)
-        if self.draft is not None and drafts is None:
-            self.draft.follow(a, d)
+        if drafts is None:
+            self._draft_follow(a, d, is_decode)
         return self.model.compute_logits(hidden if every_token else hidden[d.last]), hidden, d.req_slots
+
+    def _draft_follow(self, a: StepArrays, d: DeviceStep, is_decode: bool) -> None:
+        """The drafter's part of a prefill chunk or plain decode step: it computes the step's tokens, except in a
+        decode step of more requests than --speculative-batch-size-threshold, which drafts nothing (drafter.py)."""
+        if self.draft is None:
+            return
+        if is_decode and len(a.req_slots) > self.args.speculative_batch_size_threshold:
+            self.draft.pass_over(a, d)
+        else:
+            self.draft.follow(a, d)
 
     def replay_graph(self, a: StepArrays, graph_bs: int, rows: slice | torch.Tensor, width: int = 1,
                      prefix_groups: np.ndarray | None = None,
