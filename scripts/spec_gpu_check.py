@@ -238,9 +238,10 @@ def section_engine(out: Path, deterministic: bool = False) -> dict:
         res[algo] = on
         (out / "engine.partial.json").write_text(json.dumps(res, indent=2, default=str))
     replay = res.get("REPLAY", {})
-    res["met"] = {"REPLAY batch 1 >= 2.5x": replay.get("batch1_speedup", 0) >= 2.5,
-                  f"REPLAY batch {BIG_BATCH} (threshold: plain decode) not slower":
-                      replay.get(f"batch{BIG_BATCH}_ratio", 0) >= 0.97}
+    res["met"] = {"REPLAY batch 1 >= 2.5x": replay.get("batch1_speedup", 0) >= 2.5}
+    for algo in flags:  # above the threshold: plain decode, the drafters passing over it (drafter.py)
+        res["met"][f"{algo} batch {BIG_BATCH} (threshold: plain decode) not slower"] = \
+            res[algo].get(f"batch{BIG_BATCH}_ratio", 0) >= 0.97
     if deterministic:
         res["met"]["REPLAY greedy identical (its draft always right)"] = replay.get("agreement", {}).get("identical")
     else:

@@ -1,7 +1,8 @@
 """Verify steps through their graphs (worker_proc/verify_graphs.py), on the CPU: the host-side padding of a verify
 step to its graph's shape, the graphs captured, and whole verify steps through the graph path in float32 against
 eager verify steps in lockstep (NGRAM-style given drafts, STANDALONE, EAGLE3; batch 1 and batch 3 padded to 4,
-draft counts differing within a step, drafts accepted and rejected).
+draft counts differing within a step, drafts accepted and rejected); EAGLE3's head drafting through its graph loop
+(worker_proc/eagle3_graphs.py) gives the eager drafts.
 
 The CPU has no CUDA graphs: `CallGraphs` stands in for DecodeGraphs by calling the captured function again at each
 replay; like a CUDA graph, that function reads only the step buffers at the addresses it was captured with, so the
@@ -92,15 +93,11 @@ class CallGraphs(DecodeGraphs):
 def with_call_graphs(runner: ModelRunner) -> ModelRunner:
     """Capture the runner's decode and verify graphs as ModelRunner._capture_graphs does on CUDA, as CallGraphs."""
     args = runner.args
-    runner.attn.prepare_graph = runner.attn.prepare  # the torch backend plans a graph's step as any other
-    graphs = CallGraphs()
-    empty = StepArrays(*(np.zeros(0, np.int32) for _ in range(5)))
-    sizes = [1, 2, 4, 8]
-    for bs, width, _ in graph_keys(sizes, False, args.speculative_num_draft_tokens,
-                                         args.speculative_batch_size_threshold):
-        d = runner._to_device(empty.padded(bs, runner.pad_row, width), is_decode=width == 1)
-        graphs.capture(bs, lambda d=d: runner._graph_forward(d), width=width)
-    runner.graphs = graphs
+    for attn in (runner.attn, getattr(runner.draft, "attn", None)):
+        if attn is not None:  # the torch backend plans a graph's step as any other
+            attn.prepare_graph, attn.init_graphs = attn.prepare, lambda *_: None
+    keys = graph_keys([1, 2, 4, 8], False, args.speculative_num_draft_tokens, args.speculative_batch_size_threshold)
+    runner.graphs = runner.capture_keys(keys, CallGraphs)
     return runner
 
 
@@ -275,6 +272,9 @@ def test_verify_steps_through_the_graph_path_give_the_eager_tokens(target, algor
         flags = {"speculative_draft_model_path": str(tmp_path / "head")}
     graph = with_call_graphs(cpu_runner(target, algorithm, **flags))
     assert graph.graphs.sizes_of(WIDTH) == [1, 2, 4]
+    # EAGLE3's head drafts through its own loop beside each verify graph (eagle3_graphs.py), the others eagerly
+    assert (graph.draft_graphs is not None and graph.draft_graphs.sizes_of(WIDTH) == [1, 2, 4]) == \
+        (algorithm == "EAGLE3")
     stats = lockstep(cpu_runner(target, algorithm, **flags), graph, monkeypatch, source, VOCAB, 1e-5)
     # EAGLE3's head has random weights (its drafts depend on the target states it reads): rarely right.
     assert algorithm == "EAGLE3" or 0 < stats["accepted"], stats

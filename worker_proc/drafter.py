@@ -43,16 +43,25 @@ class Drafter:
         self.kv_cache = KVCache(m.num_layers, num_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
         self.attn = backend_class(backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim, m.attention_layers)
 
-    def prepare(self, meta: ForwardMeta) -> None:
+    def prepare(self, meta: ForwardMeta, graph: bool = False) -> None:
+        """Plan the drafter's attention for `meta` (`graph`: its graph-mode wrappers, before a capture or replay)."""
         if self._planned is not None:
             self._planned.synchronize()
-        self.attn.prepare(meta)
+        if graph:
+            self.attn.prepare_graph(meta)
+        else:
+            self.attn.prepare(meta)
         if self.device.type == "cuda":
             self._planned = torch.cuda.Event()
             self._planned.record()
 
     def admit(self, req_slots: np.ndarray) -> None:
         """Requests entering these req slots (no state per request by default)."""
+
+    def draft_loop(self, max_bs: int, width: int, context_length: int):
+        """Its drafting of verify steps as a loop that CUDA graphs can capture (eagle3_graphs.py), or None (drafts
+        eagerly)."""
+        return None
 
     def pass_over(self, a, d) -> None:
         """A plain decode step above the batch threshold, which the drafter does not compute (nothing by default:

@@ -27,6 +27,7 @@ from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config, resolve_model
 from worker_proc.attention import ForwardMeta
 from worker_proc.drafter import Drafter
+from worker_proc.eagle3_graphs import HeadDraftGraphs
 from worker_proc.models.eagle3 import Eagle3Head, capture_layers
 from worker_proc.weights import init_dummy_weights, iter_safetensors
 
@@ -100,6 +101,9 @@ class Eagle3Draft(Drafter):
         hidden = torch.cat([aux, self.pend[torch.from_numpy(a.req_slots.astype(np.int64)).to(self.device)]])
         self._entries(a.req_slots, first, count, d.input_ids, token_rows, hidden, hidden_rows, d.meta.req_to_token)
         self._keep_pend(a.req_slots, aux, starts + extend - 1)
+
+    def draft_loop(self, max_bs: int, width: int, context_length: int) -> HeadDraftGraphs:
+        return HeadDraftGraphs(self, max_bs, width, context_length)
 
     def pass_over(self, a, d) -> None:
         """A decode step above the batch threshold: only the new pend (the step's target states, one row per

@@ -15,10 +15,10 @@ entries first). Attention is causal within the request's W rows, aligned bottom-
 real row j sees pages 0 .. c_i + j only, all real; rows after d_i are dropped. A step whose padding would pass the
 context length (c_i + W > context length) runs eagerly, as do batches larger than every verify graph.
 
-Outside the graph (eager): the drafters' work, STANDALONE's draft model and EAGLE3's head drafting before the
-target's forward (`propose`, whose drafts are copied into the graph's input rows) and writing their KV after
-acceptance (`settle`, reading the real rows' EAGLE3 target states), and acceptance and sampling
-(speculative.Verifier). Verify steps never carry cascade prefix groups (the scheduler groups plain decode steps
+EAGLE3's head drafts in a graph of its own, replayed just before (eagle3_graphs.py). Outside the graphs (eager):
+STANDALONE's draft model drafting before the target's forward (`propose`, whose drafts are copied into the graph's
+input rows), the drafters writing their KV after acceptance (`settle`, reading the real rows' EAGLE3 target
+states), and acceptance and sampling (speculative.Verifier). Verify steps never carry cascade prefix groups (the scheduler groups plain decode steps
 only), so they have no cascade graphs.
 """
 
@@ -42,6 +42,10 @@ def graph_verify(runner, a: StepArrays, drafts: np.ndarray) -> tuple[torch.Tenso
     rows = runner.staging.upload(padded_rows(a.extend, width)).long()  # the real rows, request after request
 
     def draft_into(d) -> None:  # a draft model's drafts into the graph's input rows
+        if runner.draft_loop is not None:  # EAGLE3's head: its own graph (eagle3_graphs.py)
+            runner.draft_loop.plan(d, np.concatenate([a.cached, np.zeros(graph_bs - bs, np.int32)]))
+            runner.draft_graphs.replay(graph_bs, width=width)
+            return
         input_ids = d.input_ids[rows]
         runner.draft.propose(a, drafts, input_ids, runner.req_to_token)
         d.input_ids[rows] = input_ids

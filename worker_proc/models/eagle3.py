@@ -72,7 +72,7 @@ class Eagle3Head(nn.Module):
 
     def __init__(self, config: Any, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
-        h = config.hidden_size
+        h = self.hidden_size = config.hidden_size
         self.target_hidden = getattr(config, "target_hidden_size", None) or h
         self.fc = nn.Module()
         self.fc.weight = make_param((h, 3 * self.target_hidden), dtype, device, load_replicated,
@@ -95,10 +95,14 @@ class Eagle3Head(nn.Module):
         """`hidden`: the target's three captured states [T, 3 H_target] (`from_target`) or the head's own previous
         output [T, H]."""
         if from_target:
-            hidden = linear(hidden, self.fc.weight, None, None)
+            hidden = self.from_target(hidden)
         embeds = embed(input_ids)
         x, residual = self.midlayer(embeds, hidden, self.rotary(positions, embeds.dtype), attn)
         return self.norm(x, residual)
+
+    def from_target(self, states: torch.Tensor) -> torch.Tensor:
+        """The target's three captured states [T, 3 H_target] as the head's hidden state [T, H] (fc)."""
+        return linear(states, self.fc.weight, None, None)
 
     def draft_tokens(self, normed: torch.Tensor) -> torch.Tensor:
         """Greedy drafts in the target's vocabulary."""
