@@ -29,6 +29,7 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config, resolve_model
 from worker_proc.attention import ForwardMeta
+from worker_proc.draft_graphs import DraftLoop
 from worker_proc.drafter import Drafter
 from worker_proc.eagle3_draft import Eagle3Draft
 from worker_proc.weights import load_model
@@ -60,6 +61,19 @@ class DraftModel(Drafter):
         """Write the draft KV of a prefill or decode step's tokens (StepArrays a, DeviceStep d)."""
         self.prepare(d.meta)
         self.model.forward(d.input_ids, d.positions, self.attn)
+
+    def draft_loop(self, max_bs: int, width: int, context_length: int) -> DraftLoop:
+        return DraftLoop(self, max_bs, width, context_length, lag=0)
+
+    def draft_rows(self, ids: torch.Tensor, positions: torch.Tensor, req_slots: torch.Tensor, k: int) -> None:
+        """DraftLoop's forwards (draft_graphs.py): rows x_0 .. x_k of each request of `ids` [G, k + 1], k + 1
+        forwards, forward j drafting x_{j + 1} from row j; the last one writes the KV of every row."""
+        bs = len(ids)
+        for j in range(k + 1):
+            hidden = self.model.forward(ids.reshape(-1), positions, self.attn)
+            if j < k:
+                nxt = self.model.compute_logits(hidden.view(bs, k + 1, -1)[:, j]).argmax(dim=-1)
+                ids[:, j + 1] = nxt.to(ids.dtype)
 
     def propose(self, a, drafts: np.ndarray, input_ids: torch.Tensor, req_to_token: torch.Tensor) -> None:
         """A verify step's drafts, written into its `input_ids` in place: request i's rows are x_0 (its last token)

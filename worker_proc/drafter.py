@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from worker_proc.attention import ForwardMeta, backend_class
+from worker_proc.draft_graphs import DraftLoop
 from worker_proc.kv_cache import KVCache
 from worker_proc.layers import pack_cpu_linears
 
@@ -58,10 +59,13 @@ class Drafter:
     def admit(self, req_slots: np.ndarray) -> None:
         """Requests entering these req slots (no state per request by default)."""
 
-    def draft_loop(self, max_bs: int, width: int, context_length: int):
-        """Its drafting of verify steps as a loop that CUDA graphs can capture (eagle3_graphs.py), or None (drafts
-        eagerly)."""
-        return None
+    def draft_loop(self, max_bs: int, width: int, context_length: int) -> DraftLoop:
+        """Its drafting of verify steps padded to a graph's shape, which a CUDA graph captures (draft_graphs.py;
+        `draft_rows` is the captured forwards)."""
+        raise NotImplementedError
+
+    def draft_rows(self, ids: torch.Tensor, positions: torch.Tensor, req_slots: torch.Tensor, k: int) -> None:
+        raise NotImplementedError
 
     def pass_over(self, a, d) -> None:
         """A plain decode step above the batch threshold, which the drafter does not compute (nothing by default:

@@ -27,7 +27,7 @@ from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config, resolve_model
 from worker_proc.attention import ForwardMeta
 from worker_proc.drafter import Drafter
-from worker_proc.eagle3_graphs import HeadDraftGraphs
+from worker_proc.draft_graphs import DraftLoop
 from worker_proc.models.eagle3 import Eagle3Head, capture_layers
 from worker_proc.weights import init_dummy_weights, iter_safetensors
 
@@ -102,8 +102,22 @@ class Eagle3Draft(Drafter):
         self._entries(a.req_slots, first, count, d.input_ids, token_rows, hidden, hidden_rows, d.meta.req_to_token)
         self._keep_pend(a.req_slots, aux, starts + extend - 1)
 
-    def draft_loop(self, max_bs: int, width: int, context_length: int) -> HeadDraftGraphs:
-        return HeadDraftGraphs(self, max_bs, width, context_length)
+    def draft_loop(self, max_bs: int, width: int, context_length: int) -> DraftLoop:
+        return DraftLoop(self, max_bs, width, context_length, lag=1)
+
+    def draft_rows(self, ids: torch.Tensor, positions: torch.Tensor, req_slots: torch.Tensor, k: int) -> None:
+        """DraftLoop's forwards (draft_graphs.py): rows 0 .. k - 1 of each request of `ids` [G, k + 1] are entries
+        c - 1 .. c + k - 2 reading x_0 .. x_{k-1}; forward j drafts x_{j+1} from row j and hands row j + 1 its
+        hidden state; row 0's is the target's (pend), the others' start at zero."""
+        bs = len(ids)
+        hidden = torch.zeros(bs, k, self.model.hidden_size, dtype=self.dtype, device=self.device)
+        hidden[:, 0] = self.model.from_target(self.pend[req_slots.long()])
+        for j in range(k):
+            normed, nxt = self.model(ids[:, :k].reshape(-1), positions, hidden.view(bs * k, -1), self.attn,
+                                     self.embed, False)
+            ids[:, j + 1] = self.model.draft_tokens(normed.view(bs, k, -1)[:, j]).to(ids.dtype)
+            if j + 1 < k:
+                hidden[:, j + 1] = nxt.view(bs, k, -1)[:, j]
 
     def pass_over(self, a, d) -> None:
         """A decode step above the batch threshold: only the new pend (the step's target states, one row per

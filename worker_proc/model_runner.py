@@ -18,7 +18,7 @@ from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_na
 from worker_proc.cpu_quant import linear_layers, quantize_cpu_linears, resolve_quantization
 from worker_proc.cuda_graph import DecodeGraphs, capture_sizes, graph_keys
 from worker_proc.draft_model import make_draft
-from worker_proc.eagle3_graphs import HeadDraftGraphs
+from worker_proc.draft_graphs import DraftLoop
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache, host_slots_wanted, kv_dtype_of
 from worker_proc.layers import pack_cpu_linears
@@ -96,7 +96,7 @@ class ModelRunner:
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache or
                                                                 args.enable_deterministic_inference)
-        self.draft_loop: HeadDraftGraphs | None = None  # EAGLE3's draft loop beside the verify graphs
+        self.draft_loop: DraftLoop | None = None  # the drafter's draft loop beside the verify graphs
         self.draft_graphs: DecodeGraphs | None = None
         self.graphs = self._capture_graphs()
 
@@ -195,12 +195,12 @@ class ModelRunner:
         graphs = self.capture_keys(keys, DecodeGraphs)
         log.info("rank %d captured decode CUDA graphs for batch sizes %s, verify graphs at %s%s, in %.1f s",
                  self.rank, sizes, sorted(bs for bs, width, _ in keys if width > 1),
-                 " (with the draft head's)" if self.draft_loop is not None else "", time.monotonic() - t0)
+                 " (with the drafter's)" if self.draft_loop is not None else "", time.monotonic() - t0)
         return graphs
 
     def capture_keys(self, keys: list[tuple[int, int, bool]], graphs_class: type[DecodeGraphs]) -> DecodeGraphs:
         """The graph of each (batch size, width, cascade) key, in a `graphs_class`; beside each verify graph, the
-        drafter's draft loop where it has one (EAGLE3's head: eagle3_graphs.py) in `draft_graphs`."""
+        drafter's draft loop (draft_graphs.py) in `draft_graphs`."""
         graphs = graphs_class()
         verify = [(bs, width) for bs, width, _ in keys if width > 1]
         self.draft_loop = self.draft.draft_loop(max(verify)[0], verify[0][1], self.context_length) \
@@ -215,7 +215,7 @@ class ModelRunner:
                 graphs.capture(bs, lambda d=d: self._graph_forward(d), cascade=cascade, width=width)
                 if self.draft_loop is not None and width > 1:
                     self.draft_loop.plan(d, np.zeros(bs, np.int32))
-                    self.draft_graphs.capture(bs, lambda d=d, bs=bs: self.draft_loop.draft_rows(d, bs), width=width)
+                    self.draft_graphs.capture(bs, lambda d=d, bs=bs: self.draft_loop.run(d, bs), width=width)
         return graphs
 
     def _graph_forward(self, d: DeviceStep) -> tuple[torch.Tensor, torch.Tensor | None]:

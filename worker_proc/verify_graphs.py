@@ -15,10 +15,10 @@ entries first). Attention is causal within the request's W rows, aligned bottom-
 real row j sees pages 0 .. c_i + j only, all real; rows after d_i are dropped. A step whose padding would pass the
 context length (c_i + W > context length) runs eagerly, as do batches larger than every verify graph.
 
-EAGLE3's head drafts in a graph of its own, replayed just before (eagle3_graphs.py). Outside the graphs (eager):
-STANDALONE's draft model drafting before the target's forward (`propose`, whose drafts are copied into the graph's
-input rows), the drafters writing their KV after acceptance (`settle`, reading the real rows' EAGLE3 target
-states), and acceptance and sampling (speculative.Verifier). Verify steps never carry cascade prefix groups (the scheduler groups plain decode steps
+A drafter (STANDALONE's draft model, EAGLE3's head) drafts in a graph of its own, replayed just before
+(draft_graphs.py). Outside the graphs (eager): the drafters writing their KV after acceptance (`settle`, reading the
+real rows' EAGLE3 target states), and acceptance and sampling (speculative.Verifier). Verify steps never carry
+cascade prefix groups (the scheduler groups plain decode steps
 only), so they have no cascade graphs.
 """
 
@@ -41,15 +41,10 @@ def graph_verify(runner, a: StepArrays, drafts: np.ndarray) -> tuple[torch.Tenso
         return None
     rows = runner.staging.upload(padded_rows(a.extend, width)).long()  # the real rows, request after request
 
-    def draft_into(d) -> None:  # a draft model's drafts into the graph's input rows
-        if runner.draft_loop is not None:  # EAGLE3's head: its own graph (eagle3_graphs.py)
-            runner.draft_loop.plan(d, np.concatenate([a.cached, np.zeros(graph_bs - bs, np.int32)]))
-            runner.draft_graphs.replay(graph_bs, width=width)
-            return
-        input_ids = d.input_ids[rows]
-        runner.draft.propose(a, drafts, input_ids, runner.req_to_token)
-        d.input_ids[rows] = input_ids
+    def draft_into(d) -> None:  # the drafter's drafts into the graph's input rows, through its own graph
+        runner.draft_loop.plan(d, np.concatenate([a.cached, np.zeros(graph_bs - bs, np.int32)]))
+        runner.draft_graphs.replay(graph_bs, width=width)
 
-    d, logits = runner.replay_graph(a, graph_bs, rows, width, fill=draft_into if runner.draft is not None else None)
+    d, logits = runner.replay_graph(a, graph_bs, rows, width, fill=draft_into if runner.draft_loop is not None else None)
     runner.step_input_ids = d.input_ids[rows]
     return logits, d.req_slots[:bs]
