@@ -329,6 +329,7 @@ def section_runner(out: Path) -> dict:
 
     from radixserve.config import ServerArgs
     from worker_proc import fused, gemv
+    from worker_proc.cuda_graph import capture_graphs
     from worker_proc.model_runner import ModelRunner
 
     ceilings = section_ceilings()  # measured before the model takes the memory
@@ -409,7 +410,7 @@ def section_runner(out: Path) -> dict:
                 fused.ENABLED = variant != "graphs_unfused"
                 runner.graphs = None
                 torch.cuda.empty_cache()
-                runner.graphs = runner._capture_graphs()
+                runner.graphs = capture_graphs(runner)
             r = res[variant] = {"bs1": decode(1, 512, 100)}
             r["bs1"]["graph_gpu_ms"] = graph_ms(1)
             if variant == "graphs_cublas":

@@ -25,7 +25,7 @@ from transformers import LlamaConfig
 from radixserve.config import ServerArgs
 from radixserve.wire import NewReq, StepBatch, i32
 from worker_proc import speculative
-from worker_proc.cuda_graph import DecodeGraphs, graph_keys
+from worker_proc.cuda_graph import DecodeGraphs, capture_keys, graph_keys
 from worker_proc.model_runner import ModelRunner
 from worker_proc.step_io import PAD_SLOT, StepArrays, padded_rows
 
@@ -91,13 +91,13 @@ class CallGraphs(DecodeGraphs):
 
 
 def with_call_graphs(runner: ModelRunner) -> ModelRunner:
-    """Capture the runner's decode and verify graphs as ModelRunner._capture_graphs does on CUDA, as CallGraphs."""
+    """Capture the runner's decode and verify graphs as cuda_graph.capture_graphs does on CUDA, as CallGraphs."""
     args = runner.args
     for attn in (runner.attn, getattr(runner.draft, "attn", None)):
         if attn is not None:  # the torch backend plans a graph's step as any other
             attn.prepare_graph, attn.init_graphs = attn.prepare, lambda *_: None
     keys = graph_keys([1, 2, 4, 8], False, args.speculative_num_draft_tokens, args.speculative_batch_size_threshold)
-    runner.graphs = runner.capture_keys(keys, CallGraphs)
+    runner.graphs = capture_keys(runner, keys, CallGraphs)
     return runner
 
 

@@ -11,10 +11,17 @@ pool, so the smaller ones reuse the larger one's activations (only one graph rep
 from __future__ import annotations
 
 import bisect
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
+
+from worker_proc.step_io import StepArrays
+
+log = logging.getLogger("radixserve.worker")
 
 _LADDER = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -87,3 +94,44 @@ class DecodeGraphs:
         graph, out = self._graphs[bs, width, cascade]
         graph.replay()
         return out
+
+
+def capture_graphs(runner) -> DecodeGraphs | None:
+    """A ModelRunner's graphs (None where they do not run: not CUDA, --disable-cuda-graph, a backend without)."""
+    args = runner.args
+    if runner.device.type != "cuda" or args.disable_cuda_graph or not runner.attn.supports_cuda_graph:
+        return None
+    sizes = capture_sizes(min(args.cuda_graph_max_bs, args.max_running_requests))
+    if not sizes:
+        return None
+    t0 = time.monotonic()
+    runner.attn.init_graphs(sizes[-1], sizes[-1] * runner.context_length)
+    spec = args.speculative_algorithm is not None
+    keys = graph_keys(sizes, runner.use_cascade, args.speculative_num_draft_tokens if spec else None,
+                      args.speculative_batch_size_threshold)
+    graphs = capture_keys(runner, keys, DecodeGraphs)
+    log.info("rank %d captured decode CUDA graphs for batch sizes %s, verify graphs at %s%s, in %.1f s",
+             runner.rank, sizes, sorted(bs for bs, width, _ in keys if width > 1),
+             " (with the drafter's)" if runner.draft_loop is not None else "", time.monotonic() - t0)
+    return graphs
+
+
+def capture_keys(runner, keys: list[tuple[int, int, bool]], graphs_class: type[DecodeGraphs]) -> DecodeGraphs:
+    """The graph of each (batch size, width, cascade) key of `runner`, in a `graphs_class`; beside each verify graph
+    the drafter's draft loop (draft_graphs.py), in runner.draft_graphs."""
+    graphs = graphs_class()
+    verify = [(bs, width) for bs, width, _ in keys if width > 1]
+    runner.draft_loop = runner.draft.draft_loop(max(verify)[0], verify[0][1], runner.context_length) \
+        if runner.draft is not None and verify else None
+    runner.draft_graphs = graphs_class() if runner.draft_loop is not None else None
+    empty = StepArrays(*(np.zeros(0, np.int32) for _ in range(5)))
+    with torch.inference_mode():
+        for bs, width, cascade in keys:
+            groups = np.zeros((0, 2), np.int32) if cascade else None
+            d = runner._to_device(empty.padded(bs, runner.pad_row, width), is_decode=width == 1, prefix_groups=groups)
+            runner.attn.prepare_graph(d.meta)
+            graphs.capture(bs, lambda d=d: runner._graph_forward(d), cascade=cascade, width=width)
+            if runner.draft_loop is not None and width > 1:
+                runner.draft_loop.plan(d, np.zeros(bs, np.int32))
+                runner.draft_graphs.capture(bs, lambda d=d, bs=bs: runner.draft_loop.run(d, bs), width=width)
+    return graphs

@@ -26,8 +26,8 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.model_files import load_hf_config, resolve_model
 from worker_proc.attention import ForwardMeta
-from worker_proc.drafter import Drafter
 from worker_proc.draft_graphs import DraftLoop
+from worker_proc.drafter import Drafter
 from worker_proc.models.eagle3 import Eagle3Head, capture_layers
 from worker_proc.weights import init_dummy_weights, iter_safetensors
 

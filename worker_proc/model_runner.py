@@ -16,9 +16,9 @@ from radixserve.wire import NewReq, RuntimeInfo, StepBatch, from_i32
 from worker_proc import batch_invariant, parallel
 from worker_proc.attention import ForwardMeta, backend_class, resolve_backend_name
 from worker_proc.cpu_quant import linear_layers, quantize_cpu_linears, resolve_quantization
-from worker_proc.cuda_graph import DecodeGraphs, capture_sizes, graph_keys
-from worker_proc.draft_model import make_draft
+from worker_proc.cuda_graph import DecodeGraphs, capture_graphs
 from worker_proc.draft_graphs import DraftLoop
+from worker_proc.draft_model import make_draft
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.kv_cache import KVCache, host_slots_wanted, kv_dtype_of
 from worker_proc.layers import pack_cpu_linears
@@ -98,7 +98,7 @@ class ModelRunner:
                                                                 args.enable_deterministic_inference)
         self.draft_loop: DraftLoop | None = None  # the drafter's draft loop beside the verify graphs
         self.draft_graphs: DecodeGraphs | None = None
-        self.graphs = self._capture_graphs()
+        self.graphs = capture_graphs(self)
 
     def runtime_info(self) -> RuntimeInfo:
         """What the workers resolved, as every other process reads it (sizes of all TP ranks together)."""
@@ -179,44 +179,6 @@ class ModelRunner:
                                      not args.constrained_json_disable_any_whitespace,
                                      args.constrained_json_max_whitespace_cnt)
             self.grammars = SlotGrammars(backend, self.device)
-
-    def _capture_graphs(self) -> DecodeGraphs | None:
-        args = self.args
-        if self.device.type != "cuda" or args.disable_cuda_graph or not self.attn.supports_cuda_graph:
-            return None
-        sizes = capture_sizes(min(args.cuda_graph_max_bs, args.max_running_requests))
-        if not sizes:
-            return None
-        t0 = time.monotonic()
-        self.attn.init_graphs(sizes[-1], sizes[-1] * self.context_length)
-        spec = args.speculative_algorithm is not None
-        keys = graph_keys(sizes, self.use_cascade, args.speculative_num_draft_tokens if spec else None,
-                          args.speculative_batch_size_threshold)
-        graphs = self.capture_keys(keys, DecodeGraphs)
-        log.info("rank %d captured decode CUDA graphs for batch sizes %s, verify graphs at %s%s, in %.1f s",
-                 self.rank, sizes, sorted(bs for bs, width, _ in keys if width > 1),
-                 " (with the drafter's)" if self.draft_loop is not None else "", time.monotonic() - t0)
-        return graphs
-
-    def capture_keys(self, keys: list[tuple[int, int, bool]], graphs_class: type[DecodeGraphs]) -> DecodeGraphs:
-        """The graph of each (batch size, width, cascade) key, in a `graphs_class`; beside each verify graph, the
-        drafter's draft loop (draft_graphs.py) in `draft_graphs`."""
-        graphs = graphs_class()
-        verify = [(bs, width) for bs, width, _ in keys if width > 1]
-        self.draft_loop = self.draft.draft_loop(max(verify)[0], verify[0][1], self.context_length) \
-            if self.draft is not None and verify else None
-        self.draft_graphs = graphs_class() if self.draft_loop is not None else None
-        empty = StepArrays(*(np.zeros(0, np.int32) for _ in range(5)))
-        with torch.inference_mode():
-            for bs, width, cascade in keys:
-                groups = np.zeros((0, 2), np.int32) if cascade else None
-                d = self._to_device(empty.padded(bs, self.pad_row, width), is_decode=width == 1, prefix_groups=groups)
-                self.attn.prepare_graph(d.meta)
-                graphs.capture(bs, lambda d=d: self._graph_forward(d), cascade=cascade, width=width)
-                if self.draft_loop is not None and width > 1:
-                    self.draft_loop.plan(d, np.zeros(bs, np.int32))
-                    self.draft_graphs.capture(bs, lambda d=d, bs=bs: self.draft_loop.run(d, bs), width=width)
-        return graphs
 
     def _graph_forward(self, d: DeviceStep) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What a graph captures: the logits of every row, and EAGLE3's captured target states (the tensor, in the

@@ -45,6 +45,7 @@ def graph_verify(runner, a: StepArrays, drafts: np.ndarray) -> tuple[torch.Tenso
         runner.draft_loop.plan(d, np.concatenate([a.cached, np.zeros(graph_bs - bs, np.int32)]))
         runner.draft_graphs.replay(graph_bs, width=width)
 
-    d, logits = runner.replay_graph(a, graph_bs, rows, width, fill=draft_into if runner.draft_loop is not None else None)
+    fill = draft_into if runner.draft_loop is not None else None
+    d, logits = runner.replay_graph(a, graph_bs, rows, width, fill=fill)
     runner.step_input_ids = d.input_ids[rows]
     return logits, d.req_slots[:bs]
