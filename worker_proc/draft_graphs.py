@@ -41,8 +41,12 @@ class DraftLoop:
         self.k, self.rows = width - 1, width - lag  # drafts a request, rows a request
         device = draft.device
         draft.attn.init_graphs(max_bs, max_bs * context_length)
+        # The plan's device tensors stay at fixed addresses (a backend may read them from inside the graph).
         self.out_slots = torch.zeros(max_bs * self.rows, dtype=torch.int32, device=device)
         self.positions = torch.zeros(max_bs * self.rows, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.extend_lens = torch.full((max_bs,), self.rows, dtype=torch.int32, device=device)
+        self.qo_indptr = torch.arange(0, (max_bs + 1) * self.rows, self.rows, dtype=torch.int32, device=device)
         self.cols = torch.arange(self.rows, dtype=torch.int32, device=device)
 
     def plan(self, d, cached: np.ndarray) -> None:
@@ -54,10 +58,9 @@ class DraftLoop:
         req_rows = d.req_slots.long()[:, None].expand(bs, n).reshape(-1)
         self.positions[:bs * n].copy_(positions)
         self.out_slots[:bs * n].copy_(d.meta.req_to_token[req_rows, positions.long()])
-        dev = d.positions.device
-        meta = ForwardMeta(is_decode=False, req_slots=d.req_slots, seq_lens=(first + n).int(),
-                           extend_lens=torch.full((bs,), n, dtype=torch.int32, device=dev),
-                           qo_indptr=torch.arange(0, bs * n + 1, n, dtype=torch.int32, device=dev),
+        self.seq_lens[:bs].copy_(first + n)
+        meta = ForwardMeta(is_decode=False, req_slots=d.req_slots, seq_lens=self.seq_lens[:bs],
+                           extend_lens=self.extend_lens[:bs], qo_indptr=self.qo_indptr[:bs + 1],
                            out_slots=self.out_slots[:bs * n], req_to_token=d.meta.req_to_token,
                            seq_lens_cpu=(np.maximum(cached, lag) - lag + n).tolist(), extend_lens_cpu=[n] * bs)
         self.draft.prepare(meta, graph=True)
