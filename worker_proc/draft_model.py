@@ -83,13 +83,12 @@ class DraftModel(Drafter):
         ones = np.ones(len(drafts), dtype=np.int64)
         for j in range(int(drafts.max()) + 1):
             live = np.flatnonzero(drafts >= j)
-            meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots[live], a.cached[live] + j,
-                                                        ones[live])
-            rows = torch.from_numpy(starts[live] + j).to(self.device)
+            more = np.flatnonzero(drafts[live] > j)  # requests with a draft after x_j
+            meta, positions, (rows, sel) = ForwardMeta.for_positions(
+                req_to_token, a.req_slots[live], a.cached[live] + j, ones[live], self.upload, (starts[live] + j, more))
+            rows = rows.long()
             self.prepare(meta)
             hidden = self.model.forward(input_ids[rows], positions, self.attn)
-            more = drafts[live] > j  # requests with a draft after x_j
-            if more.any():
-                sel = torch.from_numpy(np.flatnonzero(more)).to(self.device)
-                nxt = self.model.compute_logits(hidden[sel]).argmax(dim=-1)
-                input_ids[rows[sel] + 1] = nxt.to(input_ids.dtype)
+            if len(more):
+                nxt = self.model.compute_logits(hidden[sel.long()]).argmax(dim=-1)
+                input_ids[rows[sel.long()] + 1] = nxt.to(input_ids.dtype)

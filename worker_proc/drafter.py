@@ -19,6 +19,7 @@ from worker_proc.attention import ForwardMeta, backend_class
 from worker_proc.draft_graphs import DraftLoop
 from worker_proc.kv_cache import KVCache
 from worker_proc.layers import pack_cpu_linears
+from worker_proc.step_io import HostStaging
 
 
 class Drafter:
@@ -35,14 +36,20 @@ class Drafter:
         m = self.model
         return KVCache.bytes_per_token(m.num_layers, m.num_kv_heads_local, m.head_dim, self.dtype)
 
-    def allocate(self, num_slots: int, backend_name: str) -> None:
+    def allocate(self, num_slots: int, backend_name: str, staging: HostStaging) -> None:
         """Its KV pool (one entry per slot of the target's) and attention backend; on a bf16 CPU its linear
-        weights in the CPU kernels' layout, as the target's."""
+        weights in the CPU kernels' layout, as the target's. Its index arrays reach the device through the
+        runner's `staging` (pinned buffers: a pageable copy would make the host wait for the step on the device),
+        one upload a call (the staging ring holds a few)."""
+        self.staging = staging
         m = self.model
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             pack_cpu_linears(m)
         self.kv_cache = KVCache(m.num_layers, num_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
         self.attn = backend_class(backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim, m.attention_layers)
+
+    def upload(self, host: np.ndarray) -> torch.Tensor:
+        return self.staging.upload(host)
 
     def prepare(self, meta: ForwardMeta, graph: bool = False) -> None:
         """Plan the drafter's attention for `meta` (`graph`: its graph-mode wrappers, before a capture or replay)."""

@@ -20,6 +20,8 @@ never exactness.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -66,16 +68,21 @@ class Eagle3Draft(Drafter):
         self.has_pend[req_slots] = False
 
     def _entries(self, req_slots: np.ndarray, first: np.ndarray, count: np.ndarray, tokens: torch.Tensor,
-                 token_rows: np.ndarray, hidden: torch.Tensor, hidden_rows: np.ndarray, req_to_token) -> None:
-        """Write entries first[i] .. first[i] + count[i] - 1 of each request from the given rows."""
+                 token_rows: np.ndarray, hidden_rows: np.ndarray, pend_rows: np.ndarray, req_to_token: torch.Tensor,
+                 states: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Write entries first[i] .. first[i] + count[i] - 1 of each request from tokens[token_rows] and
+        hidden[hidden_rows], then make hidden[pend_rows[i]] request i's pend; hidden = `states(req slots on the
+        device)`. One upload."""
         keep = count > 0
-        if not keep.any():
-            return
-        meta, positions = ForwardMeta.for_positions(req_to_token, req_slots[keep], first[keep], count[keep])
-        rows_t = torch.from_numpy(token_rows).to(self.device)
-        rows_h = torch.from_numpy(hidden_rows).to(self.device)
-        self.prepare(meta)
-        self.model(tokens[rows_t], positions, hidden[rows_h], self.attn, self.embed, True)
+        meta, positions, (rows_t, rows_h, slots, pend_r) = ForwardMeta.for_positions(
+            req_to_token, req_slots[keep], first[keep], count[keep], self.upload,
+            (token_rows, hidden_rows, req_slots, pend_rows))
+        hidden = states(slots.long())
+        if keep.any():
+            self.prepare(meta)
+            self.model(tokens[rows_t.long()], positions, hidden[rows_h.long()], self.attn, self.embed, True)
+        self.pend[slots.long()] = hidden[pend_r.long()]
+        self.has_pend[req_slots] = True
 
     @staticmethod
     def _flat(count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,9 +105,8 @@ class Eagle3Draft(Drafter):
         token_rows = starts[req] + within + 1 - pend[req]
         from_pend = pend[req] & (within == 0)
         hidden_rows = np.where(from_pend, len(aux) + req, starts[req] + within - pend[req])
-        hidden = torch.cat([aux, self.pend[torch.from_numpy(a.req_slots.astype(np.int64)).to(self.device)]])
-        self._entries(a.req_slots, first, count, d.input_ids, token_rows, hidden, hidden_rows, d.meta.req_to_token)
-        self._keep_pend(a.req_slots, aux, starts + extend - 1)
+        self._entries(a.req_slots, first, count, d.input_ids, token_rows, hidden_rows, starts + extend - 1,
+                      d.meta.req_to_token, lambda slots: torch.cat([aux, self.pend[slots]]))
 
     def draft_loop(self, max_bs: int, width: int, context_length: int) -> DraftLoop:
         return DraftLoop(self, max_bs, width, context_length, lag=1)
@@ -125,35 +131,26 @@ class Eagle3Draft(Drafter):
         self.pend[d.req_slots[:len(a.req_slots)].long()] = self.decoder.aux
         self.has_pend[a.req_slots] = True
 
-    def _keep_pend(self, req_slots: np.ndarray, aux: torch.Tensor, rows: np.ndarray) -> None:
-        self.pend[torch.from_numpy(req_slots.astype(np.int64)).to(self.device)] = \
-            aux[torch.from_numpy(rows).to(self.device)]
-        self.has_pend[req_slots] = True
-
     def propose(self, a, drafts: np.ndarray, input_ids: torch.Tensor, req_to_token: torch.Tensor) -> None:
         """A verify step's drafts into its `input_ids` (rows: x_0, then drafts[i] placeholders)."""
         assert self.has_pend[a.req_slots].all(), "a decoding request has its last state"
         starts = np.cumsum(drafts + 1) - (drafts + 1)
         cached = a.cached.astype(np.int64)
         ones = np.ones(len(drafts), dtype=np.int64)
-        slots_t = torch.from_numpy(a.req_slots.astype(np.int64)).to(self.device)
-        hidden, from_target = self.pend[slots_t], True
+        hidden, from_target = None, True
         live = np.arange(len(drafts))
-        for j in range(int(drafts.max(initial=0))):
-            meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots[live], cached[live] + j - 1,
-                                                        ones[live])
-            rows = torch.from_numpy(starts[live] + j).to(self.device)
+        for j in range(max(int(drafts.max(initial=0)), 1)):  # none drafts: entry c - 1 still (settle reads it)
+            more = np.flatnonzero(drafts[live] > j)  # requests with a draft x_{j+1}
+            meta, positions, (rows, sel, *slots) = ForwardMeta.for_positions(
+                req_to_token, a.req_slots[live], cached[live] + j - 1, ones[live], self.upload,
+                (starts[live] + j, more) + ((a.req_slots,) if j == 0 else ()))
+            rows, sel = rows.long(), sel.long()
+            if j == 0:
+                hidden = self.pend[slots[0].long()]
             self.prepare(meta)
             normed, nxt_hidden = self.model(input_ids[rows], positions, hidden, self.attn, self.embed, from_target)
-            more = np.flatnonzero(drafts[live] > j)  # requests with a draft x_{j+1}
-            sel = torch.from_numpy(more).to(self.device)
             input_ids[rows[sel] + 1] = self.model.draft_tokens(normed[sel]).to(input_ids.dtype)
             live, hidden, from_target = live[more], nxt_hidden[sel], False
-        if not drafts.any():  # no forward ran: entry c - 1 is written now (settle needs it before its own)
-            meta, positions = ForwardMeta.for_positions(req_to_token, a.req_slots, cached - 1, ones)
-            self.prepare(meta)
-            self.model(input_ids[torch.from_numpy(starts).to(self.device)], positions, hidden, self.attn, self.embed,
-                       True)
 
     def settle(self, a, drafts: np.ndarray, accepted: np.ndarray, input_ids: torch.Tensor,
                req_to_token: torch.Tensor) -> None:
@@ -164,6 +161,5 @@ class Eagle3Draft(Drafter):
         within, req = self._flat(accepted)
         token_rows = starts[req] + within + 1
         hidden_rows = starts[req] + within
-        self._entries(a.req_slots, a.cached.astype(np.int64), accepted, input_ids, token_rows, aux, hidden_rows,
-                      req_to_token)
-        self._keep_pend(a.req_slots, aux, starts + accepted)
+        self._entries(a.req_slots, a.cached.astype(np.int64), accepted, input_ids, token_rows, hidden_rows,
+                      starts + accepted, req_to_token, lambda slots: aux)

@@ -90,8 +90,9 @@ class ModelRunner:
         self.backend_name = resolve_backend_name(args, self.device.type)
         self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim,
                                                          m.attention_layers)
+        self.staging = HostStaging(self.device, STEP_BUF_INTS)
         if self.draft is not None:
-            self.draft.allocate(self.num_kv_slots, self.backend_name)
+            self.draft.allocate(self.num_kv_slots, self.backend_name, self.staging)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
         self.use_cascade = self.attn.supports_cascade and not (args.disable_cascade_attention or
                                                                 args.disable_radix_cache or
@@ -157,7 +158,6 @@ class ModelRunner:
         # Each step's int32 inputs arrive in one host-to-device copy into this buffer (at fixed addresses,
         # which captured graphs read); a step too large for it gets a fresh tensor.
         self._step_buf = torch.zeros(STEP_BUF_INTS, dtype=torch.int32, device=self.device)
-        self.staging = HostStaging(self.device, STEP_BUF_INTS)
         self.copier = ResultCopier(self.device)
         # The token each req slot sampled last: a StepBatch input id < 0 stands for it (overlap scheduling sends
         # step N+1 before step N's tokens reach the scheduler). Written after every sampling, on every rank.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,20 +55,23 @@ class ForwardMeta:
 
     @classmethod
     def for_positions(cls, req_to_token: torch.Tensor, req_slots: np.ndarray, cached: np.ndarray,
-                      extend: np.ndarray) -> tuple[ForwardMeta, torch.Tensor]:
+                      extend: np.ndarray, upload: Callable[[np.ndarray], torch.Tensor],
+                      extra: Sequence[np.ndarray] = ()) -> tuple[ForwardMeta, torch.Tensor, list[torch.Tensor]]:
         """A step over positions cached[i]:cached[i] + extend[i] of each request whose KV slots are in req_to_token
-        already (a draft model's steps), and those positions [T] on the device."""
+        already (a drafter's steps), those positions [T] on the device, and the `extra` int arrays on the device
+        (int32), all in one `upload` (an int32 host array to the device: HostStaging.upload)."""
         bs, total = len(req_slots), int(extend.sum())
         qo = np.zeros(bs + 1, dtype=np.int64)
         np.cumsum(extend, out=qo[1:])
         positions = np.repeat(cached - qo[:-1], extend) + np.arange(total)
-        host = np.concatenate([req_slots, cached + extend, extend, qo, positions, np.repeat(req_slots, extend)])
-        slots, lens, ext, qo_d, pos, rows = torch.from_numpy(host.astype(np.int32)).to(req_to_token.device).split(
-            [bs, bs, bs, bs + 1, total, total])
+        host = np.concatenate([req_slots, cached + extend, extend, qo, positions, np.repeat(req_slots, extend),
+                               *extra])
+        slots, lens, ext, qo_d, pos, rows, *more = upload(host.astype(np.int32)).split(
+            [bs, bs, bs, bs + 1, total, total, *(len(e) for e in extra)])
         meta = cls(is_decode=bool((extend == 1).all()), req_slots=slots, seq_lens=lens, extend_lens=ext,
                    qo_indptr=qo_d, out_slots=req_to_token[rows.long(), pos.long()], req_to_token=req_to_token,
                    seq_lens_cpu=(cached + extend).tolist(), extend_lens_cpu=extend.tolist())
-        return meta, pos
+        return meta, pos, more
 
 
 class AttentionBackend(ABC):
