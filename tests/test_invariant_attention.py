@@ -39,7 +39,7 @@ def check_invariant_attention() -> None:
     def step(parts: list[tuple[int, int, int]]) -> dict[tuple[int, int], torch.Tensor]:
         """(request, cached, new tokens) per request: each new token's output rows, keyed (request, position)."""
         slots, cached, extend = (np.array(col, dtype=np.int32) for col in zip(*parts, strict=True))
-        meta, _ = ForwardMeta.for_positions(table, slots, cached, extend)
+        meta, _, _ = ForwardMeta.for_positions(table, slots, cached, extend)
         backend.prepare(meta)
         q = torch.cat([queries[r][c:c + e] for r, c, e in parts])
         out = backend._attend(q, 0)

@@ -119,7 +119,7 @@ def test_eagle3_head_matches_a_reference(tmp_path) -> None:
     req_to_token = torch.zeros((1, 16), dtype=torch.int32)
     req_to_token[0, :n] = torch.arange(1, n + 1)
     meta, positions, _ = ForwardMeta.for_positions(req_to_token, np.zeros(1, np.int64), np.zeros(1, np.int64),
-                                                   np.array([n]), lambda host: torch.from_numpy(host))
+                                                   np.array([n]))
     attn = backend_class("torch")(KVCache(1, 16, kv_heads, dim, torch.float32, "cpu"), heads, dim,
                                   head.attention_layers)
     attn.prepare(meta)

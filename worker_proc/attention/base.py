@@ -55,11 +55,13 @@ class ForwardMeta:
 
     @classmethod
     def for_positions(cls, req_to_token: torch.Tensor, req_slots: np.ndarray, cached: np.ndarray,
-                      extend: np.ndarray, upload: Callable[[np.ndarray], torch.Tensor],
+                      extend: np.ndarray, upload: Callable[[np.ndarray], torch.Tensor] | None = None,
                       extra: Sequence[np.ndarray] = ()) -> tuple[ForwardMeta, torch.Tensor, list[torch.Tensor]]:
         """A step over positions cached[i]:cached[i] + extend[i] of each request whose KV slots are in req_to_token
         already (a drafter's steps), those positions [T] on the device, and the `extra` int arrays on the device
-        (int32), all in one `upload` (an int32 host array to the device: HostStaging.upload)."""
+        (int32), all in one `upload` (an int32 host array to the device: the drafters pass HostStaging.upload;
+        by default a plain copy)."""
+        upload = upload or (lambda host: torch.from_numpy(host).to(req_to_token.device))
         bs, total = len(req_slots), int(extend.sum())
         qo = np.zeros(bs + 1, dtype=np.int64)
         np.cumsum(extend, out=qo[1:])
