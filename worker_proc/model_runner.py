@@ -217,7 +217,8 @@ class ModelRunner:
         states of all new tokens (None when a decode graph ran), and the batch's req slots on the device.
         `prefix_groups`: decode with cascade attention (see ForwardMeta). Without a graph, `step_input_ids` keeps
         the step's input ids on the device (placeholders replaced). With a draft model, `drafts` (a verify step's
-        draft counts) are drafted into the input ids first; every other step's tokens go through it too."""
+        draft counts) are drafted into the input ids first; every other step's tokens go through it too, but those of
+        decode steps above the speculative threshold (`_draft_follow`)."""
         bs = len(a.req_slots)
         cascade = prefix_groups is not None
         graph_bs = self.graphs.padded_size(bs) if is_decode and self.graphs is not None else None

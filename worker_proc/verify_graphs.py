@@ -18,8 +18,7 @@ context length (c_i + W > context length) runs eagerly, as do batches larger tha
 A drafter (STANDALONE's draft model, EAGLE3's head) drafts in a graph of its own, replayed just before
 (draft_graphs.py). Outside the graphs (eager): the drafters writing their KV after acceptance (`settle`, reading the
 real rows' EAGLE3 target states), and acceptance and sampling (speculative.Verifier). Verify steps never carry
-cascade prefix groups (the scheduler groups plain decode steps
-only), so they have no cascade graphs.
+cascade prefix groups (the scheduler groups plain decode steps only), so they have no cascade graphs.
 """
 
 from __future__ import annotations
