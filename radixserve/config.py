@@ -185,7 +185,8 @@ class ServerArgs:
     speculative_ngram_max_match_window_size: Annotated[Count, doc(
         "NGRAM: the longest suffix matched (the longest match wins, the most recent among equals)")] = 12
     speculative_batch_size_threshold: Annotated[Index, doc(
-        "above this many decoding requests a step is plain decode (speculation pays at small batches)")] = 8
+        "above this many decoding requests a step is plain decode, which the drafter does not compute (speculation "
+        "pays at small batches)")] = 8
     metrics_public: Annotated[bool, doc("serve /metrics without --api-key's token")] = False
     enable_hierarchical_cache: Annotated[bool, doc(
         "keep KV evicted from the device pool in a pool in host memory and move it back when a prompt reaches it "
