@@ -81,7 +81,11 @@ class Eagle3Draft(Drafter):
         if keep.any():
             self.prepare(meta)
             self.model(tokens[rows_t.long()], positions, hidden[rows_h.long()], self.attn, self.embed, True)
-        self.pend[slots.long()] = hidden[pend_r.long()]
+        self._set_pend(req_slots, slots, hidden[pend_r.long()])
+
+    def _set_pend(self, req_slots: np.ndarray, d_slots: torch.Tensor, states: torch.Tensor) -> None:
+        """Each request's pend: its row of `states` (d_slots: its req slot on the device)."""
+        self.pend[d_slots.long()] = states
         self.has_pend[req_slots] = True
 
     @staticmethod
@@ -128,8 +132,7 @@ class Eagle3Draft(Drafter):
     def pass_over(self, a, d) -> None:
         """A decode step above the batch threshold: only the new pend (the step's target states, one row per
         request), so that the next entry the head writes reads the right state; entries c - 1 stay stale."""
-        self.pend[d.req_slots[:len(a.req_slots)].long()] = self.decoder.aux
-        self.has_pend[a.req_slots] = True
+        self._set_pend(a.req_slots, d.req_slots[:len(a.req_slots)], self.decoder.aux)
 
     def propose(self, a, drafts: np.ndarray, input_ids: torch.Tensor, req_to_token: torch.Tensor) -> None:
         """A verify step's drafts into its `input_ids` (rows: x_0, then drafts[i] placeholders)."""
