@@ -6,7 +6,8 @@
   engine    through the Engine: batch 1 without speculation, recording each greedy output; then REPLAY, which
             drafts those outputs back (a draft that is always right), batch 1 again (target: >= 2.5x the tok/s
             without); both at batch 64 (above --speculative-batch-size-threshold speculation is off: target, not
-            slower); STANDALONE with the target as its own draft (dummy weights of the same seed) and EAGLE3 with
+            slower; three rounds on fresh prompts, the median, the prefill alone timed beside); STANDALONE with
+            the Llama-3.2-1B shape as its draft (dummy: its drafts are wrong, the worst case) and EAGLE3 with
             a dummy head of the public layout (eagle3_config), on two of the prompts; for each, sampled requests
             with penalties, bias, seeds and logprobs through verify steps, and the greedy agreement with the run
             without speculation in bf16 (a verify step is an extend: a rounding can flip a near-tie)
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -44,6 +46,9 @@ NUM_DRAFTS = 4
 BATCH1_PROMPTS = 4
 OUTPUT_LEN = 256
 BIG_BATCH = 64
+BIG_OUTPUT_LEN = 64
+BIG_ROUNDS = 3
+DRAFT_MODEL = str(ROOT / "radixserve" / "model_configs" / "llama-3.2-1b")  # Llama-3.1-8B's draft as published
 
 
 def prompts(n: int, length: int = 128, seed: int = 0) -> list[list[int]]:
@@ -150,8 +155,9 @@ def _timed(eng, batch: list[list[int]], sp: dict) -> tuple[list[dict], float]:
     return outs, time.perf_counter() - t0
 
 
-def _engine_runs(eng, ps: list[list[int]], big: list[list[int]]) -> dict:
-    """Batch 1 one prompt at a time (tok/s, accepted length), batch BIG_BATCH at once, sampled requests."""
+def _engine_runs(eng, ps: list[list[int]]) -> dict:
+    """Batch 1 one prompt at a time (tok/s, accepted length); batch BIG_BATCH at once BIG_ROUNDS times on fresh
+    prompts (no radix hits), the prefill alone (one output token) timed beside each; sampled requests."""
     g = {"temperature": 0, "max_new_tokens": OUTPUT_LEN, "ignore_eos": True}
     eng.generate(input_ids=ps[0][:16], sampling_params={"max_new_tokens": 8})  # warm
     outs, t1 = [], 0.0
@@ -160,9 +166,11 @@ def _engine_runs(eng, ps: list[list[int]], big: list[list[int]]) -> dict:
         outs += o
         t1 += dt
     n1 = sum(len(o["output_ids"]) for o in outs)
-    g64 = dict(g, max_new_tokens=64)
-    outs64, t64 = _timed(eng, big, g64)
-    n64 = sum(len(o["output_ids"]) for o in outs64)
+    big_runs, prefills = [], []
+    for r in range(BIG_ROUNDS):
+        outs64, t64 = _timed(eng, prompts(BIG_BATCH, seed=10 + r), dict(g, max_new_tokens=BIG_OUTPUT_LEN))
+        big_runs.append(sum(len(o["output_ids"]) for o in outs64) / t64)
+        prefills.append(_timed(eng, prompts(BIG_BATCH, seed=20 + r), dict(g, max_new_tokens=1))[1])
     sampled = [{"temperature": 0.8, "top_p": 0.9, "top_k": 50, "max_new_tokens": 32, "frequency_penalty": 0.3,
                 "seed": i if i % 2 else None, "logit_bias": {"100": 1.0}, "ignore_eos": True}
                for i in range(len(ps[:4]))]
@@ -171,7 +179,8 @@ def _engine_runs(eng, ps: list[list[int]], big: list[list[int]]) -> dict:
     verify = sum(m.get("spec_verify_ct", 0) for m in metas)
     return {"batch1_tok_s": n1 / t1, "batch1_tokens": n1,
             "accept_length": n1 / verify if verify else None,
-            f"batch{BIG_BATCH}_tok_s": n64 / t64,
+            f"batch{BIG_BATCH}_tok_s": statistics.median(big_runs), f"batch{BIG_BATCH}_rounds_tok_s": big_runs,
+            f"batch{BIG_BATCH}_prefill_s": statistics.median(prefills), f"batch{BIG_BATCH}_prefills_s": prefills,
             "sampled_ok": all(len(o["output_ids"]) == 32 == len(o["meta_info"]["output_token_logprobs"]) for o in s),
             "sampled_lengths": [(len(o["output_ids"]), len(o["meta_info"]["output_token_logprobs"])) for o in s],
             "outputs": [o["output_ids"] for o in outs]}
@@ -209,32 +218,34 @@ def eagle3_config(out: Path) -> Path:
 
 
 def section_engine(out: Path, deterministic: bool = False) -> dict:
-    """Without speculation, then REPLAY of its outputs, STANDALONE (the target as its own draft) and EAGLE3 (a
+    """Without speculation, then REPLAY of its outputs, STANDALONE (the Llama-3.2-1B shape as its draft) and EAGLE3 (a
     dummy head): each through the Engine. `deterministic`: off and REPLAY alone, both in that mode, where the
     replayed draft is always right (in plain bf16 it is right only until a near tie rounds apart)."""
     from radixserve import Engine
 
     engine = dict(ENGINE, enable_deterministic_inference=deterministic)
-    ps, big = prompts(BATCH1_PROMPTS), prompts(BIG_BATCH, seed=1)
+    ps = prompts(BATCH1_PROMPTS)
     with Engine(MODEL, **engine) as eng:
-        off = _engine_runs(eng, ps, big)
+        off = _engine_runs(eng, ps)
     path = out / f"replay_drafts{'_det' if deterministic else ''}.json"
     path.write_text(json.dumps([p + o for p, o in zip(ps, off["outputs"])]))
     flags = {"REPLAY": dict(speculative_algorithm="REPLAY", speculative_replay_path=str(path),
                             speculative_num_draft_tokens=NUM_DRAFTS + 1)}
     if not deterministic:
-        flags.update(STANDALONE=draft_flags("STANDALONE", MODEL), EAGLE3=draft_flags("EAGLE3", eagle3_config(out)))
+        flags.update(EAGLE3=draft_flags("EAGLE3", eagle3_config(out)),
+                     STANDALONE=draft_flags("STANDALONE", DRAFT_MODEL))
     res = {"off": off}
     for algo, kw in flags.items():
         try:
             with Engine(MODEL, **engine, **kw) as eng:
-                on = _engine_runs(eng, ps if algo == "REPLAY" else ps[:2], big)
+                on = _engine_runs(eng, ps if algo == "REPLAY" else ps[:2])
         except Exception:
             res[algo] = {"error": traceback.format_exc()}
             continue
         on["agreement"] = _agreement(off["outputs"][:len(on["outputs"])], on["outputs"])
         on["batch1_speedup"] = on["batch1_tok_s"] / off["batch1_tok_s"]
         on[f"batch{BIG_BATCH}_ratio"] = on[f"batch{BIG_BATCH}_tok_s"] / off[f"batch{BIG_BATCH}_tok_s"]
+        on[f"batch{BIG_BATCH}_prefill_ratio"] = on[f"batch{BIG_BATCH}_prefill_s"] / off[f"batch{BIG_BATCH}_prefill_s"]
         res[algo] = on
         (out / "engine.partial.json").write_text(json.dumps(res, indent=2, default=str))
     replay = res.get("REPLAY", {})
@@ -278,14 +289,16 @@ SECTIONS = {"verify": section_verify, "verify-eagle3": functools.partial(section
 
 
 def main() -> None:
-    global MODEL, OUTPUT_LEN
+    global MODEL, DRAFT_MODEL, OUTPUT_LEN
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir", type=Path)
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     p.add_argument("--model", default=MODEL, help="a config directory (dummy weights; a tiny one for a CPU smoke run)")
+    p.add_argument("--draft-model", default=DRAFT_MODEL, help="STANDALONE's draft: a config directory of the same "
+                   "vocabulary (dummy weights)")
     p.add_argument("--output-len", type=int, default=OUTPUT_LEN)
     ns = p.parse_args()
-    MODEL, OUTPUT_LEN = ns.model, ns.output_len
+    MODEL, DRAFT_MODEL, OUTPUT_LEN = ns.model, ns.draft_model, ns.output_len
     ns.out_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name in ns.sections:

@@ -147,6 +147,7 @@ def test_gemma_unhonoured_fields_fail_at_build():
     ("gemma-2-9b", "Gemma2ForCausalLM", [4096, None] * 21),
     ("gemma-3-12b-text", "Gemma3ForCausalLM", ([1024] * 5 + [None]) * 8),
     ("phi-3-mini-128k", "Phi3ForCausalLM", [None] * 32),  # its 262144 window exceeds the 131072 positions
+    ("llama-3.2-1b", "LlamaForCausalLM", [None] * 16),  # Llama-3.1-8B's draft model (STANDALONE) in benchmarks
 ])
 def test_bundled_configs_build(name, arch, windows):
     """radixserve/model_configs' config of each family builds (on the meta device: no memory) with the layer kinds
