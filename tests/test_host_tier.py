@@ -357,7 +357,7 @@ def test_a_load_waits_only_for_the_stores_it_reads(monkeypatch: pytest.MonkeyPat
     waited: list[int] = []
     stores = iter(range(100))
 
-    def store_in_flight(pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor) -> None:
+    def store_in_flight(pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor, plan: None) -> None:
         """CUDA's store (HostPool._store): the rows gathered now, landing once their copy is done."""
         rows = torch.stack([layer.index_select(0, src) for layer in pools])
         cache.host._stores.append((CopyInFlight(waited, next(stores)), rows, dst, dst))  # all rows staged

@@ -7,6 +7,8 @@ its bytes), in host memory, pinned on CUDA. A move's host slots come in runs of 
 allocated together) and scattered ones: a run of at least MIN_RUN slots crosses between device and host straight
 from or into its slice of the pinned pool, one copy per layer and no pass of the CPU over its bytes; the scattered
 rows go through a pinned staging tensor that the CPU gathers or scatters.
+- Each step's slot indices go to the device in one upload through pinned buffers on the compute stream (a pageable
+  copy would wait for the forward in flight).
 - device to host: the rows are gathered on the compute stream (after the forwards that wrote them, before any later
   forward that overwrites those slots, which the scheduler may hand out at once) and cross on the store stream,
   which waits for that gather only. A run lands in the pool with its copy; scattered rows land once their copy is
@@ -28,13 +30,25 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from radixserve.wire import KVMove, from_i32
+from worker_proc.step_io import HostStaging
 
 MIN_RUN = 16  # rows: a shorter run of consecutive slots goes with the scattered rows' indexed copy
+MOVE_INDEX_INTS = 1 << 18  # slot indices of one copy uploaded through pinned buffers (a larger one waits for them)
+
+
+class _Plan(NamedTuple):
+    """A move's copies on CUDA: runs_of its host slots, and on the device its slots there and its scattered rows."""
+
+    runs: list[tuple[int, int]]
+    rest: np.ndarray
+    device_slots: torch.Tensor
+    device_rest: torch.Tensor
 
 
 class HostPool:
@@ -49,6 +63,7 @@ class HostPool:
         self._rows = (*self.k, *self.v)
         self._store_stream = torch.cuda.Stream(device) if cuda else None
         self._load_stream = torch.cuda.Stream(device) if cuda else None
+        self._indices = HostStaging(device, MOVE_INDEX_INTS) if cuda else None  # each step's slot indices (_plans)
         # Stores on their way, oldest first: (their copies done; their scattered rows in host memory, None where all
         # went straight into the pool; those rows' host slots; all the host slots they write).
         self._stores: deque[tuple[torch.cuda.Event, torch.Tensor | None, torch.Tensor, torch.Tensor]] = deque()
@@ -56,16 +71,34 @@ class HostPool:
 
     def move(self, pools: tuple[torch.Tensor, ...], moves: list[KVMove]) -> None:
         """Make `moves` between the device pool's rows `pools` (every layer's K, then V) and this pool, in order."""
-        for m in moves:
-            src = torch.from_numpy(np.asarray(from_i32(m.src), dtype=np.int64))
-            dst = torch.from_numpy(np.asarray(from_i32(m.dst), dtype=np.int64))
+        slots = [(torch.from_numpy(np.asarray(from_i32(m.src), dtype=np.int64)),
+                  torch.from_numpy(np.asarray(from_i32(m.dst), dtype=np.int64))) for m in moves]
+        plans = self._plans(moves, slots) if self._store_stream is not None else [None] * len(moves)
+        for m, (src, dst), plan in zip(moves, slots, plans, strict=True):
             if m.to_host:
                 self._land_stores_to(dst, staged_only=True)  # (the store stream orders the runs' copies)
-                self._store(pools, src, dst)
+                self._store(pools, src, dst, plan)
             else:
                 self._land_stores_to(src, staged_only=True)  # (the load stream waits for the runs' copies)
-                self._loads[m.load] = self._load(pools, src, dst)
+                self._loads[m.load] = self._load(pools, src, dst, plan)
         self.finish_stores(0)
+
+    def _plans(self, moves: list[KVMove], slots: list[tuple[torch.Tensor, torch.Tensor]]) -> list[_Plan]:
+        """CUDA: each move's runs of host slots and its scattered rows (`runs_of`), with its device slots (a store's
+        sources, a load's destinations) and the positions of its scattered rows on the device (int64), all uploaded
+        at once on the compute stream: through pinned buffers, so that the upload does not wait for the forward in
+        flight (and the next step's launch behind it) as a pageable copy would."""
+        runs = [runs_of(dst if m.to_host else src) for m, (src, dst) in zip(moves, slots, strict=True)]
+        parts = [x for m, (src, dst), (_, rest) in zip(moves, slots, runs, strict=True)
+                 for x in ((src if m.to_host else dst).numpy(), rest)]
+        if not parts:
+            return []
+        flat = self._indices.upload(np.concatenate(parts)).long()
+        for stream in (self._store_stream, self._load_stream):
+            flat.record_stream(stream)  # the allocator keeps it until the side streams have read it
+        views = flat.split([len(x) for x in parts])
+        return [_Plan(r, rest, d_slots, d_rest)
+                for (r, rest), d_slots, d_rest in zip(runs, views[0::2], views[1::2], strict=True)]
 
     def _land_stores_to(self, slots: torch.Tensor, staged_only: bool = False) -> None:
         """The stores on their way that write any of these host slots (`staged_only`: through their staging
@@ -101,21 +134,23 @@ class HostPool:
                 for pool, layer_rows in zip(self._rows, rows, strict=True):
                     pool.index_copy_(0, scattered, layer_rows)
 
-    def _store(self, pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor) -> None:
+    def _store(self, pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor, plan: _Plan | None) -> None:
         """Start copying device slots `src` of every layer to host slots `dst`: on the CPU done as it returns; on CUDA
         the rows, gathered on the compute stream, cross on the store stream, a run of host slots into its slice of
         the pool, the scattered rows into a pinned tensor, and join the stores on their way (`finish_stores`)."""
-        if self._store_stream is None:
+        if plan is None:
             copy_rows(pools, src, self._rows, dst)
             return
-        rows = torch.stack([layer.index_select(0, src.to(self.device)) for layer in pools])
+        runs, rest, d_src, d_rest = plan
+        rows = torch.empty((len(pools), len(src), *pools[0].shape[1:]), dtype=pools[0].dtype, device=self.device)
+        for layer, out in zip(pools, rows, strict=True):
+            torch.index_select(layer, 0, d_src, out=out)
         self._store_stream.wait_stream(torch.cuda.current_stream(self.device))  # the gather
-        runs, rest = runs_of(dst)
         scattered = None
         with torch.cuda.stream(self._store_stream):
             copy_runs(rows, torch.arange(len(dst)), self._rows, dst, runs, non_blocking=True)
             if len(rest):
-                picked = rows.index_select(1, torch.from_numpy(rest).to(self.device, non_blocking=True))
+                picked = rows.index_select(1, d_rest)
                 scattered = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
                 scattered.copy_(picked, non_blocking=True)
         rows.record_stream(self._store_stream)  # the allocator keeps `rows` until the copies have read them
@@ -123,15 +158,16 @@ class HostPool:
         done.record(self._store_stream)
         self._stores.append((done, scattered, dst[rest], dst))
 
-    def _load(self, pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor) -> torch.cuda.Event | None:
+    def _load(self, pools: tuple[torch.Tensor, ...], src: torch.Tensor, dst: torch.Tensor,
+              plan: _Plan | None) -> torch.cuda.Event | None:
         """Copy host slots `src` of every layer to the device pool's slots `dst`: on the CPU done as it returns (None);
         on CUDA on the load stream, after the stores and what the compute stream has launched so far, a run of host
         slots straight from its slice of the pool, the scattered rows gathered into a pinned tensor first; the rows
         are scattered into the device pool there (the copy's event)."""
-        if self._load_stream is None:
+        if plan is None:
             copy_rows(self._rows, src, pools, dst)
             return None
-        runs, rest = runs_of(src)
+        runs, rest, d_dst, d_rest = plan
         if len(rest):  # the CPU reads these rows: the runs' copies that wrote them are done first
             self._land_stores_to(src[rest])
             gathered = torch.empty((len(self._rows), len(rest), *self._rows[0].shape[1:]), dtype=self._rows[0].dtype,
@@ -140,14 +176,12 @@ class HostPool:
                 torch.index_select(pool, 0, src[rest], out=out)
         self._load_stream.wait_stream(self._store_stream)  # the runs' stores are in the pool
         self._load_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._load_stream):  # the rows and indices live on this stream only
+        with torch.cuda.stream(self._load_stream):  # the rows live on this stream only
             rows = torch.empty((len(self._rows), len(src), *self._rows[0].shape[1:]), dtype=self._rows[0].dtype,
                                device=self.device)
             copy_runs(self._rows, src, rows, torch.arange(len(src)), runs, non_blocking=True)
             if len(rest):
-                rows.index_copy_(1, torch.from_numpy(rest).to(self.device, non_blocking=True),
-                                 gathered.to(self.device, non_blocking=True))
-            d_dst = dst.to(self.device, non_blocking=True)
+                rows.index_copy_(1, d_rest, gathered.to(self.device, non_blocking=True))
             for layer, layer_rows in zip(pools, rows, strict=True):
                 layer.index_copy_(0, d_dst, layer_rows)
         done = torch.cuda.Event()
