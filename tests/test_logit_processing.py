@@ -11,6 +11,7 @@ from radixserve import wire
 from radixserve.model_files import resolve_model
 from worker_proc.grammar import GrammarBackend, SlotGrammars
 from worker_proc.penalties import SlotPenalties
+from worker_proc.step_io import HostStaging
 
 VOCAB = 50
 EOS = 2
@@ -34,7 +35,7 @@ def reference(logits: np.ndarray, counts: np.ndarray, p: wire.Penalties) -> np.n
 
 
 def test_penalties_match_their_formulas_and_count_only_kept_samples() -> None:
-    state = SlotPenalties(max_reqs=8, vocab_size=VOCAB, device=torch.device("cpu"))
+    state = SlotPenalties(max_reqs=8, vocab_size=VOCAB, staging=HostStaging(torch.device("cpu"), 1024))
     prior = [5, 5, 9]  # a re-admitted request's output so far
     params = {4: penalties(frequency=0.7, presence=0.3), 7: penalties(repetition=1.6, bias={3: 2.5, 11: -4.0})}
     state.set(4, params[4])

@@ -38,6 +38,7 @@ from worker_proc.weights import load_model
 log = logging.getLogger("radixserve.worker")
 
 STEP_BUF_INTS = 1 << 20
+STAGING_INTS = 4 * STEP_BUF_INTS  # the pinned upload ring: a few steps' uploads of the largest size
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ModelRunner:
         self.context_length = serving_context_length(args.context_length, hf_config)
         # Everything else that lives on the device is allocated before the KV pool is sized, so that
         # --mem-fraction-static's budget counts it.
+        self.staging = HostStaging(self.device, STAGING_INTS)
         self._allocate_step_state()
         self._allocate_sampling_state(model_dir)
         m = self.model
@@ -90,7 +92,6 @@ class ModelRunner:
         self.backend_name = resolve_backend_name(args, self.device.type)
         self.attn = backend_class(self.backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim,
                                                          m.attention_layers)
-        self.staging = HostStaging(self.device, STEP_BUF_INTS)
         if self.draft is not None:
             self.draft.allocate(self.num_kv_slots, self.backend_name, self.staging)
         # The scheduler sends prefix groups only with the radix cache on; a backend without cascade ignores them.
@@ -172,7 +173,7 @@ class ModelRunner:
                                       args.random_seed if args.enable_deterministic_inference else -1)
         self.sampler = make_sampler(self.slot_params, self.device, args.random_seed)
         self.verifier = Verifier(self.sampler)  # verify steps of speculative decoding (StepBatch.draft_lens)
-        self.penalties = SlotPenalties(args.max_running_requests, vocab, self.device) if self.rank == 0 else None
+        self.penalties = SlotPenalties(args.max_running_requests, vocab, self.staging) if self.rank == 0 else None
         self.grammars = None
         if self.rank == 0 and args.grammar_backend != "none":
             backend = GrammarBackend(args.tokenizer_path or model_dir, vocab,

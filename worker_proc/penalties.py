@@ -11,6 +11,9 @@ On the logits of a penalized row, before anything else of sampling (SGLang's mea
 only): repetition divides a seen token's positive logit by the penalty and multiplies a negative one by it,
 then frequency subtracts penalty x count and presence subtracts the penalty once a token was seen; logit
 bias adds its value to its token.
+
+Index and value arrays reach the device through the runner's pinned staging (a pageable copy would make the host
+wait for the forward in flight, every step that has a penalized row), one upload per call.
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ import torch
 
 from radixserve.wire import Penalties, from_i32
 from worker_proc.sampling import float32_value
+from worker_proc.step_io import HostStaging
 
 
 class SlotPenalties:
     """Per req slot: whether it is penalized (host), its penalty values and output-token counts (device)."""
 
-    def __init__(self, max_reqs: int, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, max_reqs: int, vocab_size: int, staging: HostStaging) -> None:
         self.vocab_size = vocab_size
-        self.device = device
+        self.staging = staging
+        self.device = device = staging.device
         self.counted = np.zeros(max_reqs, dtype=bool)  # has a frequency, presence or repetition penalty
         self.biased = np.zeros(max_reqs, dtype=bool)
         self.kinds = np.zeros((max_reqs, 3), dtype=bool)  # which of frequency, presence, repetition it has
@@ -52,12 +57,16 @@ class SlotPenalties:
         if self.counted[slot]:
             self.kinds[slot] = (p.frequency != 0, p.presence != 0, p.repetition != 1)
             self.frequency[slot], self.presence[slot], self.repetition[slot] = p.frequency, p.presence, p.repetition
-            prior = np.bincount(from_i32(output_ids), minlength=self.vocab_size)[:self.vocab_size]
-            self.counts[slot] = torch.from_numpy(prior.astype(np.float32)).to(self.device)
+            self.counts[slot] = 0
+            prior = from_i32(output_ids)
+            prior = prior[prior < self.vocab_size]
+            if len(prior):
+                self.counts[slot].index_put_((self.staging.upload(prior).long(),),
+                                             torch.ones(len(prior), device=self.device), accumulate=True)
         if self.biased[slot]:
-            ids = torch.from_numpy(from_i32(p.bias_ids).astype(np.int64)).to(self.device)
-            values = torch.from_numpy(np.frombuffer(p.bias_values, dtype=np.float32).copy()).to(self.device)
-            self.bias[slot] = (ids, values)
+            n = len(p.bias_ids) // 4
+            both = self.staging.upload(np.concatenate([from_i32(p.bias_ids), np.frombuffer(p.bias_values, np.int32)]))
+            self.bias[slot] = (both[:n].long(), both[n:].view(torch.float32))  # the values' bits, as float32
 
     def apply(self, logits: torch.Tensor, slots: np.ndarray, d_slots: torch.Tensor,
               prior: tuple[np.ndarray, np.ndarray] | None = None) -> None:
@@ -66,14 +75,16 @@ class SlotPenalties:
         rows = np.flatnonzero(self.counted[slots])
         if len(rows):
             frequency, presence, repetition = self.kinds[slots[rows]].any(axis=0)  # only the kinds in use
-            d_rows = torch.from_numpy(rows).to(self.device)
-            s = d_slots.index_select(0, d_rows).long()
-            counts = self.counts.index_select(0, s)
+            at = ids = np.zeros(0, dtype=np.int64)  # prior's (row among `rows`, token id) pairs
             if prior is not None:
                 keep = np.isin(prior[0], rows)
-                at = torch.from_numpy(np.searchsorted(rows, prior[0][keep])).to(self.device)
-                ids = torch.from_numpy(prior[1][keep]).to(self.device)
-                counts.index_put_((at, ids), torch.ones(len(at), device=self.device), accumulate=True)
+                at, ids = np.searchsorted(rows, prior[0][keep]), prior[1][keep]
+            d_rows, d_at, d_ids = self.staging.upload(np.concatenate([rows, at, ids])).long().split(
+                [len(rows), len(at), len(ids)])
+            s = d_slots.index_select(0, d_rows).long()
+            counts = self.counts.index_select(0, s)
+            if len(at):
+                counts.index_put_((d_at, d_ids), torch.ones(len(at), device=self.device), accumulate=True)
             seen = counts > 0
             x = logits.index_select(0, d_rows)
             if repetition:
@@ -92,6 +103,6 @@ class SlotPenalties:
         """Count the step's sampled tokens of penalized rows whose sample is kept (on the device)."""
         rows = np.flatnonzero(self.counted[slots] & kept)
         if len(rows):
-            d_rows = torch.from_numpy(rows).to(self.device)
+            d_rows = self.staging.upload(rows).long()
             ones = torch.ones(len(rows), dtype=torch.float32, device=self.device)
             self.counts.index_put_((d_slots[d_rows].long(), next_ids[d_rows].long()), ones, accumulate=True)

@@ -1,6 +1,6 @@
 """A step's traffic between host and device, without host syncs on the step path.
 
-Uploads go through a ring of pinned staging buffers (a pageable source may make the driver wait for the
+Uploads go through a ring of pinned staging memory (a pageable source may make the driver wait for the
 stream, which would stall the next step's launch behind the step still running). Results come back on a
 copy stream of their own: `PendingStep.result()` waits for that copy only, in the thread that sends them,
 so the worker launches step N+1 while step N's tokens travel to the host.
@@ -9,6 +9,7 @@ so the worker launches step N+1 while step N's tokens travel to the host.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,23 +17,23 @@ import torch
 
 from radixserve.wire import GrammarDone, StepBatch, StepResult, from_i32
 
-STAGING_BUFFERS = 4
 PAD_SLOT = 0  # the KV slot that padding rows write; the scheduler never hands it out
 
 
 class HostStaging:
-    """Host-to-device copies of int32 arrays through pinned buffers (CUDA), or plain tensors (CPU).
+    """Host-to-device copies of int32 arrays through one pinned ring of `capacity` ints (CUDA), or plain tensors
+    (CPU). Each upload takes the ring's next stretch, so a step may make any number of them without waiting.
 
-    Invariant: a pinned buffer is rewritten only after the device has read its previous contents (the
-    event recorded after that copy), so an upload never races the copy before it."""
+    Invariant: a stretch of the ring is rewritten only after the device has read what was staged there before
+    (the event recorded after each copy, oldest first), so an upload never races the copies before it; the host
+    waits only where a step's uploads come round the ring onto copies still queued behind the forward in flight."""
 
     def __init__(self, device: torch.device, capacity: int) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.capacity = capacity
-        self._bufs = [torch.empty(capacity, dtype=torch.int32, pin_memory=True) for _ in range(STAGING_BUFFERS)] \
-            if self.cuda else []
-        self._events: list[torch.cuda.Event | None] = [None] * STAGING_BUFFERS
+        self._ring = torch.empty(capacity, dtype=torch.int32, pin_memory=True) if self.cuda else None
+        self._in_use: deque[tuple[int, int, torch.cuda.Event]] = deque()  # (start, end, copy done), oldest first
         self._next = 0
 
     def upload(self, host: np.ndarray, dst: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,20 +42,35 @@ class HostStaging:
         if dst is None:
             dst = torch.empty(len(host), dtype=torch.int32, device=self.device)
         dst = dst[:len(host)]
-        if not self.cuda:
+        if not len(host):
+            return dst
+        if not self.cuda or len(host) > self.capacity:  # (a huge prefill: a plain copy, which may wait for the stream)
             return dst.copy_(src)
-        if len(host) > self.capacity:  # rare (a huge prefill): a plain copy, which may wait for the stream
-            return dst.copy_(src)
-        k, self._next = self._next, (self._next + 1) % STAGING_BUFFERS
-        if self._events[k] is not None:
-            self._events[k].synchronize()
-        staged = self._bufs[k][:len(host)]
+        start = self._claim(len(host))
+        end = start + len(host)
+        staged = self._ring[start:end]
         staged.copy_(src)
         dst.copy_(staged, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._events[k] = event
+        self._in_use.append((start, end, event))
         return dst
+
+    def _claim(self, n: int) -> int:
+        """The start of the ring's next n > 0 ints (after _next, or at 0 where they do not fit before the end),
+        once the copies from what was staged there before are done."""
+        wrapped = self._next + n > self.capacity  # the ring's tail [_next, capacity) is skipped
+        start = 0 if wrapped else self._next
+        end = start + n
+        # The stretches in use lie round the ring from the oldest to _next: those in the way go, oldest first.
+        while self._in_use:
+            first, last, done = self._in_use[0]
+            if not (first < end and start < last or wrapped and first >= self._next):
+                break
+            done.synchronize()
+            self._in_use.popleft()
+        self._next = end
+        return start
 
 
 @dataclass
