@@ -9,7 +9,7 @@
 # fits:     a workload that the device pool holds whole: both servers up at once and the bench run against each in
 #           turn, the order alternating, $FITS_ROUNDS times (default 6), so a loaded machine's drift hits both alike;
 #           prints each round's throughput ratio, the CPU time of each server's processes per output token, and their
-#           medians (target: throughput within 3%; scripts/bench_hicache_fits.py).
+#           medians (target: throughput within 3%; scripts/bench_rounds.py).
 # cpu: the default model (SmolLM2-135M-Instruct). gpu: the Llama-3.1-8B shape, dummy bf16 weights, one GPU.
 # The tier's --hicache-write-policy is $HICACHE_WRITE_POLICY (default write_through, the flag's default); the output
 # names carry it. JSON and logs go to OUT_DIR; the JSON's commit is $GIT_COMMIT if set, else the checkout's.
@@ -60,8 +60,8 @@ fits() {  # both servers up at once, the bench against each in turn (alternating
     local name="hicache-fits-$target-$policy"
     echo "== $name ($cpu, $(date -u +%FT%TZ), commit ${GIT_COMMIT:-$(git rev-parse --short HEAD)}):" \
         "servers ${fits_server[*]} ${model[*]}, tier ${tier[*]}, bench ${fits[*]}" | tee "$out/$name.log"
-    python3 scripts/bench_hicache_fits.py --out "$out" --name "$name" --rounds "${FITS_ROUNDS:-6}" \
-        --server-flags="${fits_server[*]} ${model[*]}" --tier-flags="${tier[*]}" \
+    python3 scripts/bench_rounds.py --out "$out" --name "$name" --rounds "${FITS_ROUNDS:-6}" \
+        --common-flags="${fits_server[*]} ${model[*]}" --server no-hicache="" --server hicache="${tier[*]}" \
         --bench-flags="--dataset multi-turn ${fits[*]} ${model[*]}" 2>&1 | tee -a "$out/$name.log"
 }
 
