@@ -7,8 +7,8 @@ its bytes), in host memory, pinned on CUDA. A move's host slots come in runs of 
 allocated together) and scattered ones: a run of at least MIN_RUN slots crosses between device and host straight
 from or into its slice of the pinned pool, one copy per layer and no pass of the CPU over its bytes; the scattered
 rows go through a pinned staging tensor that the CPU gathers or scatters.
-- Each step's slot indices go to the device in one upload through pinned buffers on the compute stream (a pageable
-  copy would wait for the forward in flight).
+- Each step's slot indices go to the device in one upload through a pinned ring on the compute stream (HostStaging:
+  a pageable copy would wait for the forward in flight).
 - device to host: the rows are gathered on the compute stream (after the forwards that wrote them, before any later
   forward that overwrites those slots, which the scheduler may hand out at once) and cross on the store stream,
   which waits for that gather only. A run lands in the pool with its copy; scattered rows land once their copy is
@@ -39,7 +39,7 @@ from radixserve.wire import KVMove, from_i32
 from worker_proc.step_io import HostStaging
 
 MIN_RUN = 16  # rows: a shorter run of consecutive slots goes with the scattered rows' indexed copy
-MOVE_INDEX_INTS = 1 << 18  # slot indices of one copy uploaded through pinned buffers (a larger one waits for them)
+MOVE_INDEX_INTS = 1 << 18  # the ring for slot indices (a step's larger upload is a plain copy, which waits)
 
 
 class _Plan(NamedTuple):
