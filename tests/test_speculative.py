@@ -35,6 +35,7 @@ from scheduler_proc.scheduler import Scheduler
 from scheduler_proc.speculative import GROW, MIN_DRAFTS, ngram_draft
 from worker_proc.sampling import SlotParams, make_sampler
 from worker_proc.speculative import Verifier, VerifyRows
+from worker_proc.step_io import HostStaging
 
 
 def test_ngram_draft_takes_what_followed_the_longest_most_recent_match() -> None:
@@ -93,7 +94,7 @@ def _verifier(temperature: float, top_k: int, top_p: float, min_p: float, seed: 
     for slot in range(batch):
         params.set(wire.NewReq(slot, b"", temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                seed=seed + slot if seed >= 0 else -1))
-    return Verifier(make_sampler(params, torch.device(device), seed=0))
+    return Verifier(make_sampler(params, torch.device(device), seed=0), HostStaging(torch.device(device), 1 << 16))
 
 
 def _target(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
@@ -125,8 +126,7 @@ def test_acceptance_draws_exactly_from_the_target(temperature, top_k, top_p, min
     drafts = [int(rows_logits[0].argmax()), int(rows_logits[1].argsort()[-3])]  # a likely one, a less likely one
     verifier = _verifier(temperature, top_k, top_p, min_p, seed, batch, device)
     slots = np.arange(batch, dtype=np.int32)
-    rows = VerifyRows.of(slots, np.zeros(batch, np.int64), np.full(batch, 2, np.int64),
-                         torch.from_numpy(slots).to(device))
+    rows = VerifyRows.of(slots, np.zeros(batch, np.int64), np.full(batch, 2, np.int64), verifier.staging)
     logits = rows_logits.repeat(batch, 1).to(device)
     inputs = torch.tensor([0, *drafts] * batch, dtype=torch.int32, device=device)
     verdict = verifier.verify(logits, rows, inputs)
@@ -162,7 +162,7 @@ def test_greedy_acceptance_stops_at_the_first_mismatch() -> None:
     for row, tok in enumerate([3, 4, 5, 6, 7, 8]):
         logits[row, tok] = 5.0
     slots = np.arange(2, dtype=np.int32)
-    rows = VerifyRows.of(slots, np.zeros(2, np.int64), np.array([3, 1]), torch.from_numpy(slots))
+    rows = VerifyRows.of(slots, np.zeros(2, np.int64), np.array([3, 1]), verifier.staging)
     # request 0: drafts 3, 4, 9 (third wrong: argmax 5); request 1 (rows 4, 5): draft 0 (wrong: argmax 7)
     verdict = verifier.verify(logits, rows, torch.tensor([1, 3, 4, 9, 2, 0], dtype=torch.int32))
     assert verdict.accepted.tolist() == [2, 0]

@@ -93,10 +93,9 @@ class HostPool:
                  for x in ((src if m.to_host else dst).numpy(), rest)]
         if not parts:
             return []
-        flat = self._indices.upload(np.concatenate(parts)).long()
+        views = self._indices.upload_parts(parts)
         for stream in (self._store_stream, self._load_stream):
-            flat.record_stream(stream)  # the allocator keeps it until the side streams have read it
-        views = flat.split([len(x) for x in parts])
+            views[0].record_stream(stream)  # (their one storage) kept until the side streams have read it
         return [_Plan(r, rest, d_slots, d_rest)
                 for (r, rest), d_slots, d_rest in zip(runs, views[0::2], views[1::2], strict=True)]
 

@@ -172,7 +172,7 @@ class ModelRunner:
         self.slot_params = SlotParams(args.max_running_requests, self.device,
                                       args.random_seed if args.enable_deterministic_inference else -1)
         self.sampler = make_sampler(self.slot_params, self.device, args.random_seed)
-        self.verifier = Verifier(self.sampler)  # verify steps of speculative decoding (StepBatch.draft_lens)
+        self.verifier = Verifier(self.sampler, self.staging)  # speculative decoding's verify steps
         self.penalties = SlotPenalties(args.max_running_requests, vocab, self.staging) if self.rank == 0 else None
         self.grammars = None
         if self.rank == 0 and args.grammar_backend != "none":

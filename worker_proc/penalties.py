@@ -79,8 +79,7 @@ class SlotPenalties:
             if prior is not None:
                 keep = np.isin(prior[0], rows)
                 at, ids = np.searchsorted(rows, prior[0][keep]), prior[1][keep]
-            d_rows, d_at, d_ids = self.staging.upload(np.concatenate([rows, at, ids])).long().split(
-                [len(rows), len(at), len(ids)])
+            d_rows, d_at, d_ids = self.staging.upload_parts([rows, at, ids])
             s = d_slots.index_select(0, d_rows).long()
             counts = self.counts.index_select(0, s)
             if len(at):

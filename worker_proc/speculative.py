@@ -29,7 +29,7 @@ import torch
 from radixserve.wire import StepBatch, from_i32
 from worker_proc import parallel
 from worker_proc.sampling import GREEDY_EPS, Sampler, _mix
-from worker_proc.step_io import PendingStep
+from worker_proc.step_io import HostStaging, PendingStep
 from worker_proc.verify_graphs import graph_verify
 
 
@@ -44,12 +44,12 @@ class VerifyRows:
     d_row_slots: torch.Tensor  # [T] row_slots on the device
 
     @classmethod
-    def of(cls, req_slots: np.ndarray, offsets: np.ndarray, drafts: np.ndarray, d_slots: torch.Tensor) -> VerifyRows:
+    def of(cls, req_slots: np.ndarray, offsets: np.ndarray, drafts: np.ndarray, staging: HostStaging) -> VerifyRows:
         extend = drafts + 1
         starts = np.cumsum(extend) - extend
         within = np.arange(int(extend.sum()), dtype=np.int64) - np.repeat(starts, extend)
-        d_rows = d_slots.repeat_interleave(torch.from_numpy(extend.astype(np.int64)).to(d_slots.device))
-        return cls(starts, drafts, np.repeat(req_slots, extend), np.repeat(offsets, extend) + within, d_rows)
+        row_slots = np.repeat(req_slots, extend)
+        return cls(starts, drafts, row_slots, np.repeat(offsets, extend) + within, staging.upload(row_slots))
 
     @property
     def num_rows(self) -> int:
@@ -84,10 +84,13 @@ class Verdict:
 
 
 class Verifier:
-    """Exact acceptance of a verify step's drafts, over the processed logits of all its rows."""
+    """Exact acceptance of a verify step's drafts, over the processed logits of all its rows. Its index arrays
+    reach the device through `staging` (pinned: a pageable copy would make the host wait for the step's forward
+    before the accepted counts are even computed), one upload per stage."""
 
-    def __init__(self, sampler: Sampler) -> None:
+    def __init__(self, sampler: Sampler, staging: HostStaging) -> None:
         self.sampler = sampler
+        self.staging = staging
         self.p = sampler.p
         self.device = sampler.device
         self.fi = None
@@ -103,11 +106,15 @@ class Verifier:
         """logits [T, V] float32 (penalties, bias, bans and grammar masks applied); input_ids [T] the step's tokens
         (x_0..x_d per request) on the device."""
         p, slots = self.p, rows.row_slots
-        num_rows = rows.num_rows
-        has_draft = rows.has_draft()
+        greedy_req = ((p.temperature[slots] < GREEDY_EPS) | (p.top_k[slots] == 1))[rows.starts]
+        # Leading accepts per request: rows of a [B, max d] matrix, padded with a row that is never ok.
+        width = max(int(rows.drafts.max(initial=0)), 1)
+        cols = np.arange(width)
+        index = np.where(cols[None, :] < rows.drafts[:, None], rows.starts[:, None] + cols[None, :], rows.num_rows)
+        has_draft, index_d, starts_d, sampled_rows = self.staging.upload_parts(
+            [rows.has_draft(), index, rows.starts, np.repeat(~greedy_req, rows.drafts + 1)])
         next_tok = torch.roll(input_ids.long(), -1)  # row j's draft x_{j+1} (where has_draft)
         argmax = logits.argmax(dim=-1)
-        greedy_req = ((p.temperature[slots] < GREEDY_EPS) | (p.top_k[slots] == 1))[rows.starts]
         ok = argmax == next_tok
         probs = gens = None
         uniform = None
@@ -124,16 +131,11 @@ class Verifier:
                 fi_reqs = ~greedy_req & ~seeded_req & (rows.drafts > 0)
             uniform, gens = self._uniform(rows, seeded_req)
             p_next = probs.gather(1, next_tok[:, None]).squeeze(1)
-            sampled_rows = torch.from_numpy(np.repeat(~greedy_req, rows.drafts + 1)).to(self.device)
-            ok = torch.where(sampled_rows, uniform < p_next, ok)
-        ok = ok & torch.from_numpy(has_draft).to(self.device)
-        # Leading accepts per request: rows of a [B, max d] matrix, padded with a row that is never ok.
-        width = max(int(rows.drafts.max(initial=0)), 1)
-        cols = np.arange(width)
-        index = np.where(cols[None, :] < rows.drafts[:, None], rows.starts[:, None] + cols[None, :], num_rows)
+            ok = torch.where(sampled_rows.bool(), uniform < p_next, ok)
+        ok = ok & has_draft.bool()
         padded = torch.cat([ok, ok.new_zeros(1)])
-        accepted_d = padded[torch.from_numpy(index).to(self.device)].int().cumprod(dim=1).sum(dim=1)
-        final_rows_d = torch.from_numpy(rows.starts).to(self.device) + accepted_d
+        accepted_d = padded[index_d].int().cumprod(dim=1).sum(dim=1)
+        final_rows_d = starts_d + accepted_d
         final = argmax[final_rows_d]
         if probs is not None:
             final = self._draw_final(probs, rows, final_rows_d, accepted_d, next_tok, final, greedy_req, gens)
@@ -161,7 +163,8 @@ class Verifier:
         """The token after the accepted drafts of sampled requests: from p without the rejected draft (its
         residual against a one-hot draft), or the bonus from p_d when every draft was accepted."""
         dist = probs[final_rows]
-        rejected = accepted < torch.from_numpy(rows.drafts).to(self.device)
+        drafts, greedy = self.staging.upload_parts([rows.drafts, greedy_req])
+        rejected = accepted < drafts
         dist = torch.where(rejected[:, None] & (torch.arange(dist.shape[1], device=self.device)[None, :] ==
                                                 next_tok[final_rows][:, None]), 0.0, dist)
         empty = dist.sum(dim=-1, keepdim=True) <= 0
@@ -173,7 +176,7 @@ class Verifier:
                 if r in gens:
                     noise[i] = torch.empty(dist.shape[1], device=self.device).exponential_(generator=gens[r])
         drawn = (dist / noise).argmax(dim=-1)
-        return torch.where(torch.from_numpy(greedy_req).to(self.device), greedy_final, drawn)
+        return torch.where(greedy.bool(), greedy_final, drawn)
 
     def _flashinfer(self, probs: torch.Tensor, rows: VerifyRows, input_ids: torch.Tensor, reqs: np.ndarray,
                     accepted: np.ndarray, final: torch.Tensor) -> None:
@@ -182,7 +185,7 @@ class Verifier:
         vocab = probs.shape[1]
         for d in np.unique(rows.drafts[reqs]).tolist():
             group = np.flatnonzero(reqs & (rows.drafts == d))
-            row_index = torch.from_numpy(rows.starts[group][:, None] + np.arange(d + 1)[None, :]).to(self.device)
+            row_index, g = self.staging.upload_parts([rows.starts[group][:, None] + np.arange(d + 1)[None, :], group])
             target = probs[row_index]  # [b, d + 1, V]
             draft_ids = input_ids.long()[row_index[:, 1:]]  # [b, d]
             draft_probs = torch.zeros(len(group), d, vocab, device=self.device)
@@ -191,7 +194,6 @@ class Verifier:
                                                                  generator=self.sampler.generator)
             emitted_host = emitted.cpu().numpy().astype(np.int64)
             accepted[group] = emitted_host
-            g = torch.from_numpy(group).to(self.device)
             final[g] = out.long().gather(1, emitted.long()[:, None]).squeeze(1)
 
     def _verdict(self, rows: VerifyRows, accepted: np.ndarray, final: torch.Tensor,
@@ -202,9 +204,9 @@ class Verifier:
         emitted_rows = np.repeat(rows.starts, counts) + within
         is_final = within == np.repeat(accepted, counts)
         # A kept draft x_{j+1} is the input at row j + 1; the final token comes from `final`.
-        draft_src = torch.from_numpy(np.minimum(emitted_rows + 1, rows.num_rows - 1)).to(self.device)
+        draft_src, final_pos = self.staging.upload_parts([np.minimum(emitted_rows + 1, rows.num_rows - 1),
+                                                          np.flatnonzero(is_final)])
         emitted = input_ids.long()[draft_src]
-        final_pos = torch.from_numpy(np.flatnonzero(is_final)).to(self.device)
         emitted[final_pos] = final
         return Verdict(accepted, final, emitted_rows, emitted)
 
@@ -218,9 +220,9 @@ def launch_verify(runner, b: StepBatch, a, t0: float, admit_errors: list[tuple[i
         logits, _, slots = runner.forward(a, False, None, every_token=True, drafts=drafts)
     else:
         logits, slots = verified
-    rows = VerifyRows.of(a.req_slots, from_i32(b.sample_offsets).astype(np.int64), drafts, slots)
+    rows = VerifyRows.of(a.req_slots, from_i32(b.sample_offsets).astype(np.int64), drafts, runner.staging)
     input_ids = runner.step_input_ids  # with a draft model, its drafts in place of the scheduler's PENDING
-    final = verdict = None
+    final = verdict = accepted_d = None
     if runner.rank == 0:
         kept = np.ones(rows.num_rows, dtype=bool)
         prior = None
@@ -229,21 +231,22 @@ def launch_verify(runner, b: StepBatch, a, t0: float, admit_errors: list[tuple[i
         runner._process_logits(logits, rows.row_slots, rows.d_row_slots, rows.row_offsets, kept, prior)
         verdict = runner.verifier.verify(logits, rows, input_ids)
         emitted_slots = rows.row_slots[verdict.emitted_rows]
-        d_emitted = rows.d_row_slots[torch.from_numpy(verdict.emitted_rows).to(runner.device)]
+        emitted_rows_d, accepted_d = runner.staging.upload_parts([verdict.emitted_rows, verdict.accepted])
+        d_emitted = rows.d_row_slots[emitted_rows_d]
         runner._follow_output(emitted_slots, d_emitted, verdict.emitted, np.ones(len(emitted_slots), dtype=bool))
         final = verdict.final
     final = parallel.tp_broadcast(final, (len(a.req_slots),), torch.int64, runner.device)
     runner.last_sampled[slots.long()] = final.to(torch.int32)
     if runner.draft is not None:  # every rank's drafter learns the accepted counts
-        accepted = torch.from_numpy(verdict.accepted).to(runner.device) if runner.rank == 0 else None
-        accepted = parallel.tp_broadcast(accepted, (len(a.req_slots),), torch.int64, runner.device)
-        runner.draft.settle(a, drafts, accepted.cpu().numpy(), input_ids, runner.req_to_token)
+        accepted = parallel.tp_broadcast(accepted_d if runner.rank == 0 else None, (len(a.req_slots),), torch.int64,
+                                         runner.device)
+        runner.draft.settle(a, drafts, verdict.accepted if runner.rank == 0 else accepted.cpu().numpy(), input_ids,
+                            runner.req_to_token)
     if runner.rank != 0:
         return None
     logprobs = chosen = None
     tops = {}
     if runner.slot_params.wants_logprob[a.req_slots].any():
-        emitted_rows_d = torch.from_numpy(verdict.emitted_rows).to(runner.device)
         logprobs = torch.log_softmax(logits[emitted_rows_d], dim=-1)
         chosen = logprobs.gather(1, verdict.emitted[:, None]).squeeze(1)
         top_k = runner.slot_params.top_logprobs_num[rows.row_slots[verdict.emitted_rows]]

@@ -56,6 +56,11 @@ class HostStaging:
         self._in_use.append((start, end, event))
         return dst
 
+    def upload_parts(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
+        """Several integer arrays (values within int32) on the device as int64, in one upload: views of one tensor."""
+        flat = self.upload(np.concatenate([np.asarray(x, dtype=np.int64).ravel() for x in parts])).long()
+        return [v.view(np.shape(x)) for v, x in zip(flat.split([np.size(x) for x in parts]), parts, strict=True)]
+
     def _claim(self, n: int) -> int:
         """The start of the ring's next n > 0 ints (after _next, or at 0 where they do not fit before the end),
         once the copies from what was staged there before are done."""
