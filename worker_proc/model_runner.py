@@ -208,7 +208,7 @@ class ModelRunner:
         self.req_to_token[rows, pos] = out
         meta = ForwardMeta(is_decode=is_decode, req_slots=slots, seq_lens=lens, extend_lens=ext, qo_indptr=qo,
                            out_slots=out, req_to_token=self.req_to_token, seq_lens_cpu=seq_lens.tolist(),
-                           extend_lens_cpu=a.extend.tolist(), prefix_groups=prefix_groups)
+                           extend_lens_cpu=a.extend.tolist(), prefix_groups=prefix_groups, upload=self.staging.upload)
         return DeviceStep(meta, ids, pos, last, slots)
 
     def forward(self, a: StepArrays, is_decode: bool, prefix_groups: np.ndarray | None = None,

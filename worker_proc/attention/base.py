@@ -48,10 +48,17 @@ class ForwardMeta:
     extend_lens_cpu: list[int]
     # Decode with cascade attention: [G, 2] (rows, shared prefix tokens) per group of the real rows, in order.
     prefix_groups: np.ndarray | None = None
+    # How the backends' own int32 host arrays of this step reach the device (`to_device`): the worker's pinned
+    # staging (HostStaging.upload); None: a plain copy, which waits for the forward in flight.
+    upload: Callable[[np.ndarray], torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
         return len(self.seq_lens_cpu)
+
+    def to_device(self, host: np.ndarray) -> torch.Tensor:
+        """An int32 host array on the device, through `upload` where the step has one."""
+        return self.upload(host) if self.upload is not None else torch.from_numpy(host).to(self.req_slots.device)
 
     @classmethod
     def for_positions(cls, req_to_token: torch.Tensor, req_slots: np.ndarray, cached: np.ndarray,
@@ -72,7 +79,7 @@ class ForwardMeta:
             [bs, bs, bs, bs + 1, total, total, *(len(e) for e in extra)])
         meta = cls(is_decode=bool((extend == 1).all()), req_slots=slots, seq_lens=lens, extend_lens=ext,
                    qo_indptr=qo_d, out_slots=req_to_token[rows.long(), pos.long()], req_to_token=req_to_token,
-                   seq_lens_cpu=(cached + extend).tolist(), extend_lens_cpu=extend.tolist())
+                   seq_lens_cpu=(cached + extend).tolist(), extend_lens_cpu=extend.tolist(), upload=upload)
         return meta, pos, more
 
 

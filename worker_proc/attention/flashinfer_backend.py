@@ -181,7 +181,7 @@ class FlashInferBackend(AttentionBackend):
             sizes, shared = np.append(sizes, np.zeros(empty, np.int32)), np.append(shared, np.zeros(empty, np.int32))
         own = seq_lens - starts
         host = np.concatenate([leaders, shared[:len(leaders)], starts, own]).astype(np.int32)
-        dev = torch.from_numpy(host).to(self.device)
+        dev = meta.to_device(host)
         d_leaders, d_shared, d_starts, d_own = torch.split(dev, [len(leaders)] * 2 + [bs] * 2)
         shared_idx = gather_kv_indices(meta.req_to_token, meta.req_slots[d_leaders.long()], d_shared, int(shared.sum()))
         own_idx = gather_kv_indices(meta.req_to_token, meta.req_slots, d_own, int(own.sum()), d_starts)
