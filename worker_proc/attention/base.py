@@ -58,7 +58,7 @@ class ForwardMeta:
 
     def to_device(self, host: np.ndarray) -> torch.Tensor:
         """An int32 host array on the device, through `upload` where the step has one."""
-        return self.upload(host) if self.upload is not None else torch.from_numpy(host).to(self.req_slots.device)
+        return _to_device(host, self.upload, self.req_slots.device)
 
     @classmethod
     def for_positions(cls, req_to_token: torch.Tensor, req_slots: np.ndarray, cached: np.ndarray,
@@ -68,19 +68,23 @@ class ForwardMeta:
         already (a drafter's steps), those positions [T] on the device, and the `extra` int arrays on the device
         (int32), all in one `upload` (an int32 host array to the device: the drafters pass HostStaging.upload;
         by default a plain copy)."""
-        upload = upload or (lambda host: torch.from_numpy(host).to(req_to_token.device))
         bs, total = len(req_slots), int(extend.sum())
         qo = np.zeros(bs + 1, dtype=np.int64)
         np.cumsum(extend, out=qo[1:])
         positions = np.repeat(cached - qo[:-1], extend) + np.arange(total)
         host = np.concatenate([req_slots, cached + extend, extend, qo, positions, np.repeat(req_slots, extend),
                                *extra])
-        slots, lens, ext, qo_d, pos, rows, *more = upload(host.astype(np.int32)).split(
+        slots, lens, ext, qo_d, pos, rows, *more = _to_device(host.astype(np.int32), upload, req_to_token.device).split(
             [bs, bs, bs, bs + 1, total, total, *(len(e) for e in extra)])
         meta = cls(is_decode=bool((extend == 1).all()), req_slots=slots, seq_lens=lens, extend_lens=ext,
                    qo_indptr=qo_d, out_slots=req_to_token[rows.long(), pos.long()], req_to_token=req_to_token,
                    seq_lens_cpu=(cached + extend).tolist(), extend_lens_cpu=extend.tolist(), upload=upload)
         return meta, pos, more
+
+
+def _to_device(host: np.ndarray, upload: Callable[[np.ndarray], torch.Tensor] | None,
+               device: torch.device) -> torch.Tensor:
+    return upload(host) if upload is not None else torch.from_numpy(host).to(device)
 
 
 class AttentionBackend(ABC):
