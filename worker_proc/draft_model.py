@@ -85,7 +85,8 @@ class DraftModel(Drafter):
             live = np.flatnonzero(drafts >= j)
             more = np.flatnonzero(drafts[live] > j)  # requests with a draft after x_j
             meta, positions, (rows, sel) = ForwardMeta.for_positions(
-                req_to_token, a.req_slots[live], a.cached[live] + j, ones[live], self.upload, (starts[live] + j, more))
+                req_to_token, a.req_slots[live], a.cached[live] + j, ones[live], self.staging.upload,
+                (starts[live] + j, more))
             rows = rows.long()
             self.prepare(meta)
             hidden = self.model.forward(input_ids[rows], positions, self.attn)

@@ -39,17 +39,14 @@ class Drafter:
     def allocate(self, num_slots: int, backend_name: str, staging: HostStaging) -> None:
         """Its KV pool (one entry per slot of the target's) and attention backend; on a bf16 CPU its linear
         weights in the CPU kernels' layout, as the target's. Its index arrays reach the device through the
-        runner's `staging` (pinned buffers: a pageable copy would make the host wait for the step on the device),
-        one upload a call (the staging ring holds a few)."""
+        runner's `staging` (its pinned ring: a pageable copy would make the host wait for the step on the device),
+        one upload a call."""
         self.staging = staging
         m = self.model
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             pack_cpu_linears(m)
         self.kv_cache = KVCache(m.num_layers, num_slots, m.num_kv_heads_local, m.head_dim, self.dtype, self.device)
         self.attn = backend_class(backend_name)(self.kv_cache, m.num_q_heads_local, m.head_dim, m.attention_layers)
-
-    def upload(self, host: np.ndarray) -> torch.Tensor:
-        return self.staging.upload(host)
 
     def prepare(self, meta: ForwardMeta, graph: bool = False) -> None:
         """Plan the drafter's attention for `meta` (`graph`: its graph-mode wrappers, before a capture or replay)."""

@@ -75,7 +75,7 @@ class Eagle3Draft(Drafter):
         device)`. One upload."""
         keep = count > 0
         meta, positions, (rows_t, rows_h, slots, pend_r) = ForwardMeta.for_positions(
-            req_to_token, req_slots[keep], first[keep], count[keep], self.upload,
+            req_to_token, req_slots[keep], first[keep], count[keep], self.staging.upload,
             (token_rows, hidden_rows, req_slots, pend_rows))
         hidden = states(slots.long())
         if keep.any():
@@ -145,7 +145,7 @@ class Eagle3Draft(Drafter):
         for j in range(max(int(drafts.max(initial=0)), 1)):  # none drafts: entry c - 1 still (settle reads it)
             more = np.flatnonzero(drafts[live] > j)  # requests with a draft x_{j+1}
             meta, positions, (rows, sel, *slots) = ForwardMeta.for_positions(
-                req_to_token, a.req_slots[live], cached[live] + j - 1, ones[live], self.upload,
+                req_to_token, a.req_slots[live], cached[live] + j - 1, ones[live], self.staging.upload,
                 (starts[live] + j, more) + ((a.req_slots,) if j == 0 else ()))
             rows, sel = rows.long(), sel.long()
             if j == 0:
