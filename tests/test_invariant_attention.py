@@ -1,7 +1,8 @@
 """The batch-invariant CUDA attention (worker_proc/attention/invariant_backend.py) through Triton's interpreter on
 CPU tensors (float16: the interpreter's tl.dot misreads bfloat16): each row against float32 softmax attention, and
 a row's bits the same whether its token is decoded alone, verified in a short extend beside other requests, or
-prefilled in one long extend. The compiled kernel runs in tests/test_gpu_spec.py's deterministic Engine test and
+prefilled in one long extend, with its context's splits walked by one program or computed in parallel and merged.
+The compiled kernels runs in tests/test_gpu_spec.py's deterministic Engine test and
 `bench check-determinism` on the GPU."""
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ Q_HEADS, KV_HEADS, DIM, SLOTS = 8, 2, 32, 400
 
 
 def check_invariant_attention() -> None:
+    from worker_proc.attention import invariant_backend
     from worker_proc.attention.base import ForwardMeta, LayerAttention
     from worker_proc.attention.invariant_backend import InvariantBackend
     from worker_proc.kv_cache import KVCache
+
+    invariant_backend.MIN_SPLIT = 16  # contexts of up to ten splits (of 16 positions)
 
     torch.manual_seed(0)
     cache = KVCache(1, SLOTS, KV_HEADS, DIM, torch.float16, "cpu")
@@ -36,17 +40,25 @@ def check_invariant_attention() -> None:
         used += n
     queries = {r: torch.randn(n, Q_HEADS, DIM).half() for r, n in lengths.items()}  # one per position
 
-    def step(parts: list[tuple[int, int, int]]) -> dict[tuple[int, int], torch.Tensor]:
-        """(request, cached, new tokens) per request: each new token's output rows, keyed (request, position)."""
+    def step(parts: list[tuple[int, int, int]], parallel: bool = True,
+             graph: bool = False) -> dict[tuple[int, int], torch.Tensor]:
+        """(request, cached, new tokens) per request: each new token's output rows, keyed (request, position);
+        `parallel`: the splits in parallel (else one program walks them); `graph`: prepared as a CUDA graph's step
+        (its workspace sized for the table's whole width)."""
         slots, cached, extend = (np.array(col, dtype=np.int32) for col in zip(*parts, strict=True))
         meta, _, _ = ForwardMeta.for_positions(table, slots, cached, extend)
-        backend.prepare(meta)
+        backend.split_below = 1000 if parallel else 0
+        if graph:
+            backend.prepare_graph(meta)
+        else:
+            backend.prepare(meta)
+        assert backend.split == 16 and (backend.splits is not None) == parallel
         q = torch.cat([queries[r][c:c + e] for r, c, e in parts])
         out = backend._attend(q, 0)
         keys = [(r, p) for r, c, e in parts for p in range(c, c + e)]
         return dict(zip(keys, out, strict=True))
 
-    whole = step([(0, 0, 150), (1, 0, 70), (2, 0, 9)])  # cold prefills (tiles of 16 tokens, ragged ends)
+    whole = step([(0, 0, 150), (1, 0, 70), (2, 0, 9)], parallel=False)  # cold prefills (tiles of 16, ragged ends)
     for (r, p), row in whole.items():
         ctx = table[r, :p + 1].long()
         k, v = cache.k[0][ctx].float(), cache.v[0][ctx].float()  # [p + 1, KV_HEADS, D]
@@ -55,9 +67,15 @@ def check_invariant_attention() -> None:
         probs = torch.softmax(torch.einsum("hgd,phd->hgp", q, k) * scale, dim=-1)
         ref = torch.einsum("hgp,phd->hgd", probs, v).reshape(Q_HEADS, DIM)
         torch.testing.assert_close(row.float(), ref, rtol=2e-2, atol=2e-2)
+    backend.init_graphs(2, 2 * table.shape[1])
     ways = [step([(0, 149, 1)]),  # a decode step alone
+            step([(0, 149, 1)], parallel=False),
+            step([(1, 30, 1), (0, 120, 1)], graph=True),  # decode steps through graphs' workspaces
+            step([(0, 149, 1)], graph=True),
             step([(2, 5, 4), (0, 145, 5), (1, 69, 1)]),  # a verify-sized extend beside others
-            step([(1, 60, 10), (0, 130, 20)])]  # a chunk of a chunked prefill
+            step([(1, 60, 10), (0, 130, 20)]),  # a chunk of a chunked prefill
+            step([(1, 60, 10), (0, 130, 20)], parallel=False),
+            step([(0, 0, 150), (1, 0, 70), (2, 0, 9)])]  # the cold prefills, their splits in parallel
     for got in ways:
         for key, row in got.items():
             assert torch.equal(row, whole[key]), f"{key}: differs from the cold prefill's row"

@@ -3,30 +3,37 @@
 FlashInfer picks its query tile, its KV tile and its split of the KV by the step's shape (a decode step runs
 other kernels than an extend; an extend's tiles depend on its lengths), so a row's softmax and weighted sum come
 out in a different order, and with different bits, when its request is decoded, verified (speculative decoding),
-served from the radix cache or prefilled in chunks. Here one kernel serves every step, with one tile shape:
+served from the radix cache or prefilled in chunks. Here every step computes each row the same way:
 
-- a program owns BLOCK_T consecutive new tokens of one request and one KV head; its ROWS = BLOCK_T x GROUP_PAD
-  rows are those tokens' query heads of that KV head's group (GQA), padded;
-- it walks the request's context from position 0 in chunks of BLOCK_N positions, the same chunks for every row:
-  scores by tl.dot over the head dimension, an online softmax (running maximum and sum per row), the weighted
-  values by tl.dot over the chunk; the last chunks past a row's own position are masked.
+- a tile is BLOCK_T consecutive new tokens of one request and one KV head; its ROWS = BLOCK_T x GROUP_PAD rows are
+  those tokens' query heads of that KV head's group (GQA), padded;
+- a row's context is cut at fixed positions into splits of `split` positions (a power of two set by the context
+  length alone: `split_len`), each split walked in chunks of BLOCK_N positions from its start: scores by tl.dot
+  over the head dimension, an online softmax (running maximum and sum per row), the weighted values by tl.dot
+  over the chunk (`_split`); the splits' results are then merged in split order (`_merge`) and divided out.
+- Two kernels run that arithmetic: `attend` walks a tile's splits one after the other in one program (large
+  steps: the tiles fill the GPU); a small step (fewer than `split_below` tile x KV head programs: decode at small
+  batches, where one program per KV head would leave most of the GPU idle) runs `attend_splits`, whose programs
+  each compute some of the splits into a float32 workspace, then `merge_splits` merges them in split order. Both
+  call the same `_split` and `_merge`, so a row gets the same bits from either.
 
-Invariant (a row's bits depend only on its request's context and position): the tile shape is a constant, so each
-row's dot products, its reductions along a chunk and its chunk boundaries are the same whatever the other rows of
-the tile are; a chunk entirely past a row's position leaves that row exactly as it was (its maximum is unchanged,
-so the rescale factor is exp2(0) = 1, and its probabilities are 0 against finite values: a chunk inside the tile's
-longest context holds written KV only). No split of the KV across programs: a long context is read by one
-program per (tile, KV head), which costs parallelism at small batches; that cost is measured, not hidden.
+Invariant (a row's bits depend only on its request's context and position): the tile shape, the split length and
+the chunk boundaries are constants, so each row's dot products, its reductions along a chunk and its merges are
+the same whatever the other rows of the tile are; a chunk or a whole split past a row's position leaves that row
+exactly as it was (a running maximum starts at -1e30, finite, so such a split's maximum stays -1e30 and
+merging it multiplies by exp2(0) = 1 and adds 0; a masked score's probability is 0 against finite values: a
+chunk inside the tile's longest context holds written KV only).
 K and V of the new tokens are stored before attending (the fused rotary + store where it runs). Covers the
 model's dtype in the cache (no FP8 KV), no sliding window or soft cap; CUDA graphs (decode and verify) reuse their
-tile lists, which depend only on the batch size and tokens per request. triton is imported on first use.
+tile lists and workspaces, which depend only on the batch size and tokens per request. triton is imported on
+first use.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -36,59 +43,21 @@ from worker_proc.kv_cache import KVCache
 
 ROWS = 64  # query rows of a program's tile (tokens x padded GQA group)
 BLOCK_N = 64  # context positions per chunk
+MIN_SPLIT = 2 * BLOCK_N  # the shortest split
+MAX_SPLITS = 1024  # a context of the model's length has at most this many splits (so does a graph's workspace)
+SPLIT_BELOW = 128  # a step of fewer (tile, KV head) programs runs its splits in parallel (about an H100's SMs)
+SPLIT_PROGRAMS = 256  # the programs such a step aims for
 
 
-@functools.cache
-def _kernel():
-    import triton
-    import triton.language as tl
+def split_len(context_length: int) -> int:
+    """Positions per split for a model of this context length (the same for every step of the server)."""
+    return max(MIN_SPLIT, fused.pow2(-(-context_length // MAX_SPLITS)))
 
-    @triton.jit
-    def attend(q_ptr, k_ptr, v_ptr, o_ptr, tile_ptr, qo_ptr, seq_ptr, ext_ptr, req_ptr, r2t_ptr, num_tiles,
-               stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh, stride_r2t, qk_scale,
-               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
-               D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-        tile = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        b = tl.load(tile_ptr + tile)
-        t0 = tl.load(tile_ptr + num_tiles + tile)
-        qo_start = tl.load(qo_ptr + b)
-        qo_end = tl.load(qo_ptr + b + 1)
-        cached = tl.load(seq_ptr + b) - tl.load(ext_ptr + b)
-        table = r2t_ptr + tl.load(req_ptr + b).to(tl.int64) * stride_r2t
-        r = tl.arange(0, BLOCK_T * GROUP_PAD)
-        token = t0 + r // GROUP_PAD
-        head = kv_head * GROUP + r % GROUP_PAD
-        row_ok = (token < qo_end) & (r % GROUP_PAD < GROUP)
-        seen = cached + (token - qo_start) + 1  # this row attends to positions [0, seen)
-        d = tl.arange(0, D_PAD)
-        d_ok = d < D
-        q = tl.load(q_ptr + token.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        top = tl.full((BLOCK_T * GROUP_PAD,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_T * GROUP_PAD,), tl.float32)
-        acc = tl.zeros((BLOCK_T * GROUP_PAD, D_PAD), tl.float32)
-        end = cached + tl.minimum(t0 + BLOCK_T, qo_end) - qo_start  # the tile's longest context
-        for start in range(0, end, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            pos_ok = pos < end
-            slots = tl.load(table + pos, mask=pos_ok, other=0).to(tl.int64)
-            kv_mask = pos_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(pos[None, :] < seen[:, None], s, float("-inf"))
-            new_top = tl.maximum(top, tl.max(s, axis=1))
-            alpha = tl.exp2(top - new_top)
-            p = tl.exp2(s - new_top[:, None])
-            total = total * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            top = new_top
-        out = acc / total[:, None]
-        tl.store(o_ptr + token.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-    return attend
+def _kernels():
+    from worker_proc.attention import invariant_kernels as k
+
+    return k.attend, k.attend_splits, k.merge_splits
 
 
 def tiles(meta: ForwardMeta, block_t: int) -> torch.Tensor:
@@ -120,23 +89,54 @@ class InvariantBackend(AttentionBackend):
         self.block_t = max(1, ROWS // self.group_pad)
         self.d_pad = max(16, fused.pow2(head_dim))
         self.num_kv_heads = num_kv_heads
+        self.split_below = SPLIT_BELOW
         self.meta: ForwardMeta | None = None
         self.tiles: torch.Tensor | None = None
-        self._graph_tiles: dict[tuple[int, int], torch.Tensor] = {}
+        self.split = MIN_SPLIT
+        self.splits: Splits | None = None  # this step's splits in parallel, or None: one program per tile
+        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, Splits | None]] = {}
+        self._graph_space: torch.Tensor | None = None  # the graphs' workspaces: one replays at a time
 
     def prepare(self, meta: ForwardMeta) -> None:
         self.meta, self.tiles = meta, tiles(meta, self.block_t)
+        self.split = split_len(meta.req_to_token.shape[1])
+        self.splits = self._splits(self.tiles.shape[1], sum(meta.extend_lens_cpu), max(meta.seq_lens_cpu), False)
 
     def init_graphs(self, max_bs: int, max_kv_tokens: int) -> None:
-        self._graph_tiles = {}
+        self._graphs, self._graph_space = {}, None
 
     def prepare_graph(self, meta: ForwardMeta) -> None:
-        """A graph's tiles depend only on its batch size and tokens per request: made at its capture, then kept
-        (the replay reads them at the same address)."""
+        """A graph's tiles and workspace depend only on its batch size and tokens per request (its contexts may
+        reach the model's length): made at its capture, then kept (the replay reads them at the same address)."""
         key = (meta.batch_size, meta.extend_lens_cpu[0])
-        if key not in self._graph_tiles:
-            self._graph_tiles[key] = tiles(meta, self.block_t)
-        self.meta, self.tiles = meta, self._graph_tiles[key]
+        self.split = split_len(meta.req_to_token.shape[1])
+        if key not in self._graphs:
+            graph_tiles = tiles(meta, self.block_t)
+            self._graphs[key] = graph_tiles, self._splits(graph_tiles.shape[1], sum(meta.extend_lens_cpu),
+                                                          meta.req_to_token.shape[1], True)
+        self.meta = meta
+        self.tiles, self.splits = self._graphs[key]
+
+    def _splits(self, num_tiles: int, num_tokens: int, longest: int, graph: bool) -> Splits | None:
+        """Splits in parallel for a step of `num_tiles` tiles whose longest context is `longest`, where it has fewer
+        programs than `split_below` and a context of two splits or more. A graph's workspace is a view of the
+        graphs' shared one (grown where a graph needs more; a view keeps the storage it was cut from)."""
+        programs = num_tiles * self.num_kv_heads
+        count = -(-longest // self.split)
+        if programs >= self.split_below or count < 2:
+            return None
+        rows = count * num_tokens * self.num_q_heads
+        need = rows * (2 + self.d_pad)
+        device = self.kv_cache.k[0].device
+        if not graph:
+            flat = torch.empty(need, dtype=torch.float32, device=device)
+        else:
+            if self._graph_space is None or self._graph_space.numel() < need:
+                self._graph_space = torch.empty(need, dtype=torch.float32, device=device)
+            flat = self._graph_space[:need]
+        return Splits(min(count, max(1, SPLIT_PROGRAMS // programs)), flat[:rows].view(count, num_tokens, -1),
+                      flat[rows:2 * rows].view(count, num_tokens, -1),
+                      flat[2 * rows:].view(count, num_tokens, self.num_q_heads, self.d_pad))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         self.kv_cache.store(layer_id, self.meta.out_slots, k, v)
@@ -158,9 +158,32 @@ class InvariantBackend(AttentionBackend):
         if num_tiles == 0:
             return out
         scale = self.layers[layer_id].scale * math.log2(math.e)
-        _kernel()[(num_tiles, self.num_kv_heads)](
-            q, kc, vc, out, self.tiles, meta.qo_indptr, meta.seq_lens, meta.extend_lens, meta.req_slots,
-            meta.req_to_token, num_tiles, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), out.stride(0),
-            out.stride(1), meta.req_to_token.stride(0), scale, GROUP=self.group, GROUP_PAD=self.group_pad,
-            BLOCK_T=self.block_t, D=self.head_dim, D_PAD=self.d_pad, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)
+        step = (self.tiles, meta.qo_indptr, meta.seq_lens, meta.extend_lens, meta.req_slots, meta.req_to_token,
+                num_tiles)
+        shape = dict(GROUP=self.group, GROUP_PAD=self.group_pad, BLOCK_T=self.block_t, D=self.head_dim,
+                     D_PAD=self.d_pad)
+        attend, attend_splits, merge_splits = _kernels()
+        sp, r2t_stride = self.splits, meta.req_to_token.stride(0)
+        if sp is None:
+            attend[(num_tiles, self.num_kv_heads)](
+                q, kc, vc, out, *step, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), out.stride(0),
+                out.stride(1), r2t_stride, scale, self.split, **shape, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)
+            return out
+        attend_splits[(num_tiles, self.num_kv_heads, sp.parts)](
+            q, kc, vc, sp.tops, sp.totals, sp.accs, *step, self.num_q_heads, q.stride(0), q.stride(1), kc.stride(0),
+            kc.stride(1), r2t_stride, sp.tops.stride(0), scale, self.split, **shape, BLOCK_N=BLOCK_N, num_warps=4,
+            num_stages=2)
+        merge_splits[(num_tiles, self.num_kv_heads)](
+            out, sp.tops, sp.totals, sp.accs, *step, self.num_q_heads, out.stride(0), out.stride(1), r2t_stride,
+            sp.tops.stride(0), self.split, **shape, num_warps=4)
         return out
+
+
+class Splits(NamedTuple):
+    """A step's splits computed in parallel: programs per (tile, KV head), and the float32 workspace of each
+    split's per-row maximum, sum and weighted values (attend_splits' layout)."""
+
+    parts: int
+    tops: torch.Tensor
+    totals: torch.Tensor
+    accs: torch.Tensor
