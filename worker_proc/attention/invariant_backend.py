@@ -47,6 +47,7 @@ MIN_SPLIT = 2 * BLOCK_N  # the shortest split
 MAX_SPLITS = 1024  # a context of the model's length has at most this many splits (so does a graph's workspace)
 SPLIT_BELOW = 128  # a step of fewer (tile, KV head) programs runs its splits in parallel (about an H100's SMs)
 SPLIT_PROGRAMS = 256  # the programs such a step aims for
+WORKSPACE_BYTES = 256 << 20  # the most a step's splits (or the graphs' shared ones) may hold in float32
 
 
 def split_len(context_length: int) -> int:
@@ -119,14 +120,15 @@ class InvariantBackend(AttentionBackend):
 
     def _splits(self, num_tiles: int, num_tokens: int, longest: int, graph: bool) -> Splits | None:
         """Splits in parallel for a step of `num_tiles` tiles whose longest context is `longest`, where it has fewer
-        programs than `split_below` and a context of two splits or more. A graph's workspace is a view of the
-        graphs' shared one (grown where a graph needs more; a view keeps the storage it was cut from)."""
+        programs than `split_below`, a context of two splits or more, and a workspace of at most WORKSPACE_BYTES.
+        A graph's workspace is a view of the graphs' shared one (grown where a graph needs more; a view keeps the
+        storage it was cut from)."""
         programs = num_tiles * self.num_kv_heads
         count = -(-longest // self.split)
-        if programs >= self.split_below or count < 2:
-            return None
         rows = count * num_tokens * self.num_q_heads
         need = rows * (2 + self.d_pad)
+        if programs >= self.split_below or count < 2 or 4 * need > WORKSPACE_BYTES:
+            return None
         device = self.kv_cache.k[0].device
         if not graph:
             flat = torch.empty(need, dtype=torch.float32, device=device)
