@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The open issues' GPU acceptance runs, in one call of a lent GPU (docs/benchmarks.md records what each gave):
+#   source .whl/setup.sh && LIMIT=585 bash scripts/gpu_open_checks.sh OUT_DIR [section ...]
+# Sections, run in the order given (default: det hicache spec tests), each stopped where the call's LIMIT seconds
+# (counted from the start) would be passed, a section that would get under 20 s skipped; logs go to OUT_DIR:
+#   det      deterministic inference (issue 28): batch 1 end to end, plain and --enable-deterministic-inference
+#            alternating twice (the figures to compare are one run's), then `bench check-determinism` on 24 prompts
+#   hicache  the host tier on one GPU (issue 27): scripts/bench_hicache.sh gpu overflow fits ($FITS_ROUNDS, default 3)
+#   spec     speculation through the Engine (issue 26): scripts/spec_gpu_check.py --sections engine
+#   tests    the GPU tests of speculation's verify graphs, the step launch and the host tier (pytest -m gpu)
+#   fp8      FP8 weights (issue 24): scripts/quant_gpu_check.py graph-bf16 graph-fp8 e2e-bf16 e2e-fp8
+#   det500   the 500-prompt workload (issue 28's cost), plain then deterministic
+# Model: the Llama-3.1-8B shape, dummy bf16 weights. The JSON's commit is $GIT_COMMIT if set (the GPU machine's tree
+# has no .git), else the checkout's.
+set -uo pipefail
+[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [det|hicache|spec|tests|fp8|det500 ...]" >&2; exit 2; }
+out=$(realpath -m "$1")
+shift
+sections=("$@")
+[ ${#sections[@]} -gt 0 ] || sections=(det hicache spec tests)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+mkdir -p "$out"
+start=$(date +%s)
+limit=${LIMIT:-585}
+model=(--model-path radixserve/model_configs/llama-3.1-8b --load-format dummy --skip-tokenizer-init)
+b1=(python3 -m radixserve.bench offline --dataset random --num-prompts 1 --random-input-len 256
+    --random-output-len 1024 --random-range-ratio 1 --cuda-graph-max-bs 2 "${model[@]}")
+
+step() {  # NAME CAP_S COMMAND...: the command, stopped after CAP_S or at the call's limit; its log's tail
+    local name=$1 cap=$2 t
+    shift 2
+    t=$((start + limit - $(date +%s) - 10))
+    [ "$t" -gt "$cap" ] && t=$cap
+    if [ "$t" -lt 20 ]; then echo "== $name: skipped (the call's limit)"; return; fi
+    echo "== $name ($(date -u +%T), at most ${t}s): $*"
+    timeout -k 5 "$t" "$@" > "$out/$name.log" 2>&1
+    echo "== $name: exit $? ($(date -u +%T))"
+    tail -n 40 "$out/$name.log"
+}
+
+echo "== $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)," \
+     "commit $GIT_COMMIT, sections ${sections[*]}"
+for section in "${sections[@]}"; do
+    case $section in
+    det)
+        for round in 1 2; do
+            step "b1-plain-$round" 100 "${b1[@]}"
+            step "b1-deterministic-$round" 120 "${b1[@]}" --enable-deterministic-inference
+        done
+        step check-determinism 150 python3 -m radixserve bench check-determinism "${model[@]}" --num-prompts 24 \
+            --batch-sizes 8 24 ;;
+    hicache) FITS_ROUNDS=${FITS_ROUNDS:-3} step hicache 420 bash scripts/bench_hicache.sh "$out/hicache" gpu overflow fits ;;
+    spec) step spec-engine 400 python3 scripts/spec_gpu_check.py "$out/spec" --sections engine ;;
+    tests) step gpu-tests 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_spec.py \
+               tests/test_gpu_launch.py tests/test_host_tier.py ;;
+    fp8) step fp8 500 python3 scripts/quant_gpu_check.py "$out/fp8" --sections graph-bf16 graph-fp8 e2e-bf16 e2e-fp8 ;;
+    det500)
+        for flag in "" --enable-deterministic-inference; do
+            step "500-prompts${flag:+-deterministic}" 580 python3 -m radixserve.bench serve --launch-server \
+                --dataset random --num-prompts 500 --random-input-len 4096 --random-output-len 2048 \
+                --random-range-ratio 0 "${model[@]}" --output-dir "$out" ${flag:+"$flag"}
+        done ;;
+    *) echo "unknown section: $section" >&2; exit 2 ;;
+    esac
+done
