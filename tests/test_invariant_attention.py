@@ -2,8 +2,8 @@
 CPU tensors (float16: the interpreter's tl.dot misreads bfloat16): each row against float32 softmax attention, and
 a row's bits the same whether its token is decoded alone, verified in a short extend beside other requests, or
 prefilled in one long extend, with its context's splits walked by one program or computed in parallel and merged.
-The compiled kernels runs in tests/test_gpu_spec.py's deterministic Engine test and
-`bench check-determinism` on the GPU."""
+The kernels are also compiled here for an H100 ahead of time (no GPU needed), and run compiled in
+tests/test_gpu_spec.py's deterministic Engine test and `bench check-determinism` on the GPU."""
 
 from __future__ import annotations
 
@@ -84,3 +84,32 @@ def check_invariant_attention() -> None:
 
 def test_a_row_has_the_same_bits_decoded_verified_chunked_or_prefilled():
     run_interpreted("check_invariant_attention", module="test_invariant_attention")
+
+
+def _signature(fn, types: dict[str, str]) -> dict[str, str]:
+    """A kernel's signature for triton.compile: its parameters' types (`types` by name, else int32 scalars; the
+    constexprs marked so)."""
+    return {name: "constexpr" if name.isupper() else types.get(name, "i32") for name in fn.arg_names}
+
+
+def test_the_kernels_compile_for_hopper_without_fused_multiply_adds():
+    """The three kernels compiled ahead of time for an H100 (sm_90; no GPU needed) with the backend's options: they
+    compile, and no float32 multiply-add is fused (the merge in attend and in merge_splits must round alike)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from worker_proc.attention import invariant_kernels as kernels
+    from worker_proc.attention.invariant_backend import BLOCK_N, COMPILE_OPTIONS
+
+    pointers = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), "*bf16"),
+                **dict.fromkeys(("tops_ptr", "totals_ptr", "accs_ptr"), "*fp32"), "qk_scale": "fp32",
+                **dict.fromkeys(("tile_ptr", "qo_ptr", "seq_ptr", "ext_ptr", "req_ptr", "r2t_ptr"), "*i32")}
+    shape = {"GROUP": 4, "GROUP_PAD": 4, "BLOCK_T": 16, "D": 128, "D_PAD": 128, "BLOCK_N": BLOCK_N}
+    for fn in (kernels.attend, kernels.attend_splits, kernels.merge_splits):
+        signature = _signature(fn, pointers)
+        constants = {(fn.arg_names.index(name),): value for name, value in shape.items() if name in signature}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", 90, 32), options={**COMPILE_OPTIONS, "num_stages": 2})
+        ptx = compiled.asm["ptx"]
+        assert "ex2.approx" in ptx and "fma.rn.f32" not in ptx, fn.__name__

@@ -48,6 +48,9 @@ MAX_SPLITS = 1024  # a context of the model's length has at most this many split
 SPLIT_BELOW = 128  # a step of fewer (tile, KV head) programs runs its splits in parallel (about an H100's SMs)
 SPLIT_PROGRAMS = 256  # the programs such a step aims for
 WORKSPACE_BYTES = 256 << 20  # the most a step's splits (or the graphs' shared ones) may hold in float32
+# No fused multiply-adds: the merge runs in two kernels, whose compiler might fuse its products and sums differently
+# (each bit of a result then rests on IEEE products and sums alone).
+COMPILE_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 
 
 def split_len(context_length: int) -> int:
@@ -163,21 +166,20 @@ class InvariantBackend(AttentionBackend):
         step = (self.tiles, meta.qo_indptr, meta.seq_lens, meta.extend_lens, meta.req_slots, meta.req_to_token,
                 num_tiles)
         shape = dict(GROUP=self.group, GROUP_PAD=self.group_pad, BLOCK_T=self.block_t, D=self.head_dim,
-                     D_PAD=self.d_pad)
+                     D_PAD=self.d_pad, **COMPILE_OPTIONS)
         attend, attend_splits, merge_splits = _kernels()
         sp, r2t_stride = self.splits, meta.req_to_token.stride(0)
         if sp is None:
             attend[(num_tiles, self.num_kv_heads)](
                 q, kc, vc, out, *step, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), out.stride(0),
-                out.stride(1), r2t_stride, scale, self.split, **shape, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)
+                out.stride(1), r2t_stride, scale, self.split, **shape, BLOCK_N=BLOCK_N, num_stages=2)
             return out
         attend_splits[(num_tiles, self.num_kv_heads, sp.parts)](
             q, kc, vc, sp.tops, sp.totals, sp.accs, *step, self.num_q_heads, q.stride(0), q.stride(1), kc.stride(0),
-            kc.stride(1), r2t_stride, sp.tops.stride(0), scale, self.split, **shape, BLOCK_N=BLOCK_N, num_warps=4,
-            num_stages=2)
+            kc.stride(1), r2t_stride, sp.tops.stride(0), scale, self.split, **shape, BLOCK_N=BLOCK_N, num_stages=2)
         merge_splits[(num_tiles, self.num_kv_heads)](
             out, sp.tops, sp.totals, sp.accs, *step, self.num_q_heads, out.stride(0), out.stride(1), r2t_stride,
-            sp.tops.stride(0), self.split, **shape, num_warps=4)
+            sp.tops.stride(0), self.split, **shape)
         return out
 
 
