@@ -15,7 +15,9 @@ served from the radix cache or prefilled in chunks. Here every step computes eac
   steps: the tiles fill the GPU); a small step (fewer than `split_below` tile x KV head programs: decode at small
   batches, where one program per KV head would leave most of the GPU idle) runs `attend_splits`, whose programs
   each compute some of the splits into a float32 workspace, then `merge_splits` merges them in split order. Both
-  call the same `_split` and `_merge`, so a row gets the same bits from either.
+  call the same `_split` and `_merge`, compiled without fused multiply-adds (COMPILE_OPTIONS: the compiler could
+  fuse the merge's products and sums one way in one kernel and another way in the other), so a row gets the same
+  bits from either.
 
 Invariant (a row's bits depend only on its request's context and position): the tile shape, the split length and
 the chunk boundaries are constants, so each row's dot products, its reductions along a chunk and its merges are
@@ -48,9 +50,7 @@ MAX_SPLITS = 1024  # a context of the model's length has at most this many split
 SPLIT_BELOW = 128  # a step of fewer (tile, KV head) programs runs its splits in parallel (about an H100's SMs)
 SPLIT_PROGRAMS = 256  # the programs such a step aims for
 WORKSPACE_BYTES = 256 << 20  # the most a step's splits (or the graphs' shared ones) may hold in float32
-# No fused multiply-adds: the merge runs in two kernels, whose compiler might fuse its products and sums differently
-# (each bit of a result then rests on IEEE products and sums alone).
-COMPILE_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+COMPILE_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}  # no fused multiply-adds: see above
 
 
 def split_len(context_length: int) -> int:
