@@ -69,12 +69,10 @@ def check_invariant_attention() -> None:
         torch.testing.assert_close(row.float(), ref, rtol=2e-2, atol=2e-2)
     backend.init_graphs(2, 2 * table.shape[1])
     ways = [step([(0, 149, 1)]),  # a decode step alone
-            step([(0, 149, 1)], parallel=False),
             step([(1, 30, 1), (0, 120, 1)], graph=True),  # decode steps through graphs' workspaces
             step([(0, 149, 1)], graph=True),
             step([(2, 5, 4), (0, 145, 5), (1, 69, 1)]),  # a verify-sized extend beside others
             step([(1, 60, 10), (0, 130, 20)]),  # a chunk of a chunked prefill
-            step([(1, 60, 10), (0, 130, 20)], parallel=False),
             step([(0, 0, 150), (1, 0, 70), (2, 0, 9)])]  # the cold prefills, their splits in parallel
     for got in ways:
         for key, row in got.items():
