@@ -165,21 +165,21 @@ class InvariantBackend(AttentionBackend):
         scale = self.layers[layer_id].scale * math.log2(math.e)
         step = (self.tiles, meta.qo_indptr, meta.seq_lens, meta.extend_lens, meta.req_slots, meta.req_to_token,
                 num_tiles)
-        shape = dict(GROUP=self.group, GROUP_PAD=self.group_pad, BLOCK_T=self.block_t, D=self.head_dim,
+        constants = dict(GROUP=self.group, GROUP_PAD=self.group_pad, BLOCK_T=self.block_t, D=self.head_dim,
                      D_PAD=self.d_pad, **COMPILE_OPTIONS)
         attend, attend_splits, merge_splits = _kernels()
         sp, r2t_stride = self.splits, meta.req_to_token.stride(0)
         if sp is None:
             attend[(num_tiles, self.num_kv_heads)](
                 q, kc, vc, out, *step, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), out.stride(0),
-                out.stride(1), r2t_stride, scale, self.split, **shape, BLOCK_N=BLOCK_N, num_stages=2)
+                out.stride(1), r2t_stride, scale, self.split, **constants, BLOCK_N=BLOCK_N, num_stages=2)
             return out
         attend_splits[(num_tiles, self.num_kv_heads, sp.parts)](
             q, kc, vc, sp.tops, sp.totals, sp.accs, *step, self.num_q_heads, q.stride(0), q.stride(1), kc.stride(0),
-            kc.stride(1), r2t_stride, sp.tops.stride(0), scale, self.split, **shape, BLOCK_N=BLOCK_N, num_stages=2)
+            kc.stride(1), r2t_stride, sp.tops.stride(0), scale, self.split, **constants, BLOCK_N=BLOCK_N, num_stages=2)
         merge_splits[(num_tiles, self.num_kv_heads)](
             out, sp.tops, sp.totals, sp.accs, *step, self.num_q_heads, out.stride(0), out.stride(1), r2t_stride,
-            sp.tops.stride(0), self.split, **shape)
+            sp.tops.stride(0), self.split, **constants)
         return out
 
 
