@@ -57,9 +57,10 @@ for section in "${sections[@]}"; do
     fp8) step fp8 500 python3 scripts/quant_gpu_check.py "$out/fp8" --sections graph-bf16 graph-fp8 e2e-bf16 e2e-fp8 ;;
     det500)
         for flag in "" --enable-deterministic-inference; do
-            step "500-prompts${flag:+-deterministic}" 580 python3 -m radixserve.bench serve --launch-server \
-                --dataset random --num-prompts 500 --random-input-len 4096 --random-output-len 2048 \
-                --random-range-ratio 0 "${model[@]}" --output-dir "$out" ${flag:+"$flag"}
+            name=500-prompts${flag:+-deterministic}
+            step "$name" 580 python3 -m radixserve.bench serve --launch-server --dataset random --num-prompts 500 \
+                --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 "${model[@]}" --no-plot \
+                --output-dir "$out" --output-name "$name" ${flag:+"$flag"}
         done ;;
     *) echo "unknown section: $section" >&2; exit 2 ;;
     esac
