@@ -104,7 +104,8 @@ class InvariantBackend(AttentionBackend):
     def prepare(self, meta: ForwardMeta) -> None:
         self.meta, self.tiles = meta, tiles(meta, self.block_t)
         self.split = split_len(meta.req_to_token.shape[1])
-        self.splits = self._splits(self.tiles.shape[1], sum(meta.extend_lens_cpu), max(meta.seq_lens_cpu), False)
+        self.splits = self._splits(self.tiles.shape[1], sum(meta.extend_lens_cpu), max(meta.seq_lens_cpu, default=0),
+                                   False)
 
     def init_graphs(self, max_bs: int, max_kv_tokens: int) -> None:
         self._graphs, self._graph_space = {}, None
