@@ -96,14 +96,12 @@ class InvariantBackend(AttentionBackend):
         self.split_below = SPLIT_BELOW
         self.meta: ForwardMeta | None = None
         self.tiles: torch.Tensor | None = None
-        self.split = MIN_SPLIT
         self.splits: Splits | None = None  # this step's splits in parallel, or None: one program per tile
         self._graphs: dict[tuple[int, int], tuple[torch.Tensor, Splits | None]] = {}
         self._graph_space: torch.Tensor | None = None  # the graphs' workspaces: one replays at a time
 
     def prepare(self, meta: ForwardMeta) -> None:
         self.meta, self.tiles = meta, tiles(meta, self.block_t)
-        self.split = split_len(meta.req_to_token.shape[1])
         self.splits = self._splits(self.tiles.shape[1], sum(meta.extend_lens_cpu), max(meta.seq_lens_cpu, default=0),
                                    False)
 
@@ -114,13 +112,17 @@ class InvariantBackend(AttentionBackend):
         """A graph's tiles and workspace depend only on its batch size and tokens per request (its contexts may
         reach the model's length): made at its capture, then kept (the replay reads them at the same address)."""
         key = (meta.batch_size, meta.extend_lens_cpu[0])
-        self.split = split_len(meta.req_to_token.shape[1])
+        self.meta = meta
         if key not in self._graphs:
             graph_tiles = tiles(meta, self.block_t)
             self._graphs[key] = graph_tiles, self._splits(graph_tiles.shape[1], sum(meta.extend_lens_cpu),
                                                           meta.req_to_token.shape[1], True)
-        self.meta = meta
         self.tiles, self.splits = self._graphs[key]
+
+    @property
+    def split(self) -> int:
+        """Positions per split: set by the block table's width, the model's context length."""
+        return split_len(self.meta.req_to_token.shape[1])
 
     def _splits(self, num_tiles: int, num_tokens: int, longest: int, graph: bool) -> Splits | None:
         """Splits in parallel for a step of `num_tiles` tiles whose longest context is `longest`, where it has fewer
