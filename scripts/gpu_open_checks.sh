@@ -10,10 +10,12 @@
 #   tests    the GPU tests of speculation's verify graphs, the step launch and the host tier (pytest -m gpu)
 #   fp8      FP8 weights (issue 24): scripts/quant_gpu_check.py graph-bf16 graph-fp8 e2e-bf16 e2e-fp8
 #   det500   the 500-prompt workload (issue 28's cost), plain then deterministic
-# Model: the Llama-3.1-8B shape, dummy bf16 weights. The JSON's commit is $GIT_COMMIT if set (the GPU machine's tree
+#   moe      Qwen3-30B-A3B shape (issue 25): `bench one-batch` at batch 1 and 64 x 1k context against their floors
+#   moe500   the 500-prompt workload on the Qwen3-30B-A3B shape (issue 25: beside det500's plain figure)
+# Model: the Llama-3.1-8B shape (moe sections: Qwen3-30B-A3B), dummy bf16 weights. The JSON's commit is $GIT_COMMIT if set (the GPU machine's tree
 # has no .git), else the checkout's.
 set -uo pipefail
-[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [det|hicache|spec|tests|fp8|det500 ...]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [det|hicache|spec|tests|fp8|det500|moe|moe500 ...]" >&2; exit 2; }
 out=$(realpath -m "$1")
 shift
 sections=("$@")
@@ -24,6 +26,9 @@ mkdir -p "$out"
 start=$(date +%s)
 limit=${LIMIT:-585}
 model=(--model-path radixserve/model_configs/llama-3.1-8b --load-format dummy --skip-tokenizer-init)
+moe=(--model-path radixserve/model_configs/qwen3-30b-a3b --load-format dummy --skip-tokenizer-init)
+workload500=(--dataset random --num-prompts 500 --random-input-len 4096 --random-output-len 2048
+             --random-range-ratio 0 --no-plot --output-dir "$out")
 b1=(python3 -m radixserve.bench offline --dataset random --num-prompts 1 --random-input-len 256
     --random-output-len 1024 --random-range-ratio 1 --cuda-graph-max-bs 2 "${model[@]}")
 
@@ -58,10 +63,13 @@ for section in "${sections[@]}"; do
     det500)
         for flag in "" --enable-deterministic-inference; do
             name=500-prompts${flag:+-deterministic}
-            step "$name" 580 python3 -m radixserve.bench serve --launch-server --dataset random --num-prompts 500 \
-                --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 "${model[@]}" --no-plot \
-                --output-dir "$out" --output-name "$name" ${flag:+"$flag"}
+            step "$name" 580 python3 -m radixserve.bench serve --launch-server "${workload500[@]}" "${model[@]}" \
+                --output-name "$name" ${flag:+"$flag"}
         done ;;
+    moe) step moe-one-batch 300 python3 -m radixserve bench one-batch "${moe[@]}" --batch-size 1 64 --input-len 1024 \
+             --output-len 32 --runs 1 --mem-fraction-static 0.9 ;;
+    moe500) step 500-prompts-moe 580 python3 -m radixserve.bench serve --launch-server "${workload500[@]}" "${moe[@]}" \
+                --output-name 500-prompts-moe ;;
     *) echo "unknown section: $section" >&2; exit 2 ;;
     esac
 done
