@@ -12,8 +12,8 @@
 #   det500   the 500-prompt workload (issue 28's cost), plain then deterministic
 #   moe      Qwen3-30B-A3B shape (issue 25): `bench one-batch` at batch 1 and 64 x 1k context against their floors
 #   moe500   the 500-prompt workload on the Qwen3-30B-A3B shape (issue 25: beside det500's plain figure)
-# Model: the Llama-3.1-8B shape (moe sections: Qwen3-30B-A3B), dummy bf16 weights. The JSON's commit is $GIT_COMMIT if set (the GPU machine's tree
-# has no .git), else the checkout's.
+# Model: the Llama-3.1-8B shape (moe sections: Qwen3-30B-A3B), dummy bf16 weights. The JSON's commit is
+# $GIT_COMMIT if set (the GPU machine's tree has no .git), else the checkout's.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [det|hicache|spec|tests|fp8|det500|moe|moe500 ...]" >&2; exit 2; }
 out=$(realpath -m "$1")
