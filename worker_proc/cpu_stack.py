@@ -19,6 +19,7 @@ import torch
 from worker_proc import batch_invariant, cpu_kernels
 from worker_proc.attention.base import AttentionBackend
 from worker_proc.attention.torch_backend import TorchBackend
+from worker_proc.cpu_linears import SplitLinear
 from worker_proc.parallel import tp_size
 
 _ptr, _long = ctypes.c_void_p, ctypes.c_long
@@ -59,6 +60,10 @@ class DecoderStack:
         attn = first.self_attn
         self.q_heads, self.kv_heads, self.dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.scale = attn.attention.scale
+        # A layer whose weight oneDNN runs from some row count (cpu_linears.SplitLinear) keeps steps of that many
+        # rows out of the stack, which runs the AVX512 layout only.
+        self.rows_below = min((m.packed.from_rows for m in linears if isinstance(m.packed, SplitLinear)),
+                              default=None)
         self.layers = (_Layer * len(model.layers))()
         for i, layer in enumerate(model.layers):
             a, mlp = layer.self_attn, layer.mlp
@@ -90,7 +95,8 @@ class DecoderStack:
 def stack_for(model: Any, x: torch.Tensor, attn: AttentionBackend) -> DecoderStack | None:
     """The model's DecoderStack where this step can run it (a plain Llama-family model on the CPU in bf16, every
     linear packed for cpu_kernels, one rank, the torch backend reading the cache in place, no hidden states kept
-    for a drafter, not --enable-deterministic-inference), else None: run the layers one by one."""
+    for a drafter, not --enable-deterministic-inference, fewer rows than any layer runs through oneDNN), else None:
+    run the layers one by one."""
     if not (isinstance(attn, TorchBackend) and attn.native and x.dtype == torch.bfloat16 and model.plain
             and not model.capture and tp_size() == 1 and not batch_invariant.ENABLED and x.is_contiguous()):
         return None
@@ -104,4 +110,5 @@ def stack_for(model: Any, x: torch.Tensor, attn: AttentionBackend) -> DecoderSta
     if cached is None or cached[0] != key:
         runs = all(hasattr(m.packed, "stack_fields") for m in linears)
         cached = model._stack = (key, DecoderStack(model, linears, attn.kv_cache) if runs else None)
-    return cached[1]
+    stack = cached[1]
+    return None if stack is None or (stack.rows_below is not None and x.shape[0] >= stack.rows_below) else stack

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker_proc import batch_invariant, cpu_kernels, fused, gemv
+from worker_proc import batch_invariant, cpu_kernels, cpu_linears, fused, gemv
 from worker_proc.parallel import tp_all_gather, tp_all_reduce, tp_rank, tp_size
 
 ShardId = Hashable  # None for a plain tensor; 0/1 for gate/up; "q"/"k"/"v" for qkv
@@ -52,25 +52,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x, weight, bias)
 
 
-class OneDnnLinear:
-    """A bf16 weight in oneDNN's blocked layout: bit for bit F.linear, faster at small batches."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
-
-
-def pack_cpu_linears(model: nn.Module, native: bool = True) -> tuple[int, str]:
+def pack_cpu_linears(model: nn.Module, native: bool = True, chooser: cpu_linears.Chooser | None = None
+                     ) -> tuple[int, str]:
     """Repack every bfloat16 linear weight of a CPU model once after loading: into cpu_kernels' layout where
-    that library builds (and `native`), else into oneDNN's. The plain weight is freed unless another layer
-    shares it (a tied LM head keeps the embedding's). A layer that already has a packed weight (quantized: see
+    that library builds (and `native`), else into oneDNN's; on CPUs with AMX-BF16 (or given a `chooser`) each shape
+    into the layout or layouts its timing chose (worker_proc.cpu_linears). The plain weight is freed unless another
+    layer shares it (a tied LM head keeps the embedding's). A layer that already has a packed weight (quantized: see
     worker_proc.cpu_quant) keeps it. Returns (weights packed, layout); (0, "") where neither is available."""
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if native and cpu_kernels.library() is not None:
         pack, layout = cpu_kernels.PackedLinear, "cpu_kernels' AVX512-BF16"
-    elif torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pack, layout = OneDnnLinear, "oneDNN's"
+        if chooser is None and onednn and "amx_bf16" in cpu_kernels.cpu_flags() and not batch_invariant.ENABLED:
+            chooser = cpu_linears.Chooser()
+        pack = chooser or pack
+    elif onednn:
+        pack, layout, chooser = cpu_linears.OneDnnLinear, "oneDNN's", None
     else:
         return 0, ""
     packed = 0
@@ -81,7 +77,7 @@ def pack_cpu_linears(model: nn.Module, native: bool = True) -> tuple[int, str]:
             if not (isinstance(module, ParallelLMHead) and module.tied):
                 module.weight.data = module.weight.data.new_empty(0)
             packed += 1
-    return packed, layout
+    return packed, layout if chooser is None else f"{layout} ({chooser.summary()})"
 
 
 def one_kernel(x: torch.Tensor, cuda: Callable[..., Any], cpu: Callable[..., Any]) -> Callable[..., Any] | None:
