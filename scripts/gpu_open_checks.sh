@@ -10,12 +10,13 @@
 #   tests    the GPU tests of speculation's verify graphs, the step launch and the host tier (pytest -m gpu)
 #   fp8      FP8 weights (issue 24): scripts/quant_gpu_check.py graph-bf16 graph-fp8 e2e-bf16 e2e-fp8
 #   det500   the 500-prompt workload (issue 28's cost), plain then deterministic
+#   fp8-500  the 500-prompt workload with FP8 weights, then FP8 weights and FP8 KV (issue 24: beside det500's plain)
 #   moe      Qwen3-30B-A3B shape (issue 25): `bench one-batch` at batch 1 and 64 x 1k context against their floors
 #   moe500   the 500-prompt workload on the Qwen3-30B-A3B shape (issue 25: beside det500's plain figure)
 # Model: the Llama-3.1-8B shape (moe sections: Qwen3-30B-A3B), dummy bf16 weights. The JSON's commit is
 # $GIT_COMMIT if set (the GPU machine's tree has no .git), else the checkout's.
 set -uo pipefail
-[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [det|hicache|spec|tests|fp8|det500|moe|moe500 ...]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [det|hicache|spec|tests|fp8|det500|fp8-500|moe|moe500 ...]" >&2; exit 2; }
 out=$(realpath -m "$1")
 shift
 sections=("$@")
@@ -65,6 +66,12 @@ for section in "${sections[@]}"; do
             name=500-prompts${flag:+-deterministic}
             step "$name" 580 python3 -m radixserve.bench serve --launch-server "${workload500[@]}" "${model[@]}" \
                 --output-name "$name" ${flag:+"$flag"}
+        done ;;
+    fp8-500)
+        for kv in auto fp8_e4m3; do
+            name=500-prompts-fp8-kv-$kv
+            step "$name" 400 python3 -m radixserve.bench serve --launch-server "${workload500[@]}" "${model[@]}" \
+                --output-name "$name" --quantization fp8 --kv-cache-dtype $kv
         done ;;
     moe) step moe-one-batch 300 python3 -m radixserve bench one-batch "${moe[@]}" --batch-size 1 64 --input-len 1024 \
              --output-len 32 --runs 1 --mem-fraction-static 0.9 ;;
