@@ -4,7 +4,9 @@
 # Sections, run in the order given (default: det hicache spec tests), each stopped where the call's LIMIT seconds
 # (counted from the start) would be passed, a section that would get under 20 s skipped; logs go to OUT_DIR:
 #   det      deterministic inference (issue 28): batch 1 end to end, plain and --enable-deterministic-inference
-#            alternating twice (the figures to compare are one run's), then `bench check-determinism` on 24 prompts
+#            alternating $B1_ROUNDS times (default 2; the figures to compare are one run's), then `bench
+#            check-determinism` on $DET_PROMPTS prompts (default 24; the acceptance's: 400) at batch sizes
+#            $DET_BATCHES (default "8 24"; the acceptance's: "8 64 256"), with $DET_FLAGS (e.g. --compare)
 #   hicache  the host tier on one GPU (issue 27): scripts/bench_hicache.sh gpu overflow fits ($FITS_ROUNDS, default 3)
 #   spec     speculation through the Engine (issue 26): scripts/spec_gpu_check.py --sections engine
 #   tests    the GPU tests of speculation's verify graphs, the step launch and the host tier (pytest -m gpu)
@@ -50,12 +52,13 @@ echo "== $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,
 for section in "${sections[@]}"; do
     case $section in
     det)
-        for round in 1 2; do
+        for round in $(seq "${B1_ROUNDS:-2}"); do
             step "b1-plain-$round" 100 "${b1[@]}"
             step "b1-deterministic-$round" 120 "${b1[@]}" --enable-deterministic-inference
         done
-        step check-determinism 150 python3 -m radixserve bench check-determinism "${model[@]}" --num-prompts 24 \
-            --batch-sizes 8 24 ;;
+        # shellcheck disable=SC2086  # DET_BATCHES and DET_FLAGS are lists of words
+        step check-determinism 400 python3 -m radixserve bench check-determinism "${model[@]}" \
+            --num-prompts "${DET_PROMPTS:-24}" --batch-sizes ${DET_BATCHES:-8 24} ${DET_FLAGS:-} ;;
     hicache) FITS_ROUNDS=${FITS_ROUNDS:-3} step hicache 420 bash scripts/bench_hicache.sh "$out/hicache" gpu overflow fits ;;
     spec) step spec-engine 400 python3 scripts/spec_gpu_check.py "$out/spec" --sections engine ;;
     tests) step gpu-tests 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_spec.py \
