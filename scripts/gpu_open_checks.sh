@@ -17,6 +17,12 @@
 #   moe500   the 500-prompt workload on the Qwen3-30B-A3B shape (issue 25: beside det500's plain figure)
 # Model: the Llama-3.1-8B shape (moe sections: Qwen3-30B-A3B), dummy bf16 weights. The JSON's commit is
 # $GIT_COMMIT if set (the GPU machine's tree has no .git), else the checkout's.
+# Compile caches: a fresh machine spends minutes building Triton's kernels and FlashInfer's JIT modules that the
+# .whl cache lacks (2026-12-08, H100: a server's process start ~35 s, plain decode graphs 42-50 s, deterministic mode's
+# warm-up 148 s). Each call saves what it built into OUT_DIR/compile-cache.tgz (where under 10 MiB: the carried tree
+# holds 64 MiB, .whl 53); copied into .gpu-cache/ here (git ignores it) and carried (`carry: [".whl", ".gpu-cache"]`),
+# the next call starts from it. At the end the logs and results are bundled into OUT_DIR/results.tgz (the device
+# tool returns at most 8 files, 2 folders down).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 OUT_DIR [det|hicache|spec|tests|fp8|det500|fp8-500|moe|moe500 ...]" >&2; exit 2; }
 out=$(realpath -m "$1")
@@ -28,6 +34,16 @@ export PYTHONUNBUFFERED=1 GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse --short HEAD
 mkdir -p "$out"
 start=$(date +%s)
 limit=${LIMIT:-585}
+caches=(.triton/cache .cache/flashinfer)  # under $HOME: Triton's kernels, FlashInfer's JIT modules
+stamp=$(mktemp)
+for t in .gpu-cache/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C ~; done
+finish() {  # the logs and results in one file; what this call compiled, for the next one
+    tar czf "$out.results.tgz" -C "$out" . && rm -rf "${out:?}"/* && mv "$out.results.tgz" "$out/results.tgz"
+    (cd ~ && find "${caches[@]}" -newer "$stamp" -type f 2>/dev/null | tar czf "$out/compile-cache.tgz" -T -)
+    local size; size=$(stat -c %s "$out/compile-cache.tgz")
+    if [ "$size" -gt $((10 << 20)) ]; then echo "compile cache: $size bytes, too large to carry"; rm "$out/compile-cache.tgz"; fi
+}
+trap finish EXIT
 model=(--model-path radixserve/model_configs/llama-3.1-8b --load-format dummy --skip-tokenizer-init)
 moe=(--model-path radixserve/model_configs/qwen3-30b-a3b --load-format dummy --skip-tokenizer-init)
 workload500=(--dataset random --num-prompts 500 --random-input-len 4096 --random-output-len 2048
@@ -53,11 +69,11 @@ for section in "${sections[@]}"; do
     case $section in
     det)
         for round in $(seq "${B1_ROUNDS:-2}"); do
-            step "b1-plain-$round" 100 "${b1[@]}"
-            step "b1-deterministic-$round" 120 "${b1[@]}" --enable-deterministic-inference
+            step "b1-plain-$round" 200 "${b1[@]}"
+            step "b1-deterministic-$round" 240 "${b1[@]}" --enable-deterministic-inference
         done
         # shellcheck disable=SC2086  # DET_BATCHES and DET_FLAGS are lists of words
-        step check-determinism 400 python3 -m radixserve bench check-determinism "${model[@]}" \
+        step check-determinism 580 python3 -m radixserve bench check-determinism "${model[@]}" \
             --num-prompts "${DET_PROMPTS:-24}" --batch-sizes ${DET_BATCHES:-8 24} ${DET_FLAGS:-} ;;
     hicache) FITS_ROUNDS=${FITS_ROUNDS:-3} step hicache 420 bash scripts/bench_hicache.sh "$out/hicache" gpu overflow fits ;;
     spec) step spec-engine 400 python3 scripts/spec_gpu_check.py "$out/spec" --sections engine ;;
