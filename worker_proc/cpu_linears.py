@@ -84,13 +84,14 @@ class Chooser:
         self.splits = dict(splits or {})
 
     def __call__(self, weight: torch.Tensor) -> PackedLinear | OneDnnLinear | SplitLinear:
-        native, onednn = PackedLinear(weight), OneDnnLinear(weight)
-        shape = tuple(weight.shape)
+        native, onednn, shape = PackedLinear(weight), None, tuple(weight.shape)
         if shape not in self.splits:
+            onednn = OneDnnLinear(weight)
             self.splits[shape] = onednn_from(native, onednn)
         split = self.splits[shape]
         if split is None:
             return native
+        onednn = onednn or OneDnnLinear(weight)
         return onednn if split == ROW_STEPS[0] else SplitLinear(native, onednn, split)
 
     def summary(self) -> str:
