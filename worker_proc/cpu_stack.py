@@ -12,6 +12,7 @@ cache changes.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any
 
 import torch
@@ -63,7 +64,7 @@ class DecoderStack:
         # A layer whose weight oneDNN runs from some row count (cpu_linears.SplitLinear) keeps steps of that many
         # rows out of the stack, which runs the AVX512 layout only.
         self.rows_below = min((m.packed.from_rows for m in linears if isinstance(m.packed, SplitLinear)),
-                              default=None)
+                              default=math.inf)
         self.layers = (_Layer * len(model.layers))()
         for i, layer in enumerate(model.layers):
             a, mlp = layer.self_attn, layer.mlp
@@ -111,4 +112,4 @@ def stack_for(model: Any, x: torch.Tensor, attn: AttentionBackend) -> DecoderSta
         runs = all(hasattr(m.packed, "stack_fields") for m in linears)
         cached = model._stack = (key, DecoderStack(model, linears, attn.kv_cache) if runs else None)
     stack = cached[1]
-    return None if stack is None or (stack.rows_below is not None and x.shape[0] >= stack.rows_below) else stack
+    return None if stack is None or x.shape[0] >= stack.rows_below else stack

@@ -169,7 +169,7 @@ class InvariantBackend(AttentionBackend):
         step = (self.tiles, meta.qo_indptr, meta.seq_lens, meta.extend_lens, meta.req_slots, meta.req_to_token,
                 num_tiles)
         constants = dict(GROUP=self.group, GROUP_PAD=self.group_pad, BLOCK_T=self.block_t, D=self.head_dim,
-                     D_PAD=self.d_pad, **COMPILE_OPTIONS)
+                         D_PAD=self.d_pad, **COMPILE_OPTIONS)
         attend, attend_splits, merge_splits = _kernels()
         sp, r2t_stride = self.splits, meta.req_to_token.stride(0)
         if sp is None:
