@@ -269,9 +269,17 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
                     __m512i kt[16];
                     for (long j = 0; j < 16; j++) {
                         const uint16_t *kr = k_cache + ((long)slots[j0 + (j < keys ? j : 0)] * hkv + h) * dim;
-                        if (c == 0 && j0 + 16 + j < most)
-                            _mm_prefetch((const char *)(k_cache + ((long)slots[j0 + 16 + j] * hkv + h) * dim),
-                                         _MM_HINT_T0);
+                        /* the next 16 keys' rows and these keys' values, every line of each: a cold cache
+                         * (the step's weights pass through it between layers) else serves them one miss at a
+                         * time */
+                        for (long line = 0; c == 0 && line < 2 * dim; line += 64) {
+                            if (j0 + 16 + j < most)
+                                _mm_prefetch((const char *)(k_cache + ((long)slots[j0 + 16 + j] * hkv + h) * dim) +
+                                                 line, _MM_HINT_T0);
+                            if (j < keys)
+                                _mm_prefetch((const char *)(v_cache + ((long)slots[j0 + j] * hkv + h) * dim) + line,
+                                             _MM_HINT_T1);
+                        }
                         kt[j] = j < keys ? _mm512_maskz_loadu_epi32(in_chunk, kr + 2 * c) : _mm512_setzero_si512();
                     }
                     transpose16(kt); /* kt[e]: pair c + e of each key, key j in lane j */
@@ -706,6 +714,12 @@ static void linear_q8(const uint16_t *x, long ldx, long m_dim, const uint8_t *co
             const void *sb = (const uint8_t *)scale + b * kb_dim * NB * scale_bytes;
             const void *ob = offset ? (const uint8_t *)offset + b * kb_dim * NB * scale_bytes : 0;
             const uint16_t *bb = bias ? bias + n0 : 0;
+            /* this block's scales and offsets, read by every row tile's epilogue: asked for now, they arrive
+             * while the codes unpack (else the first tile waits on each line) */
+            for (long line = 0; wide && line < kb_dim * NB * scale_bytes; line += 64) {
+                _mm_prefetch((const char *)sb + line, _MM_HINT_T0);
+                if (ob) _mm_prefetch((const char *)ob + line, _MM_HINT_T0);
+            }
             for (long k4 = 0; wide && k4 < k_dim / 4; k4++) {
                 __m512i w0, w1;
                 for (long line = 0; line < quad_bytes; line += 64)
