@@ -18,7 +18,7 @@ from model_harness import RaggedRunner, assert_greedy_matches_hf, greedy, hf_ref
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from radixserve.model_files import load_hf_config
-from worker_proc import cpu_kernels
+from worker_proc import cpu_kernels, sampling
 from worker_proc.layers import RotaryEmbedding, pack_cpu_linears, rope_parameters
 from worker_proc.models import build_model, model_class
 from worker_proc.weights import iter_safetensors, load_model
@@ -339,6 +339,23 @@ def test_cpu_kernels_silu_and_mul_rounds_as_torch(rows, n):
     x[0, :4] = torch.tensor([0.0, -100.0, 100.0, -3e4])
     gate, up = x.chunk(2, dim=-1)
     torch.testing.assert_close(cpu_kernels.silu_and_mul(x), F.silu(gate) * up, rtol=2**-7, atol=1e-6)
+
+
+@needs_cpu_kernels
+def test_cpu_kernels_argmax_picks_as_torch():
+    """The greedy pick equals torch.argmax: random rows of a vocabulary's width and ragged ones, the first of tied
+    maxima, a NaN above +inf (its first), a row of -inf, a strided view."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(3, 49152, generator=g), torch.randn(5, 33, generator=g), torch.randn(2, 1, generator=g),
+            torch.randn(4, 80, generator=g)[:, :70]]
+    ties = torch.zeros(4, 100)
+    ties[0, [5, 50]] = 1.0
+    ties[1, [7, 90]], ties[1, 3] = float("nan"), float("inf")
+    ties[2] = float("-inf")
+    ties[3, 99] = 2.0
+    for x in [*rows, ties]:
+        assert torch.equal(sampling.argmax(x), x.argmax(dim=-1))
+    assert sampling.argmax(ties).tolist() == [5, 7, 0, 99]
 
 
 @needs_cpu_kernels

@@ -349,6 +349,35 @@ void rs_paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const u
     free(starts);
 }
 
+/* out[r] = the index of the greatest of row r of x [rows, n] (row stride ld) as torch.argmax picks it: the first
+ * of equal greatest values, and a NaN above every number (its first NaN). One pass for the greatest value, a
+ * second for where it first is (it stops there). */
+void rs_argmax_f32(const float *x, long ld, long rows, long n, int64_t *out) {
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * ld;
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        __mmask16 nan = 0;
+        for (long j = 0; j < n; j += 16) {
+            __m512 v = _mm512_mask_loadu_ps(top, lanes(n - j), row + j);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            top = _mm512_max_ps(top, v);
+        }
+        const float greatest = _mm512_reduce_max_ps(top);
+        long at = 0;
+        for (long j = 0; j < n; j += 16) {
+            __m512 v = _mm512_maskz_loadu_ps(lanes(n - j), row + j);
+            __mmask16 hit = lanes(n - j) & (nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
+                                                : _mm512_cmp_ps_mask(v, _mm512_set1_ps(greatest), _CMP_EQ_OQ));
+            if (hit) {
+                at = j + __builtin_ctz(hit);
+                break;
+            }
+        }
+        out[r] = at;
+    }
+}
+
 /* out[r] = bf16(bf16(silu(gate)) * up) for x[r] = gate | up ([rows, 2n], row stride ldx; out [rows, n]). */
 void rs_silu_and_mul_bf16(const uint16_t *x, long ldx, long rows, long n, uint16_t *out) {
 #pragma omp parallel for schedule(static) if (rows > 8)

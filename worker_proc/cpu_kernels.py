@@ -83,6 +83,7 @@ def build(source_path: Path) -> ctypes.CDLL | None:
         "rs_linear_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size],
         "rs_add_rmsnorm_bf16": [ptr, size, ptr, size, ptr, size, size, f32, ptr, ptr],
         "rs_silu_and_mul_bf16": [ptr, size, size, size, ptr],
+        "rs_argmax_f32": [ptr, size, size, size, ptr],
         "rs_rotary_store_bf16": [ptr, size, size, ptr, size, size, ptr, ptr, size, ptr, size, size, size, size, ptr,
                                  ptr, ptr],
         "rs_paged_attention_bf16": [ptr, ptr, ptr, ptr, size, ptr, ptr, size, size, size, size, f32, ptr],
@@ -164,6 +165,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     rows, n = x.shape[0], x.shape[1] // 2
     out = torch.empty((rows, n), dtype=torch.bfloat16)
     library().rs_silu_and_mul_bf16(x.data_ptr(), x.stride(0), rows, n, out.data_ptr())
+    return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of float32 rows x [B, V] (its ties and NaNs) as int64 [B]; torch's single-threaded
+    reduction reads a vocabulary-wide row several times slower."""
+    assert x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().rs_argmax_f32(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 

@@ -16,9 +16,17 @@ import numpy as np
 import torch
 
 from radixserve.wire import NewReq, from_i32
+from worker_proc import cpu_kernels
 from worker_proc.step_io import StepArrays
 
 GREEDY_EPS = 1e-5
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) of float32 logits [B, V]: on the CPU cpu_kernels' (the same ids), else torch's."""
+    if logits.device.type == "cpu" and logits.stride(-1) == 1 and cpu_kernels.library() is not None:
+        return cpu_kernels.argmax(logits)
+    return logits.argmax(dim=-1)
 
 
 def float32_value(name: str, value: float, positive: bool = False) -> float:
@@ -112,7 +120,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1) if p.wants_logprob[slots].any() else None
         greedy = (p.temperature[slots] < GREEDY_EPS) | (p.top_k[slots] == 1)
         if greedy.all():
-            return logits.argmax(dim=-1), logprobs
+            return argmax(logits), logprobs
         d = rows.d_slots.long()
         logits = logits / p.d_temperature[d][:, None]
         seeded = p.seed[slots] >= 0
@@ -123,7 +131,7 @@ class Sampler:
             ids = self._draw(logits, d, filters)
         if greedy.any():  # the same rows, told apart on the device (no host-to-device copy)
             on_device = (p.d_temperature[d] <= GREEDY_EPS) | (p.d_top_k[d] == 1)
-            ids = torch.where(on_device, logits.argmax(dim=-1), ids)
+            ids = torch.where(on_device, argmax(logits), ids)
         return ids, logprobs
 
     def _draw(self, logits: torch.Tensor, d: torch.Tensor, filters: tuple[bool, bool, bool]) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 
 from radixserve.wire import StepBatch, from_i32
 from worker_proc import parallel
-from worker_proc.sampling import GREEDY_EPS, Sampler, _mix
+from worker_proc.sampling import GREEDY_EPS, Sampler, _mix, argmax
 from worker_proc.step_io import HostStaging, PendingStep
 from worker_proc.verify_graphs import graph_verify
 
@@ -114,8 +114,8 @@ class Verifier:
         has_draft, index_d, starts_d, sampled_rows = self.staging.upload_parts(
             [rows.has_draft(), index, rows.starts, np.repeat(~greedy_req, rows.drafts + 1)])
         next_tok = torch.roll(input_ids.long(), -1)  # row j's draft x_{j+1} (where has_draft)
-        argmax = logits.argmax(dim=-1)
-        ok = argmax == next_tok
+        best = argmax(logits)
+        ok = best == next_tok
         probs = gens = None
         uniform = None
         fi_reqs = np.zeros(len(rows.starts), dtype=bool)
@@ -136,7 +136,7 @@ class Verifier:
         padded = torch.cat([ok, ok.new_zeros(1)])
         accepted_d = padded[index_d].int().cumprod(dim=1).sum(dim=1)
         final_rows_d = starts_d + accepted_d
-        final = argmax[final_rows_d]
+        final = best[final_rows_d]
         if probs is not None:
             final = self._draw_final(probs, rows, final_rows_d, accepted_d, next_tok, final, greedy_req, gens)
         accepted = accepted_d.cpu().numpy().astype(np.int64)
