@@ -21,6 +21,7 @@ from worker_proc import batch_invariant, cpu_kernels
 from worker_proc.attention.base import AttentionBackend
 from worker_proc.attention.torch_backend import TorchBackend
 from worker_proc.cpu_linears import SplitLinear
+from worker_proc.layers import PackedSlot
 from worker_proc.parallel import tp_size
 
 _ptr, _long = ctypes.c_void_p, ctypes.c_long
@@ -74,9 +75,10 @@ class DecoderStack:
                                     kv_cache.k[i].data_ptr(), kv_cache.v[i].data_ptr())
 
     @staticmethod
-    def key_of(linears: list[Any], kv_cache: Any) -> tuple:
-        """What the description depends on: the packed weights and the KV cache."""
-        return (id(kv_cache), kv_cache.k[0].data_ptr(), *(id(m.packed) for m in linears))
+    def key_of(kv_cache: Any) -> tuple:
+        """What the description depends on: the packed weights (no layer's changed since: layers.PackedSlot)
+        and the KV cache."""
+        return id(kv_cache), kv_cache.k[0].data_ptr(), PackedSlot.generation
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: TorchBackend) -> torch.Tensor:
         cos, sin = rope
@@ -101,14 +103,11 @@ def stack_for(model: Any, x: torch.Tensor, attn: AttentionBackend) -> DecoderSta
     if not (isinstance(attn, TorchBackend) and attn.native and x.dtype == torch.bfloat16 and model.plain
             and not model.capture and tp_size() == 1 and not batch_invariant.ENABLED and x.is_contiguous()):
         return None
-    linears = model.__dict__.get("_stack_linears")
-    if linears is None:
-        linears = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                         layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        model._stack_linears = linears
-    key = DecoderStack.key_of(linears, attn.kv_cache)
+    key = DecoderStack.key_of(attn.kv_cache)
     cached = model.__dict__.get("_stack")
     if cached is None or cached[0] != key:
+        linears = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                         layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         runs = all(hasattr(m.packed, "stack_fields") for m in linears)
         cached = model._stack = (key, DecoderStack(model, linears, attn.kv_cache) if runs else None)
     stack = cached[1]

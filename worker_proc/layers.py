@@ -37,6 +37,21 @@ def load_replicated(param: nn.Parameter, full: torch.Tensor, shard_id: ShardId =
 PackedWeight = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, bias) -> x W^T + bias
 
 
+class PackedSlot:
+    """A linear layer's `packed` attribute (see pack_cpu_linears): None, or the PackedWeight that runs it.
+    Every assignment, to any layer, advances `generation`, so that a description of a model's packed weights
+    (cpu_stack.DecoderStack) is known to be current by one comparison."""
+
+    generation = 0
+
+    def __get__(self, module: nn.Module | None, owner: type | None = None) -> Any:
+        return self if module is None else module.__dict__.get("_packed")
+
+    def __set__(self, module: nn.Module, packed: PackedWeight | None) -> None:
+        module.__dict__["_packed"] = packed
+        PackedSlot.generation += 1
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: PackedWeight | None) -> torch.Tensor:
     """F.linear, the CPU kernel of the weight's packed copy (see pack_cpu_linears), or for a decode batch of a
@@ -253,6 +268,8 @@ class _ColumnLinear(nn.Module):
     packed in shard order: layout[shard_id] = (src, n, dst) with dst the offset in the local weight.
     """
 
+    packed = PackedSlot()
+
     def __init__(self, in_features: int, shards: list[tuple[ShardId, int, int, int]], bias: bool,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         """`shards`: (shard_id, full rows, first row kept by this rank, rows kept)."""
@@ -267,7 +284,7 @@ class _ColumnLinear(nn.Module):
                                  {sid: (full, in_features) for sid, full, _, _ in shards})
         self.bias = make_param((dst,), dtype, device, self._load, {sid: (full,) for sid, full, _, _ in shards}) \
             if bias else None
-        self.packed: PackedWeight | None = None  # see pack_cpu_linears
+        self.packed = None
 
     def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
         src, n, dst = self.layout[shard_id]
@@ -319,6 +336,8 @@ class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local W_local^T) + b with W's columns split over ranks (input already sharded); with
     `reduce=False` this rank's partial sum, for a caller that adds it to others before one all-reduce."""
 
+    packed = PackedSlot()
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str, reduce: bool = True) -> None:
         super().__init__()
@@ -328,7 +347,7 @@ class RowParallelLinear(nn.Module):
                                  {None: (out_features, in_features)})
         self.bias = make_param((out_features,), dtype, device, load_replicated, {None: (out_features,)}) \
             if bias else None
-        self.packed: PackedWeight | None = None  # see pack_cpu_linears
+        self.packed = None
 
     def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
         param.data.copy_(full.narrow(1, tp_rank() * self.in_local, self.in_local))
@@ -345,6 +364,8 @@ class VocabParallelEmbedding(nn.Module):
     Rank r holds token ids [r * V_local, (r+1) * V_local); other ids contribute zeros to the all-reduce.
     """
 
+    packed = PackedSlot()
+
     def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, device: torch.device | str,
                  tied_to: VocabParallelEmbedding | None = None) -> None:
         """`tied_to`: share that layer's weight (same shape, so the same sharding) instead of allocating one."""
@@ -355,7 +376,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tied = tied_to is not None
         self.weight = tied_to.weight if tied_to is not None else \
             make_param((self.vocab_local, hidden), dtype, device, self._load, {None: (vocab_size, hidden)})
-        self.packed: PackedWeight | None = None  # an LM head's, see pack_cpu_linears
+        self.packed = None  # an LM head's
 
     def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
         n = max(0, min(self.vocab_local, self.vocab_size - self.vocab_start))
