@@ -94,7 +94,8 @@ def build(source_path: Path) -> ctypes.CDLL | None:
                              ptr, ptr, ptr, ptr],
     }
     for name, argtypes in signatures.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+        if hasattr(lib, name):  # another version (a benchmark's comparison) may lack a newer kernel
+            getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     lib.rs_decoder_stack.restype = size  # 0, or -1: no scratch memory
     lib.rs_q8_rows.argtypes, lib.rs_q8_rows.restype = [], size
     return lib
