@@ -343,11 +343,12 @@ def test_cpu_kernels_silu_and_mul_rounds_as_torch(rows, n):
 
 @needs_cpu_kernels
 def test_cpu_kernels_argmax_picks_as_torch():
-    """The greedy pick equals torch.argmax: random rows of a vocabulary's width and ragged ones, the first of tied
-    maxima, a NaN above +inf (its first), a row of -inf, a strided view."""
+    """The greedy pick equals torch.argmax: random rows of a vocabulary's width and ragged ones, no rows, the first
+    of tied maxima, a NaN above +inf (its first), a row of -inf, a strided view."""
     g = torch.Generator().manual_seed(0)
     rows = [torch.randn(3, 49152, generator=g), torch.randn(5, 33, generator=g), torch.randn(2, 1, generator=g),
-            torch.randn(4, 80, generator=g)[:, :70]]
+            torch.randn(4, 80, generator=g)[:, :70], torch.randn(0, 8, generator=g),
+            torch.randn(2, 40, generator=g).bfloat16()]  # (torch's own pick for any but float32)
     ties = torch.zeros(4, 100)
     ties[0, [5, 50]] = 1.0
     ties[1, [7, 90]], ties[1, 3] = float("nan"), float("inf")

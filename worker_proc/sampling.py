@@ -23,8 +23,9 @@ GREEDY_EPS = 1e-5
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(dim=-1) of float32 logits [B, V]: on the CPU cpu_kernels' (the same ids), else torch's."""
-    if logits.device.type == "cpu" and logits.stride(-1) == 1 and cpu_kernels.library() is not None:
+    """logits.argmax(dim=-1) of logits [B, V]: for float32 on the CPU cpu_kernels' (the same ids), else torch's."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and \
+            logits.stride(-1) == 1 and cpu_kernels.library() is not None:
         return cpu_kernels.argmax(logits)
     return logits.argmax(dim=-1)
 
