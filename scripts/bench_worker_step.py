@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from gpu_check import Synth  # noqa: E402
 
 from radixserve.config import ServerArgs  # noqa: E402
-from worker_proc import cpu_kernels  # noqa: E402
 from radixserve.model_files import resolve_model  # noqa: E402
+from worker_proc import cpu_kernels  # noqa: E402
 from worker_proc.model_runner import ModelRunner  # noqa: E402
 
 
