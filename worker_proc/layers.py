@@ -38,9 +38,9 @@ PackedWeight = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x
 
 
 class PackedSlot:
-    """A linear layer's `packed` attribute (see pack_cpu_linears): None, or the PackedWeight that runs it.
-    Every assignment, to any layer, advances `generation`, so that a description of a model's packed weights
-    (cpu_stack.DecoderStack) is known to be current by one comparison."""
+    """A linear layer's (or LM head's) `packed` attribute (see pack_cpu_linears): None until one is assigned, then
+    the PackedWeight that runs it. Every assignment, to any layer, advances `generation`, so that a description of
+    a model's packed weights (cpu_stack.DecoderStack) is known to be current by one comparison."""
 
     generation = 0
 
@@ -284,7 +284,6 @@ class _ColumnLinear(nn.Module):
                                  {sid: (full, in_features) for sid, full, _, _ in shards})
         self.bias = make_param((dst,), dtype, device, self._load, {sid: (full,) for sid, full, _, _ in shards}) \
             if bias else None
-        self.packed = None
 
     def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
         src, n, dst = self.layout[shard_id]
@@ -347,7 +346,6 @@ class RowParallelLinear(nn.Module):
                                  {None: (out_features, in_features)})
         self.bias = make_param((out_features,), dtype, device, load_replicated, {None: (out_features,)}) \
             if bias else None
-        self.packed = None
 
     def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
         param.data.copy_(full.narrow(1, tp_rank() * self.in_local, self.in_local))
@@ -376,7 +374,6 @@ class VocabParallelEmbedding(nn.Module):
         self.tied = tied_to is not None
         self.weight = tied_to.weight if tied_to is not None else \
             make_param((self.vocab_local, hidden), dtype, device, self._load, {None: (vocab_size, hidden)})
-        self.packed = None  # an LM head's
 
     def _load(self, param: nn.Parameter, full: torch.Tensor, shard_id: ShardId = None) -> None:
         n = max(0, min(self.vocab_local, self.vocab_size - self.vocab_start))
