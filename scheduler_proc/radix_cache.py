@@ -335,11 +335,16 @@ class RadixCache:
             self._allocator.free(np.concatenate(freed))
         return num_freed
 
-    def reset(self) -> None:
-        """Drop every cached entry and free its slots (both tiers); raises if anything but a load in flight is locked.
-        Loads in flight are cancelled: the next step waits for their copies before any forward reuses the slots."""
+    def cancel_loads(self) -> None:
+        """Forget the loads in flight and unlock the paths they held (a flush; the server stopping): a later step
+        waits for their copies before any forward reuses the slots (HostTier.cancel_loads)."""
         for node in self.host.cancel_loads() if self.host is not None else []:
             self.unlock(node)
+
+    def reset(self) -> None:
+        """Drop every cached entry and free its slots (both tiers); raises if anything but a load in flight is locked.
+        Loads in flight are cancelled first."""
+        self.cancel_loads()
         if self._protected_size:
             raise RuntimeError(f"reset with {self._protected_size} locked tokens")
         freed, freed_host = [], []

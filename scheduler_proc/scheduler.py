@@ -168,10 +168,12 @@ class Scheduler:
         return outcome
 
     def shutdown(self) -> Outcome:
-        """The server is stopping: end every request, each answered as aborted (O(requests), once)."""
+        """The server is stopping: end every request, each answered as aborted, and cancel the host tier's loads in
+        flight, which no step will see done (O(requests), once): nothing is left holding KV."""
         outcome = Outcome()
         for req in list(self.lifecycle.reqs.values()):
             self.lifecycle.end(req, FinishReason(type="abort", message="the server is shutting down"), outcome)
+        self.cache.cancel_loads()
         return outcome
 
     # ------------------------------------------------------------ steps
