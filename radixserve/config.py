@@ -145,6 +145,9 @@ class ServerArgs:
     log_level: Annotated[LogLevel, doc("of every process")] = "info"
     tokenizer_worker_num: Annotated[Count, doc("tokenizer processes")] = 1
     max_request_bytes: Annotated[Count, doc("largest request body (a 413 past it)")] = 4 * 1024 * 1024
+    stream_interval: Annotated[Count, doc(
+        "output tokens per chunk of a stream, unless its request's sampling_params.stream_interval says (larger: "
+        "fewer messages per token, coarser streams)")] = 1
     request_body_timeout: Annotated[Seconds, doc(
         "seconds a request's body may take to arrive (a 408 after that: a slow client holds no connection)")] = 60.0
     session_kv_budget: Annotated[Index, doc("KV tokens that open sessions may pin in the cache")] = 65536

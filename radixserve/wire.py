@@ -56,6 +56,7 @@ from radixserve.sampling_params import (  # noqa: F401 (re-exported: the wire's 
     MinP,
     Penalties,
     Penalty,
+    PositiveCount,
     RepetitionPenalty,
     SamplingParams,
     Seconds,
@@ -184,6 +185,9 @@ class GenerateTokens(msgspec.Struct, tag=True, omit_defaults=True):
     # after its content; the scheduler puts them in when that turn's output does not end with them (it
     # stopped on max_new_tokens or a stop string instead of EOS).
     turn_end_ids: list[int] = []
+    # Output tokens between the messages the front end needs (scheduler_proc/outputs.py `report`): 1, each step
+    # (stop strings are matched there); a stream's interval; more for a request only read at its end.
+    report_interval: PositiveCount = 1
 
 
 class ReqOut(msgspec.Struct, omit_defaults=True, array_like=True):

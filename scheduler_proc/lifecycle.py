@@ -30,7 +30,7 @@ from radixserve.wire import ControlReply, FinishReason, Rejected, ReqOut, StepBa
 from scheduler_proc.block_table import BlockTable
 from scheduler_proc.counters import Counters
 from scheduler_proc.grammar_gate import GrammarGate
-from scheduler_proc.outputs import make_out
+from scheduler_proc.outputs import final_report, make_out
 from scheduler_proc.queues import RunningSet, WaitingQueue
 from scheduler_proc.request import Req, Stage
 from scheduler_proc.sessions import SessionTable
@@ -85,7 +85,8 @@ class Lifecycle:
             status: int | None = None) -> None:
         """End `req` as `finish` says, wherever it is (see the invariant above). Its final message goes to
         `outcome`: `last` (a step's output that carries `finish`), else one with no new tokens; with `status`, a
-        Rejected with the finish's message instead. Output past `finish.length` is dropped (a stop string)."""
+        Rejected with the finish's message instead. Output past `finish.length` is dropped (a stop string), and
+        the outputs not sent yet go with the final message."""
         assert req.stage != Stage.FINISHED, f"request {req.rid} ended twice"
         assert self.reqs.pop(req.rid) is req, f"request {req.rid} is not the one registered under its rid"
         req.drop_pending()  # sampled by a step in flight: past the finish, never reported
@@ -107,7 +108,8 @@ class Lifecycle:
             self.counters.aborted_requests += 1
         else:
             self.counters.finished_requests += 1
-        outcome.outs.append((req.reply_to, last if last is not None else make_out(req, [], finish)))
+        last = last if last is not None else make_out(req, [], finish)
+        outcome.outs.append((req.reply_to, final_report(req, last)))
 
     def _end_session_turn(self, req: Req) -> None:
         """A session turn that ended normally keeps its computed context pinned in the cache (after `release`

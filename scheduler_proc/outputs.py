@@ -1,4 +1,5 @@
-"""What a step makes of a request: its output message, whether it finished, the input logprobs it gained."""
+"""What a step makes of a request: its output message, whether it finished, the input logprobs it gained, and
+when its front end is sent what it made."""
 
 from __future__ import annotations
 
@@ -54,3 +55,44 @@ def add_input_logprobs(req: Req, result: StepResult, i: int) -> None:
         req.input_top_logprobs.append(None)
     req.input_logprobs.extend(result.input_logprobs[i])
     req.input_top_logprobs.extend(result.input_top_logprobs.get(i, [None] * len(result.input_logprobs[i])))
+
+
+def report(req: Req, out: ReqOut) -> ReqOut | None:
+    """What `req`'s front end is sent of a step's (unfinished) output: `out` joined to the outputs not sent yet,
+    once due — at once for the first message (it carries the input logprobs, so none ever waits), then every
+    `req.report_interval` output tokens; else None, and it waits in `req.unsent`. The last goes by `final_report`."""
+    out = _joined(req.unsent, out)
+    if req.reported >= 0 and req.num_outputs - req.reported < req.report_interval:
+        req.unsent = out
+        return None
+    req.unsent, req.reported = None, req.num_outputs
+    return out
+
+
+def final_report(req: Req, last: ReqOut) -> ReqOut:
+    """`req`'s last message (as it ends, its output cut to what it keeps): `last` joined to the outputs not sent
+    yet, without tokens past the kept output (a stop string the front end matched ends it before tokens that were
+    sampled meanwhile)."""
+    out = _joined(req.unsent, last)
+    req.unsent = None
+    keep = max(req.num_outputs - max(req.reported, 0), 0)
+    if len(out.new_ids) > keep:
+        del out.new_ids[keep:]
+        if out.output_logprobs is not None:
+            del out.output_logprobs[keep:]
+        if out.output_top_logprobs is not None:
+            del out.output_top_logprobs[keep:]
+    return out
+
+
+def _joined(earlier: ReqOut | None, later: ReqOut) -> ReqOut:
+    """Two consecutive outputs of one request as one message: their tokens and logprobs in order, the later one's
+    counts and finish. `earlier` is never a first message, so neither carries input logprobs twice."""
+    if earlier is None:
+        return later
+    later.new_ids = earlier.new_ids + later.new_ids
+    if earlier.output_logprobs is not None:
+        later.output_logprobs = earlier.output_logprobs + (later.output_logprobs or [])
+    if earlier.output_top_logprobs is not None:
+        later.output_top_logprobs = earlier.output_top_logprobs + (later.output_top_logprobs or [])
+    return later

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from radixserve.wire import FinishReason, Grammar, LogprobRequest, Penalties, SamplingParams, SpecCounts
+from radixserve.wire import FinishReason, Grammar, LogprobRequest, Penalties, ReqOut, SamplingParams, SpecCounts
 from scheduler_proc.radix_node import TreeNode
 
 PENDING = -1  # an output token sampled by a step in flight (the StepBatch input id that stands for it)
@@ -69,6 +69,11 @@ class Req:
     history: object = None  # speculative.TokenHistory, made at its first draft
     draft_cap: int = 1 << 30  # the most drafts it proposes next (Speculator.settle adapts it where drafts cost)
     spec: SpecCounts | None = None
+    # What its front end was sent (outputs.py `report`): every `report_interval` output tokens, and the first and
+    # the last message at once. `reported`: output tokens sent (-1: no message yet); `unsent`: the outputs since.
+    report_interval: int = 1
+    reported: int = -1
+    unsent: ReqOut | None = None
 
     @property
     def fill_len(self) -> int:

@@ -38,7 +38,7 @@ from scheduler_proc.host_tier import HostTier, host_stats
 from scheduler_proc.kv_blocks import BlockEvents
 from scheduler_proc.kv_slots import KVSlotAllocator
 from scheduler_proc.lifecycle import Lifecycle, Outcome
-from scheduler_proc.outputs import add_input_logprobs, check_finish, make_out, take_outputs
+from scheduler_proc.outputs import add_input_logprobs, check_finish, make_out, report, take_outputs
 from scheduler_proc.prefill import Entries, PrefillPlanner
 from scheduler_proc.prefix_groups import PrefixGrouper
 from scheduler_proc.queues import RunningSet, WaitingQueue
@@ -146,7 +146,8 @@ class Scheduler:
         req = Req(rid=msg.rid, prompt_ids=prompt, sampling=sp, reply_to=msg.reply_to, stop_ids=frozenset(stop_ids),
                   arrival=self.arrivals, logprob=msg.logprob, seed=sp.seed if sp.seed is not None else -1,
                   session_id=msg.session.id if msg.session else None,
-                  grammar=grammar, penalties=penalties, queued_at=time.monotonic())
+                  grammar=grammar, penalties=penalties, queued_at=time.monotonic(),
+                  report_interval=msg.report_interval)
         self.arrivals += 1
         self.lifecycle.begin(req)
 
@@ -321,7 +322,8 @@ class Scheduler:
                 if flat.start in result.top_logprobs:
                     out.output_top_logprobs = [result.top_logprobs[f] for f in flat[:len(new_ids)]]
             if finish is None:
-                outcome.outs.append((req.reply_to, out))
+                if (due := report(req, out)) is not None:
+                    outcome.outs.append((req.reply_to, due))
             else:
                 self.lifecycle.end(req, finish, outcome, last=out)
         return outcome

@@ -192,6 +192,48 @@ def test_overlap_gives_the_same_tokens(pool: int, radix: bool, host: int, policy
     assert any(kind == "stop" for _, kind in results[True].values())  # EOS reached inside the overlap window
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_outputs_go_out_every_report_interval_with_the_same_tokens(overlap: bool) -> None:
+    """A request's front end gets its first output at once, then a message per `report_interval` output tokens,
+    and the rest with its last: the same tokens and counts as a message per step, through retraction, EOS inside
+    the overlap window and aborts of requests whose latest tokens were not sent yet."""
+    got = {}
+    for interval in (1, 4, 50):
+        s = _scheduler(300)
+        rids = []
+        for req in _workload(40, seed=3):
+            s.add_request(msgspec.structs.replace(req, report_interval=interval))
+            rids.append(req.rid)
+        aborts = {12 + 3 * i: [f"r{i}"] for i in range(8)}
+        rec = drive(s, StandInWorker(eos_every=13), overlap, aborting(aborts))
+        check_one_end_each(s, rec, rids, set())
+        assert s.counters.retracted_requests > 0
+        for rid, seq in rec.outs.items():
+            sizes = [len(o.new_ids) for o in seq]
+            assert sizes[0] <= 1 and all(n == interval for n in sizes[1:-1]) and sizes[-1] <= interval, (rid, sizes)
+        aborted = [rec.outs[rid][-1] for rids in aborts.values() for rid in rids]
+        assert any(o.finish.type == "abort" and len(o.new_ids) > 1 for o in aborted) == (interval > 1)
+        got[interval] = _tokens(rec.outs)
+    assert got[4] == got[1] == got[50]
+
+
+def test_a_stop_string_cuts_outputs_not_sent_yet() -> None:
+    """Tokens sampled after where the front end's stop string ended the output never reach it, sent or not."""
+    s = _scheduler(300)
+    s.add_request(wire.GenerateTokens(rid="r", input_ids=list(range(3, 13)), eos_token_ids=[EOS], report_interval=4,
+                                      sampling=wire.SamplingParams(max_new_tokens=30, ignore_eos=True)))
+    worker, rec = StandInWorker(), Record()
+    while sum(len(o.new_ids) for o in rec.outs["r"]) < 5 or s.lifecycle.reqs["r"].num_outputs < 7:
+        step = s.schedule()
+        worker.launch(step.batch)
+        rec.take(s.process_result(worker.results.popleft()))
+    assert [len(o.new_ids) for o in rec.outs["r"]] == [1, 4] and s.lifecycle.reqs["r"].num_outputs == 7
+    rec.take(s.abort("r", wire.FinishReason(type="stop", matched="STOP", length=6)))
+    final = rec.outs["r"][-1]
+    assert final.new_ids == [_tokens(rec.outs)["r"][0][5]] and final.completion_tokens == 6
+    s.check_invariants()
+
+
 RUNTIME = wire.RuntimeInfo(num_kv_slots=0, context_length=256, vocab_size=1 << 31, device="cpu", dtype="float32",
                            attention_backend="torch", kv_bytes_per_token=0, weight_bytes=0)
 

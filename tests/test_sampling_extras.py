@@ -6,6 +6,9 @@ otherwise (checked on the request Structs, no server needed)."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,10 +16,13 @@ import msgspec
 import pytest
 from server_fixture import RadixServer
 
+from radixserve import wire
 from radixserve.errors import ApiError
 from radixserve.gateway.native import GenerateRequest, build_requests
 from radixserve.gateway.openai_api import ChatCompletionRequest, chat_requests
+from radixserve.model_files import resolve_model
 from radixserve.sglang_fields import NATIVE, OPENAI, missing
+from tokenizer_proc.frontend import UNSTREAMED_REPORT_INTERVAL, TokenizerCore
 
 REPETITIVE = "Repeat after me: the cat, the cat, the cat, the cat, the cat,"
 GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
@@ -26,6 +32,11 @@ def generate(server: RadixServer, text: str, **sampling) -> dict:
     resp = server.post("/generate", {"text": text, "sampling_params": {**GREEDY, **sampling}})
     assert resp.status_code == 200, resp.text
     return resp.json()
+
+
+def numbers(text: str) -> list[float]:
+    """Every number in a JSON text, in order (logprob entries nest lists of [logprob, id, text])."""
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", text)]
 
 
 def repeats(ids: list[int]) -> int:
@@ -81,6 +92,41 @@ def test_stream_interval(server: RadixServer) -> None:
     assert len(every) == 16 and len(fours) == 5  # the first token at once, then every 4 tokens
     assert [len(e["output_ids"]) for e in fours] == [1, 5, 9, 13, 16]
     assert fours[-1]["text"] == json.loads(every[-1][6:])["text"]
+
+
+def test_outputs_sent_in_parts_keep_every_token_and_logprob(server: RadixServer) -> None:
+    """Tokens reach the tokenizer every stream_interval tokens (and a request not streamed, without stop strings,
+    in parts of 50): the same ids, text and logprobs as a message per token."""
+    body = {"text": "Once upon a time", "return_logprob": True, "top_logprobs_num": 2,
+            "sampling_params": {**GREEDY, "max_new_tokens": 64}}
+    whole = server.post("/generate", body).json()
+    streamed = {**body, "stream": True, "sampling_params": {**body["sampling_params"], "stream_interval": 5}}
+    chunks = [json.loads(line[6:]) for line in server.post("/generate", streamed).text.splitlines()
+              if line.startswith("data: {")]
+    per_token = {**body, "sampling_params": {**body["sampling_params"], "stop": ["never in this text"]}}
+    for other in (chunks[-1], server.post("/generate", per_token).json()):
+        assert other["output_ids"] == whole["output_ids"] and other["text"] == whole["text"]
+        for key in ("output_token_logprobs", "output_top_logprobs"):
+            got, want = (json.dumps(out["meta_info"][key]) for out in (other, whole))
+            assert len(other["meta_info"][key]) == 64 and numbers(got) == pytest.approx(numbers(want), abs=1e-4), key
+    assert [len(c["output_ids"]) for c in chunks] == [1, *range(6, 64, 5), 64]
+
+
+def test_how_often_the_scheduler_reports_a_request() -> None:
+    """The tokenizer asks for a request's tokens each step where it matches stop strings, every stream interval
+    (the request's, else --stream-interval) for a stream, else in parts of 50."""
+    model_dir = resolve_model(None)
+    core = TokenizerCore(model_dir, model_dir, stream_interval=3)
+
+    def interval(rid: str, stream: bool, **sampling) -> int:
+        msg = wire.GenerateText(rid=rid, text="Hi", stream=stream, sampling=wire.SamplingParams(**sampling))
+        return core.submit(msg).report_interval
+
+    assert interval("a", True) == 3 and interval("b", True, stream_interval=7) == 7
+    assert interval("c", False) == UNSTREAMED_REPORT_INTERVAL == 50
+    assert interval("d", True, stop=["x"]) == interval("e", False, stop_regex=["x+"]) == 1
+    assert "--stream-interval" in subprocess.run([sys.executable, "-m", "radixserve", "serve", "--help"],
+                                                 capture_output=True, text=True, check=True).stdout
 
 
 def test_openai_extras(server: RadixServer) -> None:

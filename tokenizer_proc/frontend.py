@@ -2,7 +2,7 @@
 
 `submit` turns a request (text, ids or chat messages) into the scheduler's GenerateTokens, or a
 Rejected; `receive` takes in each message from the scheduler: a step's ReqOuts become the TextDeltas to
-pass on (every step for a stream, once at the end otherwise) and, when a stop string matched here first,
+pass on (each stream interval, once at the end otherwise) and, when a stop string matched here first,
 the Aborts that tell the scheduler where an output ends; the rest passes on to the front end (a Ready with
 this side's tool-call format).
 """
@@ -19,6 +19,10 @@ from tokenizer_proc.metrics import RequestMetrics
 from tokenizer_proc.output import RequestOutput
 from tokenizer_proc.text import ChatOptions, encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
 
+# Output tokens per scheduler message of a request that is not streamed and has no stop strings (SGLang's
+# DEFAULT_FORCE_STREAM_INTERVAL): its text is decoded as it goes, in parts, and no one message grows with the output.
+UNSTREAMED_REPORT_INTERVAL = 50
+
 
 class Received(NamedTuple):
     """What one scheduler message makes: deltas for the front end, Aborts for the scheduler, a message to pass on."""
@@ -32,11 +36,12 @@ class TokenizerCore:
     """Owns the text state of its requests from submit until their final delta; `metrics` counts and times them."""
 
     def __init__(self, tokenizer_path: str, model_dir: str, skip_tokenizer_init: bool = False,
-                 reply_to: int = 0) -> None:
+                 reply_to: int = 0, stream_interval: int = 1) -> None:
         self.tokenizer: Any | None = load_tokenizer(tokenizer_path, skip_tokenizer_init)
         self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
         self.tool_call_format = tool_call_format(self.tokenizer)
         self.reply_to = reply_to
+        self.stream_interval = stream_interval  # a stream's default (--stream-interval)
         self.runtime: wire.RuntimeInfo | None = None  # from the scheduler's Ready, before any request
         # rid -> (stream interval in tokens, as SGLang's stream_interval, or 0: not streamed; output)
         self._reqs: dict[str, tuple[int, RequestOutput]] = {}
@@ -62,14 +67,17 @@ class TokenizerCore:
             return wire.Rejected(msg.rid, 400, str(e))
         except Exception as e:  # e.g. chat content the template cannot render
             return wire.Rejected(msg.rid, 400, f"cannot tokenize the prompt: {e}")
-        interval = (sampling.stream_interval or 1) if msg.stream else 0
+        interval = (sampling.stream_interval or self.stream_interval) if msg.stream else 0
+        # The scheduler sends this request's tokens every `report` of them (and its first and last at once):
+        # every step where stop strings are matched here, a stream's interval, else SGLang's unstreamed one.
+        report = 1 if sampling.stop or sampling.stop_regex else interval or UNSTREAMED_REPORT_INTERVAL
         self._reqs[msg.rid] = (interval, RequestOutput(msg.rid, text, self.tokenizer, len(ids),
                                                          msg.logprob is not None, msg.return_text_in_logprobs))
         if msg.log_metrics:
             self.metrics.start(msg.rid)
         return wire.GenerateTokens(rid=msg.rid, input_ids=ids, sampling=sampling, reply_to=self.reply_to,
                                    logprob=msg.logprob, session=msg.session, eos_token_ids=self.eos_ids,
-                                   turn_end_ids=turn_end)
+                                   turn_end_ids=turn_end, report_interval=report)
 
     def _sampling(self, msg: wire.GenerateText, n_prompt: int) -> wire.SamplingParams:
         if not msg.fill_context:

@@ -39,7 +39,7 @@ class Engine:
                              "--nnodes and --dp-size are for `radixserve serve`")
         self.model_dir = resolve_model(self.args.model_path, self.args.download_dir)
         self.core = TokenizerCore(self.args.tokenizer_path or self.model_dir, self.model_dir,
-                                  self.args.skip_tokenizer_init)
+                                  self.args.skip_tokenizer_init, stream_interval=self.args.stream_interval)
         self._calls = wire.CallIds()
         self.ipc = IpcPaths.create()
         self._ctx = zmq.Context()
