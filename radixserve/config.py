@@ -16,6 +16,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
@@ -67,6 +68,12 @@ class ServerArgs:
     model_path: Annotated[str | None, doc(
         "HF directory, a .gguf file, a model id, or none for the embedded SmolLM2-135M-Instruct")] = None
     tokenizer_path: Annotated[str | None, doc("defaults to the model path")] = None
+    chat_template: Annotated[str | None, doc(
+        "a Jinja chat template file (Hugging Face's format) used instead of the tokenizer's own (SGLang's flag; its "
+        "built-in template names are not read)")] = None
+    trust_remote_code: Annotated[bool, doc(
+        "load a tokenizer that ships its own Python code (Hugging Face's trust_remote_code; model code is always "
+        "radixserve's)")] = False
     download_dir: Annotated[str | None, doc(
         "Hugging Face cache directory for model ids (default: $HF_HUB_CACHE)")] = None
     skip_tokenizer_init: Annotated[bool, doc(
@@ -160,6 +167,9 @@ class ServerArgs:
         "on SIGTERM, seconds that requests in flight may take to finish before they are aborted (a second "
         "SIGTERM, or SIGINT, stops at once)")] = 30.0
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
+    enable_metrics: Annotated[bool, doc(
+        "SGLang's switch for /metrics, which is served unless --disable-metrics: accepted, so that SGLang command "
+        "lines run unchanged")] = False
     speculative_algorithm: Annotated[SpeculativeAlgorithm | None, doc(
         "speculative decoding: NGRAM drafts from the request's own prompt and output (no draft model); "
         "STANDALONE from a small draft model of the same vocabulary, EAGLE3 from an EAGLE-3 draft head (both named "
@@ -253,6 +263,10 @@ class ServerArgs:
             raise FlagError("--router-dp-worker-base-port + --dp-size - 1 must be a port (<= 65535)")
         if self.enable_hierarchical_cache and self.disable_radix_cache:
             raise FlagError("--enable-hierarchical-cache needs the radix cache (not --disable-radix-cache)")
+        if self.enable_metrics and self.disable_metrics:
+            raise FlagError("--enable-metrics and --disable-metrics: give one")
+        if self.chat_template is not None:
+            _check_chat_template(self.chat_template)
         if self.kv_events_config is not None:
             try:
                 KVEventsConfig.parse(self.kv_events_config)
@@ -318,6 +332,19 @@ def _cli_parser(hint: Any) -> Any:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: {e}") from None
 
     return parse
+
+
+def _check_chat_template(path: str) -> None:
+    """FlagError unless `path` is a readable file that parses as a Jinja template."""
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(Path(path).read_text())
+    except OSError as e:
+        raise FlagError(f"--chat-template {path}: {e.strerror} (a Jinja template file; SGLang's built-in template "
+                        "names are not read)") from None
+    except (jinja2.TemplateSyntaxError, UnicodeDecodeError) as e:
+        raise FlagError(f"--chat-template {path}: not a Jinja template: {e}") from None
 
 
 def _is_host_port(addr: str | None) -> bool:

@@ -25,6 +25,8 @@ BAD_FLAGS = [  # (flags, the flag the error names, what the error says)
     (["--max-running-requests", "many"], "--max-running-requests", "Expected `int`"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout", ">= 0"),
     (["--nnodes", "2", "--tp-size", "2"], "--dist-init-addr", "needs"),  # flags that go together
+    (["--enable-metrics", "--disable-metrics"], "--enable-metrics", "give one"),
+    (["--chat-template", "chatml"], "--chat-template chatml", "No such file"),  # SGLang's names are not read
 ]
 
 
@@ -66,7 +68,7 @@ def test_cli_values_are_typed() -> None:
     assert ServerArgs.from_cli_args(parser.parse_args([])) == ServerArgs()
 
 
-def test_every_way_of_making_server_args_is_checked() -> None:
+def test_every_way_of_making_server_args_is_checked(tmp_path) -> None:
     """By keyword (the Engine's), by replace, and decoded from JSON (each child process) alike."""
     with pytest.raises(FlagError, match="--port 70000: Expected `int` <= 65535"):
         ServerArgs(port=70000)
@@ -78,5 +80,9 @@ def test_every_way_of_making_server_args_is_checked() -> None:
         ServerArgs(dp_size=4, router_dp_worker_base_port=65534)
     with pytest.raises(msgspec.ValidationError, match=r"<= 1.0 - at `\$.new_token_ratio`"):
         msgspec.json.decode(b'{"new_token_ratio": 2}', type=ServerArgs)
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}")  # no endfor
+    with pytest.raises(FlagError, match="--chat-template .*broken.jinja: not a Jinja template"):
+        ServerArgs(chat_template=str(broken))
     good = ServerArgs(port=8000, max_total_tokens=100, context_length=None)
     assert msgspec.json.decode(msgspec.json.encode(good), type=ServerArgs) == good

@@ -190,6 +190,34 @@ def test_load_tokenizer_picks_autotokenizers_class(smol_dir, tmp_path, tokenizer
     assert ours.encode(MULTIBYTE + "<|im_end|>") == auto.encode(MULTIBYTE + "<|im_end|>")
 
 
+def test_a_tokenizer_with_its_own_code_loads_only_when_trusted(smol_dir, tmp_path) -> None:
+    """--trust-remote-code: a tokenizer class shipped as Python in the model directory (auto_map) is refused
+    without it, and is the class loaded with it."""
+    path = _tokenizer_dir(smol_dir, tmp_path, "OwnTokenizer", "llama")
+    declared = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    declared["auto_map"] = {"AutoTokenizer": [None, "tokenization_own.OwnTokenizer"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(declared))
+    (tmp_path / "tokenization_own.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass OwnTokenizer(PreTrainedTokenizerFast):\n"
+        "    def tokenize(self, text, **kwargs):\n        return super().tokenize(text.upper(), **kwargs)\n")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_tokenizer(path)
+    own = load_tokenizer(path, trust_remote_code=True)
+    assert type(own).__name__ == "OwnTokenizer" and own.tokenize("hi") == load_tokenizer(smol_dir).tokenize("HI")
+
+
+def test_a_chat_template_file_replaces_the_tokenizers(smol_dir, tmp_path) -> None:
+    """--chat-template: the file's Jinja renders every chat prompt (and decides the tool-call format)."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tokenizer = load_tokenizer(smol_dir, chat_template=str(template))
+    ids = encode_prompt(tokenizer, messages=[{"role": "user", "content": "Hi there"}])
+    assert tokenizer.decode(ids) == "[user] Hi there\n[assistant] "
+    own = load_tokenizer(smol_dir)
+    assert own.decode(encode_prompt(own, messages=[{"role": "user", "content": "Hi"}])).startswith("<|im_start|>")
+
+
 def test_generic_tokenizers_set_aside_the_model_types_autotokenizer_does() -> None:
     from transformers.models.auto.tokenization_auto import (
         MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS,
@@ -209,7 +237,8 @@ def test_the_default_tokenizer_loads_without_torch(smol_dir) -> None:
         import json, sys
         from tokenizer_proc.frontend import TokenizerCore
         from tokenizer_proc.text import ChatOptions, encode_prompt
-        core = TokenizerCore({smol_dir!r}, {smol_dir!r})
+        from radixserve.config import ServerArgs
+        core = TokenizerCore(ServerArgs(), {smol_dir!r})
         tools = [{{"type": "function", "function": {{"name": "f", "parameters": {{"type": "object"}}}}}}]
         ids = encode_prompt(core.tokenizer, messages=[{{"role": "user", "content": "hi"}}], chat=ChatOptions(tools))
         text = core.tokenizer.decode(ids + core.eos_ids, skip_special_tokens=True)

@@ -13,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from radixserve import wire
+from radixserve.config import ServerArgs
 from radixserve.errors import ApiError
 from radixserve.gateway.tool_calls import NamedToolChoice, Tool, ToolParser, resolve
 from radixserve.model_files import resolve_model
@@ -100,7 +101,7 @@ def test_format_follows_the_chat_template() -> None:
 def test_the_tokenizer_reports_its_format_in_ready() -> None:
     """The scheduler's Ready reaches the gateway through a tokenizer, which adds the format it decided."""
     model_dir = resolve_model(None)
-    core = TokenizerCore(model_dir, model_dir)
+    core = TokenizerCore(ServerArgs(), model_dir)
     runtime = wire.RuntimeInfo(num_kv_slots=64, context_length=2048, vocab_size=49152, device="cpu",
                                dtype="float32", attention_backend="torch", kv_bytes_per_token=1, weight_bytes=1)
     got = core.receive(wire.Ready(runtime=runtime))

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from radixserve import wire
+from radixserve.config import ServerArgs
 from tokenizer_proc.chat_tools import tool_call_format
 from tokenizer_proc.metrics import RequestMetrics
 from tokenizer_proc.output import RequestOutput
@@ -35,13 +36,13 @@ class Received(NamedTuple):
 class TokenizerCore:
     """Owns the text state of its requests from submit until their final delta; `metrics` counts and times them."""
 
-    def __init__(self, tokenizer_path: str, model_dir: str, skip_tokenizer_init: bool = False,
-                 reply_to: int = 0, stream_interval: int = 1) -> None:
-        self.tokenizer: Any | None = load_tokenizer(tokenizer_path, skip_tokenizer_init)
+    def __init__(self, args: ServerArgs, model_dir: str, reply_to: int = 0) -> None:
+        self.tokenizer: Any | None = load_tokenizer(args.tokenizer_path or model_dir, args.skip_tokenizer_init,
+                                                    args.trust_remote_code, args.chat_template)
         self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
         self.tool_call_format = tool_call_format(self.tokenizer)
         self.reply_to = reply_to
-        self.stream_interval = stream_interval  # a stream's default (--stream-interval)
+        self.stream_interval = args.stream_interval  # a stream's default
         self.runtime: wire.RuntimeInfo | None = None  # from the scheduler's Ready, before any request
         # rid -> (stream interval in tokens, as SGLang's stream_interval, or 0: not streamed; output)
         self._reqs: dict[str, tuple[int, RequestOutput]] = {}

@@ -30,8 +30,7 @@ log = logging.getLogger("radixserve.tokenizer")
 class TokenizerProcess:
     def __init__(self, args: ServerArgs, ipc: IpcPaths, index: int, model_dir: str) -> None:
         self.index = index
-        self.core = TokenizerCore(args.tokenizer_path or model_dir, model_dir, args.skip_tokenizer_init, index,
-                                  args.stream_interval)
+        self.core = TokenizerCore(args, model_dir, index)
         self.ctx = zmq.Context()
         self.from_gateway = Receiver(self.ctx, ipc.tokenizer_in(index), wire.TokenizerIn)
         self.from_scheduler = Receiver(self.ctx, ipc.scheduler_out(index), wire.SchedulerOut)

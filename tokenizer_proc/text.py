@@ -35,9 +35,11 @@ OWN_TOKENIZER_MODEL_TYPES = frozenset({"hyperclovax_vision_v2", "qwen2", "qwen3_
                                        "qwen4_exp", "siglip2"})
 
 
-def load_tokenizer(path: str, skip: bool = False) -> Any | None:
-    """The HF (fast) tokenizer of an HF model directory, the class AutoTokenizer picks; None with `skip`
-    (--skip-tokenizer-init).
+def load_tokenizer(path: str, skip: bool = False, trust_remote_code: bool = False,
+                   chat_template: str | None = None) -> Any | None:
+    """The HF (fast) tokenizer of an HF model directory, the class AutoTokenizer picks (one that ships its own code
+    only with `trust_remote_code`), with the Jinja template in the file `chat_template` instead of its own; None
+    with `skip` (--skip-tokenizer-init).
 
     AutoTokenizer's module imports torch (through transformers' config classes): seconds of CPU in every
     tokenizer process and in the launcher that spawns them. So a tokenizer.json declared as the generic class,
@@ -49,10 +51,14 @@ def load_tokenizer(path: str, skip: bool = False) -> Any | None:
     if _generic_tokenizer(Path(path)):
         from transformers import TokenizersBackend
 
-        return TokenizersBackend.from_pretrained(path)
-    from transformers import AutoTokenizer
+        tokenizer = TokenizersBackend.from_pretrained(path)
+    else:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        tokenizer.chat_template = Path(chat_template).read_text()
+    return tokenizer
 
 
 def _generic_tokenizer(model_dir: Path) -> bool:

@@ -41,8 +41,9 @@ class GrammarBackend:
     compiles in flight."""
 
     def __init__(self, tokenizer_path: str, vocab_size: int, any_whitespace: bool = True,
-                 max_whitespace_cnt: int | None = None) -> None:
+                 max_whitespace_cnt: int | None = None, trust_remote_code: bool = False) -> None:
         self.tokenizer_path = tokenizer_path
+        self.trust_remote_code = trust_remote_code
         self.vocab_size = vocab_size
         self.json_options = {"any_whitespace": any_whitespace, "max_whitespace_cnt": max_whitespace_cnt}
         self._compiler: Any = None
@@ -81,8 +82,8 @@ class GrammarBackend:
         import xgrammar as xgr
         from transformers import AutoTokenizer
 
-        info = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(self.tokenizer_path),
-                                                  vocab_size=self.vocab_size)
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=self.trust_remote_code)
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
         return self._compiler
 

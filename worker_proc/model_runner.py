@@ -178,7 +178,7 @@ class ModelRunner:
         if self.rank == 0 and args.grammar_backend != "none":
             backend = GrammarBackend(args.tokenizer_path or model_dir, vocab,
                                      not args.constrained_json_disable_any_whitespace,
-                                     args.constrained_json_max_whitespace_cnt)
+                                     args.constrained_json_max_whitespace_cnt, args.trust_remote_code)
             self.grammars = SlotGrammars(backend, self.device)
 
     def _graph_forward(self, d: DeviceStep) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -38,8 +38,7 @@ class Engine:
             raise ValueError("the Engine runs one replica on one node: "
                              "--nnodes and --dp-size are for `radixserve serve`")
         self.model_dir = resolve_model(self.args.model_path, self.args.download_dir)
-        self.core = TokenizerCore(self.args.tokenizer_path or self.model_dir, self.model_dir,
-                                  self.args.skip_tokenizer_init, stream_interval=self.args.stream_interval)
+        self.core = TokenizerCore(self.args, self.model_dir)
         self._calls = wire.CallIds()
         self.ipc = IpcPaths.create()
         self._ctx = zmq.Context()
