@@ -37,6 +37,7 @@ RouterPackage = Literal["sglang-router", "smg"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 SpeculativeAlgorithm = Literal["NGRAM", "STANDALONE", "EAGLE3", "REPLAY"]
 KVCacheDtype = Literal["auto", "fp8_e4m3"]
+ReasoningParserName = Literal["qwen3", "qwen3-thinking", "deepseek-r1"]  # radixserve/gateway/reasoning.py
 
 # The bounds, named for what they mean.
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -167,6 +168,10 @@ class ServerArgs:
         "on SIGTERM, seconds that requests in flight may take to finish before they are aborted (a second "
         "SIGTERM, or SIGINT, stops at once)")] = 30.0
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
+    reasoning_parser: Annotated[ReasoningParserName | None, doc(
+        "chat answers of a reasoning model carry the text between <think> and </think> as reasoning_content "
+        "(SGLang's parsers: qwen3, the output may open the block; qwen3-thinking and deepseek-r1, the prompt "
+        "opened it); a request's separate_reasoning: false keeps it in the content")] = None
     enable_metrics: Annotated[bool, doc(
         "SGLang's switch for /metrics, which is served unless --disable-metrics: accepted, so that SGLang command "
         "lines run unchanged")] = False

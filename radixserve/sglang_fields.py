@@ -123,9 +123,6 @@ NO_EFFECT: dict[str, list[NoEffect]] = {  # why the fields have no effect here -
     "priority scheduling (none here: as SGLang without --enable-priority-scheduling)": [
         N("priority", "NOR", Priority | None),
     ],
-    "a reasoning parser (SGLang's --reasoning-parser)": [
-        N("separate_reasoning", "C", bool, True), N("stream_reasoning", "C", bool, True),
-    ],
     f"OpenAI's storage, tiers and cache keys: nothing is stored, there is one tier, the radix cache needs no key or "
     f"policy ({OPENAIS})": [
         N("store", "CR", bool | None), N("metadata", "CR", dict[str, str] | None), N("service_tier", "CR"),

@@ -146,8 +146,7 @@ class Scheduler:
         req = Req(rid=msg.rid, prompt_ids=prompt, sampling=sp, reply_to=msg.reply_to, stop_ids=frozenset(stop_ids),
                   arrival=self.arrivals, logprob=msg.logprob, seed=sp.seed if sp.seed is not None else -1,
                   session_id=msg.session.id if msg.session else None,
-                  grammar=grammar, penalties=penalties, queued_at=time.monotonic(),
-                  report_interval=msg.report_interval)
+                  grammar=grammar, penalties=penalties, queued_at=time.monotonic(), report_interval=msg.report_interval)
         self.arrivals += 1
         self.lifecycle.begin(req)
 

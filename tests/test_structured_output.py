@@ -1,7 +1,8 @@
 """Structured output (xgrammar) and tool calling on a real server with the default model.
 
 The server's KV cache is small and its prefill chunks short, so the 50 concurrent constrained generations run
-through chunked prefill, the radix cache and retraction (checked in /get_server_info's counters).
+through chunked prefill, the radix cache and retraction (checked in /get_server_info's counters). It runs the qwen3
+reasoning parser too, which leaves an answer that opens no <think> block as it is; a regex makes one that does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from openai import OpenAI
 from server_fixture import RadixServer, http_request
 
 FLAGS = ["--max-total-tokens", "600", "--chunked-prefill-size", "64", "--max-running-requests", "24",
-         "--new-token-ratio", "0.05", "--constrained-json-max-whitespace-cnt", "2"]
+         "--new-token-ratio", "0.05", "--constrained-json-max-whitespace-cnt", "2", "--reasoning-parser", "qwen3"]
 
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -169,6 +170,27 @@ def test_tool_calls_round_trip_with_the_openai_client(server: RadixServer) -> No
                                            max_tokens=20, temperature=0)
     assert reply.choices[0].message.tool_calls is None and reply.choices[0].message.content
     assert reply.usage.prompt_tokens > 0
+
+
+def test_reasoning_apart_from_the_answer(server: RadixServer) -> None:
+    """--reasoning-parser qwen3: the text of a <think> block is the message's reasoning_content, streamed or not,
+    and stays in the content for a request with separate_reasoning false."""
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    ask = {"model": "default", "messages": [{"role": "user", "content": "Is the sky blue? Think first."}],
+           "max_tokens": 40, "temperature": 0}
+    think = {"regex": "<think>\n[a-z]{1,9}( [a-z]{1,9}){0,3}\n</think>\n\n(yes|no)"}
+    message = client.chat.completions.create(**ask, extra_body=think).choices[0].message
+    reasoning, content = message.reasoning_content, message.content
+    assert reasoning and reasoning.replace(" ", "").isalpha() and content in ("yes", "no"), message
+    with client.chat.completions.stream(**ask, extra_body=think) as stream:
+        chunks = [event.chunk for event in stream if event.type == "chunk"]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+    assert "".join(d.content or "" for d in deltas) == content
+    whole = client.chat.completions.create(**ask, extra_body={**think, "separate_reasoning": False}).choices[0]
+    assert whole.message.content == f"<think>\n{reasoning}\n</think>\n\n{content}"
+    plain = client.chat.completions.create(**ask).choices[0].message  # no block: the content as it is
+    assert not getattr(plain, "reasoning_content", None) and plain.content
 
 
 def test_tool_choice_errors(server: RadixServer) -> None:

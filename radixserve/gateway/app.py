@@ -30,6 +30,7 @@ from radixserve.gateway.openai_api import (
     check_model,
     completion_echo,
     completion_requests,
+    reasoning_parsers,
 )
 from radixserve.gateway.openai_format import ChatCompletion, ChatFormat, Completion, CompletionFormat
 from radixserve.gateway.responses_api import ResponsesRequest, chat_request
@@ -217,8 +218,9 @@ class Gateway:
         body = await self._parse(request, ChatCompletionRequest)
         check_model(body.model, self.model_name)
         reqs, parsers = chat_requests(body, self.client.tool_call_format)
+        reasoning = reasoning_parsers(body, self.args.reasoning_parser, len(reqs))
         return await self._generate(request, reqs, body.stream, ChatFormat(
-            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, parsers))
+            reqs[0].rid, self.model_name, body.n, len(reqs), body.stream_options, parsers, reasoning))
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body = await self._parse(request, ResponsesRequest)

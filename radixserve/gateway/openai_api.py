@@ -13,9 +13,11 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta, Struct
 
 from radixserve import wire
+from radixserve.config import ReasoningParserName
 from radixserve.errors import ApiError, bad_request
 from radixserve.gateway import tool_calls
 from radixserve.gateway.openai_format import StreamOptions
+from radixserve.gateway.reasoning import ReasoningParser
 from radixserve.native_api import expand
 from radixserve.sampling_checks import check_sampling
 from radixserve.sampling_params import (
@@ -107,6 +109,8 @@ class ChatCompletionRequest(fields_struct("ChatExtras", CHAT, _Request), kw_only
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None  # passed to the chat template, as SGLang
+    separate_reasoning: bool = True  # with --reasoning-parser: the reasoning in reasoning_content (SGLang's fields)
+    stream_reasoning: bool = True  # false: a stream's reasoning in one delta, when it ends
 
 
 def _constraint(req: _Request) -> dict[str, str]:
@@ -210,6 +214,14 @@ def chat_requests(req: ChatCompletionRequest, tool_call_format: wire.ToolCallFor
         return reqs, None
     names = [t.function.name for t in tools]
     return reqs, [tool_calls.ToolParser(tool_call_format, names, enforce is not None) for _ in reqs]
+
+
+def reasoning_parsers(req: ChatCompletionRequest, parser: ReasoningParserName | None, num_choices: int
+                      ) -> list[ReasoningParser] | None:
+    """One reasoning parser per choice, where the server runs one and the request wants its reasoning apart."""
+    if parser is None or not req.separate_reasoning:
+        return None
+    return [ReasoningParser(parser, req.stream_reasoning) for _ in range(num_choices)]
 
 
 ANY_MODEL = "default"  # SGLang's examples send model="default": it names whatever the server serves

@@ -15,6 +15,7 @@ from typing import Any
 from msgspec import Struct
 
 from radixserve import wire
+from radixserve.gateway.reasoning import ReasoningParser, Split
 from radixserve.gateway.tokenizer_client import Generation
 from radixserve.gateway.tool_calls import ToolCall, ToolCallDelta, ToolParser
 from radixserve.native_api import Output
@@ -57,6 +58,7 @@ class ChatMessage(Struct, omit_defaults=True):
     role: str
     content: str | None
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None  # with a reasoning parser (SGLang's field)
 
 
 class ChatChoice(Struct):
@@ -80,6 +82,7 @@ class Delta(Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChunkChoice(Struct):
@@ -235,21 +238,27 @@ class CompletionFormat(_Format):
 
 
 class ChatFormat(_Format):
-    """`tool_parsers`: one per choice when the request has tools; they take tool calls out of the text."""
+    """`reasoning_parsers`: one per choice with a reasoning parser; they take the reasoning out of the text first.
+    `tool_parsers`: one per choice when the request has tools; they take tool calls out of the rest."""
 
     def __init__(self, rid: str, model: str, n: int, num_choices: int, stream_options: StreamOptions | None,
-                 tool_parsers: list[ToolParser] | None = None) -> None:
+                 tool_parsers: list[ToolParser] | None = None,
+                 reasoning_parsers: list[ReasoningParser] | None = None) -> None:
         super().__init__(rid, model, n, num_choices, stream_options)
         self.parsers = tool_parsers
+        self.reasoning = reasoning_parsers
+
+    def _split(self, j: int, text: str, final: bool) -> Split:
+        return Split("", text) if self.reasoning is None else self.reasoning[j].feed(text, final)
 
     def response(self, gen: Generation, outputs: list[Output]) -> ChatCompletion:
         choices = []
         for j, out in enumerate(outputs):
-            content, calls = out.text, []
+            (reasoning, content), calls = self._split(j, out.text, final=True), []
             if self.parsers is not None:
                 content, calls = self.parsers[j].feed(content, final=True)
                 content = content.strip() if calls else content
-            message = ChatMessage("assistant", content or (None if calls else ""), calls or None)
+            message = ChatMessage("assistant", content or (None if calls else ""), calls or None, reasoning or None)
             choices.append(ChatChoice(j, message, self._logprobs_of(gen, j, out),
                                       _finish_reason(out.last.finish, bool(calls)) or "stop",
                                       _matched_stop(out.last.finish)))
@@ -266,6 +275,7 @@ class ChatFormat(_Format):
     def _stream_choice(self, j: int, text: str, logprobs: Any, finish: wire.FinishReason | None,
                        has_logprobs: bool) -> ChatChunkChoice | None:
         calls: list[ToolCall] = []
+        reasoning, text = self._split(j, text, final=finish is not None)
         if self.parsers is not None:
             parser = self.parsers[j]
             before = len(parser.calls)
@@ -274,10 +284,10 @@ class ChatFormat(_Format):
             reason = _finish_reason(finish, bool(parser.calls))
         else:
             deltas, reason = [], _finish_reason(finish)
-        if not (text or deltas or reason or has_logprobs):
+        if not (text or reasoning or deltas or reason or has_logprobs):
             return None
-        return ChatChunkChoice(j, Delta(content=text or None, tool_calls=deltas or None), logprobs, reason,
-                               _matched_stop(finish))
+        delta = Delta(content=text or None, tool_calls=deltas or None, reasoning_content=reasoning or None)
+        return ChatChunkChoice(j, delta, logprobs, reason, _matched_stop(finish))
 
     def _logprobs(self, entries: Entries, tops: Tops, text_offset: int) -> ChatLogprobs:
         content = []

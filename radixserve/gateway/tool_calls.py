@@ -174,7 +174,7 @@ class ToolParser:
         while True:
             start = self._held.find(OPEN)
             if start < 0:
-                keep = 0 if final else _prefix_overlap(self._held, OPEN)
+                keep = 0 if final else prefix_overlap(self._held, OPEN)
                 shown.append(self._held[:len(self._held) - keep])
                 self._held = self._held[len(self._held) - keep:]
                 break
@@ -221,7 +221,7 @@ def _json_values(text: str) -> list[Any] | None:
     return values or None
 
 
-def _prefix_overlap(text: str, marker: str) -> int:
+def prefix_overlap(text: str, marker: str) -> int:
     """Length of the longest tail of `text` that is a proper prefix of `marker`."""
     for k in range(min(len(text), len(marker) - 1), 0, -1):
         if marker.startswith(text[-k:]):
