@@ -37,6 +37,7 @@ RouterPackage = Literal["sglang-router", "smg"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 SpeculativeAlgorithm = Literal["NGRAM", "STANDALONE", "EAGLE3", "REPLAY"]
 KVCacheDtype = Literal["auto", "fp8_e4m3"]
+RequestLogLevel = Annotated[int, Meta(ge=0, le=3)]
 ReasoningParserName = Literal["qwen3", "qwen3-thinking", "deepseek-r1"]  # radixserve/gateway/reasoning.py
 
 # The bounds, named for what they mean.
@@ -151,6 +152,11 @@ class ServerArgs:
     random_seed: Annotated[Index, doc("seed of sampling without a per-request seed, and of dummy weights")] = 0
     api_key: Annotated[str | None, doc("require 'Authorization: Bearer KEY' (default: $RADIXSERVE_API_KEY)")] = None
     log_level: Annotated[LogLevel, doc("of every process")] = "info"
+    log_requests: Annotated[bool, doc(
+        "log a line as each request arrives and as it ends (its tokenizer's log, radixserve.requests)")] = False
+    log_requests_level: Annotated[RequestLogLevel, doc(
+        "with --log-requests: 0 ids, sizes, finish and time; 1 also the sampling parameters; 2 also the prompt and "
+        "output text, each cut to 2,048 characters; 3 the whole texts (SGLang's levels)")] = 2
     tokenizer_worker_num: Annotated[Count, doc("tokenizer processes")] = 1
     max_request_bytes: Annotated[Count, doc("largest request body (a 413 past it)")] = 4 * 1024 * 1024
     stream_interval: Annotated[Count, doc(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import time
 import zlib
 
@@ -16,8 +17,10 @@ from server_fixture import MODEL, RadixServer, http_request
 
 from radixserve import wire
 from radixserve.config import ServerArgs
+from radixserve.model_files import resolve_model
 from radixserve.stats import Histogram
 from scheduler_proc.scheduler import Scheduler
+from tokenizer_proc.frontend import TokenizerCore
 
 KEY = "metrics-test-key"
 LABELS = {"model_name": MODEL}
@@ -264,3 +267,25 @@ def test_scheduler_counts_evictions_and_queue_time() -> None:
     queue = s.info().queue_time
     assert sum(queue.counts) == 7 and queue.counts[queue.bounds.index(0.2)] == 1  # in (0.1, 0.2]
     assert 0.15 <= queue.sum < 0.2 + 6 * 0.1
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_log_requests_says_more_at_each_level(level: int, caplog: pytest.LogCaptureFixture) -> None:
+    """--log-requests: a line as a request arrives and one as it ends, in the tokenizer that owns it; the sampling
+    parameters from level 1, the texts from level 2 (cut to MAX_TEXT_CHARS below level 3); health checks unlogged."""
+    model_dir = resolve_model(None)
+    core = TokenizerCore(ServerArgs(log_requests=True, log_requests_level=level), model_dir)
+    prompt = "Tell me a story. " * 200  # longer than MAX_TEXT_CHARS
+    with caplog.at_level(logging.INFO, logger="radixserve.requests"):
+        sent = core.submit(wire.GenerateText(rid="r1", text=prompt, sampling=wire.SamplingParams(temperature=0.5)))
+        core.submit(wire.GenerateText(rid="probe", text="hi", log_metrics=False))
+        ids = core.tokenizer.encode(" Once upon a time")
+        core.feed(wire.ReqOut(rid="r1", new_ids=ids, prompt_tokens=len(sent.input_ids), cached_tokens=3,
+                              completion_tokens=len(ids), finish=wire.FinishReason(type="length", length=len(ids))))
+    arrived, ended = [r.getMessage() for r in caplog.records]
+    assert arrived.startswith(f"request r1 arrived: {len(sent.input_ids)} prompt tokens, stream False")
+    assert ended.startswith("request r1 ended in ") and '"type":"length"' in ended
+    assert f"{len(sent.input_ids)} prompt tokens (3 cached), {len(ids)} output tokens" in ended
+    assert ('"temperature":0.5' in arrived) == (level >= 1)
+    assert ("Tell me a story." in arrived and '" Once upon a time"' in ended) == (level >= 2)
+    assert ("(cut)" in arrived) == (level == 2) and (json.dumps(prompt) in arrived) == (level == 3)

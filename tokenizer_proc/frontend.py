@@ -18,6 +18,7 @@ from radixserve.config import ServerArgs
 from tokenizer_proc.chat_tools import tool_call_format
 from tokenizer_proc.metrics import RequestMetrics
 from tokenizer_proc.output import RequestOutput
+from tokenizer_proc.request_log import RequestLog
 from tokenizer_proc.text import ChatOptions, encode_prompt, eos_token_ids, load_tokenizer, request_text, turn_end_ids
 
 # Output tokens per scheduler message of a request that is not streamed and has no stop strings (SGLang's
@@ -47,6 +48,7 @@ class TokenizerCore:
         # rid -> (stream interval in tokens, as SGLang's stream_interval, or 0: not streamed; output)
         self._reqs: dict[str, tuple[int, RequestOutput]] = {}
         self.metrics = RequestMetrics()
+        self.request_log = RequestLog(args.log_requests_level, self.tokenizer) if args.log_requests else None
 
     def __contains__(self, rid: str) -> bool:
         return rid in self._reqs
@@ -76,9 +78,12 @@ class TokenizerCore:
                                                          msg.logprob is not None, msg.return_text_in_logprobs))
         if msg.log_metrics:
             self.metrics.start(msg.rid)
-        return wire.GenerateTokens(rid=msg.rid, input_ids=ids, sampling=sampling, reply_to=self.reply_to,
+        sent = wire.GenerateTokens(rid=msg.rid, input_ids=ids, sampling=sampling, reply_to=self.reply_to,
                                    logprob=msg.logprob, session=msg.session, eos_token_ids=self.eos_ids,
                                    turn_end_ids=turn_end, report_interval=report)
+        if self.request_log is not None and msg.log_metrics:
+            self.request_log.arrived(sent, msg.stream)
+        return sent
 
     def _sampling(self, msg: wire.GenerateText, n_prompt: int) -> wire.SamplingParams:
         if not msg.fill_context:
@@ -123,10 +128,14 @@ class TokenizerCore:
             del self._reqs[out.rid]
             last = output.take()
             self.metrics.end(last)
+            if self.request_log is not None:
+                self.request_log.ended(last, output.text.output_ids)
             return last, abort
         return (output.take() if interval and output.due(interval) else None), abort
 
     def drop(self, rid: str) -> bool:
         """Forget a request the scheduler rejected; whether it was known here."""
         self.metrics.drop(rid)
+        if self.request_log is not None:
+            self.request_log.drop(rid)
         return self._reqs.pop(rid, None) is not None
