@@ -227,7 +227,9 @@ class Gateway:
         check_model(body.model, self.model_name)
         chat = chat_request(body)
         reqs, parsers = chat_requests(chat, self.client.tool_call_format)
-        fmt = ResponsesFormat(reqs[0].rid, self.model_name, body, parsers[0] if parsers else None)
+        reasoning = reasoning_parsers(chat, self.args.reasoning_parser, 1)
+        fmt = ResponsesFormat(reqs[0].rid, self.model_name, body, parsers[0] if parsers else None,
+                              reasoning[0] if reasoning else None)
         return await self._generate(request, reqs, chat.stream, fmt, done=b"")
 
     async def _generate(self, request: web.Request, reqs: list[wire.GenerateText], stream: bool,
