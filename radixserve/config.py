@@ -73,6 +73,10 @@ class ServerArgs:
     chat_template: Annotated[str | None, doc(
         "a Jinja chat template file (Hugging Face's format) used instead of the tokenizer's own (SGLang's flag; its "
         "built-in template names are not read)")] = None
+    reasoning_parser: Annotated[ReasoningParserName | None, doc(
+        "chat answers of a reasoning model carry the text between <think> and </think> as reasoning_content "
+        "(SGLang's parsers: qwen3, the output may open the block; qwen3-thinking and deepseek-r1, the prompt "
+        "opened it); a request's separate_reasoning: false keeps it in the content")] = None
     trust_remote_code: Annotated[bool, doc(
         "load a tokenizer that ships its own Python code (Hugging Face's trust_remote_code; model code is always "
         "radixserve's)")] = False
@@ -174,10 +178,6 @@ class ServerArgs:
         "on SIGTERM, seconds that requests in flight may take to finish before they are aborted (a second "
         "SIGTERM, or SIGINT, stops at once)")] = 30.0
     disable_metrics: Annotated[bool, doc("no Prometheus /metrics route")] = False
-    reasoning_parser: Annotated[ReasoningParserName | None, doc(
-        "chat answers of a reasoning model carry the text between <think> and </think> as reasoning_content "
-        "(SGLang's parsers: qwen3, the output may open the block; qwen3-thinking and deepseek-r1, the prompt "
-        "opened it); a request's separate_reasoning: false keeps it in the content")] = None
     enable_metrics: Annotated[bool, doc(
         "SGLang's switch for /metrics, which is served unless --disable-metrics: accepted, so that SGLang command "
         "lines run unchanged")] = False

@@ -25,8 +25,6 @@ BAD_FLAGS = [  # (flags, the flag the error names, what the error says)
     (["--max-running-requests", "many"], "--max-running-requests", "Expected `int`"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout", ">= 0"),
     (["--nnodes", "2", "--tp-size", "2"], "--dist-init-addr", "needs"),  # flags that go together
-    (["--enable-metrics", "--disable-metrics"], "--enable-metrics", "give one"),
-    (["--chat-template", "chatml"], "--chat-template chatml", "No such file"),  # SGLang's names are not read
 ]
 
 
@@ -80,6 +78,10 @@ def test_every_way_of_making_server_args_is_checked(tmp_path) -> None:
         ServerArgs(dp_size=4, router_dp_worker_base_port=65534)
     with pytest.raises(msgspec.ValidationError, match=r"<= 1.0 - at `\$.new_token_ratio`"):
         msgspec.json.decode(b'{"new_token_ratio": 2}', type=ServerArgs)
+    with pytest.raises(FlagError, match="--enable-metrics and --disable-metrics: give one"):
+        ServerArgs(enable_metrics=True, disable_metrics=True)
+    with pytest.raises(FlagError, match="--chat-template chatml: No such file"):  # SGLang's names are not read
+        ServerArgs(chat_template="chatml")
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m.content }}")  # no endfor
     with pytest.raises(FlagError, match="--chat-template .*broken.jinja: not a Jinja template"):

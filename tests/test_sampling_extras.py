@@ -95,20 +95,22 @@ def test_stream_interval(server: RadixServer) -> None:
 
 def test_outputs_sent_in_parts_keep_every_token_and_logprob(server: RadixServer) -> None:
     """Tokens reach the tokenizer every stream_interval tokens (and a request not streamed, without stop strings,
-    in parts of 50): the same ids, text and logprobs as a message per token."""
+    in parts of 50): the same ids, text and logprobs as a message per token (the three requests run together)."""
+    n = 20  # a request not streamed: its first token, then 19 in its last message
     body = {"text": "Once upon a time", "return_logprob": True, "top_logprobs_num": 2,
-            "sampling_params": {**GREEDY, "max_new_tokens": 64}}
-    whole = server.post("/generate", body).json()
+            "sampling_params": {**GREEDY, "max_new_tokens": n}}
     streamed = {**body, "stream": True, "sampling_params": {**body["sampling_params"], "stream_interval": 5}}
-    chunks = [json.loads(line[6:]) for line in server.post("/generate", streamed).text.splitlines()
-              if line.startswith("data: {")]
     per_token = {**body, "sampling_params": {**body["sampling_params"], "stop": ["never in this text"]}}
-    for other in (chunks[-1], server.post("/generate", per_token).json()):
+    with ThreadPoolExecutor(3) as pool:
+        whole, stream, each = pool.map(lambda b: server.post("/generate", b).text, (body, streamed, per_token))
+    chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    whole = json.loads(whole)
+    for other in (chunks[-1], json.loads(each)):
         assert other["output_ids"] == whole["output_ids"] and other["text"] == whole["text"]
         for key in ("output_token_logprobs", "output_top_logprobs"):
             got, want = (json.dumps(out["meta_info"][key]) for out in (other, whole))
-            assert len(other["meta_info"][key]) == 64 and numbers(got) == pytest.approx(numbers(want), abs=1e-4), key
-    assert [len(c["output_ids"]) for c in chunks] == [1, *range(6, 64, 5), 64]
+            assert len(other["meta_info"][key]) == n and numbers(got) == pytest.approx(numbers(want), abs=1e-4), key
+    assert [len(c["output_ids"]) for c in chunks] == [1, *range(6, n, 5), n]
 
 
 def test_how_often_the_scheduler_reports_a_request() -> None:
