@@ -38,6 +38,7 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 SpeculativeAlgorithm = Literal["NGRAM", "STANDALONE", "EAGLE3", "REPLAY"]
 KVCacheDtype = Literal["auto", "fp8_e4m3"]
 RequestLogLevel = Annotated[int, Meta(ge=0, le=3)]
+ToolCallParserName = Literal["qwen", "qwen25", "llama3"]  # tokenizer_proc/chat_tools.py
 ReasoningParserName = Literal["qwen3", "qwen3-thinking", "deepseek-r1"]  # radixserve/gateway/reasoning.py
 
 # The bounds, named for what they mean.
@@ -77,6 +78,9 @@ class ServerArgs:
         "chat answers of a reasoning model carry the text between <think> and </think> as reasoning_content "
         "(SGLang's parsers: qwen3, the output may open the block; qwen3-thinking and deepseek-r1, the prompt "
         "opened it); a request's separate_reasoning: false keeps it in the content")] = None
+    tool_call_parser: Annotated[ToolCallParserName | None, doc(
+        "how the model writes tool calls (SGLang's parsers): qwen / qwen25, <tool_call> blocks of JSON among text; "
+        "llama3, one JSON answer (after <|python_tag|> or not). Default: read from the chat template")] = None
     trust_remote_code: Annotated[bool, doc(
         "load a tokenizer that ships its own Python code (Hugging Face's trust_remote_code; model code is always "
         "radixserve's)")] = False

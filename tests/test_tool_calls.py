@@ -6,6 +6,7 @@ tests/test_structured_output.py."""
 from __future__ import annotations
 
 import json
+import typing
 
 import jsonschema
 import msgspec
@@ -13,12 +14,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from radixserve import wire
-from radixserve.config import ServerArgs
+from radixserve.config import ServerArgs, ToolCallParserName
 from radixserve.errors import ApiError
 from radixserve.gateway.tool_calls import NamedToolChoice, Tool, ToolParser, resolve
 from radixserve.model_files import resolve_model
 from radixserve.wire import HERMES, JSON
-from tokenizer_proc.chat_tools import tool_call_format
+from tokenizer_proc.chat_tools import TOOL_CALL_PARSERS, tool_call_format
 from tokenizer_proc.frontend import TokenizerCore
 from tokenizer_proc.text import ChatOptions, encode_prompt
 
@@ -107,6 +108,12 @@ def test_the_tokenizer_reports_its_format_in_ready() -> None:
     got = core.receive(wire.Ready(runtime=runtime))
     assert isinstance(got.passed, wire.Ready) and got.passed.tool_call_format == HERMES
     assert core.runtime == runtime and got.deltas == [] and got.aborts == []
+    # --tool-call-parser names the format instead (SGLang's names; the choices are exactly the formats named)
+    assert set(TOOL_CALL_PARSERS) == set(typing.get_args(ToolCallParserName))
+    for parser, fmt in TOOL_CALL_PARSERS.items():
+        got = TokenizerCore(ServerArgs(tool_call_parser=parser), model_dir).receive(wire.Ready(runtime=runtime))
+        assert got.passed.tool_call_format == fmt, parser
+    assert TOOL_CALL_PARSERS["llama3"] == JSON != HERMES == TOOL_CALL_PARSERS["qwen25"]
 
 
 RENDERS_TOOLS = (  # a template in the style of Llama 3.1's: tools as JSON, calls' arguments as objects

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from radixserve.config import ToolCallParserName
 from radixserve.wire import HERMES, JSON, ToolCallFormat
 
 TOOL_PROMPT = (
@@ -37,10 +38,17 @@ def renders_tools(tokenizer: Any) -> bool:
     return "tools" in _template(tokenizer)
 
 
-def tool_call_format(tokenizer: Any) -> ToolCallFormat:
-    """HERMES (`<tool_call>` blocks among free text) where the template writes `<tool_call>` tags (Qwen2.5, Qwen3,
-    Hermes) or renders no tools (they are described here, asking for those tags); JSON (one JSON answer) for any
-    other template that renders tools (Llama 3.x)."""
+# SGLang's --tool-call-parser names of the formats (`qwen25` is its older name for `qwen`).
+TOOL_CALL_PARSERS: dict[str, ToolCallFormat] = {"qwen": HERMES, "qwen25": HERMES, "llama3": JSON}
+
+
+def tool_call_format(tokenizer: Any, parser: ToolCallParserName | None = None) -> ToolCallFormat:
+    """The format `parser` names (--tool-call-parser), else as the chat template says: HERMES (`<tool_call>` blocks
+    among free text) where it writes `<tool_call>` tags (Qwen2.5, Qwen3, Hermes) or renders no tools (they are
+    described here, asking for those tags); JSON (one JSON answer) for any other template that renders tools
+    (Llama 3.x)."""
+    if parser is not None:
+        return TOOL_CALL_PARSERS[parser]
     return JSON if renders_tools(tokenizer) and "<tool_call>" not in _template(tokenizer) else HERMES
 
 

@@ -41,7 +41,7 @@ class TokenizerCore:
         self.tokenizer: Any | None = load_tokenizer(args.tokenizer_path or model_dir, args.skip_tokenizer_init,
                                                     args.trust_remote_code, args.chat_template)
         self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
-        self.tool_call_format = tool_call_format(self.tokenizer)
+        self.tool_call_format = tool_call_format(self.tokenizer, args.tool_call_parser)
         self.reply_to = reply_to
         self.stream_interval = args.stream_interval  # a stream's default
         self.runtime: wire.RuntimeInfo | None = None  # from the scheduler's Ready, before any request
