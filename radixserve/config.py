@@ -70,6 +70,8 @@ class ServerArgs:
 
     model_path: Annotated[str | None, doc(
         "HF directory, a .gguf file, a model id, or none for the embedded SmolLM2-135M-Instruct")] = None
+    revision: Annotated[str | None, doc(
+        "with a Hugging Face model id: the branch, tag or commit to serve (default: main)")] = None
     tokenizer_path: Annotated[str | None, doc("defaults to the model path")] = None
     chat_template: Annotated[str | None, doc(
         "a Jinja chat template file (Hugging Face's format) used instead of the tokenizer's own (SGLang's flag; its "

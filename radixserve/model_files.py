@@ -52,12 +52,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("RADIXSERVE_CACHE") or Path.home() / ".cache" / "radixserve")
 
 
-def resolve_model(model_path: str | None, download_dir: str | None = None) -> str:
+def resolve_model(model_path: str | None, download_dir: str | None = None, revision: str | None = None) -> str:
     """An HF-style directory for `model_path`: None (the default model), a directory, a .gguf file, or a
-    hub model id looked up in the Hugging Face cache (`download_dir` is that cache, as SGLang's flag)."""
+    hub model id looked up in the Hugging Face cache (`download_dir` is that cache, as SGLang's flag) at `revision`
+    (a branch, tag or commit; default: main), which names nothing else."""
     path = default_gguf_path() if model_path is None else Path(model_path).expanduser()
-    if model_path is not None and not path.exists() and _REPO_ID.fullmatch(model_path):
-        path = _hub_snapshot(model_path, download_dir)
+    hub_id = model_path is not None and not path.exists() and _REPO_ID.fullmatch(model_path) is not None
+    if revision is not None and not hub_id:
+        raise FileNotFoundError(f"--revision {revision} names a version of a Hugging Face model id; "
+                                f"{model_path or 'the default model'} is not one")
+    if hub_id:
+        path = _hub_snapshot(model_path, download_dir, revision)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"the cached snapshot of {model_path!r} ({path}) has no config.json")
         return str(path)
@@ -78,25 +83,26 @@ def hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE if value is None else value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _hub_snapshot(repo_id: str, download_dir: str | None) -> Path:
-    """The local snapshot directory of `repo_id` in the hub cache, downloaded first unless offline."""
+def _hub_snapshot(repo_id: str, download_dir: str | None, revision: str | None = None) -> Path:
+    """The local snapshot directory of `repo_id` at `revision` in the hub cache, downloaded first unless offline."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     cache = Path(download_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE).expanduser()
+    model = f"{repo_id!r}" + (f" at revision {revision!r}" if revision is not None else "")
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True, revision=revision))
     except LocalEntryNotFoundError:
         if hub_offline():
             raise FileNotFoundError(
-                f"model {repo_id!r} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set: "
+                f"model {model} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set: "
                 f"download it first (hf download {repo_id} --cache-dir {cache}), unset HF_HUB_OFFLINE, "
                 "or pass a local directory as --model-path") from None
-    logger.info("downloading %s into %s", repo_id, cache)
+    logger.info("downloading %s into %s", model, cache)
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_FILE_PATTERNS))
+        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_FILE_PATTERNS, revision=revision))
     except Exception as e:  # no network, no such repo, gated without HF_TOKEN, ...
-        raise FileNotFoundError(f"model {repo_id!r} is not in the Hugging Face cache {cache} and could not be "
+        raise FileNotFoundError(f"model {model} is not in the Hugging Face cache {cache} and could not be "
                                 f"downloaded: {e}") from e
 
 

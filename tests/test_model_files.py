@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -133,6 +134,23 @@ def test_model_id_resolves_through_the_hub_cache(hub_cache, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", local_only)
     assert resolve_model(HUB_ID, download_dir=str(cache)) == str(snapshot)
+
+
+def test_a_revision_picks_its_snapshot(hub_cache, monkeypatch):
+    """--revision: a commit, or a branch through refs/, picks its snapshot; one not cached is named in the error;
+    a revision of something that is no model id is an error, not ignored."""
+    cache, snapshot = hub_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = cache / "models--tiny-org--tiny-llama"
+    other = repo / "snapshots" / ("f" * 40)
+    shutil.copytree(snapshot, other, dirs_exist_ok=True)
+    (repo / "refs" / "v2").write_text("f" * 40)
+    assert resolve_model(HUB_ID, str(cache), revision="main") == str(snapshot)
+    assert resolve_model(HUB_ID, str(cache), revision="v2") == resolve_model(HUB_ID, str(cache), "f" * 40) == str(other)
+    with pytest.raises(FileNotFoundError, match="'tiny-org/tiny-llama' at revision 'v3' is not in"):
+        resolve_model(HUB_ID, str(cache), revision="v3")
+    with pytest.raises(FileNotFoundError, match="--revision v2 names a version of a Hugging Face model id"):
+        resolve_model(None, revision="v2")
 
 
 def test_missing_model_id_names_the_cache_searched(hub_cache, tmp_path, monkeypatch):

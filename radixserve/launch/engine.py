@@ -37,7 +37,7 @@ class Engine:
         if self.args.nnodes > 1 or self.args.dp_size > 1:
             raise ValueError("the Engine runs one replica on one node: "
                              "--nnodes and --dp-size are for `radixserve serve`")
-        self.model_dir = resolve_model(self.args.model_path, self.args.download_dir)
+        self.model_dir = resolve_model(self.args.model_path, self.args.download_dir, self.args.revision)
         self.core = TokenizerCore(self.args, self.model_dir)
         self._calls = wire.CallIds()
         self.ipc = IpcPaths.create()

@@ -57,7 +57,7 @@ def serve(args: ServerArgs) -> int:
     from radixserve.model_files import resolve_model
 
     try:
-        model_dir = resolve_model(args.model_path, args.download_dir)
+        model_dir = resolve_model(args.model_path, args.download_dir, args.revision)
     except (OSError, RuntimeError, ValueError) as e:
         log.error("cannot load the model: %s", e)
         return 1
