@@ -352,11 +352,13 @@ def _cli_parser(hint: Any) -> Any:
 
 
 def _check_chat_template(path: str) -> None:
-    """FlagError unless `path` is a readable file that parses as a Jinja template."""
+    """FlagError unless `path` is a readable file that transformers compiles as a chat template (its environment:
+    loop controls, the `generation` tag; a plain jinja2 parse refuses templates that work)."""
     import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
     try:
-        jinja2.Environment().parse(Path(path).read_text())
+        _compile_jinja_template(Path(path).read_text())
     except OSError as e:
         raise FlagError(f"--chat-template {path}: {e.strerror} (a Jinja template file; SGLang's built-in template "
                         "names are not read)") from None

@@ -82,6 +82,10 @@ def test_every_way_of_making_server_args_is_checked(tmp_path) -> None:
         ServerArgs(enable_metrics=True, disable_metrics=True)
     with pytest.raises(FlagError, match="--chat-template chatml: No such file"):  # SGLang's names are not read
         ServerArgs(chat_template="chatml")
+    works = tmp_path / "works.jinja"  # transformers' own template syntax: loop controls, the generation tag
+    works.write_text("{% for m in messages %}{% if loop.index > 9 %}{% break %}{% endif %}"
+                     "{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}")
+    assert ServerArgs(chat_template=str(works)).chat_template == str(works)
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m.content }}")  # no endfor
     with pytest.raises(FlagError, match="--chat-template .*broken.jinja: not a Jinja template"):

@@ -127,15 +127,13 @@ class TokenizerCore:
         if output.finish is not None:
             del self._reqs[out.rid]
             last = output.take()
-            self.metrics.end(last)
-            if self.request_log is not None:
-                self.request_log.ended(last, output.text.output_ids)
+            seconds = self.metrics.end(last)
+            if self.request_log is not None and seconds is not None:
+                self.request_log.ended(last, output.text.output_ids, seconds)
             return last, abort
         return (output.take() if interval and output.due(interval) else None), abort
 
     def drop(self, rid: str) -> bool:
         """Forget a request the scheduler rejected; whether it was known here."""
         self.metrics.drop(rid)
-        if self.request_log is not None:
-            self.request_log.drop(rid)
         return self._reqs.pop(rid, None) is not None

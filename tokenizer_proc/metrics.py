@@ -55,18 +55,21 @@ class RequestMetrics:
             self.stats.inter_token_latency.observe((now - timing.last_token) / n, n)
         timing.last_token = now
 
-    def end(self, last: wire.TextDelta) -> None:
-        """The request's final delta (its `finish` set): count it."""
+    def end(self, last: wire.TextDelta) -> float | None:
+        """The request's final delta (its `finish` set): count it; its seconds from start to end (None: a request
+        not counted)."""
         timing = self._live.pop(last.rid, None)
         if timing is None:
-            return
+            return None
         s = self.stats
         s.num_requests += 1
         s.num_aborted_requests += int(last.finish is not None and last.finish.type == "abort")
         s.prompt_tokens += last.prompt_tokens
         s.generation_tokens += last.completion_tokens
         s.cached_tokens += last.cached_tokens
-        s.e2e_request_latency.observe(time.perf_counter() - timing.start)
+        seconds = time.perf_counter() - timing.start
+        s.e2e_request_latency.observe(seconds)
+        return seconds
 
     def drop(self, rid: str) -> None:
         """A request that never ran (rejected): not counted."""

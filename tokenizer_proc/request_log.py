@@ -6,7 +6,6 @@ MAX_TEXT_CHARS characters; 3 the whole texts. Costs nothing without the flag (no
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import msgspec
@@ -18,15 +17,13 @@ MAX_TEXT_CHARS = 2048  # as SGLang's level 2
 
 
 class RequestLog:
-    """Invariant: `_started` holds exactly the logged requests that have not ended (ended or dropped)."""
+    """The lines; a request's time is its RequestMetrics timing (the requests logged are the ones it counts)."""
 
     def __init__(self, level: int, tokenizer: Any | None) -> None:
         self.level = level
         self.tokenizer = tokenizer
-        self._started: dict[str, float] = {}
 
     def arrived(self, msg: wire.GenerateTokens, stream: bool) -> None:
-        self._started[msg.rid] = time.perf_counter()
         parts = [f"request {msg.rid} arrived: {len(msg.input_ids)} prompt tokens, stream {stream}"]
         if self.level >= 1:
             parts.append(f"sampling {msgspec.json.encode(msg.sampling).decode()}")
@@ -34,20 +31,14 @@ class RequestLog:
             parts.append(f"prompt {self._text(msg.input_ids)}")
         log.info("; ".join(parts))
 
-    def ended(self, last: wire.TextDelta, output_ids: list[int]) -> None:
-        started = self._started.pop(last.rid, None)
-        if started is None:
-            return
+    def ended(self, last: wire.TextDelta, output_ids: list[int], seconds: float) -> None:
         finish = msgspec.json.encode(last.finish).decode()
-        parts = [f"request {last.rid} ended in {time.perf_counter() - started:.3f} s: finish {finish}, "
+        parts = [f"request {last.rid} ended in {seconds:.3f} s: finish {finish}, "
                  f"{last.prompt_tokens} prompt tokens ({last.cached_tokens} cached), "
                  f"{last.completion_tokens} output tokens"]
         if self.level >= 2:
             parts.append(f"output {self._text(output_ids)}")
         log.info("; ".join(parts))
-
-    def drop(self, rid: str) -> None:
-        self._started.pop(rid, None)
 
     def _text(self, ids: list[int]) -> str:
         """The ids' text as a JSON string (ids where there is no tokenizer), cut below level 3."""
